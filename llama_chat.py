@@ -1,0 +1,1641 @@
+#!/usr/bin/env python3
+"""llama-chat: a private chat front end for llama.cpp's llama-server, in one file.
+
+Run it with ``python3 llama_chat.py`` and open http://127.0.0.1:3000/. It keeps
+every conversation in SQLite (searchable with FTS5), talks to llama-server over
+its OpenAI-compatible API, and serves the page in ``index.html`` beside it.
+It needs only the Python standard library (3.9+).
+
+It listens on 127.0.0.1 unless told otherwise (``--host``); on any other
+address it requires an API key, and makes one up if none is given.
+``python3 llama_chat.py --help`` lists every setting.
+"""
+
+import argparse
+import base64
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import signal
+import socket
+import sqlite3
+import sys
+import threading
+import time
+import traceback
+import urllib.parse
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "1.0.0"
+HERE = os.path.dirname(os.path.abspath(__file__))
+log = logging.getLogger("llama_chat")
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+DEFAULT_CONFIG = {
+    "host": "127.0.0.1",
+    "port": 3000,
+    "llamacpp_url": "http://127.0.0.1:8080",
+    "db": "llama_chat.db",
+    "system_prompt": "You are a helpful, concise assistant.",
+    "timeouts": {
+        "llamacpp_timeout": 600,
+        "llamacpp_connect_timeout": 45,
+    },
+    "model_options": {
+        "temperature": 0.1,
+        "top_p": 0.95,
+        "top_k": 50,
+        "min_p": 0.01,
+        "num_predict": 4096,
+        "repeat_penalty": 1.15,
+        "stop": ["\n\nHuman:", "\n\nUser:"],
+    },
+    "performance": {
+        "context_history_limit": 15,
+        "num_thread": -1,
+        "use_mlock": True,
+        "use_mmap": True,
+    },
+    "response_optimization": {
+        "stream": False,
+        "keep_alive": "10m",
+    },
+}
+CONFIG_SECTIONS = ("timeouts", "model_options", "performance", "response_optimization")
+
+# Options llama.cpp may receive, from config.json or a chat request:
+# name -> (type, minimum, maximum, name sent to llama.cpp).
+MODEL_OPTIONS = {
+    "temperature": (float, 0.0, 10.0, "temperature"),
+    "top_p": (float, 0.0, 1.0, "top_p"),
+    "top_k": (int, 0, 100000, "top_k"),
+    "min_p": (float, 0.0, 1.0, "min_p"),
+    "num_predict": (int, -1, 1000000, "max_tokens"),
+    "max_tokens": (int, -1, 1000000, "max_tokens"),
+    "repeat_penalty": (float, 0.0, 10.0, "repeat_penalty"),
+    "presence_penalty": (float, -2.0, 2.0, "presence_penalty"),
+    "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
+    "seed": (int, -1, 2**63 - 1, "seed"),
+    "stop": (list, 0, 16, "stop"),
+}
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; start-up stops with this one line."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = DEFAULT_CONFIG["host"]
+    port: int = DEFAULT_CONFIG["port"]
+    llamacpp_url: str = DEFAULT_CONFIG["llamacpp_url"]
+    db: str = DEFAULT_CONFIG["db"]
+    api_key: str = ""
+    llamacpp_api_key: str = ""
+    system_prompt: str = DEFAULT_CONFIG["system_prompt"]
+    timeouts: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["timeouts"]))
+    model_options: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["model_options"]))
+    performance: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["performance"]))
+    response_optimization: dict = field(
+        default_factory=lambda: dict(DEFAULT_CONFIG["response_optimization"]))
+    max_body_bytes: int = 1024 * 1024
+    index_path: str = os.path.join(HERE, "index.html")
+    key_generated: bool = False
+
+    def public_config(self):
+        return {name: getattr(self, name) for name in CONFIG_SECTIONS}
+
+
+def is_loopback(host):
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def build_arg_parser():
+    p = argparse.ArgumentParser(
+        prog="llama_chat.py",
+        description="llama-chat: a private chat UI and API over llama.cpp's llama-server. "
+        "Each setting is taken from its flag, else its environment variable, "
+        "else config.json, else the default.")
+    p.add_argument("--host", help="address to listen on (env LLAMA_CHAT_HOST; default 127.0.0.1)")
+    p.add_argument("--port", help="port to listen on (env LLAMA_CHAT_PORT; default 3000)")
+    p.add_argument("--llamacpp-url", help="llama-server's base URL (env LLAMACPP_URL or "
+                   "LLAMACPP_API_URL; default http://127.0.0.1:8080)")
+    p.add_argument("--db", help="SQLite database file (env LLAMA_CHAT_DB; default "
+                   "llama_chat.db in the working directory)")
+    p.add_argument("--config", help="config file (env LLAMA_CHAT_CONFIG; default config.json "
+                   "beside llama_chat.py; optional)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /api/ "
+                   "(env LLAMA_CHAT_API_KEY; made up at start when listening beyond loopback)")
+    p.add_argument("--llamacpp-api-key", help="the key llama-server was started with "
+                   "(env LLAMACPP_API_KEY); sent upstream only, never shown")
+    p.add_argument("--version", action="version", version="llama-chat " + __version__)
+    return p
+
+
+def read_config_file(path, required):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist")
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}")
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object")
+    for name in CONFIG_SECTIONS:
+        if not isinstance(data.get(name, {}), dict):
+            raise ConfigError(f"config file {path}: '{name}' must be an object")
+    return data
+
+
+def load_settings(argv=None, environ=None):
+    """Settings from flags > environment > config.json > defaults."""
+    environ = os.environ if environ is None else environ
+    args = build_arg_parser().parse_args(argv)
+    explicit = args.config or environ.get("LLAMA_CHAT_CONFIG")
+    path = explicit or os.path.join(HERE, "config.json")
+    conf = read_config_file(path, required=bool(explicit))
+
+    def pick(flag, env_names, key):
+        if flag is not None:
+            return flag
+        for name in env_names:
+            if environ.get(name):
+                return environ[name]
+        return conf.get(key, DEFAULT_CONFIG.get(key, ""))
+
+    port = pick(args.port, ["LLAMA_CHAT_PORT"], "port")
+    try:
+        port = int(port)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"port must be a number from 0 to 65535, not {port!r}")
+    url = str(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"], "llamacpp_url"))
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https") or "//" not in url:
+        raise ConfigError(f"llama.cpp URL must start with http:// or https://, not {url!r}")
+    sections = {}
+    for name in CONFIG_SECTIONS:
+        sections[name] = {**DEFAULT_CONFIG[name], **conf.get(name, {})}
+    try:
+        check_model_options(sections["model_options"], "model_options")
+    except ApiError as e:
+        raise ConfigError(f"config file {path}: {e.message}")
+    limit = sections["performance"].get("context_history_limit")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise ConfigError(f"config file {path}: performance.context_history_limit "
+                          "must be a whole number >= 0")
+    for name in ("llamacpp_timeout", "llamacpp_connect_timeout"):
+        value = sections["timeouts"].get(name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"config file {path}: timeouts.{name} must be a number > 0")
+    system_prompt = conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"])
+    if not isinstance(system_prompt, str):
+        raise ConfigError(f"config file {path}: system_prompt must be a string")
+    return Settings(
+        host=str(pick(args.host, ["LLAMA_CHAT_HOST"], "host")),
+        port=port,
+        llamacpp_url=url.rstrip("/"),
+        db=str(pick(args.db, ["LLAMA_CHAT_DB"], "db")),
+        api_key=str(pick(args.api_key, ["LLAMA_CHAT_API_KEY"], "api_key") or ""),
+        llamacpp_api_key=str(pick(args.llamacpp_api_key, ["LLAMACPP_API_KEY"],
+                                  "llamacpp_api_key") or ""),
+        system_prompt=system_prompt,
+        **sections,
+    )
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+class ApiError(Exception):
+    """Every failure a client may see: renders the contract's error body."""
+
+    def __init__(self, status, code, message, headers=None, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self):
+        return {"success": False, "error": self.message, "code": self.code, **self.extra}
+
+
+def validation_error(field_name, message):
+    return ApiError(400, "VALIDATION_ERROR", message, field=field_name)
+
+
+def not_found(resource, ident):
+    return ApiError(404, "NOT_FOUND", f"{resource.capitalize()} not found",
+                    resource=resource, id=ident)
+
+
+def check_model_options(options, prefix):
+    """Validate llama.cpp options by type and range; return them renamed for llama.cpp."""
+    if not isinstance(options, dict):
+        raise validation_error(prefix, f"{prefix} must be an object")
+    out = {}
+    for name, value in options.items():
+        where = f"{prefix}.{name}"
+        if name not in MODEL_OPTIONS:
+            raise validation_error(where, f"Unknown option {where}; known: "
+                                   + ", ".join(sorted(MODEL_OPTIONS)))
+        kind, low, high, upstream = MODEL_OPTIONS[name]
+        if value is None:
+            continue
+        if kind is list:
+            if isinstance(value, str):
+                value = [value]
+            if (not isinstance(value, list) or len(value) > high
+                    or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in value)):
+                raise validation_error(where, f"{where} must be a list of at most {high} "
+                                       "non-empty strings")
+        else:
+            ok_types = (int,) if kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, ok_types):
+                raise validation_error(where, f"{where} must be a {kind.__name__}")
+            if not low <= value <= high:
+                raise validation_error(where, f"{where} must be between {low} and {high}")
+        out[upstream] = value
+    return out
+
+
+###############################################################################
+# Storage
+###############################################################################
+
+SCHEMA_VERSION = 1
+
+# Version 0 -> 1. The base tables are the original Flask llama-chat's, so its
+# database (llamacpp_chat.db) migrates in place by the same steps as a new one.
+BASE_TABLES = """
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    title TEXT NOT NULL,
+    model TEXT NOT NULL,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    model TEXT,
+    timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    response_time_ms INTEGER,
+    estimated_tokens INTEGER,
+    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE
+);
+"""
+NEW_MESSAGE_COLUMNS = {
+    "reasoning": "TEXT",
+    "prompt_tokens": "INTEGER",
+    "tokens_per_second": "REAL",
+    "finish_reason": "TEXT",
+}
+ISO_FROM_LEGACY = """
+UPDATE {table} SET {column} = replace(substr({column}, 1, 19), ' ', 'T')
+    || CASE WHEN length({column}) > 19 THEN substr({column}, 20, 4) ELSE '' END || 'Z'
+WHERE {column} GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:*'
+"""
+INDEXES = """
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+CREATE INDEX IF NOT EXISTS conversations_by_activity ON conversations (updated_at DESC, id DESC);
+"""
+
+# The search index: one row per message, holding its conversation's title too,
+# so that every word of a query may match in either. External content (a view),
+# kept in step by triggers inside the writing transaction.
+FTS_SCHEMA = """
+CREATE VIEW IF NOT EXISTS search_source AS
+    SELECT m.id AS id, c.title AS title, m.content AS content
+    FROM messages m JOIN conversations c ON c.id = m.conversation_id;
+CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
+    title, content, content='search_source', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER IF NOT EXISTS search_message_added AFTER INSERT ON messages BEGIN
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
+END;
+CREATE TRIGGER IF NOT EXISTS search_message_removed AFTER DELETE ON messages BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', old.id, c.title, old.content
+        FROM conversations c WHERE c.id = old.conversation_id;
+END;
+CREATE TRIGGER IF NOT EXISTS search_message_changed AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', old.id, c.title, old.content
+        FROM conversations c WHERE c.id = old.conversation_id;
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
+END;
+CREATE TRIGGER IF NOT EXISTS search_title_changed AFTER UPDATE OF title ON conversations
+WHEN old.title IS NOT new.title BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', m.id, old.title, m.content FROM messages m WHERE m.conversation_id = old.id;
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT m.id, new.title, m.content FROM messages m WHERE m.conversation_id = new.id;
+END;
+"""
+FTS_TRIGGERS = ("search_message_added", "search_message_removed",
+                "search_message_changed", "search_title_changed")
+# A conversation's messages go before it does, while its title is still there
+# for the index's delete (a cascade would run after the row is gone).
+DELETE_MESSAGES_FIRST = """
+CREATE TRIGGER IF NOT EXISTS conversation_removed BEFORE DELETE ON conversations BEGIN
+    DELETE FROM messages WHERE conversation_id = old.id;
+END;
+"""
+
+MARK_START, MARK_END = "\ue000", "\ue001"   # snippet() match markers, never HTML
+WORD = re.compile(r"[^\W_]+")
+SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
+
+
+def now_iso():
+    t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def estimate_tokens(text):
+    return max(1, round(len(text) / 4)) if text else 0
+
+
+def fts5_available():
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+def fts_query(text):
+    """User text -> an FTS5 query of quoted phrases, the last one a prefix.
+
+    Nothing the user types is FTS5 syntax: words are pulled out of the text
+    ("quoted phrases" kept together) and each phrase is double-quoted; every
+    phrase must match. None when no word is left to search."""
+    if text.count('"') % 2:
+        text += '"'
+    phrases = []
+    for quoted, bare in re.findall(r'"([^"]*)"|([^\s"]+)', text):
+        words = WORD.findall(quoted or bare)
+        if words:
+            phrases.append('"' + " ".join(words) + '"')
+    if not phrases:
+        return None
+    phrases[-1] += "*"
+    return " ".join(phrases)
+
+
+def split_marks(snippet):
+    """Snippet with markers -> (plain text, [[start, end], ...] in code points)."""
+    text, spans, start = [], [], None
+    pos = 0
+    for ch in snippet:
+        if ch == MARK_START:
+            start = pos
+        elif ch == MARK_END:
+            if start is not None:
+                spans.append([start, pos])
+            start = None
+        else:
+            text.append(ch)
+            pos += 1
+    return "".join(text), spans
+
+
+def like_snippet(content, words, width=120):
+    """The fallback's snippet: text around the first match, matches marked."""
+    lower = content.lower()
+    first = min((i for i in (lower.find(w.lower()) for w in words) if i >= 0), default=0)
+    begin = max(0, first - width // 3)
+    piece = content[begin:begin + width]
+    spans = []
+    low_piece = piece.lower()
+    for w in words:
+        i = low_piece.find(w.lower())
+        while i >= 0 and w:
+            spans.append([i, i + len(w)])
+            i = low_piece.find(w.lower(), i + len(w))
+    prefix = "…" if begin else ""
+    suffix = "…" if begin + width < len(content) else ""
+    shift = len(prefix)
+    spans = sorted([s + shift, e + shift] for s, e in spans)
+    return prefix + piece + suffix, spans
+
+
+MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, timestamp,
+    response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second, finish_reason"""
+CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
+
+
+class Store:
+    """History in SQLite. Knows nothing of HTTP; returns plain dicts."""
+
+    def __init__(self, path, use_fts=None):
+        self.path = path
+        self.fts = fts5_available() if use_fts is None else use_fts
+        self._local = threading.local()
+        self.backup_path = None
+        self._open()
+
+    # Connections: one per thread, closed by whoever ends the thread's work.
+    def conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=10)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA busy_timeout = 10000")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA secure_delete = ON")
+            self._local.conn = conn
+        return conn
+
+    def release(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            conn.close()
+
+    @contextmanager
+    def write(self):
+        conn = self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _open(self):
+        conn = self.conn()
+        conn.execute("PRAGMA journal_mode = WAL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(f"database {self.path} is of a newer llama-chat "
+                              f"(schema {version}; this one knows {SCHEMA_VERSION})")
+        if version < SCHEMA_VERSION:
+            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+                                  ).fetchone()[0]
+            if tables:
+                self.backup_path = self._backup(version)
+            with self.write() as c:
+                self._migrate_to_1(c)
+                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        self._sync_search_index()
+
+    def _backup(self, version):
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = f"{self.path}.v{version}-{stamp}.bak"
+        dest = sqlite3.connect(target)
+        with dest:
+            self.conn().backup(dest)
+        dest.close()
+        log.info("backed up %s to %s before migrating it", self.path, target)
+        return target
+
+    @staticmethod
+    def _migrate_to_1(c):
+        # Statement by statement: executescript() would commit in the middle.
+        for statement in split_sql(BASE_TABLES):
+            c.execute(statement)
+        have = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+        for column, kind in NEW_MESSAGE_COLUMNS.items():
+            if column not in have:
+                c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+        for table, column in (("conversations", "created_at"), ("conversations", "updated_at"),
+                              ("messages", "timestamp")):
+            c.execute(ISO_FROM_LEGACY.format(table=table, column=column))
+        c.execute("UPDATE messages SET finish_reason = 'stop' "
+                  "WHERE role = 'assistant' AND finish_reason IS NULL")
+        for statement in split_sql(INDEXES + DELETE_MESSAGES_FIRST):
+            c.execute(statement)
+
+    def _sync_search_index(self):
+        """Create the FTS index where FTS5 exists (rebuilding it if its triggers
+        were missing); where it does not, drop the triggers so writes still work."""
+        conn = self.conn()
+        triggers = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+        if not self.fts:
+            with self.write() as c:
+                for name in FTS_TRIGGERS:
+                    if name in triggers:
+                        c.execute(f"DROP TRIGGER {name}")
+            return
+        if all(name in triggers for name in FTS_TRIGGERS):
+            return
+        started = time.monotonic()
+        with self.write() as c:
+            for statement in split_sql(FTS_SCHEMA):
+                c.execute(statement)
+            c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', 'bm25(2.0, 1.0)')")
+            c.execute("INSERT INTO search_fts (search_fts) VALUES ('rebuild')")
+            c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+        log.info("built the search index in %.2f s", time.monotonic() - started)
+
+    def checkpoint(self):
+        self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def health(self):
+        try:
+            self.conn().execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+            return {"ok": True, "fts5": self.fts}
+        except sqlite3.Error as e:
+            return {"ok": False, "fts5": self.fts, "error": str(e)}
+
+    # Conversations
+    def list_conversations(self, limit=None, offset=0):
+        rows = self.conn().execute(
+            f"""SELECT {CONVERSATION_COLUMNS} FROM conversations
+                ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
+            (-1 if limit is None else limit, offset))
+        return [dict(r) for r in rows]
+
+    def get_conversation(self, conversation_id):
+        row = self.conn().execute(
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
+            (conversation_id,)).fetchone()
+        return dict(row) if row else None
+
+    def create_conversation(self, title, model):
+        now = now_iso()
+        with self.write() as c:
+            cur = c.execute("""INSERT INTO conversations (title, model, created_at, updated_at)
+                               VALUES (?, ?, ?, ?)""", (title, model, now, now))
+            return cur.lastrowid
+
+    def rename_conversation(self, conversation_id, title):
+        with self.write() as c:
+            cur = c.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                            (title, now_iso(), conversation_id))
+            return cur.rowcount == 1
+
+    def delete_conversation(self, conversation_id):
+        with self.write() as c:
+            return c.execute("DELETE FROM conversations WHERE id = ?",
+                             (conversation_id,)).rowcount == 1
+
+    # Messages
+    def messages(self, conversation_id):
+        rows = self.conn().execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,))
+        return [dict(r) for r in rows]
+
+    def recent_messages(self, conversation_id, limit):
+        rows = self.conn().execute(
+            """SELECT role, content FROM messages WHERE conversation_id = ?
+               ORDER BY id DESC LIMIT ?""", (conversation_id, limit)).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def add_message(self, conversation_id, role, content, model=None, **metrics):
+        """Store one message and move its conversation to the top; None if the
+        conversation is gone."""
+        now = now_iso()
+        fields = dict(conversation_id=conversation_id, role=role, content=content, model=model,
+                      timestamp=now, **metrics)
+        names = ", ".join(fields)
+        marks = ", ".join("?" * len(fields))
+        with self.write() as c:
+            moved = c.execute(
+                "UPDATE conversations SET updated_at = ?, model = coalesce(?, model) WHERE id = ?",
+                (now, model, conversation_id)).rowcount
+            if not moved:
+                return None
+            return c.execute(f"INSERT INTO messages ({names}) VALUES ({marks})",
+                             tuple(fields.values())).lastrowid
+
+    def stats(self, conversation_id):
+        rows = self.conn().execute(
+            """SELECT role, count(*) AS count, round(avg(length(content)), 1) AS avg_length,
+                      coalesce(sum(estimated_tokens), 0) AS total_tokens,
+                      round(avg(response_time_ms), 1) AS avg_response_time
+               FROM messages WHERE conversation_id = ? GROUP BY role ORDER BY role DESC""",
+            (conversation_id,)).fetchall()
+        by_role = [dict(r) for r in rows]
+        assistant = next((r for r in by_role if r["role"] == "assistant"), None)
+        summary = {
+            "total_messages": sum(r["count"] for r in by_role),
+            "assistant_messages": assistant["count"] if assistant else 0,
+            "avg_response_time": assistant["avg_response_time"] if assistant else None,
+            "total_tokens": sum(r["total_tokens"] for r in by_role),
+        }
+        return summary, by_role
+
+    # Search
+    def search(self, text, limit):
+        if not self.fts:
+            return self._search_like(text, limit)
+        query = fts_query(text)
+        if query is None:
+            return []
+        rows = self.conn().execute(
+            f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
+                       m.response_time_ms, m.estimated_tokens,
+                       c.title, c.model, c.updated_at,
+                       snippet(search_fts, 1, '{MARK_START}', '{MARK_END}', '…', 24) AS marked
+                FROM search_fts
+                JOIN messages m ON m.id = search_fts.rowid
+                JOIN conversations c ON c.id = m.conversation_id
+                WHERE search_fts MATCH ? ORDER BY rank LIMIT ?""", (query, limit))
+        return [search_result(dict(r), *split_marks(r["marked"] or "")) for r in rows]
+
+    def _search_like(self, text, limit):
+        words = WORD.findall(text)
+        if not words:
+            return []
+        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", w) + "%" for w in words]
+        where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
+                             * len(words))
+        params = [p for w in escaped for p in (w, w)]
+        rows = self.conn().execute(
+            f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
+                       m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
+                FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE {where} ORDER BY m.id DESC LIMIT ?""", (*params, limit))
+        return [search_result(dict(r), *like_snippet(r["content"], words)) for r in rows]
+
+
+def search_result(row, snippet, highlights):
+    row.pop("marked", None)
+    return {"id": row["conversation_id"], **row, "snippet": snippet, "highlights": highlights}
+
+
+def split_sql(script):
+    """Statements of a script, triggers kept whole (they hold semicolons)."""
+    statements, current = [], ""
+    for line in script.strip().splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+
+###############################################################################
+# llama.cpp client
+###############################################################################
+
+class Upstream:
+    """llama-server over HTTP: no proxy, no redirects, separate connect and read timeouts."""
+
+    def __init__(self, settings):
+        self.url = settings.llamacpp_url
+        parts = urllib.parse.urlsplit(self.url)
+        self.https = parts.scheme == "https"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.https else 80)
+        self.base = parts.path.rstrip("/")
+        self.connect_timeout = settings.timeouts["llamacpp_connect_timeout"]
+        self.read_timeout = settings.timeouts["llamacpp_timeout"]
+        self.headers = {"Accept": "application/json", "User-Agent": "llama-chat/" + __version__}
+        if settings.llamacpp_api_key:
+            self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
+
+    def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
+        """Send a request; return (connection, response). Raises ApiError."""
+        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
+        headers = dict(self.headers)
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.connect()
+            conn.sock.settimeout(read_timeout or self.read_timeout)
+            conn.request(method, self.base + path, body=data, headers=headers)
+            return conn, conn.getresponse()
+        except BaseException as e:
+            conn.close()
+            raise upstream_error(e, self.url) from None
+
+    def call(self, method, path, body=None, connect_timeout=None, read_timeout=None):
+        """A whole request: (status, parsed JSON or None)."""
+        conn, resp = self.open(method, path, body, connect_timeout, read_timeout)
+        try:
+            raw = resp.read()
+        except BaseException as e:
+            raise upstream_error(e, self.url) from None
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, None
+
+    def health(self):
+        started = time.monotonic()
+        try:
+            status, body = self.call("GET", "/health", connect_timeout=2, read_timeout=3)
+            ok = status == 200
+            error = None if ok else f"llama.cpp answered {status}: {error_text(body)}"
+        except ApiError as e:
+            ok, error = False, e.extra.get("details", e.message)
+        result = {"ok": ok, "url": self.url,
+                  "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+        if error:
+            result["error"] = error
+        return result
+
+    def models(self):
+        """[{"name", "status"?}] from /models (router mode) or /v1/models."""
+        status, body = self.call("GET", "/models", read_timeout=30)
+        if status == 404:
+            status, body = self.call("GET", "/v1/models", read_timeout=30)
+        if status != 200:
+            raise upstream_status_error(status, body)
+        entries = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(entries, list):
+            raise bad_upstream("its model list has no 'data' array")
+        models = []
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+                continue
+            state = entry.get("status")
+            if isinstance(state, dict):
+                state = state.get("value")
+            if state is None:
+                models.append({"name": os.path.basename(entry["id"]) or entry["id"]})
+            else:
+                models.append({"name": entry["id"], "status": str(state)})
+        return models
+
+
+def error_text(body):
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        if err:
+            return str(err)
+    return "no details"
+
+
+def upstream_error(exc, url):
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, socket.timeout):
+        return ApiError(504, "LLAMACPP_TIMEOUT", "llama.cpp server did not answer in time",
+                        details=f"No answer from {url} within the configured timeout")
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server unavailable",
+                        details=f"{url}: {reason}")
+    raise exc
+
+
+def upstream_status_error(status, body):
+    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
+                    details=f"HTTP {status}: {error_text(body)}")
+
+
+def bad_upstream(what):
+    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server sent an unexpected answer",
+                    details=what)
+
+
+def context_messages(system_prompt, history):
+    """The messages llama.cpp sees: system prompt, then history with roles
+    alternating and starting with the user (chat templates such as Gemma's
+    refuse anything else; a failed turn leaves two user messages in a row)."""
+    turns = []
+    for m in history:
+        if not turns and m["role"] != "user":
+            continue
+        if turns and turns[-1]["role"] == m["role"]:
+            turns[-1]["content"] += "\n\n" + m["content"]
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return system + turns
+
+
+def read_metrics(usage, timings, text, elapsed_ms):
+    """Token counts from usage, else timings, else an estimate from the text."""
+    usage = usage if isinstance(usage, dict) else {}
+    timings = timings if isinstance(timings, dict) else {}
+
+    def count(*values):
+        return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
+
+    completion = count(usage.get("completion_tokens"), timings.get("predicted_n"))
+    prompt = count(usage.get("prompt_tokens"), timings.get("prompt_n"))
+    estimated = completion if completion is not None else estimate_tokens(text)
+    total = count(usage.get("total_tokens"))
+    if total is None and prompt is not None:
+        total = prompt + estimated
+    speed = timings.get("predicted_per_second")
+    if not isinstance(speed, (int, float)) or isinstance(speed, bool):
+        speed = estimated / (elapsed_ms / 1000) if elapsed_ms > 0 and estimated else None
+    return {
+        "completion_tokens": estimated,
+        "prompt_tokens": prompt,
+        "total_tokens": total,
+        "tokens_per_second": round(speed, 1) if speed is not None else None,
+    }
+
+
+###############################################################################
+# Chat: shared by the plain and the streaming answer
+###############################################################################
+
+@dataclass
+class ChatTurn:
+    conversation_id: int
+    model: str
+    user_message_id: int
+    payload: dict
+    started: float = 0.0
+
+
+def start_chat(app, body, stream):
+    """Validate, store the user's message (committed), and build llama.cpp's request."""
+    conversation_id = require_int(body, "conversation_id")
+    message = require_str(body, "message", max_len=200_000)
+    model = require_str(body, "model", allow_empty=True, max_len=500)
+    if not message.strip():
+        raise validation_error("message", "message must not be empty")
+    options = body.get("options") or {}
+    check_model_options(options, "options")
+    upstream_options = check_model_options({**app.settings.model_options, **options}, "options")
+    history = app.store.recent_messages(conversation_id,
+                                        app.settings.performance["context_history_limit"])
+    user_id = app.store.add_message(conversation_id, "user", message, model or None,
+                                    estimated_tokens=estimate_tokens(message))
+    if user_id is None:
+        raise not_found("conversation", conversation_id)
+    payload = {
+        "messages": context_messages(app.settings.system_prompt,
+                                     history + [{"role": "user", "content": message}]),
+        "stream": stream,
+        **upstream_options,
+    }
+    if model:
+        payload["model"] = model
+    if stream:
+        payload["stream_options"] = {"include_usage": True}
+    return ChatTurn(conversation_id, model, user_id, payload, time.monotonic())
+
+
+def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
+    """Store the reply and return the answer's fields."""
+    elapsed_ms = round((time.monotonic() - turn.started) * 1000)
+    metrics = read_metrics(usage, timings, text, elapsed_ms)
+    message_id = app.store.add_message(
+        turn.conversation_id, "assistant", text, turn.model or None,
+        reasoning=reasoning or None, response_time_ms=elapsed_ms,
+        estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
+        tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason)
+    answer = {
+        "response": text,
+        "model": turn.model,
+        "response_time_ms": elapsed_ms,
+        "estimated_tokens": metrics["completion_tokens"],
+        "metrics": metrics,
+        "finish_reason": finish_reason,
+        "conversation_id": turn.conversation_id,
+        "message_id": message_id,
+        "user_message_id": turn.user_message_id,
+    }
+    if reasoning:
+        answer["reasoning"] = reasoning
+    return answer
+
+
+def chat_once(app, turn):
+    try:
+        status, body = app.upstream.call("POST", "/v1/chat/completions", turn.payload)
+        if status != 200:
+            raise upstream_status_error(status, body)
+        try:
+            choice = body["choices"][0]
+            message = choice["message"]
+            text = message.get("content") or ""
+            reasoning = message.get("reasoning_content") or ""
+            if not isinstance(text, str) or not isinstance(reasoning, str):
+                raise TypeError
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise bad_upstream("its answer has no choices[0].message.content") from None
+    except ApiError as e:
+        e.extra["user_message_id"] = turn.user_message_id
+        raise
+    finish = choice.get("finish_reason") if choice.get("finish_reason") in ("stop", "length") \
+        else "stop"
+    return finish_chat(app, turn, text, reasoning, finish, body.get("usage"), body.get("timings"))
+
+
+class ClientGone(Exception):
+    """The browser or script that asked for a stream went away."""
+
+
+def read_upstream_events(resp, out):
+    """Reader thread: llama-server's SSE lines -> parsed chunks on a queue."""
+    try:
+        for raw in resp:
+            line = raw.strip()
+            if not line or line.startswith(b":"):
+                continue
+            if not line.startswith(b"data:"):
+                if line.startswith(b"error:"):
+                    line = b"data:" + line[6:]
+                else:
+                    raise ValueError(f"not an event line: {line[:80]!r}")
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                out.put(("done", None))
+                return
+            chunk = json.loads(data)
+            if not isinstance(chunk, dict):
+                raise ValueError("an event that is not an object")
+            out.put(("chunk", chunk))
+        out.put(("cut", None))
+    except (ValueError, UnicodeDecodeError) as e:
+        out.put(("error", bad_upstream(f"a stream event it sent cannot be read: {e}")))
+    except BaseException as e:  # socket closed under us, timeout, reset
+        try:
+            out.put(("error", upstream_error(e, "llama.cpp")))
+        except BaseException:
+            out.put(("error", bad_upstream(f"the stream broke: {type(e).__name__}")))
+
+
+KEEPALIVE_SECONDS = 15
+
+
+def chat_stream(app, turn):
+    """Generator of events for one streamed reply. The handler throws ClientGone
+    into it when a write fails; every way out stores what was relayed."""
+    text, reasoning = [], []
+    usage = timings = None
+    finish = None
+    conn = None
+    try:
+        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload)
+        app.track_upstream(conn, True)
+        if resp.status != 200:
+            raw = resp.read(65536)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+            raise upstream_status_error(resp.status, body)
+        events = queue.Queue()
+        threading.Thread(target=read_upstream_events, args=(resp, events), daemon=True).start()
+        waited = 0.0
+        while True:
+            if app.stopping.is_set():
+                raise ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
+            try:
+                kind, item = events.get(timeout=0.5)
+            except queue.Empty:
+                waited += 0.5
+                if waited >= KEEPALIVE_SECONDS:
+                    waited = 0.0
+                    yield None  # the handler sends a keep-alive comment
+                continue
+            waited = 0.0
+            if kind == "done":
+                break
+            if kind == "cut":
+                if finish:
+                    break
+                raise bad_upstream("the stream ended before the reply was complete")
+            if kind == "error":
+                raise item
+            if "error" in item:
+                raise ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
+                               details=error_text(item))
+            usage = item.get("usage") or usage
+            timings = item.get("timings") or timings
+            for choice in item.get("choices") or []:
+                delta = choice.get("delta") or {}
+                piece = delta.get("reasoning_content")
+                if isinstance(piece, str) and piece:
+                    yield {"type": "reasoning", "content": piece}
+                    reasoning.append(piece)
+                piece = delta.get("content")
+                if isinstance(piece, str) and piece:
+                    yield {"type": "delta", "content": piece}
+                    text.append(piece)
+                if choice.get("finish_reason"):
+                    finish = choice["finish_reason"] if choice["finish_reason"] in (
+                        "stop", "length") else "stop"
+        answer = finish_chat(app, turn, "".join(text), "".join(reasoning), finish or "stop",
+                             usage, timings)
+        yield {"type": "done", **answer}
+    except ClientGone:
+        finish_chat(app, turn, "".join(text), "".join(reasoning), "aborted", usage, timings)
+    except ApiError as e:
+        stored = None
+        if text or reasoning:
+            reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
+            stored = finish_chat(app, turn, "".join(text), "".join(reasoning), reason,
+                                 usage, timings)["message_id"]
+        event = {"type": "error", "error": e.message, "code": e.code,
+                 "user_message_id": turn.user_message_id, "message_id": stored}
+        if "details" in e.extra:
+            event["details"] = e.extra["details"]
+        yield event
+    finally:
+        if conn is not None:
+            app.track_upstream(conn, False)
+            close_quietly(conn)
+
+
+def close_quietly(conn):
+    try:
+        if conn.sock is not None:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
+
+
+###############################################################################
+# HTTP API
+###############################################################################
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict
+    headers: object
+    body: bytes = b""
+    params: dict = field(default_factory=dict)
+
+    def json(self):
+        try:
+            data = json.loads(self.body.decode("utf-8"))
+        except RecursionError:
+            raise ApiError(400, "INVALID_JSON", "Request body is nested too deeply") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "INVALID_JSON", f"Request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "INVALID_JSON", "Request body must be a JSON object")
+        return data
+
+    def arg(self, name):
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+
+class Created(dict):
+    """A dict answered with 201."""
+
+
+@dataclass
+class Page:
+    body: bytes
+    headers: dict
+
+
+@dataclass
+class EventStream:
+    events: object   # generator of dicts (None: keep-alive)
+
+
+def require_str(body, name, allow_empty=False, max_len=10_000):
+    if name not in body or body[name] is None:
+        raise validation_error(name, f"Missing required field: {name}")
+    value = body[name]
+    if not isinstance(value, str):
+        raise validation_error(name, f"Field {name} must be a string")
+    if not allow_empty and not value.strip():
+        raise validation_error(name, f"Field {name} must not be empty")
+    if len(value) > max_len:
+        raise validation_error(name, f"Field {name} is longer than {max_len} characters")
+    return value
+
+
+def require_int(body, name):
+    if name not in body or body[name] is None:
+        raise validation_error(name, f"Missing required field: {name}")
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise validation_error(name, f"Field {name} must be an integer")
+    return value
+
+
+def query_int(req, name, default, low, high=None):
+    raw = req.arg(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise validation_error(name, f"Query parameter {name} must be an integer") from None
+    if value < low:
+        raise validation_error(name, f"Query parameter {name} must be at least {low}")
+    return min(value, high) if high is not None else value
+
+
+def path_id(req, resource):
+    raw = req.params["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise not_found(resource, raw)
+    return int(raw)
+
+
+def existing_conversation(app, req):
+    conversation_id = path_id(req, "conversation")
+    conversation = app.store.get_conversation(conversation_id)
+    if conversation is None:
+        raise not_found("conversation", conversation_id)
+    return conversation
+
+
+def api_health(app, req):
+    llamacpp = app.upstream.health()
+    return {"status": "ok" if llamacpp["ok"] else "degraded", "version": __version__,
+            "llamacpp": llamacpp, "database": app.store.health()}
+
+
+def api_models(app, req):
+    try:
+        models = app.upstream.models()
+    except ApiError as e:
+        e.extra.update(models=[], count=0, llamacpp_url=app.settings.llamacpp_url)
+        raise
+    return {"models": [m["name"] for m in models], "count": len(models),
+            "details": models, "llamacpp_url": app.settings.llamacpp_url}
+
+
+def api_config(app, req):
+    return app.settings.public_config()
+
+
+def api_list_conversations(app, req):
+    limit = query_int(req, "limit", None, 0)
+    offset = query_int(req, "offset", 0, 0)
+    return {"conversations": app.store.list_conversations(limit, offset)}
+
+
+def api_create_conversation(app, req):
+    body = req.json()
+    title = require_str(body, "title", max_len=500).strip()
+    model = require_str(body, "model", allow_empty=True, max_len=500)
+    return Created(conversation_id=app.store.create_conversation(title, model))
+
+
+def api_get_conversation(app, req):
+    conversation = existing_conversation(app, req)
+    summary, _ = app.store.stats(conversation["id"])
+    return {"conversation": conversation, "messages": app.store.messages(conversation["id"]),
+            "stats": summary}
+
+
+def api_rename_conversation(app, req):
+    conversation_id = path_id(req, "conversation")
+    title = require_str(req.json(), "title", max_len=500).strip()
+    if not app.store.rename_conversation(conversation_id, title):
+        raise not_found("conversation", conversation_id)
+    return {"title": title}
+
+
+def api_delete_conversation(app, req):
+    conversation_id = path_id(req, "conversation")
+    if not app.store.delete_conversation(conversation_id):
+        raise not_found("conversation", conversation_id)
+    return {}
+
+
+def api_chat(app, req):
+    body = req.json()
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise validation_error("stream", "Field stream must be true or false")
+    stream = stream or "text/event-stream" in req.headers.get("Accept", "")
+    turn = start_chat(app, body, stream)
+    return EventStream(chat_stream(app, turn)) if stream else chat_once(app, turn)
+
+
+def api_stats(app, req):
+    conversation = existing_conversation(app, req)
+    summary, by_role = app.store.stats(conversation["id"])
+    return {"summary": summary, "by_role": by_role}
+
+
+def api_search(app, req):
+    q = req.arg("q")
+    if q is None or not q.strip():
+        raise validation_error("q", "Missing required query parameter: q")
+    if len(q) > 1000:
+        raise validation_error("q", "Query parameter q is longer than 1000 characters")
+    limit = query_int(req, "limit", SEARCH_LIMIT_DEFAULT, 1, SEARCH_LIMIT_MAX)
+    results = app.store.search(q, limit)
+    return {"results": results, "query": q, "count": len(results)}
+
+
+def page_index(app, req):
+    return app.page()
+
+
+ROUTES = [
+    ("GET", r"/", page_index),
+    ("GET", r"/index\.html", page_index),
+    ("GET", r"/api/health", api_health),
+    ("GET", r"/api/models", api_models),
+    ("GET", r"/api/config", api_config),
+    ("GET", r"/api/conversations", api_list_conversations),
+    ("POST", r"/api/conversations", api_create_conversation),
+    ("GET", r"/api/conversations/(?P<id>[^/]+)", api_get_conversation),
+    ("PUT", r"/api/conversations/(?P<id>[^/]+)", api_rename_conversation),
+    ("DELETE", r"/api/conversations/(?P<id>[^/]+)", api_delete_conversation),
+    ("POST", r"/api/chat", api_chat),
+    ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
+    ("GET", r"/api/search", api_search),
+]
+COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h) for m, p, h in ROUTES]
+
+
+def match_route(method, path):
+    """(handler, params) or raise 404/405."""
+    allowed = []
+    for route_method, pattern, handler in COMPILED_ROUTES:
+        found = pattern.match(path)
+        if found:
+            if route_method == method or (method == "HEAD" and route_method == "GET"):
+                return handler, found.groupdict()
+            allowed.append(route_method)
+    if allowed:
+        allow = ", ".join(sorted(set(allowed + (["HEAD"] if "GET" in allowed else []))))
+        raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}",
+                       headers={"Allow": allow})
+    raise ApiError(404, "NOT_FOUND", f"No such path: {path}", resource="path", id=path)
+
+
+MISSING_PAGE = b"""<!doctype html><meta charset="utf-8"><title>llama-chat</title>
+<p>index.html is missing beside llama_chat.py, so there is no page to show.
+The API still works: see <code>/api/health</code>.</p>"""
+INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.S)
+
+
+def page_headers(html):
+    """The page's security headers, with its inline script and style allowed by hash."""
+    hashes = {b"script": [], b"style": []}
+    for kind, content in INLINE.findall(html):
+        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+    script = " ".join(hashes[b"script"]) or "'none'"
+    style = " ".join(hashes[b"style"]) or "'none'"
+    csp = ("default-src 'none'; "
+           f"script-src {script}; style-src {style}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'; object-src 'none'")
+    return {
+        "Content-Type": "text/html; charset=utf-8",
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+
+
+class App:
+    """Settings, store and llama.cpp client: everything a request needs."""
+
+    def __init__(self, settings, store=None):
+        self.settings = settings
+        self.store = store or Store(settings.db)
+        self.upstream = Upstream(settings)
+        self.stopping = threading.Event()
+        self._page = (None, None)      # (mtime, Page)
+        self._upstreams = set()
+        self._lock = threading.Lock()
+        self.active_streams = 0
+
+    def page(self):
+        try:
+            mtime = os.stat(self.settings.index_path).st_mtime_ns
+        except OSError:
+            return Page(MISSING_PAGE, page_headers(MISSING_PAGE))
+        if self._page[0] != mtime:
+            with open(self.settings.index_path, "rb") as f:
+                html = f.read()
+            self._page = (mtime, Page(html, page_headers(html)))
+        return self._page[1]
+
+    def track_upstream(self, conn, add):
+        with self._lock:
+            if add:
+                self._upstreams.add(conn)
+                self.active_streams += 1
+            else:
+                self._upstreams.discard(conn)
+                self.active_streams -= 1
+
+    def stop_streams(self, wait=4.0):
+        """Ask every stream to end, then wait for them to store their replies."""
+        self.stopping.set()
+        deadline = time.monotonic() + wait
+        while self.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+###############################################################################
+# HTTP server
+###############################################################################
+
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+
+
+def escape_log(text):
+    return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
+
+def host_name(host_header):
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"   # answer even a broken request line with headers
+    server_version = "llama-chat"
+    sys_version = ""
+    timeout = 30          # seconds a connection may sit idle or trickle
+    app = None            # set by make_server
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def dispatch(self):
+        app = self.app
+        self._body_read = False
+        try:
+            parts = urllib.parse.urlsplit(self.path)
+            path = parts.path
+            self.check_host()
+            if path.startswith("/api/"):
+                self.check_auth()
+            handler, params = match_route(self.command, path)
+            self.check_origin()
+            body = self.read_body()
+            req = Request(self.command, path, urllib.parse.parse_qs(parts.query),
+                          self.headers, body, params)
+            result = handler(app, req)
+            if isinstance(result, EventStream):
+                self.send_stream(result.events)
+            elif isinstance(result, Page):
+                self.send(200, result.body, result.headers)
+            else:
+                status = 201 if isinstance(result, Created) else 200
+                self.send_json(status, {"success": True, **result})
+        except ApiError as e:
+            self.send_json(e.status, e.body(), e.headers)
+        except Exception:
+            log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
+                      traceback.format_exc())
+            self.send_json(500, {"success": False, "error": "Internal server error",
+                                 "code": "INTERNAL_ERROR"})
+
+    def handle(self):
+        try:
+            super().handle()
+        finally:
+            self.app.store.release()   # this thread's connection ends with its client's
+
+    # Checks, in the order a request meets them
+    def check_host(self):
+        host = self.headers.get_all("Host") or []
+        if not is_loopback(self.server.server_address[0]):
+            return
+        if len(host) != 1 or host_name(host[0]) not in LOOPBACK_NAMES:
+            raise ApiError(403, "FORBIDDEN", "Host header must name this machine "
+                           "(localhost, 127.0.0.1 or [::1])")
+
+    def check_auth(self):
+        key = self.app.settings.api_key
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), key.encode()):
+            raise ApiError(401, "UNAUTHORIZED", "API key required: send "
+                           "'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": 'Bearer realm="llama-chat"'})
+
+    def check_origin(self):
+        if self.command in ("GET", "HEAD"):
+            return
+        origin = self.headers.get("Origin")
+        site = self.headers.get("Sec-Fetch-Site", "")
+        host = self.headers.get("Host", "")
+        if site == "cross-site" or (origin is not None and origin.lower() not in (
+                f"http://{host}".lower(), f"https://{host}".lower())):
+            raise ApiError(403, "FORBIDDEN", "Requests from another origin are refused")
+
+    def read_body(self):
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise ApiError(411, "LENGTH_REQUIRED",
+                           "Send the body with Content-Length, not Transfer-Encoding")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            if self.command in ("POST", "PUT"):
+                self.require_json_type()
+            return b""
+        if not raw.strip().isdigit():
+            self.close_connection = True
+            raise ApiError(400, "VALIDATION_ERROR", "Content-Length is not a number",
+                           field="Content-Length")
+        length = int(raw)
+        if length > self.app.settings.max_body_bytes:
+            self.close_connection = True
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", "Request body is larger than "
+                           f"{self.app.settings.max_body_bytes} bytes")
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            self.close_connection = True
+            raise ApiError(400, "INVALID_JSON", "Request body ended early")
+        if self.command in ("POST", "PUT"):
+            self.require_json_type()
+        return body
+
+    def require_json_type(self):
+        kind = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE",
+                           "POST and PUT bodies must be sent as Content-Type: application/json")
+
+    # Writing
+    def send(self, status, body, headers):
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def send_json(self, status, payload, headers=None):
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self.send(status, body, {"Content-Type": "application/json; charset=utf-8",
+                                 "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                                 **(headers or {})})
+
+    def send_stream(self, events):
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.flush()
+        gone = False
+        for event in events:
+            if gone:
+                continue
+            line = b": keep-alive\n\n" if event is None else \
+                b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+            try:
+                self.wfile.write(line)
+                self.wfile.flush()
+            except OSError:
+                gone = True
+                try:
+                    events.throw(ClientGone())
+                except StopIteration:
+                    pass
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol errors (bad request line, 414, 431, 501) in the same JSON body."""
+        codes = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+                 408: "REQUEST_TIMEOUT", 414: "URI_TOO_LONG",
+                 431: "REQUEST_HEADER_FIELDS_TOO_LARGE", 501: "NOT_IMPLEMENTED",
+                 505: "HTTP_VERSION_NOT_SUPPORTED"}
+        self.close_connection = True
+        try:
+            self.send_json(code, {"success": False,
+                                  "error": message or self.responses.get(code, ("Error",))[0],
+                                  "code": codes.get(code, "BAD_REQUEST")})
+        except OSError:
+            pass
+
+    def log_message(self, fmt, *args):
+        log.info("%s %s", self.address_string(), escape_log(fmt % args))
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, app):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        handler = type("BoundHandler", (Handler,), {"app": app})
+        super().__init__(address, handler)
+        self.app = app
+
+
+def make_server(settings, store=None):
+    return Server((settings.host, settings.port), App(settings, store))
+
+
+###############################################################################
+# Main
+###############################################################################
+
+def prepare_settings(settings):
+    """Beyond loopback with no key: make one up (the page takes it from the URL)."""
+    if not is_loopback(settings.host) and not settings.api_key:
+        return replace(settings, api_key=secrets.token_urlsafe(24), key_generated=True)
+    return settings
+
+
+def report_llamacpp(app):
+    state = app.upstream.health()
+    if state["ok"]:
+        log.info("llama.cpp at %s answers (%.0f ms)", state["url"], state["latency_ms"])
+    else:
+        log.warning("llama.cpp at %s does not answer yet (%s); start it with: "
+                    "llama-server -m model.gguf --port 8080", state["url"], state.get("error"))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        settings = prepare_settings(load_settings(argv))
+        server = make_server(settings)
+    except ConfigError as e:
+        print(f"llama-chat: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as e:
+        print(f"llama-chat: database {settings.db} cannot be opened: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"llama-chat: cannot listen on {settings.host}:{settings.port}: {e.strerror}",
+              file=sys.stderr)
+        return 2
+    app = server.app
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    if settings.key_generated:
+        print(f"llama-chat listens beyond this machine, so /api/ needs a key. Open:\n"
+              f"  {url}#token={settings.api_key}", flush=True)
+    else:
+        print(f"llama-chat {__version__}: open {url}", flush=True)
+    log.info("database %s (%s)", os.path.abspath(settings.db),
+             "FTS5 search" if app.store.fts else "no FTS5 in this SQLite: search uses LIKE")
+    if app.store.backup_path:
+        log.info("migrated the database; the copy from before is %s", app.store.backup_path)
+    threading.Thread(target=report_llamacpp, args=(app,), daemon=True).start()
+
+    def stop(signum, frame):
+        log.info("stopping (signal %d)", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        app.stop_streams()
+        server.server_close()
+        try:
+            app.store.checkpoint()
+        except sqlite3.Error as e:
+            log.warning("WAL checkpoint failed: %s", e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

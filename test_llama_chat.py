@@ -1,0 +1,1193 @@
+"""Tests for llama-chat: the app in-process on port 0 over a temp-file database,
+against a stub llama.cpp server that answers the way llama-server does.
+
+Run: python3 -m pytest -q
+"""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import llama_chat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3})?Z$")
+MODEL = "qwen2.5-0.5b-instruct-q4_0.gguf"
+
+
+###############################################################################
+# Stub llama.cpp server
+###############################################################################
+
+class Stub:
+    """What the stub answers; tests change these fields."""
+
+    def __init__(self):
+        self.reply = "Machine learning lets computers learn patterns from data."
+        self.reasoning = ""
+        self.mode = "ok"          # ok | stall | error500 | garbage | cut | error_chunk | no_usage
+        self.token_delay = 0.0
+        self.stall = 0.0
+        self.router = False
+        self.no_models_route = False
+        self.requests = []
+        self.open_streams = 0
+        self.lock = threading.Lock()
+
+    def tokens(self):
+        return re.findall(r"\S+\s*", self.reply)
+
+
+class StubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    stub = None
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        stub = self.stub
+        if self.path == "/health":
+            self.send_json(200, {"status": "ok"})
+        elif self.path == "/models" and stub.no_models_route:
+            self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
+        elif self.path == "/models" and stub.router:
+            self.send_json(200, {"data": [
+                {"id": "gemma-3-270m", "object": "model", "status": {"value": "loaded"}},
+                {"id": "qwen3-0.6b", "object": "model", "status": {"value": "unloaded"}},
+            ]})
+        elif self.path in ("/models", "/v1/models"):
+            self.send_json(200, {"object": "list", "data": [
+                {"id": "/srv/models/" + MODEL, "object": "model", "owned_by": "llamacpp"}]})
+        else:
+            self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
+
+    def do_POST(self):
+        stub = self.stub
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with stub.lock:
+            stub.requests.append({"body": body, "headers": dict(self.headers)})
+        if stub.stall:
+            time.sleep(stub.stall)
+        if stub.mode == "error500":
+            return self.send_json(500, {"error": {"code": 500, "message": "model crashed",
+                                                  "type": "server_error"}})
+        if stub.mode == "garbage":
+            data = b"<html>I am not llama.cpp</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            return self.wfile.write(data)
+        if body.get("stream"):
+            return self.stream(body)
+        tokens = stub.tokens()
+        message = {"role": "assistant", "content": stub.reply}
+        if stub.reasoning:
+            message["reasoning_content"] = stub.reasoning
+        answer = {"choices": [{"finish_reason": "stop", "index": 0, "message": message}],
+                  "object": "chat.completion", "model": body.get("model", "x"),
+                  "timings": {"prompt_n": 21, "predicted_n": len(tokens),
+                              "predicted_per_second": 42.5}}
+        if stub.mode != "no_usage":
+            answer["usage"] = {"completion_tokens": len(tokens), "prompt_tokens": 21,
+                               "total_tokens": 21 + len(tokens)}
+        self.send_json(200, answer)
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def event(self, obj):
+        self.chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def stream(self, body):
+        stub = self.stub
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        with stub.lock:
+            stub.open_streams += 1
+        tokens = stub.tokens()
+        try:
+            self.event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
+                                     "finish_reason": None}], "object": "chat.completion.chunk"})
+            self.chunk(b": keep-alive\n\n")
+            for piece in re.findall(r"\S+\s*", stub.reasoning):
+                self.event({"choices": [{"index": 0, "delta": {"reasoning_content": piece},
+                                         "finish_reason": None}]})
+            for i, token in enumerate(tokens):
+                if stub.mode == "cut" and i == 3:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if stub.mode == "error_chunk" and i == 3:
+                    self.event({"error": {"code": 500, "message": "out of memory"}})
+                    return
+                if stub.mode == "stall_mid" and i == 3:
+                    time.sleep(3)
+                self.event({"choices": [{"index": 0, "delta": {"content": token},
+                                         "finish_reason": None}]})
+                if stub.token_delay:
+                    time.sleep(stub.token_delay)
+            timings = {"prompt_n": 21, "predicted_n": len(tokens), "predicted_per_second": 42.5}
+            self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                        "timings": timings})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                self.event({"choices": [], "usage": {
+                    "completion_tokens": len(tokens), "prompt_tokens": 21,
+                    "total_tokens": 21 + len(tokens)}, "timings": timings})
+            self.chunk(b"data: [DONE]\n\n")
+            self.chunk(b"")
+        except OSError:
+            pass
+        finally:
+            with stub.lock:
+                stub.open_streams -= 1
+
+
+def serve(server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+def stop(server):
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def stub():
+    state = Stub()
+    handler = type("Handler", (StubHandler,), {"stub": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    serve(server)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    stop(server)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+###############################################################################
+# The app under test
+###############################################################################
+
+class Client:
+    def __init__(self, server):
+        self.server = server
+        self.port = server.server_address[1]
+        self.app = server.app
+
+    def request(self, method, path, body=None, headers=None, raw=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        hdrs = dict(headers or {})
+        data = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, path, body=data, headers=hdrs)
+        resp = conn.getresponse()
+        payload = resp.read()
+        conn.close()
+        try:
+            parsed = json.loads(payload) if payload else None
+        except ValueError:
+            parsed = payload
+        return resp.status, resp.headers, parsed
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def new_conversation(self, title="Test chat", model=MODEL):
+        status, _, body = self.post("/api/conversations", {"title": title, "model": model})
+        assert status == 201, body
+        return body["conversation_id"]
+
+    def chat(self, conversation_id, message="Explain machine learning", **extra):
+        return self.post("/api/chat", {"conversation_id": conversation_id, "message": message,
+                                       "model": MODEL, **extra})
+
+    def stream(self, conversation_id, message="Explain machine learning", read=None):
+        """Open a streamed chat; return (response, connection)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/api/chat", body=json.dumps(
+            {"conversation_id": conversation_id, "message": message, "model": MODEL,
+             "stream": True}), headers={"Content-Type": "application/json"})
+        sock = conn.sock
+        return conn.getresponse(), sock
+
+
+def read_events(resp):
+    events = []
+    for line in resp:
+        line = line.strip()
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+    return events
+
+
+def start_app(tmp_path, llamacpp_url, store=None, **overrides):
+    settings = llama_chat.Settings(
+        host="127.0.0.1", port=0, llamacpp_url=llamacpp_url, db=str(tmp_path / "chat.db"),
+        timeouts={"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2})
+    settings = replace(settings, **overrides)
+    server = llama_chat.make_server(settings, store)
+    serve(server)
+    return server
+
+
+@pytest.fixture
+def client(tmp_path, stub):
+    server = start_app(tmp_path, stub.url)
+    yield Client(server)
+    server.app.stopping.set()
+    stop(server)
+
+
+@pytest.fixture
+def down_client(tmp_path):
+    """The app with nothing listening where llama.cpp should be."""
+    server = start_app(tmp_path, f"http://127.0.0.1:{free_port()}")
+    yield Client(server)
+    stop(server)
+
+
+def rows(client, sql, *args):
+    conn = sqlite3.connect(client.app.settings.db)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+###############################################################################
+# Configuration
+###############################################################################
+
+def test_shipped_config_equals_builtin_defaults():
+    with open(os.path.join(HERE, "config.json")) as f:
+        assert json.load(f) == llama_chat.DEFAULT_CONFIG
+
+
+def test_api_config_shows_the_four_sections(client):
+    status, _, body = client.get("/api/config")
+    assert status == 200
+    expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in llama_chat.CONFIG_SECTIONS}
+    expected["timeouts"] = {"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2}  # the fixture's
+    assert body == {"success": True, **expected}
+
+
+@pytest.mark.parametrize("argv, env, conf, expected", [
+    ([], {}, {}, 3000),
+    ([], {}, {"port": 4000}, 4000),
+    ([], {"LLAMA_CHAT_PORT": "5000"}, {"port": 4000}, 5000),
+    (["--port", "6000"], {"LLAMA_CHAT_PORT": "5000"}, {"port": 4000}, 6000),
+])
+def test_settings_precedence_flag_env_config_default(tmp_path, argv, env, conf, expected):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(conf))
+    settings = llama_chat.load_settings(argv + ["--config", str(path)], env)
+    assert settings.port == expected
+
+
+def test_settings_read_llamacpp_url_from_either_variable(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text("{}")
+    old = llama_chat.load_settings(["--config", str(path)], {"LLAMACPP_API_URL": "http://h:1"})
+    new = llama_chat.load_settings(["--config", str(path)], {"LLAMACPP_URL": "http://h:2/",
+                                                             "LLAMACPP_API_URL": "http://h:1"})
+    assert (old.llamacpp_url, new.llamacpp_url) == ("http://h:1", "http://h:2")
+
+
+def test_config_file_sections_merge_over_defaults(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model_options": {"temperature": 0.7},
+                                "performance": {"context_history_limit": 3}}))
+    settings = llama_chat.load_settings(["--config", str(path)], {})
+    assert settings.model_options["temperature"] == 0.7
+    assert settings.model_options["top_k"] == 50
+    assert settings.performance["context_history_limit"] == 3
+
+
+def test_missing_default_config_runs_on_defaults(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_chat, "HERE", str(tmp_path))
+    settings = llama_chat.load_settings([], {})
+    assert settings.public_config() == {k: llama_chat.DEFAULT_CONFIG[k]
+                                        for k in llama_chat.CONFIG_SECTIONS}
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"model_options": {"temperature": "hot"}}', "temperature must be a float"),
+    ('{"model_options": {"bogus": 1}}', "Unknown option"),
+    ('{"timeouts": {"llamacpp_timeout": -1}}', "llamacpp_timeout"),
+    ('{"port": "eighty"}', "port must be a number"),
+])
+def test_broken_config_stops_start_up_with_one_clear_line(tmp_path, content, words):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"),
+                           "--config", str(path), "--db",
+                           str(tmp_path / "x.db")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_help_explains_every_setting():
+    out = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--help"],
+                         capture_output=True, text=True, timeout=30).stdout
+    for flag, env in [("--host", "LLAMA_CHAT_HOST"), ("--port", "LLAMA_CHAT_PORT"),
+                      ("--llamacpp-url", "LLAMACPP_URL"), ("--db", "LLAMA_CHAT_DB"),
+                      ("--config", "LLAMA_CHAT_CONFIG"), ("--api-key", "LLAMA_CHAT_API_KEY"),
+                      ("--llamacpp-api-key", "LLAMACPP_API_KEY")]:
+        assert flag in out and env in out
+
+
+###############################################################################
+# Conversations
+###############################################################################
+
+def test_create_conversation_answers_201_with_its_id(client):
+    status, _, body = client.post("/api/conversations", {"title": "New Project Discussion",
+                                                         "model": MODEL})
+    assert status == 201
+    assert body == {"success": True, "conversation_id": body["conversation_id"]}
+    assert isinstance(body["conversation_id"], int)
+
+
+def test_list_conversations_newest_activity_first(client):
+    a = client.new_conversation("A")
+    b = client.new_conversation("B")
+    c = client.new_conversation("C")
+    assert [x["id"] for x in client.get("/api/conversations")[2]["conversations"]] == [c, b, a]
+    client.chat(a)                                             # a message moves A up
+    client.request("PUT", f"/api/conversations/{b}", {"title": "B2"})   # a rename moves B up
+    status, _, body = client.get("/api/conversations")
+    assert status == 200
+    assert [x["id"] for x in body["conversations"]] == [b, a, c]
+    first = body["conversations"][0]
+    assert set(first) == {"id", "title", "model", "created_at", "updated_at"}
+    assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
+
+
+def test_list_conversations_pages_with_limit_and_offset(client):
+    ids = [client.new_conversation(f"c{i}") for i in range(5)][::-1]
+    assert [c["id"] for c in client.get("/api/conversations?limit=2")[2]["conversations"]] \
+        == ids[:2]
+    assert [c["id"] for c in client.get("/api/conversations?limit=2&offset=2")[2][
+        "conversations"]] == ids[2:4]
+    assert [c["id"] for c in client.get("/api/conversations?offset=4")[2]["conversations"]] \
+        == ids[4:]
+
+
+@pytest.mark.parametrize("query, field", [
+    ("limit=ten", "limit"), ("limit=-1", "limit"), ("offset=x", "offset"), ("offset=-5", "offset"),
+])
+def test_bad_paging_parameters_are_validation_errors(client, query, field):
+    status, _, body = client.get("/api/conversations?" + query)
+    assert status == 400
+    assert body["code"] == "VALIDATION_ERROR" and body["field"] == field
+    assert body["success"] is False and body["error"]
+
+
+def test_get_conversation_with_messages_and_stats(client):
+    cid = client.new_conversation("Python Development Help")
+    client.chat(cid, "How do I create a virtual environment in Python?")
+    status, _, body = client.get(f"/api/conversations/{cid}")
+    assert status == 200
+    assert body["conversation"]["title"] == "Python Development Help"
+    user, assistant = body["messages"]
+    assert user["role"] == "user" and user["response_time_ms"] is None
+    assert user["estimated_tokens"] == 12
+    assert assistant["role"] == "assistant" and assistant["model"] == MODEL
+    assert assistant["content"] == Stub().reply and assistant["finish_reason"] == "stop"
+    assert ISO.match(assistant["timestamp"])
+    assert body["stats"] == {"total_messages": 2, "assistant_messages": 1,
+                             "avg_response_time": float(assistant["response_time_ms"]),
+                             "total_tokens": 12 + assistant["estimated_tokens"]}
+
+
+def test_rename_conversation(client):
+    cid = client.new_conversation("Old")
+    status, _, body = client.request("PUT", f"/api/conversations/{cid}",
+                                     {"title": "Updated Conversation Title"})
+    assert (status, body) == (200, {"success": True, "title": "Updated Conversation Title"})
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] \
+        == "Updated Conversation Title"
+
+
+def test_delete_conversation_removes_it_and_its_messages(client):
+    cid = client.new_conversation()
+    client.chat(cid)
+    status, _, body = client.request("DELETE", f"/api/conversations/{cid}")
+    assert (status, body) == (200, {"success": True})
+    assert client.get(f"/api/conversations/{cid}")[0] == 404
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+    assert client.get("/api/search?q=machine")[2]["count"] == 0
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/conversations/999"), ("PUT", "/api/conversations/999"),
+    ("DELETE", "/api/conversations/999"), ("GET", "/api/stats/999"),
+    ("GET", "/api/conversations/abc"), ("GET", "/api/conversations/1%00"),
+    ("GET", "/api/conversations/99999999999999999999999"),
+])
+def test_unknown_conversation_is_not_found(client, method, path):
+    body = {"title": "x"} if method == "PUT" else None
+    status, _, answer = client.request(method, path, body)
+    assert status == 404
+    assert answer["code"] == "NOT_FOUND" and answer["resource"] == "conversation"
+    assert answer["success"] is False and str(answer["id"]) in path
+
+
+###############################################################################
+# Bad requests: every code of the contract
+###############################################################################
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/conversations", {"model": MODEL}, "title"),
+    ("/api/conversations", {"title": 5, "model": MODEL}, "title"),
+    ("/api/conversations", {"title": "   ", "model": MODEL}, "title"),
+    ("/api/conversations", {"title": "t"}, "model"),
+    ("/api/conversations", {"title": "t", "model": ["x"]}, "model"),
+    ("/api/chat", {"message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": "1", "message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": True, "message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": 1, "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": "", "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": {"a": 1}, "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi"}, "model"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL, "stream": "yes"},
+     "stream"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": {"temperature": 99}}, "options.temperature"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": {"grammar": "x"}}, "options.grammar"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": ["temperature"]}, "options"),
+])
+def test_validation_errors_name_the_field_and_store_nothing(client, path, body, field):
+    cid = client.new_conversation()
+    assert cid == 1
+    status, _, answer = client.post(path, body)
+    assert status == 400
+    assert answer == {"success": False, "error": answer["error"], "code": "VALIDATION_ERROR",
+                      "field": field}
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 1
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'"text"', b"", b"\xff\xfe",
+                                 b"[" * 100000 + b"]" * 100000])
+def test_bodies_that_are_not_json_objects(client, raw):
+    status, _, body = client.request("POST", "/api/conversations", raw=raw,
+                                     headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert body["code"] == "INVALID_JSON" and body["success"] is False
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data"])
+def test_post_needs_json_content_type(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, _, body = client.request("POST", "/api/conversations",
+                                     raw=b'{"title": "t", "model": "m"}', headers=headers)
+    assert (status, body["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def test_body_over_the_limit_is_refused(client):
+    raw = json.dumps({"title": "x" * (1024 * 1024), "model": "m"}).encode()
+    status, headers, body = client.request("POST", "/api/conversations", raw=raw,
+                                           headers={"Content-Type": "application/json"})
+    assert (status, body["code"]) == (413, "PAYLOAD_TOO_LARGE")
+    assert headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("DELETE", "/api/conversations", "GET, HEAD, POST"),
+    ("POST", "/api/models", "GET, HEAD"),
+    ("GET", "/api/chat", "POST"),
+    ("PATCH", "/api/conversations/1", "DELETE, GET, HEAD, PUT"),
+])
+def test_wrong_method_on_known_path(client, method, path, allow):
+    status, headers, body = client.request(method, path)
+    assert (status, body["code"]) == (405, "METHOD_NOT_ALLOWED")
+    assert headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/api/nothing", "/api/conversations/1/extra", "/etc/passwd",
+                                  "/../llama_chat.py", "/config.json", "/api/"])
+def test_unknown_paths_are_not_found_and_read_no_file(client, path):
+    status, _, body = client.get(path)
+    assert status == 404
+    assert body == {"success": False, "error": body["error"], "code": "NOT_FOUND",
+                    "resource": "path", "id": body["id"]}
+
+
+def test_protocol_errors_answer_in_the_json_body(client):
+    with socket.create_connection(("127.0.0.1", client.port)) as s:
+        s.sendall(b"GARBAGE\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(payload)["success"] is False
+
+
+def test_a_bug_answers_500_without_its_traceback(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("secret internals")
+    monkeypatch.setattr(client.app.store, "list_conversations", broken)
+    status, _, body = client.get("/api/conversations")
+    assert status == 500
+    assert body == {"success": False, "error": "Internal server error", "code": "INTERNAL_ERROR"}
+
+
+def test_host_header_must_name_loopback(client):
+    assert client.get("/api/config", headers={"Host": "localhost:3000"})[0] == 200
+    status, _, body = client.get("/api/config", headers={"Host": "evil.example"})
+    assert (status, body["code"]) == (403, "FORBIDDEN")
+
+
+def test_cross_origin_writes_are_forbidden(client):
+    status, _, body = client.post("/api/conversations", {"title": "t", "model": "m"},
+                                  headers={"Origin": "http://evil.example"})
+    assert (status, body["code"]) == (403, "FORBIDDEN")
+    same = f"http://127.0.0.1:{client.port}"
+    status, _, _ = client.post("/api/conversations", {"title": "t", "model": "m"},
+                               headers={"Origin": same, "Host": f"127.0.0.1:{client.port}"})
+    assert status == 201
+
+
+def test_api_key_required_when_set(tmp_path, stub):
+    server = start_app(tmp_path, stub.url, api_key="s3cret")
+    c = Client(server)
+    try:
+        status, headers, body = c.get("/api/conversations")
+        assert (status, body["code"]) == (401, "UNAUTHORIZED")
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert c.get("/api/conversations", headers={"Authorization": "Bearer nope"})[0] == 401
+        assert c.get("/api/conversations", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert c.get("/")[0] == 200
+    finally:
+        stop(server)
+
+
+###############################################################################
+# Chat
+###############################################################################
+
+def test_chat_answers_with_the_reference_fields(client, stub):
+    cid = client.new_conversation()
+    status, _, body = client.chat(cid)
+    assert status == 200
+    assert body["success"] is True
+    assert body["response"] == stub.reply
+    assert body["model"] == MODEL
+    assert isinstance(body["response_time_ms"], int) and body["response_time_ms"] >= 0
+    assert body["estimated_tokens"] == len(stub.tokens())
+    assert body["metrics"] == {"completion_tokens": len(stub.tokens()), "prompt_tokens": 21,
+                               "total_tokens": 21 + len(stub.tokens()), "tokens_per_second": 42.5}
+    assert body["finish_reason"] == "stop"
+    stored = rows(client, "SELECT id, role, content FROM messages ORDER BY id")
+    assert stored == [(body["user_message_id"], "user", "Explain machine learning"),
+                      (body["message_id"], "assistant", stub.reply)]
+
+
+def test_chat_metrics_fall_back_to_an_estimate(client, stub):
+    stub.mode = "no_usage"
+    stub.reply = "x" * 400
+    body = client.chat(client.new_conversation())[2]
+    assert body["metrics"]["prompt_tokens"] == 21         # from timings.prompt_n
+    assert body["estimated_tokens"] == 1                  # from timings.predicted_n
+
+
+def test_chat_sends_system_prompt_history_and_mapped_options(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    client.chat(cid, "second", options={"temperature": 0.7, "num_predict": 64, "seed": 3})
+    sent = stub.requests[-1]["body"]
+    assert sent["messages"] == [
+        {"role": "system", "content": llama_chat.DEFAULT_CONFIG["system_prompt"]},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": stub.reply},
+        {"role": "user", "content": "second"},
+    ]
+    assert sent["model"] == MODEL and sent["stream"] is False
+    assert sent["temperature"] == 0.7 and sent["max_tokens"] == 64 and sent["seed"] == 3
+    assert sent["top_k"] == 50 and sent["stop"] == ["\n\nHuman:", "\n\nUser:"]
+    assert set(sent) <= {"messages", "stream", "model", "temperature", "top_p", "top_k", "min_p",
+                         "max_tokens", "repeat_penalty", "stop", "seed"}
+
+
+def test_chat_history_is_limited_and_alternates(tmp_path, stub):
+    settings_perf = {**llama_chat.DEFAULT_CONFIG["performance"], "context_history_limit": 3}
+    server = start_app(tmp_path, stub.url, performance=settings_perf)
+    c = Client(server)
+    try:
+        cid = c.new_conversation()
+        for word in ["one", "two", "three"]:
+            c.chat(cid, word)
+        stub.mode = "error500"
+        c.chat(cid, "four")                    # fails: two user messages in a row now
+        stub.mode = "ok"
+        c.chat(cid, "five")
+        sent = stub.requests[-1]["body"]["messages"]
+        assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+        assert [sent[1]["content"], sent[3]["content"]] == ["three", "four\n\nfive"]
+    finally:
+        stop(server)
+
+
+def test_llamacpp_key_goes_upstream_only(tmp_path, stub):
+    server = start_app(tmp_path, stub.url, llamacpp_api_key="upstream-key")
+    c = Client(server)
+    try:
+        status, _, body = c.chat(c.new_conversation())
+        assert status == 200
+        assert stub.requests[-1]["headers"]["Authorization"] == "Bearer upstream-key"
+        assert "upstream-key" not in json.dumps(c.get("/api/config")[2])
+    finally:
+        stop(server)
+
+
+def test_chat_to_unknown_conversation_is_not_found(client):
+    status, _, body = client.chat(42)
+    assert (status, body["code"], body["resource"], body["id"]) == (404, "NOT_FOUND",
+                                                                    "conversation", 42)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+@pytest.mark.parametrize("mode, status, code", [
+    ("error500", 502, "LLAMACPP_ERROR"),
+    ("garbage", 502, "LLAMACPP_ERROR"),
+    ("stall", 504, "LLAMACPP_TIMEOUT"),
+])
+def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
+    stub.mode = mode
+    if mode == "stall":
+        stub.stall = 3
+    cid = client.new_conversation()
+    got, _, body = client.chat(cid, "please keep me")
+    assert (got, body["code"]) == (status, code)
+    assert body["success"] is False and body["details"]
+    assert rows(client, "SELECT id, role, content FROM messages") == [
+        (body["user_message_id"], "user", "please keep me")]
+
+
+def test_llamacpp_down_answers_502_and_keeps_the_message(down_client):
+    cid = down_client.new_conversation()
+    status, _, body = down_client.chat(cid, "hello?")
+    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
+    assert "Connection refused" in body["details"]
+    assert rows(down_client, "SELECT role, content FROM messages") == [("user", "hello?")]
+
+
+def test_reasoning_is_stored_apart_and_never_sent_back(client, stub):
+    stub.reasoning = "Let me think about this."
+    cid = client.new_conversation()
+    body = client.chat(cid)[2]
+    assert body["reasoning"] == stub.reasoning and body["response"] == stub.reply
+    message = client.get(f"/api/conversations/{cid}")[2]["messages"][1]
+    assert message["reasoning"] == stub.reasoning and message["content"] == stub.reply
+    client.chat(cid, "again")
+    assert "think" not in json.dumps(stub.requests[-1]["body"]["messages"])
+
+
+def test_twenty_concurrent_chats_all_answer_and_are_stored(client, stub):
+    stub.token_delay = 0.001
+    cids = [client.new_conversation(f"c{i}") for i in range(20)]
+    results = [None] * 20
+
+    def worker(i):
+        results[i] = client.chat(cids[i], f"question {i}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [r[0] for r in results] == [200] * 20
+    assert all(r[2]["response"] == stub.reply for r in results)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 40
+    for i, cid in enumerate(cids):
+        assert rows(client, "SELECT content FROM messages WHERE conversation_id = ? ORDER BY id",
+                    cid) == [(f"question {i}",), (stub.reply,)]
+
+
+###############################################################################
+# Streaming
+###############################################################################
+
+def test_stream_relays_deltas_then_done(client, stub):
+    cid = client.new_conversation()
+    resp, conn = client.stream(cid)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = read_events(resp)
+    conn.close()
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert "".join(d["content"] for d in deltas) == stub.reply
+    assert len(deltas) == len(stub.tokens())
+    done = events[-1]
+    assert done["type"] == "done" and [e["type"] for e in events].count("done") == 1
+    assert done["response"] == stub.reply
+    assert done["metrics"]["completion_tokens"] == len(stub.tokens())
+    assert done["metrics"]["prompt_tokens"] == 21
+    assert stub.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert rows(client, "SELECT id, content, finish_reason FROM messages WHERE role = "
+                "'assistant'") == [(done["message_id"], stub.reply, "stop")]
+
+
+def test_stream_deltas_arrive_before_llamacpp_finishes(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(20))
+    stub.token_delay = 0.05
+    resp, conn = client.stream(client.new_conversation())
+    started = time.monotonic()
+    first = resp.readline()
+    while not first.startswith(b"data: "):
+        first = resp.readline()
+    assert json.loads(first[6:])["type"] == "delta"
+    assert time.monotonic() - started < 0.5       # the whole reply takes over 1 s
+    conn.close()
+
+
+def test_stream_reasoning_events_are_relayed(client, stub):
+    stub.reasoning = "Thinking hard."
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert "".join(e["content"] for e in events if e["type"] == "reasoning") == stub.reasoning
+    assert events[-1]["reasoning"] == stub.reasoning
+
+
+def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay = 0.02
+    cid = client.new_conversation()
+    resp, conn = client.stream(cid)
+    relayed = []
+    while len(relayed) < 5:
+        line = resp.readline().strip()
+        if line.startswith(b"data: "):
+            relayed.append(json.loads(line[6:])["content"])
+    conn.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    resp.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        stored = rows(client, "SELECT content, finish_reason FROM messages WHERE role = "
+                      "'assistant'")
+        if stored and stub.open_streams == 0:
+            break
+        time.sleep(0.05)
+    assert stub.open_streams == 0
+    content, reason = stored[0]
+    assert reason == "aborted"
+    assert content.startswith("".join(relayed))
+    assert len(content) < len(stub.reply)
+
+
+@pytest.mark.parametrize("mode", ["cut", "error_chunk"])
+def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode):
+    stub.mode = mode
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_ERROR"
+    assert "done" not in [e["type"] for e in events]
+    partial = "".join(e["content"] for e in events if e["type"] == "delta")
+    assert rows(client, "SELECT role, content, finish_reason FROM messages ORDER BY id") == [
+        ("user", "Explain machine learning", None), ("assistant", partial, "error")]
+
+
+def test_stream_stall_between_tokens_times_out(client, stub):
+    stub.mode = "stall_mid"
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
+
+
+def test_stream_with_llamacpp_down_is_an_error_event(down_client):
+    events = read_events(down_client.stream(down_client.new_conversation())[0])
+    assert [e["type"] for e in events] == ["error"]
+    assert events[0]["code"] == "LLAMACPP_ERROR" and events[0]["user_message_id"]
+
+
+###############################################################################
+# Search
+###############################################################################
+
+@pytest.fixture
+def corpus(client):
+    store = client.app.store
+    ml = store.create_conversation("AI Development Discussion", MODEL)
+    cook = store.create_conversation("Recipe Ideas", MODEL)
+    store.add_message(ml, "user", "What is machine learning?")
+    store.add_message(ml, "assistant", "Machine learning is a subset of artificial "
+                      "intelligence where computers are learning from data.", MODEL,
+                      response_time_ms=1250, estimated_tokens=156, finish_reason="stop")
+    store.add_message(cook, "user", "How long do I boil an egg?")
+    store.add_message(cook, "assistant", "Boil the egg for seven minutes; learning to "
+                      "cook takes time.", MODEL, finish_reason="stop")
+    return {"ml": ml, "cook": cook}
+
+
+def test_search_returns_reference_fields_ranked(client, corpus):
+    status, _, body = client.get("/api/search?q=machine%20learning")
+    assert status == 200
+    assert body["query"] == "machine learning" and body["count"] == len(body["results"]) == 2
+    top = body["results"][0]
+    assert top["id"] == corpus["ml"] and top["title"] == "AI Development Discussion"
+    assert set(top) >= {"id", "title", "model", "updated_at", "content", "role", "timestamp",
+                        "response_time_ms", "estimated_tokens", "message_id", "snippet",
+                        "highlights"}
+    for r in body["results"]:
+        marked = [r["snippet"][s:e].lower() for s, e in r["highlights"]]
+        assert marked and all(m.startswith(("machine", "learn")) for m in marked)
+
+
+def test_search_last_word_is_a_prefix(client, corpus):
+    body = client.get("/api/search?q=learn")[2]
+    assert {r["id"] for r in body["results"]} == {corpus["ml"], corpus["cook"]}
+
+
+def test_search_needs_every_word(client, corpus):
+    body = client.get("/api/search?q=egg%20learning")[2]
+    assert [r["id"] for r in body["results"]] == [corpus["cook"]]
+
+
+def test_search_matches_titles(client, corpus):
+    body = client.get("/api/search?q=recipe%20seven")[2]
+    assert body["count"] == 1 and body["results"][0]["title"] == "Recipe Ideas"
+    assert body["results"][0]["content"].startswith("Boil the egg")
+
+
+def test_search_follows_renames_and_deletes(client, corpus):
+    client.request("PUT", f"/api/conversations/{corpus['cook']}", {"title": "Kitchen"})
+    assert client.get("/api/search?q=recipe")[2]["count"] == 0
+    assert client.get("/api/search?q=kitchen")[2]["count"] == 2
+    client.request("DELETE", f"/api/conversations/{corpus['cook']}")
+    assert client.get("/api/search?q=kitchen")[2]["count"] == 0
+
+
+@pytest.mark.parametrize("q", [
+    '"', '"machine', 'machine"', '""', "AND", "OR", "NOT", "machine AND", "NEAR(machine",
+    "NEAR(a b, 1)", "*", "machine*", "-learning", "title:machine", "content:x", "(((", ")",
+    "'; DROP TABLE messages; --", "^machine", "machine + learning", "{title}: x", "a:b:c",
+    "\u0000", "💥", "ﬁ", "%", "_", "\\", "machine NOT learning", "learning -cook",
+])
+def test_hostile_search_queries_never_fail(client, corpus, q):
+    status, _, body = client.get("/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
+    if not q.strip():
+        assert status == 400
+        return
+    assert status == 200, body
+    assert body["query"] == q and isinstance(body["results"], list)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 4
+
+
+def test_search_words_are_words_not_operators(client, corpus):
+    assert client.get("/api/search?q=machine%20NOT%20learning")[2]["count"] == 0
+    assert client.get("/api/search?q=minutes%20-egg")[2]["count"] == 1
+
+
+@pytest.mark.parametrize("query, field", [("", "q"), ("q=", "q"), ("q=%20", "q"),
+                                          ("q=x&limit=0", "limit"), ("q=x&limit=abc", "limit")])
+def test_search_parameter_errors(client, query, field):
+    status, _, body = client.get("/api/search?" + query)
+    assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", field)
+
+
+def test_search_limit_defaults_and_caps(client):
+    store = client.app.store
+    cid = store.create_conversation("many", MODEL)
+    for i in range(260):
+        store.add_message(cid, "user", f"needle number {i}")
+    assert client.get("/api/search?q=needle")[2]["count"] == 50
+    assert client.get("/api/search?q=needle&limit=7")[2]["count"] == 7
+    assert client.get("/api/search?q=needle&limit=100000")[2]["count"] == 200
+
+
+def test_search_without_fts5_falls_back_to_like(tmp_path, stub):
+    store = llama_chat.Store(str(tmp_path / "like.db"), use_fts=False)
+    server = start_app(tmp_path, stub.url, store=store)
+    c = Client(server)
+    try:
+        cid = store.create_conversation("Recipes", MODEL)
+        store.add_message(cid, "user", "100% of eggs_boiled are learning")
+        body = c.get("/api/search?q=learn%20eggs")[2]
+        assert body["count"] == 1
+        r = body["results"][0]
+        assert [r["snippet"][s:e] for s, e in r["highlights"]] == ["eggs", "learn"]
+        assert c.get("/api/search?q=%25")[2]["count"] == 0
+        assert c.get("/api/health")[2]["database"] == {"ok": True, "fts5": False}
+    finally:
+        stop(server)
+
+
+def test_fts_query_quotes_everything():
+    assert llama_chat.fts_query('NEAR(a "b c" -d') == '"NEAR a" "b c" "d"*'
+    assert llama_chat.fts_query('"unbalanced') == '"unbalanced"*'
+    assert llama_chat.fts_query("*** ---") is None
+
+
+###############################################################################
+# Models and health
+###############################################################################
+
+def test_models_single_model_server_answers_the_file_name(client):
+    status, _, body = client.get("/api/models")
+    assert status == 200
+    assert body["models"] == [MODEL] and body["count"] == 1
+    assert body["llamacpp_url"] == client.app.settings.llamacpp_url
+
+
+def test_models_router_mode_gives_each_status(client, stub):
+    stub.router = True
+    body = client.get("/api/models")[2]
+    assert body["models"] == ["gemma-3-270m", "qwen3-0.6b"]
+    assert body["details"] == [{"name": "gemma-3-270m", "status": "loaded"},
+                               {"name": "qwen3-0.6b", "status": "unloaded"}]
+
+
+def test_models_fall_back_to_v1_models(client, stub):
+    stub.no_models_route = True
+    assert client.get("/api/models")[2]["models"] == [MODEL]
+
+
+def test_models_with_llamacpp_down(down_client):
+    status, _, body = down_client.get("/api/models")
+    assert status == 502
+    assert body["models"] == [] and body["count"] == 0 and body["code"] == "LLAMACPP_ERROR"
+    assert body["error"] and body["llamacpp_url"] == down_client.app.settings.llamacpp_url
+
+
+def test_health_ok(client):
+    status, _, body = client.get("/api/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["version"] == llama_chat.__version__
+    assert body["llamacpp"]["ok"] is True and body["database"] == {"ok": True, "fts5": True}
+
+
+def test_health_degraded_while_history_keeps_working(down_client):
+    cid = down_client.new_conversation()
+    status, _, body = down_client.get("/api/health")
+    assert status == 200 and body["status"] == "degraded"
+    assert body["llamacpp"]["ok"] is False and body["llamacpp"]["error"]
+    assert down_client.get(f"/api/conversations/{cid}")[0] == 200
+    assert down_client.get("/api/search?q=x")[0] == 200
+
+
+###############################################################################
+# Storage: migrations, durability, the page
+###############################################################################
+
+FLASK_SCHEMA = """
+CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
+    model TEXT NOT NULL, model_file TEXT, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL, model TEXT,
+    model_file TEXT, timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP, response_time_ms INTEGER,
+    estimated_tokens INTEGER,
+    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
+CREATE INDEX idx_messages_conversation ON messages(conversation_id);
+CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
+"""
+
+
+def make_flask_db(path, conversations=3, per_conversation=4):
+    conn = sqlite3.connect(path)
+    conn.executescript(FLASK_SCHEMA)
+    for c in range(conversations):
+        conn.execute("INSERT INTO conversations (title, model, model_file, created_at, updated_at)"
+                     " VALUES (?, 'old.gguf', 'old.gguf', '2025-06-08 10:30:00', ?)",
+                     (f"Old chat {c}", f"2025-06-08 11:{c:02d}:00"))
+        for m in range(per_conversation):
+            role = "user" if m % 2 == 0 else "assistant"
+            conn.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp,"
+                         " response_time_ms, estimated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (c + 1, role, f"legacy message {c}-{m} about volcanoes", "old.gguf",
+                          "2025-06-08 10:31:15", 900 if role == "assistant" else None, 10))
+    conn.commit()
+    conn.close()
+
+
+def test_original_flask_database_migrates_in_place(tmp_path, stub):
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    server = start_app(tmp_path, stub.url, db=path)
+    c = Client(server)
+    try:
+        listed = c.get("/api/conversations")[2]["conversations"]
+        assert [x["title"] for x in listed] == ["Old chat 2", "Old chat 1", "Old chat 0"]
+        assert listed[0]["updated_at"] == "2025-06-08T11:02:00Z"
+        body = c.get("/api/conversations/1")[2]
+        assert len(body["messages"]) == 4
+        assert body["messages"][0]["timestamp"] == "2025-06-08T10:31:15Z"
+        assert body["messages"][1]["finish_reason"] == "stop"
+        assert c.get("/api/search?q=volcanoes")[2]["count"] == 12
+        assert c.chat(1, "new question")[0] == 200
+        assert c.get("/api/conversations")[2]["conversations"][0]["id"] == 1
+        backup = server.app.store.backup_path
+        assert backup and sqlite3.connect(backup).execute(
+            "SELECT count(*) FROM messages").fetchone()[0] == 12
+    finally:
+        stop(server)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 14
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_database_pragmas(client):
+    conn = client.app.store.conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
+
+
+def test_newer_database_is_refused(tmp_path):
+    path = str(tmp_path / "future.db")
+    sqlite3.connect(path).execute("PRAGMA user_version = 99")
+    with pytest.raises(llama_chat.ConfigError, match="newer llama-chat"):
+        llama_chat.Store(path)
+
+
+def test_fts_index_is_rebuilt_after_a_spell_without_fts5(tmp_path):
+    path = str(tmp_path / "switch.db")
+    plain = llama_chat.Store(path, use_fts=False)
+    cid = plain.create_conversation("t", "m")
+    plain.add_message(cid, "user", "written while FTS5 was missing")
+    plain.release()
+    again = llama_chat.Store(path, use_fts=True)
+    assert [r["content"] for r in again.search("missing", 10)] == [
+        "written while FTS5 was missing"]
+
+
+def test_sigkill_loses_no_acknowledged_write(tmp_path, stub):
+    port = free_port()
+    db = tmp_path / "kill.db"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", str(db), "--llamacpp-url", stub.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.readline()                   # "llama-chat ...: open http://..."
+    acknowledged, stop_writing = [], threading.Event()
+    lock = threading.Lock()
+
+    def writer(n):
+        i = 0
+        while not stop_writing.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/api/conversations", json.dumps(
+                    {"title": f"w{n}-{i}", "model": "m"}), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if resp.status == 201:
+                    cid = json.loads(resp.read())["conversation_id"]
+                    with lock:
+                        acknowledged.append((cid, f"w{n}-{i}"))
+                conn.close()
+            except OSError:
+                return
+            i += 1
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    while len(acknowledged) < 200:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop_writing.set()
+    for t in threads:
+        t.join()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = dict(conn.execute("SELECT id, title FROM conversations"))
+    assert all(stored.get(cid) == title for cid, title in acknowledged)
+
+
+def test_page_is_served_with_security_headers(client):
+    status, headers, body = client.get("/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "'unsafe-inline'" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert "Python" not in headers["Server"]
+
+
+def test_page_missing_still_leaves_the_api(tmp_path, stub):
+    server = start_app(tmp_path, stub.url, index_path=str(tmp_path / "nope.html"))
+    c = Client(server)
+    try:
+        status, _, body = c.get("/")
+        assert status == 200 and b"index.html is missing" in body
+        assert c.get("/api/conversations")[0] == 200
+    finally:
+        stop(server)
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(client):
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    for _ in range(3):
+        conn.request("GET", "/api/conversations")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["success"] is True
+    conn.close()
+
+
+###############################################################################
+# Docs
+###############################################################################
+
+def test_readme_names_every_route():
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    for method, pattern, _ in llama_chat.ROUTES:
+        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\", "")
+        assert f"{method} {path}" in readme, f"{method} {path} is not in README.md"
+
+
+def test_readme_opens_with_the_run_and_test_commands():
+    with open(os.path.join(HERE, "README.md")) as f:
+        head = f.read(1500)
+    assert "python3 llama_chat.py" in head and "python3 -m pytest" in head
+    with open(os.path.join(HERE, ".ci", "run")) as f:
+        assert "python3 -m pytest" in f.read()
