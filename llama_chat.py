@@ -608,7 +608,7 @@ class Store:
 
     def recent_messages(self, conversation_id, limit):
         rows = self.conn().execute(
-            """SELECT role, content FROM messages WHERE conversation_id = ?
+            """SELECT id, role, content FROM messages WHERE conversation_id = ?
                ORDER BY id DESC LIMIT ?""", (conversation_id, limit)).fetchall()
         return [dict(r) for r in reversed(rows)]
 
@@ -874,21 +874,32 @@ class ChatTurn:
 
 
 def start_chat(app, body, stream):
-    """Validate, store the user's message (committed), and build llama.cpp's request."""
+    """Validate, store the user's message (committed), and build llama.cpp's request.
+    With "user_message_id", answer that stored, unanswered message again (a retry)."""
     conversation_id = require_int(body, "conversation_id")
-    message = require_str(body, "message", max_len=200_000)
+    retry_id = require_int(body, "user_message_id") if body.get("user_message_id") is not None \
+        else None
+    message = None if retry_id else require_str(body, "message", max_len=200_000)
     model = require_str(body, "model", allow_empty=True, max_len=500)
-    if not message.strip():
-        raise validation_error("message", "message must not be empty")
     options = body.get("options") or {}
     check_model_options(options, "options")
     upstream_options = check_model_options({**app.settings.model_options, **options}, "options")
-    history = app.store.recent_messages(conversation_id,
-                                        app.settings.performance["context_history_limit"])
-    user_id = app.store.add_message(conversation_id, "user", message, model or None,
-                                    estimated_tokens=estimate_tokens(message))
-    if user_id is None:
+    if app.store.get_conversation(conversation_id) is None:
         raise not_found("conversation", conversation_id)
+    limit = app.settings.performance["context_history_limit"]
+    if retry_id:
+        history = app.store.recent_messages(conversation_id, limit + 1)
+        last = history.pop() if history else None
+        if not last or last["id"] != retry_id or last["role"] != "user":
+            raise validation_error("user_message_id", "user_message_id must be the "
+                                   "conversation's last message, a user message with no reply")
+        message, user_id = last["content"], retry_id
+    else:
+        history = app.store.recent_messages(conversation_id, limit)
+        user_id = app.store.add_message(conversation_id, "user", message, model or None,
+                                        estimated_tokens=estimate_tokens(message))
+        if user_id is None:
+            raise not_found("conversation", conversation_id)
     payload = {
         "messages": context_messages(app.settings.system_prompt,
                                      history + [{"role": "user", "content": message}]),

@@ -674,6 +674,34 @@ def test_chat_history_is_limited_and_alternates(tmp_path, stub):
         stop(server)
 
 
+def test_retry_answers_the_stored_message_without_storing_it_again(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    stub.mode = "error500"
+    failed = client.chat(cid, "second")[2]
+    stub.mode = "ok"
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": failed["user_message_id"]})
+    assert status == 200 and body["user_message_id"] == failed["user_message_id"]
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == [
+        "first", stub.reply, "second"]
+    assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
+        "first", stub.reply, "second", stub.reply]
+
+
+@pytest.mark.parametrize("which", ["answered", "unknown", "assistant"])
+def test_retry_of_anything_but_the_last_unanswered_message_is_refused(client, which):
+    cid = client.new_conversation()
+    body = client.chat(cid, "first")[2]
+    target = {"answered": body["user_message_id"], "unknown": 999,
+              "assistant": body["message_id"]}[which]
+    status, _, answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                  "user_message_id": target})
+    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
+                                                         "user_message_id")
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 2
+
+
 def test_llamacpp_key_goes_upstream_only(tmp_path, stub):
     server = start_app(tmp_path, stub.url, llamacpp_api_key="upstream-key")
     c = Client(server)
