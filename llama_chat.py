@@ -606,11 +606,21 @@ class Store:
             (conversation_id,))
         return [dict(r) for r in rows]
 
-    def recent_messages(self, conversation_id, limit):
+    def recent_messages(self, conversation_id, limit, before=2**63 - 1):
         rows = self.conn().execute(
-            """SELECT id, role, content FROM messages WHERE conversation_id = ?
-               ORDER BY id DESC LIMIT ?""", (conversation_id, limit)).fetchall()
+            """SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ?
+               ORDER BY id DESC LIMIT ?""", (conversation_id, before, limit)).fetchall()
         return [dict(r) for r in reversed(rows)]
+
+    def unanswered(self, conversation_id, message_id):
+        """Is this the conversation's last user message, followed by nothing but
+        failed or stopped replies?"""
+        rows = self.conn().execute(
+            """SELECT role, finish_reason FROM messages WHERE conversation_id = ? AND id >= ?
+               ORDER BY id""", (conversation_id, message_id)).fetchall()
+        return bool(rows) and rows[0]["role"] == "user" and all(
+            r["role"] == "assistant" and r["finish_reason"] in ("error", "aborted")
+            for r in rows[1:])
 
     def add_message(self, conversation_id, role, content, model=None, **metrics):
         """Store one message and move its conversation to the top; None if the
@@ -888,12 +898,11 @@ def start_chat(app, body, stream):
         raise not_found("conversation", conversation_id)
     limit = app.settings.performance["context_history_limit"]
     if retry_id:
-        history = app.store.recent_messages(conversation_id, limit + 1)
-        last = history.pop() if history else None
-        if not last or last["id"] != retry_id or last["role"] != "user":
+        if not app.store.unanswered(conversation_id, retry_id):
             raise validation_error("user_message_id", "user_message_id must be the "
-                                   "conversation's last message, a user message with no reply")
-        message, user_id = last["content"], retry_id
+                                   "conversation's last user message, with no finished reply")
+        history = app.store.recent_messages(conversation_id, limit + 1, before=retry_id + 1)
+        message, user_id = history.pop()["content"], retry_id
     else:
         history = app.store.recent_messages(conversation_id, limit)
         user_id = app.store.add_message(conversation_id, "user", message, model or None,

@@ -689,6 +689,18 @@ def test_retry_answers_the_stored_message_without_storing_it_again(client, stub)
         "first", stub.reply, "second", stub.reply]
 
 
+def test_retry_after_a_partial_reply_leaves_the_partial_out_of_the_context(client, stub):
+    cid = client.new_conversation()
+    stub.mode = "cut"
+    events = read_events(client.stream(cid, "tell me")[0])
+    assert events[-1]["type"] == "error" and events[-1]["message_id"]
+    stub.mode = "ok"
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": events[-1]["user_message_id"]})
+    assert status == 200
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["tell me"]
+
+
 @pytest.mark.parametrize("which", ["answered", "unknown", "assistant"])
 def test_retry_of_anything_but_the_last_unanswered_message_is_refused(client, which):
     cid = client.new_conversation()
@@ -1219,3 +1231,278 @@ def test_readme_opens_with_the_run_and_test_commands():
     assert "python3 llama_chat.py" in head and "python3 -m pytest" in head
     with open(os.path.join(HERE, ".ci", "run")) as f:
         assert "python3 -m pytest" in f.read()
+
+
+###############################################################################
+# The page, in headless Chromium (through chromedriver's WebDriver HTTP API)
+###############################################################################
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+needs_chromium = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+
+
+class Browser:
+    """Just enough WebDriver to load pages, run script, type and click."""
+
+    def __init__(self, profile):
+        port = free_port()
+        self.proc = subprocess.Popen([CHROMEDRIVER, f"--port={port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:                     # chromedriver is another process: poll its status
+            try:
+                if self.call("GET", "/status")["value"]["ready"]:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("chromedriver did not start")
+            time.sleep(0.05)
+        args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--window-size=1280,900", f"--user-data-dir={profile}"]
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": CHROMIUM, "args": args}}}}
+        self.session = "/session/" + self.call("POST", "/session", caps)["value"]["sessionId"]
+
+    def call(self, method, path, body=None):
+        conn = http.client.HTTPConnection("127.0.0.1", int(self.base.rsplit(":", 1)[1]),
+                                          timeout=60)
+        conn.request(method, path, body=None if body is None else json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        answer = json.loads(conn.getresponse().read())
+        conn.close()
+        return answer
+
+    def do(self, method, path, body=None):
+        answer = self.call(method, self.session + path, body)
+        value = answer.get("value")
+        if isinstance(value, dict) and "error" in value:
+            raise AssertionError(f"WebDriver {path}: {value['error']}: {value.get('message')}")
+        return value
+
+    def go(self, url):
+        self.do("POST", "/url", {"url": url})
+
+    def js(self, script, *args):
+        return self.do("POST", "/execute/sync", {"script": script, "args": list(args)})
+
+    def wait(self, script, *args, timeout=10):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.js(script, *args)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for: {script}")
+            time.sleep(0.05)
+
+    def type(self, css, text):
+        found = self.do("POST", "/element", {"using": "css selector", "value": css})
+        assert ELEMENT in found, found
+        self.do("POST", f"/element/{found[ELEMENT]}/value", {"text": text})
+
+    def click(self, css):
+        found = self.do("POST", "/element", {"using": "css selector", "value": css})
+        self.do("POST", f"/element/{found[ELEMENT]}/click", {})
+
+    def quit(self):
+        try:
+            self.do("DELETE", "")
+        finally:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    b = Browser(tmp_path_factory.mktemp("profile"))
+    yield b
+    b.quit()
+
+
+@pytest.fixture
+def page(browser, client):
+    """The browser on a fresh app; returns a function that opens a path."""
+    def open_page(path="/"):
+        browser.go(f"http://127.0.0.1:{client.port}{path}")
+        browser.wait("return document.readyState === 'complete'")
+        return browser
+    yield open_page
+    browser.go("about:blank")
+
+
+HOSTILE = [
+    '<img src=x onerror="window.pwned=1">',
+    '<svg onload="window.pwned=1"><circle r=5></svg>',
+    '<iframe srcdoc="<script>parent.pwned=1</script>"></iframe>',
+    '[click](javascript:window.pwned=1) and [data](data:text/html,<script>alert(1)</script>)',
+    '[vb](vbscript:msgbox) <a href="javascript:window.pwned=1">raw link</a>',
+    '```html\n</code></pre><script>window.pwned=1</script>\n```',
+    '**<b onmouseover="window.pwned=1">bold</b>** `<img src=x onerror=window.pwned=1>`',
+    '<style>body{display:none}</style><form action="https://evil.example"><input></form>',
+    '| <img src=x onerror=window.pwned=1> | b |\n|---|---|\n| [x](javascript:alert(1)) | 2 |',
+    '> <script>window.pwned=1</script>\n- <details open ontoggle="window.pwned=1">',
+]
+INERT_CHECK = """
+const bad = [];
+for (const node of document.querySelectorAll('*')) {
+  for (const attr of node.attributes) {
+    if (attr.name.startsWith('on')) bad.push(node.tagName + ' ' + attr.name);
+  }
+  if (node.tagName === 'A' && !/^(https?:|mailto:)/.test(node.getAttribute('href') || '')) {
+    bad.push('link ' + node.getAttribute('href'));
+  }
+}
+for (const tag of ['iframe', 'img', 'form', 'object', 'embed', 'details[ontoggle]']) {
+  const where = ['#messages', '#sidebar', '#stats', '#title', '#model'];
+  if (document.querySelector(where.map((w) => w + ' ' + tag).join(', '))) bad.push('element ' + tag);
+}
+if (document.scripts.length !== 1) bad.push('scripts: ' + document.scripts.length);
+if (window.pwned) bad.push('a payload ran');
+return bad;
+"""
+
+
+@needs_chromium
+def test_page_lists_conversations_newest_first(page, client):
+    for title in ["First", "Second", "Third"]:
+        client.new_conversation(title)
+    b = page("/")
+    titles = b.wait("const t = [...document.querySelectorAll('#conv-list .title')]"
+                    ".map(e => e.textContent); return t.length === 3 && t")
+    assert titles == ["Third", "Second", "First"]
+
+
+@needs_chromium
+def test_page_opens_a_conversation_by_its_link(page, client):
+    cid = client.new_conversation("Linked")
+    client.chat(cid, "question one")
+    b = page(f"/#/c/{cid}")
+    texts = b.wait("const m = [...document.querySelectorAll('#messages .msg .body')]"
+                   ".map(e => e.textContent); return m.length === 2 && m")
+    assert texts[0] == "question one"
+    assert b.js("return document.getElementById('title').textContent") == "Linked"
+
+
+@needs_chromium
+def test_page_renders_markdown_as_elements(page, client, stub):
+    stub.reply = ("## Heading\n\nSome **bold**, *em* and `code`.\n\n```python\nprint('hi')\n"
+                  "```\n\n1. one\n2. two\n   - nested\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+                  "> quoted\n\n---\n\n[site](https://example.com) [mail](mailto:a@b.c)")
+    cid = client.new_conversation()
+    client.chat(cid, "markdown please")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.assistant .body h4')")
+    found = b.js("""const body = document.querySelector('.msg.assistant .body');
+        const q = (s) => body.querySelector(s);
+        return {h: q('h4').textContent, strong: q('p strong').textContent,
+                em: q('p em').textContent, code: q('p code').textContent,
+                lang: q('.codeblock .code-head span').textContent,
+                pre: q('.codeblock pre code').textContent, copy: !!q('.codeblock button.copy'),
+                ol: q('ol > li').firstChild.textContent, nested: q('ol li ul li').textContent,
+                th: q('table thead th').textContent, td: q('table tbody td').textContent,
+                quote: q('blockquote').textContent, hr: !!q('hr'),
+                links: [...body.querySelectorAll('a')].map(a => [a.href, a.rel])};""")
+    assert found == {"h": "Heading", "strong": "bold", "em": "em", "code": "code",
+                     "lang": "python", "pre": "print('hi')", "copy": True, "ol": "one",
+                     "nested": "nested", "th": "a", "td": "1", "quote": "quoted", "hr": True,
+                     "links": [["https://example.com/", "noopener noreferrer"],
+                               ["mailto:a@b.c", "noopener noreferrer"]]}
+
+
+@needs_chromium
+def test_page_search_highlights_matches_with_mark(page, client, corpus):
+    b = page("/")
+    b.type("#search", "learn")
+    marks = b.wait("const m = [...document.querySelectorAll('#search-results mark')]"
+                   ".map(e => e.textContent.toLowerCase()); return m.length && m")
+    assert all(m.startswith("learn") for m in marks)
+    b.click("#search-results .result button")
+    b.wait("return /^#\\/c\\/\\d+\\/m\\/\\d+$/.test(location.hash) && "
+           "document.querySelector('.msg.flash')")
+
+
+@needs_chromium
+def test_page_keeps_hostile_history_inert(page, client):
+    store = client.app.store
+    cid = store.create_conversation('<img src=x onerror="window.pwned=1">title', "<b onclick=x>m")
+    for text in HOSTILE:
+        store.add_message(cid, "user", text)
+        store.add_message(cid, "assistant", text, '<svg onload="window.pwned=1">',
+                          reasoning=text, finish_reason="stop")
+    b = page(f"/#/c/{cid}")
+    b.wait(f"return document.querySelectorAll('#messages .msg').length === {2 * len(HOSTILE)}")
+    b.js("document.getElementById('stats-toggle').click()")
+    b.js("document.getElementById('search').value = 'pwned'; "
+         "document.getElementById('search').dispatchEvent(new Event('input'))")
+    b.wait("return document.querySelectorAll('#search-results .result').length")
+    assert b.js(INERT_CHECK) == []
+
+
+@needs_chromium
+def test_page_streams_a_reply_and_keeps_hostile_tokens_inert(page, client, stub):
+    stub.reply = " ".join(HOSTILE)
+    stub.token_delay = 0.002
+    b = page("/")
+    b.wait("return document.querySelectorAll('#model option').length")
+    b.type("#input", "hello there\ue007")         # Enter sends
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    assert b.js(INERT_CHECK) == []
+    assert b.js("return location.hash") == "#/c/1"
+    assert rows(client, "SELECT role, content FROM messages ORDER BY id") == [
+        ("user", "hello there"), ("assistant", stub.reply)]
+    assert b.js("return document.querySelector('#conv-list .title').textContent") == "hello there"
+
+
+@needs_chromium
+def test_page_stop_keeps_what_arrived(page, client, stub):
+    stub.reply = " ".join(f"word{i}" for i in range(400))
+    stub.token_delay = 0.01
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "go\ue007")
+    b.wait("return document.querySelector('.msg.streaming .body').textContent.length > 20")
+    b.click("#stop")
+    shown = b.wait("const m = document.querySelector('.msg.assistant.aborted');"
+                   "return m && m.querySelector('.body').textContent")
+    deadline = time.monotonic() + 5
+    while not rows(client, "SELECT 1 FROM messages WHERE finish_reason = 'aborted'"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stored = rows(client, "SELECT content FROM messages WHERE role = 'assistant'")[0][0]
+    assert stored.startswith(shown.strip()) and len(stored) < len(stub.reply)
+
+
+@needs_chromium
+def test_page_failed_send_offers_retry(page, client, stub):
+    stub.mode = "error500"
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "will fail\ue007")
+    b.wait("return document.querySelector('#retry-row button')")
+    assert "llama.cpp" in b.js("return document.getElementById('toast').textContent")
+    stub.mode = "ok"
+    b.wait("return document.querySelector('#conv-list .conv')")   # the page has refreshed
+    b.click("#retry-row button")
+    b.wait("return !document.getElementById('retry-row') && "
+           "document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
+        "will fail", stub.reply]
+
+
+@needs_chromium
+def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
+    browser.go(f"http://127.0.0.1:{down_client.port}/")
+    text = browser.wait("const b = document.getElementById('banner');"
+                        "return !b.classList.contains('hidden') && b.textContent")
+    assert "not reachable" in text and "llama-server" in text
