@@ -879,8 +879,21 @@ class ChatTurn:
     conversation_id: int
     model: str
     user_message_id: int
-    payload: dict
+    system_prompt: str
+    history: list          # earlier messages and, last, the one to answer
+    options: dict          # checked, named as llama.cpp names them
+    stream: bool
     started: float = 0.0
+
+    def payload(self, skip=0):
+        """llama.cpp's request, leaving out the oldest `skip` messages."""
+        body = {"messages": context_messages(self.system_prompt, self.history[skip:]),
+                "stream": self.stream, **self.options}
+        if self.model:
+            body["model"] = self.model
+        if self.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
 
 
 def start_chat(app, body, stream):
@@ -909,17 +922,40 @@ def start_chat(app, body, stream):
                                         estimated_tokens=estimate_tokens(message))
         if user_id is None:
             raise not_found("conversation", conversation_id)
-    payload = {
-        "messages": context_messages(app.settings.system_prompt,
-                                     history + [{"role": "user", "content": message}]),
-        "stream": stream,
-        **upstream_options,
-    }
-    if model:
-        payload["model"] = model
-    if stream:
-        payload["stream_options"] = {"include_usage": True}
-    return ChatTurn(conversation_id, model, user_id, payload, time.monotonic())
+    return ChatTurn(conversation_id, model, user_id, app.settings.system_prompt,
+                    history + [{"role": "user", "content": message}], upstream_options,
+                    stream, time.monotonic())
+
+
+def context_overflow(status, body):
+    err = body.get("error") if isinstance(body, dict) else None
+    if status != 400 or not isinstance(err, dict):
+        return False
+    return err.get("type") == "exceed_context_size_error" or \
+        "context size" in str(err.get("message", ""))
+
+
+def open_reply(app, turn):
+    """Send the chat to llama.cpp; return (connection, response) once it answers 200.
+    When the history is longer than the model's context, leave out older
+    messages (half of them each time) until it fits or only the question is left."""
+    skip = 0
+    while True:
+        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip))
+        if resp.status == 200:
+            return conn, resp
+        try:
+            body = json.loads(resp.read(65536))
+        except (ValueError, OSError, http.client.HTTPException):
+            body = None
+        finally:
+            conn.close()
+        older = len(turn.history) - 1 - skip
+        if not (context_overflow(resp.status, body) and older > 0):
+            raise upstream_status_error(resp.status, body)
+        skip += (older + 1) // 2
+        log.info("conversation %d: history too long for the model's context; "
+                 "sending the last %d messages", turn.conversation_id, len(turn.history) - skip)
 
 
 def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
@@ -949,24 +985,32 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
 
 def chat_once(app, turn):
     try:
-        status, body = app.upstream.call("POST", "/v1/chat/completions", turn.payload)
-        if status != 200:
-            raise upstream_status_error(status, body)
+        conn, resp = open_reply(app, turn)
         try:
+            raw = resp.read()
+        except BaseException as e:
+            raise upstream_error(e, app.upstream.url) from None
+        finally:
+            conn.close()
+        try:
+            body = json.loads(raw)
             choice = body["choices"][0]
             message = choice["message"]
             text = message.get("content") or ""
             reasoning = message.get("reasoning_content") or ""
             if not isinstance(text, str) or not isinstance(reasoning, str):
                 raise TypeError
-        except (KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise bad_upstream("its answer has no choices[0].message.content") from None
     except ApiError as e:
         e.extra["user_message_id"] = turn.user_message_id
         raise
-    finish = choice.get("finish_reason") if choice.get("finish_reason") in ("stop", "length") \
-        else "stop"
-    return finish_chat(app, turn, text, reasoning, finish, body.get("usage"), body.get("timings"))
+    return finish_chat(app, turn, text, reasoning, finish_reason(choice),
+                       body.get("usage"), body.get("timings"))
+
+
+def finish_reason(choice):
+    return "length" if choice.get("finish_reason") == "length" else "stop"
 
 
 class ClientGone(Exception):
@@ -1014,15 +1058,8 @@ def chat_stream(app, turn):
     finish = None
     conn = None
     try:
-        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload)
+        conn, resp = open_reply(app, turn)
         app.track_upstream(conn, True)
-        if resp.status != 200:
-            raw = resp.read(65536)
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
-            raise upstream_status_error(resp.status, body)
         events = queue.Queue()
         threading.Thread(target=read_upstream_events, args=(resp, events), daemon=True).start()
         waited = 0.0
@@ -1062,8 +1099,7 @@ def chat_stream(app, turn):
                     yield {"type": "delta", "content": piece}
                     text.append(piece)
                 if choice.get("finish_reason"):
-                    finish = choice["finish_reason"] if choice["finish_reason"] in (
-                        "stop", "length") else "stop"
+                    finish = finish_reason(choice)
         answer = finish_chat(app, turn, "".join(text), "".join(reasoning), finish or "stop",
                              usage, timings)
         yield {"type": "done", **answer}

@@ -41,6 +41,7 @@ class Stub:
         self.token_delay = 0.0
         self.stall = 0.0
         self.router = False
+        self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
         self.requests = []
         self.open_streams = 0
@@ -77,8 +78,9 @@ class StubHandler(BaseHTTPRequestHandler):
                 {"id": "qwen3-0.6b", "object": "model", "status": {"value": "unloaded"}},
             ]})
         elif self.path in ("/models", "/v1/models"):
-            self.send_json(200, {"object": "list", "data": [
-                {"id": "/srv/models/" + MODEL, "object": "model", "owned_by": "llamacpp"}]})
+            self.send_json(200, {"models": [{"name": "/srv/models/" + MODEL}], "object": "list",
+                                 "data": [{"id": "/srv/models/" + MODEL, "object": "model",
+                                           "owned_by": "llamacpp"}]})
         else:
             self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
 
@@ -89,6 +91,12 @@ class StubHandler(BaseHTTPRequestHandler):
             stub.requests.append({"body": body, "headers": dict(self.headers)})
         if stub.stall:
             time.sleep(stub.stall)
+        prompt = sum(len(m["content"]) for m in body["messages"])
+        if stub.context_chars and prompt > stub.context_chars:
+            return self.send_json(400, {"error": {
+                "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": prompt,
+                "n_ctx": stub.context_chars, "message": f"request ({prompt} tokens) exceeds the "
+                f"available context size ({stub.context_chars} tokens), try increasing it"}})
         if stub.mode == "error500":
             return self.send_json(500, {"error": {"code": 500, "message": "model crashed",
                                                   "type": "server_error"}})
@@ -712,6 +720,30 @@ def test_retry_of_anything_but_the_last_unanswered_message_is_refused(client, wh
     assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
                                                          "user_message_id")
     assert rows(client, "SELECT count(*) FROM messages")[0][0] == 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_history_longer_than_the_context_is_trimmed_oldest_first(client, stub, stream):
+    cid = client.new_conversation()
+    for i in range(6):
+        client.chat(cid, f"question {i} " + "x" * 200)
+    stub.context_chars = 4 * (len(stub.reply) + 210)
+    if stream:
+        events = read_events(client.stream(cid, "last question")[0])
+        assert events[-1]["type"] == "done"
+    else:
+        assert client.chat(cid, "last question")[0] == 200
+    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"]]
+    assert sent[0] == llama_chat.DEFAULT_CONFIG["system_prompt"] and sent[-1] == "last question"
+    assert sum(map(len, sent[1:])) <= stub.context_chars and len(sent) > 3
+    assert stub.requests[-1]["body"]["messages"][1]["role"] == "user"
+
+
+def test_a_question_longer_than_the_context_is_an_error(client, stub):
+    stub.context_chars = 100
+    status, _, body = client.chat(client.new_conversation(), "y" * 500)
+    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
+    assert "exceeds the available context size" in body["details"]
 
 
 def test_llamacpp_key_goes_upstream_only(tmp_path, stub):
