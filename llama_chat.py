@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -49,6 +50,8 @@ DEFAULT_CONFIG = {
     "port": 3000,
     "llamacpp_url": "http://127.0.0.1:8080",
     "db": "llama_chat.db",
+    "allowed_hosts": [],
+    "max_body_bytes": 1048576,
     "system_prompt": "You are a helpful, concise assistant.",
     "timeouts": {
         "llamacpp_timeout": 600,
@@ -111,7 +114,10 @@ class Settings:
     performance: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["performance"]))
     response_optimization: dict = field(
         default_factory=lambda: dict(DEFAULT_CONFIG["response_optimization"]))
-    max_body_bytes: int = 1024 * 1024
+    allowed_hosts: tuple = ()       # names besides this machine's that Host may carry
+    max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
+    request_timeout: float = 10.0   # seconds to send a whole request (and to idle between)
+    max_connections: int = 200      # served at once; beyond, 503
     index_path: str = os.path.join(HERE, "index.html")
     key_generated: bool = False
 
@@ -141,6 +147,13 @@ def build_arg_parser():
                    "(env LLAMA_CHAT_API_KEY; made up at start when listening beyond loopback)")
     p.add_argument("--llamacpp-api-key", help="the key llama-server was started with "
                    "(env LLAMACPP_API_KEY); sent upstream only, never shown")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a name this app is reached by, besides localhost and IP addresses, "
+                   "when listening beyond loopback; repeat for more (env "
+                   "LLAMA_CHAT_ALLOWED_HOSTS, comma-separated)")
+    p.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help="largest request body accepted (env LLAMA_CHAT_MAX_BODY_BYTES; "
+                   "default 1048576)")
     p.add_argument("--version", action="version", version="llama-chat " + __version__)
     return p
 
@@ -206,6 +219,18 @@ def load_settings(argv=None, environ=None):
         value = sections["timeouts"].get(name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ConfigError(f"config file {path}: timeouts.{name} must be a number > 0")
+    allowed = pick(args.allowed_host, ["LLAMA_CHAT_ALLOWED_HOSTS"], "allowed_hosts")
+    if isinstance(allowed, str):
+        allowed = allowed.split(",")
+    if not isinstance(allowed, list) or not all(isinstance(h, str) for h in allowed):
+        raise ConfigError(f"config file {path}: allowed_hosts must be a list of names")
+    max_body = pick(args.max_body_bytes, ["LLAMA_CHAT_MAX_BODY_BYTES"], "max_body_bytes")
+    try:
+        max_body = int(max_body)
+        if max_body < 1024:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"max_body_bytes must be a whole number >= 1024, not {max_body!r}")
     system_prompt = conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"])
     if not isinstance(system_prompt, str):
         raise ConfigError(f"config file {path}: system_prompt must be a string")
@@ -218,6 +243,8 @@ def load_settings(argv=None, environ=None):
         llamacpp_api_key=str(pick(args.llamacpp_api_key, ["LLAMACPP_API_KEY"],
                                   "llamacpp_api_key") or ""),
         system_prompt=system_prompt,
+        allowed_hosts=tuple(h.strip().lower() for h in allowed if h.strip()),
+        max_body_bytes=max_body,
         **sections,
     )
 
@@ -559,6 +586,15 @@ class Store:
 
     def checkpoint(self):
         self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def purge_deleted(self):
+        """Make deleted text unrecoverable from the file: FTS5 keeps deleted
+        tokens in old index segments until they are merged, and the WAL keeps
+        old pages until a checkpoint (secure_delete zeroes what is freed)."""
+        if self.fts:
+            with self.write() as c:
+                c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+        self.checkpoint()
 
     def health(self):
         try:
@@ -1277,6 +1313,7 @@ def api_delete_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     if not app.store.delete_conversation(conversation_id):
         raise not_found("conversation", conversation_id)
+    app.purge_soon()
     return {}
 
 
@@ -1385,6 +1422,11 @@ class App:
         self._upstreams = set()
         self._lock = threading.Lock()
         self.active_streams = 0
+        self._purge = {"running": False, "again": False}
+        self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
+        if not is_loopback(settings.host):
+            name = socket.gethostname().lower()
+            self.host_names |= {name, name + ".local", settings.host.lower()}
 
     def page(self):
         try:
@@ -1396,6 +1438,29 @@ class App:
                 html = f.read()
             self._page = (mtime, Page(html, page_headers(html)))
         return self._page[1]
+
+    def purge_soon(self):
+        """Purge deleted text in the background, once for any number of deletes."""
+        with self._lock:
+            if self._purge["running"]:
+                self._purge["again"] = True
+                return
+            self._purge["running"] = True
+        threading.Thread(target=self._purge_loop, daemon=True).start()
+
+    def _purge_loop(self):
+        while True:
+            try:
+                self.store.purge_deleted()
+            except sqlite3.Error as e:
+                log.warning("purging deleted text failed: %s", e)
+            finally:
+                self.store.release()
+            with self._lock:
+                if not self._purge["again"]:
+                    self._purge["running"] = False
+                    return
+                self._purge["again"] = False
 
     def track_upstream(self, conn, add):
         with self._lock:
@@ -1419,11 +1484,26 @@ class App:
 ###############################################################################
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 65536
+BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
+                   "code": "SERVICE_UNAVAILABLE"}).encode()
+BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(BUSY), BUSY))
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 
 def escape_log(text):
     return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+
+
+def is_ip_literal(name):
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def host_name(host_header):
@@ -1440,6 +1520,30 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 30          # seconds a connection may sit idle or trickle
     app = None            # set by make_server
+
+    def version_string(self):
+        return self.server_version
+
+    def handle_one_request(self):
+        # The whole request, from waiting for its first byte to its last, has a
+        # deadline: a client that trickles or idles is cut off (see Server).
+        self.server.watch(self.connection, self.app.settings.request_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.unwatch(self.connection)
+
+    def parse_request(self):
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            self.send_error(414, "Request line too long")
+            return False
+        if not super().parse_request():
+            return False
+        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
+            self.send_error(431, "Request headers too large")
+            return False
+        return True
 
     def do_GET(self):
         self.dispatch()
@@ -1458,6 +1562,7 @@ class Handler(BaseHTTPRequestHandler):
             handler, params = match_route(self.command, path)
             self.check_origin()
             body = self.read_body()
+            self.server.unwatch(self.connection)      # read in full: no deadline now
             req = Request(self.command, path, urllib.parse.parse_qs(parts.query),
                           self.headers, body, params)
             result = handler(app, req)
@@ -1484,12 +1589,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # Checks, in the order a request meets them
     def check_host(self):
-        host = self.headers.get_all("Host") or []
-        if not is_loopback(self.server.server_address[0]):
+        """Against DNS rebinding: the Host must name this machine. Beyond
+        loopback, IP addresses and the names the user allowed pass too."""
+        hosts = self.headers.get_all("Host") or []
+        name = host_name(hosts[0]) if len(hosts) == 1 else ""
+        if name in self.app.host_names:
             return
-        if len(host) != 1 or host_name(host[0]) not in LOOPBACK_NAMES:
-            raise ApiError(403, "FORBIDDEN", "Host header must name this machine "
-                           "(localhost, 127.0.0.1 or [::1])")
+        if not is_loopback(self.app.settings.host) and is_ip_literal(name):
+            return
+        raise ApiError(403, "FORBIDDEN", "Host header must name this machine "
+                       "(localhost, 127.0.0.1 or [::1], or a name given with --allowed-host)")
 
     def check_auth(self):
         key = self.app.settings.api_key
@@ -1608,6 +1717,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections at once, and a watchdog
+    that cuts off connections whose request is not in before its deadline."""
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -1618,6 +1729,62 @@ class Server(ThreadingHTTPServer):
         handler = type("BoundHandler", (Handler,), {"app": app})
         super().__init__(address, handler)
         self.app = app
+        self.connections = 0
+        self._deadlines = {}
+        self._guard = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._watchdog, daemon=True).start()
+
+    def process_request(self, request, client_address):
+        with self._guard:
+            full = self.connections >= self.app.settings.max_connections
+            if not full:
+                self.connections += 1
+        if not full:
+            return super().process_request(request, client_address)
+        try:
+            request.settimeout(1)
+            request.sendall(BUSY_RESPONSE)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._guard:
+                self.connections -= 1
+
+    def watch(self, sock, seconds):
+        with self._guard:
+            self._deadlines[sock] = time.monotonic() + seconds
+
+    def unwatch(self, sock):
+        with self._guard:
+            self._deadlines.pop(sock, None)
+
+    def _watchdog(self):
+        while not self._closed.wait(0.25):
+            now = time.monotonic()
+            with self._guard:
+                late = [s for s, deadline in self._deadlines.items() if deadline < now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def handle_error(self, request, client_address):
+        if isinstance(sys.exc_info()[1], OSError):   # a client that went away mid-answer
+            return
+        log.error("error serving %s\n%s", client_address[0], traceback.format_exc())
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
 
 
 def make_server(settings, store=None):

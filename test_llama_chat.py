@@ -537,12 +537,33 @@ def test_post_needs_json_content_type(client, content_type):
     assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
 
 
-def test_body_over_the_limit_is_refused(client):
-    raw = json.dumps({"title": "x" * (1024 * 1024), "model": "m"}).encode()
-    status, headers, body = client.request("POST", "/api/conversations", raw=raw,
-                                           headers={"Content-Type": "application/json"})
-    assert (status, body["code"]) == (413, "PAYLOAD_TOO_LARGE")
-    assert headers["Connection"] == "close"
+def raw_exchange(port, data, shut_write=True, timeout=10):
+    """Send bytes, read the answer until the server closes: (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if shut_write:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:         # the server answered and closed before reading it all
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return lines[0], lines[1:], body
+
+
+def test_body_over_the_limit_is_refused_unread(client):
+    status, headers, body = raw_exchange(client.port, (
+        b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"), False)
+    assert status.startswith("HTTP/1.1 413 ")
+    assert "Connection: close" in headers
+    assert json.loads(body)["code"] == "PAYLOAD_TOO_LARGE"
 
 
 @pytest.mark.parametrize("method, path, allow", [
@@ -586,34 +607,308 @@ def test_a_bug_answers_500_without_its_traceback(client, monkeypatch):
     assert body == {"success": False, "error": "Internal server error", "code": "INTERNAL_ERROR"}
 
 
-def test_host_header_must_name_loopback(client):
-    assert client.get("/api/config", headers={"Host": "localhost:3000"})[0] == 200
-    status, _, body = client.get("/api/config", headers={"Host": "evil.example"})
-    assert (status, body["code"]) == (403, "FORBIDDEN")
+@pytest.mark.parametrize("hosts, status", [
+    (["localhost:3000"], 200), (["127.0.0.1"], 200), (["[::1]:8080"], 200), (["LOCALHOST"], 200),
+    (["evil.example"], 403), (["localhost.evil"], 403), (["127.0.0.1.nip.io:3000"], 403),
+    ([""], 403), ([], 403), (["localhost", "localhost"], 403), (["192.168.1.5:3000"], 403),
+])
+def test_host_header_must_name_loopback(client, hosts, status):
+    head = b"GET /api/config HTTP/1.1\r\n" + b"".join(
+        b"Host: " + h.encode() + b"\r\n" for h in hosts) + b"Connection: close\r\n\r\n"
+    line, _, body = raw_exchange(client.port, head)
+    assert line.split()[1] == str(status)
+    if status == 403:
+        assert json.loads(body)["code"] == "FORBIDDEN"
 
 
-def test_cross_origin_writes_are_forbidden(client):
-    status, _, body = client.post("/api/conversations", {"title": "t", "model": "m"},
-                                  headers={"Origin": "http://evil.example"})
-    assert (status, body["code"]) == (403, "FORBIDDEN")
-    same = f"http://127.0.0.1:{client.port}"
-    status, _, _ = client.post("/api/conversations", {"title": "t", "model": "m"},
-                               headers={"Origin": same, "Host": f"127.0.0.1:{client.port}"})
-    assert status == 201
+def test_beyond_loopback_ip_addresses_and_allowed_names_pass(tmp_path, stub):
+    server = start_app(tmp_path, stub.url, host="0.0.0.0", api_key="k",
+                       allowed_hosts=("chat.home.arpa",))
+    c = Client(server)
+    auth = {"Authorization": "Bearer k"}
+    try:
+        for host, status in [("192.168.1.5:3000", 200), ("chat.home.arpa", 200),
+                             ("[fe80::1]:3000", 200), ("rebind.evil.example", 403)]:
+            assert c.get("/api/config", headers={**auth, "Host": host})[0] == status, host
+    finally:
+        stop(server)
 
 
-def test_api_key_required_when_set(tmp_path, stub):
+@pytest.mark.parametrize("headers, status", [
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:1"}, 403),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Origin": "SAME"}, 201),
+    ({"Sec-Fetch-Site": "same-origin"}, 201),
+    ({}, 201),
+])
+def test_cross_origin_writes_are_forbidden(client, headers, status):
+    host = f"127.0.0.1:{client.port}"
+    headers = {k: (f"http://{host}" if v == "SAME" else v) for k, v in headers.items()}
+    got, resp_headers, body = client.post("/api/conversations", {"title": "t", "model": "m"},
+                                          headers={"Host": host, **headers})
+    assert got == status
+    assert "Access-Control-Allow-Origin" not in resp_headers
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == (1 if got == 201 else 0)
+
+
+def test_cross_origin_reads_are_answered_without_cors(client):
+    status, headers, _ = client.get("/api/conversations", headers={"Origin": "http://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
+@pytest.mark.parametrize("headers, path, status", [
+    ({}, "/api/conversations", 401),
+    ({"Authorization": "Bearer wrong"}, "/api/conversations", 401),
+    ({"Authorization": "Bearer s3cret"}, "/api/conversations", 200),
+    ({"Authorization": "bearer s3cret"}, "/api/conversations", 200),
+    ({"Authorization": "Basic czNjcmV0"}, "/api/conversations", 401),
+    ({"Authorization": "Bearer s3cret-and-more"}, "/api/conversations", 401),
+    ({}, "/api/conversations?api_key=s3cret&token=s3cret", 401),
+    ({}, "/", 200),
+    ({}, "/index.html", 200),
+])
+def test_api_key_required_when_set(tmp_path, stub, headers, path, status):
     server = start_app(tmp_path, stub.url, api_key="s3cret")
     c = Client(server)
     try:
-        status, headers, body = c.get("/api/conversations")
-        assert (status, body["code"]) == (401, "UNAUTHORIZED")
-        assert headers["WWW-Authenticate"].startswith("Bearer")
-        assert c.get("/api/conversations", headers={"Authorization": "Bearer nope"})[0] == 401
-        assert c.get("/api/conversations", headers={"Authorization": "Bearer s3cret"})[0] == 200
-        assert c.get("/")[0] == 200
+        got, resp_headers, body = c.get(path, headers=headers)
+        assert got == status
+        if status == 401:
+            assert body["code"] == "UNAUTHORIZED"
+            assert resp_headers["WWW-Authenticate"].startswith("Bearer")
     finally:
         stop(server)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", "431"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
+        b"X-H%d: %s\r\n" % (i, b"v" * 5000) for i in range(20)) + b"\r\n", "431"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n", "411"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nContent-Length: -5\r\n\r\n", "400"),
+    (b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
+    (b"BREW /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
+    (b"OPTIONS /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "405"),
+    (b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n", "505"),
+])
+def test_request_limits(client, request_bytes, status):
+    line, headers, body = raw_exchange(client.port, request_bytes)
+    assert line.split()[1] == status
+    assert json.loads(body)["success"] is False
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def test_head_answers_like_get_without_a_body(client):
+    line, headers, body = raw_exchange(
+        client.port, b"HEAD /api/config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    length = next(int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length"))
+    assert line.split()[1] == "200" and length > 100 and body == b""
+
+
+@pytest.fixture
+def strict_client(tmp_path, stub):
+    """The app with a 1 s request deadline and room for 170 connections."""
+    server = start_app(tmp_path, stub.url, request_timeout=1.0, max_connections=170)
+    yield Client(server)
+    stop(server)
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(strict_client):
+    with socket.create_connection(("127.0.0.1", strict_client.port), timeout=10) as s:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /api/conversations HTTP/1.1\r\nHost: localhost\r\n\r\n":
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.2)
+            try:
+                if s.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
+                pass
+        assert closed and time.monotonic() - started < 3
+
+
+def test_connections_beyond_the_cap_get_503(tmp_path, stub):
+    server = start_app(tmp_path, stub.url, max_connections=3)
+    c = Client(server)
+    idle = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 5
+        while server.connections < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        line, headers, body = raw_exchange(c.port, b"GET /api/config HTTP/1.1\r\n"
+                                           b"Host: localhost\r\n\r\n")
+        assert line.split()[1] == "503" and json.loads(body)["code"] == "SERVICE_UNAVAILABLE"
+    finally:
+        for s in idle:
+            s.close()
+        stop(server)
+
+
+def test_requests_are_answered_while_slow_clients_hang_on(strict_client):
+    port = strict_client.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
+    tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    stop_trickling = threading.Event()
+
+    def trickle():
+        while not stop_trickling.wait(0.1):
+            for s in tricklers:
+                try:
+                    s.send(b"G")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    times = []
+    try:
+        for _ in range(60):
+            started = time.monotonic()
+            assert strict_client.get("/api/conversations?limit=5")[0] == 200
+            times.append(time.monotonic() - started)
+            time.sleep(0.02)
+    finally:
+        stop_trickling.set()
+        thread.join()
+        for s in idle + tricklers:
+            s.close()
+    times.sort()
+    print(f"\nslow clients: p50 {times[30] * 1000:.1f} ms, p95 {times[56] * 1000:.1f} ms")
+    assert times[56] < 0.5
+
+
+FUZZ_SEED = 20261128
+
+
+def fuzz_requests(count, rng):
+    """Malformed requests of many kinds, the same ones for a given seed."""
+    paths = ["/api/conversations", "/api/chat", "/api/search?q=x", "/api/conversations/1",
+             "/api/stats/1", "/", "/api/models"]
+    kinds = []
+    for i in range(count):
+        kind = rng.randrange(12)
+        path = rng.choice(paths)
+        if kind == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        elif kind == 1:
+            data = rng.choice([b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n",
+                               b" / HTTP/1.1\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
+                               b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost localhost\r\n\r\n"])
+        elif kind == 2:
+            data = b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n"
+        elif kind == 3:
+            data = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 200 + b"\r\n"
+        elif kind == 4:
+            length = rng.choice([b"abc", b"-1", b"99999999999", b"10", b"1e3", b""])
+            data = (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: %s\r\n\r\n{}" % (path.encode(), length))
+        elif kind == 5:
+            data = (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                    b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        else:
+            value = rng.choice([None, True, -1, 2**70, "", "x" * 100, [], {}, [[[]]], 1.5,
+                                "\u0000", "<script>", {"$gt": 1}])
+            field = rng.choice(["conversation_id", "message", "model", "title", "stream",
+                                "options", "user_message_id"])
+            body = json.dumps({field: value, "conversation_id": rng.choice(
+                [1, "1", -1, 10**30, None])}).encode()
+            if kind == 6:
+                body = b"[" * 100000 + b"]" * 100000
+            elif kind == 7:
+                body = body[: rng.randrange(len(body))]
+            method = rng.choice([b"POST", b"PUT", b"DELETE", b"GET", b"PATCH"])
+            target = rng.choice([path.encode(), b"/api/conversations/" + rng.choice(
+                [b"-1", b"0x10", b"1.5", b"%00", b"..%2f..", b"99999999999999999999",
+                 b"1;DROP TABLE messages"])])
+            data = (b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (method, target, len(body), body))
+        kinds.append(data)
+    return kinds
+
+
+def test_fuzzed_requests_never_break_the_server(tmp_path, stub):
+    import random
+    server = start_app(tmp_path, stub.url, request_timeout=2.0)
+    c = Client(server)
+    try:
+        statuses = {}
+        for data in fuzz_requests(2000, random.Random(FUZZ_SEED)):
+            line, headers, body = raw_exchange(c.port, data)
+            code = line.split()[1] if line.startswith("HTTP/") else "none"
+            statuses[code] = statuses.get(code, 0) + 1
+            assert not code.startswith("5") or code in ("501", "505"), (data[:200], line, body)
+            assert b"Traceback" not in body and b"File \"" not in body
+        print(f"\nfuzz: 2000 requests, statuses {dict(sorted(statuses.items()))}")
+        assert c.get("/api/health")[0] == 200
+        assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 0
+        assert rows(c, "SELECT count(*) FROM messages")[0][0] == 0
+    finally:
+        stop(server)
+
+
+def test_deleted_text_is_gone_from_the_files(client):
+    cid = client.new_conversation("zanzibarite title")
+    client.chat(cid, "my secret is quixotrophic")
+    client.app.store.checkpoint()
+    db = client.app.settings.db
+
+    def on_disk():
+        data = b""
+        for suffix in ("", "-wal"):
+            if os.path.exists(db + suffix):
+                with open(db + suffix, "rb") as f:
+                    data += f.read()
+        return data
+
+    assert b"quixotrophic" in on_disk()
+    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+    deadline = time.monotonic() + 10
+    while (b"quixotrophic" in on_disk() or b"zanzibarite" in on_disk()) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert b"quixotrophic" not in on_disk() and b"zanzibarite" not in on_disk()
+
+
+def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
+                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
+                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        proc.stdout.readline()
+        url = proc.stdout.readline().strip()
+        key = re.fullmatch(r"http://0\.0\.0\.0:\d+/#token=([\w-]{20,})", url).group(1)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/conversations")
+        assert conn.getresponse().status == 401
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/conversations", headers={"Authorization": "Bearer " + key})
+        assert conn.getresponse().status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    assert key not in err
+
+
+def test_log_lines_cannot_be_forged(client, caplog):
+    caplog.set_level("INFO", logger="llama_chat")
+    raw_exchange(client.port, b"GET /x\x1b[31m\x08\x7f HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\\x1b[31m\\x08\\x7f" in logged and "\x1b" not in logged
 
 
 ###############################################################################
