@@ -773,9 +773,12 @@ class Upstream:
             headers["Content-Type"] = "application/json"
         try:
             conn.connect()
-            conn.sock.settimeout(read_timeout or self.read_timeout)
+            sock = conn.sock
+            sock.settimeout(read_timeout or self.read_timeout)
             conn.request(method, self.base + path, body=data, headers=headers)
-            return conn, conn.getresponse()
+            resp = conn.getresponse()
+            resp.raw_sock = sock          # to cut a stream short (see close_quietly)
+            return conn, resp
         except BaseException as e:
             conn.close()
             raise upstream_error(e, self.url) from None
@@ -852,7 +855,9 @@ def upstream_error(exc, url):
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server unavailable",
                         details=f"{url}: {reason}")
-    raise exc
+    if isinstance(exc, Exception):
+        return bad_upstream(f"reading its answer failed: {type(exc).__name__}")
+    raise exc      # KeyboardInterrupt, SystemExit
 
 
 def upstream_status_error(status, body):
@@ -1053,118 +1058,173 @@ class ClientGone(Exception):
     """The browser or script that asked for a stream went away."""
 
 
-def read_upstream_events(resp, out):
-    """Reader thread: llama-server's SSE lines -> parsed chunks on a queue."""
-    try:
+class ReplyReader(threading.Thread):
+    """Opens llama.cpp's stream and puts what it sends on a queue, so that the
+    relay can send keep-alives, notice shutdown and stop it at any moment:
+    ("chunk", dict), ("done", None), ("cut", None) or ("error", ApiError)."""
+
+    def __init__(self, app, turn):
+        super().__init__(daemon=True)
+        self.app, self.turn = app, turn
+        self.items = queue.Queue()
+        self._resp = None
+        self._cancelled = False
+        self._lock = threading.Lock()
+
+    def run(self):
+        try:
+            conn, resp = open_reply(self.app, self.turn)
+        except ApiError as e:
+            return self.items.put(("error", e))
+        with self._lock:
+            self._resp = resp
+            if self._cancelled:
+                return close_quietly(resp)
+        try:
+            self._read(resp)
+        except (ValueError, UnicodeDecodeError) as e:
+            self.items.put(("error", bad_upstream(f"a stream event cannot be read: {e}")))
+        except Exception as e:      # timeout, reset, or closed by cancel()
+            if not self._cancelled:
+                self.items.put(("error", upstream_error(e, self.app.upstream.url)))
+        finally:
+            close_quietly(resp)
+
+    def _read(self, resp):
         for raw in resp:
             line = raw.strip()
-            if not line or line.startswith(b":"):
+            if not line or line.startswith(b":"):        # blank, or a keep-alive comment
                 continue
+            if line.startswith(b"error:"):
+                line = b"data:" + line[6:]
             if not line.startswith(b"data:"):
-                if line.startswith(b"error:"):
-                    line = b"data:" + line[6:]
-                else:
-                    raise ValueError(f"not an event line: {line[:80]!r}")
+                raise ValueError(f"not an event line: {line[:80]!r}")
             data = line[5:].strip()
             if data == b"[DONE]":
-                out.put(("done", None))
-                return
+                return self.items.put(("done", None))
             chunk = json.loads(data)
             if not isinstance(chunk, dict):
                 raise ValueError("an event that is not an object")
-            out.put(("chunk", chunk))
-        out.put(("cut", None))
-    except (ValueError, UnicodeDecodeError) as e:
-        out.put(("error", bad_upstream(f"a stream event it sent cannot be read: {e}")))
-    except BaseException as e:  # socket closed under us, timeout, reset
-        try:
-            out.put(("error", upstream_error(e, "llama.cpp")))
-        except BaseException:
-            out.put(("error", bad_upstream(f"the stream broke: {type(e).__name__}")))
+            self.items.put(("chunk", chunk))
+        self.items.put(("cut", None))
+
+    def cancel(self):
+        """Close llama.cpp's stream (now, or as soon as it opens): generation stops."""
+        with self._lock:
+            self._cancelled = True
+            if self._resp is not None:
+                close_quietly(self._resp)
 
 
 KEEPALIVE_SECONDS = 15
 
 
-def chat_stream(app, turn):
-    """Generator of events for one streamed reply. The handler throws ClientGone
-    into it when a write fails; every way out stores what was relayed."""
-    text, reasoning = [], []
-    usage = timings = None
-    finish = None
-    conn = None
-    try:
-        conn, resp = open_reply(app, turn)
-        app.track_upstream(conn, True)
-        events = queue.Queue()
-        threading.Thread(target=read_upstream_events, args=(resp, events), daemon=True).start()
-        waited = 0.0
-        while True:
-            if app.stopping.is_set():
-                raise ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
-            try:
-                kind, item = events.get(timeout=0.5)
-            except queue.Empty:
-                waited += 0.5
-                if waited >= KEEPALIVE_SECONDS:
-                    waited = 0.0
-                    yield None  # the handler sends a keep-alive comment
+class Relay:
+    """What one streamed reply has gathered so far."""
+
+    def __init__(self):
+        self.text, self.reasoning = [], []
+        self.usage = self.timings = self.finish = None
+
+    def take(self, chunk):
+        """Events to relay for one chunk from llama.cpp."""
+        if "error" in chunk:
+            raise ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
+                           details=error_text(chunk))
+        self.usage = chunk.get("usage") or self.usage
+        self.timings = chunk.get("timings") or self.timings
+        events = []
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
                 continue
-            waited = 0.0
-            if kind == "done":
-                break
-            if kind == "cut":
-                if finish:
-                    break
+            delta = choice.get("delta") or {}
+            for kind, key in (("reasoning", "reasoning_content"), ("delta", "content")):
+                piece = delta.get(key)
+                if isinstance(piece, str) and piece:
+                    events.append({"type": kind, "content": piece})
+            if choice.get("finish_reason"):
+                self.finish = finish_reason(choice)
+        return events
+
+    def keep(self, event):
+        """An event reached the client: it is part of what gets stored."""
+        (self.reasoning if event["type"] == "reasoning" else self.text).append(event["content"])
+
+    def store(self, app, turn, reason):
+        return finish_chat(app, turn, "".join(self.text), "".join(self.reasoning), reason,
+                           self.usage, self.timings)
+
+
+def chat_stream(app, turn):
+    """Generator of events for one streamed reply (None: send a keep-alive).
+    The handler throws ClientGone into it when a write fails; every way out
+    stores what was relayed, and closes llama.cpp's stream."""
+    relay = Relay()
+    reader = ReplyReader(app, turn)
+    app.stream_started()
+    try:
+        reader.start()
+        for kind, item in upstream_items(app, reader):
+            if kind is None:
+                yield None
+            elif kind == "cut" and not relay.finish:
                 raise bad_upstream("the stream ended before the reply was complete")
-            if kind == "error":
-                raise item
-            if "error" in item:
-                raise ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
-                               details=error_text(item))
-            usage = item.get("usage") or usage
-            timings = item.get("timings") or timings
-            for choice in item.get("choices") or []:
-                delta = choice.get("delta") or {}
-                piece = delta.get("reasoning_content")
-                if isinstance(piece, str) and piece:
-                    yield {"type": "reasoning", "content": piece}
-                    reasoning.append(piece)
-                piece = delta.get("content")
-                if isinstance(piece, str) and piece:
-                    yield {"type": "delta", "content": piece}
-                    text.append(piece)
-                if choice.get("finish_reason"):
-                    finish = finish_reason(choice)
-        answer = finish_chat(app, turn, "".join(text), "".join(reasoning), finish or "stop",
-                             usage, timings)
-        yield {"type": "done", **answer}
+            elif kind == "chunk":
+                for event in relay.take(item):
+                    yield event
+                    relay.keep(event)
+        yield {"type": "done", **relay.store(app, turn, relay.finish or "stop")}
     except ClientGone:
-        finish_chat(app, turn, "".join(text), "".join(reasoning), "aborted", usage, timings)
+        relay.store(app, turn, "aborted")
     except ApiError as e:
         stored = None
-        if text or reasoning:
+        if relay.text or relay.reasoning:
             reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
-            stored = finish_chat(app, turn, "".join(text), "".join(reasoning), reason,
-                                 usage, timings)["message_id"]
+            stored = relay.store(app, turn, reason)["message_id"]
         event = {"type": "error", "error": e.message, "code": e.code,
                  "user_message_id": turn.user_message_id, "message_id": stored}
         if "details" in e.extra:
             event["details"] = e.extra["details"]
         yield event
     finally:
-        if conn is not None:
-            app.track_upstream(conn, False)
-            close_quietly(conn)
+        reader.cancel()
+        app.stream_ended()
 
 
-def close_quietly(conn):
+def upstream_items(app, reader):
+    """The reader's items until the reply is complete; (None, None) every
+    KEEPALIVE_SECONDS of silence. Raises ApiError on failure or shutdown."""
+    quiet = 0.0
+    while True:
+        if app.stopping.is_set():
+            raise ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
+        try:
+            kind, item = reader.items.get(timeout=0.25)
+        except queue.Empty:
+            quiet += 0.25
+            if quiet >= KEEPALIVE_SECONDS:
+                quiet = 0.0
+                yield None, None
+            continue
+        quiet = 0.0
+        if kind == "error":
+            raise item
+        yield kind, item
+        if kind in ("done", "cut"):
+            return
+
+
+def close_quietly(resp):
+    """Close a response and its socket, so a read blocked on it returns."""
+    sock = getattr(resp, "raw_sock", None)
     try:
-        if conn.sock is not None:
-            conn.sock.shutdown(socket.SHUT_RDWR)
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    conn.close()
+    resp.close()
+    if sock is not None:
+        sock.close()
 
 
 ###############################################################################
@@ -1419,7 +1479,6 @@ class App:
         self.upstream = Upstream(settings)
         self.stopping = threading.Event()
         self._page = (None, None)      # (mtime, Page)
-        self._upstreams = set()
         self._lock = threading.Lock()
         self.active_streams = 0
         self._purge = {"running": False, "again": False}
@@ -1462,14 +1521,13 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def track_upstream(self, conn, add):
+    def stream_started(self):
         with self._lock:
-            if add:
-                self._upstreams.add(conn)
-                self.active_streams += 1
-            else:
-                self._upstreams.discard(conn)
-                self.active_streams -= 1
+            self.active_streams += 1
+
+    def stream_ended(self):
+        with self._lock:
+            self.active_streams -= 1
 
     def stop_streams(self, wait=4.0):
         """Ask every stream to end, then wait for them to store their replies."""
