@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -357,8 +358,10 @@ CREATE VIEW IF NOT EXISTS search_source AS
     SELECT m.id AS id, c.title AS title, m.content AS content
     FROM messages m JOIN conversations c ON c.id = m.conversation_id;
 CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
-    title, content, content='search_source', content_rowid='id',
+    title, content, content='search_source', content_rowid='id', prefix='2 3',
     tokenize='unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE IF NOT EXISTS search_vocab USING fts5vocab(search_fts, 'row');
+CREATE TABLE IF NOT EXISTS search_terms (term TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS search_message_added AFTER INSERT ON messages BEGIN
     INSERT INTO search_fts (rowid, title, content)
         SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
@@ -393,9 +396,10 @@ CREATE TRIGGER IF NOT EXISTS conversation_removed BEFORE DELETE ON conversations
 END;
 """
 
-MARK_START, MARK_END = "\ue000", "\ue001"   # snippet() match markers, never HTML
 WORD = re.compile(r"[^\W_]+")
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
+RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
+MAX_EXPANSION = 40        # words a last-word prefix may stand for before FTS5's own prefix
 
 
 def now_iso():
@@ -415,60 +419,91 @@ def fts5_available():
         return False
 
 
-def fts_query(text):
-    """User text -> an FTS5 query of quoted phrases, the last one a prefix.
+def fts_query(text, expansion=None):
+    """User text -> an FTS5 query: quoted phrases joined by AND.
 
     Nothing the user types is FTS5 syntax: words are pulled out of the text
-    ("quoted phrases" kept together) and each phrase is double-quoted; every
-    phrase must match. None when no word is left to search."""
+    ("quoted phrases" kept together) and each phrase is double-quoted. The last
+    word also matches as a prefix: as the list of indexed words that start with
+    it (`expansion`), else as FTS5's prefix query, which is correct but slow
+    (it gathers every match of every such word before it can rank any).
+    None when no word is left to search."""
     if text.count('"') % 2:
         text += '"'
     phrases = []
     for quoted, bare in re.findall(r'"([^"]*)"|([^\s"]+)', text):
         words = WORD.findall(quoted or bare)
         if words:
-            phrases.append('"' + " ".join(words) + '"')
+            phrases.append(words)
     if not phrases:
         return None
-    phrases[-1] += "*"
-    return " ".join(phrases)
-
-
-def split_marks(snippet):
-    """Snippet with markers -> (plain text, [[start, end], ...] in code points)."""
-    text, spans, start = [], [], None
-    pos = 0
-    for ch in snippet:
-        if ch == MARK_START:
-            start = pos
-        elif ch == MARK_END:
-            if start is not None:
-                spans.append([start, pos])
-            start = None
+    out = ['"' + " ".join(words) + '"' for words in phrases]
+    if search_terms(text)[1]:     # a one-letter prefix would match most of the index
+        if expansion is not None and len(phrases[-1]) == 1:
+            last = phrases[-1][0]
+            alternatives = [t for t in expansion if t != fold(last)] + [last]
+            out[-1] = "(" + " OR ".join('"' + t.replace('"', "") + '"'
+                                        for t in alternatives) + ")"
         else:
-            text.append(ch)
-            pos += 1
-    return "".join(text), spans
+            out[-1] += "*"
+    return " AND ".join(out)
 
 
-def like_snippet(content, words, width=120):
-    """The fallback's snippet: text around the first match, matches marked."""
-    lower = content.lower()
-    first = min((i for i in (lower.find(w.lower()) for w in words) if i >= 0), default=0)
-    begin = max(0, first - width // 3)
-    piece = content[begin:begin + width]
-    spans = []
-    low_piece = piece.lower()
-    for w in words:
-        i = low_piece.find(w.lower())
-        while i >= 0 and w:
-            spans.append([i, i + len(w)])
-            i = low_piece.find(w.lower(), i + len(w))
-    prefix = "…" if begin else ""
-    suffix = "…" if begin + width < len(content) else ""
-    shift = len(prefix)
-    spans = sorted([s + shift, e + shift] for s, e in spans)
-    return prefix + piece + suffix, spans
+def fold(word):
+    """A word as the index sees it: case and diacritics folded (unicode61)."""
+    if word.isascii():
+        return word.lower()
+    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold())
+                   if not unicodedata.combining(c))
+
+
+def search_terms(text):
+    """The folded words of a query, and whether the last one is a prefix."""
+    terms = [fold(w) for w in WORD.findall(text)]
+    return terms, bool(terms) and len(terms[-1]) > 1
+
+
+class Highlighter:
+    """Finds the words of a message that match a query: a word matches a term it
+    equals (as FTS5 does), or contains (inside=True: the LIKE fallback); the
+    last term also as a prefix. ASCII text goes through one regular expression;
+    other text word by word, folded as the index folds it."""
+
+    def __init__(self, terms, prefix, inside=False):
+        self.exact, self.last, self.prefix, self.inside = set(terms), terms[-1], prefix, inside
+        alternatives = "|".join(re.escape(t) for t in sorted(set(terms), key=len, reverse=True))
+        if inside:
+            pattern = rf"[^\W_]*(?:{alternatives})[^\W_]*"
+        elif prefix:
+            pattern = rf"(?<![^\W_])(?:{re.escape(self.last)}[^\W_]*|{alternatives})(?![^\W_])"
+        else:
+            pattern = rf"(?<![^\W_])(?:{alternatives})(?![^\W_])"
+        self.ascii = re.compile(pattern, re.IGNORECASE | re.ASCII)
+
+    def spans(self, content):
+        if content.isascii():
+            return [m.span() for m in self.ascii.finditer(content)]
+        found = []
+        for m in WORD.finditer(content):
+            word = fold(m.group())
+            if (any(t in word for t in self.exact) if self.inside else
+                    word in self.exact or (self.prefix and word.startswith(self.last))):
+                found.append(m.span())
+        return found
+
+    def snippet(self, content, width=160):
+        """Plain text around the first match, with [start, end] offsets (in code
+        points) of the matches in it."""
+        spans = self.spans(content)
+        begin = max(0, spans[0][0] - width // 4) if spans else 0
+        if begin:
+            space = content.find(" ", begin, spans[0][0])
+            begin = space + 1 if space >= 0 else begin
+        end = min(len(content), begin + width)
+        lead = "…" if begin else ""
+        text = lead + content[begin:end] + ("…" if end < len(content) else "")
+        shift = len(lead) - begin
+        return text, [[a + shift, b + shift] for a, b in spans if a >= begin and b <= end]
 
 
 MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, timestamp,
@@ -582,7 +617,14 @@ class Store:
             c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', 'bm25(2.0, 1.0)')")
             c.execute("INSERT INTO search_fts (search_fts) VALUES ('rebuild')")
             c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+            self._refresh_words(c)
         log.info("built the search index in %.2f s", time.monotonic() - started)
+
+    @staticmethod
+    def _refresh_words(c):
+        """search_terms anew from the index: its words, and no deleted ones."""
+        c.execute("DELETE FROM search_terms")
+        c.execute("INSERT INTO search_terms (term) SELECT term FROM search_vocab")
 
     def checkpoint(self):
         self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -594,6 +636,7 @@ class Store:
         if self.fts:
             with self.write() as c:
                 c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+                self._refresh_words(c)
         self.checkpoint()
 
     def health(self):
@@ -622,12 +665,14 @@ class Store:
         with self.write() as c:
             cur = c.execute("""INSERT INTO conversations (title, model, created_at, updated_at)
                                VALUES (?, ?, ?, ?)""", (title, model, now, now))
+            self._note_words(c, title)
             return cur.lastrowid
 
     def rename_conversation(self, conversation_id, title):
         with self.write() as c:
             cur = c.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
                             (title, now_iso(), conversation_id))
+            self._note_words(c, title)
             return cur.rowcount == 1
 
     def delete_conversation(self, conversation_id):
@@ -672,6 +717,7 @@ class Store:
                 (now, model, conversation_id)).rowcount
             if not moved:
                 return None
+            self._note_words(c, content)
             return c.execute(f"INSERT INTO messages ({names}) VALUES ({marks})",
                              tuple(fields.values())).lastrowid
 
@@ -694,40 +740,60 @@ class Store:
 
     # Search
     def search(self, text, limit):
+        terms, prefix = search_terms(text)
+        if not terms:
+            return []
         if not self.fts:
-            return self._search_like(text, limit)
-        query = fts_query(text)
-        if query is None:
-            return []
+            return self._search_like(terms, prefix, limit)
+        expansion = self._words_starting(terms[-1]) if prefix else None
+        # bm25 costs microseconds a row: a word found in most of a million
+        # messages would take seconds to rank in full. So rank the newest
+        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and
+        # join and snip only the page of results.
         rows = self.conn().execute(
-            f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
-                       m.response_time_ms, m.estimated_tokens,
-                       c.title, c.model, c.updated_at,
-                       snippet(search_fts, 1, '{MARK_START}', '{MARK_END}', '…', 24) AS marked
-                FROM search_fts
-                JOIN messages m ON m.id = search_fts.rowid
-                JOIN conversations c ON c.id = m.conversation_id
-                WHERE search_fts MATCH ? ORDER BY rank LIMIT ?""", (query, limit))
-        return [search_result(dict(r), *split_marks(r["marked"] or "")) for r in rows]
+            """SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
+                      m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
+               FROM (SELECT id, score FROM
+                        (SELECT rowid AS id, rank AS score FROM search_fts
+                         WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?)
+                     ORDER BY score, id DESC LIMIT ?) AS hits
+               JOIN messages m ON m.id = hits.id
+               JOIN conversations c ON c.id = m.conversation_id
+               ORDER BY hits.score, hits.id DESC""",
+            (fts_query(text, expansion), RANK_WINDOW, limit))
+        marker = Highlighter(terms, prefix)
+        return [search_result(dict(r), *marker.snippet(r["content"])) for r in rows]
 
-    def _search_like(self, text, limit):
-        words = WORD.findall(text)
-        if not words:
-            return []
-        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", w) + "%" for w in words]
+    def _words_starting(self, prefix):
+        """Indexed words that start with prefix, or None when there are too many."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        words = [r[0] for r in self.conn().execute(
+            "SELECT term FROM search_terms WHERE term >= ? AND term < ? LIMIT ?",
+            (prefix, end, MAX_EXPANSION + 1))]
+        return words if len(words) <= MAX_EXPANSION else None
+
+    def _note_words(self, c, *texts):
+        """Keep search_terms, the index's word list, up to date with new text."""
+        if self.fts:
+            c.executemany("INSERT OR IGNORE INTO search_terms (term) VALUES (?)",
+                          ((w,) for w in {fold(w) for t in texts for w in WORD.findall(t)}))
+
+    def _search_like(self, terms, prefix, limit):
+        """Without FTS5: every word as a substring of the message or its title."""
+        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
         where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
-                             * len(words))
-        params = [p for w in escaped for p in (w, w)]
+                             * len(terms))
         rows = self.conn().execute(
             f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
                        m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
-                WHERE {where} ORDER BY m.id DESC LIMIT ?""", (*params, limit))
-        return [search_result(dict(r), *like_snippet(r["content"], words)) for r in rows]
+                WHERE {where} ORDER BY m.id DESC LIMIT ?""",
+            (*[p for e in escaped for p in (e, e)], limit))
+        marker = Highlighter(terms, prefix, inside=True)
+        return [search_result(dict(r), *marker.snippet(r["content"])) for r in rows]
 
 
 def search_result(row, snippet, highlights):
-    row.pop("marked", None)
     return {"id": row["conversation_id"], **row, "snippet": snippet, "highlights": highlights}
 
 

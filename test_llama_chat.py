@@ -1367,6 +1367,17 @@ def test_search_parameter_errors(client, query, field):
     assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", field)
 
 
+@pytest.mark.parametrize("content", [
+    "Plain ASCII: Learning machines learn; machine-learning relearn MACHINE.",
+    "Café déjà vu: Learning machines learn; machine-learning relearn MACHINE.",
+])
+def test_highlights_mark_whole_matching_words_in_any_script(content):
+    marker = llama_chat.Highlighter(["machine", "learn"], prefix=True)
+    text, spans = marker.snippet(content)
+    assert [text[a:b] for a, b in spans] == ["Learning", "learn", "machine", "learning",
+                                             "MACHINE"]
+
+
 def test_search_limit_defaults_and_caps(client):
     store = client.app.store
     cid = store.create_conversation("many", MODEL)
@@ -1387,7 +1398,7 @@ def test_search_without_fts5_falls_back_to_like(tmp_path, stub):
         body = c.get("/api/search?q=learn%20eggs")[2]
         assert body["count"] == 1
         r = body["results"][0]
-        assert [r["snippet"][s:e] for s, e in r["highlights"]] == ["eggs", "learn"]
+        assert [r["snippet"][s:e] for s, e in r["highlights"]] == ["eggs", "learning"]
         assert c.get("/api/search?q=%25")[2]["count"] == 0
         assert c.get("/api/health")[2]["database"] == {"ok": True, "fts5": False}
     finally:
@@ -1395,9 +1406,37 @@ def test_search_without_fts5_falls_back_to_like(tmp_path, stub):
 
 
 def test_fts_query_quotes_everything():
-    assert llama_chat.fts_query('NEAR(a "b c" -d') == '"NEAR a" "b c" "d"*'
+    assert llama_chat.fts_query('NEAR(a "b c" -dd') == '"NEAR a" AND "b c" AND "dd"*'
+    assert llama_chat.fts_query("vitamin c") == '"vitamin" AND "c"'     # no one-letter prefix
     assert llama_chat.fts_query('"unbalanced') == '"unbalanced"*'
     assert llama_chat.fts_query("*** ---") is None
+
+
+def test_fts_query_spells_out_the_last_words_prefixes():
+    assert llama_chat.fts_query("machine Learn", ["learn", "learning"]) == \
+        '"machine" AND ("learning" OR "Learn")'
+    assert llama_chat.fts_query('"machine learn"', ["learning"]) == '"machine learn"*'
+    assert llama_chat.fts_query("zq", []) == '("zq")'
+
+
+def test_search_with_more_prefixes_than_spelled_out(client):
+    store = client.app.store
+    cid = store.create_conversation("words", MODEL)
+    store.add_message(cid, "user", " ".join(f"pre{i}x" for i in range(60)))
+    assert store._words_starting("pre") is None                # too many: FTS5's prefix query
+    assert client.get("/api/search?q=pre")[2]["count"] == 1
+    assert len(store._words_starting("pre5")) == 11           # pre5x, pre50x ... pre59x
+    assert client.get("/api/search?q=pre5")[2]["count"] == 1
+
+
+def test_search_word_list_forgets_deleted_words(client):
+    store = client.app.store
+    cid = store.create_conversation("gone", MODEL)
+    store.add_message(cid, "user", "ephemeralword stays nowhere")
+    assert store._words_starting("ephemeral") == ["ephemeralword"]
+    store.delete_conversation(cid)
+    store.purge_deleted()
+    assert store._words_starting("ephemeral") == []
 
 
 ###############################################################################
@@ -1904,3 +1943,309 @@ def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
     text = browser.wait("const b = document.getElementById('banner');"
                         "return !b.classList.contains('hidden') && b.textContent")
     assert "not reachable" in text and "llama-server" in text
+
+
+###############################################################################
+# Benchmarks (opt-in): LLAMA_CHAT_BENCH=1 python3 -m pytest -k bench -s
+###############################################################################
+
+bench = pytest.mark.skipif(os.environ.get("LLAMA_CHAT_BENCH") != "1",
+                           reason="benchmarks are opt-in: LLAMA_CHAT_BENCH=1 python3 -m pytest "
+                                  "-k bench -s")
+COMMON = ("the of and to a in is that it for on with as are this be by you can or from an not "
+          "use your have will more which when one all about if how do what").split()
+TOPICS = ("python model data learning machine server memory search query index database network "
+          "token stream error cache thread process file request response function value system "
+          "version update config install build test example question answer").split()
+
+
+def bench_corpus(count, seed=7):
+    """Messages of ~400 characters: common words, topic words and a long tail of rare ones."""
+    import random
+    rng = random.Random(seed)
+    rare = [f"{rng.choice('bcdfghjklmnpqrstvwz')}{rng.choice('aeiou')}{rng.choice('lmnrst')}"
+            f"{rng.choice('aeiou')}{i}x" for i in range(20000)]
+    pool = []
+    for _ in range(20000):
+        words = [rng.choice(COMMON) if rng.random() < 0.55 else rng.choice(TOPICS)
+                 if rng.random() < 0.8 else rare[int(rng.paretovariate(1.1)) % len(rare)]
+                 for _ in range(rng.randrange(8, 16))]
+        pool.append(" ".join(words).capitalize() + ".")
+    for _ in range(count):
+        yield " ".join(rng.choices(pool, k=5))
+
+
+def build_database(path, messages, per_conversation=50):
+    """A database of `messages` messages, inserted in bulk with the index built
+    once afterwards (as a migration does). Returns the seconds it took."""
+    started = time.monotonic()
+    store = llama_chat.Store(path)
+    conn = store.conn()
+    for name in llama_chat.FTS_TRIGGERS:
+        conn.execute(f"DROP TRIGGER {name}")
+    now = llama_chat.now_iso()
+    conversations = (messages + per_conversation - 1) // per_conversation
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO conversations (id, title, model, created_at, updated_at) "
+                     "VALUES (?, ?, 'm', ?, ?)",
+                     ((c + 1, f"Conversation {c} about {TOPICS[c % len(TOPICS)]}", now, now)
+                      for c in range(conversations)))
+    conn.executemany(
+        "INSERT INTO messages (conversation_id, role, content, timestamp, estimated_tokens, "
+        "response_time_ms, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        ((i // per_conversation + 1, ("user", "assistant")[i % 2], text, now, len(text) // 4,
+          (None, 900)[i % 2], (None, "stop")[i % 2])
+         for i, text in enumerate(bench_corpus(messages))))
+    conn.execute("COMMIT")
+    store.release()
+    llama_chat.Store(path).release()       # its triggers are missing: it builds the index
+    return time.monotonic() - started
+
+
+class AppProcess:
+    """llama_chat.py started the way a user starts it."""
+
+    def __init__(self, db, llamacpp_url):
+        self.port = free_port()
+        started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"),
+                                      "--port", str(self.port), "--db", db,
+                                      "--llamacpp-url", llamacpp_url],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                conn.request("GET", "/api/conversations?limit=1")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("llama_chat.py exited")
+                time.sleep(0.002)
+        self.startup = time.perf_counter() - started
+
+    def rss_mb(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            line = next(l for l in f if l.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+
+
+def keep_alive_rate(port, path, clients=16, seconds=4.0):
+    """Requests/s with `clients` keep-alive connections: wrk when installed (it
+    takes less of the CPU the server needs), else Python threads."""
+    import shutil
+    if shutil.which("wrk"):
+        out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{int(seconds)}s",
+                              f"http://127.0.0.1:{port}{path}"], capture_output=True,
+                             text=True).stdout
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        assert not errors, out
+        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "wrk"
+    counts, stop_at = [0] * clients, time.monotonic() + seconds
+
+    def worker(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while time.monotonic() < stop_at:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds, "python threads"
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def timed_get(conn, path):
+    started = time.perf_counter()
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 200
+    return (time.perf_counter() - started) * 1000
+
+
+SEARCHES = ["the", "python", "answer", "how", "data index", "machine learning", "the python",
+            "memory cache", "search query", "tholo12x", "pesi77x", "kanu5x", "xyzzyq",
+            "zzqqv nothing", "learn", "datab", "stream error", "version update"]
+
+
+def search_figures(port, rounds=8):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for q in SEARCHES:                                    # warm the page cache
+        timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
+    times = [timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
+             for _ in range(rounds) for q in SEARCHES]
+    return percentile(times, 50), percentile(times, 99)
+
+
+def like_scan_ms(db, word="python"):
+    """The original app's search: LIKE over every message joined to its conversation."""
+    conn = sqlite3.connect(db)
+    started = time.perf_counter()
+    conn.execute("""SELECT c.id, c.title, m.content FROM messages m
+                    JOIN conversations c ON c.id = m.conversation_id
+                    WHERE m.content LIKE ? OR c.title LIKE ?
+                    ORDER BY m.timestamp DESC LIMIT 50""", (f"%{word}%", f"%{word}%")).fetchall()
+    conn.execute("""SELECT count(*) FROM messages WHERE content LIKE ?""", ("%xyzzyq%",)).fetchall()
+    return (time.perf_counter() - started) * 1000 / 2
+
+
+def stream_rate(port, path, body):
+    """(tokens/s, ms to the first token) reading one SSE stream."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    started = time.perf_counter()
+    conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first, tokens = None, 0
+    for line in resp:
+        if line.startswith(b"data: {"):
+            if first is None:
+                first = time.perf_counter()
+            if b'"content"' in line and b'"delta"' in line:
+                tokens += 1
+    elapsed = time.perf_counter() - first
+    return tokens / elapsed, (first - started) * 1000
+
+
+@bench
+def test_bench(tmp_path, stub):
+    rows_out = []
+
+    def row(figure, value, target):
+        rows_out.append((figure, value, target))
+        print(f"  {figure:<58} {value:>22}   {target}", flush=True)
+
+    print(f"\nllama-chat {llama_chat.__version__} benchmark: {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    # Memory and start-up on an empty database
+    app = AppProcess(str(tmp_path / "empty.db"), stub.url)
+    try:
+        row("start-up to first answer, empty database", f"{app.startup * 1000:.0f} ms", "< 300 ms")
+        idle = app.rss_mb()
+        row("idle RSS after start", f"{idle:.1f} MB", "< 30 MB")
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        conn.request("POST", "/api/conversations", json.dumps({"title": "t", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        for i in range(10000):
+            timed_get(conn, ("/api/conversations?limit=50", "/api/conversations/1",
+                             "/api/search?q=hello", "/api/config")[i % 4])
+        row("RSS after 10,000 requests (growth)", f"{app.rss_mb():.1f} MB "
+            f"(+{app.rss_mb() - idle:.1f})", "growth < 5 MB")
+
+        # Chat overhead: the app against a direct call to the stub
+        stub.reply = "A short answer of a few tokens."
+        direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
+        body = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+        through, straight = [], []
+        for _ in range(200):
+            started = time.perf_counter()
+            direct.request("POST", "/v1/chat/completions", json.dumps(body),
+                           {"Content-Type": "application/json"})
+            direct.getresponse().read()
+            straight.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            conn.request("POST", "/api/chat", json.dumps(
+                {"conversation_id": 1, "message": "hi", "model": "m"}),
+                {"Content-Type": "application/json"})
+            assert conn.getresponse().read() and True
+            through.append((time.perf_counter() - started) * 1000)
+        row("chat overhead over a direct llama.cpp call, p50",
+            f"{percentile(through, 50) - percentile(straight, 50):.2f} ms", "< 3 ms")
+
+        # Streaming: 2,000 tokens as fast as the stub can send them
+        stub.reply = " ".join(f"t{i}" for i in range(2000))
+        stub_port = int(stub.url.rsplit(":", 1)[1])
+        rate_direct, first_direct = stream_rate(stub_port, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "go"}], "stream": True})
+        rate_app, first_app = stream_rate(app.port, "/api/chat", {
+            "conversation_id": 1, "message": "go", "model": "m", "stream": True})
+        row("streamed 2,000 tokens: rate through the app / direct",
+            f"{rate_app / rate_direct * 100:.0f}% ({rate_app:,.0f}/{rate_direct:,.0f} tok/s)",
+            ">= 95%")
+        row("first token: extra time through the app", f"{first_app - first_direct:.1f} ms",
+            "< 5 ms")
+
+        # 50 streams at once
+        stub.reply = " ".join(f"s{i}" for i in range(100))
+        stub.token_delay = 0.005
+        ids = []
+        for i in range(50):
+            conn.request("POST", "/api/conversations", json.dumps({"title": f"s{i}", "model": "m"}),
+                         {"Content-Type": "application/json"})
+            ids.append(json.loads(conn.getresponse().read())["conversation_id"])
+        done = []
+
+        def streamer(cid):
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+            c.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "message": "go",
+                                                       "model": "m", "stream": True}),
+                      {"Content-Type": "application/json"})
+            done.append(read_events(c.getresponse())[-1]["type"] == "done")
+
+        threads = [threading.Thread(target=streamer, args=(cid,)) for cid in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stub.token_delay = 0
+        stored = sqlite3.connect(str(tmp_path / "empty.db")).execute(
+            "SELECT count(*) FROM messages WHERE role = 'assistant' AND finish_reason = 'stop' "
+            f"AND conversation_id IN ({','.join(map(str, ids))})").fetchone()[0]
+        row("50 simultaneous streams: completed / stored", f"{sum(done)}/50, {stored}/50",
+            "50/50")
+    finally:
+        app.stop()
+
+    # Throughput, search and size at 100,000 messages
+    db = str(tmp_path / "100k.db")
+    built = build_database(db, 100_000)
+    size = os.path.getsize(db) / 100
+    row("building 100,000 messages (bulk insert + index)", f"{built:.1f} s", "")
+    row("database size per 1,000 messages (~400 chars, with index)", f"{size / 1e6:.2f} MB",
+        "report")
+    app = AppProcess(db, stub.url)
+    try:
+        rate, tool = keep_alive_rate(app.port, "/api/conversations?limit=50")
+        row(f"GET /api/conversations?limit=50, 16 clients ({tool})", f"{rate:,.0f} req/s",
+            ">= 1,500 req/s")
+        rate, tool = keep_alive_rate(app.port, "/api/conversations/1000")
+        row(f"GET /api/conversations/ID, 50 messages, 16 clients ({tool})",
+            f"{rate:,.0f} req/s", ">= 1,000 req/s")
+        p50, p99 = search_figures(app.port)
+        row("search p50 / p99 at 100,000 messages", f"{p50:.1f} / {p99:.1f} ms",
+            "< 10 / < 50 ms")
+    finally:
+        app.stop()
+
+    # A million messages
+    db = str(tmp_path / "1m.db")
+    built = build_database(db, 1_000_000)
+    row("building 1,000,000 messages (bulk insert + index)", f"{built:.1f} s", "< 60 s")
+    app = AppProcess(db, stub.url)
+    try:
+        row("start-up to first answer, 1,000,000 messages", f"{app.startup * 1000:.0f} ms",
+            "< 1 s")
+        p50, p99 = search_figures(app.port, rounds=4)
+        row("search p50 / p99 at 1,000,000 messages", f"{p50:.1f} / {p99:.1f} ms",
+            "< 50 / < 200 ms")
+        like = like_scan_ms(db)
+        row("search speed-up over a LIKE scan at 1,000,000 (p50)",
+            f"{like / p50:,.0f}x ({like:,.0f} ms)", ">= 50x")
+    finally:
+        app.stop()
+    assert len(rows_out) == 17
