@@ -511,6 +511,17 @@ MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, times
 CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
 
 
+def dicts(cursor):
+    """A cursor's rows as dicts (twice as fast as dict(sqlite3.Row))."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def one(cursor):
+    found = dicts(cursor)
+    return found[0] if found else None
+
+
 class Store:
     """History in SQLite. Knows nothing of HTTP; returns plain dicts."""
 
@@ -527,7 +538,6 @@ class Store:
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                                    timeout=10)
-            conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA busy_timeout = 10000")
             conn.execute("PRAGMA synchronous = FULL")
@@ -611,13 +621,14 @@ class Store:
         if all(name in triggers for name in FTS_TRIGGERS):
             return
         started = time.monotonic()
+        conn.execute("PRAGMA cache_size = -131072")     # 128 MiB while indexing: ~20% faster
         with self.write() as c:
             for statement in split_sql(FTS_SCHEMA):
                 c.execute(statement)
             c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', 'bm25(2.0, 1.0)')")
             c.execute("INSERT INTO search_fts (search_fts) VALUES ('rebuild')")
-            c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
             self._refresh_words(c)
+        conn.execute("PRAGMA cache_size = -2000")
         log.info("built the search index in %.2f s", time.monotonic() - started)
 
     @staticmethod
@@ -648,17 +659,14 @@ class Store:
 
     # Conversations
     def list_conversations(self, limit=None, offset=0):
-        rows = self.conn().execute(
+        return dicts(self.conn().execute(
             f"""SELECT {CONVERSATION_COLUMNS} FROM conversations
                 ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
-            (-1 if limit is None else limit, offset))
-        return [dict(r) for r in rows]
+            (-1 if limit is None else limit, offset)))
 
     def get_conversation(self, conversation_id):
-        row = self.conn().execute(
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?",
-            (conversation_id,)).fetchone()
-        return dict(row) if row else None
+        return one(self.conn().execute(
+            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)))
 
     def create_conversation(self, title, model):
         now = now_iso()
@@ -682,23 +690,21 @@ class Store:
 
     # Messages
     def messages(self, conversation_id):
-        rows = self.conn().execute(
+        return dicts(self.conn().execute(
             f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,))
-        return [dict(r) for r in rows]
+            (conversation_id,)))
 
     def recent_messages(self, conversation_id, limit, before=2**63 - 1):
-        rows = self.conn().execute(
+        return dicts(self.conn().execute(
             """SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ?
-               ORDER BY id DESC LIMIT ?""", (conversation_id, before, limit)).fetchall()
-        return [dict(r) for r in reversed(rows)]
+               ORDER BY id DESC LIMIT ?""", (conversation_id, before, limit)))[::-1]
 
     def unanswered(self, conversation_id, message_id):
         """Is this the conversation's last user message, followed by nothing but
         failed or stopped replies?"""
-        rows = self.conn().execute(
+        rows = dicts(self.conn().execute(
             """SELECT role, finish_reason FROM messages WHERE conversation_id = ? AND id >= ?
-               ORDER BY id""", (conversation_id, message_id)).fetchall()
+               ORDER BY id""", (conversation_id, message_id)))
         return bool(rows) and rows[0]["role"] == "user" and all(
             r["role"] == "assistant" and r["finish_reason"] in ("error", "aborted")
             for r in rows[1:])
@@ -722,13 +728,12 @@ class Store:
                              tuple(fields.values())).lastrowid
 
     def stats(self, conversation_id):
-        rows = self.conn().execute(
+        by_role = dicts(self.conn().execute(
             """SELECT role, count(*) AS count, round(avg(length(content)), 1) AS avg_length,
                       coalesce(sum(estimated_tokens), 0) AS total_tokens,
                       round(avg(response_time_ms), 1) AS avg_response_time
                FROM messages WHERE conversation_id = ? GROUP BY role ORDER BY role DESC""",
-            (conversation_id,)).fetchall()
-        by_role = [dict(r) for r in rows]
+            (conversation_id,)))
         assistant = next((r for r in by_role if r["role"] == "assistant"), None)
         summary = {
             "total_messages": sum(r["count"] for r in by_role),
@@ -750,7 +755,7 @@ class Store:
         # messages would take seconds to rank in full. So rank the newest
         # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and
         # join and snip only the page of results.
-        rows = self.conn().execute(
+        rows = dicts(self.conn().execute(
             """SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
                       m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
                FROM (SELECT id, score FROM
@@ -760,9 +765,9 @@ class Store:
                JOIN messages m ON m.id = hits.id
                JOIN conversations c ON c.id = m.conversation_id
                ORDER BY hits.score, hits.id DESC""",
-            (fts_query(text, expansion), RANK_WINDOW, limit))
+            (fts_query(text, expansion), RANK_WINDOW, limit)))
         marker = Highlighter(terms, prefix)
-        return [search_result(dict(r), *marker.snippet(r["content"])) for r in rows]
+        return [search_result(r, *marker.snippet(r["content"])) for r in rows]
 
     def _words_starting(self, prefix):
         """Indexed words that start with prefix, or None when there are too many."""
@@ -783,14 +788,14 @@ class Store:
         escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
         where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
                              * len(terms))
-        rows = self.conn().execute(
+        rows = dicts(self.conn().execute(
             f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
                        m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
                 WHERE {where} ORDER BY m.id DESC LIMIT ?""",
-            (*[p for e in escaped for p in (e, e)], limit))
+            (*[p for e in escaped for p in (e, e)], limit)))
         marker = Highlighter(terms, prefix, inside=True)
-        return [search_result(dict(r), *marker.snippet(r["content"])) for r in rows]
+        return [search_result(r, *marker.snippet(r["content"])) for r in rows]
 
 
 def search_result(row, snippet, highlights):
@@ -1157,22 +1162,32 @@ class ReplyReader(threading.Thread):
             close_quietly(resp)
 
     def _read(self, resp):
-        for raw in resp:
-            line = raw.strip()
-            if not line or line.startswith(b":"):        # blank, or a keep-alive comment
-                continue
-            if line.startswith(b"error:"):
-                line = b"data:" + line[6:]
-            if not line.startswith(b"data:"):
-                raise ValueError(f"not an event line: {line[:80]!r}")
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return self.items.put(("done", None))
-            chunk = json.loads(data)
-            if not isinstance(chunk, dict):
-                raise ValueError("an event that is not an object")
-            self.items.put(("chunk", chunk))
-        self.items.put(("cut", None))
+        """Whatever has arrived is parsed and queued at once, as one batch."""
+        pending = b""
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                return self.items.put(("cut", None))
+            *lines, pending = (pending + data).split(b"\n")
+            chunks = []
+            for raw in lines:
+                line = raw.strip()
+                if not line or line.startswith(b":"):     # blank, or a keep-alive comment
+                    continue
+                if line.startswith(b"error:"):
+                    line = b"data:" + line[6:]
+                if not line.startswith(b"data:"):
+                    raise ValueError(f"not an event line: {line[:80]!r}")
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    self.items.put(("chunks", chunks))
+                    return self.items.put(("done", None))
+                chunk = json.loads(payload)
+                if not isinstance(chunk, dict):
+                    raise ValueError("an event that is not an object")
+                chunks.append(chunk)
+            if chunks:
+                self.items.put(("chunks", chunks))
 
     def cancel(self):
         """Close llama.cpp's stream (now, or as soon as it opens): generation stops."""
@@ -1212,9 +1227,11 @@ class Relay:
                 self.finish = finish_reason(choice)
         return events
 
-    def keep(self, event):
-        """An event reached the client: it is part of what gets stored."""
-        (self.reasoning if event["type"] == "reasoning" else self.text).append(event["content"])
+    def keep(self, events):
+        """These events reached the client: they are part of what gets stored."""
+        for event in events:
+            (self.reasoning if event["type"] == "reasoning" else self.text).append(
+                event["content"])
 
     def store(self, app, turn, reason):
         return finish_chat(app, turn, "".join(self.text), "".join(self.reasoning), reason,
@@ -1222,9 +1239,11 @@ class Relay:
 
 
 def chat_stream(app, turn):
-    """Generator of events for one streamed reply (None: send a keep-alive).
-    The handler throws ClientGone into it when a write fails; every way out
-    stores what was relayed, and closes llama.cpp's stream."""
+    """Generator of lists of events for one streamed reply (None: send a
+    keep-alive): each list holds what llama.cpp sent since the last one, so a
+    fast model costs one write per batch rather than per token. The handler
+    throws ClientGone into it when a write fails; every way out stores what
+    was relayed, and closes llama.cpp's stream."""
     relay = Relay()
     reader = ReplyReader(app, turn)
     app.stream_started()
@@ -1235,11 +1254,12 @@ def chat_stream(app, turn):
                 yield None
             elif kind == "cut" and not relay.finish:
                 raise bad_upstream("the stream ended before the reply was complete")
-            elif kind == "chunk":
-                for event in relay.take(item):
-                    yield event
-                    relay.keep(event)
-        yield {"type": "done", **relay.store(app, turn, relay.finish or "stop")}
+            elif kind == "chunks":
+                events = [event for chunk in item for event in relay.take(chunk)]
+                if events:
+                    yield events
+                    relay.keep(events)
+        yield [{"type": "done", **relay.store(app, turn, relay.finish or "stop")}]
     except ClientGone:
         relay.store(app, turn, "aborted")
     except ApiError as e:
@@ -1251,7 +1271,7 @@ def chat_stream(app, turn):
                  "user_message_id": turn.user_message_id, "message_id": stored}
         if "details" in e.extra:
             event["details"] = e.extra["details"]
-        yield event
+        yield [event]
     finally:
         reader.cancel()
         app.stream_ended()
@@ -1629,6 +1649,9 @@ class App:
 ###############################################################################
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+# \u-escaped output encodes a third faster than ensure_ascii=False, and the
+# bodies are our own plain data (no cycles to check for).
+JSON = json.JSONEncoder(check_circular=False)
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
@@ -1640,7 +1663,10 @@ CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
 
 
 def escape_log(text):
-    return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), str(text))
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
 def is_ip_literal(name):
@@ -1825,7 +1851,7 @@ class Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
     def send_json(self, status, payload, headers=None):
-        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        body = JSON.encode(payload).encode()
         self.send(status, body, {"Content-Type": "application/json; charset=utf-8",
                                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                                  **(headers or {})})
@@ -1840,13 +1866,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         gone = False
-        for event in events:
+        for batch in events:
             if gone:
                 continue
-            line = b": keep-alive\n\n" if event is None else \
-                b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n"
+            data = b": keep-alive\n\n" if batch is None else b"".join(
+                b"data: " + json.dumps(e, ensure_ascii=False).encode("utf-8") + b"\n\n"
+                for e in batch)
             try:
-                self.wfile.write(line)
+                self.wfile.write(data)
                 self.wfile.flush()
             except OSError:
                 gone = True
