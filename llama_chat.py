@@ -11,11 +11,25 @@ address it requires an API key, and makes one up if none is given.
 ``python3 llama_chat.py --help`` lists every setting.
 """
 
-import argparse
+import sys
+
+# OpenSSL costs every process ~5 MB of memory: http.client imports ssl for its
+# HTTPS class, and hashlib and hmac load _hashlib. Neither is needed here:
+# llama-server is plain http nearly always (TLSConnection imports ssl when it
+# is not), and the builtin sha256 and compare_digest serve the rest. So these
+# modules load with OpenSSL hidden (a path each of them supports), and later
+# imports get the real thing.
+_HIDDEN = [name for name in ("ssl", "_ssl", "_hashlib") if name not in sys.modules]
+sys.modules.update(dict.fromkeys(_HIDDEN))
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import http.client  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+for _name in _HIDDEN:
+    del sys.modules[_name]
+
+import argparse  # noqa: E402
 import base64
-import hashlib
-import hmac
-import http.client
 import ipaddress
 import json
 import logging
@@ -26,7 +40,6 @@ import secrets
 import signal
 import socket
 import sqlite3
-import sys
 import threading
 import time
 import traceback
@@ -35,7 +48,6 @@ import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -835,7 +847,7 @@ class Upstream:
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
         """Send a request; return (connection, response). Raises ApiError."""
-        cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        cls = TLSConnection if self.https else http.client.HTTPConnection
         conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
         headers = dict(self.headers)
         data = None
@@ -904,6 +916,17 @@ class Upstream:
             else:
                 models.append({"name": entry["id"], "status": str(state)})
         return models
+
+
+class TLSConnection(http.client.HTTPConnection):
+    """HTTPS to llama.cpp, verified against the system's certificates."""
+    default_port = 443
+
+    def connect(self):
+        super().connect()
+        import ssl
+        self.sock = ssl.create_default_context().wrap_socket(self.sock,
+                                                             server_hostname=self.host)
 
 
 def error_text(body):

@@ -1045,6 +1045,17 @@ def test_a_question_longer_than_the_context_is_an_error(client, stub):
     assert "exceeds the available context size" in body["details"]
 
 
+def test_https_llamacpp_url_speaks_tls(tmp_path, stub):
+    server = start_app(tmp_path, stub.url.replace("http://", "https://"))
+    c = Client(server)
+    try:
+        status, _, body = c.chat(c.new_conversation())
+        assert (status, body["code"]) == (502, "LLAMACPP_ERROR")     # the stub speaks plain http
+        assert "SSL" in body["details"] or "ssl" in body["details"].lower()
+    finally:
+        stop(server)
+
+
 def test_llamacpp_key_goes_upstream_only(tmp_path, stub):
     server = start_app(tmp_path, stub.url, llamacpp_api_key="upstream-key")
     c = Client(server)
