@@ -541,27 +541,37 @@ class Store:
         self.path = path
         self.fts = fts5_available() if use_fts is None else use_fts
         self._local = threading.local()
+        self._idle = queue.Queue(maxsize=8)
         self.backup_path = None
         self._open()
 
-    # Connections: one per thread, closed by whoever ends the thread's work.
+    # Connections: one per thread while it works, from a small pool. Opening one
+    # (and SQLite reading the schema) costs about a millisecond, which every
+    # new HTTP connection would otherwise pay before its first answer.
     def conn(self):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                   timeout=10)
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA secure_delete = ON")
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = sqlite3.connect(self.path, isolation_level=None,
+                                       check_same_thread=False, timeout=10)
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA busy_timeout = 10000")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA secure_delete = ON")
             self._local.conn = conn
         return conn
 
     def release(self):
+        """The calling thread is done with the database: its connection goes back."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             self._local.conn = None
-            conn.close()
+            try:
+                self._idle.put_nowait(conn)
+            except queue.Full:
+                conn.close()
 
     @contextmanager
     def write(self):
@@ -1153,74 +1163,151 @@ class ClientGone(Exception):
 
 
 class ReplyReader(threading.Thread):
-    """Opens llama.cpp's stream and puts what it sends on a queue, so that the
-    relay can send keep-alives, notice shutdown and stop it at any moment:
-    ("chunk", dict), ("done", None), ("cut", None) or ("error", ApiError)."""
+    """Opens llama.cpp's stream and waits for its first bytes. llama-server sends
+    nothing, not even headers, until it has read the prompt, which can take
+    minutes; meanwhile the relay sends keep-alives and watches for shutdown.
+    From the first bytes on, the relay reads the stream itself."""
 
     def __init__(self, app, turn):
         super().__init__(daemon=True)
         self.app, self.turn = app, turn
-        self.items = queue.Queue()
-        self._resp = None
+        self.ready = threading.Event()
+        self.resp = self.read = self.first = self.error = None
         self._cancelled = False
         self._lock = threading.Lock()
 
     def run(self):
         try:
             conn, resp = open_reply(self.app, self.turn)
+            with self._lock:
+                self.resp = resp
+                if self._cancelled:
+                    return close_quietly(resp)
+            self.read = body_reader(resp)
+            self.first = self.read()
         except ApiError as e:
-            return self.items.put(("error", e))
-        with self._lock:
-            self._resp = resp
-            if self._cancelled:
-                return close_quietly(resp)
-        try:
-            self._read(resp)
-        except (ValueError, UnicodeDecodeError) as e:
-            self.items.put(("error", bad_upstream(f"a stream event cannot be read: {e}")))
+            self.error = e
         except Exception as e:      # timeout, reset, or closed by cancel()
-            if not self._cancelled:
-                self.items.put(("error", upstream_error(e, self.app.upstream.url)))
+            self.error = upstream_error(e, self.app.upstream.url)
         finally:
-            close_quietly(resp)
-
-    def _read(self, resp):
-        """Whatever has arrived is parsed and queued at once, as one batch."""
-        pending = b""
-        while True:
-            data = resp.read1(65536)
-            if not data:
-                return self.items.put(("cut", None))
-            *lines, pending = (pending + data).split(b"\n")
-            chunks = []
-            for raw in lines:
-                line = raw.strip()
-                if not line or line.startswith(b":"):     # blank, or a keep-alive comment
-                    continue
-                if line.startswith(b"error:"):
-                    line = b"data:" + line[6:]
-                if not line.startswith(b"data:"):
-                    raise ValueError(f"not an event line: {line[:80]!r}")
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    self.items.put(("chunks", chunks))
-                    return self.items.put(("done", None))
-                chunk = json.loads(payload)
-                if not isinstance(chunk, dict):
-                    raise ValueError("an event that is not an object")
-                chunks.append(chunk)
-            if chunks:
-                self.items.put(("chunks", chunks))
+            self.ready.set()
 
     def cancel(self):
         """Close llama.cpp's stream (now, or as soon as it opens): generation stops."""
         with self._lock:
             self._cancelled = True
-            if self._resp is not None:
-                close_quietly(self._resp)
+            if self.resp is not None:
+                close_quietly(self.resp)
 
 
 KEEPALIVE_SECONDS = 15
+
+
+def body_reader(resp):
+    """A function that returns the next bytes of a response body, all that have
+    arrived (b"" at its end). http.client's read1() stops at every chunk of a
+    chunked body, and llama-server sends one token per chunk: decoding the
+    chunks here lets one read take a whole burst of tokens."""
+    if not resp.chunked:
+        return lambda: resp.read1(65536)
+    state = {"buffer": b"", "left": 0, "ended": False}   # left: bytes of chunk, -1: CRLF
+
+    def read():
+        out = []
+        while not out and not state["ended"]:
+            data = resp.fp.read1(65536)
+            if not data:
+                break
+            buffer, left = state["buffer"] + data, state["left"]
+            while buffer:
+                if left > 0:
+                    out.append(buffer[:left])
+                    left, buffer = left - len(out[-1]), buffer[len(out[-1]):]
+                    left = left or -1
+                elif left < 0:
+                    if len(buffer) < 2:
+                        break
+                    left, buffer = 0, buffer[2:]
+                else:
+                    line_end = buffer.find(b"\r\n")
+                    if line_end < 0:
+                        break
+                    try:
+                        left = int(buffer[:line_end].split(b";")[0], 16)
+                    except ValueError:
+                        raise bad_upstream("its chunked stream is malformed") from None
+                    buffer = buffer[line_end + 2:]
+                    if left == 0:
+                        state["ended"] = True
+                        break
+            state["buffer"], state["left"] = buffer, left
+        return b"".join(out)
+
+    return read
+
+
+def parse_events(lines):
+    """llama-server's SSE lines -> (chunks, whether [DONE] came)."""
+    chunks = []
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith(b":"):     # blank, or a keep-alive comment
+            continue
+        if line.startswith(b"error:"):
+            line = b"data:" + line[6:]
+        if not line.startswith(b"data:"):
+            raise bad_upstream(f"it sent a line that is not an event: {line[:80]!r}")
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return chunks, True
+        try:
+            chunk = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_upstream(f"a stream event cannot be read: {e}") from None
+        if not isinstance(chunk, dict):
+            raise bad_upstream("it sent an event that is not an object")
+        chunks.append(chunk)
+    return chunks, False
+
+
+def upstream_batches(app, reader):
+    """What llama.cpp streams: a list of chunks per read (whatever has arrived,
+    so a fast model costs one write per batch, not per token), None every
+    KEEPALIVE_SECONDS before its first byte, then "done" or "cut"."""
+    quiet = 0.0
+    while not reader.ready.wait(0.25):
+        if app.stopping.is_set():
+            raise shutting_down()
+        quiet += 0.25
+        if quiet >= KEEPALIVE_SECONDS:
+            quiet = 0.0
+            yield None
+    if reader.error:
+        raise reader.error
+    data, pending = reader.first, b""
+    while data:
+        *lines, pending = (pending + data).split(b"\n")
+        chunks, done = parse_events(lines)
+        if chunks:
+            yield chunks
+        if done:
+            yield "done"
+            return
+        try:
+            data = reader.read()
+        except Exception as e:
+            data, error = b"", e
+        else:
+            error = None
+        if app.stopping.is_set():
+            raise shutting_down()
+        if error is not None:
+            raise upstream_error(error, app.upstream.url)
+    yield "cut"
+
+
+def shutting_down():
+    return ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
 
 
 class Relay:
@@ -1269,19 +1356,27 @@ def chat_stream(app, turn):
     was relayed, and closes llama.cpp's stream."""
     relay = Relay()
     reader = ReplyReader(app, turn)
-    app.stream_started()
+    app.stream_started(reader)
     try:
         reader.start()
-        for kind, item in upstream_items(app, reader):
-            if kind is None:
+        for item in upstream_batches(app, reader):
+            if item is None:
                 yield None
-            elif kind == "cut" and not relay.finish:
+            elif item == "cut" and not relay.finish:
                 raise bad_upstream("the stream ended before the reply was complete")
-            elif kind == "chunks":
-                events = [event for chunk in item for event in relay.take(chunk)]
+            elif isinstance(item, list):
+                events, failure = [], None
+                for chunk in item:
+                    try:
+                        events.extend(relay.take(chunk))
+                    except ApiError as e:       # relay what came before it first
+                        failure = e
+                        break
                 if events:
                     yield events
                     relay.keep(events)
+                if failure:
+                    raise failure
         yield [{"type": "done", **relay.store(app, turn, relay.finish or "stop")}]
     except ClientGone:
         relay.store(app, turn, "aborted")
@@ -1297,30 +1392,7 @@ def chat_stream(app, turn):
         yield [event]
     finally:
         reader.cancel()
-        app.stream_ended()
-
-
-def upstream_items(app, reader):
-    """The reader's items until the reply is complete; (None, None) every
-    KEEPALIVE_SECONDS of silence. Raises ApiError on failure or shutdown."""
-    quiet = 0.0
-    while True:
-        if app.stopping.is_set():
-            raise ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
-        try:
-            kind, item = reader.items.get(timeout=0.25)
-        except queue.Empty:
-            quiet += 0.25
-            if quiet >= KEEPALIVE_SECONDS:
-                quiet = 0.0
-                yield None, None
-            continue
-        quiet = 0.0
-        if kind == "error":
-            raise item
-        yield kind, item
-        if kind in ("done", "cut"):
-            return
+        app.stream_ended(reader)
 
 
 def close_quietly(resp):
@@ -1610,7 +1682,7 @@ class App:
         self.stopping = threading.Event()
         self._page = (None, None)      # (mtime, Page)
         self._lock = threading.Lock()
-        self.active_streams = 0
+        self.streams = set()           # the ReplyReader of every open stream
         self._purge = {"running": False, "again": False}
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
         if not is_loopback(settings.host):
@@ -1651,17 +1723,26 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def stream_started(self):
+    def stream_started(self, reader):
         with self._lock:
-            self.active_streams += 1
+            self.streams.add(reader)
 
-    def stream_ended(self):
+    def stream_ended(self, reader):
         with self._lock:
-            self.active_streams -= 1
+            self.streams.discard(reader)
+
+    @property
+    def active_streams(self):
+        return len(self.streams)
 
     def stop_streams(self, wait=4.0):
-        """Ask every stream to end, then wait for them to store their replies."""
+        """Ask every stream to end (closing llama.cpp's side wakes a relay blocked
+        reading it), then wait for them to store their replies."""
         self.stopping.set()
+        with self._lock:
+            readers = list(self.streams)
+        for reader in readers:
+            reader.cancel()
         deadline = time.monotonic() + wait
         while self.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -1675,6 +1756,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 # \u-escaped output encodes a third faster than ensure_ascii=False, and the
 # bodies are our own plain data (no cycles to check for).
 JSON = json.JSONEncoder(check_circular=False)
+SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
@@ -1892,9 +1974,8 @@ class Handler(BaseHTTPRequestHandler):
         for batch in events:
             if gone:
                 continue
-            data = b": keep-alive\n\n" if batch is None else b"".join(
-                b"data: " + json.dumps(e, ensure_ascii=False).encode("utf-8") + b"\n\n"
-                for e in batch)
+            data = b": keep-alive\n\n" if batch is None else "".join(
+                f"data: {SSE_JSON.encode(e)}\n\n" for e in batch).encode()
             try:
                 self.wfile.write(data)
                 self.wfile.flush()

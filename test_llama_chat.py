@@ -126,7 +126,10 @@ class StubHandler(BaseHTTPRequestHandler):
         self.send_json(200, answer)
 
     def chunk(self, data):
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self.stub.mode == "unchunked":        # a body that ends when the connection does
+            self.wfile.write(data)
+        else:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def event(self, obj):
@@ -136,7 +139,11 @@ class StubHandler(BaseHTTPRequestHandler):
         stub = self.stub
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
+        if stub.mode == "unchunked":
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         with stub.lock:
             stub.open_streams += 1
@@ -1154,6 +1161,34 @@ def test_stream_relays_deltas_then_done(client, stub):
     assert stub.requests[-1]["body"]["stream_options"] == {"include_usage": True}
     assert rows(client, "SELECT id, content, finish_reason FROM messages WHERE role = "
                 "'assistant'") == [(done["message_id"], stub.reply, "stop")]
+
+
+@pytest.mark.parametrize("split", [1, 7, 4096])
+def test_chunked_bodies_decode_across_any_read_boundaries(split):
+    events = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(50)) + b"data: [DONE]\n\n"
+    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(events[i:i + 13]), events[i:i + 13])
+                    for i in range(0, len(events), 13)) + b"0\r\n\r\n"
+
+    class Response:
+        chunked = True
+
+        class fp:
+            pieces = [wire[i:i + split] for i in range(0, len(wire), split)]
+
+            @classmethod
+            def read1(cls, n):
+                return cls.pieces.pop(0) if cls.pieces else b""
+
+    read, body = llama_chat.body_reader(Response), b""
+    while data := read():
+        body += data
+    assert body == events
+
+
+def test_stream_from_an_unchunked_upstream(client, stub):
+    stub.mode = "unchunked"
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "done" and events[-1]["response"] == stub.reply
 
 
 def test_stream_deltas_arrive_before_llamacpp_finishes(client, stub):
@@ -2182,16 +2217,31 @@ def test_bench(tmp_path, stub):
         row("chat overhead over a direct llama.cpp call, p50",
             f"{percentile(through, 50) - percentile(straight, 50):.2f} ms", "< 3 ms")
 
-        # Streaming: 2,000 tokens as fast as the stub can send them (median of 5 each,
-        # alternating, since the stub and this reader share one process)
-        stub.reply = " ".join(f"t{i}" for i in range(2000))
-        stub_port = int(stub.url.rsplit(":", 1)[1])
+        # Streaming: 2,000 tokens from a stub in its own process sending as fast as it
+        # can, read directly and through the app (median of 5 each, alternating; each
+        # app run in a new conversation, so both carry the same short prompt)
+        fast = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", "0",
+                                 "--tokens", "2000"], stdout=subprocess.PIPE, text=True)
+        fast_url = fast.stdout.readline().split()[-1]
+        fast_app = AppProcess(str(tmp_path / "stream.db"), fast_url)
         direct_runs, app_runs = [], []
-        for _ in range(5):
-            direct_runs.append(stream_rate(stub_port, "/v1/chat/completions", {
-                "messages": [{"role": "user", "content": "go"}], "stream": True}))
-            app_runs.append(stream_rate(app.port, "/api/chat", {
-                "conversation_id": 1, "message": "go", "model": "m", "stream": True}))
+        try:
+            for i in range(5):
+                direct_runs.append(stream_rate(int(fast_url.rsplit(":", 1)[1]),
+                                               "/v1/chat/completions", {"messages": [
+                                                   {"role": "system", "content": "x"},
+                                                   {"role": "user", "content": "go"}],
+                                                   "stream": True}))
+                c = http.client.HTTPConnection("127.0.0.1", fast_app.port, timeout=10)
+                c.request("POST", "/api/conversations", json.dumps({"title": "s", "model": "m"}),
+                          {"Content-Type": "application/json"})
+                cid = json.loads(c.getresponse().read())["conversation_id"]
+                app_runs.append(stream_rate(fast_app.port, "/api/chat", {
+                    "conversation_id": cid, "message": "go", "model": "m", "stream": True}))
+        finally:
+            fast_app.stop()
+            fast.terminate()
+            fast.wait(10)
         rate_direct = percentile([r for r, _ in direct_runs], 50)
         rate_app = percentile([r for r, _ in app_runs], 50)
         first_direct = percentile([f for _, f in direct_runs], 50)
@@ -2271,3 +2321,28 @@ def test_bench(tmp_path, stub):
             f"{like / p50:,.0f}x ({like:,.0f} ms)", ">= 50x")
     finally:
         app.stop()
+
+
+def serve_stub(argv=None):
+    """A stand-in llama-server for trying llama-chat without a model:
+    python3 test_llama_chat.py --port 8080 [--tokens N] [--delay SECONDS] [--router]"""
+    import argparse
+    p = argparse.ArgumentParser(description=serve_stub.__doc__)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--tokens", type=int, default=0, help="reply with N tokens")
+    p.add_argument("--delay", type=float, default=0.0, help="seconds between tokens")
+    p.add_argument("--router", action="store_true", help="answer /models as router mode does")
+    args = p.parse_args(argv)
+    state = Stub()
+    if args.tokens:
+        state.reply = " ".join(f"t{i}" for i in range(args.tokens))
+    state.token_delay, state.router = args.delay, args.router
+    server = ThreadingHTTPServer(("127.0.0.1", args.port),
+                                 type("Handler", (StubHandler,), {"stub": state}))
+    server.daemon_threads = True
+    print(f"stub llama-server on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    serve_stub()
