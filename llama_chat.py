@@ -319,7 +319,7 @@ def check_model_options(options, prefix):
 
 
 ###############################################################################
-# Storage
+# Storage: schema and migrations
 ###############################################################################
 
 SCHEMA_VERSION = 1
@@ -431,6 +431,10 @@ def fts5_available():
         return False
 
 
+###############################################################################
+# Search: queries, word lists and highlights
+###############################################################################
+
 def fts_query(text, expansion=None):
     """User text -> an FTS5 query: quoted phrases joined by AND.
 
@@ -522,6 +526,14 @@ MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, times
     response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second, finish_reason"""
 CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
 
+
+def search_result(row, snippet, highlights):
+    return {"id": row["conversation_id"], **row, "snippet": snippet, "highlights": highlights}
+
+
+###############################################################################
+# Store
+###############################################################################
 
 def dicts(cursor):
     """A cursor's rows as dicts (twice as fast as dict(sqlite3.Row))."""
@@ -818,10 +830,6 @@ class Store:
             (*[p for e in escaped for p in (e, e)], limit)))
         marker = Highlighter(terms, prefix, inside=True)
         return [search_result(r, *marker.snippet(r["content"])) for r in rows]
-
-
-def search_result(row, snippet, highlights):
-    return {"id": row["conversation_id"], **row, "snippet": snippet, "highlights": highlights}
 
 
 def split_sql(script):
@@ -1157,6 +1165,10 @@ def chat_once(app, turn):
 def finish_reason(choice):
     return "length" if choice.get("finish_reason") == "length" else "stop"
 
+
+###############################################################################
+# Streaming: relaying llama.cpp's tokens as they come
+###############################################################################
 
 class ClientGone(Exception):
     """The browser or script that asked for a stream went away."""
