@@ -1795,6 +1795,11 @@ class Browser:
         assert ELEMENT in found, found
         self.do("POST", f"/element/{found[ELEMENT]}/value", {"text": text})
 
+    def hover(self, css):
+        found = self.do("POST", "/element", {"using": "css selector", "value": css})
+        self.do("POST", "/actions", {"actions": [{"type": "pointer", "id": "mouse", "actions": [
+            {"type": "pointerMove", "origin": found, "x": 0, "y": 0}]}]})
+
     def click(self, css):
         found = self.do("POST", "/element", {"using": "css selector", "value": css})
         self.do("POST", f"/element/{found[ELEMENT]}/click", {})
@@ -1986,6 +1991,83 @@ def test_page_failed_send_offers_retry(page, client, stub):
            "document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
     assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
         "will fail", stub.reply]
+
+
+@needs_chromium
+def test_page_renames_and_deletes_in_place(page, client):
+    keep = client.new_conversation("Keep me")
+    gone = client.new_conversation("Old name")
+    b = page("/")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 2")
+    b.hover(f"#conv-list li[data-id='{gone}']")
+    b.click(f"#conv-list li[data-id='{gone}'] button[data-action='rename']")
+    b.js("document.querySelector('#conv-list input').value = ''")
+    b.type("#conv-list input", "New name\ue007")
+    b.wait("return [...document.querySelectorAll('#conv-list .title')]"
+           ".some(e => e.textContent === 'New name')")
+    assert client.get(f"/api/conversations/{gone}")[2]["conversation"]["title"] == "New name"
+    b.hover(f"#conv-list li[data-id='{gone}']")
+    b.click(f"#conv-list li[data-id='{gone}'] button[data-action='delete']")
+    assert client.get(f"/api/conversations/{gone}")[0] == 200      # not before it is confirmed
+    b.click(f"#conv-list li[data-id='{gone}'] button.danger")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 1")
+    assert client.get(f"/api/conversations/{gone}")[0] == 404
+    assert client.get(f"/api/conversations/{keep}")[0] == 200
+
+
+@needs_chromium
+def test_page_keyboard_shortcuts_and_labels(page, client):
+    b = page("/")
+    b.wait("return document.querySelector('#model option')")
+    b.js("document.body.focus()")
+    b.do("POST", "/actions", {"actions": [{"type": "key", "id": "k", "actions": [
+        {"type": "keyDown", "value": "\ue009"}, {"type": "keyDown", "value": "k"},
+        {"type": "keyUp", "value": "k"}, {"type": "keyUp", "value": "\ue009"}]}]})
+    assert b.js("return document.activeElement.id") == "search"
+    unlabeled = b.js("""return [...document.querySelectorAll('input, select, textarea, button')]
+        .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')
+                     && !e.textContent.trim() && !e.title).map(e => e.outerHTML)""")
+    assert unlabeled == []
+    assert b.js("return document.getElementById('messages').getAttribute('aria-live')") == \
+        "polite"
+
+
+@needs_chromium
+def test_page_stats_draws_two_charts(page, client):
+    cid = client.new_conversation()
+    for i in range(3):
+        client.chat(cid, f"question {i}")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.msg.assistant').length === 3")
+    b.click("#stats-toggle")
+    charts = b.wait("const c = document.querySelectorAll('#stats svg.chart');"
+                    "return c.length === 2 && [...c].map(s => s.querySelectorAll('rect').length)")
+    assert charts == [3, 3]
+    assert b.js("return document.querySelector('#stats dd').textContent") == "6"
+
+
+@needs_chromium
+def test_page_takes_the_key_from_the_link_and_asks_again_after_401(browser, tmp_path, stub):
+    server = start_app(tmp_path, stub.url, api_key="page-key")
+    c = Client(server)
+    try:
+        c.get("/api/conversations", headers={"Authorization": "Bearer page-key"})
+        c.request("POST", "/api/conversations", {"title": "Secret chat", "model": MODEL},
+                  headers={"Authorization": "Bearer page-key"})
+        browser.go(f"http://127.0.0.1:{c.port}/#token=page-key")
+        browser.wait("return document.querySelector('#conv-list .title')")
+        assert browser.js("return location.hash") == ""
+        assert browser.js("return localStorage.getItem('llama-chat.key')") == "page-key"
+        browser.js("localStorage.setItem('llama-chat.key', 'stale')")
+        browser.go(f"http://127.0.0.1:{c.port}/")
+        browser.wait("return !document.getElementById('keyform').classList.contains('hidden')")
+        browser.type("#key-input", "page-key\ue007")
+        title = browser.wait("const t = document.querySelector('#conv-list .title');"
+                             "return t && t.textContent")
+        assert title == "Secret chat"
+        browser.js("localStorage.clear()")
+    finally:
+        stop(server)
 
 
 @needs_chromium
