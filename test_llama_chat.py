@@ -1780,6 +1780,10 @@ class Browser:
     def js(self, script, *args):
         return self.do("POST", "/execute/sync", {"script": script, "args": list(args)})
 
+    def js_async(self, script, *args):
+        """Run script with a callback as its last argument (arguments[arguments.length - 1])."""
+        return self.do("POST", "/execute/async", {"script": script, "args": list(args)})
+
     def wait(self, script, *args, timeout=10):
         deadline = time.monotonic() + timeout
         while True:
@@ -2432,3 +2436,37 @@ def serve_stub(argv=None):
 
 if __name__ == "__main__":
     serve_stub()
+
+
+@bench
+@needs_chromium
+def test_bench_page(browser, client):
+    store = client.app.store
+    for i in range(1000):
+        store.create_conversation(f"Conversation {i} about things", MODEL)
+    big = store.create_conversation("Five hundred messages", MODEL)
+    reply = ("## A heading\n\nSome **bold** text, `code` and a [link](https://example.com).\n\n"
+             "```python\nprint('hello')\n```\n\n- one\n- two\n  - nested\n\n| a | b |\n|---|---|\n"
+             "| 1 | 2 |\n")
+    for i in range(250):
+        store.add_message(big, "user", f"Question {i}: how does this work?")
+        store.add_message(big, "assistant", reply, MODEL, response_time_ms=900,
+                          estimated_tokens=60, tokens_per_second=40.0, finish_reason="stop")
+    size = os.path.getsize(os.path.join(HERE, "index.html"))
+    browser.go(f"http://127.0.0.1:{client.port}/")
+    browser.wait("return document.querySelectorAll('#conv-list .conv').length >= 50")
+    listed = browser.js_async("""const done = arguments[arguments.length - 1];
+        const t0 = performance.now();
+        (async () => { while (!state.listDone) await loadMoreConversations();
+                       done([performance.now() - t0, state.conversations.length,
+                             document.querySelectorAll('#conv-list .conv').length]); })();""")
+    opened = browser.js_async(f"""const done = arguments[arguments.length - 1];
+        const t0 = performance.now();
+        openConversation({big}).then(() => requestAnimationFrame(() => done(
+            [performance.now() - t0, document.querySelectorAll('#messages .msg').length])));""")
+    print(f"\n  index.html size {size / 1024:.1f} KB (< 100 KB)")
+    print(f"  1,000 conversations listed, 50 at a time: {listed[0]:.0f} ms "
+          f"({listed[2]} shown) (< 1 s)")
+    print(f"  a conversation of 500 messages rendered with Markdown: {opened[0]:.0f} ms "
+          f"({opened[1]} shown) (< 1 s)")
+    assert listed[2] == 1001 and opened[1] == 500
