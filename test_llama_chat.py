@@ -2395,6 +2395,21 @@ def test_bench(tmp_path, stub):
     finally:
         app.stop()
 
+    # The original app's database, 100,000 messages: opened, migrated, searched
+    db = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(db, conversations=2000, per_conversation=50)
+    app = AppProcess(db, stub.url)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+        conn.request("GET", "/api/search?q=volcanoes&limit=5")
+        found = json.loads(conn.getresponse().read())["count"]
+        row("original app's 100,000-message database: migrate + start",
+            f"{app.startup:.1f} s, search finds {found}", "opens, keeps every row")
+        assert found == 5
+    finally:
+        app.stop()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone()[0] == 100000
+
     # A million messages
     db = str(tmp_path / "1m.db")
     built = build_database(db, 1_000_000)
