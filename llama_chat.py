@@ -1361,16 +1361,26 @@ class Relay:
 
 
 def chat_stream(app, turn):
+    """Start llama.cpp's stream now, so that it hears of the question while the
+    client's headers go out, and return the relay of its events."""
+    reader = ReplyReader(app, turn)
+    app.stream_started(reader)
+    reader.start()
+
+    def close():
+        reader.cancel()
+        app.stream_ended(reader)
+    return EventStream(relay_events(app, turn, reader), close)
+
+
+def relay_events(app, turn, reader):
     """Generator of lists of events for one streamed reply (None: send a
     keep-alive): each list holds what llama.cpp sent since the last one, so a
     fast model costs one write per batch rather than per token. The handler
     throws ClientGone into it when a write fails; every way out stores what
-    was relayed, and closes llama.cpp's stream."""
+    was relayed."""
     relay = Relay()
-    reader = ReplyReader(app, turn)
-    app.stream_started(reader)
     try:
-        reader.start()
         for item in upstream_batches(app, reader):
             if item is None:
                 yield None
@@ -1402,9 +1412,6 @@ def chat_stream(app, turn):
         if "details" in e.extra:
             event["details"] = e.extra["details"]
         yield [event]
-    finally:
-        reader.cancel()
-        app.stream_ended(reader)
 
 
 def close_quietly(resp):
@@ -1461,7 +1468,8 @@ class Page:
 
 @dataclass
 class EventStream:
-    events: object   # generator of dicts (None: keep-alive)
+    events: object   # generator of lists of event dicts (None: a keep-alive)
+    close: object    # called once the answer is over, however it ended
 
 
 def require_str(body, name, allow_empty=False, max_len=10_000):
@@ -1595,7 +1603,7 @@ def api_chat(app, req):
         raise validation_error("stream", "Field stream must be true or false")
     stream = stream or "text/event-stream" in req.headers.get("Accept", "")
     turn = start_chat(app, body, stream)
-    return EventStream(chat_stream(app, turn)) if stream else chat_once(app, turn)
+    return chat_stream(app, turn) if stream else chat_once(app, turn)
 
 
 @local
@@ -1873,7 +1881,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 result = handler(app, req)
             if isinstance(result, EventStream):
-                self.send_stream(result.events)
+                self.send_stream(result)
             elif isinstance(result, Page):
                 self.send(200, result.body, result.headers)
             else:
@@ -1981,15 +1989,22 @@ class Handler(BaseHTTPRequestHandler):
                                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                                  **(headers or {})})
 
-    def send_stream(self, events):
+    def send_stream(self, stream):
         self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.flush()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Accel-Buffering", "no")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.flush()
+            self.relay(stream.events)
+        finally:
+            stream.events.close()
+            stream.close()
+
+    def relay(self, events):
         gone = False
         for batch in events:
             if gone:
