@@ -1286,13 +1286,12 @@ def upstream_batches(app, reader):
     """What llama.cpp streams: a list of chunks per read (whatever has arrived,
     so a fast model costs one write per batch, not per token), None every
     KEEPALIVE_SECONDS before its first byte, then "done" or "cut"."""
-    quiet = 0.0
+    last_sent = time.monotonic()
     while not reader.ready.wait(0.25):
         if app.stopping.is_set():
             raise shutting_down()
-        quiet += 0.25
-        if quiet >= KEEPALIVE_SECONDS:
-            quiet = 0.0
+        if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
+            last_sent = time.monotonic()
             yield None
     if reader.error:
         raise reader.error

@@ -1241,7 +1241,7 @@ def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, s
 
 def test_keep_alive_comments_while_llamacpp_is_silent(client, stub, monkeypatch):
     monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.3)
-    stub.stall = 1.2                        # reading a long prompt: not even headers yet
+    stub.stall = 1.5                        # reading a long prompt: not even headers yet
     resp, sock = client.stream(client.new_conversation())
     lines = [line.strip() for line in resp]
     assert lines.count(b": keep-alive") >= 2
