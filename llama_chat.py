@@ -1258,23 +1258,28 @@ def body_reader(resp):
     return read
 
 
-def parse_events(lines):
-    """llama-server's SSE lines -> (chunks, whether [DONE] came)."""
+def parse_events(complete):
+    """Whole lines of llama-server's SSE stream -> (chunks, whether [DONE] came).
+    Decoded once, not line by line: json.loads of bytes costs a third more."""
+    try:
+        lines = complete.decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise bad_upstream(f"its stream is not UTF-8: {e}") from None
     chunks = []
     for raw in lines:
         line = raw.strip()
-        if not line or line.startswith(b":"):     # blank, or a keep-alive comment
+        if not line or line.startswith(":"):      # blank, or a keep-alive comment
             continue
-        if line.startswith(b"error:"):
-            line = b"data:" + line[6:]
-        if not line.startswith(b"data:"):
+        if line.startswith("error:"):
+            line = "data:" + line[6:]
+        if not line.startswith("data:"):
             raise bad_upstream(f"it sent a line that is not an event: {line[:80]!r}")
         payload = line[5:].strip()
-        if payload == b"[DONE]":
+        if payload == "[DONE]":
             return chunks, True
         try:
             chunk = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:
             raise bad_upstream(f"a stream event cannot be read: {e}") from None
         if not isinstance(chunk, dict):
             raise bad_upstream("it sent an event that is not an object")
@@ -1297,8 +1302,8 @@ def upstream_batches(app, reader):
         raise reader.error
     data, pending = reader.first, b""
     while data:
-        *lines, pending = (pending + data).split(b"\n")
-        chunks, done = parse_events(lines)
+        complete, newline, pending = (pending + data).rpartition(b"\n")
+        chunks, done = parse_events(complete) if newline else ([], False)
         if chunks:
             yield chunks
         if done:
