@@ -459,6 +459,31 @@ def test_get_conversation_with_messages_and_stats(client):
                              "total_tokens": 12 + assistant["estimated_tokens"]}
 
 
+def test_stats_summarize_by_role(client):
+    store = client.app.store
+    cid = store.create_conversation("numbers", MODEL)
+    store.add_message(cid, "user", "1234", estimated_tokens=1)
+    store.add_message(cid, "assistant", "123456", MODEL, response_time_ms=1000, estimated_tokens=10,
+                      finish_reason="stop")
+    store.add_message(cid, "user", "12", estimated_tokens=1)
+    store.add_message(cid, "assistant", "12", MODEL, response_time_ms=2001, estimated_tokens=20,
+                      finish_reason="stop")
+    store.add_message(cid, "assistant", "", MODEL, finish_reason="error")
+    status, _, body = client.get(f"/api/stats/{cid}")
+    summary = {"total_messages": 5, "assistant_messages": 3, "avg_response_time": 1500.5,
+               "total_tokens": 32}
+    assert (status, body) == (200, {"success": True, "summary": summary, "by_role": [
+        {"role": "user", "count": 2, "avg_length": 3.0, "total_tokens": 2,
+         "avg_response_time": None},
+        {"role": "assistant", "count": 3, "avg_length": 2.7, "total_tokens": 30,
+         "avg_response_time": 1500.5}]})
+    assert client.get(f"/api/conversations/{cid}")[2]["stats"] == summary
+    empty = store.create_conversation("empty", MODEL)
+    assert client.get(f"/api/stats/{empty}")[2]["summary"] == {
+        "total_messages": 0, "assistant_messages": 0, "avg_response_time": None,
+        "total_tokens": 0}
+
+
 def test_rename_conversation(client):
     cid = client.new_conversation("Old")
     status, _, body = client.request("PUT", f"/api/conversations/{cid}",
