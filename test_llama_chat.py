@@ -41,6 +41,7 @@ class Stub:
         self.token_delay = 0.0
         self.stall = 0.0
         self.router = False
+        self.router_status = "loaded"     # of the first model, in router mode
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
         self.requests = []
@@ -78,7 +79,8 @@ class StubHandler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
         elif self.path == "/models" and stub.router:
             self.send_json(200, {"data": [
-                {"id": "gemma-3-270m", "object": "model", "status": {"value": "loaded"}},
+                {"id": "gemma-3-270m", "object": "model",
+                 "status": {"value": stub.router_status}},
                 {"id": "qwen3-0.6b", "object": "model", "status": {"value": "unloaded"}},
             ]})
         elif self.path in ("/models", "/v1/models"):
@@ -2097,6 +2099,19 @@ def test_page_takes_the_key_from_the_link_and_asks_again_after_401(browser, tmp_
         browser.js("localStorage.clear()")
     finally:
         stop(server)
+
+
+@needs_chromium
+def test_page_shows_router_model_status_until_loaded(page, client, stub):
+    stub.router = True
+    stub.router_status = "loading"
+    b = page("/")
+    options = b.wait("const o = [...document.querySelectorAll('#model option')]"
+                     ".map(e => e.textContent); return o.length && o")
+    assert options == ["gemma-3-270m (loading)", "qwen3-0.6b (unloaded)"]
+    stub.router_status = "loaded"
+    b.wait("return document.querySelector('#model option').textContent === 'gemma-3-270m'",
+           timeout=10)
 
 
 @needs_chromium
