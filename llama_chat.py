@@ -525,6 +525,8 @@ class Highlighter:
 MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, timestamp,
     response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second, finish_reason"""
 CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
+RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
+    m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
 
 def search_result(row, snippet, highlights):
@@ -552,13 +554,12 @@ def conversation_stats(rows):
                 "total_tokens": g["tokens"],
                 "avg_response_time": round(g["ms"] / g["timed"], 1) if g["timed"] else None}
                for role, g in sorted(groups.items(), reverse=True)]
-    assistant = groups.get("assistant")
+    assistant = next((r for r in by_role if r["role"] == "assistant"), None)
     summary = {
-        "total_messages": sum(g["count"] for g in groups.values()),
+        "total_messages": sum(r["count"] for r in by_role),
         "assistant_messages": assistant["count"] if assistant else 0,
-        "avg_response_time": (round(assistant["ms"] / assistant["timed"], 1)
-                              if assistant and assistant["timed"] else None),
-        "total_tokens": sum(g["tokens"] for g in groups.values()),
+        "avg_response_time": assistant["avg_response_time"] if assistant else None,
+        "total_tokens": sum(r["total_tokens"] for r in by_role),
     }
     return summary, by_role
 
@@ -807,8 +808,7 @@ class Store:
         # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and
         # join and snip only the page of results.
         rows = dicts(self.conn().execute(
-            """SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
-                      m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
+            f"""SELECT {RESULT_COLUMNS}
                FROM (SELECT id, score FROM
                         (SELECT rowid AS id, rank AS score FROM search_fts
                          WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?)
@@ -840,8 +840,7 @@ class Store:
         where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
                              * len(terms))
         rows = dicts(self.conn().execute(
-            f"""SELECT m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
-                       m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at
+            f"""SELECT {RESULT_COLUMNS}
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
                 WHERE {where} ORDER BY m.id DESC LIMIT ?""",
             (*[p for e in escaped for p in (e, e)], limit)))
@@ -910,10 +909,7 @@ class Upstream:
             raise upstream_error(e, self.url) from None
         finally:
             conn.close()
-        try:
-            return resp.status, json.loads(raw)
-        except ValueError:
-            return resp.status, None
+        return resp.status, json_or_none(raw)
 
     def health(self):
         started = time.monotonic()
@@ -962,6 +958,13 @@ class TLSConnection(http.client.HTTPConnection):
         import ssl
         self.sock = ssl.create_default_context().wrap_socket(self.sock,
                                                              server_hostname=self.host)
+
+
+def json_or_none(raw):
+    try:
+        return json.loads(raw)
+    except ValueError:          # UnicodeDecodeError included
+        return None
 
 
 def error_text(body):
@@ -1115,8 +1118,8 @@ def open_reply(app, turn):
         if resp.status == 200:
             return conn, resp
         try:
-            body = json.loads(resp.read(65536))
-        except (ValueError, OSError, http.client.HTTPException):
+            body = json_or_none(resp.read(65536))
+        except (OSError, http.client.HTTPException):
             body = None
         finally:
             conn.close()

@@ -1721,10 +1721,14 @@ def test_page_missing_still_leaves_the_api(tmp_path, stub):
 
 def test_keep_alive_serves_many_requests_on_one_connection(client):
     conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    sockets = set()
     for _ in range(3):
         conn.request("GET", "/api/conversations")
+        sockets.add(id(conn.sock))      # http.client reconnects silently if the server closes
         resp = conn.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["success"] is True
+        assert not resp.will_close
+    assert len(sockets) == 1
     conn.close()
 
 
