@@ -30,6 +30,7 @@ for _name in _HIDDEN:
 
 import argparse  # noqa: E402
 import base64
+import functools
 import ipaddress
 import json
 import logging
@@ -537,23 +538,13 @@ def search_result(row, snippet, highlights):
 # Store
 ###############################################################################
 
-def conversation_stats(rows):
-    """(role, length, estimated_tokens, response_time_ms) of each message ->
-    (summary, by_role), as the reference's stats show them. In Python, so that
-    a conversation's page computes them from the messages it has just read."""
-    groups = {}
-    for role, length, tokens, ms in rows:
-        g = groups.setdefault(role, {"count": 0, "length": 0, "tokens": 0, "ms": 0, "timed": 0})
-        g["count"] += 1
-        g["length"] += length
-        g["tokens"] += tokens or 0
-        if ms is not None:
-            g["ms"] += ms
-            g["timed"] += 1
-    by_role = [{"role": role, "count": g["count"], "avg_length": round(g["length"] / g["count"], 1),
-                "total_tokens": g["tokens"],
-                "avg_response_time": round(g["ms"] / g["timed"], 1) if g["timed"] else None}
-               for role, g in sorted(groups.items(), reverse=True)]
+def conversation_stats(groups):
+    """(role, count, length, tokens, response ms, timed replies) per role, as
+    STATS_SQL sums them -> (summary, by_role), as the reference shows them."""
+    by_role = [{"role": role, "count": count, "avg_length": round(length / count, 1),
+                "total_tokens": tokens or 0,
+                "avg_response_time": round(ms / timed, 1) if timed else None}
+               for role, count, length, tokens, ms, timed in sorted(groups, reverse=True)]
     assistant = next((r for r in by_role if r["role"] == "assistant"), None)
     summary = {
         "total_messages": sum(r["count"] for r in by_role),
@@ -562,6 +553,34 @@ def conversation_stats(rows):
         "total_tokens": sum(r["total_tokens"] for r in by_role),
     }
     return summary, by_role
+
+
+STATS_SQL = """SELECT role, count(*), sum(length(content)), sum(estimated_tokens),
+                      sum(response_time_ms), count(response_time_ms)
+               FROM messages WHERE conversation_id = ? GROUP BY role"""
+
+
+# \u-escaped output encodes a third faster than ensure_ascii=False, and the
+# bodies are our own plain data (no cycles to check for).
+JSON = json.JSONEncoder(check_circular=False)
+
+
+class RawJSON(str):
+    """JSON text made by SQLite, placed in an answer as it is."""
+
+
+def json_available():
+    try:
+        sqlite3.connect(":memory:").execute("SELECT json_object('a', 1)")
+        return True
+    except sqlite3.OperationalError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def json_fields(columns):
+    """ "id, title" -> "'id', id, 'title', title": json_object's arguments."""
+    return ", ".join(f"'{name}', {name}" for name in map(str.strip, columns.split(",")))
 
 
 def dicts(cursor):
@@ -581,6 +600,7 @@ class Store:
     def __init__(self, path, use_fts=None):
         self.path = path
         self.fts = fts5_available() if use_fts is None else use_fts
+        self.sql_json = json_available()
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
         self.backup_path = None
@@ -722,10 +742,10 @@ class Store:
 
     # Conversations
     def list_conversations(self, limit=None, offset=0):
-        return dicts(self.conn().execute(
-            f"""SELECT {CONVERSATION_COLUMNS} FROM conversations
-                ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
-            (-1 if limit is None else limit, offset)))
+        return self.json_rows(
+            CONVERSATION_COLUMNS, """SELECT * FROM conversations
+               ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
+            (-1 if limit is None else limit, offset))
 
     def get_conversation(self, conversation_id):
         return one(self.conn().execute(
@@ -753,9 +773,9 @@ class Store:
 
     # Messages
     def messages(self, conversation_id):
-        return dicts(self.conn().execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,)))
+        return self.json_rows(
+            MESSAGE_COLUMNS, "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
+            (conversation_id,))
 
     def recent_messages(self, conversation_id, limit, before=2**63 - 1):
         return dicts(self.conn().execute(
@@ -791,9 +811,20 @@ class Store:
                              tuple(fields.values())).lastrowid
 
     def stats(self, conversation_id):
-        return conversation_stats(self.conn().execute(
-            """SELECT role, length(content), estimated_tokens, response_time_ms
-               FROM messages WHERE conversation_id = ?""", (conversation_id,)).fetchall())
+        return conversation_stats(self.conn().execute(STATS_SQL, (conversation_id,)))
+
+    def json_rows(self, columns, query, params):
+        """The rows of a query, as a JSON array of objects with these columns.
+        SQLite builds it in one step: a page of rows costs one call instead of
+        a Python dict and an encoding per row (and, under load, a hand-off of
+        the GIL per row). Order is the query's: SQLite does not flatten an
+        ordered subquery into an aggregate."""
+        if not self.sql_json:
+            rows = dicts(self.conn().execute(f"SELECT {columns} FROM ({query})", params))
+            return RawJSON(JSON.encode(rows))
+        return RawJSON(self.conn().execute(
+            f"SELECT json_group_array(json_object({json_fields(columns)})) FROM ({query})",
+            params).fetchone()[0])
 
     # Search
     def search(self, text, limit):
@@ -1385,11 +1416,11 @@ class Relay:
 
 
 def chat_stream(app, turn):
-    """Start llama.cpp's stream now, so that it hears of the question while the
-    client's headers go out, and return the relay of its events."""
+    """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
+    relay starts, once the client's headers are out: started sooner, its
+    thread would hold the GIL while they wait, and they would go out later."""
     reader = ReplyReader(app, turn)
     app.stream_started(reader)
-    reader.start()
 
     def close():
         reader.cancel()
@@ -1404,6 +1435,7 @@ def relay_events(app, turn, reader):
     throws ClientGone into it when a write fails; every way out stores what
     was relayed."""
     relay = Relay()
+    reader.start()
     try:
         for item in upstream_batches(app, reader):
             if item is None:
@@ -1597,10 +1629,9 @@ def api_create_conversation(app, req):
 @local
 def api_get_conversation(app, req):
     conversation = existing_conversation(app, req)
-    messages = app.store.messages(conversation["id"])
-    summary, _ = conversation_stats((m["role"], len(m["content"]), m["estimated_tokens"],
-                                     m["response_time_ms"]) for m in messages)
-    return {"conversation": conversation, "messages": messages, "stats": summary}
+    summary, _ = app.store.stats(conversation["id"])
+    return {"conversation": conversation, "messages": app.store.messages(conversation["id"]),
+            "stats": summary}
 
 
 @local
@@ -1798,13 +1829,12 @@ class App:
 ###############################################################################
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
-# \u-escaped output encodes a third faster than ensure_ascii=False, and the
-# bodies are our own plain data (no cycles to check for).
-JSON = json.JSONEncoder(check_circular=False)
 SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
 json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
+MAX_HEADERS = 100
+HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
                    "code": "SERVICE_UNAVAILABLE"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -1820,6 +1850,23 @@ def escape_log(text):
     return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
+class Headers(dict):
+    """A request's headers: lower-cased name -> its values, in order."""
+
+    def add(self, name, value):
+        self.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = dict.get(self, name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
 def is_ip_literal(name):
     try:
         ipaddress.ip_address(name.strip("[]"))
@@ -1833,6 +1880,15 @@ def host_name(host_header):
     if host.startswith("["):
         return host[:host.find("]") + 1] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def encode_answer(payload):
+    """An answer's JSON body; RawJSON values go in as they are."""
+    if not any(isinstance(value, RawJSON) for value in payload.values()):
+        return JSON.encode(payload)
+    return "{" + ", ".join(f"{json_string(name)}: "
+                           f"{value if isinstance(value, RawJSON) else JSON.encode(value)}"
+                           for name, value in payload.items()) + "}"
 
 
 def sse_line(event):
@@ -1869,16 +1925,60 @@ class Handler(BaseHTTPRequestHandler):
             self.server.unwatch(self.connection)
 
     def parse_request(self):
+        """The request line and headers, read here rather than by http.server,
+        whose email parser costs more than the rest of answering a list.
+        Anything ambiguous is refused: folded or nameless header lines, a
+        space before the colon, differing Content-Lengths."""
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         if len(self.raw_requestline) > MAX_REQUEST_LINE:
             self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-            self.send_error(414, "Request line too long")
+            return self.refuse(414, "Request line too long")
+        words = self.requestline.split()
+        if not words:
             return False
-        if not super().parse_request():
-            return False
-        if sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-            self.send_error(431, "Request headers too large")
-            return False
+        if len(words) != 3:
+            return self.refuse(400, f"Bad request syntax ({self.requestline!r})")
+        version = HTTP_VERSION.fullmatch(words[2])
+        if not version:
+            return self.refuse(400, f"Bad request version ({words[2]!r})")
+        self.request_version = words[2]
+        if (int(version[1]), int(version[2])) >= (2, 0):
+            return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
+        self.close_connection = (int(version[1]), int(version[2])) < (1, 1)
+        self.command, self.path = words[0], words[1]
+        if self.path.startswith("//"):       # as http.server does: no open redirects
+            self.path = "/" + self.path.lstrip("/")
+        self.headers = headers = Headers()
+        size = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            size += len(line)
+            if size > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+                return self.refuse(431, "Request headers too large")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip() or " " in name:
+                return self.refuse(400, "Malformed header line")
+            headers.add(name, value.strip())
+        lengths = set(headers.get_all("Content-Length") or ())
+        if len(lengths) > 1:
+            return self.refuse(400, "Conflicting Content-Length headers")
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
         return True
+
+    def refuse(self, code, message):
+        self.send_error(code, message)
+        return False
 
     def do_GET(self):
         self.dispatch()
@@ -2009,7 +2109,7 @@ class Handler(BaseHTTPRequestHandler):
         self.flush_headers()
 
     def send_json(self, status, payload, headers=None):
-        body = JSON.encode(payload).encode()
+        body = encode_answer(payload).encode()
         self.send(status, body, {"Content-Type": "application/json; charset=utf-8",
                                  "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                                  **(headers or {})})
@@ -2162,6 +2262,10 @@ def report_llamacpp(app):
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
+    # A line a request: skip what logging gathers for each and this never prints
+    # (the logging HOWTO's "Optimization" list).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     try:
         settings = prepare_settings(load_settings(argv))
         server = make_server(settings)

@@ -461,6 +461,31 @@ def test_get_conversation_with_messages_and_stats(client):
                              "total_tokens": 12 + assistant["estimated_tokens"]}
 
 
+def test_pages_built_by_sqlite_match_the_python_encoding(client):
+    """Lists and messages are JSON made by SQLite; without its JSON functions,
+    by Python. Both give the same values, whatever the text holds."""
+    store = client.app.store
+    odd = 'quotes " and \\ backslash, tab\t, nul-ish \x01, é, 中文, emoji 😀, <b>&amp;</b>'
+    cid = store.create_conversation(odd, MODEL)
+    store.add_message(cid, "user", odd, estimated_tokens=3)
+    store.add_message(cid, "assistant", odd + "\n", MODEL, reasoning="why " + odd,
+                      response_time_ms=1234, estimated_tokens=7, prompt_tokens=5,
+                      tokens_per_second=42.7, finish_reason="stop")
+    pages = []
+    for sql_json in (True, False):
+        store.sql_json = sql_json
+        pages.append((client.get("/api/conversations?limit=5")[2],
+                      client.get(f"/api/conversations/{cid}")[2]))
+    store.sql_json = True
+    assert pages[0] == pages[1]
+    listed, conversation = pages[0]
+    assert listed["conversations"][0]["title"] == odd
+    user, reply = conversation["messages"]
+    assert (user["content"], reply["content"], reply["reasoning"]) == (odd, odd + "\n",
+                                                                       "why " + odd)
+    assert reply["tokens_per_second"] == 42.7 and user["reasoning"] is None
+
+
 def test_stats_summarize_by_role(client):
     store = client.app.store
     cid = store.create_conversation("numbers", MODEL)
@@ -736,12 +761,28 @@ def test_api_key_required_when_set(tmp_path, stub, headers, path, status):
     (b"BREW /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
     (b"OPTIONS /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "405"),
     (b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n", "505"),
+    (b"GET / HTTP/1.x\r\nHost: localhost\r\n\r\n", "400"),
+    (b"GET /\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost : localhost\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n", "400"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{}", "400"),
 ])
 def test_request_limits(client, request_bytes, status):
     line, headers, body = raw_exchange(client.port, request_bytes)
     assert line.split()[1] == status
     assert json.loads(body)["success"] is False
     assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def test_header_names_are_read_in_any_case(client):
+    body = b'{"title": "case", "model": "m"}'
+    line, headers, answer = raw_exchange(client.port, (
+        b"POST /api/conversations HTTP/1.1\r\nhOST: localhost\r\ncontent-type: application/json"
+        b"\r\nCONTENT-LENGTH: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)))
+    assert line.split()[1] == "201" and json.loads(answer)["conversation_id"] == 1
+    assert "Connection: close" in headers
 
 
 def test_head_answers_like_get_without_a_body(client):
