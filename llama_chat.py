@@ -410,6 +410,7 @@ END;
 """
 
 WORD = re.compile(r"[^\W_]+")
+ASCII_WORD = re.compile(r"[a-z0-9]+")     # WORD in lower-case ASCII text, found faster
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 MAX_EXPANSION = 40        # words a last-word prefix may stand for before FTS5's own prefix
@@ -467,11 +468,24 @@ def fts_query(text, expansion=None):
 
 
 def fold(word):
-    """A word as the index sees it: case and diacritics folded (unicode61)."""
+    """A word as the index sees it (unicode61 remove_diacritics 2): lower case
+    letter for letter (ß stays ß), accents taken off (canonical decomposition
+    only: ǆ stays ǆ)."""
     if word.isascii():
         return word.lower()
-    return "".join(c for c in unicodedata.normalize("NFKD", word.casefold())
+    return "".join(c for c in unicodedata.normalize("NFD", word.lower())
                    if not unicodedata.combining(c))
+
+
+def index_words(texts):
+    """The distinct words of texts, folded as the index folds them."""
+    words = set()
+    for text in texts:
+        if text.isascii():
+            words.update(ASCII_WORD.findall(text.lower()))
+        else:
+            words.update(fold(w) for w in set(WORD.findall(text)))
+    return words
 
 
 def search_terms(text):
@@ -860,10 +874,18 @@ class Store:
         return words if len(words) <= MAX_EXPANSION else None
 
     def _note_words(self, c, *texts):
-        """Keep search_terms, the index's word list, up to date with new text."""
-        if self.fts:
+        """Keep search_terms, the index's word list, up to date with new text:
+        one statement for all of a reply's words (a row each took 5 ms for a
+        reply of 2,000 words)."""
+        if not self.fts:
+            return
+        words = sorted(index_words(texts))
+        if self.sql_json:
+            c.execute("INSERT OR IGNORE INTO search_terms (term) SELECT value FROM json_each(?)",
+                      (json.dumps(words),))
+        else:
             c.executemany("INSERT OR IGNORE INTO search_terms (term) VALUES (?)",
-                          ((w,) for w in {fold(w) for t in texts for w in WORD.findall(t)}))
+                          ((w,) for w in words))
 
     def _search_like(self, terms, prefix, limit):
         """Without FTS5: every word as a substring of the message or its title."""
@@ -894,6 +916,9 @@ def split_sql(script):
 # llama.cpp client
 ###############################################################################
 
+IDLE_UPSTREAM_CONNECTIONS = 4
+
+
 class Upstream:
     """llama-server over HTTP: no proxy, no redirects, separate connect and read timeouts."""
 
@@ -909,27 +934,48 @@ class Upstream:
         self.headers = {"Accept": "application/json", "User-Agent": "llama-chat/" + __version__}
         if settings.llamacpp_api_key:
             self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
+        self._idle = []          # connections kept open for the next request
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
-        """Send a request; return (connection, response). Raises ApiError."""
-        cls = TLSConnection if self.https else http.client.HTTPConnection
-        conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
+        """Send a request; return (connection, response). Raises ApiError.
+        A connection kept from an earlier answer goes first (no connect, and
+        no new thread in llama-server); if llama.cpp has closed it meanwhile,
+        it fails before any answer and the request goes again on a new one."""
         headers = dict(self.headers)
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        try:
-            conn.connect()
-            sock = conn.sock
-            sock.settimeout(read_timeout or self.read_timeout)
-            conn.request(method, self.base + path, body=data, headers=headers)
-            resp = conn.getresponse()
-            resp.raw_sock = sock          # to cut a stream short (see close_quietly)
-            return conn, resp
-        except BaseException as e:
+        while True:
+            conn = self._idle.pop() if self._idle else None    # pop: atomic
+            reused = conn is not None
+            if not reused:
+                cls = TLSConnection if self.https else http.client.HTTPConnection
+                conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
+            try:
+                if not reused:
+                    conn.connect()
+                sock = conn.sock
+                sock.settimeout(read_timeout or self.read_timeout)
+                conn.request(method, self.base + path, body=data, headers=headers)
+                resp = conn.getresponse()
+                resp.raw_sock = sock          # to cut a stream short (see close_quietly)
+                return conn, resp
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                conn.close()
+                if not reused:
+                    raise upstream_error(e, self.url) from None
+            except BaseException as e:
+                conn.close()
+                raise upstream_error(e, self.url) from None
+
+    def done_with(self, conn, resp):
+        """Keep a connection whose answer was read to its end for the next request."""
+        if resp.isclosed() and not resp.will_close and conn.sock is not None \
+                and len(self._idle) < IDLE_UPSTREAM_CONNECTIONS:
+            self._idle.append(conn)
+        else:
             conn.close()
-            raise upstream_error(e, self.url) from None
 
     def call(self, method, path, body=None, connect_timeout=None, read_timeout=None):
         """A whole request: (status, parsed JSON or None)."""
@@ -937,9 +983,9 @@ class Upstream:
         try:
             raw = resp.read()
         except BaseException as e:
-            raise upstream_error(e, self.url) from None
-        finally:
             conn.close()
+            raise upstream_error(e, self.url) from None
+        self.done_with(conn, resp)
         return resp.status, json_or_none(raw)
 
     def health(self):
@@ -1193,9 +1239,9 @@ def chat_once(app, turn):
         try:
             raw = resp.read()
         except BaseException as e:
-            raise upstream_error(e, app.upstream.url) from None
-        finally:
             conn.close()
+            raise upstream_error(e, app.upstream.url) from None
+        app.upstream.done_with(conn, resp)
         try:
             body = json.loads(raw)
             choice = body["choices"][0]
@@ -1281,29 +1327,29 @@ def body_reader(resp):
             data = resp.fp.read1(65536)
             if not data:
                 break
-            buffer, left = state["buffer"] + data, state["left"]
-            while buffer:
-                if left > 0:
-                    out.append(buffer[:left])
-                    left, buffer = left - len(out[-1]), buffer[len(out[-1]):]
-                    left = left or -1
+            buffer, left, at = state["buffer"] + data, state["left"], 0
+            while at < len(buffer):            # an offset: reslicing would copy the rest
+                if left > 0:                   # of the burst for every token
+                    out.append(buffer[at:at + left])
+                    at += len(out[-1])
+                    left = (left - len(out[-1])) or -1
                 elif left < 0:
-                    if len(buffer) < 2:
+                    if len(buffer) - at < 2:
                         break
-                    left, buffer = 0, buffer[2:]
+                    left, at = 0, at + 2
                 else:
-                    line_end = buffer.find(b"\r\n")
+                    line_end = buffer.find(b"\r\n", at)
                     if line_end < 0:
                         break
                     try:
-                        left = int(buffer[:line_end].split(b";")[0], 16)
+                        left = int(buffer[at:line_end].split(b";")[0], 16)
                     except ValueError:
                         raise bad_upstream("its chunked stream is malformed") from None
-                    buffer = buffer[line_end + 2:]
+                    at = line_end + 2
                     if left == 0:
                         state["ended"] = True
                         break
-            state["buffer"], state["left"] = buffer, left
+            state["buffer"], state["left"] = buffer[at:], left
         return b"".join(out)
 
     return read
@@ -1311,13 +1357,19 @@ def body_reader(resp):
 
 def parse_events(complete):
     """Whole lines of llama-server's SSE stream -> (chunks, whether [DONE] came).
-    Decoded once, not line by line: json.loads of bytes costs a third more."""
+    Decoded once, and the burst's events read by one json.loads as an array:
+    a call per event would cost more than reading it."""
     try:
         lines = complete.decode("utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise bad_upstream(f"its stream is not UTF-8: {e}") from None
-    chunks = []
+    payloads, done = [], False
     for raw in lines:
+        if raw.startswith("data: {"):              # nearly every line: one event
+            payloads.append(raw[6:])
+            continue
+        if not raw:                                # and a blank line after each
+            continue
         line = raw.strip()
         if not line or line.startswith(":"):      # blank, or a keep-alive comment
             continue
@@ -1327,15 +1379,26 @@ def parse_events(complete):
             raise bad_upstream(f"it sent a line that is not an event: {line[:80]!r}")
         payload = line[5:].strip()
         if payload == "[DONE]":
-            return chunks, True
-        try:
-            chunk = json.loads(payload)
-        except ValueError as e:
-            raise bad_upstream(f"a stream event cannot be read: {e}") from None
+            done = True
+            break
+        payloads.append(payload)
+    try:
+        chunks = json.loads("[" + ",".join(payloads) + "]")
+    except ValueError:
+        chunks = None
+    if chunks is None or len(chunks) != len(payloads):   # find the event at fault
+        chunks = [read_event(payload) for payload in payloads]
+    for chunk in chunks:
         if not isinstance(chunk, dict):
             raise bad_upstream("it sent an event that is not an object")
-        chunks.append(chunk)
-    return chunks, False
+    return chunks, done
+
+
+def read_event(payload):
+    try:
+        return json.loads(payload)
+    except ValueError as e:
+        raise bad_upstream(f"a stream event cannot be read: {e}") from None
 
 
 def upstream_batches(app, reader):
@@ -1392,14 +1455,17 @@ class Relay:
         self.usage = chunk.get("usage") or self.usage
         self.timings = chunk.get("timings") or self.timings
         events = []
-        for choice in chunk.get("choices") or []:
+        for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta") or {}
-            for kind, key in (("reasoning", "reasoning_content"), ("delta", "content")):
-                piece = delta.get(key)
-                if isinstance(piece, str) and piece:
-                    events.append({"type": kind, "content": piece})
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                piece = delta.get("reasoning_content")
+                if piece and isinstance(piece, str):
+                    events.append({"type": "reasoning", "content": piece})
+                piece = delta.get("content")
+                if piece and isinstance(piece, str):
+                    events.append({"type": "delta", "content": piece})
             if choice.get("finish_reason"):
                 self.finish = finish_reason(choice)
         return events
