@@ -38,6 +38,7 @@ import os
 import queue
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sqlite3
@@ -941,33 +942,56 @@ class Upstream:
         A connection kept from an earlier answer goes first (no connect, and
         no new thread in llama-server); if llama.cpp has closed it meanwhile,
         it fails before any answer and the request goes again on a new one."""
+        while True:
+            conn = self._idle.pop() if self._idle else None    # pop: atomic
+            reused = conn is not None
+            try:
+                conn = self._send(conn, method, path, body, connect_timeout, read_timeout)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                if conn is not None:
+                    conn.close()
+                if not reused:
+                    raise upstream_error(e, self.url) from None
+            except BaseException as e:
+                if conn is not None:
+                    conn.close()
+                raise upstream_error(e, self.url) from None
+
+    def send(self, method, path, body=None):
+        """Send a request on a new connection and return it: the answer is read
+        later, with answer(). Raises ApiError."""
+        try:
+            return self._send(None, method, path, body)
+        except BaseException as e:
+            raise upstream_error(e, self.url) from None
+
+    def answer(self, conn):
+        """The response to what send() sent, once its headers are in. Raises ApiError."""
+        try:
+            return conn.getresponse()
+        except BaseException as e:
+            conn.close()
+            raise upstream_error(e, self.url) from None
+
+    def _send(self, conn, method, path, body, connect_timeout=None, read_timeout=None):
         headers = dict(self.headers)
         data = None
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        while True:
-            conn = self._idle.pop() if self._idle else None    # pop: atomic
-            reused = conn is not None
-            if not reused:
-                cls = TLSConnection if self.https else http.client.HTTPConnection
-                conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
-            try:
-                if not reused:
-                    conn.connect()
-                sock = conn.sock
-                sock.settimeout(read_timeout or self.read_timeout)
-                conn.request(method, self.base + path, body=data, headers=headers)
-                resp = conn.getresponse()
-                resp.raw_sock = sock          # to cut a stream short (see close_quietly)
-                return conn, resp
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
-                conn.close()
-                if not reused:
-                    raise upstream_error(e, self.url) from None
-            except BaseException as e:
-                conn.close()
-                raise upstream_error(e, self.url) from None
+        if conn is None:
+            cls = TLSConnection if self.https else http.client.HTTPConnection
+            conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
+        try:
+            if conn.sock is None:
+                conn.connect()
+            conn.sock.settimeout(read_timeout or self.read_timeout)
+            conn.request(method, self.base + path, body=data, headers=headers)
+            return conn
+        except BaseException:
+            conn.close()
+            raise
 
     def done_with(self, conn, resp):
         """Keep a connection whose answer was read to its end for the next request."""
@@ -1186,26 +1210,33 @@ def context_overflow(status, body):
 
 
 def open_reply(app, turn):
-    """Send the chat to llama.cpp; return (connection, response) once it answers 200.
-    When the history is longer than the model's context, leave out older
-    messages (half of them each time) until it fits or only the question is left."""
+    """Send the chat to llama.cpp; return (connection, response) once it answers 200."""
     skip = 0
     while True:
         conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip))
         if resp.status == 200:
             return conn, resp
-        try:
-            body = json_or_none(resp.read(65536))
-        except (OSError, http.client.HTTPException):
-            body = None
-        finally:
-            conn.close()
-        older = len(turn.history) - 1 - skip
-        if not (context_overflow(resp.status, body) and older > 0):
-            raise upstream_status_error(resp.status, body)
-        skip += (older + 1) // 2
-        log.info("conversation %d: history too long for the model's context; "
-                 "sending the last %d messages", turn.conversation_id, len(turn.history) - skip)
+        skip = fewer_messages(turn, skip, conn, resp)
+
+
+def fewer_messages(turn, skip, conn, resp):
+    """llama.cpp refused the chat. If it said the history is longer than the
+    model's context, how many of the oldest messages to leave out next time
+    (half of those left each time, until only the question is left); else
+    the refusal, as an error."""
+    try:
+        body = json_or_none(resp.read(65536))
+    except (OSError, http.client.HTTPException):
+        body = None
+    finally:
+        conn.close()
+    older = len(turn.history) - 1 - skip
+    if not (context_overflow(resp.status, body) and older > 0):
+        raise upstream_status_error(resp.status, body)
+    skip += (older + 1) // 2
+    log.info("conversation %d: history too long for the model's context; "
+             "sending the last %d messages", turn.conversation_id, len(turn.history) - skip)
+    return skip
 
 
 def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
@@ -1271,45 +1302,76 @@ class ClientGone(Exception):
     """The browser or script that asked for a stream went away."""
 
 
-class ReplyReader(threading.Thread):
-    """Opens llama.cpp's stream and waits for its first bytes. llama-server sends
-    nothing, not even headers, until it has read the prompt, which can take
-    minutes; meanwhile the relay sends keep-alives and watches for shutdown.
-    From the first bytes on, the relay reads the stream itself."""
+class UpstreamStream:
+    """llama.cpp's side of one streamed reply, for shutdown to cut short from
+    another thread: shutting its socket wakes the relay wherever it waits."""
 
-    def __init__(self, app, turn):
-        super().__init__(daemon=True)
-        self.app, self.turn = app, turn
-        self.ready = threading.Event()
-        self.resp = self.read = self.first = self.error = None
+    def __init__(self):
+        self.conn = None
         self._cancelled = False
         self._lock = threading.Lock()
 
-    def run(self):
-        try:
-            conn, resp = open_reply(self.app, self.turn)
-            with self._lock:
-                self.resp = resp
-                if self._cancelled:
-                    return close_quietly(resp)
-            self.read = body_reader(resp)
-            self.first = self.read()
-        except ApiError as e:
-            self.error = e
-        except Exception as e:      # timeout, reset, or closed by cancel()
-            self.error = upstream_error(e, self.app.upstream.url)
-        finally:
-            self.ready.set()
+    def attach(self, conn):
+        with self._lock:
+            self.conn = conn
+            if self._cancelled:
+                shut(conn.sock)
 
     def cancel(self):
-        """Close llama.cpp's stream (now, or as soon as it opens): generation stops."""
         with self._lock:
             self._cancelled = True
-            if self.resp is not None:
-                close_quietly(self.resp)
+            if self.conn is not None:
+                shut(self.conn.sock)
+
+    def close(self):
+        self.cancel()
+        if self.conn is not None:
+            self.conn.close()
+
+
+def shut(sock):
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 KEEPALIVE_SECONDS = 15
+
+
+def request_stream(app, turn, upstream):
+    """Ask llama.cpp for the streamed reply; return its response once it answers
+    200. llama-server sends nothing, not even headers, until it has read the
+    prompt, which can take minutes: meanwhile this yields None every
+    KEEPALIVE_SECONDS (a keep-alive for the client) and watches for shutdown.
+    The relay's own thread waits: a thread of its own cost a millisecond of
+    hand-offs before the first token."""
+    skip = 0
+    while True:
+        conn = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
+        upstream.attach(conn)
+        started = last_sent = time.monotonic()
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(conn.sock, selectors.EVENT_READ)
+            while not waiting.select(0.25):
+                now = time.monotonic()
+                if app.stopping.is_set():
+                    raise shutting_down()
+                if now - started >= app.upstream.read_timeout:
+                    raise upstream_error(socket.timeout(), app.upstream.url)
+                if now - last_sent >= KEEPALIVE_SECONDS:
+                    last_sent = now
+                    yield None
+        try:
+            resp = app.upstream.answer(conn)
+        except ApiError:
+            if app.stopping.is_set():
+                raise shutting_down() from None
+            raise
+        if resp.status == 200:
+            return resp
+        skip = fewer_messages(turn, skip, conn, resp)
 
 
 def body_reader(resp):
@@ -1401,30 +1463,15 @@ def read_event(payload):
         raise bad_upstream(f"a stream event cannot be read: {e}") from None
 
 
-def upstream_batches(app, reader):
-    """What llama.cpp streams: a list of chunks per read (whatever has arrived,
-    so a fast model costs one write per batch, not per token), None every
-    KEEPALIVE_SECONDS before its first byte, then "done" or "cut"."""
-    last_sent = time.monotonic()
-    while not reader.ready.wait(0.25):
-        if app.stopping.is_set():
-            raise shutting_down()
-        if time.monotonic() - last_sent >= KEEPALIVE_SECONDS:
-            last_sent = time.monotonic()
-            yield None
-    if reader.error:
-        raise reader.error
-    data, pending = reader.first, b""
-    while data:
-        complete, newline, pending = (pending + data).rpartition(b"\n")
-        chunks, done = parse_events(complete) if newline else ([], False)
-        if chunks:
-            yield chunks
-        if done:
-            yield "done"
-            return
+def upstream_batches(app, turn, upstream):
+    """What llama.cpp streams: None for a keep-alive while it reads the prompt,
+    then a list of chunks per read (whatever has arrived, so a fast model
+    costs one write per batch, not per token), then "done" or "cut"."""
+    read = body_reader((yield from request_stream(app, turn, upstream)))
+    pending = b""
+    while True:
         try:
-            data = reader.read()
+            data = read()
         except Exception as e:
             data, error = b"", e
         else:
@@ -1433,6 +1480,15 @@ def upstream_batches(app, reader):
             raise shutting_down()
         if error is not None:
             raise upstream_error(error, app.upstream.url)
+        if not data:
+            break
+        complete, newline, pending = (pending + data).rpartition(b"\n")
+        chunks, done = parse_events(complete) if newline else ([], False)
+        if chunks:
+            yield chunks
+        if done:
+            yield "done"
+            return
     yield "cut"
 
 
@@ -1483,27 +1539,25 @@ class Relay:
 
 def chat_stream(app, turn):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
-    relay starts, once the client's headers are out: started sooner, its
-    thread would hold the GIL while they wait, and they would go out later."""
-    reader = ReplyReader(app, turn)
-    app.stream_started(reader)
+    relay starts, once the client's headers are out."""
+    upstream = UpstreamStream()
+    app.stream_started(upstream)
 
     def close():
-        reader.cancel()
-        app.stream_ended(reader)
-    return EventStream(relay_events(app, turn, reader), close)
+        upstream.close()
+        app.stream_ended(upstream)
+    return EventStream(relay_events(app, turn, upstream), close)
 
 
-def relay_events(app, turn, reader):
+def relay_events(app, turn, upstream):
     """Generator of lists of events for one streamed reply (None: send a
     keep-alive): each list holds what llama.cpp sent since the last one, so a
     fast model costs one write per batch rather than per token. The handler
     throws ClientGone into it when a write fails; every way out stores what
     was relayed."""
     relay = Relay()
-    reader.start()
     try:
-        for item in upstream_batches(app, reader):
+        for item in upstream_batches(app, turn, upstream):
             if item is None:
                 yield None
             elif item == "cut" and not relay.finish:
@@ -1534,19 +1588,6 @@ def relay_events(app, turn, reader):
         if "details" in e.extra:
             event["details"] = e.extra["details"]
         yield [event]
-
-
-def close_quietly(resp):
-    """Close a response and its socket, so a read blocked on it returns."""
-    sock = getattr(resp, "raw_sock", None)
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    resp.close()
-    if sock is not None:
-        sock.close()
 
 
 ###############################################################################
@@ -1824,7 +1865,7 @@ class App:
         self.stopping = threading.Event()
         self._page = (None, None)      # (mtime, Page)
         self._lock = threading.Lock()
-        self.streams = set()           # the ReplyReader of every open stream
+        self.streams = set()           # the UpstreamStream of every open stream
         self._purge = {"running": False, "again": False}
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
         if not is_loopback(settings.host):
@@ -1865,13 +1906,13 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def stream_started(self, reader):
+    def stream_started(self, upstream):
         with self._lock:
-            self.streams.add(reader)
+            self.streams.add(upstream)
 
-    def stream_ended(self, reader):
+    def stream_ended(self, upstream):
         with self._lock:
-            self.streams.discard(reader)
+            self.streams.discard(upstream)
 
     @property
     def active_streams(self):
@@ -1882,9 +1923,9 @@ class App:
         reading it), then wait for them to store their replies."""
         self.stopping.set()
         with self._lock:
-            readers = list(self.streams)
-        for reader in readers:
-            reader.cancel()
+            streams = list(self.streams)
+        for upstream in streams:
+            upstream.cancel()
         deadline = time.monotonic() + wait
         while self.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)

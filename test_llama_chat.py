@@ -168,7 +168,7 @@ class StubHandler(BaseHTTPRequestHandler):
                     self.event({"error": {"code": 500, "message": "out of memory"}})
                     return
                 if stub.mode == "stall_mid" and i == 3:
-                    time.sleep(3)
+                    time.sleep(1.5)
                 self.event({"choices": [{"index": 0, "delta": {"content": token},
                                          "finish_reason": None}]})
                 if stub.token_delay:
@@ -284,7 +284,7 @@ def read_events(resp):
 def start_app(tmp_path, llamacpp_url, store=None, **overrides):
     settings = llama_chat.Settings(
         host="127.0.0.1", port=0, llamacpp_url=llamacpp_url, db=str(tmp_path / "chat.db"),
-        timeouts={"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2})
+        timeouts={"llamacpp_timeout": 1, "llamacpp_connect_timeout": 1})
     settings = replace(settings, **overrides)
     server = llama_chat.make_server(settings, store)
     serve(server)
@@ -328,7 +328,7 @@ def test_api_config_shows_the_four_sections(client):
     status, _, body = client.get("/api/config")
     assert status == 200
     expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in llama_chat.CONFIG_SECTIONS}
-    expected["timeouts"] = {"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2}  # the fixture's
+    expected["timeouts"] = {"llamacpp_timeout": 1, "llamacpp_connect_timeout": 1}  # the fixture's
     assert body == {"success": True, **expected}
 
 
@@ -1174,7 +1174,7 @@ def test_chat_to_unknown_conversation_is_not_found(client):
 def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
     stub.mode = mode
     if mode == "stall":
-        stub.stall = 3
+        stub.stall = 1.5
     cid = client.new_conversation()
     got, _, body = client.chat(cid, "please keep me")
     assert (got, body["code"]) == (status, code)
@@ -1323,8 +1323,8 @@ def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, s
 
 
 def test_keep_alive_comments_while_llamacpp_is_silent(client, stub, monkeypatch):
-    monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.3)
-    stub.stall = 1.5                        # reading a long prompt: not even headers yet
+    monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.2)
+    stub.stall = 0.7                        # reading a long prompt: not even headers yet
     resp, sock = client.stream(client.new_conversation())
     lines = [line.strip() for line in resp]
     assert lines.count(b": keep-alive") >= 2
@@ -1408,6 +1408,29 @@ def test_stream_stall_between_tokens_times_out(client, stub):
     stub.mode = "stall_mid"
     events = read_events(client.stream(client.new_conversation())[0])
     assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
+
+
+def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
+    stub.stall = 1.5                        # the client fixture's llama.cpp timeout is 1 s
+    started = time.monotonic()
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert [(e["type"], e["code"]) for e in events] == [("error", "LLAMACPP_TIMEOUT")]
+    assert 0.9 < time.monotonic() - started < 1.5
+    assert rows(client, "SELECT role FROM messages") == [("user",)]
+
+
+def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
+    stub.stall = 5
+    resp, _ = client.stream(client.new_conversation())
+    deadline = time.monotonic() + 2
+    while not client.app.active_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    client.app.stop_streams()
+    events = read_events(resp)
+    assert [(e["type"], e["code"]) for e in events] == [("error", "SHUTTING_DOWN")]
+    assert time.monotonic() - started < 1 and client.app.active_streams == 0
+    client.app.stopping.clear()
 
 
 def test_stream_with_llamacpp_down_is_an_error_event(down_client):
