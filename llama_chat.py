@@ -556,23 +556,30 @@ def search_result(row, snippet, highlights):
 def conversation_stats(groups):
     """(role, count, length, tokens, response ms, timed replies) per role, as
     STATS_SQL sums them -> (summary, by_role), as the reference shows them."""
+    groups = sorted(groups, reverse=True)
     by_role = [{"role": role, "count": count, "avg_length": round(length / count, 1),
                 "total_tokens": tokens or 0,
                 "avg_response_time": round(ms / timed, 1) if timed else None}
-               for role, count, length, tokens, ms, timed in sorted(groups, reverse=True)]
-    assistant = next((r for r in by_role if r["role"] == "assistant"), None)
-    summary = {
-        "total_messages": sum(r["count"] for r in by_role),
-        "assistant_messages": assistant["count"] if assistant else 0,
-        "avg_response_time": assistant["avg_response_time"] if assistant else None,
-        "total_tokens": sum(r["total_tokens"] for r in by_role),
-    }
-    return summary, by_role
+               for role, count, length, tokens, ms, timed in groups]
+    assistant = next((g for g in groups if g[0] == "assistant"), (None, 0, 0, 0, 0, 0))
+    return stats_summary(sum(r["count"] for r in by_role), assistant[1], assistant[4],
+                         assistant[5], sum(r["total_tokens"] for r in by_role)), by_role
+
+
+def stats_summary(messages, replies, reply_ms, timed_replies, tokens):
+    return {"total_messages": messages, "assistant_messages": replies or 0,
+            "avg_response_time": round(reply_ms / timed_replies, 1) if timed_replies else None,
+            "total_tokens": tokens or 0}
 
 
 STATS_SQL = """SELECT role, count(*), sum(length(content)), sum(estimated_tokens),
                       sum(response_time_ms), count(response_time_ms)
                FROM messages WHERE conversation_id = ? GROUP BY role"""
+# stats_summary's arguments, summed over a page of messages as it is read
+SUMMARY_SQL = """count(*), sum(role = 'assistant'),
+                 sum(CASE WHEN role = 'assistant' THEN response_time_ms END),
+                 count(CASE WHEN role = 'assistant' THEN response_time_ms END),
+                 sum(estimated_tokens)"""
 
 
 # \u-escaped output encodes a third faster than ensure_ascii=False, and the
@@ -765,7 +772,7 @@ class Store:
         return self.json_rows(
             CONVERSATION_COLUMNS, """SELECT * FROM conversations
                ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
-            (-1 if limit is None else limit, offset))
+            (-1 if limit is None else limit, offset))[0]
 
     def get_conversation(self, conversation_id):
         return one(self.conn().execute(
@@ -793,9 +800,12 @@ class Store:
 
     # Messages
     def messages(self, conversation_id):
-        return self.json_rows(
+        """A conversation's messages (JSON) and the summary of its stats, in one
+        read: STATS_SQL would read every message's text again for its lengths."""
+        page, totals = self.json_rows(
             MESSAGE_COLUMNS, "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,))
+            (conversation_id,), SUMMARY_SQL)
+        return page, stats_summary(*totals)
 
     def recent_messages(self, conversation_id, limit, before=2**63 - 1):
         return dicts(self.conn().execute(
@@ -833,18 +843,23 @@ class Store:
     def stats(self, conversation_id):
         return conversation_stats(self.conn().execute(STATS_SQL, (conversation_id,)))
 
-    def json_rows(self, columns, query, params):
-        """The rows of a query, as a JSON array of objects with these columns.
-        SQLite builds it in one step: a page of rows costs one call instead of
-        a Python dict and an encoding per row (and, under load, a hand-off of
-        the GIL per row). Order is the query's: SQLite does not flatten an
-        ordered subquery into an aggregate."""
-        if not self.sql_json:
-            rows = dicts(self.conn().execute(f"SELECT {columns} FROM ({query})", params))
-            return RawJSON(JSON.encode(rows))
-        return RawJSON(self.conn().execute(
-            f"SELECT json_group_array(json_object({json_fields(columns)})) FROM ({query})",
-            params).fetchone()[0])
+    def json_rows(self, columns, query, params, totals=""):
+        """The rows of a query as a JSON array of objects with these columns, and
+        the values of `totals`, aggregates over the same rows. SQLite builds the
+        JSON in one step: a page of rows costs one call instead of a Python dict
+        and an encoding per row (and, under load, a hand-off of the GIL per
+        row). Order is the query's: SQLite does not flatten an ordered subquery
+        into an aggregate."""
+        extra = f", {totals}" if totals else ""
+        if self.sql_json:
+            row = self.conn().execute(
+                f"SELECT json_group_array(json_object({json_fields(columns)})){extra} "
+                f"FROM ({query})", params).fetchone()
+            return RawJSON(row[0]), row[1:]
+        rows = dicts(self.conn().execute(f"SELECT {columns} FROM ({query})", params))
+        sums = self.conn().execute(f"SELECT {totals} FROM ({query})", params).fetchone() \
+            if totals else ()
+        return RawJSON(JSON.encode(rows)), sums
 
     # Search
     def search(self, text, limit):
@@ -1741,9 +1756,8 @@ def api_create_conversation(app, req):
 @local
 def api_get_conversation(app, req):
     conversation = existing_conversation(app, req)
-    summary, _ = app.store.stats(conversation["id"])
-    return {"conversation": conversation, "messages": app.store.messages(conversation["id"]),
-            "stats": summary}
+    messages, summary = app.store.messages(conversation["id"])
+    return {"conversation": conversation, "messages": messages, "stats": summary}
 
 
 @local

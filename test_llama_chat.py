@@ -523,7 +523,8 @@ def test_stats_summarize_by_role(client):
     empty = store.create_conversation("empty", MODEL)
     assert client.get(f"/api/stats/{empty}")[2]["summary"] == {
         "total_messages": 0, "assistant_messages": 0, "avg_response_time": None,
-        "total_tokens": 0}
+        "total_tokens": 0} == client.get(f"/api/conversations/{empty}")[2]["stats"]
+    assert client.get(f"/api/conversations/{empty}")[2]["messages"] == []
 
 
 def test_rename_conversation(client):
