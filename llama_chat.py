@@ -938,8 +938,6 @@ def split_sql(script):
 ###############################################################################
 
 IDLE_UPSTREAM_CONNECTIONS = 4
-# How a kept connection that llama.cpp has closed fails, before any answer
-STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
 class Upstream:
@@ -960,39 +958,38 @@ class Upstream:
         self._idle = []          # connections kept open for the next request
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
-        """Send a request; return (connection, response). Raises ApiError."""
-        while True:
-            conn, reused = self.send(method, path, body, connect_timeout, read_timeout)
-            resp = self.answer(conn, reused)
-            if resp is not None:
-                return conn, resp
-
-    def send(self, method, path, body=None, connect_timeout=None, read_timeout=None):
-        """Send a request: (connection, whether it was kept from an earlier
-        answer). A kept connection goes first: no connect, and no new thread
-        in llama-server. Raises ApiError."""
+        """Send a request; return (connection, response). Raises ApiError.
+        A connection kept from an earlier answer goes first (no connect, and
+        no new thread in llama-server); if llama.cpp has closed it meanwhile,
+        it fails before any answer and the request goes again on a new one."""
         while True:
             conn = self._idle.pop() if self._idle else None    # pop: atomic
             reused = conn is not None
             try:
-                return self._send(conn, method, path, body, connect_timeout, read_timeout), reused
-            except STALE as e:          # llama.cpp closed the kept connection meanwhile
+                conn = self._send(conn, method, path, body, connect_timeout, read_timeout)
+                return conn, conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
+                if conn is not None:
+                    conn.close()
                 if not reused:
                     raise upstream_error(e, self.url) from None
             except BaseException as e:
+                if conn is not None:
+                    conn.close()
                 raise upstream_error(e, self.url) from None
 
-    def answer(self, conn, reused=False):
-        """The response to what send() sent, once its headers are in; None when
-        a kept connection turned out closed by llama.cpp before any answer
-        (send the request again). Raises ApiError."""
+    def send(self, method, path, body=None):
+        """Send a request on a new connection and return it: the answer is read
+        later, with answer(). Raises ApiError."""
+        try:
+            return self._send(None, method, path, body)
+        except BaseException as e:
+            raise upstream_error(e, self.url) from None
+
+    def answer(self, conn):
+        """The response to what send() sent, once its headers are in. Raises ApiError."""
         try:
             return conn.getresponse()
-        except STALE as e:
-            conn.close()
-            if reused:
-                return None
-            raise upstream_error(e, self.url) from None
         except BaseException as e:
             conn.close()
             raise upstream_error(e, self.url) from None
@@ -1331,7 +1328,6 @@ class UpstreamStream:
 
     def __init__(self):
         self.conn = None
-        self.finished = None       # its BodyReader, once llama.cpp has sent [DONE]
         self._cancelled = False
         self._lock = threading.Lock()
 
@@ -1347,20 +1343,10 @@ class UpstreamStream:
             if self.conn is not None:
                 shut(self.conn.sock)
 
-    def close(self, client):
-        """After the relay: a connection whose stream ended with [DONE] is kept
-        for the next request (llama.cpp is done with it); any other is closed,
-        which is what stops llama.cpp's generation."""
-        with self._lock:
-            conn, body, cancelled = self.conn, self.finished, self._cancelled
-        if conn is None:
-            return
-        if body is not None and not cancelled and body.finish(conn.sock):
-            body.resp.close()          # read to its end: the socket stays open
-            client.done_with(conn, body.resp)
-        else:
-            self.cancel()
-            conn.close()
+    def close(self):
+        self.cancel()
+        if self.conn is not None:
+            self.conn.close()
 
 
 def shut(sock):
@@ -1383,7 +1369,7 @@ def request_stream(app, turn, upstream):
     hand-offs before the first token."""
     skip = 0
     while True:
-        conn, reused = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
+        conn = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
         upstream.attach(conn)
         started = last_sent = time.monotonic()
         with selectors.DefaultSelector() as waiting:
@@ -1398,37 +1384,32 @@ def request_stream(app, turn, upstream):
                     last_sent = now
                     yield None
         try:
-            resp = app.upstream.answer(conn, reused)
+            resp = app.upstream.answer(conn)
         except ApiError:
             if app.stopping.is_set():
                 raise shutting_down() from None
             raise
-        if resp is None:               # a kept connection llama.cpp had closed: again
-            continue
         if resp.status == 200:
             return resp
         skip = fewer_messages(turn, skip, conn, resp)
 
 
-class BodyReader:
-    """Called, returns the next bytes of a response body: all that have
+def body_reader(resp):
+    """A function that returns the next bytes of a response body, all that have
     arrived (b"" at its end). http.client's read1() stops at every chunk of a
     chunked body, and llama-server sends one token per chunk: decoding the
     chunks here lets one read take a whole burst of tokens."""
+    if not resp.chunked:
+        return lambda: resp.read1(65536)
+    state = {"buffer": b"", "left": 0, "ended": False}   # left: bytes of chunk, -1: CRLF
 
-    def __init__(self, resp):
-        self.resp = resp
-        self.buffer, self.left, self.ended = b"", 0, False   # left: of the chunk; -1: CRLF
-
-    def __call__(self):
-        if not self.resp.chunked:
-            return self.resp.read1(65536)
+    def read():
         out = []
-        while not out and not self.ended:
-            data = self.resp.fp.read1(65536)
+        while not out and not state["ended"]:
+            data = resp.fp.read1(65536)
             if not data:
                 break
-            buffer, left, at = self.buffer + data, self.left, 0
+            buffer, left, at = state["buffer"] + data, state["left"], 0
             while at < len(buffer):            # an offset: reslicing would copy the rest
                 if left > 0:                   # of the burst for every token
                     out.append(buffer[at:at + left])
@@ -1448,30 +1429,12 @@ class BodyReader:
                         raise bad_upstream("its chunked stream is malformed") from None
                     at = line_end + 2
                     if left == 0:
-                        self.ended = True
+                        state["ended"] = True
                         break
-            self.buffer, self.left = buffer[at:], left
+            state["buffer"], state["left"] = buffer[at:], left
         return b"".join(out)
 
-    def finish(self, sock, timeout=0.2):
-        """Read the end of a chunked body after llama.cpp's [DONE] (its last
-        chunk and CRLF, which come right after): whether the body ended
-        cleanly, so that its connection can carry another request."""
-        if not self.resp.chunked:
-            return False
-        try:
-            sock.settimeout(timeout)
-            for _ in range(16):
-                if self.ended or not self():
-                    break
-            while self.ended and len(self.buffer) < 2:
-                more = self.resp.fp.read1(2 - len(self.buffer))
-                if not more:
-                    return False
-                self.buffer += more
-            return self.ended and self.buffer == b"\r\n"
-        except (OSError, ApiError):
-            return False
+    return read
 
 
 def parse_events(complete):
@@ -1524,7 +1487,7 @@ def upstream_batches(app, turn, upstream):
     """What llama.cpp streams: None for a keep-alive while it reads the prompt,
     then a list of chunks per read (whatever has arrived, so a fast model
     costs one write per batch, not per token), then "done" or "cut"."""
-    read = BodyReader((yield from request_stream(app, turn, upstream)))
+    read = body_reader((yield from request_stream(app, turn, upstream)))
     pending = b""
     while True:
         try:
@@ -1544,7 +1507,6 @@ def upstream_batches(app, turn, upstream):
         if chunks:
             yield chunks
         if done:
-            upstream.finished = read
             yield "done"
             return
     yield "cut"
@@ -1602,7 +1564,7 @@ def chat_stream(app, turn):
     app.stream_started(upstream)
 
     def close():
-        upstream.close(app.upstream)
+        upstream.close()
         app.stream_ended(upstream)
     return EventStream(relay_events(app, turn, upstream), close)
 
