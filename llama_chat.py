@@ -963,7 +963,7 @@ class Upstream:
         no new thread in llama-server); if llama.cpp has closed it meanwhile,
         it fails before any answer and the request goes again on a new one."""
         while True:
-            conn = self._idle.pop() if self._idle else None    # pop: atomic
+            conn = self._kept()
             reused = conn is not None
             try:
                 conn = self._send(conn, method, path, body, connect_timeout, read_timeout)
@@ -1012,6 +1012,21 @@ class Upstream:
         except BaseException:
             conn.close()
             raise
+
+    def _kept(self):
+        """A kept connection that llama.cpp has not closed (a closed one reads
+        as ready: its end of file), or None."""
+        while self._idle:
+            try:
+                conn = self._idle.pop()                  # pop: atomic
+            except IndexError:
+                return None
+            with selectors.DefaultSelector() as ready:
+                ready.register(conn.sock, selectors.EVENT_READ)
+                if not ready.select(0):
+                    return conn
+            conn.close()
+        return None
 
     def done_with(self, conn, resp):
         """Keep a connection whose answer was read to its end for the next request."""

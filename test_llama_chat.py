@@ -182,6 +182,7 @@ class StubHandler(BaseHTTPRequestHandler):
                     "total_tokens": 21 + len(tokens)}, "timings": timings})
             self.chunk(b"data: [DONE]\n\n")
             self.chunk(b"")
+            self.close_connection = True    # as llama-server does after every stream
         except OSError:
             pass
         finally:
@@ -447,16 +448,24 @@ def test_bad_paging_parameters_are_validation_errors(client, query, field):
     assert body["success"] is False and body["error"]
 
 
-def test_llamacpp_connections_are_kept_and_a_closed_one_is_replaced(client, stub):
+def test_llamacpp_connections_are_kept_and_a_closed_one_is_replaced(client, stub, monkeypatch):
+    used, send = [], llama_chat.Upstream._send
+    monkeypatch.setattr(llama_chat.Upstream, "_send",
+                        lambda self, conn, *a, **k: used.append(conn) or send(self, conn, *a, **k))
     cid = client.new_conversation("pool")
     for _ in range(3):
         assert client.chat(cid, "hi")[0] == 200
     assert len(stub.connections) == 1              # one connection, three answers
     stub.connections[0].shutdown(socket.SHUT_RDWR)  # as llama-server's keep-alive timeout does
+    time.sleep(0.05)
+    kept, before = client.app.upstream._idle[0], len(used)
     status, _, body = client.chat(cid, "still there?")
     assert status == 200 and body["response"] == stub.reply
-    assert len(stub.connections) == 2
-    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 8
+    assert len(stub.connections) == 2 and kept.sock is None
+    assert kept not in used[before:]               # seen closed before use, not tried
+    assert read_events(client.stream(cid)[0])[-1]["type"] == "done"   # a connection of its own
+    assert client.chat(cid, "and?")[0] == 200 and len(stub.connections) == 3
+    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 12
 
 
 def test_get_conversation_with_messages_and_stats(client):
