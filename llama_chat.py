@@ -960,8 +960,9 @@ class Upstream:
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
         """Send a request; return (connection, response). Raises ApiError.
         A connection kept from an earlier answer goes first (no connect, and
-        no new thread in llama-server); if llama.cpp has closed it meanwhile,
-        it fails before any answer and the request goes again on a new one."""
+        no new thread in llama-server), unless llama.cpp has closed it (seen
+        before use); one that fails before any answer all the same (closed as
+        the request went out) is replaced and the request sent again."""
         while True:
             conn = self._kept()
             reused = conn is not None
