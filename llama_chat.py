@@ -1977,6 +1977,7 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 MAX_HEADERS = 100
 HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
                    "code": "SERVICE_UNAVAILABLE"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -2093,16 +2094,16 @@ class Handler(BaseHTTPRequestHandler):
         if self.path.startswith("//"):       # as http.server does: no open redirects
             self.path = "/" + self.path.lstrip("/")
         self.headers = headers = Headers()
-        size = 0
+        size = count = 0
         while True:
             line = self.rfile.readline(MAX_HEADER_BYTES + 1)
-            size += len(line)
-            if size > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            size, count = size + len(line), count + 1
+            if size > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
                 return self.refuse(431, "Request headers too large")
             if line in (b"\r\n", b"\n", b""):
                 break
             name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip() or " " in name:
+            if not colon or not HEADER_NAME.fullmatch(name):
                 return self.refuse(400, "Malformed header line")
             headers.add(name, value.strip())
         lengths = set(headers.get_all("Content-Length") or ())

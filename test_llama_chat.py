@@ -790,6 +790,8 @@ def test_api_key_required_when_set(tmp_path, stub, headers, path, status):
     (b"GET /\r\n\r\n", "400"),
     (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n", "400"),
     (b"GET / HTTP/1.1\r\nHost : localhost\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX\tY: 1\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X: v\r\n" * 101 + b"\r\n", "431"),
     (b"GET / HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n", "400"),
     (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
      b"\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{}", "400"),
