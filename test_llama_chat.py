@@ -168,7 +168,7 @@ class StubHandler(BaseHTTPRequestHandler):
                     self.event({"error": {"code": 500, "message": "out of memory"}})
                     return
                 if stub.mode == "stall_mid" and i == 3:
-                    time.sleep(1.5)
+                    time.sleep(3)
                 self.event({"choices": [{"index": 0, "delta": {"content": token},
                                          "finish_reason": None}]})
                 if stub.token_delay:
@@ -203,12 +203,16 @@ def stop(server):
     server.server_close()
 
 
+class StubServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128    # socketserver's 5 drops connects when 20 streams start
+
+
 @pytest.fixture
 def stub():
     state = Stub()
     handler = type("Handler", (StubHandler,), {"stub": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = StubServer(("127.0.0.1", 0), handler)
     serve(server)
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield state
@@ -285,7 +289,7 @@ def read_events(resp):
 def start_app(tmp_path, llamacpp_url, store=None, **overrides):
     settings = llama_chat.Settings(
         host="127.0.0.1", port=0, llamacpp_url=llamacpp_url, db=str(tmp_path / "chat.db"),
-        timeouts={"llamacpp_timeout": 1, "llamacpp_connect_timeout": 1})
+        timeouts={"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2})
     settings = replace(settings, **overrides)
     server = llama_chat.make_server(settings, store)
     serve(server)
@@ -329,7 +333,7 @@ def test_api_config_shows_the_four_sections(client):
     status, _, body = client.get("/api/config")
     assert status == 200
     expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in llama_chat.CONFIG_SECTIONS}
-    expected["timeouts"] = {"llamacpp_timeout": 1, "llamacpp_connect_timeout": 1}  # the fixture's
+    expected["timeouts"] = {"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2}  # the fixture's
     assert body == {"success": True, **expected}
 
 
@@ -1186,7 +1190,7 @@ def test_chat_to_unknown_conversation_is_not_found(client):
 def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
     stub.mode = mode
     if mode == "stall":
-        stub.stall = 1.5
+        stub.stall = 3
     cid = client.new_conversation()
     got, _, body = client.chat(cid, "please keep me")
     assert (got, body["code"]) == (status, code)
@@ -1358,7 +1362,8 @@ def test_twenty_concurrent_streams_all_complete_and_are_stored(client, stub):
         t.start()
     for t in threads:
         t.join()
-    assert all(r[-1]["type"] == "done" and r[-1]["response"] == stub.reply for r in results)
+    ended = [r[-1] for r in results]
+    assert all(e["type"] == "done" and e["response"] == stub.reply for e in ended), ended
     assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant' AND "
                 "finish_reason = 'stop' AND content = ?", stub.reply)[0][0] == 20
 
@@ -1423,12 +1428,12 @@ def test_stream_stall_between_tokens_times_out(client, stub):
 
 
 def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
-    stub.stall = 2                          # the client fixture's llama.cpp timeout is 1 s
+    stub.stall = 3                          # the client fixture's llama.cpp timeout is 2 s
     cid = client.new_conversation()
     started = time.monotonic()
     events = read_events(client.stream(cid)[0])
     assert [(e["type"], e["code"]) for e in events] == [("error", "LLAMACPP_TIMEOUT")]
-    assert 0.9 < time.monotonic() - started < 1.9
+    assert 1.9 < time.monotonic() - started < 2.9
     assert rows(client, "SELECT role FROM messages") == [("user",)]
 
 
@@ -2612,9 +2617,7 @@ def serve_stub(argv=None):
     if args.tokens:
         state.reply = " ".join(f"t{i}" for i in range(args.tokens))
     state.token_delay, state.router = args.delay, args.router
-    server = ThreadingHTTPServer(("127.0.0.1", args.port),
-                                 type("Handler", (StubHandler,), {"stub": state}))
-    server.daemon_threads = True
+    server = StubServer(("127.0.0.1", args.port), type("Handler", (StubHandler,), {"stub": state}))
     print(f"stub llama-server on http://127.0.0.1:{server.server_address[1]}", flush=True)
     server.serve_forever()
 
