@@ -1190,7 +1190,8 @@ def test_chat_to_unknown_conversation_is_not_found(client):
 def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
     stub.mode = mode
     if mode == "stall":
-        stub.stall = 3
+        client.app.upstream.read_timeout = 0.5
+        stub.stall = 1
     cid = client.new_conversation()
     got, _, body = client.chat(cid, "please keep me")
     assert (got, body["code"]) == (status, code)
@@ -1422,18 +1423,20 @@ def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode
 
 
 def test_stream_stall_between_tokens_times_out(client, stub):
+    client.app.upstream.read_timeout = 0.5
     stub.mode = "stall_mid"
     events = read_events(client.stream(client.new_conversation())[0])
     assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
 
 
 def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
-    stub.stall = 3                          # the client fixture's llama.cpp timeout is 2 s
+    client.app.upstream.read_timeout = 0.5
+    stub.stall = 1.5
     cid = client.new_conversation()
     started = time.monotonic()
     events = read_events(client.stream(cid)[0])
     assert [(e["type"], e["code"]) for e in events] == [("error", "LLAMACPP_TIMEOUT")]
-    assert 1.9 < time.monotonic() - started < 2.9
+    assert 0.45 < time.monotonic() - started < 1.4
     assert rows(client, "SELECT role FROM messages") == [("user",)]
 
 
