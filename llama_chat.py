@@ -426,9 +426,11 @@ def estimate_tokens(text):
     return max(1, round(len(text) / 4)) if text else 0
 
 
-def fts5_available():
+def sqlite_runs(sql):
+    """Whether this SQLite build runs sql: FTS5 and the JSON functions are
+    options a build may leave out."""
     try:
-        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+        sqlite3.connect(":memory:").execute(sql)
         return True
     except sqlite3.OperationalError:
         return False
@@ -457,7 +459,7 @@ def fts_query(text, expansion=None):
     if not phrases:
         return None
     out = ['"' + " ".join(words) + '"' for words in phrases]
-    if search_terms(text)[1]:     # a one-letter prefix would match most of the index
+    if len(fold(phrases[-1][-1])) > 1:    # a one-letter prefix would match most of the index
         if expansion is not None and len(phrases[-1]) == 1:
             last = phrases[-1][0]
             alternatives = [t for t in expansion if t != fold(last)] + [last]
@@ -591,14 +593,6 @@ class RawJSON(str):
     """JSON text made by SQLite, placed in an answer as it is."""
 
 
-def json_available():
-    try:
-        sqlite3.connect(":memory:").execute("SELECT json_object('a', 1)")
-        return True
-    except sqlite3.OperationalError:
-        return False
-
-
 @functools.lru_cache(maxsize=None)
 def json_fields(columns):
     """ "id, title" -> "'id', id, 'title', title": json_object's arguments."""
@@ -621,8 +615,9 @@ class Store:
 
     def __init__(self, path, use_fts=None):
         self.path = path
-        self.fts = fts5_available() if use_fts is None else use_fts
-        self.sql_json = json_available()
+        self.fts = sqlite_runs("CREATE VIRTUAL TABLE t USING fts5(x)") if use_fts is None \
+            else use_fts
+        self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
         self.backup_path = None
@@ -2070,8 +2065,8 @@ class Handler(BaseHTTPRequestHandler):
     def parse_request(self):
         """The request line and headers, read here rather than by http.server,
         whose email parser costs more than the rest of answering a list.
-        Anything ambiguous is refused: folded or nameless header lines, a
-        space before the colon, differing Content-Lengths."""
+        Anything ambiguous is refused: folded lines, lines without a colon,
+        names that are not tokens, differing Content-Lengths."""
         self.command, self.request_version = None, self.default_request_version
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -2087,9 +2082,10 @@ class Handler(BaseHTTPRequestHandler):
         if not version:
             return self.refuse(400, f"Bad request version ({words[2]!r})")
         self.request_version = words[2]
-        if (int(version[1]), int(version[2])) >= (2, 0):
+        number = int(version[1]), int(version[2])
+        if number >= (2, 0):
             return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
-        self.close_connection = (int(version[1]), int(version[2])) < (1, 1)
+        self.close_connection = number < (1, 1)
         self.command, self.path = words[0], words[1]
         if self.path.startswith("//"):       # as http.server does: no open redirects
             self.path = "/" + self.path.lstrip("/")
@@ -2363,10 +2359,7 @@ class Server(ThreadingHTTPServer):
                 for sock in late:
                     del self._deadlines[sock]
             for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                shut(sock)
 
     def handle_error(self, request, client_address):
         if isinstance(sys.exc_info()[1], OSError):   # a client that went away mid-answer
