@@ -1695,9 +1695,12 @@ def test_search_ranks_in_the_recent_index_when_the_newest_matches_are_there(
     assert sorted(r["message_id"] for r in store.search("common", 50)) == ids[-8:-3]
 
 
-def test_recent_index_is_added_to_a_database_made_before_it(tmp_path, caplog):
+def test_recent_index_is_added_to_a_database_made_before_it(tmp_path, caplog, monkeypatch):
     path = str(tmp_path / "older.db")
-    store = llama_chat.Store(path)
+    with monkeypatch.context() as m:         # version 1.0's main index had a prefix index
+        m.setattr(llama_chat, "FTS_SCHEMA", llama_chat.FTS_SCHEMA.replace(
+            "content_rowid='id',", "content_rowid='id', prefix='2 3',"))
+        store = llama_chat.Store(path)
     cid = store.create_conversation("older", MODEL)
     for i in range(30):
         store.add_message(cid, "user", f"kept message {i}")
@@ -1713,7 +1716,9 @@ def test_recent_index_is_added_to_a_database_made_before_it(tmp_path, caplog):
     assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
         "built the search index of recent messages"]          # the main index is kept
     assert_recent_index_in_step(again)
-    assert len(again.search("kept", 50)) == 30
+    assert "prefix='2 3'" in again.conn().execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'search_fts'").fetchone()[0]
+    assert len(again.search("kept", 50)) == len(again.search("ke", 50)) == 30
 
 
 ###############################################################################
@@ -2612,9 +2617,10 @@ def test_bench(tmp_path, stub):
         row("first token: extra time through the app, 200 tokens/s",
             f"{first_token_extra(*paced):.1f} ms", "< 5 ms")
 
-        # 50 streams at once
+        # 50 streams at once (on a new connection: the app has closed the idle one)
         stub.reply = " ".join(f"s{i}" for i in range(100))
         stub.token_delay = 0.005
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
         ids = []
         for i in range(50):
             conn.request("POST", "/api/conversations", json.dumps({"title": f"s{i}", "model": "m"}),
