@@ -1624,12 +1624,34 @@ def test_search_word_list_holds_the_words_the_index_holds(client, sql_json):
 
 def test_search_word_list_forgets_deleted_words(client):
     store = client.app.store
-    cid = store.create_conversation("gone", MODEL)
-    store.add_message(cid, "user", "ephemeralword stays nowhere")
+    cid = store.create_conversation("gone titleword", MODEL)
+    store.add_message(cid, "user", "ephemeralword sharedword")
+    kept = store.create_conversation("kept", MODEL)
+    store.add_message(kept, "user", "sharedword stays")
     assert store._words_starting("ephemeral") == ["ephemeralword"]
     store.delete_conversation(cid)
     store.purge_deleted()
-    assert store._words_starting("ephemeral") == []
+    assert store._words_starting("ephemeral") == store._words_starting("titlew") == []
+    assert store._words_starting("shared") == ["sharedword"]
+    indexed = {r[0] for r in rows(client, "SELECT term FROM search_vocab")}
+    assert indexed == {r[0] for r in rows(client, "SELECT term FROM search_terms")}
+    assert rows(client, "SELECT count(*) FROM search_forget") == [(0,)]
+
+
+def test_a_purge_left_unfinished_runs_at_the_next_start(tmp_path, stub):
+    store = llama_chat.Store(str(tmp_path / "crash.db"))
+    cid = store.create_conversation("gone", MODEL)
+    store.add_message(cid, "user", "leftoverword")
+    store.delete_conversation(cid)                    # and the app stops before purging
+    assert store.purge_pending()
+    server = start_app(tmp_path, stub.url, store=store)
+    try:
+        deadline = time.monotonic() + 10
+        while store.purge_pending() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not store.purge_pending() and store._words_starting("leftover") == []
+    finally:
+        stop(server)
 
 
 def assert_recent_index_in_step(store):
