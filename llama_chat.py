@@ -776,9 +776,10 @@ class Store:
             c.execute(statement)
 
     def _sync_search_index(self):
-        """Create the FTS indexes where FTS5 exists (rebuilding one whose
-        triggers were missing; the recent one too when the main one is rebuilt);
-        where it does not, drop the triggers so writes still work."""
+        """Where FTS5 exists, create what of the search schema is missing and
+        build an index whose triggers were missing (the recent one too when the
+        main one is built, or when it is due); where it does not, drop the
+        triggers so writes still work."""
         conn = self.conn()
         triggers = {r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
