@@ -280,6 +280,10 @@ class ApiError(Exception):
     def body(self):
         return {"success": False, "error": self.message, "code": self.code, **self.extra}
 
+    def with_extra(self, **extra):
+        self.extra.update(extra)
+        return self
+
 
 def validation_error(field_name, message):
     return ApiError(400, "VALIDATION_ERROR", message, field=field_name)
@@ -288,6 +292,17 @@ def validation_error(field_name, message):
 def not_found(resource, ident):
     return ApiError(404, "NOT_FOUND", f"{resource.capitalize()} not found",
                     resource=resource, id=ident)
+
+
+def database_error(e):
+    """SQLite could not do it: the database stayed locked past the busy timeout
+    (another process writing, a long purge), or the disk is full or failing.
+    Not a bug, so not INTERNAL_ERROR: 503, and what went wrong."""
+    log.warning("database: %s", e)
+    if "locked" in str(e) or "busy" in str(e):
+        return ApiError(503, "DATABASE_BUSY", "The database stayed busy with another write "
+                        f"for {Store.BUSY_MS // 1000} s; try again", {"Retry-After": "5"})
+    return ApiError(503, "DATABASE_ERROR", f"The database failed: {e}")
 
 
 def check_model_options(options, prefix):
@@ -682,6 +697,8 @@ def one(cursor):
 class Store:
     """History in SQLite. Knows nothing of HTTP; returns plain dicts."""
 
+    BUSY_MS = 10000      # how long a write waits for another to finish
+
     def __init__(self, path, use_fts=None):
         self.path = path
         self.fts = sqlite_runs("CREATE VIRTUAL TABLE t USING fts5(x)") if use_fts is None \
@@ -702,9 +719,9 @@ class Store:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 conn = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False, timeout=10)
+                                       check_same_thread=False, timeout=self.BUSY_MS / 1000)
                 conn.execute("PRAGMA foreign_keys = ON")
-                conn.execute("PRAGMA busy_timeout = 10000")
+                conn.execute(f"PRAGMA busy_timeout = {self.BUSY_MS}")
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA secure_delete = ON")
             self._local.conn = conn
@@ -1448,11 +1465,13 @@ def chat_once(app, turn):
                 raise TypeError
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise bad_upstream("its answer has no choices[0].message.content") from None
+        return finish_chat(app, turn, text, reasoning, finish_reason(choice),
+                           body.get("usage"), body.get("timings"))
+    except sqlite3.OperationalError as e:
+        raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
     except ApiError as e:
         e.extra["user_message_id"] = turn.user_message_id
         raise
-    return finish_chat(app, turn, text, reasoning, finish_reason(choice),
-                       body.get("usage"), body.get("timings"))
 
 
 def finish_reason(choice):
@@ -1701,6 +1720,15 @@ class Relay:
         return finish_chat(app, turn, "".join(self.text), "".join(self.reasoning), reason,
                            self.usage, self.timings)
 
+    def store_if_possible(self, app, turn, reason):
+        """What was relayed, stored after a failure: its message_id, or None
+        if the database fails too (logged)."""
+        try:
+            return self.store(app, turn, reason)["message_id"]
+        except sqlite3.OperationalError as e:
+            database_error(e)
+            return None
+
 
 def chat_stream(app, turn):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
@@ -1740,14 +1768,18 @@ def relay_events(app, turn, upstream):
                     relay.keep(events)
                 if failure:
                     raise failure
-        yield [{"type": "done", **relay.store(app, turn, relay.finish or "stop")}]
+        try:
+            done = relay.store(app, turn, relay.finish or "stop")
+        except sqlite3.OperationalError as e:
+            raise database_error(e) from None
+        yield [{"type": "done", **done}]
     except ClientGone:
-        relay.store(app, turn, "aborted")
+        relay.store_if_possible(app, turn, "aborted")
     except ApiError as e:
         stored = None
-        if relay.text or relay.reasoning:
+        if (relay.text or relay.reasoning) and not e.code.startswith("DATABASE_"):
             reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
-            stored = relay.store(app, turn, reason)["message_id"]
+            stored = relay.store_if_possible(app, turn, reason)
         event = {"type": "error", "error": e.message, "code": e.code,
                  "user_message_id": turn.user_message_id, "message_id": stored}
         if "details" in e.extra:
@@ -2289,6 +2321,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_json(status, {"success": True, **result})
         except ApiError as e:
             self.send_json(e.status, e.body(), e.headers)
+        except sqlite3.OperationalError as e:
+            failure = database_error(e)
+            self.send_json(failure.status, failure.body(), failure.headers)
         except Exception:
             log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
                       traceback.format_exc())

@@ -1454,6 +1454,50 @@ def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
     client.app.stopping.clear()
 
 
+def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch):
+    monkeypatch.setattr(llama_chat.Store, "BUSY_MS", 300)
+    store = llama_chat.Store(str(tmp_path / "chat.db"))        # where start_app points
+    server = start_app(tmp_path, stub.url, store=store)
+    c = Client(server)
+    try:
+        cid = c.new_conversation()
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")                # another process writing, a long purge
+        status, headers, body = c.chat(cid, "held up")
+        other.execute("ROLLBACK")
+        assert status == 503 and body["code"] == "DATABASE_BUSY" and "try again" in body["error"]
+        assert headers["Retry-After"] == "5"
+        assert rows(c, "SELECT count(*) FROM messages") == [(0,)]
+        assert c.chat(cid, "held up")[0] == 200                           # and then it works
+    finally:
+        stop(server)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_the_database_cannot_store_is_an_error_with_the_user_message(
+        client, monkeypatch, stream):
+    store = client.app.store
+    add = store.add_message
+
+    def full_disk(conversation_id, role, *args, **kwargs):
+        if role == "assistant":
+            raise sqlite3.OperationalError("database or disk is full")
+        return add(conversation_id, role, *args, **kwargs)
+    monkeypatch.setattr(store, "add_message", full_disk)
+    cid = client.new_conversation()
+    if stream:
+        resp, _ = client.stream(cid)
+        lines = [line.strip() for line in resp if line.strip()]
+        assert all(line.startswith((b"data: ", b":")) for line in lines)    # no body after it
+        error = json.loads(lines[-1][6:])
+        assert error["type"] == "error" and error["message_id"] is None
+    else:
+        status, _, error = client.chat(cid)
+        assert status == 503
+    assert error["code"] == "DATABASE_ERROR" and "disk is full" in error["error"]
+    assert rows(client, "SELECT id, role FROM messages") == [(error["user_message_id"], "user")]
+
+
 def test_stream_with_llamacpp_down_is_an_error_event(down_client):
     events = read_events(down_client.stream(down_client.new_conversation())[0])
     assert [e["type"] for e in events] == ["error"]
