@@ -1954,6 +1954,7 @@ def test_fts_index_is_rebuilt_after_a_spell_without_fts5(tmp_path):
     plain.add_message(cid, "user", "written while FTS5 was missing")
     plain.release()
     again = llama_chat.Store(path, use_fts=True)
+    assert os.path.getsize(path + "-wal") == 0          # the build checkpointed into the file
     assert [r["content"] for r in again.search("missing", 10)] == [
         "written while FTS5 was missing"]
 
@@ -2483,8 +2484,8 @@ def build_database(path, messages, per_conversation=50):
           (None, 900)[i % 2], (None, "stop")[i % 2])
          for i, text in enumerate(bench_corpus(messages))))
     conn.execute("COMMIT")
-    store.release()
-    llama_chat.Store(path).release()       # its triggers are missing: it builds the index
+    store.close()
+    llama_chat.Store(path).close()         # its triggers are missing: it builds the index
     return time.monotonic() - started
 
 
