@@ -1763,6 +1763,30 @@ def test_search_ranks_in_the_recent_index_when_the_newest_matches_are_there(
     assert sorted(r["message_id"] for r in store.search("common", 50)) == ids[-8:-3]
 
 
+def test_search_ranks_by_the_word_statistics_of_recent_history(tmp_path, monkeypatch):
+    """In the whole history `alpha` is in most messages (bm25 weighs it ~0) and
+    `beta` rare; among the newest messages it is the other way round. The two
+    indexes then order the same two matches oppositely: search must follow the
+    recent one."""
+    monkeypatch.setattr(llama_chat, "RECENT_MESSAGES", 20)
+    monkeypatch.setattr(llama_chat, "RECENT_STEP", 4)
+    monkeypatch.setattr(llama_chat, "RECENT_FROM", 0)
+    monkeypatch.setattr(llama_chat, "RANK_WINDOW", 2)
+    store = llama_chat.Store(str(tmp_path / "idf.db"))
+    cid = store.create_conversation("t", MODEL)
+    for i in range(40):
+        store.add_message(cid, "user", "alpha filler" if i < 32 else "filler")
+    alphas = store.add_message(cid, "user", "alpha alpha alpha beta")
+    betas = store.add_message(cid, "user", "alpha beta beta beta")
+    for i in range(18):
+        store.add_message(cid, "user", "beta filler" if i < 12 else "filler")
+    query = llama_chat.fts_query("alpha beta")
+    whole = [r[0] for r in store.conn().execute(
+        "SELECT rowid FROM search_fts WHERE search_fts MATCH ? ORDER BY rank", (query,))]
+    assert whole == [betas, alphas]                    # what the main index would say
+    assert [r["message_id"] for r in store.search("alpha beta", 50)] == [alphas, betas]
+
+
 def test_recent_index_is_added_to_a_database_made_before_it(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(llama_chat, "RECENT_FROM", 20)
     path = str(tmp_path / "older.db")
