@@ -431,9 +431,10 @@ MAIN_TRIGGERS = ("search_message_added", "search_message_removed",
 # statistics of recent history. It holds the newest RECENT_MESSAGES messages
 # and up to RECENT_STEP more: the oldest leave RECENT_STEP at a time (one at a
 # time, each new message paid ~0.2 ms to take an old one out). Keeping it costs
-# each message written ~0.1 ms (0.09-0.13 measured), for nothing while the whole history is small:
-# it is kept from a start that finds RECENT_FROM messages or more; until then
-# its floor is NOT_YET, above every id, and it stays empty.
+# each message written ~0.1 ms (0.09-0.13 measured), for nothing while the
+# whole history is small: it is kept from a start that finds RECENT_FROM
+# messages or more; until then its floor is NOT_YET, above every id, and it
+# stays empty.
 RECENT_MESSAGES, RECENT_STEP, RECENT_FROM = 20000, 200, 40000
 NOT_YET = 2**62
 BM25 = "bm25(2.0, 1.0)"     # both indexes rank so: title words weigh double
