@@ -13,7 +13,11 @@ address it requires an API key, and makes one up if none is given.
 
 import sys
 
-# OpenSSL costs every process ~5 MB of memory: http.client imports ssl for its
+###############################################################################
+# Speed-ups: each says what it saves and how to undo it
+###############################################################################
+
+# 1. OpenSSL costs every process ~5 MB of memory: http.client imports ssl for its
 # HTTPS class, and hashlib and hmac load _hashlib. Neither is needed here:
 # llama-server is plain http nearly always (TLSConnection imports ssl when it
 # is not), and the builtin sha256 and compare_digest serve the rest. So these
@@ -54,6 +58,312 @@ from datetime import datetime, timezone
 __version__ = "1.1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
+
+
+def quick_logging():
+    """2. A log line a request: skip what logging gathers for each and this
+    never prints (the logging HOWTO's "Optimization" list). Undo: don't call it."""
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+
+
+def body_reader(resp):
+    """3. A function that returns the next bytes of a response body, all that have
+    arrived (b"" at its end). http.client's read1() stops at every chunk of a
+    chunked body, and llama-server sends one token per chunk: decoding the
+    chunks here lets one read take a whole burst of tokens. Undo: use
+    `resp.read1` for every body."""
+    if not resp.chunked:
+        return lambda: resp.read1(65536)
+    state = {"buffer": b"", "left": 0, "ended": False}   # left: bytes of chunk, -1: CRLF
+
+    def read():
+        out = []
+        while not out and not state["ended"]:
+            data = resp.fp.read1(65536)
+            if not data:
+                break
+            buffer, left, at = state["buffer"] + data, state["left"], 0
+            while at < len(buffer):            # an offset: reslicing would copy the rest
+                if left > 0:                   # of the burst for every token
+                    out.append(buffer[at:at + left])
+                    at += len(out[-1])
+                    left = (left - len(out[-1])) or -1
+                elif left < 0:
+                    if len(buffer) - at < 2:
+                        break
+                    left, at = 0, at + 2
+                else:
+                    line_end = buffer.find(b"\r\n", at)
+                    if line_end < 0:
+                        break
+                    try:
+                        left = int(buffer[at:line_end].split(b";")[0], 16)
+                    except ValueError:
+                        raise ValueError("its chunked stream is malformed") from None
+                    at = line_end + 2
+                    if left == 0:
+                        state["ended"] = True
+                        break
+            state["buffer"], state["left"] = buffer[at:], left
+        return b"".join(out)
+
+    return read
+
+
+class Headers(dict):
+    """A request's headers: lower-cased name -> its values, in order."""
+
+    def add(self, name, value):
+        self.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = dict.get(self, name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 65536
+MAX_HEADERS = 100
+HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
+
+
+class FastRequestHead:
+    """4. The request line and headers, read here rather than by http.server,
+    whose email parser costs more than the rest of answering a list. Anything
+    ambiguous is refused: folded lines, lines without a colon, names that are
+    not tokens, differing Content-Lengths. Undo: leave this class out of
+    Handler's bases (http.server then parses, into an email.message.Message)."""
+
+    def parse_request(self):
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            return self.refuse(414, "Request line too long")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3:
+            return self.refuse(400, f"Bad request syntax ({self.requestline!r})")
+        version = HTTP_VERSION.fullmatch(words[2])
+        if not version:
+            return self.refuse(400, f"Bad request version ({words[2]!r})")
+        self.request_version = words[2]
+        number = int(version[1]), int(version[2])
+        if number >= (2, 0):
+            return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
+        self.close_connection = number < (1, 1)
+        self.command, self.path = words[0], words[1]
+        if self.path.startswith("//"):       # as http.server does: no open redirects
+            self.path = "/" + self.path.lstrip("/")
+        self.headers = headers = Headers()
+        size = count = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            size, count = size + len(line), count + 1
+            if size > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
+                return self.refuse(431, "Request headers too large")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not HEADER_NAME.fullmatch(name):
+                return self.refuse(400, "Malformed header line")
+            headers.add(name, value.strip())
+        lengths = set(headers.get_all("Content-Length") or ())
+        if len(lengths) > 1:
+            return self.refuse(400, "Conflicting Content-Length headers")
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version >= "HTTP/1.1"):
+            return self.handle_expect_100()
+        return True
+
+    def refuse(self, code, message):
+        self.send_error(code, message)
+        return False
+
+
+def release_memory():
+    """5. Give the C library's freed memory back to the system: after building
+    an index, the page cache and token hash it used stay allocated otherwise.
+    Linux (glibc) only; elsewhere nothing. Undo: don't call it."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
+###############################################################################
+# Errors
+###############################################################################
+
+class ApiError(Exception):
+    """Every failure a client may see: renders the contract's error body."""
+
+    def __init__(self, status, code, message, headers=None, **extra):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self):
+        return {"success": False, "error": self.message, "code": self.code, **self.extra}
+
+    def with_extra(self, **extra):
+        self.extra.update(extra)
+        return self
+
+
+def validation_error(field_name, message):
+    return ApiError(400, "VALIDATION_ERROR", message, field=field_name)
+
+
+def not_found(resource, ident):
+    return ApiError(404, "NOT_FOUND", f"{resource.capitalize()} not found",
+                    resource=resource, id=ident)
+
+
+BUSY_MS = 10000      # how long a write waits for another, by default (SQLite's busy timeout)
+
+
+def database_error(e):
+    """SQLite could not do it: the database stayed locked past the busy timeout
+    (another process writing, a long purge), or the disk is full or failing.
+    Not a bug, so not INTERNAL_ERROR: 503, and what went wrong."""
+    log.warning("database: %s", e)
+    if "locked" in str(e) or "busy" in str(e):
+        return ApiError(503, "DATABASE_BUSY", "The database stayed busy with another write; "
+                        "try again", {"Retry-After": "5"})
+    return ApiError(503, "DATABASE_ERROR", f"The database failed: {e}")
+
+
+def starting(progress):
+    return ApiError(503, "STARTING", f"llama-chat is starting: {progress['step']}",
+                    {"Retry-After": "2"}, progress=progress)
+
+
+def shutting_down():
+    return ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
+
+
+def error_text(body):
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err)
+        if err:
+            return str(err)
+    return "no details"
+
+
+def upstream_error(exc, url):
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, socket.timeout):
+        return ApiError(504, "LLAMACPP_TIMEOUT", "llama.cpp server did not answer in time",
+                        details=f"No answer from {url} within the configured timeout")
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server unavailable",
+                        details=f"{url}: {reason}")
+    if isinstance(exc, ValueError):
+        return bad_upstream(str(exc))
+    if isinstance(exc, Exception):
+        return bad_upstream(f"reading its answer failed: {type(exc).__name__}")
+    raise exc      # KeyboardInterrupt, SystemExit
+
+
+def upstream_status_error(status, body):
+    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
+                    details=f"HTTP {status}: {error_text(body)}")
+
+
+def bad_upstream(what):
+    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server sent an unexpected answer",
+                    details=what)
+
+
+###############################################################################
+# Validation of what clients send
+###############################################################################
+
+def check_model_options(options, prefix):
+    """Validate llama.cpp options by type and range; return them renamed for llama.cpp."""
+    if not isinstance(options, dict):
+        raise validation_error(prefix, f"{prefix} must be an object")
+    out = {}
+    for name, value in options.items():
+        where = f"{prefix}.{name}"
+        if name not in MODEL_OPTIONS:
+            raise validation_error(where, f"Unknown option {where}; known: "
+                                   + ", ".join(sorted(MODEL_OPTIONS)))
+        kind, low, high, upstream = MODEL_OPTIONS[name]
+        if value is None:
+            continue
+        if kind is list:
+            if isinstance(value, str):
+                value = [value]
+            if (not isinstance(value, list) or len(value) > high
+                    or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in value)):
+                raise validation_error(where, f"{where} must be a list of at most {high} "
+                                       "non-empty strings")
+        else:
+            ok_types = (int,) if kind is int else (int, float)
+            if isinstance(value, bool) or not isinstance(value, ok_types):
+                raise validation_error(where, f"{where} must be a {kind.__name__}")
+            if not low <= value <= high:
+                raise validation_error(where, f"{where} must be between {low} and {high}")
+        out[upstream] = value
+    return out
+
+
+def require_str(body, name, allow_empty=False, max_len=10_000):
+    if name not in body or body[name] is None:
+        raise validation_error(name, f"Missing required field: {name}")
+    value = body[name]
+    if not isinstance(value, str):
+        raise validation_error(name, f"Field {name} must be a string")
+    if not allow_empty and not value.strip():
+        raise validation_error(name, f"Field {name} must not be empty")
+    if len(value) > max_len:
+        raise validation_error(name, f"Field {name} is longer than {max_len} characters")
+    return value
+
+
+def require_int(body, name):
+    if name not in body or body[name] is None:
+        raise validation_error(name, f"Missing required field: {name}")
+    value = body[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise validation_error(name, f"Field {name} must be an integer")
+    return value
+
+
+def query_int(req, name, default, low, high=None):
+    raw = req.arg(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise validation_error(name, f"Query parameter {name} must be an integer") from None
+    if value < low:
+        raise validation_error(name, f"Query parameter {name} must be at least {low}")
+    return min(value, high) if high is not None else value
 
 
 ###############################################################################
@@ -265,81 +575,158 @@ def load_settings(argv=None, environ=None):
 
 
 ###############################################################################
-# Errors
+# Storage: the database file
 ###############################################################################
 
-class ApiError(Exception):
-    """Every failure a client may see: renders the contract's error body."""
-
-    def __init__(self, status, code, message, headers=None, **extra):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
-        self.extra = extra
-
-    def body(self):
-        return {"success": False, "error": self.message, "code": self.code, **self.extra}
-
-    def with_extra(self, **extra):
-        self.extra.update(extra)
-        return self
+# Every connection: foreign keys on, a commit is on disk before it is
+# acknowledged, and freed pages are zeroed (writes wait for each other up to
+# the busy timeout).
+CONNECTION_PRAGMAS = ("PRAGMA foreign_keys = ON", "PRAGMA synchronous = FULL",
+                      "PRAGMA secure_delete = ON")
 
 
-def validation_error(field_name, message):
-    return ApiError(400, "VALIDATION_ERROR", message, field=field_name)
+def sqlite_runs(sql):
+    """Whether this SQLite build runs sql: FTS5 and the JSON functions are
+    options a build may leave out."""
+    try:
+        sqlite3.connect(":memory:").execute(sql)
+        return True
+    except sqlite3.OperationalError:
+        return False
 
 
-def not_found(resource, ident):
-    return ApiError(404, "NOT_FOUND", f"{resource.capitalize()} not found",
-                    resource=resource, id=ident)
+def split_sql(script):
+    """Statements of a script, triggers kept whole (they hold semicolons)."""
+    statements, current = [], ""
+    for line in script.strip().splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
+
+def dicts(cursor):
+    """A cursor's rows as dicts (twice as fast as dict(sqlite3.Row))."""
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def database_error(e):
-    """SQLite could not do it: the database stayed locked past the busy timeout
-    (another process writing, a long purge), or the disk is full or failing.
-    Not a bug, so not INTERNAL_ERROR: 503, and what went wrong."""
-    log.warning("database: %s", e)
-    if "locked" in str(e) or "busy" in str(e):
-        return ApiError(503, "DATABASE_BUSY", "The database stayed busy with another write "
-                        f"for {Store.BUSY_MS // 1000} s; try again", {"Retry-After": "5"})
-    return ApiError(503, "DATABASE_ERROR", f"The database failed: {e}")
+def one(cursor):
+    found = dicts(cursor)
+    return found[0] if found else None
 
 
-def check_model_options(options, prefix):
-    """Validate llama.cpp options by type and range; return them renamed for llama.cpp."""
-    if not isinstance(options, dict):
-        raise validation_error(prefix, f"{prefix} must be an object")
-    out = {}
-    for name, value in options.items():
-        where = f"{prefix}.{name}"
-        if name not in MODEL_OPTIONS:
-            raise validation_error(where, f"Unknown option {where}; known: "
-                                   + ", ".join(sorted(MODEL_OPTIONS)))
-        kind, low, high, upstream = MODEL_OPTIONS[name]
-        if value is None:
-            continue
-        if kind is list:
-            if isinstance(value, str):
-                value = [value]
-            if (not isinstance(value, list) or len(value) > high
-                    or not all(isinstance(s, str) and 0 < len(s) <= 200 for s in value)):
-                raise validation_error(where, f"{where} must be a list of at most {high} "
-                                       "non-empty strings")
-        else:
-            ok_types = (int,) if kind is int else (int, float)
-            if isinstance(value, bool) or not isinstance(value, ok_types):
-                raise validation_error(where, f"{where} must be a {kind.__name__}")
-            if not low <= value <= high:
-                raise validation_error(where, f"{where} must be between {low} and {high}")
-        out[upstream] = value
-    return out
+class Database:
+    """One SQLite file: a connection per working thread (from a small pool),
+    write transactions, the schema version and backups. `functions` are SQL
+    functions each connection gets: (name, argument count, deterministic
+    Python function)."""
+
+    def __init__(self, path, functions=(), busy_ms=BUSY_MS):
+        self.path = path
+        self.functions = tuple(functions)
+        self.busy_ms = busy_ms
+        self._local = threading.local()
+        self._idle = queue.Queue(maxsize=8)
+
+    def connect(self):
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=self.busy_ms / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
+        for pragma in CONNECTION_PRAGMAS:
+            conn.execute(pragma)
+        for name, count, function in self.functions:
+            conn.create_function(name, count, function, deterministic=True)
+        return conn
+
+    # Opening a connection (and SQLite reading the schema) costs about a
+    # millisecond, which every new HTTP connection would otherwise pay.
+    def conn(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                conn = self.connect()
+            self._local.conn = conn
+        return conn
+
+    def release(self):
+        """The calling thread is done with the database: its connection goes back."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            try:
+                self._idle.put_nowait(conn)
+            except queue.Full:
+                conn.close()
+
+    def close(self):
+        """Close the calling thread's connection and the idle ones (the last to
+        close checkpoints the WAL into the file)."""
+        self.release()
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    @contextmanager
+    def write(self, conn=None):
+        """A write transaction, BEGIN IMMEDIATE so that the busy timeout applies."""
+        conn = conn or self.conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextmanager
+    def own_connection(self):
+        """A connection for one long piece of work (a migration, an index build)
+        that can be interrupted from another thread, and whose memory (a large
+        page cache) goes back when it closes."""
+        conn = self.connect()
+        self._working = conn
+        try:
+            yield conn
+        finally:
+            self._working = None
+            conn.close()
+
+    def interrupt(self):
+        """Stop the long piece of work under way, if any: it rolls back."""
+        conn = getattr(self, "_working", None)
+        if conn is not None:
+            conn.interrupt()
+
+    def checkpoint(self):
+        self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def user_version(self):
+        """The schema version, read without changing the file."""
+        conn = sqlite3.connect(self.path)
+        try:
+            return conn.execute("PRAGMA user_version").fetchone()[0], conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+        finally:
+            conn.close()
+
+    def backup(self, target):
+        dest = sqlite3.connect(target)
+        try:
+            with dest:
+                self.conn().backup(dest)
+        finally:
+            dest.close()
 
 
 ###############################################################################
 # Storage: schema and migrations
 ###############################################################################
-
-SCHEMA_VERSION = 1
 
 # Version 0 -> 1. The base tables are the original Flask llama-chat's, so its
 # database (llamacpp_chat.db) migrates in place by the same steps as a new one.
@@ -378,253 +765,255 @@ INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 CREATE INDEX IF NOT EXISTS conversations_by_activity ON conversations (updated_at DESC, id DESC);
 """
-
-# The search index: one row per message, holding its conversation's title too,
-# so that every word of a query may match in either. External content (a view),
-# kept in step by triggers inside the writing transaction. No prefix index
-# (prefix='2 3' in version 1.0, which databases made then keep): a last word
-# is spelled out as the words that start with it, and the short prefixes that
-# are not find their newest matches in the recent index (below). It tripled
-# the time to build the index and made the database 1.6 times the size.
-FTS_SCHEMA = """
-CREATE VIEW IF NOT EXISTS search_source AS
-    SELECT m.id AS id, c.title AS title, m.content AS content
-    FROM messages m JOIN conversations c ON c.id = m.conversation_id;
-CREATE VIRTUAL TABLE IF NOT EXISTS search_fts USING fts5(
-    title, content, content='search_source', content_rowid='id',
-    tokenize='unicode61 remove_diacritics 2');
-CREATE VIRTUAL TABLE IF NOT EXISTS search_vocab USING fts5vocab(search_fts, 'row');
-CREATE TABLE IF NOT EXISTS search_terms (term TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS search_forget (term TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS search_message_added AFTER INSERT ON messages BEGIN
-    INSERT INTO search_fts (rowid, title, content)
-        SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
-END;
-CREATE TRIGGER IF NOT EXISTS search_message_removed AFTER DELETE ON messages BEGIN
-    INSERT INTO search_fts (search_fts, rowid, title, content)
-        SELECT 'delete', old.id, c.title, old.content
-        FROM conversations c WHERE c.id = old.conversation_id;
-END;
-CREATE TRIGGER IF NOT EXISTS search_message_changed AFTER UPDATE OF content ON messages BEGIN
-    INSERT INTO search_fts (search_fts, rowid, title, content)
-        SELECT 'delete', old.id, c.title, old.content
-        FROM conversations c WHERE c.id = old.conversation_id;
-    INSERT INTO search_fts (rowid, title, content)
-        SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
-END;
-CREATE TRIGGER IF NOT EXISTS search_title_changed AFTER UPDATE OF title ON conversations
-WHEN old.title IS NOT new.title BEGIN
-    INSERT INTO search_fts (search_fts, rowid, title, content)
-        SELECT 'delete', m.id, old.title, m.content FROM messages m WHERE m.conversation_id = old.id;
-    INSERT INTO search_fts (rowid, title, content)
-        SELECT m.id, new.title, m.content FROM messages m WHERE m.conversation_id = new.id;
-END;
-"""
-MAIN_TRIGGERS = ("search_message_added", "search_message_removed",
-                 "search_message_changed", "search_title_changed")
-
-# The recent index: the same rows for the newest messages only (ids above
-# `floor`), so that bm25 can be cheap. Before ranking, bm25 counts every message
-# that holds each query word (its IDF): some 20 ms in the whole index for a word
-# found in half of a million messages, well under 1 ms here. A query whose
-# newest RANK_WINDOW matches all lie here is ranked here, by bm25 with the word
-# statistics of recent history. It holds the newest RECENT_MESSAGES messages
-# and up to RECENT_STEP more: the oldest leave RECENT_STEP at a time (one at a
-# time, each new message paid ~0.2 ms to take an old one out). Keeping it costs
-# each message written ~0.1 ms (0.09-0.13 measured), for nothing while the
-# whole history is small: it is kept from a start that finds RECENT_FROM
-# messages or more; until then its floor is NOT_YET, above every id, and it
-# stays empty.
-RECENT_MESSAGES, RECENT_STEP, RECENT_FROM = 20000, 200, 40000
-NOT_YET = 2**62
-BM25 = "bm25(2.0, 1.0)"     # both indexes rank so: title words weigh double
-RECENT_SCHEMA = """
-CREATE TABLE search_recent_span (floor INTEGER NOT NULL, size INTEGER NOT NULL,
-                                 step INTEGER NOT NULL);
-CREATE VIEW search_recent_source AS
-    SELECT id, title, content FROM search_source WHERE id > (SELECT floor FROM search_recent_span);
-CREATE VIRTUAL TABLE search_recent USING fts5(
-    title, content, content='search_recent_source', content_rowid='id',
-    tokenize='unicode61 remove_diacritics 2');
-CREATE TRIGGER search_recent_added AFTER INSERT ON messages BEGIN
-    INSERT INTO search_recent (rowid, title, content)
-        SELECT new.id, c.title, new.content FROM conversations c, search_recent_span r
-        WHERE c.id = new.conversation_id AND new.id > r.floor;
-    INSERT INTO search_recent (search_recent, rowid, title, content)
-        SELECT 'delete', s.id, s.title, s.content FROM search_recent_span r, search_source s
-        WHERE new.id - r.size - r.step >= r.floor AND s.id > r.floor AND s.id <= new.id - r.size;
-    UPDATE search_recent_span SET floor = new.id - size WHERE new.id - size - step >= floor;
-END;
-CREATE TRIGGER search_recent_removed AFTER DELETE ON messages BEGIN
-    INSERT INTO search_recent (search_recent, rowid, title, content)
-        SELECT 'delete', old.id, c.title, old.content FROM conversations c, search_recent_span r
-        WHERE c.id = old.conversation_id AND old.id > r.floor;
-END;
-CREATE TRIGGER search_recent_changed AFTER UPDATE OF content ON messages BEGIN
-    INSERT INTO search_recent (search_recent, rowid, title, content)
-        SELECT 'delete', old.id, c.title, old.content FROM conversations c, search_recent_span r
-        WHERE c.id = old.conversation_id AND old.id > r.floor;
-    INSERT INTO search_recent (rowid, title, content)
-        SELECT new.id, c.title, new.content FROM conversations c, search_recent_span r
-        WHERE c.id = new.conversation_id AND new.id > r.floor;
-END;
-CREATE TRIGGER search_recent_title_changed AFTER UPDATE OF title ON conversations
-WHEN old.title IS NOT new.title BEGIN
-    INSERT INTO search_recent (search_recent, rowid, title, content)
-        SELECT 'delete', m.id, old.title, m.content FROM messages m, search_recent_span r
-        WHERE m.conversation_id = old.id AND m.id > r.floor;
-    INSERT INTO search_recent (rowid, title, content)
-        SELECT m.id, new.title, m.content FROM messages m, search_recent_span r
-        WHERE m.conversation_id = new.id AND m.id > r.floor;
-END;
-"""
-RECENT_TRIGGERS = ("search_recent_added", "search_recent_removed",
-                   "search_recent_changed", "search_recent_title_changed")
-FTS_TRIGGERS = MAIN_TRIGGERS + RECENT_TRIGGERS
-# Words of deleted text that no message or title in the index holds any more.
-FORGET_WORDS = """
-DELETE FROM search_terms WHERE term IN (
-    SELECT term FROM search_forget f WHERE NOT EXISTS (
-        SELECT 1 FROM search_fts WHERE search_fts MATCH '"' || replace(f.term, '"', '""') || '"'))
-"""
 # A conversation's messages go before it does, while its title is still there
-# for the index's delete (a cascade would run after the row is gone).
+# for the search index's delete (a cascade would run after the row is gone).
 DELETE_MESSAGES_FIRST = """
 CREATE TRIGGER IF NOT EXISTS conversation_removed BEFORE DELETE ON conversations BEGIN
     DELETE FROM messages WHERE conversation_id = old.id;
 END;
 """
 
-WORD = re.compile(r"[^\W_]+")
-ASCII_WORD = re.compile(r"[a-z0-9]+")     # WORD in lower-case ASCII text, found faster
-SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
-RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
-MAX_EXPANSION = 40        # words a last-word prefix may stand for before FTS5's own prefix
+
+def migrate_to_1(c):
+    """The original app's tables (or none) -> llama-chat 1.0's."""
+    for statement in split_sql(BASE_TABLES):
+        c.execute(statement)
+    have = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+    for column, kind in NEW_MESSAGE_COLUMNS.items():
+        if column not in have:
+            c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+    for table, column in (("conversations", "created_at"), ("conversations", "updated_at"),
+                          ("messages", "timestamp")):
+        c.execute(ISO_FROM_LEGACY.format(table=table, column=column))
+    c.execute("UPDATE messages SET finish_reason = 'stop' "
+              "WHERE role = 'assistant' AND finish_reason IS NULL")
+    for statement in split_sql(INDEXES + DELETE_MESSAGES_FIRST):
+        c.execute(statement)
 
 
-def now_iso():
-    t = datetime.now(timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+def migrate_to_2(c):
+    """Version 1.1's search state kept beside its index goes: the recent index's
+    span, the word list and the forget list, and every search trigger. The
+    index itself is made anew by SearchIndex.sync (dropping an FTS5 table
+    needs FTS5, which this SQLite may lack)."""
+    for (name,) in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                             "AND name LIKE 'search%'").fetchall():
+        c.execute(f"DROP TRIGGER {name}")
+    for table in ("search_terms", "search_forget", "search_recent_span"):
+        c.execute(f"DROP TABLE IF EXISTS {table}")
+    c.execute("DROP VIEW IF EXISTS search_recent_source")
 
 
-def estimate_tokens(text):
-    return max(1, round(len(text) / 4)) if text else 0
-
-
-def sqlite_runs(sql):
-    """Whether this SQLite build runs sql: FTS5 and the JSON functions are
-    options a build may leave out."""
-    try:
-        sqlite3.connect(":memory:").execute(sql)
-        return True
-    except sqlite3.OperationalError:
-        return False
+# Each entry turns version N into N + 1, inside one transaction with the rest
+# of the start-up work; a database is backed up before the first of them runs.
+MIGRATIONS = [migrate_to_1, migrate_to_2]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 ###############################################################################
-# Search: queries, word lists and highlights
+# Storage: the search index
 ###############################################################################
 
-def fts_query(text, expansion=None):
-    """User text -> an FTS5 query: quoted phrases joined by AND.
+# FTS5's unicode61 tokenizer finds words between separators and folds case
+# and Latin accents. Three kinds of text need more, and get it from the form
+# of the text that is indexed (and queried): search_form().
+# - Chinese and Japanese have no spaces: a sentence would be one token, found
+#   only by its start. Each Han, kana or CJK-symbol character is made a token
+#   of its own, and a query's run of them is searched as a phrase, so any two
+#   or more adjacent characters find the text. (FTS5's trigram tokenizer would
+#   do the same for every script, at three times the index size, with
+#   substring rather than word matches for Latin text, and LIKE for one- and
+#   two-character queries.)
+# - Greek accents (tonos, dialytika) are kept by unicode61: they are taken off,
+#   so that `κοσμ` finds `κόσμε` as `cafe` finds `café`.
+# - Emoji and other symbols are separators to unicode61, so unsearchable: each
+#   is indexed as a private-use character of its own (a token to FTS5).
+# Text with none of these (all ASCII text) is indexed as it is. The form is
+# computed by SQL function search_form() in the index's view and triggers,
+# so it cannot fall out of step with the text: a connection without the
+# function (the sqlite3 shell) can read everything, but writing messages
+# fails there rather than corrupt the index.
+CJK = ("\u2e80-\u2fdf\u3005\u3007\u3021-\u3029\u3038-\u303b\u3041-\u30ff\u31f0-\u31ff"
+       "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+GREEK = "\u0370-\u03ff\u1f00-\u1fff"
+NEEDS_FORM = re.compile(f"[{CJK}{GREEK}]|[^\\x00-\\x7f\\w\\s]")
+IS_CJK = re.compile(f"[{CJK}]")
+IS_GREEK = re.compile(f"[{GREEK}]")
+# A token, as unicode61 sees one: letters, digits and private-use characters.
+TOKEN = re.compile(r"(?:[^\W_]|[\ue000-\uf8ff\U000f0000-\U0010fffd])+")
 
-    Nothing the user types is FTS5 syntax: words are pulled out of the text
+
+def search_form(text, origins=None):
+    """The text as the index holds it (see above). With `origins`, a list:
+    filled with the index in `text` of each character of the form."""
+    if text is None or text.isascii() or not NEEDS_FORM.search(text):
+        if origins is not None:
+            origins.extend(range(len(text or "")))
+        return text
+    out, greek = [], False
+    for i, c in enumerate(text):
+        if IS_CJK.match(c):
+            piece = f" {c} "
+        elif IS_GREEK.match(c):
+            piece, greek = unicodedata.normalize("NFD", c)[0], True
+        elif unicodedata.combining(c) and greek:     # an accent written apart
+            piece = ""
+        elif unicodedata.category(c) == "So":
+            piece = f" {chr(0xF0000 + (ord(c) & 0xFFFF))} "
+        else:
+            piece = c
+        greek = greek and (piece == "" or IS_GREEK.match(c) is not None)
+        out.append(piece)
+        if origins is not None:
+            origins.extend([i] * len(piece))
+    return "".join(out)
+
+
+def fold(word):
+    """A token as unicode61 with remove_diacritics 2 compares it: lower case,
+    accents off Latin letters."""
+    word = word.lower()
+    if word.isascii():
+        return word
+    bases = (unicodedata.normalize("NFD", c)[0] for c in word)
+    return "".join(base if base.isascii() else c for base, c in zip(bases, word))
+
+
+@dataclass
+class Query:
+    """What a user's search text asks for: `match`, an FTS5 expression (None
+    when nothing is left to search), and `phrases`, each a list of folded
+    tokens, the last token of the last phrase a prefix if `prefix`."""
+    match: object
+    phrases: list
+    prefix: bool
+    words: list         # the text's runs of letters and digits, as typed (for LIKE)
+
+
+def search_query(text):
+    """User text -> quoted FTS5 phrases joined by AND.
+
+    Nothing the user types is FTS5 syntax: tokens are pulled out of the text
     ("quoted phrases" kept together) and each phrase is double-quoted. The last
-    word also matches as a prefix: as the list of indexed words that start with
-    it (`expansion`), else as FTS5's prefix query, which is correct but slow
-    (it gathers every match of every such word before it can rank any).
-    None when no word is left to search."""
+    token also matches as a prefix ("learn"* finds learning) unless it is one
+    character (it would match most of the index; a CJK character is a whole
+    token anyway)."""
     if text.count('"') % 2:
         text += '"'
     phrases = []
     for quoted, bare in re.findall(r'"([^"]*)"|([^\s"]+)', text):
-        words = WORD.findall(quoted or bare)
-        if words:
-            phrases.append(words)
+        tokens = TOKEN.findall(search_form(quoted or bare))
+        if tokens:
+            phrases.append(tokens)
     if not phrases:
-        return None
-    out = ['"' + " ".join(words) + '"' for words in phrases]
-    if len(fold(phrases[-1][-1])) > 1:    # a one-letter prefix would match most of the index
-        if expansion is not None and len(phrases[-1]) == 1:
-            last = phrases[-1][0]
-            alternatives = [t for t in expansion if t != fold(last)] + [last]
-            out[-1] = "(" + " OR ".join('"' + t.replace('"', "") + '"'
-                                        for t in alternatives) + ")"
+        return Query(None, [], False, [])
+    prefix = len(phrases[-1][-1]) > 1
+    match = " AND ".join('"' + " ".join(p) + '"' for p in phrases) + ("*" if prefix else "")
+    return Query(match, [[fold(t) for t in p] for p in phrases], prefix, TOKEN.findall(text))
+
+
+def highlight_spans(content, query):
+    """[start, end] of each match of the query's phrases in content, as FTS5
+    matches them (tokens of the search form, folded)."""
+    origins = []
+    form = search_form(content, origins)
+    tokens = [(fold(m.group()), m.start(), m.end()) for m in TOKEN.finditer(form)]
+    spans = []
+    for n, phrase in enumerate(query.phrases):
+        prefix = query.prefix and n == len(query.phrases) - 1
+        size = len(phrase)
+        for k in range(len(tokens) - size + 1):
+            if all(tokens[k + j][0] == phrase[j] for j in range(size - 1)) and (
+                    tokens[k + size - 1][0].startswith(phrase[-1]) if prefix
+                    else tokens[k + size - 1][0] == phrase[-1]):
+                spans.append((origins[tokens[k][1]], origins[tokens[k + size - 1][2] - 1] + 1))
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
         else:
-            out[-1] += "*"
-    return " AND ".join(out)
+            merged.append([a, b])
+    return merged
 
 
-def fold(word):
-    """A word as the index sees it (unicode61 remove_diacritics 2): lower case
-    letter for letter (ß stays ß), accents taken off (canonical decomposition
-    only: ǆ stays ǆ)."""
-    if word.isascii():
-        return word.lower()
-    return "".join(c for c in unicodedata.normalize("NFD", word.lower())
-                   if not unicodedata.combining(c))
+def ascii_pattern(query):
+    """highlight_spans for ASCII text, as one regular expression."""
+    phrases = []
+    for n, phrase in enumerate(query.phrases):
+        words = r"[\W_]+".join(map(re.escape, phrase))
+        phrases.append(words + (r"[a-z0-9]*" if query.prefix and n == len(query.phrases) - 1
+                                else ""))
+    return re.compile(r"(?<![a-z0-9])(?:" + "|".join(phrases) + r")(?![a-z0-9])",
+                      re.IGNORECASE | re.ASCII)
 
 
-def index_words(texts):
-    """The distinct words of texts, folded as the index folds them."""
-    words = set()
-    for text in texts:
-        if text.isascii():
-            words.update(ASCII_WORD.findall(text.lower()))
-        else:
-            words.update(fold(w) for w in set(WORD.findall(text)))
-    return words
+def like_spans(content, terms):
+    """The LIKE fallback's matches: the words holding a term (case-insensitive)."""
+    lowered = [t.lower() for t in terms]
+    return [list(m.span()) for m in TOKEN.finditer(content)
+            if any(t in m.group().lower() for t in lowered)]
 
 
-def search_terms(text):
-    """The folded words of a query, and whether the last one is a prefix."""
-    terms = [fold(w) for w in WORD.findall(text)]
-    return terms, bool(terms) and len(terms[-1]) > 1
+def snippet(content, spans, width=160):
+    """Plain text around the first match, with [start, end] offsets (in code
+    points) of the matches in it."""
+    begin = max(0, spans[0][0] - width // 4) if spans else 0
+    if begin:
+        space = content.find(" ", begin, spans[0][0])
+        begin = space + 1 if space >= 0 else begin
+    end = min(len(content), begin + width)
+    lead = "…" if begin else ""
+    text = lead + content[begin:end] + ("…" if end < len(content) else "")
+    shift = len(lead) - begin
+    return text, [[a + shift, b + shift] for a, b in spans if a >= begin and b <= end]
 
 
-class Highlighter:
-    """Finds the words of a message that match a query: a word matches a term it
-    equals (as FTS5 does), or contains (inside=True: the LIKE fallback); the
-    last term also as a prefix. ASCII text goes through one regular expression;
-    other text word by word, folded as the index folds it."""
-
-    def __init__(self, terms, prefix, inside=False):
-        self.exact, self.last, self.prefix, self.inside = set(terms), terms[-1], prefix, inside
-        alternatives = "|".join(re.escape(t) for t in sorted(set(terms), key=len, reverse=True))
-        if inside:
-            pattern = rf"[^\W_]*(?:{alternatives})[^\W_]*"
-        elif prefix:
-            pattern = rf"(?<![^\W_])(?:{re.escape(self.last)}[^\W_]*|{alternatives})(?![^\W_])"
-        else:
-            pattern = rf"(?<![^\W_])(?:{alternatives})(?![^\W_])"
-        self.ascii = re.compile(pattern, re.IGNORECASE | re.ASCII)
-
-    def spans(self, content):
-        if content.isascii():
-            return [m.span() for m in self.ascii.finditer(content)]
-        found = []
-        for m in WORD.finditer(content):
-            word = fold(m.group())
-            if (any(t in word for t in self.exact) if self.inside else
-                    word in self.exact or (self.prefix and word.startswith(self.last))):
-                found.append(m.span())
-        return found
-
-    def snippet(self, content, width=160):
-        """Plain text around the first match, with [start, end] offsets (in code
-        points) of the matches in it."""
-        spans = self.spans(content)
-        begin = max(0, spans[0][0] - width // 4) if spans else 0
-        if begin:
-            space = content.find(" ", begin, spans[0][0])
-            begin = space + 1 if space >= 0 else begin
-        end = min(len(content), begin + width)
-        lead = "…" if begin else ""
-        text = lead + content[begin:end] + ("…" if end < len(content) else "")
-        shift = len(lead) - begin
-        return text, [[a + shift, b + shift] for a, b in spans if a >= begin and b <= end]
-
-
+# One row per message, holding its conversation's title too, so that every
+# word of a query may match in either. External content (a view over the
+# tables), kept in step by triggers inside the writing transaction. A prefix
+# index of 2 and 3 characters: as-you-type prefixes such as `th` would
+# otherwise gather every word that starts with them before ranking any.
+BM25 = "bm25(2.0, 1.0)"     # title words weigh double
+SEARCH_SCHEMA = """
+CREATE VIEW search_source AS
+    SELECT m.id AS id, search_form(c.title) AS title, search_form(m.content) AS content
+    FROM messages m JOIN conversations c ON c.id = m.conversation_id;
+CREATE VIRTUAL TABLE search_fts USING fts5(
+    title, content, content='search_source', content_rowid='id', prefix='2 3',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE TABLE search_purge (due INTEGER PRIMARY KEY);
+CREATE TRIGGER search_message_added AFTER INSERT ON messages BEGIN
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT new.id, search_form(c.title), search_form(new.content)
+        FROM conversations c WHERE c.id = new.conversation_id;
+END;
+CREATE TRIGGER search_message_removed AFTER DELETE ON messages BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', old.id, search_form(c.title), search_form(old.content)
+        FROM conversations c WHERE c.id = old.conversation_id;
+    INSERT OR IGNORE INTO search_purge (due) VALUES (1);
+END;
+CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', old.id, search_form(c.title), search_form(old.content)
+        FROM conversations c WHERE c.id = old.conversation_id;
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT new.id, search_form(c.title), search_form(new.content)
+        FROM conversations c WHERE c.id = new.conversation_id;
+END;
+CREATE TRIGGER search_title_changed AFTER UPDATE OF title ON conversations
+WHEN old.title IS NOT new.title BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', m.id, search_form(old.title), search_form(m.content)
+        FROM messages m WHERE m.conversation_id = old.id;
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT m.id, search_form(new.title), search_form(m.content)
+        FROM messages m WHERE m.conversation_id = new.id;
+END;
+"""
+SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
+RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
+BUILD_BATCH = 20000       # messages indexed between two reports of progress
 MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, timestamp,
     response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second, finish_reason"""
 CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
@@ -632,12 +1021,171 @@ RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
 
-def search_result(row, snippet, highlights):
-    return {"id": row["conversation_id"], **row, "snippet": snippet, "highlights": highlights}
+def object_name(statement):
+    return re.match(r"CREATE (?:VIEW|VIRTUAL TABLE|TABLE|TRIGGER) (\w+)", statement).group(1)
+
+
+def same_sql(a, b):
+    return " ".join(a.split()) == " ".join((b or "").split())
+
+
+def search_result(row, text, highlights):
+    return {"id": row["conversation_id"], **row, "snippet": text, "highlights": highlights}
+
+
+class Progress:
+    """How far the start-up work is: read by /api/health and the terminal."""
+
+    def __init__(self):
+        self.step, self.done, self.total = "opening the database", 0, 0
+        self.cancelled = False
+
+    def set(self, step, done=0, total=0):
+        """Report a step; raise if the work was asked to stop meanwhile."""
+        if self.cancelled:
+            raise sqlite3.OperationalError("interrupted")
+        self.step, self.done, self.total = step, done, total
+
+    def as_dict(self):
+        return {"step": self.step, "done": self.done, "total": self.total}
+
+
+class SearchIndex:
+    """Full-text search over messages and titles: FTS5 where SQLite has it,
+    else LIKE. The index is derived from the tables by SQLite itself."""
+
+    def __init__(self, db, use_fts=None):
+        self.db = db
+        self.fts = sqlite_runs("CREATE VIRTUAL TABLE t USING fts5(x)") if use_fts is None \
+            else use_fts
+
+    def sync(self, c, progress):
+        """Make the search schema what SEARCH_SCHEMA says (a database of
+        another version, or one used meanwhile by a SQLite without FTS5, has
+        another, or none): drop what differs, create it, and index every
+        message. Without FTS5, drop the triggers so that writes still work.
+        True if the index was built."""
+        have = dict(c.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'search%' "
+                              "AND type IN ('table', 'view', 'trigger')"))
+        triggers = [n for n, sql in have.items() if sql.startswith("CREATE TRIGGER")]
+        if not self.fts:
+            for name in triggers:
+                c.execute(f"DROP TRIGGER {name}")
+            return False
+        wanted = split_sql(SEARCH_SCHEMA)
+        if self.in_step(have):
+            return False
+        for name in triggers:
+            c.execute(f"DROP TRIGGER {name}")
+        for kind in ("VIEW", "VIRTUAL TABLE", "TABLE"):
+            for name, sql in c.execute("SELECT name, sql FROM sqlite_master "
+                                       "WHERE name LIKE 'search%' AND sql LIKE ?",
+                                       (f"CREATE {kind} %",)).fetchall():
+                if kind != "TABLE" or not re.match(r"search_\w+_(data|idx|content|docsize|"
+                                                   r"config)$", name):
+                    c.execute(f"DROP {'TABLE' if kind != 'VIEW' else 'VIEW'} {name}")
+        for statement in wanted:
+            c.execute(statement)
+        self._build(c, progress)
+        return True
+
+    def in_step(self, have=None):
+        """Is the search schema the one SEARCH_SCHEMA says (or no FTS5 here)?"""
+        if have is None:
+            have = dict(self.db.conn().execute(
+                "SELECT name, sql FROM sqlite_master WHERE name LIKE 'search%'"))
+        return not self.fts or all(same_sql(s, have.get(object_name(s)))
+                                   for s in split_sql(SEARCH_SCHEMA))
+
+    @staticmethod
+    def _build(c, progress):
+        """Index every message, BUILD_BATCH at a time to report progress. While
+        building, FTS5 gathers 32 MiB of tokens per segment instead of 1 MiB:
+        fewer segments to merge."""
+        total = c.execute("SELECT count(*) FROM messages").fetchone()[0]
+        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', ?)", (BM25,))
+        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 33554432)")
+        last, done = 0, 0
+        while True:
+            progress.set("building the search index", done, total)
+            upto, count = c.execute("SELECT max(id), count(*) FROM (SELECT id FROM messages "
+                                    "WHERE id > ? ORDER BY id LIMIT ?)",
+                                    (last, BUILD_BATCH)).fetchone()
+            if not count:
+                break
+            c.execute("INSERT INTO search_fts (rowid, title, content) SELECT id, title, content "
+                      "FROM search_source WHERE id > ? AND id <= ?", (last, upto))
+            last, done = upto, done + count
+        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 1048576)")
+
+    def search(self, text, limit):
+        query = search_query(text)
+        if query.match is None:
+            return []
+        if not self.fts:
+            return self._search_like(query, limit)
+        # bm25 costs microseconds a row: a word found in most of a million
+        # messages would take seconds to rank in full. So rank the newest
+        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and join
+        # and snip only the page of results.
+        rows = dicts(self.db.conn().execute(
+            f"""SELECT {RESULT_COLUMNS}
+               FROM (SELECT id, score FROM
+                        (SELECT rowid AS id, rank AS score FROM search_fts
+                         WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?)
+                     ORDER BY score, id DESC LIMIT ?) AS hits
+               JOIN messages m ON m.id = hits.id
+               JOIN conversations c ON c.id = m.conversation_id
+               ORDER BY hits.score, hits.id DESC""",
+            (query.match, RANK_WINDOW, limit)))
+        pattern = ascii_pattern(query)
+        return [search_result(r, *snippet(r["content"], [
+            list(m.span()) for m in pattern.finditer(r["content"])] if r["content"].isascii()
+            else highlight_spans(r["content"], query))) for r in rows]
+
+    def _search_like(self, query, limit):
+        """Without FTS5: every word as a substring of the message or its title
+        (SQLite's LIKE ignores the case of ASCII letters only)."""
+        terms = query.words
+        if not terms:
+            return []
+        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
+        where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
+                             * len(terms))
+        rows = dicts(self.db.conn().execute(
+            f"""SELECT {RESULT_COLUMNS}
+                FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                WHERE {where} ORDER BY m.id DESC LIMIT ?""",
+            (*[p for e in escaped for p in (e, e)], limit)))
+        return [search_result(r, *snippet(r["content"], like_spans(r["content"], terms)))
+                for r in rows]
+
+    def purge_due(self):
+        """Was text deleted since the last purge (perhaps by a run that stopped)?"""
+        return self.fts and bool(self.db.conn().execute(
+            "SELECT 1 FROM search_purge LIMIT 1").fetchone())
+
+    def purge(self):
+        """Make deleted text unrecoverable from the file: FTS5 keeps deleted
+        tokens in old index segments until they are merged ('optimize'), and
+        the WAL keeps old pages until a checkpoint (secure_delete zeroes what
+        is freed). Other writers wait meanwhile; readers do not."""
+        if self.fts:
+            with self.db.write() as c:
+                c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+                c.execute("DELETE FROM search_purge")
+        self.db.checkpoint()
+
+    def check(self):
+        """FTS5's own check that the index matches the tables; raises if not."""
+        if self.fts:
+            self.db.conn().execute("INSERT INTO search_fts (search_fts, rank) "
+                                   "VALUES ('integrity-check', 1)")
+
 
 
 ###############################################################################
-# Store
+# Storage: conversations and messages
 ###############################################################################
 
 def conversation_stats(groups):
@@ -669,6 +1217,11 @@ SUMMARY_SQL = """count(*), sum(role = 'assistant'),
                  sum(estimated_tokens)"""
 
 
+def now_iso():
+    t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
 # \u-escaped output encodes a third faster than ensure_ascii=False, and the
 # bodies are our own plain data (no cycles to check for).
 JSON = json.JSONEncoder(check_circular=False)
@@ -684,232 +1237,87 @@ def json_fields(columns):
     return ", ".join(f"'{name}', {name}" for name in map(str.strip, columns.split(",")))
 
 
-def dicts(cursor):
-    """A cursor's rows as dicts (twice as fast as dict(sqlite3.Row))."""
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
-
-
-def one(cursor):
-    found = dicts(cursor)
-    return found[0] if found else None
 
 
 class Store:
-    """History in SQLite. Knows nothing of HTTP; returns plain dicts."""
+    """History in SQLite: conversations and messages, as plain dicts. Knows
+    nothing of HTTP. `open()` brings the file to this version (migrations,
+    the search index); until then only Database and SearchIndex may be used."""
 
-    BUSY_MS = 10000      # how long a write waits for another to finish
-
-    def __init__(self, path, use_fts=None):
-        self.path = path
-        self.fts = sqlite_runs("CREATE VIRTUAL TABLE t USING fts5(x)") if use_fts is None \
-            else use_fts
+    def __init__(self, path, use_fts=None, open_now=True, busy_ms=BUSY_MS):
+        self.db = Database(path, [("search_form", 1, search_form)], busy_ms)
+        self.index = SearchIndex(self.db, use_fts)
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
-        self._local = threading.local()
-        self._idle = queue.Queue(maxsize=8)
         self.backup_path = None
-        self._open()
+        self.progress = Progress()
+        self.version, tables = self.db.user_version()
+        if self.version > SCHEMA_VERSION:
+            raise ConfigError(f"database {path} is of a newer llama-chat "
+                              f"(schema {self.version}; this one knows {SCHEMA_VERSION})")
+        self.is_new = not tables
+        self.ready = False
+        if open_now:
+            self.open()
 
-    # Connections: one per thread while it works, from a small pool. Opening one
-    # (and SQLite reading the schema) costs about a millisecond, which every
-    # new HTTP connection would otherwise pay before its first answer.
-    def conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            try:
-                conn = self._idle.get_nowait()
-            except queue.Empty:
-                conn = sqlite3.connect(self.path, isolation_level=None,
-                                       check_same_thread=False, timeout=self.BUSY_MS / 1000)
-                conn.execute("PRAGMA foreign_keys = ON")
-                conn.execute(f"PRAGMA busy_timeout = {self.BUSY_MS}")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("PRAGMA secure_delete = ON")
-            self._local.conn = conn
-        return conn
+    def open(self):
+        """Migrate, build the search index where needed, all in one
+        transaction: a stop half-way (interrupt()) leaves the file as it was.
+        A database made before is backed up first."""
+        db = self.db
+        if self.version < SCHEMA_VERSION and not self.is_new:
+            self.progress.set("backing up the database before migrating it")
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            self.backup_path = f"{db.path}.v{self.version}-{stamp}.bak"
+            db.backup(self.backup_path)
+            db.release()
+            log.info("backed up %s to %s before migrating it", db.path, self.backup_path)
+        db.conn().execute("PRAGMA journal_mode = WAL")
+        db.release()
+        started = time.monotonic()
+        with db.own_connection() as conn:
+            conn.execute("PRAGMA cache_size = -131072")  # 128 MiB while building: ~20% faster
+            with db.write(conn) as c:
+                for number, migrate in enumerate(MIGRATIONS[self.version:], self.version + 1):
+                    self.progress.set(f"migrating the database to schema {number}")
+                    migrate(c)
+                    c.execute(f"PRAGMA user_version = {number}")
+                built = self.index.sync(c, self.progress)
+        self.version = SCHEMA_VERSION
+        if built:
+            # The build went through the WAL (some 40 MB for 100,000 messages):
+            # into the file with it now, not at the first chat's commit.
+            db.checkpoint()
+            release_memory()
+            log.info("built the search index in %.2f s", time.monotonic() - started)
+        self.progress.set("ready")
+        self.ready = True
+
+    def quick_to_open(self):
+        """Is open() a matter of milliseconds: a new file, or one of this
+        version with its search index in step?"""
+        if self.is_new:
+            return True
+        quick = self.version == SCHEMA_VERSION and self.index.in_step()
+        self.db.release()
+        return quick
+
+    def interrupt(self):
+        """Stop open() (from another thread): it rolls back what it did."""
+        self.progress.cancelled = True
+        self.db.interrupt()
 
     def release(self):
-        """The calling thread is done with the database: its connection goes back."""
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
-            try:
-                self._idle.put_nowait(conn)
-            except queue.Full:
-                conn.close()
+        self.db.release()
 
     def close(self):
-        """Close the calling thread's connection and the idle ones (the last to
-        close checkpoints the WAL into the file)."""
-        self.release()
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
-
-    @contextmanager
-    def write(self):
-        conn = self.conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def _open(self):
-        conn = self.conn()
-        conn.execute("PRAGMA journal_mode = WAL")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise ConfigError(f"database {self.path} is of a newer llama-chat "
-                              f"(schema {version}; this one knows {SCHEMA_VERSION})")
-        if version < SCHEMA_VERSION:
-            tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-                                  ).fetchone()[0]
-            if tables:
-                self.backup_path = self._backup(version)
-            with self.write() as c:
-                self._migrate_to_1(c)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._sync_search_index()
-
-    def _backup(self, version):
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = f"{self.path}.v{version}-{stamp}.bak"
-        dest = sqlite3.connect(target)
-        with dest:
-            self.conn().backup(dest)
-        dest.close()
-        log.info("backed up %s to %s before migrating it", self.path, target)
-        return target
-
-    @staticmethod
-    def _migrate_to_1(c):
-        # Statement by statement: executescript() would commit in the middle.
-        for statement in split_sql(BASE_TABLES):
-            c.execute(statement)
-        have = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
-        for column, kind in NEW_MESSAGE_COLUMNS.items():
-            if column not in have:
-                c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
-        for table, column in (("conversations", "created_at"), ("conversations", "updated_at"),
-                              ("messages", "timestamp")):
-            c.execute(ISO_FROM_LEGACY.format(table=table, column=column))
-        c.execute("UPDATE messages SET finish_reason = 'stop' "
-                  "WHERE role = 'assistant' AND finish_reason IS NULL")
-        for statement in split_sql(INDEXES + DELETE_MESSAGES_FIRST):
-            c.execute(statement)
-
-    def _sync_search_index(self):
-        """Where FTS5 exists, create what of the search schema is missing and
-        build an index whose triggers were missing (the recent one too when the
-        main one is built, or when it is due); where it does not, drop the
-        triggers so writes still work."""
-        conn = self.conn()
-        triggers = {r[0] for r in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'trigger'")}
-        if not self.fts:
-            with self.write() as c:
-                for name in FTS_TRIGGERS:
-                    if name in triggers:
-                        c.execute(f"DROP TRIGGER {name}")
-            return
-        rebuild = not all(name in triggers for name in MAIN_TRIGGERS)
-        recent = rebuild or not all(name in triggers for name in RECENT_TRIGGERS) \
-            or self._recent_due(conn)
-        started = time.monotonic()
-        # While indexing: 128 MiB of page cache (~20% faster), and 32 MiB of
-        # tokens gathered before each write of a segment instead of 1 MiB (less
-        # merging: the index of 200,000 messages built in 3.2 s instead of 7.6).
-        conn.execute(f"PRAGMA cache_size = {-131072 if recent else -2000}")
-        with self.write() as c:
-            for statement in split_sql(FTS_SCHEMA):   # what is missing (1.0 had no search_forget)
-                c.execute(statement)
-            if rebuild:
-                c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', ?)", (BM25,))
-                c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 33554432)")
-                c.execute("INSERT INTO search_fts (search_fts) VALUES ('rebuild')")
-                c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 1048576)")
-                self._refresh_words(c)
-            if recent:
-                self._build_recent(c)
-        if not recent:
-            return
-        conn.execute("PRAGMA cache_size = -2000")
-        # The build went through the WAL (some 40 MB for 100,000 messages): into
-        # the file with it now, not at the first chat's commit.
-        self.checkpoint()
-        log.info("built the search index%s in %.2f s", "" if rebuild else " of recent messages",
-                 time.monotonic() - started)
-
-    @staticmethod
-    def _recent_due(conn):
-        """Is the recent index still empty, and the history grown past RECENT_FROM?"""
-        return conn.execute("SELECT floor = ? AND (SELECT coalesce(max(id), 0) FROM messages) "
-                            ">= ? FROM search_recent_span", (NOT_YET, RECENT_FROM)).fetchone()[0]
-
-    @staticmethod
-    def _build_recent(c):
-        """The recent index anew: after the main one was built, where it is
-        missing (a database made before it existed has only the main one), or
-        when it is due."""
-        for name in RECENT_TRIGGERS:
-            c.execute(f"DROP TRIGGER IF EXISTS {name}")
-        c.execute("DROP TABLE IF EXISTS search_recent")
-        c.execute("DROP VIEW IF EXISTS search_recent_source")
-        c.execute("DROP TABLE IF EXISTS search_recent_span")
-        for statement in split_sql(RECENT_SCHEMA):
-            c.execute(statement)
-        c.execute("INSERT INTO search_recent_span (floor, size, step) "
-                  "SELECT CASE WHEN coalesce(max(id), 0) >= ? THEN coalesce(max(id), 0) - ? "
-                  "ELSE ? END, ?, ? FROM messages",
-                  (RECENT_FROM, RECENT_MESSAGES, NOT_YET, RECENT_MESSAGES, RECENT_STEP))
-        c.execute("INSERT INTO search_recent (search_recent, rank) VALUES ('rank', ?)", (BM25,))
-        c.execute("INSERT INTO search_recent (search_recent) VALUES ('rebuild')")
-
-    @staticmethod
-    def _refresh_words(c):
-        """search_terms anew from the index: its words, and no deleted ones."""
-        c.execute("DELETE FROM search_terms")
-        c.execute("INSERT INTO search_terms (term) SELECT term FROM search_vocab")
-
-    def checkpoint(self):
-        self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    def purge_deleted(self):
-        """Make deleted text unrecoverable from the file: FTS5 keeps deleted
-        tokens in old index segments until they are merged, the word list keeps
-        words until they are forgotten, and the WAL keeps old pages until a
-        checkpoint (secure_delete zeroes what is freed).
-
-        Writers wait meanwhile: 'optimize' rewrites the whole index, some 5 s
-        at a million messages on the benchmark's machine. (Merging in slices,
-        FTS5's 'merge' with a negative count, starts over whenever a message is
-        written between two slices: with chats going on it never finished.)
-        The words to forget are checked one by one, not listed anew from the
-        index, which took 2.3 s more at a million messages."""
-        if self.fts:
-            with self.write() as c:
-                c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
-                c.execute("INSERT INTO search_recent (search_recent) VALUES ('optimize')")
-                c.execute(FORGET_WORDS)
-                c.execute("DELETE FROM search_forget")
-        self.checkpoint()
-
-    def purge_pending(self):
-        """Words of deleted text still to forget (a purge the app did not finish)?"""
-        return self.fts and bool(self.conn().execute(
-            "SELECT 1 FROM search_forget LIMIT 1").fetchone())
+        self.db.close()
 
     def health(self):
         try:
-            self.conn().execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
-            return {"ok": True, "fts5": self.fts}
+            self.db.conn().execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
+            return {"ok": True, "fts5": self.index.fts}
         except sqlite3.Error as e:
-            return {"ok": False, "fts5": self.fts, "error": str(e)}
+            return {"ok": False, "fts5": self.index.fts, "error": str(e)}
 
     # Conversations
     def list_conversations(self, limit=None, offset=0):
@@ -919,30 +1327,22 @@ class Store:
             (-1 if limit is None else limit, offset))[0]
 
     def get_conversation(self, conversation_id):
-        return one(self.conn().execute(
+        return one(self.db.conn().execute(
             f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)))
 
     def create_conversation(self, title, model):
         now = now_iso()
-        with self.write() as c:
-            cur = c.execute("""INSERT INTO conversations (title, model, created_at, updated_at)
-                               VALUES (?, ?, ?, ?)""", (title, model, now, now))
-            self._note_words(c, title)
-            return cur.lastrowid
+        with self.db.write() as c:
+            return c.execute("""INSERT INTO conversations (title, model, created_at, updated_at)
+                                VALUES (?, ?, ?, ?)""", (title, model, now, now)).lastrowid
 
     def rename_conversation(self, conversation_id, title):
-        with self.write() as c:
-            cur = c.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
-                            (title, now_iso(), conversation_id))
-            self._note_words(c, title)
-            return cur.rowcount == 1
+        with self.db.write() as c:
+            return c.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
+                             (title, now_iso(), conversation_id)).rowcount == 1
 
     def delete_conversation(self, conversation_id):
-        with self.write() as c:
-            self._note_words(c, *(r[0] for r in c.execute(
-                "SELECT title FROM conversations WHERE id = ? "
-                "UNION ALL SELECT content FROM messages WHERE conversation_id = ?",
-                (conversation_id, conversation_id))), table="search_forget")
+        with self.db.write() as c:
             return c.execute("DELETE FROM conversations WHERE id = ?",
                              (conversation_id,)).rowcount == 1
 
@@ -956,14 +1356,14 @@ class Store:
         return page, stats_summary(*totals)
 
     def recent_messages(self, conversation_id, limit, before=2**63 - 1):
-        return dicts(self.conn().execute(
+        return dicts(self.db.conn().execute(
             """SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ?
                ORDER BY id DESC LIMIT ?""", (conversation_id, before, limit)))[::-1]
 
     def unanswered(self, conversation_id, message_id):
         """Is this the conversation's last user message, followed by nothing but
         failed or stopped replies?"""
-        rows = dicts(self.conn().execute(
+        rows = dicts(self.db.conn().execute(
             """SELECT role, finish_reason FROM messages WHERE conversation_id = ? AND id >= ?
                ORDER BY id""", (conversation_id, message_id)))
         return bool(rows) and rows[0]["role"] == "user" and all(
@@ -978,18 +1378,20 @@ class Store:
                       timestamp=now, **metrics)
         names = ", ".join(fields)
         marks = ", ".join("?" * len(fields))
-        with self.write() as c:
+        with self.db.write() as c:
             moved = c.execute(
                 "UPDATE conversations SET updated_at = ?, model = coalesce(?, model) WHERE id = ?",
                 (now, model, conversation_id)).rowcount
             if not moved:
                 return None
-            self._note_words(c, content)
             return c.execute(f"INSERT INTO messages ({names}) VALUES ({marks})",
                              tuple(fields.values())).lastrowid
 
     def stats(self, conversation_id):
-        return conversation_stats(self.conn().execute(STATS_SQL, (conversation_id,)))
+        return conversation_stats(self.db.conn().execute(STATS_SQL, (conversation_id,)))
+
+    def search(self, text, limit):
+        return self.index.search(text, limit)
 
     def json_rows(self, columns, query, params, totals=""):
         """The rows of a query as a JSON array of objects with these columns, and
@@ -999,103 +1401,39 @@ class Store:
         row). Order is the query's: SQLite does not flatten an ordered subquery
         into an aggregate."""
         extra = f", {totals}" if totals else ""
+        conn = self.db.conn()
         if self.sql_json:
-            row = self.conn().execute(
+            row = conn.execute(
                 f"SELECT json_group_array(json_object({json_fields(columns)})){extra} "
                 f"FROM ({query})", params).fetchone()
             return RawJSON(row[0]), row[1:]
-        rows = dicts(self.conn().execute(f"SELECT {columns} FROM ({query})", params))
-        sums = self.conn().execute(f"SELECT {totals} FROM ({query})", params).fetchone() \
+        rows = dicts(conn.execute(f"SELECT {columns} FROM ({query})", params))
+        sums = conn.execute(f"SELECT {totals} FROM ({query})", params).fetchone() \
             if totals else ()
         return RawJSON(JSON.encode(rows)), sums
-
-    # Search
-    def search(self, text, limit):
-        terms, prefix = search_terms(text)
-        if not terms:
-            return []
-        if not self.fts:
-            return self._search_like(terms, prefix, limit)
-        expansion = self._words_starting(terms[-1]) if prefix else None
-        query = fts_query(text, expansion)
-        # bm25 costs microseconds a row: a word found in most of a million
-        # messages would take seconds to rank in full. So rank the newest
-        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), in the
-        # recent index when they all lie there, and join and snip only the
-        # page of results.
-        index = self._ranking_index(query)
-        rows = dicts(self.conn().execute(
-            f"""SELECT {RESULT_COLUMNS}
-               FROM (SELECT id, score FROM
-                        (SELECT rowid AS id, rank AS score FROM {index}
-                         WHERE {index} MATCH ? ORDER BY rowid DESC LIMIT ?)
-                     ORDER BY score, id DESC LIMIT ?) AS hits
-               JOIN messages m ON m.id = hits.id
-               JOIN conversations c ON c.id = m.conversation_id
-               ORDER BY hits.score, hits.id DESC""",
-            (query, RANK_WINDOW, limit)))
-        marker = Highlighter(terms, prefix)
-        return [search_result(r, *marker.snippet(r["content"])) for r in rows]
-
-    def _ranking_index(self, query):
-        """search_recent when it holds RANK_WINDOW matches of query (then they
-        are the newest ones: it holds the newest messages), else search_fts."""
-        found = self.conn().execute(
-            "SELECT count(*) FROM (SELECT rowid FROM search_recent WHERE search_recent MATCH ? "
-            "ORDER BY rowid DESC LIMIT ?)", (query, RANK_WINDOW)).fetchone()[0]
-        return "search_recent" if found == RANK_WINDOW else "search_fts"
-
-    def _words_starting(self, prefix):
-        """Indexed words that start with prefix, or None when there are too many."""
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        words = [r[0] for r in self.conn().execute(
-            "SELECT term FROM search_terms WHERE term >= ? AND term < ? LIMIT ?",
-            (prefix, end, MAX_EXPANSION + 1))]
-        return words if len(words) <= MAX_EXPANSION else None
-
-    def _note_words(self, c, *texts, table="search_terms"):
-        """Keep search_terms, the index's word list, up to date with new text
-        (or list in search_forget the words of text about to go, for the purge
-        to forget those no other message holds): one statement for all of a
-        reply's words (a row each took 5 ms for a reply of 2,000 words)."""
-        if not self.fts:
-            return
-        words = sorted(index_words(texts))
-        if self.sql_json:
-            c.execute(f"INSERT OR IGNORE INTO {table} (term) SELECT value FROM json_each(?)",
-                      (json.dumps(words),))
-        else:
-            c.executemany(f"INSERT OR IGNORE INTO {table} (term) VALUES (?)",
-                          ((w,) for w in words))
-
-    def _search_like(self, terms, prefix, limit):
-        """Without FTS5: every word as a substring of the message or its title."""
-        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
-        where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
-                             * len(terms))
-        rows = dicts(self.conn().execute(
-            f"""SELECT {RESULT_COLUMNS}
-                FROM messages m JOIN conversations c ON c.id = m.conversation_id
-                WHERE {where} ORDER BY m.id DESC LIMIT ?""",
-            (*[p for e in escaped for p in (e, e)], limit)))
-        marker = Highlighter(terms, prefix, inside=True)
-        return [search_result(r, *marker.snippet(r["content"])) for r in rows]
-
-
-def split_sql(script):
-    """Statements of a script, triggers kept whole (they hold semicolons)."""
-    statements, current = [], ""
-    for line in script.strip().splitlines(keepends=True):
-        current += line
-        if sqlite3.complete_statement(current):
-            statements.append(current.strip())
-            current = ""
-    return statements
 
 
 ###############################################################################
 # llama.cpp client
 ###############################################################################
+
+class TLSConnection(http.client.HTTPConnection):
+    """HTTPS to llama.cpp, verified against the system's certificates."""
+    default_port = 443
+
+    def connect(self):
+        super().connect()
+        import ssl
+        self.sock = ssl.create_default_context().wrap_socket(self.sock,
+                                                             server_hostname=self.host)
+
+
+def json_or_none(raw):
+    try:
+        return json.loads(raw)
+    except ValueError:          # UnicodeDecodeError included
+        return None
+
 
 IDLE_UPSTREAM_CONNECTIONS = 4
 
@@ -1246,59 +1584,6 @@ class Upstream:
         return models
 
 
-class TLSConnection(http.client.HTTPConnection):
-    """HTTPS to llama.cpp, verified against the system's certificates."""
-    default_port = 443
-
-    def connect(self):
-        super().connect()
-        import ssl
-        self.sock = ssl.create_default_context().wrap_socket(self.sock,
-                                                             server_hostname=self.host)
-
-
-def json_or_none(raw):
-    try:
-        return json.loads(raw)
-    except ValueError:          # UnicodeDecodeError included
-        return None
-
-
-def error_text(body):
-    if isinstance(body, dict):
-        err = body.get("error")
-        if isinstance(err, dict):
-            return str(err.get("message") or err)
-        if err:
-            return str(err)
-    return "no details"
-
-
-def upstream_error(exc, url):
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, socket.timeout):
-        return ApiError(504, "LLAMACPP_TIMEOUT", "llama.cpp server did not answer in time",
-                        details=f"No answer from {url} within the configured timeout")
-    if isinstance(exc, (OSError, http.client.HTTPException)):
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server unavailable",
-                        details=f"{url}: {reason}")
-    if isinstance(exc, Exception):
-        return bad_upstream(f"reading its answer failed: {type(exc).__name__}")
-    raise exc      # KeyboardInterrupt, SystemExit
-
-
-def upstream_status_error(status, body):
-    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
-                    details=f"HTTP {status}: {error_text(body)}")
-
-
-def bad_upstream(what):
-    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server sent an unexpected answer",
-                    details=what)
-
-
 def context_messages(system_prompt, history):
     """The messages llama.cpp sees: system prompt, then history with roles
     alternating and starting with the user (chat templates such as Gemma's
@@ -1313,6 +1598,10 @@ def context_messages(system_prompt, history):
             turns.append({"role": m["role"], "content": m["content"]})
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return system + turns
+
+
+def estimate_tokens(text):
+    return max(1, round(len(text) / 4)) if text else 0
 
 
 def read_metrics(usage, timings, text, elapsed_ms):
@@ -1572,49 +1861,6 @@ def request_stream(app, turn, upstream):
         skip = fewer_messages(turn, skip, conn, resp)
 
 
-def body_reader(resp):
-    """A function that returns the next bytes of a response body, all that have
-    arrived (b"" at its end). http.client's read1() stops at every chunk of a
-    chunked body, and llama-server sends one token per chunk: decoding the
-    chunks here lets one read take a whole burst of tokens."""
-    if not resp.chunked:
-        return lambda: resp.read1(65536)
-    state = {"buffer": b"", "left": 0, "ended": False}   # left: bytes of chunk, -1: CRLF
-
-    def read():
-        out = []
-        while not out and not state["ended"]:
-            data = resp.fp.read1(65536)
-            if not data:
-                break
-            buffer, left, at = state["buffer"] + data, state["left"], 0
-            while at < len(buffer):            # an offset: reslicing would copy the rest
-                if left > 0:                   # of the burst for every token
-                    out.append(buffer[at:at + left])
-                    at += len(out[-1])
-                    left = (left - len(out[-1])) or -1
-                elif left < 0:
-                    if len(buffer) - at < 2:
-                        break
-                    left, at = 0, at + 2
-                else:
-                    line_end = buffer.find(b"\r\n", at)
-                    if line_end < 0:
-                        break
-                    try:
-                        left = int(buffer[at:line_end].split(b";")[0], 16)
-                    except ValueError:
-                        raise bad_upstream("its chunked stream is malformed") from None
-                    at = line_end + 2
-                    if left == 0:
-                        state["ended"] = True
-                        break
-            state["buffer"], state["left"] = buffer[at:], left
-        return b"".join(out)
-
-    return read
-
-
 def parse_events(complete):
     """Whole lines of llama-server's SSE stream -> (chunks, whether [DONE] came).
     Decoded once, and the burst's events read by one json.loads as an array:
@@ -1688,10 +1934,6 @@ def upstream_batches(app, turn, upstream):
             yield "done"
             return
     yield "cut"
-
-
-def shutting_down():
-    return ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
 
 
 class Relay:
@@ -1846,41 +2088,6 @@ class EventStream:
     close: object    # called once the answer is over, however it ended
 
 
-def require_str(body, name, allow_empty=False, max_len=10_000):
-    if name not in body or body[name] is None:
-        raise validation_error(name, f"Missing required field: {name}")
-    value = body[name]
-    if not isinstance(value, str):
-        raise validation_error(name, f"Field {name} must be a string")
-    if not allow_empty and not value.strip():
-        raise validation_error(name, f"Field {name} must not be empty")
-    if len(value) > max_len:
-        raise validation_error(name, f"Field {name} is longer than {max_len} characters")
-    return value
-
-
-def require_int(body, name):
-    if name not in body or body[name] is None:
-        raise validation_error(name, f"Missing required field: {name}")
-    value = body[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise validation_error(name, f"Field {name} must be an integer")
-    return value
-
-
-def query_int(req, name, default, low, high=None):
-    raw = req.arg(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise validation_error(name, f"Query parameter {name} must be an integer") from None
-    if value < low:
-        raise validation_error(name, f"Query parameter {name} must be at least {low}")
-    return min(value, high) if high is not None else value
-
-
 def path_id(req, resource):
     raw = req.params["id"]
     if not raw.isdigit() or len(raw) > 18:
@@ -1896,20 +2103,12 @@ def existing_conversation(app, req):
     return conversation
 
 
-LOCAL_WORK = threading.Lock()
-
-
-def local(handler):
-    """Mark a handler that only reads or writes the database: such handlers run
-    one at a time. Each SQLite step releases the GIL, so sixteen threads
-    interleaving them spend more on GIL handoffs than they gain (measured:
-    1,060 against 1,660 requests/s for a conversation list on two cores)."""
-    handler.local = True
-    return handler
-
-
 def api_health(app, req):
     llamacpp = app.upstream.health()
+    if not app.ready.is_set():
+        return {"status": "starting", "version": __version__,
+                "progress": app.store.progress.as_dict(), "llamacpp": llamacpp,
+                "database": {"ok": False, "fts5": app.store.index.fts, "error": "opening"}}
     return {"status": "ok" if llamacpp["ok"] else "degraded", "version": __version__,
             "llamacpp": llamacpp, "database": app.store.health()}
 
@@ -1924,19 +2123,16 @@ def api_models(app, req):
             "details": models, "llamacpp_url": app.settings.llamacpp_url}
 
 
-@local
 def api_config(app, req):
     return app.settings.public_config()
 
 
-@local
 def api_list_conversations(app, req):
     limit = query_int(req, "limit", None, 0)
     offset = query_int(req, "offset", 0, 0)
     return {"conversations": app.store.list_conversations(limit, offset)}
 
 
-@local
 def api_create_conversation(app, req):
     body = req.json()
     title = require_str(body, "title", max_len=500).strip()
@@ -1944,14 +2140,12 @@ def api_create_conversation(app, req):
     return Created(conversation_id=app.store.create_conversation(title, model))
 
 
-@local
 def api_get_conversation(app, req):
     conversation = existing_conversation(app, req)
     messages, summary = app.store.messages(conversation["id"])
     return {"conversation": conversation, "messages": messages, "stats": summary}
 
 
-@local
 def api_rename_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     title = require_str(req.json(), "title", max_len=500).strip()
@@ -1960,7 +2154,6 @@ def api_rename_conversation(app, req):
     return {"title": title}
 
 
-@local
 def api_delete_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     if not app.store.delete_conversation(conversation_id):
@@ -1979,14 +2172,12 @@ def api_chat(app, req):
     return chat_stream(app, turn) if stream else chat_once(app, turn)
 
 
-@local
 def api_stats(app, req):
     conversation = existing_conversation(app, req)
     summary, by_role = app.store.stats(conversation["id"])
     return {"summary": summary, "by_role": by_role}
 
 
-@local
 def api_search(app, req):
     q = req.arg("q")
     if q is None or not q.strip():
@@ -1998,7 +2189,6 @@ def api_search(app, req):
     return {"results": results, "query": q, "count": len(results)}
 
 
-@local
 def page_index(app, req):
     return app.page()
 
@@ -2070,19 +2260,43 @@ class App:
 
     def __init__(self, settings, store=None):
         self.settings = settings
-        self.store = store or Store(settings.db)
+        self.store = store or Store(settings.db, open_now=False)
         self.upstream = Upstream(settings)
         self.stopping = threading.Event()
+        self.ready = threading.Event()     # the store is open: every route answers
+        self.startup_error = None          # why opening the store failed, if it did
         self._page = (None, None)      # (mtime, Page)
         self._lock = threading.Lock()
         self.streams = set()           # the UpstreamStream of every open stream
         self._purge = {"running": False, "again": False}
-        if self.store.purge_pending():
-            self.purge_soon()
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
         if not is_loopback(settings.host):
             name = socket.gethostname().lower()
             self.host_names |= {name, name + ".local", settings.host.lower()}
+
+    def start(self):
+        """Open the store: at once when that is quick, else (a migration or an
+        index build can take minutes) while the server already answers:
+        /api/health with the progress, the rest of /api/ with STARTING."""
+        if self.store.ready or self.store.quick_to_open():
+            self._open_store()
+        else:
+            threading.Thread(target=self._open_store, daemon=True).start()
+
+    def _open_store(self):
+        try:
+            if not self.store.ready:
+                self.store.open()
+            if self.store.index.purge_due():
+                self.purge_soon()
+        except (sqlite3.Error, OSError) as e:
+            self.startup_error = str(e)
+        except BaseException as e:         # a bug: logged, and the app stops
+            log.error("opening the database failed\n%s", traceback.format_exc())
+            self.startup_error = f"{type(e).__name__}: {e}"
+        finally:
+            self.store.release()
+            self.ready.set()
 
     def page(self):
         try:
@@ -2107,7 +2321,7 @@ class App:
     def _purge_loop(self):
         while True:
             try:
-                self.store.purge_deleted()
+                self.store.index.purge()
             except sqlite3.Error as e:
                 log.warning("purging deleted text failed: %s", e)
             finally:
@@ -2150,11 +2364,6 @@ class App:
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
 json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
-MAX_REQUEST_LINE = 8192
-MAX_HEADER_BYTES = 65536
-MAX_HEADERS = 100
-HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
                    "code": "SERVICE_UNAVAILABLE"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -2168,23 +2377,6 @@ def escape_log(text):
     if text.isprintable() and "\\" not in text:
         return text
     return CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
-
-
-class Headers(dict):
-    """A request's headers: lower-cased name -> its values, in order."""
-
-    def add(self, name, value):
-        self.setdefault(name.lower(), []).append(value)
-
-    def get(self, name, default=None):
-        values = dict.get(self, name.lower())
-        return values[0] if values else default
-
-    def get_all(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-    def __contains__(self, name):
-        return dict.__contains__(self, name.lower())
 
 
 def is_ip_literal(name):
@@ -2218,7 +2410,7 @@ def sse_line(event):
     return f"data: {SSE_JSON.encode(event)}\n\n"
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(FastRequestHead, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"   # answer even a broken request line with headers
     server_version = "llama-chat"
@@ -2244,62 +2436,6 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             self.server.unwatch(self.connection)
 
-    def parse_request(self):
-        """The request line and headers, read here rather than by http.server,
-        whose email parser costs more than the rest of answering a list.
-        Anything ambiguous is refused: folded lines, lines without a colon,
-        names that are not tokens, differing Content-Lengths."""
-        self.command, self.request_version = None, self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-            return self.refuse(414, "Request line too long")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) != 3:
-            return self.refuse(400, f"Bad request syntax ({self.requestline!r})")
-        version = HTTP_VERSION.fullmatch(words[2])
-        if not version:
-            return self.refuse(400, f"Bad request version ({words[2]!r})")
-        self.request_version = words[2]
-        number = int(version[1]), int(version[2])
-        if number >= (2, 0):
-            return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
-        self.close_connection = number < (1, 1)
-        self.command, self.path = words[0], words[1]
-        if self.path.startswith("//"):       # as http.server does: no open redirects
-            self.path = "/" + self.path.lstrip("/")
-        self.headers = headers = Headers()
-        size = count = 0
-        while True:
-            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
-            size, count = size + len(line), count + 1
-            if size > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
-                return self.refuse(431, "Request headers too large")
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not HEADER_NAME.fullmatch(name):
-                return self.refuse(400, "Malformed header line")
-            headers.add(name, value.strip())
-        lengths = set(headers.get_all("Content-Length") or ())
-        if len(lengths) > 1:
-            return self.refuse(400, "Conflicting Content-Length headers")
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version >= "HTTP/1.1"):
-            return self.handle_expect_100()
-        return True
-
-    def refuse(self, code, message):
-        self.send_error(code, message)
-        return False
 
     def do_GET(self):
         self.dispatch()
@@ -2317,15 +2453,13 @@ class Handler(BaseHTTPRequestHandler):
                 self.check_auth()
             handler, params = match_route(self.command, path)
             self.check_origin()
+            if not app.ready.is_set() and path.startswith("/api/") and handler is not api_health:
+                raise starting(app.store.progress.as_dict())
             body = self.read_body()
             self.server.unwatch(self.connection)      # read in full: no deadline now
             req = Request(self.command, path, urllib.parse.parse_qs(parts.query),
                           self.headers, body, params)
-            if getattr(handler, "local", False):
-                with LOCAL_WORK:
-                    result = handler(app, req)
-            else:
-                result = handler(app, req)
+            result = handler(app, req)
             if isinstance(result, EventStream):
                 self.send_stream(result)
             elif isinstance(result, Page):
@@ -2557,7 +2691,10 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(settings, store=None):
-    return Server((settings.host, settings.port), App(settings, store))
+    """A server listening already, its store opening in the background."""
+    server = Server((settings.host, settings.port), App(settings, store))
+    server.app.start()
+    return server
 
 
 ###############################################################################
@@ -2580,13 +2717,42 @@ def report_llamacpp(app):
                     "llama-server -m model.gguf --port 8080", state["url"], state.get("error"))
 
 
+def report_progress(app):
+    """The start-up work's progress on the terminal: one line updated in place,
+    or a log line every 5 s when the output is not a terminal."""
+    tty, last = sys.stderr.isatty(), ""
+    shown_at = time.monotonic()
+    while not app.ready.wait(0.5 if tty else 5):
+        p = app.store.progress
+        line = p.step + (f": {p.done:,} of {p.total:,}" if p.total else "") + " ..."
+        if tty:
+            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        elif line != last or time.monotonic() - shown_at >= 5:
+            log.info("%s", line)
+        last, shown_at = line, time.monotonic()
+    if tty and last:
+        print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def when_open(app, server):
+    """Once the store is open: say so, or stop the app if it could not be."""
+    app.ready.wait()
+    if app.startup_error:
+        if not app.stopping.is_set():
+            log.error("database %s cannot be opened: %s", app.settings.db, app.startup_error)
+        server.failed = not app.stopping.is_set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        return
+    log.info("database %s (%s)", os.path.abspath(app.settings.db),
+             "FTS5 search" if app.store.index.fts else "no FTS5 in this SQLite: search uses LIKE")
+    if app.store.backup_path:
+        log.info("migrated the database; the copy from before is %s", app.store.backup_path)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
-    # A line a request: skip what logging gathers for each and this never prints
-    # (the logging HOWTO's "Optimization" list).
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    quick_logging()
     try:
         settings = prepare_settings(load_settings(argv))
         server = make_server(settings)
@@ -2601,6 +2767,7 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     app = server.app
+    server.failed = False
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/"
@@ -2609,14 +2776,15 @@ def main(argv=None):
               f"  {url}#token={settings.api_key}", flush=True)
     else:
         print(f"llama-chat {__version__}: open {url}", flush=True)
-    log.info("database %s (%s)", os.path.abspath(settings.db),
-             "FTS5 search" if app.store.fts else "no FTS5 in this SQLite: search uses LIKE")
-    if app.store.backup_path:
-        log.info("migrated the database; the copy from before is %s", app.store.backup_path)
+    threading.Thread(target=report_progress, args=(app,), daemon=True).start()
+    threading.Thread(target=when_open, args=(app, server), daemon=True).start()
     threading.Thread(target=report_llamacpp, args=(app,), daemon=True).start()
 
     def stop(signum, frame):
         log.info("stopping (signal %d)", signum)
+        app.stopping.set()
+        if not app.ready.is_set():
+            app.store.interrupt()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -2626,11 +2794,16 @@ def main(argv=None):
     finally:
         app.stop_streams()
         server.server_close()
+        if not app.ready.wait(30):
+            log.warning("the database is still being opened; stopping anyway")
+        elif app.startup_error and app.stopping.is_set():
+            log.info("stopped before the database was ready: it is as it was before, "
+                     "and the next start begins again")
         try:
-            app.store.checkpoint()
+            app.store.db.checkpoint()
         except sqlite3.Error as e:
             log.warning("WAL checkpoint failed: %s", e)
-    return 0
+    return 1 if server.failed else 0
 
 
 if __name__ == "__main__":

@@ -293,6 +293,7 @@ def start_app(tmp_path, llamacpp_url, store=None, **overrides):
     settings = replace(settings, **overrides)
     server = llama_chat.make_server(settings, store)
     serve(server)
+    assert server.app.ready.wait(30) and not server.app.startup_error, server.app.startup_error
     return server
 
 
@@ -971,9 +972,11 @@ def test_fuzzed_requests_never_break_the_server(tmp_path, stub):
 
 
 def test_deleted_text_is_gone_from_the_files(client):
-    cid = client.new_conversation("zanzibarite title")
+    cid = client.new_conversation("zanzibarite plans")
     client.chat(cid, "my secret is quixotrophic")
-    client.app.store.checkpoint()
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})
+    client.chat(cid, "and κρυφόλογος 秘密词")
+    client.app.store.db.checkpoint()
     db = client.app.settings.db
 
     def on_disk():
@@ -984,13 +987,13 @@ def test_deleted_text_is_gone_from_the_files(client):
                     data += f.read()
         return data
 
-    assert b"quixotrophic" in on_disk()
+    secrets = [b"quixotrophic", b"zanzibarite", "κρυφόλογος".encode(), "秘密".encode()]
+    assert all(word in on_disk() for word in secrets[:3])
     assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
     deadline = time.monotonic() + 10
-    while (b"quixotrophic" in on_disk() or b"zanzibarite" in on_disk()) and \
-            time.monotonic() < deadline:
+    while any(word in on_disk() for word in secrets) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert b"quixotrophic" not in on_disk() and b"zanzibarite" not in on_disk()
+    assert [word for word in secrets if word in on_disk()] == []
 
 
 def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
@@ -1455,13 +1458,12 @@ def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
 
 
 def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch):
-    monkeypatch.setattr(llama_chat.Store, "BUSY_MS", 300)
-    store = llama_chat.Store(str(tmp_path / "chat.db"))        # where start_app points
+    store = llama_chat.Store(str(tmp_path / "chat.db"), busy_ms=300)   # where start_app points
     server = start_app(tmp_path, stub.url, store=store)
     c = Client(server)
     try:
         cid = c.new_conversation()
-        other = sqlite3.connect(store.path, isolation_level=None)
+        other = sqlite3.connect(store.db.path, isolation_level=None)
         other.execute("BEGIN IMMEDIATE")                # another process writing, a long purge
         status, headers, body = c.chat(cid, "held up")
         other.execute("ROLLBACK")
@@ -1589,15 +1591,91 @@ def test_search_parameter_errors(client, query, field):
     assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", field)
 
 
-@pytest.mark.parametrize("content", [
-    "Plain ASCII: Learning machines learn; machine-learning relearn MACHINE.",
-    "Café déjà vu: Learning machines learn; machine-learning relearn MACHINE.",
+# What a user of each script types, and must find while typing it: (text
+# stored, query, found). Runs of two or more CJK characters anywhere in a
+# sentence; Greek without its accents; emoji.
+SCRIPT_SEARCHES = [
+    ("Café déjà vu, naïve Straße", "cafe", True),
+    ("Café déjà vu, naïve Straße", "dej", True),
+    ("Café déjà vu, naïve Straße", "stra", True),
+    ("Café déjà vu, naïve Straße", "naï", True),
+    ("καλημέρα κόσμε", "καλη", True),
+    ("καλημέρα κόσμε", "κοσμ", True),
+    ("καλημέρα κόσμε", "κόσμε", True),
+    ("ΚΑΛΗΜΈΡΑ ΚΌΣΜΕ", "καλημερα", True),
+    ("йогурт и чай", "йог", True),
+    ("йогурт и чай", "чай", True),
+    ("йогурт и чай", "ЙОГУРТ", True),
+    ("안녕하세요 여러분", "안녕", True),
+    ("안녕하세요 여러분", "여러분", True),
+    ("がっこう ぱん", "がっ", True),
+    ("がっこう ぱん", "っこう", True),
+    ("私は東京の学校に行きます", "東京", True),
+    ("私は東京の学校に行きます", "学校に", True),
+    ("私は東京の学校に行きます", "京都", False),
+    ("我喜欢机器学习和深度学习", "我喜欢", True),
+    ("我喜欢机器学习和深度学习", "机器", True),
+    ("我喜欢机器学习和深度学习", "学习", True),
+    ("我喜欢机器学习和深度学习", "深度学", True),
+    ("我喜欢机器学习和深度学习", "习机", False),
+    ("我喜欢机器学习和深度学习", "机器 深度", True),
+    ("我喜欢机器学习和深度学习", "学习 python", False),
+    ("GPU加速的深度学习 with PyTorch", "gpu加速", True),
+    ("GPU加速的深度学习 with PyTorch", "pytor", True),
+    ("GPU加速的深度学习 with PyTorch", "加速 pytorch", True),
+    ("party tonight 🎉🔥 bring snacks", "🔥", True),
+    ("party tonight 🎉🔥 bring snacks", "🎉 snacks", True),
+    ("party tonight 🎉🔥 bring snacks", "🍕", False),
+    ("party tonight 🎉🔥 bring snacks", "tonight", True),
+]
+
+
+@pytest.mark.parametrize("text, q, found", SCRIPT_SEARCHES)
+@pytest.mark.parametrize("fts", [True, False])
+def test_search_finds_prefixes_and_runs_in_every_script(tmp_path, text, q, found, fts):
+    store = llama_chat.Store(str(tmp_path / "scripts.db"), use_fts=fts)
+    cid = store.create_conversation("words", MODEL)
+    store.add_message(cid, "user", text)
+    store.add_message(cid, "user", "something else entirely")
+    if not fts:        # LIKE: each word a substring, the case of ASCII letters ignored
+        ascii_lower = lambda s: "".join(c.lower() if c.isascii() else c for c in s)  # noqa
+        words = re.findall(r"[^\W_]+", q)
+        found = bool(words) and all(ascii_lower(w) in ascii_lower(text) for w in words)
+    results = store.search(q, 10)
+    assert [r["content"] for r in results] == ([text] if found else []), q
+    if found and fts:
+        r = results[0]
+        assert r["highlights"], r
+        for a, b in r["highlights"]:
+            assert r["snippet"][a:b].strip() == r["snippet"][a:b] != ""
+
+
+@pytest.mark.parametrize("content, query, marked", [
+    ("Plain ASCII: Learning machines learn; machine-learning relearn MACHINE.",
+     "machine learn", ["Learning", "learn", "machine", "learning", "MACHINE"]),
+    ("Café déjà vu: Learning machines learn; machine-learning relearn MACHINE.",
+     "machine learn", ["Learning", "learn", "machine", "learning", "MACHINE"]),
+    ("the machine learning course and machine code", '"machine learning"',
+     ["machine learning"]),
+    ("我喜欢机器学习和深度学习", "学习", ["学习", "学习"]),
+    ("καλημέρα κόσμε", "κοσμ", ["κόσμε"]),
+    ("party 🎉🔥 time", "🔥", ["🔥"]),
 ])
-def test_highlights_mark_whole_matching_words_in_any_script(content):
-    marker = llama_chat.Highlighter(["machine", "learn"], prefix=True)
-    text, spans = marker.snippet(content)
-    assert [text[a:b] for a, b in spans] == ["Learning", "learn", "machine", "learning",
-                                             "MACHINE"]
+def test_highlights_mark_what_the_index_matched(content, query, marked):
+    q = llama_chat.search_query(query)
+    spans = llama_chat.highlight_spans(content, q)
+    assert [content[a:b] for a, b in spans] == marked
+    if content.isascii():         # the regular expression used for ASCII text agrees
+        assert [list(m.span()) for m in llama_chat.ascii_pattern(q).finditer(content)] == spans
+
+
+def test_search_form_origins_map_back_to_the_text():
+    text = "Ὁ κόσμος e\u0301 我喜欢 🎉 plain"
+    origins = []
+    form = llama_chat.search_form(text, origins)
+    assert len(origins) == len(form) and origins == sorted(origins)
+    assert llama_chat.search_form(text) == form
+    assert "ο κοσμος" in form.lower() and " 我  喜  欢 " in form
 
 
 def test_search_limit_defaults_and_caps(client):
@@ -1627,223 +1705,252 @@ def test_search_without_fts5_falls_back_to_like(tmp_path, stub):
         stop(server)
 
 
-def test_fts_query_quotes_everything():
-    assert llama_chat.fts_query('NEAR(a "b c" -dd') == '"NEAR a" AND "b c" AND "dd"*'
-    assert llama_chat.fts_query("vitamin c") == '"vitamin" AND "c"'     # no one-letter prefix
-    assert llama_chat.fts_query('"unbalanced') == '"unbalanced"*'
-    assert llama_chat.fts_query("*** ---") is None
+def test_search_query_quotes_everything():
+    q = llama_chat.search_query
+    assert q('NEAR(a "b c" -dd').match == '"NEAR a" AND "b c" AND "dd"*'
+    assert q("vitamin c").match == '"vitamin" AND "c"'     # no one-letter prefix
+    assert q('"unbalanced').match == '"unbalanced"*'
+    assert q("机器学习 GPU加速").match == '"机 器 学 习" AND "GPU 加 速"'
+    assert q("*** ---").match is None
 
 
-def test_fts_query_spells_out_the_last_words_prefixes():
-    assert llama_chat.fts_query("machine Learn", ["learn", "learning"]) == \
-        '"machine" AND ("learning" OR "Learn")'
-    assert llama_chat.fts_query('"machine learn"', ["learning"]) == '"machine learn"*'
-    assert llama_chat.fts_query("zq", []) == '("zq")'
-
-
-def test_search_with_more_prefixes_than_spelled_out(client):
+def test_search_matches_a_prefix_with_many_words(client):
     store = client.app.store
     cid = store.create_conversation("words", MODEL)
     store.add_message(cid, "user", " ".join(f"pre{i}x" for i in range(60)))
-    assert store._words_starting("pre") is None                # too many: FTS5's prefix query
-    assert client.get("/api/search?q=pre")[2]["count"] == 1
-    assert len(store._words_starting("pre5")) == 11           # pre5x, pre50x ... pre59x
+    store.add_message(cid, "user", "prefix")
+    assert client.get("/api/search?q=pre")[2]["count"] == 2
     assert client.get("/api/search?q=pre5")[2]["count"] == 1
+    assert client.get("/api/search?q=pr")[2]["count"] == 2      # the 2-letter prefix index
 
 
-@pytest.mark.parametrize("sql_json", [True, False])
-def test_search_word_list_holds_the_words_the_index_holds(client, sql_json):
-    """search_terms is kept by the app's own folding; it must agree with FTS5's."""
-    store = client.app.store
-    store.sql_json = sql_json
-    cid = store.create_conversation("Ärger mit Ünicode_Titeln", MODEL)
-    store.add_message(cid, "user", "Plain ASCII: foo_bar Baz42 it's x-ray e-mail 3.14 C++")
-    store.add_message(cid, "assistant", "Crème brûlée, naïve café; ΑΘΗΝΑ Straße 東京 İstanbul ǅ")
-    store.add_message(cid, "user", "")
-    indexed = {r[0] for r in rows(client, "SELECT term FROM search_vocab")}
-    listed = {r[0] for r in rows(client, "SELECT term FROM search_terms")}
-    assert indexed == listed and "brulee" in listed and "baz42" in listed
-    assert client.get("/api/search?q=stra")[2]["count"] == 1      # straße, spelled out
+def rows_of(store, sql, *args):
+    return store.db.conn().execute(sql, args).fetchall()
 
 
-def test_search_word_list_forgets_deleted_words(client):
-    store = client.app.store
-    cid = store.create_conversation("gone titleword", MODEL)
-    store.add_message(cid, "user", "ephemeralword sharedword")
-    kept = store.create_conversation("kept", MODEL)
-    store.add_message(kept, "user", "sharedword stays")
-    assert store._words_starting("ephemeral") == ["ephemeralword"]
-    store.delete_conversation(cid)
-    store.purge_deleted()
-    assert store._words_starting("ephemeral") == store._words_starting("titlew") == []
-    assert store._words_starting("shared") == ["sharedword"]
-    indexed = {r[0] for r in rows(client, "SELECT term FROM search_vocab")}
-    assert indexed == {r[0] for r in rows(client, "SELECT term FROM search_terms")}
-    assert rows(client, "SELECT count(*) FROM search_forget") == [(0,)]
+def assert_index_in_step(store):
+    """FTS5's own check of the index against the tables passes, and every
+    message is found by each of its words."""
+    store.index.check()
+    for mid, content in rows_of(store, "SELECT id, content FROM messages"):
+        for word in set(llama_chat.TOKEN.findall(content)[:3]):
+            assert mid in {r["message_id"] for r in store.search(f'"{word}"', 200)}, word
+
+
+def test_the_index_keeps_in_step_with_every_write(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "step.db"))
+    a = store.create_conversation("alpha topic", MODEL)
+    b = store.create_conversation("βήτα 主题", MODEL)
+    ids = [store.add_message((a, b)[i % 2], "user", f"common word{i} 机器{i} κόσμε🎉")
+           for i in range(12)]
+    assert_index_in_step(store)
+    store.rename_conversation(a, "gamma topic")
+    with store.db.write() as c:
+        c.execute("DELETE FROM messages WHERE id IN (?, ?)", (ids[1], ids[-2]))
+        c.execute("UPDATE messages SET content = 'changed text 学习' WHERE id = ?", (ids[-1],))
+    assert_index_in_step(store)
+    assert [r["message_id"] for r in store.search("学习", 10)] == [ids[-1]]
+    assert store.search("gamma", 50) and not store.search("alpha", 50)
+    store.delete_conversation(b)
+    assert store.index.purge_due()
+    store.index.purge()
+    assert not store.index.purge_due()
+    assert_index_in_step(store)
+    assert not store.search("主题", 10) and not store.search("βήτα", 10)
 
 
 def test_a_purge_left_unfinished_runs_at_the_next_start(tmp_path, stub):
-    store = llama_chat.Store(str(tmp_path / "crash.db"))
+    path = tmp_path / "crash.db"
+    store = llama_chat.Store(str(path))
     cid = store.create_conversation("gone", MODEL)
     store.add_message(cid, "user", "leftoverword")
     store.delete_conversation(cid)                    # and the app stops before purging
-    assert store.purge_pending()
-    server = start_app(tmp_path, stub.url, store=store)
+    store.close()
+    server = start_app(tmp_path, stub.url, db=str(path))
     try:
         deadline = time.monotonic() + 10
-        while store.purge_pending() and time.monotonic() < deadline:
+        while server.app.store.index.purge_due() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not store.purge_pending() and store._words_starting("leftover") == []
+        assert not server.app.store.index.purge_due()
     finally:
+        stop(server)
+    server.app.store.close()
+    assert b"leftoverword" not in path.read_bytes()
+
+
+# Version 1.1's search schema beside its index: a word list, a forget list and
+# a second, recent index, with their triggers (one of the recent ones here).
+SEARCH_SCHEMA_1_1 = """
+CREATE VIEW search_source AS
+    SELECT m.id AS id, c.title AS title, m.content AS content
+    FROM messages m JOIN conversations c ON c.id = m.conversation_id;
+CREATE VIRTUAL TABLE search_fts USING fts5(
+    title, content, content='search_source', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE VIRTUAL TABLE search_vocab USING fts5vocab(search_fts, 'row');
+CREATE TABLE search_terms (term TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE search_forget (term TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TRIGGER search_message_added AFTER INSERT ON messages BEGIN
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT new.id, c.title, new.content FROM conversations c WHERE c.id = new.conversation_id;
+END;
+CREATE TRIGGER search_title_changed AFTER UPDATE OF title ON conversations
+WHEN old.title IS NOT new.title BEGIN
+    INSERT INTO search_fts (search_fts, rowid, title, content)
+        SELECT 'delete', m.id, old.title, m.content FROM messages m WHERE m.conversation_id = old.id;
+    INSERT INTO search_fts (rowid, title, content)
+        SELECT m.id, new.title, m.content FROM messages m WHERE m.conversation_id = new.id;
+END;
+CREATE TABLE search_recent_span (floor INTEGER NOT NULL, size INTEGER NOT NULL,
+                                 step INTEGER NOT NULL);
+INSERT INTO search_recent_span VALUES (0, 20000, 200);
+CREATE VIEW search_recent_source AS
+    SELECT id, title, content FROM search_source WHERE id > (SELECT floor FROM search_recent_span);
+CREATE VIRTUAL TABLE search_recent USING fts5(
+    title, content, content='search_recent_source', content_rowid='id',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER search_recent_added AFTER INSERT ON messages BEGIN
+    INSERT INTO search_recent (rowid, title, content)
+        SELECT new.id, c.title, new.content FROM conversations c, search_recent_span r
+        WHERE c.id = new.conversation_id AND new.id > r.floor;
+END;
+"""
+
+
+def make_1_1_db(path, conversations=4, per_conversation=5):
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    llama_chat.migrate_to_1(conn)
+    for statement in llama_chat.split_sql(SEARCH_SCHEMA_1_1):
+        conn.execute(statement)
+    for c in range(conversations):
+        conn.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (f"chat {c}",))
+        for m in range(per_conversation):
+            conn.execute("INSERT INTO messages (conversation_id, role, content) VALUES "
+                         "(?, 'user', ?)", (c + 1, f"message {c}-{m} about 火山 volcanoes"))
+    conn.execute("INSERT INTO search_terms SELECT term FROM search_vocab")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    conn.close()
+
+
+def test_a_1_1_database_migrates_to_one_index(tmp_path):
+    path = str(tmp_path / "v11.db")
+    make_1_1_db(path)
+    store = llama_chat.Store(path)
+    assert store.backup_path and rows_of(store, "PRAGMA user_version") == [
+        (llama_chat.SCHEMA_VERSION,)]
+    names = {r[0] for r in rows_of(store, "SELECT name FROM sqlite_master WHERE name LIKE "
+                                          "'search%' AND name NOT LIKE 'search_fts_%'")}
+    assert names == {"search_source", "search_fts", "search_purge", "search_message_added",
+                     "search_message_removed", "search_message_changed", "search_title_changed"}
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(20,)]
+    assert len(store.search("volcanoes", 50)) == len(store.search("火山", 50)) == 20
+    assert len(store.search("vo", 50)) == 20
+    assert_index_in_step(store)
+    backup = sqlite3.connect(store.backup_path)
+    assert backup.execute("PRAGMA user_version").fetchone() == (1,)
+    assert backup.execute("SELECT count(*) FROM search_terms").fetchone()[0] > 0
+
+
+def test_the_index_is_rebuilt_after_a_spell_without_fts5(tmp_path):
+    path = str(tmp_path / "switch.db")
+    plain = llama_chat.Store(path, use_fts=False)
+    cid = plain.create_conversation("t", "m")
+    plain.add_message(cid, "user", "written while FTS5 was missing")
+    plain.close()
+    again = llama_chat.Store(path, use_fts=True)
+    assert os.path.getsize(path + "-wal") == 0          # the build checkpointed into the file
+    assert [r["content"] for r in again.search("missing", 10)] == [
+        "written while FTS5 was missing"]
+    assert_index_in_step(again)
+
+
+def test_a_stop_during_start_up_work_leaves_the_database_as_it_was(tmp_path, monkeypatch):
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path, conversations=40, per_conversation=50)
+    before = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master").fetchall()
+    monkeypatch.setattr(llama_chat, "BUILD_BATCH", 10)
+    store = llama_chat.Store(path, open_now=False)
+    reached = threading.Event()
+    real_set = store.progress.set
+
+    def set_and_stop(step, done=0, total=0):
+        if step.startswith("building") and done >= 100:
+            store.interrupt()                    # as Ctrl-C does, from another thread
+            reached.set()
+        real_set(step, done, total)
+
+    store.progress.set = set_and_stop
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        store.open()
+    assert reached.is_set()
+    store.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)
+    assert conn.execute("SELECT sql FROM sqlite_master").fetchall() == before
+    conn.close()
+    again = llama_chat.Store(path)                   # the next start does it all
+    assert len(again.search("volcanoes", 200)) == 200
+
+
+def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypatch):
+    path = str(tmp_path / "slow.db")
+    make_flask_db(path)
+    go_on = threading.Event()
+    real_open = llama_chat.Store.open
+
+    def slow_open(self):
+        self.progress.set("migrating the database to schema 1", 3, 7)
+        go_on.wait(10)
+        real_open(self)
+
+    monkeypatch.setattr(llama_chat.Store, "open", slow_open)
+    settings = llama_chat.Settings(host="127.0.0.1", port=0, llamacpp_url=stub.url, db=path)
+    server = llama_chat.make_server(settings)
+    serve(server)
+    c = Client(server)
+    try:
+        status, _, body = c.get("/api/health")
+        assert status == 200 and body["status"] == "starting"
+        assert body["progress"] == {"step": "migrating the database to schema 1", "done": 3,
+                                    "total": 7}
+        status, headers, body = c.get("/api/conversations")
+        assert (status, body["code"], headers["Retry-After"]) == (503, "STARTING", "2")
+        assert body["progress"]["step"].startswith("migrating")
+        assert c.post("/api/conversations", {"title": "t", "model": "m"})[0] == 503
+        assert c.get("/")[0] == 200
+        go_on.set()
+        assert server.app.ready.wait(10)
+        assert c.get("/api/health")[2]["status"] == "ok"
+        assert len(c.get("/api/conversations")[2]["conversations"]) == 3
+    finally:
+        go_on.set()
         stop(server)
 
 
-def assert_recent_index_in_step(store):
-    """search_recent holds exactly search_fts's rows above its floor, the floor
-    sits RECENT_MESSAGES to RECENT_MESSAGES + RECENT_STEP - 1 below the newest
-    message, and both indexes pass FTS5's own check."""
-    conn = store.conn()
-    floor, size, step = conn.execute("SELECT floor, size, step FROM search_recent_span"
-                                     ).fetchone()
-    newest = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-    assert newest - size - step < floor <= newest - size
-    words = {r[0] for r in conn.execute("SELECT term FROM search_vocab")}
-    assert words
-    for word in words:
-        recent = conn.execute("SELECT rowid FROM search_recent WHERE search_recent MATCH ? "
-                              "ORDER BY rowid", (f'"{word}"',)).fetchall()
-        whole = conn.execute("SELECT rowid FROM search_fts WHERE search_fts MATCH ? "
-                             "AND rowid > ? ORDER BY rowid", (f'"{word}"', floor)).fetchall()
-        assert recent == whole, word
-    for index in ("search_fts", "search_recent"):
-        conn.execute(f"INSERT INTO {index} ({index}) VALUES ('integrity-check')")
-
-
-def test_recent_index_keeps_in_step_with_every_write(tmp_path, monkeypatch):
-    monkeypatch.setattr(llama_chat, "RECENT_MESSAGES", 5)
-    monkeypatch.setattr(llama_chat, "RECENT_STEP", 3)
-    monkeypatch.setattr(llama_chat, "RECENT_FROM", 0)
-    store = llama_chat.Store(str(tmp_path / "recent.db"))
-    a = store.create_conversation("alpha topic", MODEL)
-    b = store.create_conversation("beta topic", MODEL)
-    ids = [store.add_message((a, b)[i % 2], "user", f"common word{i}") for i in range(12)]
-    assert_recent_index_in_step(store)
-    store.rename_conversation(a, "gamma topic")           # messages on both sides of the floor
-    with store.write() as c:
-        c.execute("DELETE FROM messages WHERE id IN (?, ?)", (ids[1], ids[-2]))
-        c.execute("UPDATE messages SET content = 'changed text' WHERE id = ?", (ids[-1],))
-    assert_recent_index_in_step(store)
-    store.delete_conversation(b)
-    for i in range(3):
-        store.add_message(a, "assistant", f"later reply{i} common")
-    assert_recent_index_in_step(store)
-    store.purge_deleted()
-    assert_recent_index_in_step(store)
-
-
-def test_search_ranks_in_the_recent_index_when_the_newest_matches_are_there(
-        tmp_path, monkeypatch):
-    monkeypatch.setattr(llama_chat, "RECENT_MESSAGES", 20)
-    monkeypatch.setattr(llama_chat, "RECENT_STEP", 4)
-    monkeypatch.setattr(llama_chat, "RECENT_FROM", 0)
-    monkeypatch.setattr(llama_chat, "RANK_WINDOW", 5)
-    store = llama_chat.Store(str(tmp_path / "rank.db"))
-    cid = store.create_conversation("t", MODEL)
-    ids = [store.add_message(cid, "user", "rarity common" if i < 3 else "common filler words")
-           for i in range(40)]
-    ids.append(store.add_message(cid, "user", "common common common"))
-    assert store._ranking_index('"common"') == "search_recent"
-    assert store._ranking_index('"rarity"') == "search_fts"        # its matches are older
-    found = [r["message_id"] for r in store.search("common", 50)]
-    assert found[0] == ids[-1]                           # bm25: the word thrice ranks first
-    assert sorted(found) == ids[-5:]                     # the newest RANK_WINDOW matches
-    assert sorted(r["message_id"] for r in store.search("rarity", 50)) == ids[:3]
-    with store.write() as c:                             # deleted: out of both indexes
-        c.execute("DELETE FROM messages WHERE id >= ?", (ids[-3],))
-    assert sorted(r["message_id"] for r in store.search("common", 50)) == ids[-8:-3]
-
-
-def test_search_ranks_by_the_word_statistics_of_recent_history(tmp_path, monkeypatch):
-    """In the whole history `alpha` is in most messages (bm25 weighs it ~0) and
-    `beta` rare; among the newest messages it is the other way round. The two
-    indexes then order the same two matches oppositely: search must follow the
-    recent one."""
-    monkeypatch.setattr(llama_chat, "RECENT_MESSAGES", 20)
-    monkeypatch.setattr(llama_chat, "RECENT_STEP", 4)
-    monkeypatch.setattr(llama_chat, "RECENT_FROM", 0)
-    monkeypatch.setattr(llama_chat, "RANK_WINDOW", 2)
-    store = llama_chat.Store(str(tmp_path / "idf.db"))
-    cid = store.create_conversation("t", MODEL)
-    for i in range(40):
-        store.add_message(cid, "user", "alpha filler" if i < 32 else "filler")
-    alphas = store.add_message(cid, "user", "alpha alpha alpha beta")
-    betas = store.add_message(cid, "user", "alpha beta beta beta")
-    for i in range(18):
-        store.add_message(cid, "user", "beta filler" if i < 12 else "filler")
-    query = llama_chat.fts_query("alpha beta")
-    whole = [r[0] for r in store.conn().execute(
-        "SELECT rowid FROM search_fts WHERE search_fts MATCH ? ORDER BY rank", (query,))]
-    assert whole == [betas, alphas]                    # what the main index would say
-    assert [r["message_id"] for r in store.search("alpha beta", 50)] == [alphas, betas]
-
-
-def test_recent_index_is_added_to_a_database_made_before_it(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr(llama_chat, "RECENT_FROM", 20)
-    path = str(tmp_path / "older.db")
-    with monkeypatch.context() as m:         # version 1.0's main index had a prefix index
-        m.setattr(llama_chat, "FTS_SCHEMA", llama_chat.FTS_SCHEMA.replace(
-            "content_rowid='id',", "content_rowid='id', prefix='2 3',"))
-        store = llama_chat.Store(path)
-    cid = store.create_conversation("older", MODEL)
-    for i in range(30):
-        store.add_message(cid, "user", f"kept message {i}")
-    with store.write() as c:                # the schema as the version before it left it
-        for name in llama_chat.RECENT_TRIGGERS:
-            c.execute(f"DROP TRIGGER {name}")
-        c.execute("DROP TABLE search_recent")
-        c.execute("DROP VIEW search_recent_source")
-        c.execute("DROP TABLE search_recent_span")
-    store.release()
-    caplog.set_level("INFO", logger="llama_chat")
-    again = llama_chat.Store(path)
-    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
-        "built the search index of recent messages"]          # the main index is kept
-    assert_recent_index_in_step(again)
-    assert "prefix='2 3'" in again.conn().execute(
-        "SELECT sql FROM sqlite_master WHERE name = 'search_fts'").fetchone()[0]
-    assert len(again.search("kept", 50)) == len(again.search("ke", 50)) == 30
-
-
-def test_recent_index_is_kept_from_a_start_with_a_long_history(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(llama_chat, "RECENT_MESSAGES", 5)
-    monkeypatch.setattr(llama_chat, "RECENT_STEP", 2)
-    monkeypatch.setattr(llama_chat, "RECENT_FROM", 10)
-    path = str(tmp_path / "growing.db")
-    store = llama_chat.Store(path)
-    cid = store.create_conversation("growing", MODEL)
-    ids = [store.add_message(cid, "user", f"common note{i}") for i in range(12)]
-    store.rename_conversation(cid, "grown")             # the triggers leave it alone too
-    with store.write() as c:
-        c.execute("DELETE FROM messages WHERE id = ?", (ids[-1],))
-    assert rows_of(store, "SELECT count(*) FROM search_recent_docsize") == [(0,)]  # not yet
-    assert store._ranking_index('"common"') == "search_fts"
-    store.release()
-    caplog.set_level("INFO", logger="llama_chat")
-    again = llama_chat.Store(path)
-    assert [r.getMessage().split(" in ")[0] for r in caplog.records] == [
-        "built the search index of recent messages"]
-    assert_recent_index_in_step(again)
-    assert rows_of(again, "SELECT count(*) FROM search_recent_docsize") == [(5,)]
-    again.add_message(cid, "assistant", "common reply")
-    assert_recent_index_in_step(again)
-    again.release()
-    caplog.clear()
-    llama_chat.Store(path).release()                  # kept: nothing to build at the next start
-    assert caplog.records == []
-
-
-def rows_of(store, sql):
-    return store.conn().execute(sql).fetchall()
+def test_reads_answer_while_a_write_waits_for_the_lock(client):
+    cid = client.new_conversation("held")
+    holder = sqlite3.connect(client.app.settings.db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")               # another process writing, a long purge
+    waiting = threading.Thread(target=client.post, args=(
+        "/api/conversations", {"title": "waits", "model": "m"}))
+    try:
+        waiting.start()
+        time.sleep(0.3)                             # the POST is waiting for SQLite's lock
+        for path in ("/", "/api/conversations", f"/api/conversations/{cid}",
+                     "/api/search?q=held", "/api/health"):
+            conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=3)
+            conn.request("GET", path)
+            assert conn.getresponse().status == 200, path
+            conn.close()
+        assert waiting.is_alive()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        waiting.join(15)
+    assert [r[0] for r in rows(client, "SELECT title FROM conversations ORDER BY id")] == [
+        "held", "waits"]
 
 
 ###############################################################################
@@ -1956,7 +2063,7 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub):
 
 
 def test_database_pragmas(client):
-    conn = client.app.store.conn()
+    conn = client.app.store.db.conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -1969,18 +2076,6 @@ def test_newer_database_is_refused(tmp_path):
     sqlite3.connect(path).execute("PRAGMA user_version = 99")
     with pytest.raises(llama_chat.ConfigError, match="newer llama-chat"):
         llama_chat.Store(path)
-
-
-def test_fts_index_is_rebuilt_after_a_spell_without_fts5(tmp_path):
-    path = str(tmp_path / "switch.db")
-    plain = llama_chat.Store(path, use_fts=False)
-    cid = plain.create_conversation("t", "m")
-    plain.add_message(cid, "user", "written while FTS5 was missing")
-    plain.release()
-    again = llama_chat.Store(path, use_fts=True)
-    assert os.path.getsize(path + "-wal") == 0          # the build checkpointed into the file
-    assert [r["content"] for r in again.search("missing", 10)] == [
-        "written while FTS5 was missing"]
 
 
 def test_sigkill_loses_no_acknowledged_write(tmp_path, stub):
@@ -2491,8 +2586,9 @@ def build_database(path, messages, per_conversation=50):
     once afterwards (as a migration does). Returns the seconds it took."""
     started = time.monotonic()
     store = llama_chat.Store(path)
-    conn = store.conn()
-    for name in llama_chat.FTS_TRIGGERS:
+    conn = store.db.conn()
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                "AND name LIKE 'search%'").fetchall():
         conn.execute(f"DROP TRIGGER {name}")
     now = llama_chat.now_iso()
     conversations = (messages + per_conversation - 1) // per_conversation
