@@ -55,7 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -187,8 +187,13 @@ class FastRequestHead:
         elif connection == "keep-alive":
             self.close_connection = False
         if (headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version >= "HTTP/1.1"):
+                and self.request_version >= "HTTP/1.1" and self.may_continue()):
             return self.handle_expect_100()
+        return True
+
+    def may_continue(self):
+        """Is a body announced with Expect: 100-continue welcome? (If not, no
+        100 goes out, and the request is answered without reading it.)"""
         return True
 
     def refuse(self, code, message):
@@ -331,6 +336,17 @@ def check_model_options(options, prefix):
     return out
 
 
+def known_fields(body, fields):
+    """A field this route does not take is an error, not silently dropped: a
+    typo (`temprature`) or a setting in the wrong place would look taken."""
+    for name in body:
+        if name not in fields:
+            where = (f"; sampling settings go in options: {{\"options\": {{\"{name}\": ...}}}}"
+                     if name in MODEL_OPTIONS else "")
+            raise validation_error(name, f"Unknown field {name!r}; this route takes "
+                                   + ", ".join(sorted(fields)) + where)
+
+
 def require_str(body, name, allow_empty=False, max_len=10_000):
     if name not in body or body[name] is None:
         raise validation_error(name, f"Missing required field: {name}")
@@ -341,6 +357,11 @@ def require_str(body, name, allow_empty=False, max_len=10_000):
         raise validation_error(name, f"Field {name} must not be empty")
     if len(value) > max_len:
         raise validation_error(name, f"Field {name} is longer than {max_len} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:            # a lone surrogate, such as "\ud800"
+            raise validation_error(name, f"Field {name} is not valid Unicode text") from None
     return value
 
 
@@ -350,6 +371,8 @@ def require_int(body, name):
     value = body[name]
     if isinstance(value, bool) or not isinstance(value, int):
         raise validation_error(name, f"Field {name} must be an integer")
+    if not -2**63 <= value < 2**63:          # beyond what SQLite stores
+        raise validation_error(name, f"Field {name} is out of range")
     return value
 
 
@@ -363,6 +386,8 @@ def query_int(req, name, default, low, high=None):
         raise validation_error(name, f"Query parameter {name} must be an integer") from None
     if value < low:
         raise validation_error(name, f"Query parameter {name} must be at least {low}")
+    if value >= 2**63:
+        raise validation_error(name, f"Query parameter {name} is out of range")
     return min(value, high) if high is not None else value
 
 
@@ -503,8 +528,48 @@ def read_config_file(path, required):
     return data
 
 
+def whole_number(value, name, low, high):
+    """A setting that is a whole number: an int from config.json, or digits from
+    a flag or the environment (never true, 21003.7 or 1e3)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
+    return value
+
+
+def text_setting(value, name, allow_empty=False):
+    if not isinstance(value, str) or (not allow_empty and not value.strip()):
+        raise ConfigError(f"{name} must be a{'' if allow_empty else ' non-empty'} string, "
+                          f"not {value!r}")
+    return value
+
+
+def url_setting(url):
+    """llama.cpp's base URL: http(s), a host, a port that is a number in range."""
+    text_setting(url, "llamacpp_url")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        raise ConfigError("llamacpp_url must be http:// or https://, a host and an optional "
+                          f"port from 1 to 65535, not {url!r}")
+    return url.rstrip("/")
+
+
+def database_setting(db):
+    text_setting(db, "db")
+    if db == ":memory:" or db.startswith("file:"):
+        raise ConfigError(f"db must be a file's path, not {db!r}: every connection would get "
+                          "a private, empty database")
+    return db
+
+
 def load_settings(argv=None, environ=None):
-    """Settings from flags > environment > config.json > defaults."""
+    """Settings from flags > environment > config.json > defaults, each checked
+    for type and range (a ConfigError names the one that is wrong)."""
     environ = os.environ if environ is None else environ
     args = build_arg_parser().parse_args(argv)
     explicit = args.config or environ.get("LLAMA_CHAT_CONFIG")
@@ -519,59 +584,48 @@ def load_settings(argv=None, environ=None):
                 return environ[name]
         return conf.get(key, DEFAULT_CONFIG.get(key, ""))
 
-    port = pick(args.port, ["LLAMA_CHAT_PORT"], "port")
-    try:
-        port = int(port)
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"port must be a number from 0 to 65535, not {port!r}")
-    url = str(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"], "llamacpp_url"))
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https") or "//" not in url:
-        raise ConfigError(f"llama.cpp URL must start with http:// or https://, not {url!r}")
     sections = {}
     for name in CONFIG_SECTIONS:
         sections[name] = {**DEFAULT_CONFIG[name], **conf.get(name, {})}
     try:
         check_model_options(sections["model_options"], "model_options")
+        limit = sections["performance"].get("context_history_limit")
+        whole_number(limit, "performance.context_history_limit", 0, 100000)
+        for name in ("llamacpp_timeout", "llamacpp_connect_timeout"):
+            value = sections["timeouts"].get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) \
+                    or not 0 < value <= 86400:
+                raise ConfigError(f"timeouts.{name} must be a number of seconds from 0 "
+                                  f"to 86400, not {value!r}")
+        allowed = pick(args.allowed_host, ["LLAMA_CHAT_ALLOWED_HOSTS"], "allowed_hosts")
+        if isinstance(allowed, str):
+            allowed = allowed.split(",")
+        if not isinstance(allowed, list) or not all(isinstance(h, str) for h in allowed):
+            raise ConfigError("allowed_hosts must be a list of names")
+        system_prompt = text_setting(conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"]),
+                                     "system_prompt", allow_empty=True)
+        settings = Settings(
+            host=text_setting(pick(args.host, ["LLAMA_CHAT_HOST"], "host"), "host"),
+            port=whole_number(pick(args.port, ["LLAMA_CHAT_PORT"], "port"), "port", 0, 65535),
+            llamacpp_url=url_setting(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"],
+                                          "llamacpp_url")),
+            db=database_setting(pick(args.db, ["LLAMA_CHAT_DB"], "db")),
+            api_key=text_setting(pick(args.api_key, ["LLAMA_CHAT_API_KEY"], "api_key") or "",
+                                 "api_key", allow_empty=True),
+            llamacpp_api_key=text_setting(pick(args.llamacpp_api_key, ["LLAMACPP_API_KEY"],
+                                               "llamacpp_api_key") or "",
+                                          "llamacpp_api_key", allow_empty=True),
+            system_prompt=system_prompt,
+            allowed_hosts=tuple(h.strip().lower() for h in allowed if h.strip()),
+            max_body_bytes=whole_number(pick(args.max_body_bytes, ["LLAMA_CHAT_MAX_BODY_BYTES"],
+                                             "max_body_bytes"), "max_body_bytes", 1024, 2**31),
+            **sections,
+        )
     except ApiError as e:
-        raise ConfigError(f"config file {path}: {e.message}")
-    limit = sections["performance"].get("context_history_limit")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        raise ConfigError(f"config file {path}: performance.context_history_limit "
-                          "must be a whole number >= 0")
-    for name in ("llamacpp_timeout", "llamacpp_connect_timeout"):
-        value = sections["timeouts"].get(name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"config file {path}: timeouts.{name} must be a number > 0")
-    allowed = pick(args.allowed_host, ["LLAMA_CHAT_ALLOWED_HOSTS"], "allowed_hosts")
-    if isinstance(allowed, str):
-        allowed = allowed.split(",")
-    if not isinstance(allowed, list) or not all(isinstance(h, str) for h in allowed):
-        raise ConfigError(f"config file {path}: allowed_hosts must be a list of names")
-    max_body = pick(args.max_body_bytes, ["LLAMA_CHAT_MAX_BODY_BYTES"], "max_body_bytes")
-    try:
-        max_body = int(max_body)
-        if max_body < 1024:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"max_body_bytes must be a whole number >= 1024, not {max_body!r}")
-    system_prompt = conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"])
-    if not isinstance(system_prompt, str):
-        raise ConfigError(f"config file {path}: system_prompt must be a string")
-    return Settings(
-        host=str(pick(args.host, ["LLAMA_CHAT_HOST"], "host")),
-        port=port,
-        llamacpp_url=url.rstrip("/"),
-        db=str(pick(args.db, ["LLAMA_CHAT_DB"], "db")),
-        api_key=str(pick(args.api_key, ["LLAMA_CHAT_API_KEY"], "api_key") or ""),
-        llamacpp_api_key=str(pick(args.llamacpp_api_key, ["LLAMACPP_API_KEY"],
-                                  "llamacpp_api_key") or ""),
-        system_prompt=system_prompt,
-        allowed_hosts=tuple(h.strip().lower() for h in allowed if h.strip()),
-        max_body_bytes=max_body,
-        **sections,
-    )
+        raise ConfigError(f"config file {path}: {e.message}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{e} (from a flag, the environment or {path})") from None
+    return settings
 
 
 ###############################################################################
@@ -1658,9 +1712,13 @@ class ChatTurn:
         return body
 
 
+CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", "user_message_id"}
+
+
 def start_chat(app, body, stream):
     """Validate, store the user's message (committed), and build llama.cpp's request.
     With "user_message_id", answer that stored, unanswered message again (a retry)."""
+    known_fields(body, CHAT_FIELDS)
     conversation_id = require_int(body, "conversation_id")
     retry_id = require_int(body, "user_message_id") if body.get("user_message_id") is not None \
         else None
@@ -2138,6 +2196,7 @@ def api_list_conversations(app, req):
 
 def api_create_conversation(app, req):
     body = req.json()
+    known_fields(body, {"title", "model"})
     title = require_str(body, "title", max_len=500).strip()
     model = require_str(body, "model", allow_empty=True, max_len=500)
     return Created(conversation_id=app.store.create_conversation(title, model))
@@ -2151,7 +2210,9 @@ def api_get_conversation(app, req):
 
 def api_rename_conversation(app, req):
     conversation_id = path_id(req, "conversation")
-    title = require_str(req.json(), "title", max_len=500).strip()
+    body = req.json()
+    known_fields(body, {"title"})
+    title = require_str(body, "title", max_len=500).strip()
     if not app.store.rename_conversation(conversation_id, title):
         raise not_found("conversation", conversation_id)
     return {"title": title}
@@ -2446,40 +2507,47 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
     do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def dispatch(self):
-        app = self.app
-        self._body_read = False
         try:
-            parts = urllib.parse.urlsplit(self.path)
-            path = parts.path
-            self.check_host()
-            if path.startswith("/api/"):
-                self.check_auth()
-            handler, params = match_route(self.command, path)
-            self.check_origin()
-            if not app.ready.is_set() and path.startswith("/api/") and handler is not api_health:
-                raise starting(app.store.progress.as_dict())
-            body = self.read_body()
-            self.server.unwatch(self.connection)      # read in full: no deadline now
-            req = Request(self.command, path, urllib.parse.parse_qs(parts.query),
-                          self.headers, body, params)
-            result = handler(app, req)
-            if isinstance(result, EventStream):
+            result = self.answer()
+        except ApiError as e:
+            result = e
+        except sqlite3.OperationalError as e:
+            result = database_error(e)
+        except Exception:
+            log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
+                      traceback.format_exc())
+            result = ApiError(500, "INTERNAL_ERROR", "Internal server error")
+        try:
+            if isinstance(result, ApiError):
+                self.send_json(result.status, result.body(), result.headers)
+            elif isinstance(result, EventStream):
                 self.send_stream(result)
             elif isinstance(result, Page):
                 self.send(200, result.body, result.headers)
             else:
-                status = 201 if isinstance(result, Created) else 200
-                self.send_json(status, {"success": True, **result})
-        except ApiError as e:
-            self.send_json(e.status, e.body(), e.headers)
-        except sqlite3.OperationalError as e:
-            failure = database_error(e)
-            self.send_json(failure.status, failure.body(), failure.headers)
-        except Exception:
-            log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
-                      traceback.format_exc())
-            self.send_json(500, {"success": False, "error": "Internal server error",
-                                 "code": "INTERNAL_ERROR"})
+                self.send_json(201 if isinstance(result, Created) else 200,
+                               {"success": True, **result})
+        except OSError:          # the client hung up before its answer was written
+            self.close_connection = True
+            log.info("%s went away before the answer to %s %s", self.address_string(),
+                     self.command, escape_log(self.path))
+
+    def answer(self):
+        """The request checked, read and handled: what its handler returned."""
+        app = self.app
+        parts = urllib.parse.urlsplit(self.path)
+        path = parts.path
+        self.check_host()
+        if path.startswith("/api/"):
+            self.check_auth()
+        handler, params = match_route(self.command, path)
+        self.check_origin()
+        if not app.ready.is_set() and path.startswith("/api/") and handler is not api_health:
+            raise starting(app.store.progress.as_dict())
+        body = self.read_body()
+        self.server.unwatch(self.connection)      # read in full: no deadline now
+        return handler(app, Request(self.command, path, urllib.parse.parse_qs(parts.query),
+                                    self.headers, body, params))
 
     def handle(self):
         try:
@@ -2488,6 +2556,10 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             self.app.store.release()   # this thread's connection ends with its client's
 
     # Checks, in the order a request meets them
+    def may_continue(self):
+        length = self.headers.get("Content-Length", "").strip()
+        return not (length.isdigit() and int(length) > self.app.settings.max_body_bytes)
+
     def check_host(self):
         """Against DNS rebinding: the Host must name this machine. Beyond
         loopback, IP addresses and the names the user allowed pass too."""
@@ -2636,12 +2708,12 @@ class Server(ThreadingHTTPServer):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         handler = type("BoundHandler", (Handler,), {"app": app})
-        super().__init__(address, handler)
         self.app = app
         self.connections = 0
         self._deadlines = {}
         self._guard = threading.Lock()
-        self._closed = threading.Event()
+        self._closed = threading.Event()     # before binding: a failed bind closes at once
+        super().__init__(address, handler)
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def process_request(self, request, client_address):
@@ -2765,10 +2837,10 @@ def main(argv=None):
     except sqlite3.Error as e:
         print(f"llama-chat: database {settings.db} cannot be opened: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        print(f"llama-chat: cannot listen on {settings.host}:{settings.port}: {e.strerror}",
-              file=sys.stderr)
-        return 2
+    except OSError as e:          # a port in use, a host name that does not resolve
+        print(f"llama-chat: cannot listen on {settings.host}:{settings.port}: "
+              f"{e.strerror or e}", file=sys.stderr)
+        return 1
     app = server.app
     server.failed = False
     host, port = server.server_address[:2]

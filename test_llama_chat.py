@@ -383,7 +383,7 @@ def test_missing_default_config_runs_on_defaults(tmp_path, monkeypatch):
     ('{"model_options": {"temperature": "hot"}}', "temperature must be a float"),
     ('{"model_options": {"bogus": 1}}', "Unknown option"),
     ('{"timeouts": {"llamacpp_timeout": -1}}', "llamacpp_timeout"),
-    ('{"port": "eighty"}', "port must be a number"),
+    ('{"port": "eighty"}', "port must be a whole number"),
 ])
 def test_broken_config_stops_start_up_with_one_clear_line(tmp_path, content, words):
     path = tmp_path / "broken.json"
@@ -394,6 +394,53 @@ def test_broken_config_stops_start_up_with_one_clear_line(tmp_path, content, wor
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("conf, argv, words", [
+    ({"port": True}, [], "port must be a whole number"),
+    ({"port": 21003.7}, [], "port must be a whole number"),
+    ({"port": 70000}, [], "port must be a whole number from 0 to 65535"),
+    ({"host": 5}, [], "host must be a non-empty string"),
+    ({"llamacpp_url": "http://h:abc"}, [], "llamacpp_url must be"),
+    ({"llamacpp_url": "http://h:70000"}, [], "llamacpp_url must be"),
+    ({"llamacpp_url": "http://"}, [], "llamacpp_url must be"),
+    ({"llamacpp_url": "ftp://h"}, [], "llamacpp_url must be"),
+    ({"db": 5}, [], "db must be a non-empty string"),
+    ({}, ["--db", ""], "db must be a non-empty string"),
+    ({}, ["--db", ":memory:"], "db must be a file's path"),
+    ({"timeouts": {"llamacpp_timeout": 1e999}}, [], "timeouts.llamacpp_timeout"),
+    ({"timeouts": {"llamacpp_connect_timeout": True}}, [], "llamacpp_connect_timeout"),
+    ({"max_body_bytes": 10.5}, [], "max_body_bytes must be a whole number"),
+    ({"model_options": {"temperature": float("nan")}}, [], "temperature must be between"),
+    ({"performance": {"context_history_limit": 2.5}}, [], "context_history_limit"),
+    ({"system_prompt": ["a"]}, [], "system_prompt must be a string"),
+    ({"api_key": 12345}, [], "api_key must be a string"),
+])
+def test_every_setting_is_checked_for_type_and_range(tmp_path, conf, argv, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(conf))
+    with pytest.raises(llama_chat.ConfigError) as raised:
+        llama_chat.load_settings(["--config", str(path), *argv], environ={})
+    assert words in str(raised.value)
+
+
+def test_the_public_config_is_always_json(client):
+    status, _, body = client.request("GET", "/api/config")
+    assert status == 200 and json.loads(json.dumps(body, allow_nan=False)) == body
+
+
+@pytest.mark.parametrize("host", ["nonexistent.invalid", "127.0.0.1"])
+def test_a_failure_to_listen_is_one_line_and_exit_1(tmp_path, host):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host", host,
+                               "--port", str(port), "--db", str(tmp_path / "x.db")],
+                              capture_output=True, text=True, timeout=30)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"llama-chat: cannot listen on {host}:{port}: ")
 
 
 def test_help_explains_every_setting():
@@ -609,6 +656,72 @@ def test_validation_errors_name_the_field_and_store_nothing(client, path, body, 
                       "field": field}
     assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 1
     assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/conversations", {"title": "\ud800", "model": "m"}, "title"),
+    ("/api/conversations", {"title": "t", "model": "x\udfff"}, "model"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi \ud83d", "model": "m"}, "message"),
+    ("/api/chat", {"conversation_id": 2**63, "message": "hi", "model": "m"}, "conversation_id"),
+    ("/api/chat", {"conversation_id": 1, "user_message_id": 10**30, "model": "m"},
+     "user_message_id"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temperature": "hot"},
+     "temperature"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temprature": 0.2},
+     "temprature"),
+    ("/api/conversations", {"title": "t", "model": "m", "pinned": 1}, "pinned"),
+])
+def test_surrogates_huge_numbers_and_unknown_fields_are_validation_errors(client, path, body,
+                                                                          field):
+    client.new_conversation()
+    raw = json.dumps(body).encode()              # json.dumps keeps "\ud800" escaped
+    status, _, answer = client.request("POST", path, raw=raw,
+                                       headers={"Content-Type": "application/json"})
+    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR", field)
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
+    if field == "temperature":
+        assert "options" in answer["error"]
+
+
+@pytest.mark.parametrize("query", ["limit=99999999999999999999", "offset=9223372036854775808"])
+def test_huge_paging_numbers_are_validation_errors(client, query):
+    status, _, body = client.get("/api/conversations?" + query)
+    assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", query.split("=")[0])
+
+
+def test_an_oversize_body_with_expect_continue_gets_413_and_no_100(client):
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 99999999\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+
+
+def test_a_client_that_hangs_up_early_is_one_quiet_line(client, stub, caplog):
+    cid = client.new_conversation()
+    stub.stall = 0.3
+    caplog.set_level("INFO", logger="llama_chat")
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
+        data = json.dumps({"conversation_id": cid, "message": "hi", "model": "m"}).encode()
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()                              # a reset, before the answer is written
+    deadline = time.monotonic() + 10
+    while sum("went away" in r.getMessage() for r in caplog.records) < 3 and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("went away" in m for m in messages) == 3, messages
+    assert not any("Traceback" in m or "internal error" in m or '" 500 ' in m for m in messages)
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'"text"', b"", b"\xff\xfe",
