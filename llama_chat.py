@@ -2479,7 +2479,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
     default_request_version = "HTTP/1.0"   # answer even a broken request line with headers
     server_version = "llama-chat"
     sys_version = ""
-    timeout = 30          # seconds a connection may sit idle or trickle
+    timeout = 30          # a socket's backstop; the request deadline (10 s) comes first
     app = None            # set by make_server
 
     def setup(self):
