@@ -275,6 +275,11 @@ def error_text(body):
     return "no details"
 
 
+def bad_upstream(what):
+    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server sent an unexpected answer",
+                    details=what)
+
+
 def upstream_error(exc, url):
     if isinstance(exc, ApiError):
         return exc
@@ -297,14 +302,29 @@ def upstream_status_error(status, body):
                     details=f"HTTP {status}: {error_text(body)}")
 
 
-def bad_upstream(what):
-    return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server sent an unexpected answer",
-                    details=what)
+
 
 
 ###############################################################################
 # Validation of what clients send
 ###############################################################################
+
+# Options llama.cpp may receive, from config.json or a chat request:
+# name -> (type, minimum, maximum, name sent to llama.cpp).
+MODEL_OPTIONS = {
+    "temperature": (float, 0.0, 10.0, "temperature"),
+    "top_p": (float, 0.0, 1.0, "top_p"),
+    "top_k": (int, 0, 100000, "top_k"),
+    "min_p": (float, 0.0, 1.0, "min_p"),
+    "num_predict": (int, -1, 1000000, "max_tokens"),
+    "max_tokens": (int, -1, 1000000, "max_tokens"),
+    "repeat_penalty": (float, 0.0, 10.0, "repeat_penalty"),
+    "presence_penalty": (float, -2.0, 2.0, "presence_penalty"),
+    "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
+    "seed": (int, -1, 2**63 - 1, "seed"),
+    "stop": (list, 0, 16, "stop"),
+}
+
 
 def check_model_options(options, prefix):
     """Validate llama.cpp options by type and range; return them renamed for llama.cpp."""
@@ -429,21 +449,6 @@ DEFAULT_CONFIG = {
 }
 CONFIG_SECTIONS = ("timeouts", "model_options", "performance", "response_optimization")
 
-# Options llama.cpp may receive, from config.json or a chat request:
-# name -> (type, minimum, maximum, name sent to llama.cpp).
-MODEL_OPTIONS = {
-    "temperature": (float, 0.0, 10.0, "temperature"),
-    "top_p": (float, 0.0, 1.0, "top_p"),
-    "top_k": (int, 0, 100000, "top_k"),
-    "min_p": (float, 0.0, 1.0, "min_p"),
-    "num_predict": (int, -1, 1000000, "max_tokens"),
-    "max_tokens": (int, -1, 1000000, "max_tokens"),
-    "repeat_penalty": (float, 0.0, 10.0, "repeat_penalty"),
-    "presence_penalty": (float, -2.0, 2.0, "presence_penalty"),
-    "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
-    "seed": (int, -1, 2**63 - 1, "seed"),
-    "stop": (list, 0, 16, "stop"),
-}
 
 
 class ConfigError(Exception):
@@ -1846,6 +1851,12 @@ def finish_reason(choice):
 # Streaming: relaying llama.cpp's tokens as they come
 ###############################################################################
 
+@dataclass
+class EventStream:
+    events: object   # generator of lists of event dicts (None: a keep-alive)
+    close: object    # called once the answer is over, however it ended
+
+
 class ClientGone(Exception):
     """The browser or script that asked for a stream went away."""
 
@@ -2143,10 +2154,6 @@ class Page:
     headers: dict
 
 
-@dataclass
-class EventStream:
-    events: object   # generator of lists of event dicts (None: a keep-alive)
-    close: object    # called once the answer is over, however it ended
 
 
 def path_id(req, resource):
@@ -2319,6 +2326,9 @@ def page_headers(html):
     }
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+
+
 class App:
     """Settings, store and llama.cpp client: everything a request needs."""
 
@@ -2425,7 +2435,6 @@ class App:
 # HTTP server
 ###############################################################################
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
 json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
