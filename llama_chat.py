@@ -247,9 +247,16 @@ BUSY_MS = 10000      # how long a write waits for another, by default (SQLite's 
 
 def database_error(e):
     """SQLite could not do it: the database stayed locked past the busy timeout
-    (another process writing, a long purge), or the disk is full or failing.
-    Not a bug, so not INTERNAL_ERROR: 503, and what went wrong."""
+    (another process writing, a long purge), the disk is full or failing, or
+    the file is damaged. Not a bug, so not INTERNAL_ERROR: 503, and what went
+    wrong. (Other sqlite3 errors, constraint failures among them, are bugs.)"""
+    if not isinstance(e, sqlite3.OperationalError) and type(e) is not sqlite3.DatabaseError:
+        log.error("internal error in the database\n%s", traceback.format_exc())
+        return ApiError(500, "INTERNAL_ERROR", "Internal server error")   # a bug
     log.warning("database: %s", e)
+    if "malformed" in str(e) or "not a database" in str(e):
+        return ApiError(503, "DATABASE_ERROR", f"The database file is damaged ({e}); restore "
+                        "a backup, or try the sqlite3 shell's .recover")
     if "locked" in str(e) or "busy" in str(e):
         return ApiError(503, "DATABASE_BUSY", "The database stayed busy with another write; "
                         "try again", {"Retry-After": "5"})
@@ -685,6 +692,7 @@ class Database:
         self.path = path
         self.functions = tuple(functions)
         self.busy_ms = busy_ms
+        self.failure = None          # why the last write failed, if it did
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
 
@@ -734,14 +742,20 @@ class Database:
     def write(self, conn=None):
         """A write transaction, BEGIN IMMEDIATE so that the busy timeout applies."""
         conn = conn or self.conn()
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                self.failure = str(e)        # disk full, read-only, damaged: for health
             raise
-        conn.execute("COMMIT")
+        self.failure = None
 
     @contextmanager
     def own_connection(self):
@@ -1311,6 +1325,7 @@ class Store:
         self.index = SearchIndex(self.db, use_fts)
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
         self.backup_path = None
+        self.damage = None           # what quick_check found wrong, if anything
         self.progress = Progress()
         self.version, tables = self.db.user_version()
         if self.version > SCHEMA_VERSION:
@@ -1375,11 +1390,31 @@ class Store:
         self.db.close()
 
     def health(self):
+        """Can the database be read and written? If not, why."""
+        problem = None
         try:
             self.db.conn().execute("SELECT 1 FROM conversations LIMIT 1").fetchall()
-            return {"ok": True, "fts5": self.index.fts}
         except sqlite3.Error as e:
-            return {"ok": False, "fts5": self.index.fts, "error": str(e)}
+            problem = f"cannot be read: {e}"
+        folder = os.path.dirname(os.path.abspath(self.db.path))
+        if problem:
+            pass
+        elif not os.access(self.db.path, os.W_OK) or not os.access(folder, os.W_OK):
+            problem = "cannot be written: the file or its folder is read-only"
+        elif self.damage:
+            problem = f"is damaged: {self.damage}"
+        elif self.db.failure:
+            problem = f"cannot be written: {self.db.failure}"
+        return {"ok": not problem, "fts5": self.index.fts,
+                **({"error": "the database " + problem} if problem else {})}
+
+    def check_integrity(self):
+        """SQLite's quick_check of the whole file, on a connection of its own
+        (it reads every page): None when it is sound, else what is wrong."""
+        with self.db.own_connection() as conn:
+            found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+        self.damage = None if found == ["ok"] else "; ".join(found)
+        return self.damage
 
     # Conversations
     def list_conversations(self, limit=None, offset=0):
@@ -1836,7 +1871,7 @@ def chat_once(app, turn):
             raise bad_upstream("its answer has no choices[0].message.content") from None
         return finish_chat(app, turn, text, reasoning, finish_reason(choice),
                            body.get("usage"), body.get("timings"))
-    except sqlite3.OperationalError as e:
+    except sqlite3.DatabaseError as e:
         raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
     except ApiError as e:
         e.extra["user_message_id"] = turn.user_message_id
@@ -2053,7 +2088,7 @@ class Relay:
         if the database fails too (logged)."""
         try:
             return self.store(app, turn, reason)["message_id"]
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             database_error(e)
             return None
 
@@ -2098,7 +2133,7 @@ def relay_events(app, turn, upstream):
                     raise failure
         try:
             done = relay.store(app, turn, relay.finish or "stop")
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             raise database_error(e) from None
         yield [{"type": "done", **done}]
     except ClientGone:
@@ -2177,8 +2212,9 @@ def api_health(app, req):
         return {"status": "starting", "version": __version__,
                 "progress": app.store.progress.as_dict(), "llamacpp": llamacpp,
                 "database": {"ok": False, "fts5": app.store.index.fts, "error": "opening"}}
-    return {"status": "ok" if llamacpp["ok"] else "degraded", "version": __version__,
-            "llamacpp": llamacpp, "database": app.store.health()}
+    database = app.store.health()
+    return {"status": "ok" if llamacpp["ok"] and database["ok"] else "degraded",
+            "version": __version__, "llamacpp": llamacpp, "database": database}
 
 
 def api_models(app, req):
@@ -2363,6 +2399,7 @@ class App:
                 self.store.open()
             if self.store.index.purge_due():
                 self.purge_soon()
+            threading.Thread(target=self._check_store, daemon=True).start()
         except (sqlite3.Error, OSError) as e:
             self.startup_error = str(e)
         except BaseException as e:         # a bug: logged, and the app stops
@@ -2371,6 +2408,15 @@ class App:
         finally:
             self.store.release()
             self.ready.set()
+
+    def _check_store(self):
+        try:
+            damage = self.store.check_integrity()
+        except sqlite3.Error as e:
+            damage = self.store.damage = str(e)
+        if damage:
+            log.error("database %s is damaged: %s. Restore a backup, or try the sqlite3 "
+                      "shell's .recover", self.settings.db, damage)
 
     def page(self):
         try:
@@ -2520,7 +2566,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             result = self.answer()
         except ApiError as e:
             result = e
-        except sqlite3.OperationalError as e:
+        except sqlite3.DatabaseError as e:
             result = database_error(e)
         except Exception:
             log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
@@ -2801,6 +2847,43 @@ def report_llamacpp(app):
                     "llama-server -m model.gguf --port 8080", state["url"], state.get("error"))
 
 
+def urls_to_open(host, port):
+    """Where the page can be opened: the address listened on, or, for all of
+    this machine's (0.0.0.0, ::), its host name and each address that others
+    can reach, then loopback."""
+    def url(name):
+        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+    if host not in ("0.0.0.0", "::", ""):
+        return [url(host)]
+    name = socket.gethostname()
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        found = set()
+    addresses = sorted((found | interface_addresses()) - {""},
+                       key=lambda a: tuple(int(part) for part in a.split(".")))
+    return [url(name)] + [url(a) for a in addresses if not is_loopback(a)] + [url("127.0.0.1")]
+
+
+def interface_addresses():
+    """The IPv4 address of each network interface (Linux; elsewhere none)."""
+    found = set()
+    try:
+        import fcntl
+        import struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, interface in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(probe.fileno(), 0x8915,      # SIOCGIFADDR
+                                         struct.pack("256s", interface[:15].encode()))
+                    found.add(socket.inet_ntoa(packed[20:24]))
+                except OSError:
+                    continue                  # an interface without an IPv4 address
+    except (ImportError, OSError, AttributeError):
+        pass
+    return found
+
+
 def report_progress(app):
     """The start-up work's progress on the terminal: one line updated in place,
     or a log line every 5 s when the output is not a terminal."""
@@ -2852,14 +2935,13 @@ def main(argv=None):
         return 1
     app = server.app
     server.failed = False
-    host, port = server.server_address[:2]
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/"
+    urls = urls_to_open(settings.host, server.server_address[1])
     if settings.key_generated:
-        print(f"llama-chat listens beyond this machine, so /api/ needs a key. Open:\n"
-              f"  {url}#token={settings.api_key}", flush=True)
+        print("llama-chat listens beyond this machine, so /api/ needs a key. Open one of:\n"
+              + "\n".join(f"  {u}#token={settings.api_key}" for u in urls), flush=True)
     else:
-        print(f"llama-chat {__version__}: open {url}", flush=True)
+        print(f"llama-chat {__version__}: open {urls[0]}"
+              + "".join(f"\n  or {u}" for u in urls[1:]), flush=True)
     threading.Thread(target=report_progress, args=(app,), daemon=True).start()
     threading.Thread(target=when_open, args=(app, server), daemon=True).start()
     threading.Thread(target=report_llamacpp, args=(app,), daemon=True).start()

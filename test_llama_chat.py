@@ -1116,9 +1116,13 @@ def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
                              "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        proc.stdout.readline()
-        url = proc.stdout.readline().strip()
-        key = re.fullmatch(r"http://0\.0\.0\.0:\d+/#token=([\w-]{20,})", url).group(1)
+        assert "needs a key" in proc.stdout.readline()
+        urls = []
+        while not urls or "127.0.0.1" not in urls[-1]:
+            urls.append(proc.stdout.readline().strip())
+        assert all(re.fullmatch(r"http://[\w.-]+:\d+/#token=[\w-]{20,}", u) for u in urls)
+        assert not any("0.0.0.0" in u for u in urls) and len(urls) >= 2   # host name, loopback
+        key = urls[-1].rsplit("=", 1)[1]
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         conn.request("GET", "/api/conversations")
         assert conn.getresponse().status == 401
@@ -2114,6 +2118,52 @@ def test_health_ok(client):
     assert status == 200
     assert body["status"] == "ok" and body["version"] == llama_chat.__version__
     assert body["llamacpp"]["ok"] is True and body["database"] == {"ok": True, "fts5": True}
+
+
+def test_health_degraded_while_the_disk_is_full(client):
+    cid = client.new_conversation()
+    conn = client.app.store.db.conn()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    for c in list(client.app.store.db._idle.queue) + [conn]:
+        c.execute(f"PRAGMA max_page_count = {pages}")      # as a full disk would
+    status, _, body = client.chat(cid, "x" * 100_000)
+    assert (status, body["code"]) == (503, "DATABASE_ERROR") and "full" in body["error"]
+    health = client.get("/api/health")[2]
+    assert health["status"] == "degraded" and health["database"]["ok"] is False
+    assert "cannot be written" in health["database"]["error"] and "full" in \
+        health["database"]["error"]
+    for c in list(client.app.store.db._idle.queue) + [conn]:
+        c.execute("PRAGMA max_page_count = 1073741823")
+    assert client.chat(cid, "small")[0] == 200
+    assert client.get("/api/health")[2]["status"] == "ok"
+
+
+def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog):
+    path = tmp_path / "damaged.db"
+    store = llama_chat.Store(str(path))
+    cid = store.create_conversation("t", "m")
+    for i in range(300):
+        store.add_message(cid, "user", f"message number {i} " + "x" * 400)
+    store.close()
+    root = sqlite3.connect(path).execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    with open(path, "r+b") as f:              # the messages table's root page, garbled
+        f.seek((root - 1) * 4096)
+        f.write(b"\x0d\xff" * 2048)
+    caplog.set_level("INFO", logger="llama_chat")
+    server = start_app(tmp_path, stub.url, db=str(path))
+    c = Client(server)
+    try:
+        deadline = time.monotonic() + 10
+        while server.app.store.damage is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("is damaged" in r.getMessage() for r in caplog.records)
+        status, _, body = c.get(f"/api/conversations/{cid}")
+        assert (status, body["code"]) == (503, "DATABASE_ERROR") and "damaged" in body["error"]
+        health = c.get("/api/health")[2]
+        assert health["status"] == "degraded" and "damaged" in health["database"]["error"]
+    finally:
+        stop(server)
 
 
 def test_health_degraded_while_history_keeps_working(down_client):
