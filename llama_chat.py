@@ -1552,9 +1552,11 @@ class Upstream:
             self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
         self._idle = []          # connections kept open for the next request
 
-    def open(self, method, path, body=None, connect_timeout=None, read_timeout=None):
+    def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
+             attach=None):
         """Send a request; return (connection, response). Raises ApiError.
-        A connection kept from an earlier answer goes first (no connect, and
+        `attach` is given the connection once the request is out. A connection
+        kept from an earlier answer goes first (no connect, and
         no new thread in llama-server), unless llama.cpp has closed it (seen
         before use); one that fails before any answer all the same (closed as
         the request went out) is replaced and the request sent again."""
@@ -1563,6 +1565,8 @@ class Upstream:
             reused = conn is not None
             try:
                 conn = self._send(conn, method, path, body, connect_timeout, read_timeout)
+                if attach is not None:       # sent: from now on it may be cut short
+                    attach(conn)
                 return conn, conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:
                 if conn is not None:
@@ -1730,6 +1734,44 @@ def read_metrics(usage, timings, text, elapsed_ms):
 # Chat: shared by the plain and the streaming answer
 ###############################################################################
 
+class Generation:
+    """One reply llama.cpp is generating, plain or streamed, for another thread
+    to cut short: shutdown, or the deletion of its conversation. Shutting its
+    socket wakes the reply wherever it waits; `reason` says why, for the
+    client. `client` is the socket of the client that asked for a stream."""
+
+    def __init__(self, conversation_id, client=None):
+        self.conversation_id, self.client = conversation_id, client
+        self.conn = self.reason = None
+        self._lock = threading.Lock()
+
+    def attach(self, conn):
+        with self._lock:
+            self.conn = conn
+            if self.reason is not None:
+                shut(conn.sock)
+
+    def cancel(self, reason):
+        with self._lock:
+            self.reason = self.reason or reason
+            if self.conn is not None:
+                shut(self.conn.sock)
+
+    def close(self):
+        with self._lock:
+            if self.conn is not None:
+                shut(self.conn.sock)
+                self.conn.close()
+
+
+def shut(sock):
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 @dataclass
 class ChatTurn:
     conversation_id: int
@@ -1795,11 +1837,12 @@ def context_overflow(status, body):
         "context size" in str(err.get("message", ""))
 
 
-def open_reply(app, turn):
+def open_reply(app, turn, generation):
     """Send the chat to llama.cpp; return (connection, response) once it answers 200."""
     skip = 0
     while True:
-        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip))
+        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip),
+                                       attach=generation.attach)
         if resp.status == 200:
             return conn, resp
         skip = fewer_messages(turn, skip, conn, resp)
@@ -1834,6 +1877,8 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
         reasoning=reasoning or None, response_time_ms=elapsed_ms,
         estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
         tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason)
+    if message_id is None:                       # deleted while its reply was made
+        raise not_found("conversation", turn.conversation_id)
     answer = {
         "response": text,
         "model": turn.model,
@@ -1851,8 +1896,9 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
 
 
 def chat_once(app, turn):
+    generation = app.generation_started(turn.conversation_id)
     try:
-        conn, resp = open_reply(app, turn)
+        conn, resp = open_reply(app, turn, generation)
         try:
             raw = resp.read()
         except BaseException as e:
@@ -1874,8 +1920,13 @@ def chat_once(app, turn):
     except sqlite3.DatabaseError as e:
         raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
     except ApiError as e:
-        e.extra["user_message_id"] = turn.user_message_id
+        if generation.reason is not None:
+            raise generation.reason from None
+        if e.code != "NOT_FOUND":
+            e.extra["user_message_id"] = turn.user_message_id
         raise
+    finally:
+        app.generation_ended(generation)
 
 
 def finish_reason(choice):
@@ -1896,62 +1947,38 @@ class ClientGone(Exception):
     """The browser or script that asked for a stream went away."""
 
 
-class UpstreamStream:
-    """llama.cpp's side of one streamed reply, for shutdown to cut short from
-    another thread: shutting its socket wakes the relay wherever it waits."""
-
-    def __init__(self):
-        self.conn = None
-        self._cancelled = False
-        self._lock = threading.Lock()
-
-    def attach(self, conn):
-        with self._lock:
-            self.conn = conn
-            if self._cancelled:
-                shut(conn.sock)
-
-    def cancel(self):
-        with self._lock:
-            self._cancelled = True
-            if self.conn is not None:
-                shut(self.conn.sock)
-
-    def close(self):
-        self.cancel()
-        if self.conn is not None:
-            self.conn.close()
-
-
-def shut(sock):
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 KEEPALIVE_SECONDS = 15
 
 
-def request_stream(app, turn, upstream):
+def request_stream(app, turn, generation):
     """Ask llama.cpp for the streamed reply; return its response once it answers
     200. llama-server sends nothing, not even headers, until it has read the
     prompt, which can take minutes: meanwhile this yields None every
-    KEEPALIVE_SECONDS (a keep-alive for the client) and watches for shutdown.
-    The relay's own thread waits: a thread of its own cost a millisecond of
-    hand-offs before the first token."""
+    KEEPALIVE_SECONDS (a keep-alive for the client), and watches the client's
+    socket (one that leaves ends the request at once, and llama.cpp's work on
+    it) and for a reason to stop. The relay's own thread waits: a thread of
+    its own cost a millisecond of hand-offs before the first token."""
     skip = 0
     while True:
         conn = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
-        upstream.attach(conn)
+        generation.attach(conn)
         started = last_sent = time.monotonic()
         with selectors.DefaultSelector() as waiting:
-            waiting.register(conn.sock, selectors.EVENT_READ)
-            while not waiting.select(0.25):
+            waiting.register(conn.sock, selectors.EVENT_READ, "llama.cpp")
+            if generation.client is not None:
+                waiting.register(generation.client, selectors.EVENT_READ, "client")
+            while True:
+                ready = {key.data for key, _ in waiting.select(0.25)}
+                if "client" in ready:
+                    if client_left(generation.client):
+                        raise ClientGone()
+                    waiting.unregister(generation.client)     # it sent more: not ours
+                if "llama.cpp" in ready:
+                    break
+                stopped = why_stopped(app, generation)
+                if stopped:
+                    raise stopped
                 now = time.monotonic()
-                if app.stopping.is_set():
-                    raise shutting_down()
                 if now - started >= app.upstream.read_timeout:
                     raise upstream_error(socket.timeout(), app.upstream.url)
                 if now - last_sent >= KEEPALIVE_SECONDS:
@@ -1959,13 +1986,28 @@ def request_stream(app, turn, upstream):
                     yield None
         try:
             resp = app.upstream.answer(conn)
-        except ApiError:
-            if app.stopping.is_set():
-                raise shutting_down() from None
-            raise
+        except ApiError as e:
+            raise why_stopped(app, generation) or e from None
         if resp.status == 200:
             return resp
         skip = fewer_messages(turn, skip, conn, resp)
+
+
+def client_left(sock):
+    """Has the client closed its side (its socket reads as ended)?"""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def why_stopped(app, generation):
+    """The error a reply cut short from another thread ends with, or None."""
+    if generation.reason is not None:
+        return generation.reason
+    return shutting_down() if app.stopping.is_set() else None
 
 
 def parse_events(complete):
@@ -2014,11 +2056,11 @@ def read_event(payload):
         raise bad_upstream(f"a stream event cannot be read: {e}") from None
 
 
-def upstream_batches(app, turn, upstream):
+def upstream_batches(app, turn, generation):
     """What llama.cpp streams: None for a keep-alive while it reads the prompt,
     then a list of chunks per read (whatever has arrived, so a fast model
     costs one write per batch, not per token), then "done" or "cut"."""
-    read = body_reader((yield from request_stream(app, turn, upstream)))
+    read = body_reader((yield from request_stream(app, turn, generation)))
     pending = b""
     while True:
         try:
@@ -2027,8 +2069,9 @@ def upstream_batches(app, turn, upstream):
             data, error = b"", e
         else:
             error = None
-        if app.stopping.is_set():
-            raise shutting_down()
+        stopped = why_stopped(app, generation)
+        if stopped:
+            raise stopped
         if error is not None:
             raise upstream_error(error, app.upstream.url)
         if not data:
@@ -2090,22 +2133,23 @@ class Relay:
             return self.store(app, turn, reason)["message_id"]
         except sqlite3.DatabaseError as e:
             database_error(e)
-            return None
+        except ApiError:                       # its conversation was deleted meanwhile
+            pass
+        return None
 
 
-def chat_stream(app, turn):
+def chat_stream(app, turn, client=None):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
     relay starts, once the client's headers are out."""
-    upstream = UpstreamStream()
-    app.stream_started(upstream)
+    generation = app.generation_started(turn.conversation_id, client)
 
     def close():
-        upstream.close()
-        app.stream_ended(upstream)
-    return EventStream(relay_events(app, turn, upstream), close)
+        generation.close()
+        app.generation_ended(generation)
+    return EventStream(relay_events(app, turn, generation), close)
 
 
-def relay_events(app, turn, upstream):
+def relay_events(app, turn, generation):
     """Generator of lists of events for one streamed reply (None: send a
     keep-alive): each list holds what llama.cpp sent since the last one, so a
     fast model costs one write per batch rather than per token. The handler
@@ -2113,7 +2157,7 @@ def relay_events(app, turn, upstream):
     was relayed."""
     relay = Relay()
     try:
-        for item in upstream_batches(app, turn, upstream):
+        for item in upstream_batches(app, turn, generation):
             if item is None:
                 yield None
             elif item == "cut" and not relay.finish:
@@ -2137,14 +2181,18 @@ def relay_events(app, turn, upstream):
             raise database_error(e) from None
         yield [{"type": "done", **done}]
     except ClientGone:
-        relay.store_if_possible(app, turn, "aborted")
+        if relay.text or relay.reasoning:
+            relay.store_if_possible(app, turn, "aborted")
     except ApiError as e:
         stored = None
-        if (relay.text or relay.reasoning) and not e.code.startswith("DATABASE_"):
+        if (relay.text or relay.reasoning) and e.code != "NOT_FOUND" \
+                and not e.code.startswith("DATABASE_"):
             reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
             stored = relay.store_if_possible(app, turn, reason)
         event = {"type": "error", "error": e.message, "code": e.code,
                  "user_message_id": turn.user_message_id, "message_id": stored}
+        if e.code == "NOT_FOUND":              # the conversation went, with its messages
+            event = {"type": "error", "error": e.message, "code": e.code, **e.extra}
         if "details" in e.extra:
             event["details"] = e.extra["details"]
         yield [event]
@@ -2162,6 +2210,7 @@ class Request:
     headers: object
     body: bytes = b""
     params: dict = field(default_factory=dict)
+    client: object = None        # the client's socket
 
     def json(self):
         try:
@@ -2265,6 +2314,7 @@ def api_delete_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     if not app.store.delete_conversation(conversation_id):
         raise not_found("conversation", conversation_id)
+    app.cancel(not_found("conversation", conversation_id), conversation_id)
     app.purge_soon()
     return {}
 
@@ -2276,7 +2326,7 @@ def api_chat(app, req):
         raise validation_error("stream", "Field stream must be true or false")
     stream = stream or "text/event-stream" in req.headers.get("Accept", "")
     turn = start_chat(app, body, stream)
-    return chat_stream(app, turn) if stream else chat_once(app, turn)
+    return chat_stream(app, turn, req.client) if stream else chat_once(app, turn)
 
 
 def api_stats(app, req):
@@ -2377,7 +2427,7 @@ class App:
         self.startup_error = None          # why opening the store failed, if it did
         self._page = (None, None)      # (mtime, Page)
         self._lock = threading.Lock()
-        self.streams = set()           # the UpstreamStream of every open stream
+        self.generations = set()       # every reply llama.cpp is making for us
         self._purge = {"running": False, "again": False}
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
         if not is_loopback(settings.host):
@@ -2452,26 +2502,34 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def stream_started(self, upstream):
+    def generation_started(self, conversation_id, client=None):
+        generation = Generation(conversation_id, client)
         with self._lock:
-            self.streams.add(upstream)
+            self.generations.add(generation)
+        return generation
 
-    def stream_ended(self, upstream):
+    def generation_ended(self, generation):
         with self._lock:
-            self.streams.discard(upstream)
+            self.generations.discard(generation)
 
     @property
     def active_streams(self):
-        return len(self.streams)
+        return len(self.generations)
+
+    def cancel(self, reason, conversation_id=None):
+        """Cut short the replies being made (those of one conversation): each
+        ends with `reason`."""
+        with self._lock:
+            found = [g for g in self.generations
+                     if conversation_id is None or g.conversation_id == conversation_id]
+        for generation in found:
+            generation.cancel(reason)
 
     def stop_streams(self, wait=4.0):
-        """Ask every stream to end (closing llama.cpp's side wakes a relay blocked
-        reading it), then wait for them to store their replies."""
+        """Ask every reply to end (closing llama.cpp's side wakes a relay blocked
+        reading it), then wait for them to store what they have."""
         self.stopping.set()
-        with self._lock:
-            streams = list(self.streams)
-        for upstream in streams:
-            upstream.cancel()
+        self.cancel(shutting_down())
         deadline = time.monotonic() + wait
         while self.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -2602,7 +2660,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         body = self.read_body()
         self.server.unwatch(self.connection)      # read in full: no deadline now
         return handler(app, Request(self.command, path, urllib.parse.parse_qs(parts.query),
-                                    self.headers, body, params))
+                                    self.headers, body, params, self.connection))
 
     def handle(self):
         try:

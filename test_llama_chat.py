@@ -1459,6 +1459,52 @@ def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, s
     assert len(content) < len(stub.reply)
 
 
+def test_a_client_leaving_while_llamacpp_reads_the_prompt_ends_the_request(client, stub):
+    cid = client.new_conversation()
+    stub.stall = 5                          # llama.cpp reading a long prompt, silent
+    resp, sock = client.stream(cid, "a long question")
+    assert resp.status == 200
+    started = time.monotonic()
+    resp.close()
+    sock.close()
+    while client.app.active_streams and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    assert client.app.active_streams == 0 and time.monotonic() - started < 1.5
+    assert rows(client, "SELECT role FROM messages") == [("user",)]    # no empty reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_deleting_a_conversation_ends_its_reply_with_not_found(client, stub, stream):
+    cid = client.new_conversation()
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay, stub.stall = (0.02, 0) if stream else (0, 3)
+    answer = {}
+
+    def chat():
+        if stream:
+            resp, _ = client.stream(cid, "go on")
+            answer["events"] = read_events(resp)
+        else:
+            answer["status"], _, answer["body"] = client.chat(cid, "go on")
+        answer["at"] = time.monotonic()
+
+    worker = threading.Thread(target=chat)
+    worker.start()
+    time.sleep(0.5)                             # mid-reply
+    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+    deleted = time.monotonic()
+    worker.join(10)
+    assert answer["at"] - deleted < 1.5
+    if stream:
+        last = answer["events"][-1]
+        assert (last["type"], last["code"], last["resource"]) == ("error", "NOT_FOUND",
+                                                                  "conversation")
+        assert any(e["type"] == "delta" for e in answer["events"])
+    else:
+        assert (answer["status"], answer["body"]["code"]) == (404, "NOT_FOUND")
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+
+
 def test_keep_alive_comments_while_llamacpp_is_silent(client, stub, monkeypatch):
     monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.2)
     stub.stall = 0.9                        # reading a long prompt: not even headers yet
@@ -2120,20 +2166,28 @@ def test_health_ok(client):
     assert body["llamacpp"]["ok"] is True and body["database"] == {"ok": True, "fts5": True}
 
 
-def test_health_degraded_while_the_disk_is_full(client):
+def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
     cid = client.new_conversation()
-    conn = client.app.store.db.conn()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    for c in list(client.app.store.db._idle.queue) + [conn]:
-        c.execute(f"PRAGMA max_page_count = {pages}")      # as a full disk would
+    db = client.app.store.db
+    pages = db.conn().execute("PRAGMA page_count").fetchone()[0]
+    limit = {"pages": pages}
+    real_connect = db.connect
+
+    def connect():                                   # every connection, as a full disk
+        conn = real_connect()
+        conn.execute(f"PRAGMA max_page_count = {limit['pages']}")
+        return conn
+
+    monkeypatch.setattr(db, "connect", connect)
+    db.close()
     status, _, body = client.chat(cid, "x" * 100_000)
     assert (status, body["code"]) == (503, "DATABASE_ERROR") and "full" in body["error"]
     health = client.get("/api/health")[2]
     assert health["status"] == "degraded" and health["database"]["ok"] is False
     assert "cannot be written" in health["database"]["error"] and "full" in \
         health["database"]["error"]
-    for c in list(client.app.store.db._idle.queue) + [conn]:
-        c.execute("PRAGMA max_page_count = 1073741823")
+    limit["pages"] = 1073741823
+    db.close()
     assert client.chat(cid, "small")[0] == 200
     assert client.get("/api/health")[2]["status"] == "ok"
 
