@@ -1648,18 +1648,27 @@ class Upstream:
         return resp.status, json_or_none(raw)
 
     def health(self):
+        """Does llama.cpp answer? `state`: ok, loading (a model, 503), error (it
+        answered another error) or down (no answer); how to start it."""
         started = time.monotonic()
         try:
             status, body = self.call("GET", "/health", connect_timeout=2, read_timeout=3)
-            ok = status == 200
-            error = None if ok else f"llama.cpp answered {status}: {error_text(body)}"
+            error = None if status == 200 else f"llama.cpp answered {status}: {error_text(body)}"
+            state = "ok" if status == 200 else "loading" if status == 503 and \
+                "loading" in error_text(body).lower() else "error"
         except ApiError as e:
-            ok, error = False, e.extra.get("details", e.message)
-        result = {"ok": ok, "url": self.url,
-                  "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+            state, error = "down", e.extra.get("details", e.message)
+        result = {"ok": state == "ok", "state": state, "url": self.url,
+                  "latency_ms": round((time.monotonic() - started) * 1000, 1),
+                  "start_hint": self.start_hint()}
         if error:
             result["error"] = error
         return result
+
+    def start_hint(self):
+        """The llama-server command that would answer at the configured URL."""
+        host = "" if is_loopback(self.host) else f" --host {self.host}"
+        return f"llama-server -m model.gguf{host} --port {self.port}"
 
     def models(self):
         """[{"name", "status"?}] from /models (router mode) or /v1/models."""
@@ -2901,8 +2910,8 @@ def report_llamacpp(app):
     if state["ok"]:
         log.info("llama.cpp at %s answers (%.0f ms)", state["url"], state["latency_ms"])
     else:
-        log.warning("llama.cpp at %s does not answer yet (%s); start it with: "
-                    "llama-server -m model.gguf --port 8080", state["url"], state.get("error"))
+        log.warning("llama.cpp at %s does not answer yet (%s); start it with: %s",
+                    state["url"], state.get("error"), state["start_hint"])
 
 
 def urls_to_open(host, port):

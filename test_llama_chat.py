@@ -44,6 +44,7 @@ class Stub:
         self.router_status = "loaded"     # of the first model, in router mode
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
+        self.loading = False      # /health answers 503 "Loading model", as while one loads
         self.requests = []
         self.open_streams = 0
         self.connections = []     # the server side of every connection made to the stub
@@ -76,7 +77,10 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         stub = self.stub
-        if self.path == "/health":
+        if self.path == "/health" and stub.loading:
+            self.send_json(503, {"error": {"code": 503, "message": "Loading model",
+                                           "type": "unavailable_error"}})
+        elif self.path == "/health":
             self.send_json(200, {"status": "ok"})
         elif self.path == "/models" and stub.no_models_route:
             self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
@@ -2811,7 +2815,31 @@ def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
     browser.go(f"http://127.0.0.1:{down_client.port}/")
     text = browser.wait("const b = document.getElementById('banner');"
                         "return !b.classList.contains('hidden') && b.textContent")
-    assert "not reachable" in text and "llama-server" in text
+    port = down_client.app.settings.llamacpp_url.rsplit(":", 1)[1]
+    assert "not reachable" in text and "Connection refused" in text
+    assert f"llama-server -m model.gguf --port {port}" in text
+
+
+@needs_chromium
+def test_page_tells_a_loading_model_from_a_server_that_is_down(page, client, stub):
+    stub.loading = True
+    text = page("/").wait("const b = document.getElementById('banner');"
+                          "return !b.classList.contains('hidden') && b.textContent")
+    assert "is loading its model" in text and "not reachable" not in text
+    health = client.get("/api/health")[2]
+    assert (health["status"], health["llamacpp"]["state"]) == ("degraded", "loading")
+
+
+@needs_chromium
+def test_page_shows_what_llamacpp_said_when_a_chat_fails(page, client, stub):
+    stub.context_chars = 5           # every prompt is "longer than the context"
+    b = page("/")
+    b.type("#input", "a question far too long for this model")
+    b.click("#send")
+    toast = b.wait("const t = document.getElementById('toast');"
+                   "return t && !t.classList.contains('hidden') && t.textContent")
+    assert "llama.cpp server answered an error" in toast and "exceeds the available context" \
+        in toast
 
 
 ###############################################################################
