@@ -2182,8 +2182,13 @@ def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
         conn.execute(f"PRAGMA max_page_count = {limit['pages']}")
         return conn
 
-    monkeypatch.setattr(db, "connect", connect)
-    db.close()
+    opened = []
+
+    def conn():                      # a new one for each use: none from before the limit
+        opened.append(connect())
+        return opened[-1]
+
+    monkeypatch.setattr(db, "conn", conn)
     status, _, body = client.chat(cid, "x" * 100_000)
     assert (status, body["code"]) == (503, "DATABASE_ERROR") and "full" in body["error"]
     health = client.get("/api/health")[2]
@@ -2191,7 +2196,6 @@ def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
     assert "cannot be written" in health["database"]["error"] and "full" in \
         health["database"]["error"]
     limit["pages"] = 1073741823
-    db.close()
     assert client.chat(cid, "small")[0] == 200
     assert client.get("/api/health")[2]["status"] == "ok"
 
