@@ -2643,6 +2643,27 @@ def test_page_renders_markdown_as_elements(page, client, stub):
 
 
 @needs_chromium
+def test_page_links_keep_their_parentheses_and_headings_stay_large(page, client, stub):
+    stub.reply = ("### Small heading\n\nSee [w](https://en.wikipedia.org/wiki/Foo_(bar)) and "
+                  "https://en.wikipedia.org/wiki/Baz_(qux), not [here](/api/conversations).")
+    cid = client.new_conversation()
+    client.chat(cid, "links please")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.assistant .body h5')")
+    found = b.js("""const body = document.querySelector('.msg.assistant .body');
+        const size = (n) => parseFloat(getComputedStyle(n).fontSize);
+        return {links: [...body.querySelectorAll('a')].map(a => a.href),
+                text: body.querySelector('p').textContent,
+                bigger: size(body.querySelector('h5')) > size(body.querySelector('p')),
+                icons: [...document.querySelectorAll('#conv-list .tools button')].map(
+                    (x) => x.querySelector('svg') !== null && x.textContent === '')};""")
+    assert found["links"] == ["https://en.wikipedia.org/wiki/Foo_(bar)",
+                              "https://en.wikipedia.org/wiki/Baz_(qux)"]
+    assert "here (/api/conversations)" in found["text"]
+    assert found["bigger"] and found["icons"] == [True, True]
+
+
+@needs_chromium
 def test_page_search_highlights_matches_with_mark(page, client, corpus):
     b = page("/")
     b.type("#search", "learn")
