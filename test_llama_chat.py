@@ -2746,6 +2746,29 @@ def test_page_failed_send_offers_retry(page, client, stub):
 
 
 @needs_chromium
+def test_page_failures_leave_no_litter(page, client, stub):
+    stub.mode = "error500"
+    b = page("/")
+    b.type("#input", "first try fails\ue007")
+    b.wait("return document.querySelector('#retry-row button')")
+    state = b.js("""return {title: document.getElementById('title').textContent,
+        listed: [...document.querySelectorAll('#conv-list .title')].map((t) => t.textContent),
+        replies: document.querySelectorAll('.msg.assistant').length}""")
+    assert state == {"title": "first try fails", "listed": ["first try fails"], "replies": 0}
+    b.click("#retry-row button")                       # fails again
+    b.wait("return document.querySelector('#retry-row button') && !document.querySelector("
+           "'.msg.streaming')")
+    assert b.js("return document.querySelectorAll('.msg.assistant').length") == 0
+    b.click("#new-chat")
+    b.js("document.getElementById('input').value = 'x'.repeat(200001);"
+         "document.getElementById('composer').requestSubmit()")
+    toast = b.wait("const t = document.getElementById('toast');"
+                   "return !t.classList.contains('hidden') && t.textContent")
+    assert "at most 200,000 characters" in toast
+    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
