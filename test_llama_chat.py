@@ -2769,6 +2769,36 @@ def test_page_failures_leave_no_litter(page, client, stub):
 
 
 @needs_chromium
+def test_page_streams_belong_to_their_conversation(page, client, stub):
+    a, b_id = client.new_conversation("Alpha"), client.new_conversation("Beta")
+    stub.reply = " ".join(f"tok{i}" for i in range(60))
+    stub.token_delay = 0.05
+    b = page(f"/#/c/{a}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "long answer please\ue007")
+    b.wait("return document.querySelector('.msg.assistant.streaming')")
+    b.js(f"location.hash = '#/c/{b_id}'")
+    here = b.wait("return document.getElementById('title').textContent === 'Beta' && "
+                  "[document.getElementById('send').classList.contains('hidden'), "
+                  "document.getElementById('stop').classList.contains('hidden'), "
+                  "document.querySelectorAll('.msg.streaming').length]")
+    assert here == [False, True, 0]                  # Send here, no Stop, nothing streaming
+    b.js(f"location.hash = '#/c/{a}'")
+    first = b.wait("const n = document.querySelector('.msg.assistant.streaming');"
+                   "return document.getElementById('title').textContent === 'Alpha' && n && "
+                   "!document.getElementById('stop').classList.contains('hidden') && "
+                   "n.textContent.length")
+    grown = b.wait("const n = document.querySelector('.msg.assistant.streaming');"
+                   "return n && n.textContent.length > arguments[0] && n.textContent.length",
+                   first)
+    assert grown > first
+    b.wait("return !document.querySelector('.msg.streaming') && "
+           "document.querySelector('.msg.assistant[id^=\"m-\"]')", timeout=20)
+    assert rows(client, "SELECT conversation_id, role FROM messages ORDER BY id") == [
+        (a, "user"), (a, "assistant")]
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
