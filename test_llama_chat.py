@@ -1811,20 +1811,28 @@ SCRIPT_SEARCHES = [
 ]
 
 
-@pytest.mark.parametrize("text, q, found", SCRIPT_SEARCHES)
-@pytest.mark.parametrize("fts", [True, False])
-def test_search_finds_prefixes_and_runs_in_every_script(tmp_path, text, q, found, fts):
-    store = llama_chat.Store(str(tmp_path / "scripts.db"), use_fts=fts)
+@pytest.fixture(scope="module", params=[True, False], ids=["fts5", "like"])
+def script_store(request, tmp_path_factory):
+    """Every text of SCRIPT_SEARCHES in one store, with FTS5 and with LIKE."""
+    store = llama_chat.Store(str(tmp_path_factory.mktemp("scripts") / "s.db"),
+                             use_fts=request.param)
     cid = store.create_conversation("words", MODEL)
-    store.add_message(cid, "user", text)
+    for text in dict.fromkeys(t for t, _, _ in SCRIPT_SEARCHES):
+        store.add_message(cid, "user", text)
     store.add_message(cid, "user", "something else entirely")
-    if not fts:        # LIKE: each word a substring, the case of ASCII letters ignored
+    yield store
+    store.close()
+
+
+@pytest.mark.parametrize("text, q, found", SCRIPT_SEARCHES)
+def test_search_finds_prefixes_and_runs_in_every_script(script_store, text, q, found):
+    if not script_store.index.fts:   # LIKE: each word a substring, the case of ASCII ignored
         ascii_lower = lambda s: "".join(c.lower() if c.isascii() else c for c in s)  # noqa
         words = re.findall(r"[^\W_]+", q)
         found = bool(words) and all(ascii_lower(w) in ascii_lower(text) for w in words)
-    results = store.search(q, 10)
-    assert [r["content"] for r in results] == ([text] if found else []), q
-    if found and fts:
+    results = [r for r in script_store.search(q, 50) if r["content"] == text]
+    assert len(results) == (1 if found else 0), q
+    if found and script_store.index.fts:
         r = results[0]
         assert r["highlights"], r
         for a, b in r["highlights"]:
