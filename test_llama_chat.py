@@ -1040,7 +1040,9 @@ FUZZ_SEED = 20261128
 def fuzz_requests(count, rng):
     """Malformed requests of many kinds, the same ones for a given seed."""
     paths = ["/api/conversations", "/api/chat", "/api/search?q=x", "/api/conversations/1",
-             "/api/stats/1", "/", "/api/models"]
+             "/api/stats/1", "/", "/api/models", "/api/health",
+             "/api/conversations?limit=99999999999999999999&offset=-1",
+             "/api/search?q=%ED%A0%80&limit=9223372036854775808"]
     kinds = []
     for i in range(count):
         kind = rng.randrange(12)
@@ -1063,10 +1065,11 @@ def fuzz_requests(count, rng):
             data = (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                     b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
         else:
-            value = rng.choice([None, True, -1, 2**70, "", "x" * 100, [], {}, [[[]]], 1.5,
-                                "\u0000", "<script>", {"$gt": 1}])
+            value = rng.choice([None, True, -1, 2**70, -2**64, "", "x" * 100, [], {}, [[[]]],
+                                1.5, "\u0000", "<script>", {"$gt": 1}, "\ud800", "a\udfffb",
+                                {"temperature": "\ud83d"}, {"stop": ["\ud800"]}])
             field = rng.choice(["conversation_id", "message", "model", "title", "stream",
-                                "options", "user_message_id"])
+                                "options", "user_message_id", "temperature", "bogus"])
             body = json.dumps({field: value, "conversation_id": rng.choice(
                 [1, "1", -1, 10**30, None])}).encode()
             if kind == 6:
@@ -2318,11 +2321,18 @@ def test_database_pragmas(client):
     assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
 
 
-def test_newer_database_is_refused(tmp_path):
-    path = str(tmp_path / "future.db")
-    sqlite3.connect(path).execute("PRAGMA user_version = 99")
+def test_newer_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE later (x)")
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
     with pytest.raises(llama_chat.ConfigError, match="newer llama-chat"):
-        llama_chat.Store(path)
+        llama_chat.Store(str(path))
+    assert path.read_bytes() == before and not os.path.exists(str(path) + "-wal")
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
 def test_sigkill_loses_no_acknowledged_write(tmp_path, stub):
