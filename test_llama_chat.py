@@ -2818,6 +2818,26 @@ def test_page_streams_belong_to_their_conversation(page, client, stub):
 
 
 @needs_chromium
+def test_page_reloaded_mid_reply_shows_the_partial_reply(page, client, stub):
+    cid = client.new_conversation("reload")
+    stub.reply = " ".join(f"tok{i}" for i in range(200))
+    stub.token_delay = 0.3                      # a slow model: the next write is far off
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "tell me a long story\ue007")
+    b.wait("const n = document.querySelector('.msg.assistant.streaming');"
+           "return n && n.textContent.includes('tok1')")
+    b.js("location.reload()")                                    # mid-reply
+    b.wait("return document.readyState === 'complete' && "
+           "!document.querySelector('.msg.streaming')")
+    text = b.wait("const n = document.querySelector('.msg.assistant');"
+                  "return n && n.textContent", timeout=15)
+    assert "tok1" in text
+    assert rows(client, "SELECT finish_reason FROM messages WHERE role = 'assistant'") == [
+        ("aborted",)]
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
