@@ -2473,6 +2473,7 @@ class App:
             damage = self.store.check_integrity()
         except sqlite3.Error as e:
             damage = self.store.damage = str(e)
+        release_memory()             # what the check read of the file
         if damage:
             log.error("database %s is damaged: %s. Restore a backup, or try the sqlite3 "
                       "shell's .recover", self.settings.db, damage)

@@ -850,17 +850,12 @@ def test_host_header_must_name_loopback(client, hosts, status):
         assert json.loads(body)["code"] == "FORBIDDEN"
 
 
-def test_beyond_loopback_ip_addresses_and_allowed_names_pass(tmp_path, stub):
-    server = start_app(tmp_path, stub.url, host="0.0.0.0", api_key="k",
-                       allowed_hosts=("chat.home.arpa",))
-    c = Client(server)
+def test_beyond_loopback_ip_addresses_and_allowed_names_pass(stub, launch):
+    c = Client(launch(stub.url, host="0.0.0.0", api_key="k", allowed_hosts=("chat.home.arpa",)))
     auth = {"Authorization": "Bearer k"}
-    try:
-        for host, status in [("192.168.1.5:3000", 200), ("chat.home.arpa", 200),
-                             ("[fe80::1]:3000", 200), ("rebind.evil.example", 403)]:
-            assert c.get("/api/config", headers={**auth, "Host": host})[0] == status, host
-    finally:
-        stop(server)
+    for host, status in [("192.168.1.5:3000", 200), ("chat.home.arpa", 200),
+                         ("[fe80::1]:3000", 200), ("rebind.evil.example", 403)]:
+        assert c.get("/api/config", headers={**auth, "Host": host})[0] == status, host
 
 
 @pytest.mark.parametrize("headers, status", [
@@ -984,8 +979,8 @@ def test_a_trickling_client_is_cut_off_at_the_deadline(strict_client):
         assert closed and time.monotonic() - started < 3
 
 
-def test_connections_beyond_the_cap_get_503(tmp_path, stub):
-    server = start_app(tmp_path, stub.url, max_connections=3)
+def test_connections_beyond_the_cap_get_503(stub, launch):
+    server = launch(stub.url, max_connections=3)
     c = Client(server)
     idle = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(3)]
     try:
@@ -998,7 +993,6 @@ def test_connections_beyond_the_cap_get_503(tmp_path, stub):
     finally:
         for s in idle:
             s.close()
-        stop(server)
 
 
 def test_requests_are_answered_while_slow_clients_hang_on(strict_client):
@@ -2092,21 +2086,29 @@ def test_a_stop_during_start_up_work_leaves_the_database_as_it_was(tmp_path, mon
     assert len(again.search("volcanoes", 200)) == 200
 
 
-def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypatch):
-    path = str(tmp_path / "slow.db")
+def app_held_at_start(tmp_path, stub, monkeypatch, step, done, total):
+    """An app on the original app's database whose opening stops at `step`
+    until the returned event is set: (server, event)."""
+    path = str(tmp_path / "llamacpp_chat.db")
     make_flask_db(path)
     go_on = threading.Event()
     real_open = llama_chat.Store.open
 
     def slow_open(self):
-        self.progress.set("migrating the database to schema 1", 3, 7)
-        go_on.wait(10)
+        self.progress.set(step, done, total)
+        go_on.wait(15)
         real_open(self)
 
     monkeypatch.setattr(llama_chat.Store, "open", slow_open)
     settings = llama_chat.Settings(host="127.0.0.1", port=0, llamacpp_url=stub.url, db=path)
     server = llama_chat.make_server(settings)
     serve(server)
+    return server, go_on
+
+
+def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypatch):
+    server, go_on = app_held_at_start(tmp_path, stub, monkeypatch,
+                                      "migrating the database to schema 1", 3, 7)
     c = Client(server)
     try:
         status, _, body = c.get("/api/health")
@@ -2582,20 +2584,8 @@ return bad;
 
 @needs_chromium
 def test_page_shows_start_up_progress_then_carries_on(browser, tmp_path, stub, monkeypatch):
-    path = str(tmp_path / "llamacpp_chat.db")
-    make_flask_db(path)
-    go_on = threading.Event()
-    real_open = llama_chat.Store.open
-
-    def slow_open(self):
-        self.progress.set("building the search index", 40, 160)
-        go_on.wait(15)
-        real_open(self)
-
-    monkeypatch.setattr(llama_chat.Store, "open", slow_open)
-    settings = llama_chat.Settings(host="127.0.0.1", port=0, llamacpp_url=stub.url, db=path)
-    server = llama_chat.make_server(settings)
-    serve(server)
+    server, go_on = app_held_at_start(tmp_path, stub, monkeypatch,
+                                      "building the search index", 40, 160)
     try:
         browser.go(f"http://127.0.0.1:{server.server_address[1]}/")
         shown = browser.wait("const s = document.getElementById('starting');"
@@ -2790,8 +2780,8 @@ def test_page_failures_leave_no_litter(page, client, stub):
 @needs_chromium
 def test_page_streams_belong_to_their_conversation(page, client, stub):
     a, b_id = client.new_conversation("Alpha"), client.new_conversation("Beta")
-    stub.reply = " ".join(f"tok{i}" for i in range(60))
-    stub.token_delay = 0.05
+    stub.reply = " ".join(f"tok{i}" for i in range(40))
+    stub.token_delay = 0.04
     b = page(f"/#/c/{a}")
     b.wait("return document.querySelector('.empty')")
     b.type("#input", "long answer please\ue007")
@@ -2820,7 +2810,7 @@ def test_page_streams_belong_to_their_conversation(page, client, stub):
 @needs_chromium
 def test_page_reloaded_mid_reply_shows_the_partial_reply(page, client, stub):
     cid = client.new_conversation("reload")
-    stub.reply = " ".join(f"tok{i}" for i in range(200))
+    stub.reply = " ".join(f"tok{i}" for i in range(40))
     stub.token_delay = 0.3                      # a slow model: the next write is far off
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.empty')")
