@@ -480,6 +480,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
     request_timeout: float = 10.0   # seconds to send a whole request (and to idle between)
     max_connections: int = 200      # served at once; beyond, 503
+    check_up_to_bytes: int = 64 * 2**20   # quick_check a file this size at start (~2 s here)
     index_path: str = os.path.join(HERE, "index.html")
     key_generated: bool = False
 
@@ -693,6 +694,7 @@ class Database:
         self.functions = tuple(functions)
         self.busy_ms = busy_ms
         self.failure = None          # why the last write failed, if it did
+        self._working = None         # the connection of a long piece of work under way
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
 
@@ -772,7 +774,7 @@ class Database:
 
     def interrupt(self):
         """Stop the long piece of work under way, if any: it rolls back."""
-        conn = getattr(self, "_working", None)
+        conn = self._working
         if conn is not None:
             conn.interrupt()
 
@@ -2458,7 +2460,8 @@ class App:
                 self.store.open()
             if self.store.index.purge_due():
                 self.purge_soon()
-            threading.Thread(target=self._check_store, daemon=True).start()
+            if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
+                threading.Thread(target=self._check_store, daemon=True).start()
         except (sqlite3.Error, OSError) as e:
             self.startup_error = str(e)
         except BaseException as e:         # a bug: logged, and the app stops
@@ -2476,7 +2479,7 @@ class App:
         release_memory()             # what the check read of the file
         if damage:
             log.error("database %s is damaged: %s. Restore a backup, or try the sqlite3 "
-                      "shell's .recover", self.settings.db, damage)
+                      "shell's .recover", self.store.db.path, damage)
 
     def page(self):
         try:
@@ -2636,6 +2639,8 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             result = e
         except sqlite3.DatabaseError as e:
             result = database_error(e)
+            if "malformed" in str(e):          # damage found by a request: health says so
+                self.app.store.damage = str(e)
         except Exception:
             log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
                       traceback.format_exc())

@@ -2221,7 +2221,8 @@ def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
     assert client.get("/api/health")[2]["status"] == "ok"
 
 
-def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog, launch):
+@pytest.mark.parametrize("checked", [True, False], ids=["checked at start", "too big to"])
+def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog, launch, checked):
     path = tmp_path / "damaged.db"
     store = llama_chat.Store(str(path))
     cid = store.create_conversation("t", "m")
@@ -2234,13 +2235,13 @@ def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog, lau
         f.seek((root - 1) * 4096)
         f.write(b"\x0d\xff" * 2048)
     caplog.set_level("INFO", logger="llama_chat")
-    server = launch(stub.url, db=str(path))
+    server = launch(stub.url, db=str(path), check_up_to_bytes=2**40 if checked else 0)
     c = Client(server)
     deadline = time.monotonic() + 10
-    while server.app.store.damage is None and time.monotonic() < deadline:
+    while checked and server.app.store.damage is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert any("is damaged" in r.getMessage() for r in caplog.records)
-    status, _, body = c.get(f"/api/conversations/{cid}")
+    assert any("is damaged" in r.getMessage() for r in caplog.records) == checked
+    status, _, body = c.get(f"/api/conversations/{cid}")   # found by the request, if not
     assert (status, body["code"]) == (503, "DATABASE_ERROR") and "damaged" in body["error"]
     health = c.get("/api/health")[2]
     assert health["status"] == "degraded" and "damaged" in health["database"]["error"]
