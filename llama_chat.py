@@ -895,10 +895,12 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # - Chinese and Japanese have no spaces: a sentence would be one token, found
 #   only by its start. Each Han, kana or CJK-symbol character is made a token
 #   of its own, and a query's run of them is searched as a phrase, so any two
-#   or more adjacent characters find the text. (FTS5's trigram tokenizer would
-#   do the same for every script, at three times the index size, with
-#   substring rather than word matches for Latin text, and LIKE for one- and
-#   two-character queries.)
+#   or more adjacent characters find the text. Its cost: a character is an
+#   entry of the index as a word is, and a two-character query is a phrase
+#   whose two entries are common (README has the figure). FTS5's trigram
+#   tokenizer was the other way: substring rather than word matches for every
+#   script, no accent folding in this SQLite, and LIKE for queries of one or
+#   two characters.
 # - Greek accents (tonos, dialytika) are kept by unicode61: they are taken off,
 #   so that `κοσμ` finds `κόσμε` as `cafe` finds `café`.
 # - Emoji and other symbols are separators to unicode61, so unsearchable: each
