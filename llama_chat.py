@@ -55,7 +55,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -683,6 +683,31 @@ def one(cursor):
     return found[0] if found else None
 
 
+def now_iso():
+    t = datetime.now(timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+# \u-escaped output encodes a third faster than ensure_ascii=False, and the
+# bodies are our own plain data (no cycles to check for).
+JSON = json.JSONEncoder(check_circular=False)
+
+
+class RawJSON(str):
+    """JSON text made by SQLite, placed in an answer as it is."""
+
+
+# Columns that hold JSON text (an array made by group_concat): values, not strings.
+JSON_COLUMNS = {"sibling_ids"}
+
+
+@functools.lru_cache(maxsize=None)
+def json_fields(columns):
+    """ "id, title" -> "'id', id, 'title', title": json_object's arguments."""
+    return ", ".join(f"'{name}', json({name})" if name in JSON_COLUMNS else f"'{name}', {name}"
+                     for name in map(str.strip, columns.split(",")))
+
+
 class Database:
     """One SQLite file: a connection per working thread (from a small pool),
     write transactions, the schema version and backups. `functions` are SQL
@@ -697,6 +722,7 @@ class Database:
         self._working = None         # the connection of a long piece of work under way
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
+        self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
 
     def connect(self):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -798,6 +824,28 @@ class Database:
         finally:
             dest.close()
 
+    def json_rows(self, columns, query, params, totals=""):
+        """The rows of a query as a JSON array of objects with these columns, and
+        the values of `totals`, aggregates over the same rows. SQLite builds the
+        JSON in one step: a page of rows costs one call instead of a Python dict
+        and an encoding per row (and, under load, a hand-off of the GIL per
+        row). Order is the query's: SQLite does not flatten an ordered subquery
+        into an aggregate."""
+        extra = f", {totals}" if totals else ""
+        conn = self.conn()
+        if self.sql_json:
+            row = conn.execute(
+                f"SELECT json_group_array(json_object({json_fields(columns)})){extra} "
+                f"FROM ({query})", params).fetchone()
+            return RawJSON(row[0]), row[1:]
+        rows = dicts(conn.execute(f"SELECT {columns} FROM ({query})", params))
+        for row in rows:
+            for name in JSON_COLUMNS.intersection(row):
+                row[name] = json.loads(row[name]) if row[name] is not None else None
+        sums = conn.execute(f"SELECT {totals} FROM ({query})", params).fetchone() \
+            if totals else ()
+        return RawJSON(JSON.encode(rows)), sums
+
 
 ###############################################################################
 # Storage: schema and migrations
@@ -879,9 +927,54 @@ def migrate_to_2(c):
     c.execute("DROP VIEW IF EXISTS search_recent_source")
 
 
+# Version 2 -> 3: conversations become trees. A message has the message it
+# answers or follows as its parent (NULL: a first message), and a conversation
+# the leaf of the branch it shows. The shape is kept by SQLite: a parent is a
+# message of the same conversation made before its child (so the tree has no
+# cycle), a message with children cannot be deleted alone (foreign key; the
+# tree's delete removes a whole subtree in one statement, since a cascade
+# would recurse once per level, and SQLite stops at 1,000 levels), and the
+# current message is one of the conversation's own.
+TREE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS messages_by_parent ON messages (parent_id, conversation_id);
+CREATE TRIGGER IF NOT EXISTS message_parent_added AFTER INSERT ON messages
+WHEN new.parent_id IS NOT NULL BEGIN
+    SELECT RAISE(ABORT, 'a message''s parent must be an earlier message of its conversation')
+    WHERE new.parent_id >= new.id OR (SELECT conversation_id FROM messages
+                                      WHERE id = new.parent_id) IS NOT new.conversation_id;
+END;
+CREATE TRIGGER IF NOT EXISTS message_parent_changed AFTER UPDATE OF parent_id, conversation_id
+ON messages WHEN new.parent_id IS NOT NULL BEGIN
+    SELECT RAISE(ABORT, 'a message''s parent must be an earlier message of its conversation')
+    WHERE new.parent_id >= new.id OR (SELECT conversation_id FROM messages
+                                      WHERE id = new.parent_id) IS NOT new.conversation_id;
+END;
+CREATE TRIGGER IF NOT EXISTS conversation_current_changed AFTER UPDATE OF current_message_id
+ON conversations WHEN new.current_message_id IS NOT NULL BEGIN
+    SELECT RAISE(ABORT, 'a conversation''s current message must be one of its own')
+    WHERE (SELECT conversation_id FROM messages WHERE id = new.current_message_id)
+          IS NOT new.id;
+END;
+"""
+
+
+def migrate_to_3(c):
+    """Every conversation a chain: each message follows the one before it."""
+    c.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER REFERENCES messages (id)")
+    c.execute("ALTER TABLE messages ADD COLUMN edited_at TEXT")
+    c.execute("ALTER TABLE conversations ADD COLUMN current_message_id INTEGER")
+    c.execute("""UPDATE messages SET parent_id = (
+                     SELECT max(p.id) FROM messages p
+                     WHERE p.conversation_id = messages.conversation_id AND p.id < messages.id)""")
+    c.execute("""UPDATE conversations SET current_message_id = (
+                     SELECT max(id) FROM messages WHERE conversation_id = conversations.id)""")
+    for statement in split_sql(TREE_SCHEMA):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
-MIGRATIONS = [migrate_to_1, migrate_to_2]
+MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1094,8 +1187,6 @@ END;
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 20000       # messages indexed between two reports of progress
-MESSAGE_COLUMNS = """id, conversation_id, role, content, reasoning, model, timestamp,
-    response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second, finish_reason"""
 CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
@@ -1265,6 +1356,181 @@ class SearchIndex:
 
 
 ###############################################################################
+# Storage: conversation trees
+###############################################################################
+
+# A conversation's messages are a tree (TREE_SCHEMA): a branch is the path
+# from a first message down to a leaf, and the conversation shows one, the
+# branch of its current message. Every query here walks the tree by index
+# (messages_by_parent, and the primary key upwards), so its cost is that of
+# the branch, not of the history.
+
+MESSAGE_COLUMNS = """id, conversation_id, parent_id, sibling_ids, role, content, reasoning,
+    model, timestamp, edited_at, response_time_ms, estimated_tokens, prompt_tokens,
+    tokens_per_second, finish_reason"""
+# The leaf a conversation shows: its current message while that is one of its
+# own, else its newest message (a leaf: a child is newer than its parent).
+CURRENT_SQL = """coalesce(
+    (SELECT m.id FROM messages m WHERE m.id = c.current_message_id
+                                   AND m.conversation_id = c.id),
+    (SELECT max(m.id) FROM messages m WHERE m.conversation_id = c.id))"""
+# The ids of message m's siblings, itself included, ascending: JSON text.
+SIBLINGS_SQL = """(SELECT '[' || group_concat(id) || ']' FROM (
+    SELECT s.id FROM messages s WHERE s.parent_id IS m.parent_id
+                                  AND s.conversation_id = m.conversation_id ORDER BY s.id))"""
+# The path from message ? up to the root, at most ? messages long.
+PATH_SQL = """WITH RECURSIVE path(id, parent_id, depth) AS (
+    SELECT id, parent_id, 1 FROM messages WHERE id = ?
+    UNION ALL SELECT m.id, m.parent_id, path.depth + 1 FROM messages m
+              JOIN path ON m.id = path.parent_id WHERE path.depth < ?)"""
+# Message ? and every message below it.
+SUBTREE_SQL = """WITH RECURSIVE below(id) AS (
+    SELECT ? UNION ALL SELECT m.id FROM messages m JOIN below ON m.parent_id = below.id)"""
+# From message ? down along the newest child at each step: its max is the leaf.
+NEWEST_CHILDREN_SQL = """WITH RECURSIVE down(id) AS (
+    SELECT ? UNION ALL SELECT (SELECT max(m.id) FROM messages m WHERE m.parent_id = down.id)
+                       FROM down WHERE down.id IS NOT NULL)"""
+WHOLE_PATH = 2**62
+MISSING = object()      # no such conversation
+CURRENT = object()      # a new message's parent: the conversation's current message
+
+
+# A fork's own, not copied from its source: the rest of a conversation's
+# columns (its model, and its settings) are.
+FORK_FRESH = {"id", "title", "created_at", "updated_at", "current_message_id"}
+
+
+class Tree:
+    """Branches of conversations: reading them, and the changes that keep
+    every branch but the one deleted. Each change is one transaction."""
+
+    def __init__(self, db):
+        self.db = db
+
+    @staticmethod
+    def current(c, conversation_id):
+        """The current leaf of a conversation (None when it has no messages),
+        MISSING when there is no such conversation."""
+        row = c.execute(f"SELECT {CURRENT_SQL} FROM conversations c WHERE c.id = ?",
+                        (conversation_id,)).fetchone()
+        return MISSING if row is None else row[0]
+
+    @staticmethod
+    def leaf_along_newest(c, message_id):
+        return c.execute(f"{NEWEST_CHILDREN_SQL} SELECT max(id) FROM down",
+                         (message_id,)).fetchone()[0]
+
+    @staticmethod
+    def newest_leaf(c, message_id):
+        return c.execute(f"{SUBTREE_SQL} SELECT max(id) FROM below", (message_id,)).fetchone()[0]
+
+    def message(self, message_id, conversation_id=None):
+        """One message's row (None if there is none, or it is of another
+        conversation than the one given)."""
+        found = one(self.db.conn().execute(
+            "SELECT id, conversation_id, parent_id, role, content, model, response_time_ms, "
+            "estimated_tokens, prompt_tokens, tokens_per_second, finish_reason "
+            "FROM messages WHERE id = ?", (message_id,)))
+        if found and conversation_id is not None and found["conversation_id"] != conversation_id:
+            return None
+        return found
+
+    def path(self, message_id, limit=WHOLE_PATH):
+        """The last `limit` messages of the branch from the root to this one."""
+        return dicts(self.db.conn().execute(
+            f"""{PATH_SQL} SELECT m.id, m.role, m.content FROM path JOIN messages m USING (id)
+                ORDER BY m.id""", (message_id, limit)))
+
+    def branch(self, conversation_id, everything=False):
+        """The current branch of a conversation, as a JSON array of messages
+        (every message of it, with `everything`)."""
+        if everything:
+            query = (f"SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m "
+                     f"WHERE m.conversation_id = ? ORDER BY m.id")
+            return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id,))[0]
+        query = (f"""{PATH_SQL.replace("WHERE id = ?", f"WHERE id = (SELECT {CURRENT_SQL} "
+                                       "FROM conversations c WHERE c.id = ?)")}
+                     SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m
+                     WHERE m.id IN (SELECT id FROM path) ORDER BY m.id""")
+        return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id, WHOLE_PATH))[0]
+
+    def edit(self, message_id, content):
+        """Change a message's text in place (its children stay); the search
+        index follows by trigger. The time of the edit, or None if there is
+        no such message."""
+        now = now_iso()
+        with self.db.write() as c:
+            owner = self.owner(c, message_id)
+            if owner is None:
+                return None
+            c.execute("UPDATE messages SET content = ?, edited_at = ? WHERE id = ?",
+                      (content, now, message_id))
+            c.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, owner))
+            return now
+
+    def delete(self, message_id):
+        """Delete a message and everything below it, in one statement. If the
+        current branch went through it, the current message becomes the
+        newest leaf below its newest remaining sibling, else its parent.
+        (conversation id, deleted ids ascending, current message), or None."""
+        with self.db.write() as c:
+            row = c.execute("SELECT conversation_id, parent_id FROM messages WHERE id = ?",
+                            (message_id,)).fetchone()
+            if row is None:
+                return None
+            conversation_id, parent_id = row
+            deleted = [r[0] for r in c.execute(f"{SUBTREE_SQL} SELECT id FROM below ORDER BY id",
+                                               (message_id,))]
+            current = self.current(c, conversation_id)
+            c.execute(f"{SUBTREE_SQL} DELETE FROM messages WHERE id IN (SELECT id FROM below)",
+                      (message_id,))
+            if current in deleted:
+                sibling = c.execute(
+                    "SELECT max(id) FROM messages WHERE parent_id IS ? AND conversation_id = ?",
+                    (parent_id, conversation_id)).fetchone()[0]
+                current = self.newest_leaf(c, sibling) if sibling is not None else parent_id
+            c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? "
+                      "WHERE id = ?", (current, now_iso(), conversation_id))
+            return conversation_id, deleted, current
+
+    def fork(self, message_id, title=None):
+        """A new conversation holding copies of the branch from the root to
+        this message, with the source's model and settings: its id, or None
+        if there is no such message."""
+        now = now_iso()
+        with self.db.write() as c:
+            source = self.owner(c, message_id)
+            if source is None:
+                return None
+            settings = [r[1] for r in c.execute("PRAGMA table_info(conversations)")
+                        if r[1] not in FORK_FRESH]
+            names = ", ".join(settings)
+            conversation_id = c.execute(
+                f"""INSERT INTO conversations (title, created_at, updated_at, {names})
+                    SELECT coalesce(?, title), ?, ?, {names} FROM conversations WHERE id = ?""",
+                (title, now, now, source)).lastrowid
+            copied = [r[1] for r in c.execute("PRAGMA table_info(messages)")
+                      if r[1] not in ("id", "conversation_id", "parent_id")]
+            names = ", ".join(copied)
+            parent = None
+            for (old_id,) in c.execute(f"{PATH_SQL} SELECT id FROM path ORDER BY id",
+                                       (message_id, WHOLE_PATH)).fetchall():
+                parent = c.execute(
+                    f"""INSERT INTO messages (conversation_id, parent_id, {names})
+                        SELECT ?, ?, {names} FROM messages WHERE id = ?""",
+                    (conversation_id, parent, old_id)).lastrowid
+            c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
+                      (parent, conversation_id))
+            return conversation_id
+
+    @staticmethod
+    def owner(c, message_id):
+        row = c.execute("SELECT conversation_id FROM messages WHERE id = ?",
+                        (message_id,)).fetchone()
+        return row[0] if row else None
+
+
+###############################################################################
 # Storage: conversations and messages
 ###############################################################################
 
@@ -1297,28 +1563,6 @@ SUMMARY_SQL = """count(*), sum(role = 'assistant'),
                  sum(estimated_tokens)"""
 
 
-def now_iso():
-    t = datetime.now(timezone.utc)
-    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
-
-
-# \u-escaped output encodes a third faster than ensure_ascii=False, and the
-# bodies are our own plain data (no cycles to check for).
-JSON = json.JSONEncoder(check_circular=False)
-
-
-class RawJSON(str):
-    """JSON text made by SQLite, placed in an answer as it is."""
-
-
-@functools.lru_cache(maxsize=None)
-def json_fields(columns):
-    """ "id, title" -> "'id', id, 'title', title": json_object's arguments."""
-    return ", ".join(f"'{name}', {name}" for name in map(str.strip, columns.split(",")))
-
-
-
-
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -1327,7 +1571,7 @@ class Store:
     def __init__(self, path, use_fts=None, open_now=True, busy_ms=BUSY_MS):
         self.db = Database(path, [("search_form", 1, search_form)], busy_ms)
         self.index = SearchIndex(self.db, use_fts)
-        self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
+        self.tree = Tree(self.db)
         self.backup_path = None
         self.damage = None           # what quick_check found wrong, if anything
         self.progress = Progress()
@@ -1422,14 +1666,15 @@ class Store:
 
     # Conversations
     def list_conversations(self, limit=None, offset=0):
-        return self.json_rows(
+        return self.db.json_rows(
             CONVERSATION_COLUMNS, """SELECT * FROM conversations
                ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
             (-1 if limit is None else limit, offset))[0]
 
     def get_conversation(self, conversation_id):
         return one(self.db.conn().execute(
-            f"SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,)))
+            f"SELECT {CONVERSATION_COLUMNS}, {CURRENT_SQL} AS current_message_id "
+            "FROM conversations c WHERE id = ?", (conversation_id,)))
 
     def create_conversation(self, title, model):
         now = now_iso()
@@ -1438,9 +1683,30 @@ class Store:
                                 VALUES (?, ?, ?, ?)""", (title, model, now, now)).lastrowid
 
     def rename_conversation(self, conversation_id, title):
+        return self.update_conversation(conversation_id, title=title) is not None
+
+    def update_conversation(self, conversation_id, title=None, show=None):
+        """Rename a conversation and/or show the branch through message `show`,
+        in one transaction: what changed ({"title", "current_message_id"}),
+        None if there is no such conversation; NOT_FOUND (and nothing done)
+        if `show` is not one of its messages."""
+        changed = {}
         with self.db.write() as c:
-            return c.execute("UPDATE conversations SET title = ?, updated_at = ? WHERE id = ?",
-                             (title, now_iso(), conversation_id)).rowcount == 1
+            if not c.execute("SELECT 1 FROM conversations WHERE id = ?",
+                             (conversation_id,)).fetchone():
+                return None
+            if show is not None:
+                if self.tree.owner(c, show) != conversation_id:
+                    raise not_found("message", show)
+                changed["current_message_id"] = self.tree.leaf_along_newest(c, show)
+            if title is not None:
+                changed["title"] = title
+                changed["updated_at"] = now_iso()
+            if changed:
+                c.execute(f"UPDATE conversations SET {', '.join(f'{n} = ?' for n in changed)} "
+                          "WHERE id = ?", (*changed.values(), conversation_id))
+        changed.pop("updated_at", None)
+        return changed
 
     def delete_conversation(self, conversation_id):
         with self.db.write() as c:
@@ -1448,70 +1714,62 @@ class Store:
                              (conversation_id,)).rowcount == 1
 
     # Messages
-    def messages(self, conversation_id):
-        """A conversation's messages (JSON) and the summary of its stats, in one
-        read: STATS_SQL would read every message's text again for its lengths."""
-        page, totals = self.json_rows(
-            MESSAGE_COLUMNS, "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
-            (conversation_id,), SUMMARY_SQL)
-        return page, stats_summary(*totals)
+    def messages(self, conversation_id, everything=False):
+        """The current branch of a conversation (every message, with
+        `everything`) as JSON, and the summary of the stats of all of them."""
+        totals = self.db.conn().execute(f"SELECT {SUMMARY_SQL} FROM messages "
+                                        "WHERE conversation_id = ?", (conversation_id,))
+        return self.tree.branch(conversation_id, everything), stats_summary(*totals.fetchone())
 
-    def recent_messages(self, conversation_id, limit, before=2**63 - 1):
-        return dicts(self.db.conn().execute(
-            """SELECT id, role, content FROM messages WHERE conversation_id = ? AND id < ?
-               ORDER BY id DESC LIMIT ?""", (conversation_id, before, limit)))[::-1]
-
-    def unanswered(self, conversation_id, message_id):
-        """Is this the conversation's last user message, followed by nothing but
-        failed or stopped replies?"""
-        rows = dicts(self.db.conn().execute(
-            """SELECT role, finish_reason FROM messages WHERE conversation_id = ? AND id >= ?
-               ORDER BY id""", (conversation_id, message_id)))
-        return bool(rows) and rows[0]["role"] == "user" and all(
-            r["role"] == "assistant" and r["finish_reason"] in ("error", "aborted")
-            for r in rows[1:])
-
-    def add_message(self, conversation_id, role, content, model=None, **metrics):
-        """Store one message and move its conversation to the top; None if the
-        conversation is gone."""
+    def add_message(self, conversation_id, role, content, model=None, parent=CURRENT,
+                    **metrics):
+        """Store one message under `parent` (a message of the conversation, None
+        for a first message, or CURRENT: the conversation's current one), make
+        it current and move its conversation to the top. Its id; None if the
+        conversation or the parent is gone."""
         now = now_iso()
-        fields = dict(conversation_id=conversation_id, role=role, content=content, model=model,
-                      timestamp=now, **metrics)
-        names = ", ".join(fields)
-        marks = ", ".join("?" * len(fields))
         with self.db.write() as c:
-            moved = c.execute(
-                "UPDATE conversations SET updated_at = ?, model = coalesce(?, model) WHERE id = ?",
-                (now, model, conversation_id)).rowcount
-            if not moved:
+            current = self.tree.current(c, conversation_id)
+            if current is MISSING:
                 return None
-            return c.execute(f"INSERT INTO messages ({names}) VALUES ({marks})",
-                             tuple(fields.values())).lastrowid
+            if parent is CURRENT:
+                parent = current
+            elif parent is not None and self.tree.owner(c, parent) != conversation_id:
+                return None
+            fields = dict(conversation_id=conversation_id, parent_id=parent, role=role,
+                          content=content, model=model, timestamp=now, **metrics)
+            message_id = c.execute(
+                f"INSERT INTO messages ({', '.join(fields)}) VALUES "
+                f"({', '.join('?' * len(fields))})", tuple(fields.values())).lastrowid
+            c.execute("UPDATE conversations SET updated_at = ?, model = coalesce(?, model), "
+                      "current_message_id = ? WHERE id = ?",
+                      (now, model, message_id, conversation_id))
+            return message_id
+
+    def extend_message(self, message_id, text, reasoning, metrics_of):
+        """Append to a reply (a continue): its text and reasoning grow, its
+        columns become metrics_of(its row before), and the branch through it
+        is current. Its row after; None if it is gone."""
+        now = now_iso()
+        with self.db.write() as c:
+            before = one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
+            if before is None:
+                return None
+            fields = metrics_of(before)
+            c.execute(f"""UPDATE messages SET content = content || ?,
+                              reasoning = nullif(coalesce(reasoning, '') || ?, ''),
+                              {", ".join(f"{name} = ?" for name in fields)} WHERE id = ?""",
+                      (text, reasoning, *fields.values(), message_id))
+            c.execute("UPDATE conversations SET updated_at = ?, current_message_id = ? "
+                      "WHERE id = ?", (now, self.tree.leaf_along_newest(c, message_id),
+                                       before["conversation_id"]))
+            return one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
 
     def stats(self, conversation_id):
         return conversation_stats(self.db.conn().execute(STATS_SQL, (conversation_id,)))
 
     def search(self, text, limit):
         return self.index.search(text, limit)
-
-    def json_rows(self, columns, query, params, totals=""):
-        """The rows of a query as a JSON array of objects with these columns, and
-        the values of `totals`, aggregates over the same rows. SQLite builds the
-        JSON in one step: a page of rows costs one call instead of a Python dict
-        and an encoding per row (and, under load, a hand-off of the GIL per
-        row). Order is the query's: SQLite does not flatten an ordered subquery
-        into an aggregate."""
-        extra = f", {totals}" if totals else ""
-        conn = self.db.conn()
-        if self.sql_json:
-            row = conn.execute(
-                f"SELECT json_group_array(json_object({json_fields(columns)})){extra} "
-                f"FROM ({query})", params).fetchone()
-            return RawJSON(row[0]), row[1:]
-        rows = dicts(conn.execute(f"SELECT {columns} FROM ({query})", params))
-        sums = conn.execute(f"SELECT {totals} FROM ({query})", params).fetchone() \
-            if totals else ()
-        return RawJSON(JSON.encode(rows)), sums
 
 
 ###############################################################################
@@ -1749,12 +2007,14 @@ def read_metrics(usage, timings, text, elapsed_ms):
 
 class Generation:
     """One reply llama.cpp is generating, plain or streamed, for another thread
-    to cut short: shutdown, or the deletion of its conversation. Shutting its
-    socket wakes the reply wherever it waits; `reason` says why, for the
-    client. `client` is the socket of the client that asked for a stream."""
+    to cut short: shutdown, or the deletion of its conversation or of the
+    messages it `depends_on`. Shutting its socket wakes the reply wherever it
+    waits; `reason` says why, for the client. `client` is the socket of the
+    client that asked for a stream."""
 
-    def __init__(self, conversation_id, client=None):
+    def __init__(self, conversation_id, client=None, depends_on=()):
         self.conversation_id, self.client = conversation_id, client
+        self.depends_on = frozenset(depends_on)
         self.conn = self.reason = None
         self._lock = threading.Lock()
 
@@ -1789,9 +2049,11 @@ def shut(sock):
 class ChatTurn:
     conversation_id: int
     model: str
-    user_message_id: int
+    user_message_id: int   # the question the reply answers
+    parent_id: int         # where the reply goes: the question (or what a reply continues)
+    continued: dict        # the reply being continued (its row before), or None
     system_prompt: str
-    history: list          # earlier messages and, last, the one to answer
+    history: list          # the branch up to the question (and the reply continued)
     options: dict          # checked, named as llama.cpp names them
     stream: bool
     started: float = 0.0
@@ -1806,40 +2068,90 @@ class ChatTurn:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    @property
+    def depends_on(self):
+        """The messages whose deletion ends this reply."""
+        return {self.parent_id, self.continued and self.continued["id"]} - {None}
 
-CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", "user_message_id"}
+    @property
+    def own_messages(self):
+        """How many of the history's last messages no overflow may leave out."""
+        return 2 if self.continued else 1
+
+
+# Where a reply goes: at most one of these (none: a new question under the
+# conversation's current message). "user_message_id" is the retry of version
+# 1, a regenerate of that question.
+PLACEMENTS = ("parent_id", "regenerate", "continue", "user_message_id")
+CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", *PLACEMENTS}
+
+
+def chat_placement(body):
+    """(name, message id) of the placement the chat asks for, or (None, None).
+    A parent_id of null (a new first message) counts; the others' nulls do not."""
+    given = [name for name in PLACEMENTS
+             if name in body and (body[name] is not None or name == "parent_id")]
+    if len(given) > 1:
+        raise validation_error(given[1], f"Send one of {', '.join(PLACEMENTS[:3])} at most "
+                               f"(got {' and '.join(given)})")
+    if not given:
+        return None, None
+    name = given[0]
+    if name != "parent_id" and "message" in body:
+        raise validation_error("message", f"A chat with {name} takes no message: it answers "
+                               "or continues one that is stored")
+    if name == "parent_id" and body[name] is None:
+        return name, None
+    return name, require_int(body, name)
 
 
 def start_chat(app, body, stream):
-    """Validate, store the user's message (committed), and build llama.cpp's request.
-    With "user_message_id", answer that stored, unanswered message again (a retry)."""
+    """Validate, store the user's message (committed) where it goes, and build
+    llama.cpp's request from the branch it is on: never a message of another
+    branch. A regenerate or continue stores nothing before llama.cpp answers."""
     known_fields(body, CHAT_FIELDS)
     conversation_id = require_int(body, "conversation_id")
-    retry_id = require_int(body, "user_message_id") if body.get("user_message_id") is not None \
-        else None
-    message = None if retry_id else require_str(body, "message", max_len=200_000)
+    placement, target_id = chat_placement(body)
+    message = require_str(body, "message", max_len=200_000) \
+        if placement in (None, "parent_id") else None
     model = require_str(body, "model", allow_empty=True, max_len=500)
     options = body.get("options") or {}
     check_model_options(options, "options")
     upstream_options = check_model_options({**app.settings.model_options, **options}, "options")
-    if app.store.get_conversation(conversation_id) is None:
+    store = app.store
+    if store.get_conversation(conversation_id) is None:
         raise not_found("conversation", conversation_id)
-    limit = app.settings.performance["context_history_limit"]
-    if retry_id:
-        if not app.store.unanswered(conversation_id, retry_id):
-            raise validation_error("user_message_id", "user_message_id must be the "
-                                   "conversation's last user message, with no finished reply")
-        history = app.store.recent_messages(conversation_id, limit + 1, before=retry_id + 1)
-        message, user_id = history.pop()["content"], retry_id
+    target = None
+    if target_id is not None:
+        target = store.tree.message(target_id, conversation_id)
+        if target is None:
+            raise not_found("message", target_id)
+    continued = None
+    if message is not None:
+        parent = target_id if placement == "parent_id" else CURRENT
+        question = store.add_message(conversation_id, "user", message, model or None,
+                                     parent=parent, estimated_tokens=estimate_tokens(message))
+        if question is None:
+            if store.get_conversation(conversation_id) is None:
+                raise not_found("conversation", conversation_id)
+            raise not_found("message", target_id)
+        last = parent_id = question
+    elif placement == "continue":
+        if target["role"] != "assistant":
+            raise validation_error("continue", "continue takes a reply (an assistant message)")
+        continued, last, question = target, target["id"], target["parent_id"]
+        parent_id = question
     else:
-        history = app.store.recent_messages(conversation_id, limit)
-        user_id = app.store.add_message(conversation_id, "user", message, model or None,
-                                        estimated_tokens=estimate_tokens(message))
-        if user_id is None:
-            raise not_found("conversation", conversation_id)
-    return ChatTurn(conversation_id, model, user_id, app.settings.system_prompt,
-                    history + [{"role": "user", "content": message}], upstream_options,
-                    stream, time.monotonic())
+        if placement == "user_message_id" and target["role"] != "user":
+            raise validation_error("user_message_id", "user_message_id must be a user message")
+        question = target["id"] if target["role"] == "user" else target["parent_id"]
+        if question is None:
+            raise validation_error(placement, "That reply answers no message")
+        last = parent_id = question
+    limit = app.settings.performance["context_history_limit"] + (2 if continued else 1)
+    return ChatTurn(conversation_id, model, question, parent_id, continued,
+                    app.settings.system_prompt, store.tree.path(last, limit),
+                    upstream_options, stream, time.monotonic())
 
 
 def context_overflow(status, body):
@@ -1872,7 +2184,7 @@ def fewer_messages(turn, skip, conn, resp):
         body = None
     finally:
         conn.close()
-    older = len(turn.history) - 1 - skip
+    older = len(turn.history) - turn.own_messages - skip
     if not (context_overflow(resp.status, body) and older > 0):
         raise upstream_status_error(resp.status, body)
     skip += (older + 1) // 2
@@ -1881,17 +2193,56 @@ def fewer_messages(turn, skip, conn, resp):
     return skip
 
 
-def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
-    """Store the reply and return the answer's fields."""
-    elapsed_ms = round((time.monotonic() - turn.started) * 1000)
-    metrics = read_metrics(usage, timings, text, elapsed_ms)
-    message_id = app.store.add_message(
-        turn.conversation_id, "assistant", text, turn.model or None,
+def continued_metrics(before, metrics, elapsed_ms, finish):
+    """A continued reply's columns, for the whole of it: the times and the
+    tokens of both parts added, the speed over both (tokens per second of
+    generating), the prompt of the first, the end of the last."""
+    old_tokens, new_tokens = before["estimated_tokens"] or 0, metrics["completion_tokens"] or 0
+    old_speed, new_speed = before["tokens_per_second"], metrics["tokens_per_second"]
+    speed = new_speed or old_speed
+    if old_speed and new_speed and old_tokens + new_tokens:
+        speed = round((old_tokens + new_tokens)
+                      / (old_tokens / old_speed + new_tokens / new_speed), 1)
+    return {"response_time_ms": (before["response_time_ms"] or 0) + elapsed_ms,
+            "estimated_tokens": old_tokens + new_tokens,
+            "prompt_tokens": before["prompt_tokens"] if before["prompt_tokens"] is not None
+            else metrics["prompt_tokens"],
+            "tokens_per_second": speed, "finish_reason": finish}
+
+
+def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms):
+    """Store the reply (or what it appends to the reply it continues): the
+    stored (id, text, reasoning, response ms, metrics), or NOT_FOUND if what
+    it goes under was deleted meanwhile."""
+    store = app.store
+    if turn.continued:
+        row = store.extend_message(turn.continued["id"], text, reasoning, lambda before: (
+            continued_metrics(before, metrics, elapsed_ms, finish_reason)))
+        if row is None:
+            raise not_found("message", turn.continued["id"])
+        prompt = row["prompt_tokens"]
+        total = prompt + row["estimated_tokens"] if prompt is not None else None
+        return (row["id"], row["content"], row["reasoning"] or "", row["response_time_ms"],
+                {"completion_tokens": row["estimated_tokens"], "prompt_tokens": prompt,
+                 "total_tokens": total, "tokens_per_second": row["tokens_per_second"]})
+    message_id = store.add_message(
+        turn.conversation_id, "assistant", text, turn.model or None, parent=turn.parent_id,
         reasoning=reasoning or None, response_time_ms=elapsed_ms,
         estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
         tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason)
     if message_id is None:                       # deleted while its reply was made
-        raise not_found("conversation", turn.conversation_id)
+        if store.get_conversation(turn.conversation_id) is None:
+            raise not_found("conversation", turn.conversation_id)
+        raise not_found("message", turn.parent_id)
+    return message_id, text, reasoning, elapsed_ms, metrics
+
+
+def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
+    """Store the reply and return the answer's fields."""
+    elapsed_ms = round((time.monotonic() - turn.started) * 1000)
+    message_id, text, reasoning, elapsed_ms, metrics = store_reply(
+        app, turn, text, reasoning, finish_reason,
+        read_metrics(usage, timings, text, elapsed_ms), elapsed_ms)
     answer = {
         "response": text,
         "model": turn.model,
@@ -1902,6 +2253,7 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
         "conversation_id": turn.conversation_id,
         "message_id": message_id,
         "user_message_id": turn.user_message_id,
+        "parent_id": turn.parent_id,
     }
     if reasoning:
         answer["reasoning"] = reasoning
@@ -1909,7 +2261,7 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
 
 
 def chat_once(app, turn):
-    generation = app.generation_started(turn.conversation_id)
+    generation = app.generation_started(turn)
     try:
         conn, resp = open_reply(app, turn, generation)
         try:
@@ -2154,7 +2506,7 @@ class Relay:
 def chat_stream(app, turn, client=None):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
     relay starts, once the client's headers are out."""
-    generation = app.generation_started(turn.conversation_id, client)
+    generation = app.generation_started(turn, client)
 
     def close():
         generation.close()
@@ -2308,19 +2660,26 @@ def api_create_conversation(app, req):
 
 
 def api_get_conversation(app, req):
+    branches = req.arg("branches")
+    if branches not in (None, "current", "all"):
+        raise validation_error("branches", "Query parameter branches must be all or current")
     conversation = existing_conversation(app, req)
-    messages, summary = app.store.messages(conversation["id"])
+    messages, summary = app.store.messages(conversation["id"], branches == "all")
     return {"conversation": conversation, "messages": messages, "stats": summary}
 
 
-def api_rename_conversation(app, req):
+def api_update_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     body = req.json()
-    known_fields(body, {"title"})
-    title = require_str(body, "title", max_len=500).strip()
-    if not app.store.rename_conversation(conversation_id, title):
+    known_fields(body, {"title", "current_message_id"})
+    if not body:
+        raise validation_error("title", "Send a title, a current_message_id, or both")
+    title = require_str(body, "title", max_len=500).strip() if "title" in body else None
+    show = require_int(body, "current_message_id") if "current_message_id" in body else None
+    changed = app.store.update_conversation(conversation_id, title, show)
+    if changed is None:
         raise not_found("conversation", conversation_id)
-    return {"title": title}
+    return changed
 
 
 def api_delete_conversation(app, req):
@@ -2330,6 +2689,44 @@ def api_delete_conversation(app, req):
     app.cancel(not_found("conversation", conversation_id), conversation_id)
     app.purge_soon()
     return {}
+
+
+def api_edit_message(app, req):
+    message_id = path_id(req, "message")
+    body = req.json()
+    known_fields(body, {"content"})
+    content = require_str(body, "content", max_len=200_000)
+    edited_at = app.store.tree.edit(message_id, content)
+    if edited_at is None:
+        raise not_found("message", message_id)
+    return {"message_id": message_id, "content": content, "edited_at": edited_at}
+
+
+def api_delete_message(app, req):
+    message_id = path_id(req, "message")
+    done = app.store.tree.delete(message_id)
+    if done is None:
+        raise not_found("message", message_id)
+    conversation_id, deleted, current = done
+    app.cancel(not_found("message", message_id), messages=deleted)
+    app.purge_soon()
+    return {"deleted": deleted, "conversation_id": conversation_id,
+            "current_message_id": current}
+
+
+def api_fork(app, req):
+    conversation = existing_conversation(app, req)
+    body = req.json()
+    known_fields(body, {"message_id", "title"})
+    message_id = require_int(body, "message_id")
+    title = require_str(body, "title", max_len=500).strip() if body.get("title") is not None \
+        else None
+    if app.store.tree.message(message_id, conversation["id"]) is None:
+        raise not_found("message", message_id)
+    forked = app.store.tree.fork(message_id, title)
+    if forked is None:
+        raise not_found("message", message_id)
+    return Created(conversation_id=forked)
 
 
 def api_chat(app, req):
@@ -2372,8 +2769,11 @@ ROUTES = [
     ("GET", r"/api/conversations", api_list_conversations),
     ("POST", r"/api/conversations", api_create_conversation),
     ("GET", r"/api/conversations/(?P<id>[^/]+)", api_get_conversation),
-    ("PUT", r"/api/conversations/(?P<id>[^/]+)", api_rename_conversation),
+    ("PUT", r"/api/conversations/(?P<id>[^/]+)", api_update_conversation),
     ("DELETE", r"/api/conversations/(?P<id>[^/]+)", api_delete_conversation),
+    ("POST", r"/api/conversations/(?P<id>[^/]+)/fork", api_fork),
+    ("PUT", r"/api/messages/(?P<id>[^/]+)", api_edit_message),
+    ("DELETE", r"/api/messages/(?P<id>[^/]+)", api_delete_message),
     ("POST", r"/api/chat", api_chat),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
@@ -2517,8 +2917,8 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def generation_started(self, conversation_id, client=None):
-        generation = Generation(conversation_id, client)
+    def generation_started(self, turn, client=None):
+        generation = Generation(turn.conversation_id, client, turn.depends_on)
         with self._lock:
             self.generations.add(generation)
         return generation
@@ -2531,12 +2931,14 @@ class App:
     def active_streams(self):
         return len(self.generations)
 
-    def cancel(self, reason, conversation_id=None):
-        """Cut short the replies being made (those of one conversation): each
-        ends with `reason`."""
+    def cancel(self, reason, conversation_id=None, messages=()):
+        """Cut short the replies being made (those of one conversation, or
+        under one of these messages): each ends with `reason`."""
         with self._lock:
             found = [g for g in self.generations
-                     if conversation_id is None or g.conversation_id == conversation_id]
+                     if (conversation_id is None and not messages)
+                     or g.conversation_id == conversation_id
+                     or not g.depends_on.isdisjoint(messages)]
         for generation in found:
             generation.cancel(reason)
 

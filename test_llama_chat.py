@@ -45,13 +45,14 @@ class Stub:
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
         self.loading = False      # /health answers 503 "Loading model", as while one loads
+        self.finish_reason = "stop"   # "length": as when max_tokens cut the reply
         self.requests = []
         self.open_streams = 0
         self.connections = []     # the server side of every connection made to the stub
         self.lock = threading.Lock()
 
     def tokens(self):
-        return re.findall(r"\S+\s*", self.reply)
+        return re.findall(r"\s*\S+\s*", self.reply)
 
 
 class StubHandler(BaseHTTPRequestHandler):
@@ -125,7 +126,8 @@ class StubHandler(BaseHTTPRequestHandler):
         message = {"role": "assistant", "content": stub.reply}
         if stub.reasoning:
             message["reasoning_content"] = stub.reasoning
-        answer = {"choices": [{"finish_reason": "stop", "index": 0, "message": message}],
+        answer = {"choices": [{"finish_reason": stub.finish_reason, "index": 0,
+                               "message": message}],
                   "object": "chat.completion", "model": body.get("model", "x"),
                   "timings": {"prompt_n": 21, "predicted_n": len(tokens),
                               "predicted_per_second": 42.5}}
@@ -180,7 +182,8 @@ class StubHandler(BaseHTTPRequestHandler):
                 if stub.token_delay:
                     time.sleep(stub.token_delay)
             timings = {"prompt_n": 21, "predicted_n": len(tokens), "predicted_per_second": 42.5}
-            self.event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            self.event({"choices": [{"index": 0, "delta": {},
+                                     "finish_reason": stub.finish_reason}],
                         "timings": timings})
             if (body.get("stream_options") or {}).get("include_usage"):
                 self.event({"choices": [], "usage": {
@@ -273,12 +276,21 @@ class Client:
         return self.post("/api/chat", {"conversation_id": conversation_id, "message": message,
                                        "model": MODEL, **extra})
 
-    def stream(self, conversation_id, message="Explain machine learning", read=None):
+    def put(self, path, body=None, **kw):
+        return self.request("PUT", path, body, **kw)
+
+    def delete(self, path, **kw):
+        return self.request("DELETE", path, **kw)
+
+    def stream(self, conversation_id, message="Explain machine learning", read=None, **extra):
         """Open a streamed chat; return (response, connection)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        conn.request("POST", "/api/chat", body=json.dumps(
-            {"conversation_id": conversation_id, "message": message, "model": MODEL,
-             "stream": True}), headers={"Content-Type": "application/json"})
+        body = {"conversation_id": conversation_id, "message": message, "model": MODEL,
+                "stream": True, **extra}
+        if message is None:
+            del body["message"]
+        conn.request("POST", "/api/chat", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
         sock = conn.sock
         return conn.getresponse(), sock
 
@@ -571,10 +583,10 @@ def test_pages_built_by_sqlite_match_the_python_encoding(client):
                       tokens_per_second=42.7, finish_reason="stop")
     pages = []
     for sql_json in (True, False):
-        store.sql_json = sql_json
+        store.db.sql_json = sql_json
         pages.append((client.get("/api/conversations?limit=5")[2],
                       client.get(f"/api/conversations/{cid}")[2]))
-    store.sql_json = True
+    store.db.sql_json = True
     assert pages[0] == pages[1]
     listed, conversation = pages[0]
     assert listed["conversations"][0]["title"] == odd
@@ -1249,17 +1261,36 @@ def test_retry_after_a_partial_reply_leaves_the_partial_out_of_the_context(clien
     assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["tell me"]
 
 
-@pytest.mark.parametrize("which", ["answered", "unknown", "assistant"])
-def test_retry_of_anything_but_the_last_unanswered_message_is_refused(client, which):
+def test_retry_of_an_answered_question_is_a_regenerate(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "first")[2]
+    client.chat(cid, "second")
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": first["user_message_id"]})
+    assert status == 200 and body["parent_id"] == first["user_message_id"]
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["first"]
+    conversation = client.get(f"/api/conversations/{cid}")[2]
+    assert [m["id"] for m in conversation["messages"]] == [first["user_message_id"],
+                                                          body["message_id"]]
+    assert conversation["messages"][1]["sibling_ids"] == [first["message_id"], body["message_id"]]
+
+
+@pytest.mark.parametrize("which", ["unknown", "assistant", "other conversation"])
+def test_retry_of_anything_but_a_question_of_the_conversation_is_refused(client, which):
     cid = client.new_conversation()
     body = client.chat(cid, "first")[2]
-    target = {"answered": body["user_message_id"], "unknown": 999,
-              "assistant": body["message_id"]}[which]
+    other = client.chat(client.new_conversation(), "elsewhere")[2]
+    target = {"unknown": 999, "assistant": body["message_id"],
+              "other conversation": other["user_message_id"]}[which]
     status, _, answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
                                                   "user_message_id": target})
-    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
-                                                         "user_message_id")
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 2
+    if which == "assistant":
+        assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
+                                                             "user_message_id")
+    else:
+        assert (status, answer["code"], answer["resource"], answer["id"]) == (
+            404, "NOT_FOUND", "message", target)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 4
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1928,11 +1959,14 @@ def test_the_index_keeps_in_step_with_every_write(tmp_path):
            for i in range(12)]
     assert_index_in_step(store)
     store.rename_conversation(a, "gamma topic")
+    deleted = store.tree.delete(ids[7])[1]            # and the two below it
+    assert deleted == [ids[7], ids[9], ids[11]]
     with store.db.write() as c:
-        c.execute("DELETE FROM messages WHERE id IN (?, ?)", (ids[1], ids[-2]))
-        c.execute("UPDATE messages SET content = 'changed text 学习' WHERE id = ?", (ids[-1],))
+        c.execute("UPDATE messages SET content = 'changed text 学习' WHERE id = ?", (ids[-2],))
+    assert store.tree.edit(ids[2], "edited in place 学习") is not None
     assert_index_in_step(store)
-    assert [r["message_id"] for r in store.search("学习", 10)] == [ids[-1]]
+    assert [r["message_id"] for r in store.search("学习", 10)] == [ids[-2], ids[2]]
+    assert not store.search("word7", 10) and not store.search("word11", 10)
     assert store.search("gamma", 50) and not store.search("alpha", 50)
     store.delete_conversation(b)
     assert store.index.purge_due()
@@ -2151,6 +2185,371 @@ def test_reads_answer_while_a_write_waits_for_the_lock(client):
         waiting.join(15)
     assert [r[0] for r in rows(client, "SELECT title FROM conversations ORDER BY id")] == [
         "held", "waits"]
+
+
+###############################################################################
+# Conversation trees
+###############################################################################
+
+def conversation(client, cid, everything=False):
+    status, _, body = client.get(f"/api/conversations/{cid}"
+                                 + ("?branches=all" if everything else ""))
+    assert status == 200, body
+    return body
+
+
+def branch(client, cid):
+    return [m["content"] for m in conversation(client, cid)["messages"]]
+
+
+def sent(stub):
+    """The messages of llama.cpp's last request, system prompt left out."""
+    return [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]
+            if m["role"] != "system"]
+
+
+def regenerate(client, cid, message_id, **extra):
+    return client.post("/api/chat", {"conversation_id": cid, "regenerate": message_id,
+                                     "model": MODEL, **extra})
+
+
+def make_schema_2_db(path):
+    """A database as llama-chat 1.2 left it: schema 2, its search index built."""
+    store = llama_chat.Store(path, open_now=False)
+    with store.db.own_connection() as conn:
+        with store.db.write(conn) as c:
+            for migrate in llama_chat.MIGRATIONS[:2]:
+                migrate(c)
+            c.execute("PRAGMA user_version = 2")
+            store.index.sync(c, llama_chat.Progress())
+            for title in ("first chat", "second chat"):
+                c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
+            # Two conversations written in turns: their ids interleave.
+            for i, (cid, role, text) in enumerate([
+                    (1, "user", "hello volcano"), (2, "user", "hi 火山"),
+                    (1, "assistant", "lava facts"), (1, "user", "more"),
+                    (2, "assistant", "熔岩"), (1, "assistant", "partial"),
+                    (1, "assistant", "whole answer")]):
+                c.execute("INSERT INTO messages (conversation_id, role, content, finish_reason) "
+                          "VALUES (?, ?, ?, ?)", (cid, role, text,
+                                                  "error" if text == "partial" else None))
+    store.close()
+
+
+def test_a_schema_2_database_becomes_chains(tmp_path, caplog):
+    path = str(tmp_path / "v2.db")
+    make_schema_2_db(path)
+    caplog.set_level("INFO", logger="llama_chat")
+    store = llama_chat.Store(path)
+    assert store.backup_path and rows_of(store, "PRAGMA user_version") == [(3,)]
+    assert not any("built the search index" in r.getMessage() for r in caplog.records)
+    assert rows_of(store, "SELECT id, conversation_id, parent_id FROM messages ORDER BY id") == [
+        (1, 1, None), (2, 2, None), (3, 1, 1), (4, 1, 3), (5, 2, 2), (6, 1, 4), (7, 1, 6)]
+    assert rows_of(store, "SELECT id, current_message_id FROM conversations") == [(1, 7), (2, 5)]
+    messages = json.loads(store.messages(1)[0])
+    assert [m["content"] for m in messages] == ["hello volcano", "lava facts", "more",
+                                                "partial", "whole answer"]
+    assert all(m["sibling_ids"] == [m["id"]] for m in messages)
+    assert [r["message_id"] for r in store.search("火山", 10)] == [2]
+    assert_index_in_step(store)
+    backup = sqlite3.connect(store.backup_path)
+    assert backup.execute("PRAGMA user_version").fetchone() == (2,)
+    with store.db.write() as c:                # the tree's shape is SQLite's to keep
+        for bad in ("INSERT INTO messages (conversation_id, parent_id, role, content) "
+                    "VALUES (2, 1, 'user', 'parent of another conversation')",
+                    "UPDATE conversations SET current_message_id = 2 WHERE id = 1",
+                    "DELETE FROM messages WHERE id = 4"):
+            with pytest.raises(sqlite3.IntegrityError):
+                c.execute(bad)
+
+
+def test_a_client_of_the_reference_sees_the_current_branch(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "one")[2]
+    second = client.chat(cid, "two")[2]
+    again = regenerate(client, cid, second["user_message_id"])[2]
+    assert (again["parent_id"], again["user_message_id"]) == (second["user_message_id"],) * 2
+    body = conversation(client, cid)
+    assert body["conversation"]["current_message_id"] == again["message_id"]
+    assert [m["id"] for m in body["messages"]] == [
+        first["user_message_id"], first["message_id"], second["user_message_id"],
+        again["message_id"]]
+    assert [m["parent_id"] for m in body["messages"]] == [
+        None, first["user_message_id"], first["message_id"], second["user_message_id"]]
+    assert body["messages"][-1]["sibling_ids"] == [second["message_id"], again["message_id"]]
+    assert body["stats"]["total_messages"] == 5          # stats count every branch
+    every = conversation(client, cid, everything=True)["messages"]
+    assert [m["id"] for m in every] == sorted(m["id"] for m in every) and len(every) == 5
+    assert client.get(f"/api/conversations/{cid}?branches=some")[2]["code"] == \
+        "VALIDATION_ERROR"
+
+
+def test_llamacpp_is_sent_the_branch_and_never_another(client, stub):
+    cid = client.new_conversation()
+    stub.reply = "A1"
+    a1 = client.chat(cid, "Q1")[2]
+    stub.reply = "A2"
+    a2 = client.chat(cid, "Q2")[2]
+    stub.reply = "B2"
+    edited = client.chat(cid, "Q2 edited", parent_id=a1["message_id"])[2]
+    assert sent(stub) == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2 edited")]
+    assert branch(client, cid) == ["Q1", "A1", "Q2 edited", "B2"]
+    stub.reply = "A2b"
+    regenerate(client, cid, a2["message_id"])             # a reply: its question again
+    assert sent(stub) == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2")]
+    assert branch(client, cid) == ["Q1", "A1", "Q2", "A2b"]
+    stub.reply = "C"
+    client.chat(cid, "Q3")
+    assert sent(stub) == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"),
+                          ("assistant", "A2b"), ("user", "Q3")]
+    client.app.settings.performance["context_history_limit"] = 1
+    regenerate(client, cid, edited["user_message_id"])
+    assert sent(stub) == [("user", "Q2 edited")]       # A1 went, a leading reply
+    client.chat(cid, "fresh start", parent_id=None)
+    assert sent(stub) == [("user", "fresh start")]
+    roots = [m for m in conversation(client, cid)["messages"] if m["parent_id"] is None]
+    assert [m["content"] for m in roots] == ["fresh start"]
+    assert roots[0]["sibling_ids"] == [a1["user_message_id"], roots[0]["id"]]
+
+
+def test_the_history_limit_applies_to_the_branch(client, stub):
+    cid = client.new_conversation()
+    replies = [client.chat(cid, f"Q{i}")[2] for i in range(4)]
+    client.chat(cid, "side", parent_id=replies[0]["message_id"])
+    client.app.settings.performance["context_history_limit"] = 3
+    regenerate(client, cid, replies[3]["user_message_id"])
+    assert [text for _, text in sent(stub)] == ["Q2", stub.reply, "Q3"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"parent_id": 1, "regenerate": 2}, "regenerate"),
+    ({"regenerate": 2, "continue": 2}, "continue"),
+    ({"parent_id": None, "user_message_id": 1, "message": "x"}, "user_message_id"),
+    ({"regenerate": 1, "message": "x"}, "message"),
+    ({"continue": 2, "message": "x"}, "message"),
+    ({"continue": 1}, "continue"),                        # a question, not a reply
+    ({"regenerate": "1"}, "regenerate"),
+    ({"parent_id": True, "message": "x"}, "parent_id"),
+])
+def test_a_chat_placed_wrong_is_refused_and_stores_nothing(client, body, field):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    status, _, answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                  **body})
+    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR", field)
+    assert rows(client, "SELECT count(*) FROM messages") == [(2,)]
+
+
+@pytest.mark.parametrize("name", ["parent_id", "regenerate", "continue"])
+def test_a_chat_under_an_unknown_message_is_not_found(client, name):
+    cid = client.new_conversation()
+    other = client.chat(client.new_conversation(), "elsewhere")[2]
+    for target in (other["message_id"], 9999):
+        body = {"conversation_id": cid, "model": MODEL, name: target}
+        if name == "parent_id":
+            body["message"] = "hello"
+        status, _, answer = client.post("/api/chat", body)
+        assert (status, answer["code"], answer["resource"], answer["id"]) == (
+            404, "NOT_FOUND", "message", target)
+    assert rows(client, "SELECT count(*) FROM messages") == [(2,)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream):
+    cid = client.new_conversation()
+    stub.reply, stub.finish_reason = "The first part", "length"
+    first = client.chat(cid, "tell me")[2]
+    assert first["finish_reason"] == "length"
+    stub.reply, stub.finish_reason = " and the rest.", "stop"
+    body = {"conversation_id": cid, "model": MODEL, "continue": first["message_id"]}
+    if stream:
+        events = read_events(client.stream(cid, None, **{"continue": first["message_id"]})[0])
+        assert "".join(e["content"] for e in events if e["type"] == "delta") == " and the rest."
+        done = events[-1]
+    else:
+        status, _, done = client.post("/api/chat", body)
+        assert status == 200
+    assert sent(stub) == [("user", "tell me"), ("assistant", "The first part")]
+    assert (done["message_id"], done["parent_id"], done["user_message_id"]) == (
+        first["message_id"], first["user_message_id"], first["user_message_id"])
+    assert done["response"] == "The first part and the rest."
+    assert done["finish_reason"] == "stop"
+    assert done["estimated_tokens"] == first["estimated_tokens"] + 3
+    assert done["response_time_ms"] >= first["response_time_ms"]
+    stored = conversation(client, cid)["messages"]
+    assert [m["content"] for m in stored] == ["tell me", "The first part and the rest."]
+    assert (stored[1]["finish_reason"], stored[1]["estimated_tokens"]) == ("stop", 3 + 3)
+    assert stored[1]["tokens_per_second"] == 42.5 and stored[1]["edited_at"] is None
+    assert len(client.app.store.search("rest", 5)) == 1
+
+
+def test_a_continue_cut_short_keeps_what_it_appended(client, stub):
+    cid = client.new_conversation()
+    stub.reply = "Start."
+    first = client.chat(cid, "go")[2]
+    stub.mode, stub.reply = "cut", " one two three four five"
+    events = read_events(client.stream(cid, None, **{"continue": first["message_id"]})[0])
+    assert events[-1]["type"] == "error"
+    reply = conversation(client, cid)["messages"][1]
+    assert (reply["content"], reply["finish_reason"]) == ("Start. one two three ", "error")
+
+
+def test_edit_in_place_keeps_the_children_and_the_index_follows(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "original wording")[2]
+    client.chat(cid, "second")
+    status, _, body = client.put(f"/api/messages/{first['user_message_id']}",
+                                 {"content": "revised phrasing 改写"})
+    assert status == 200 and body["edited_at"].endswith("Z")
+    messages = conversation(client, cid)["messages"]
+    assert [m["content"] for m in messages][:2] == ["revised phrasing 改写", stub.reply]
+    assert len(messages) == 4 and messages[0]["edited_at"] == body["edited_at"]
+    assert messages[1]["edited_at"] is None
+    store = client.app.store
+    assert not store.search("original", 5) and len(store.search("改写", 5)) == 1
+    assert client.put("/api/messages/9999", {"content": "x"})[2]["resource"] == "message"
+    assert client.put(f"/api/messages/{first['message_id']}", {"content": " "})[2]["field"] \
+        == "content"
+    assert client.put(f"/api/messages/{first['message_id']}", {"text": "x"})[2]["field"] \
+        == "text"
+    assert client.put("/api/messages/abc", {"content": "x"})[0] == 404
+
+
+def test_delete_removes_what_is_below_and_moves_the_current_branch(client, stub):
+    cid = client.new_conversation()
+    q1 = client.chat(cid, "Q1")[2]
+    q2 = client.chat(cid, "Q2")[2]
+    other = regenerate(client, cid, q1["user_message_id"])[2]      # current: beside A1
+    assert branch(client, cid) == ["Q1", stub.reply]
+    put = client.put(f"/api/conversations/{cid}", {"current_message_id": q1["message_id"]})
+    assert put[2]["current_message_id"] == q2["message_id"]      # down to the leaf
+    assert branch(client, cid) == ["Q1", stub.reply, "Q2", stub.reply]
+    status, _, body = client.delete(f"/api/messages/{q1['message_id']}")
+    assert status == 200 and body["success"] is True
+    assert body["deleted"] == [q1["message_id"], q2["user_message_id"], q2["message_id"]]
+    # It went through the current branch: the newest leaf below its newest sibling.
+    assert body["current_message_id"] == other["message_id"]
+    assert conversation(client, cid)["conversation"]["current_message_id"] == other["message_id"]
+    third = regenerate(client, cid, q1["user_message_id"])[2]
+    client.put(f"/api/conversations/{cid}", {"current_message_id": other["message_id"]})
+    body = client.delete(f"/api/messages/{third['message_id']}")[2]    # not on the branch
+    assert body["current_message_id"] == other["message_id"]
+    body = client.delete(f"/api/messages/{other['message_id']}")[2]    # no sibling left
+    assert body["current_message_id"] == q1["user_message_id"]
+    body = client.delete(f"/api/messages/{q1['user_message_id']}")[2]
+    assert body["current_message_id"] is None and branch(client, cid) == []
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+    assert client.delete(f"/api/messages/{q1['user_message_id']}")[2]["resource"] == "message"
+    assert client.chat(cid, "again")[0] == 200 and len(branch(client, cid)) == 2
+
+
+def test_a_deep_branch_deletes_in_one_statement(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "deep.db"))
+    cid = store.create_conversation("long", MODEL)
+    ids = [store.add_message(cid, "user", f"message {i}") for i in range(2500)]
+    assert store.tree.delete(ids[10])[1] == ids[10:]     # a cascade would stop at 1,000
+    assert store.delete_conversation(cid)
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_branch_switch_goes_down_the_newest_children(client, stub):
+    cid = client.new_conversation("switch")
+    q1 = client.chat(cid, "Q1")[2]
+    a = client.chat(cid, "QA")[2]
+    b = client.chat(cid, "QB", parent_id=q1["message_id"])[2]
+    assert branch(client, cid)[2] == "QB"
+    status, _, body = client.put(f"/api/conversations/{cid}",
+                                 {"current_message_id": a["user_message_id"]})
+    assert (status, body["current_message_id"]) == (200, a["message_id"])
+    assert branch(client, cid)[2] == "QA"
+    client.put(f"/api/conversations/{cid}", {"current_message_id": q1["user_message_id"]})
+    assert branch(client, cid)[2] == "QB"                 # the newest child at each step
+    other = client.chat(client.new_conversation(), "x")[2]
+    status, _, body = client.put(f"/api/conversations/{cid}", {
+        "title": "not applied", "current_message_id": other["message_id"]})
+    assert (status, body["resource"]) == (404, "message")
+    assert conversation(client, cid)["conversation"]["title"] == "switch"
+    status, _, body = client.put(f"/api/conversations/{cid}", {
+        "title": "both", "current_message_id": a["message_id"]})
+    assert body == {"success": True, "title": "both", "current_message_id": a["message_id"]}
+    assert client.put(f"/api/conversations/{cid}", {})[0] == 400
+
+
+def test_fork_copies_the_branch_into_a_new_conversation(client, stub):
+    cid = client.new_conversation("source", model="some-model.gguf")
+    q1 = client.chat(cid, "Q1 unusualword")[2]
+    client.chat(cid, "Q2")
+    status, _, body = client.post(f"/api/conversations/{cid}/fork",
+                                  {"message_id": q1["message_id"]})
+    assert status == 201
+    fork = conversation(client, body["conversation_id"])
+    assert fork["conversation"]["title"] == "source" and fork["conversation"]["model"] == MODEL
+    copied = fork["messages"]
+    assert [m["content"] for m in copied] == ["Q1 unusualword", stub.reply]
+    assert [m["role"] for m in copied] == ["user", "assistant"]
+    assert copied[0]["id"] > q1["message_id"] and copied[1]["parent_id"] == copied[0]["id"]
+    assert copied[1]["estimated_tokens"] == q1["estimated_tokens"]
+    assert fork["conversation"]["current_message_id"] == copied[1]["id"]
+    assert len(branch(client, cid)) == 4                  # the source as it was
+    assert len(client.app.store.search("unusualword", 5)) == 2
+    named = client.post(f"/api/conversations/{cid}/fork",
+                        {"message_id": q1["user_message_id"], "title": "just the question"})[2]
+    assert branch(client, named["conversation_id"]) == ["Q1 unusualword"]
+    other = client.chat(client.new_conversation(), "x")[2]
+    status, _, body = client.post(f"/api/conversations/{cid}/fork",
+                                  {"message_id": other["message_id"]})
+    assert (status, body["resource"]) == (404, "message")
+    assert client.post("/api/conversations/999/fork", {"message_id": 1})[2]["resource"] == \
+        "conversation"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_deleting_the_question_ends_its_reply(client, stub, stream):
+    cid = client.new_conversation()
+    kept = client.chat(cid, "kept")[2]
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay, stub.stall = (0.02, 0) if stream else (0, 3)
+    answer = {}
+
+    def chat():
+        if stream:
+            answer["events"] = read_events(client.stream(cid, "doomed")[0])
+        else:
+            answer["status"], _, answer["body"] = client.chat(cid, "doomed")
+
+    worker = threading.Thread(target=chat)
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(rows(client, "SELECT id FROM messages")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    doomed = rows(client, "SELECT max(id) FROM messages")[0][0]
+    assert client.delete(f"/api/messages/{doomed}")[0] == 200
+    worker.join(10)
+    if stream:
+        last = answer["events"][-1]
+        assert (last["type"], last["code"], last["resource"]) == ("error", "NOT_FOUND", "message")
+    else:
+        assert (answer["status"], answer["body"]["resource"]) == (404, "message")
+    assert [r[0] for r in rows(client, "SELECT id FROM messages ORDER BY id")] == [
+        kept["user_message_id"], kept["message_id"]]
+
+
+def test_two_clients_regenerating_at_once_get_two_siblings(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "question")[2]
+    stub.stall = 0.3
+    answers = []
+    workers = [threading.Thread(target=lambda: answers.append(
+        regenerate(client, cid, first["user_message_id"]))) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(10)
+    assert [a[0] for a in answers] == [200, 200]
+    every = conversation(client, cid, everything=True)["messages"]
+    assert every[-1]["sibling_ids"] == [first["message_id"]] + sorted(
+        a[2]["message_id"] for a in answers)
 
 
 ###############################################################################
