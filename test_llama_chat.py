@@ -2314,11 +2314,16 @@ def test_llamacpp_is_sent_the_branch_and_never_another(client, stub):
 
 def test_the_history_limit_applies_to_the_branch(client, stub):
     cid = client.new_conversation()
-    replies = [client.chat(cid, f"Q{i}")[2] for i in range(4)]
-    client.chat(cid, "side", parent_id=replies[0]["message_id"])
+    replies = [client.chat(cid, f"Q{i}")[2] for i in range(2)]
+    client.chat(cid, "side", parent_id=replies[0]["message_id"])     # ids between
+    client.put(f"/api/conversations/{cid}", {"current_message_id": replies[1]["message_id"]})
+    replies += [client.chat(cid, f"Q{i}")[2] for i in range(2, 4)]
     client.app.settings.performance["context_history_limit"] = 3
     regenerate(client, cid, replies[3]["user_message_id"])
-    assert [text for _, text in sent(stub)] == ["Q2", stub.reply, "Q3"]
+    assert [text for _, text in sent(stub)] == ["Q2", stub.reply, "Q3"]   # A1 led: left out
+    client.app.settings.performance["context_history_limit"] = 4
+    regenerate(client, cid, replies[3]["user_message_id"])
+    assert [text for _, text in sent(stub)] == ["Q1", stub.reply, "Q2", stub.reply, "Q3"]
 
 
 @pytest.mark.parametrize("body, field", [
