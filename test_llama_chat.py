@@ -3351,6 +3351,153 @@ def test_page_shows_what_llamacpp_said_when_a_chat_fails(page, client, stub):
         in toast
 
 
+@needs_chromium
+def test_page_regenerates_and_steps_between_versions(page, client, stub):
+    cid = client.new_conversation()
+    stub.reply = "first answer"
+    client.chat(cid, "the question")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.assistant .tools')")
+    stub.reply = "second answer"
+    b.hover(".msg.assistant")
+    b.click(".msg.assistant [data-tool='regenerate']")
+    count = "(document.querySelector('.msg.assistant .versions .count') || {}).textContent"
+    assert b.wait(f"return {count}") == "2/2"
+    assert b.js("return document.querySelector('.msg.assistant .body').textContent") == \
+        "second answer"
+    b.click(".msg.assistant [data-tool='prev']")
+    b.wait(f"return ({count}) === '1/2'")
+    assert b.js("return document.querySelector('.msg.assistant .body').textContent") == \
+        "first answer"
+    assert b.js("return document.activeElement.dataset.tool") == "next"      # focus stays
+    first_id = b.js("return Number(document.querySelector('.msg.assistant').dataset.id)")
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"][
+        "current_message_id"] == first_id                     # through the API: every device
+    b.go(f"http://127.0.0.1:{client.port}/#/c/{cid}")
+    b.wait(f"return ({count}) === '1/2'")
+    b.click(".msg.assistant [data-tool='next']")
+    b.wait(f"return ({count}) === '2/2'")
+    assert [m["content"] for m in client.get(f"/api/conversations/{cid}")[2]["messages"]] == [
+        "the question", "second answer"]
+    labels = b.js("return [...document.querySelectorAll('.msg .tools button')]"
+                  ".filter(x => !(x.getAttribute('aria-label') || x.textContent.trim()))"
+                  ".length")
+    assert labels == 0
+
+
+@needs_chromium
+def test_page_edits_a_question_into_a_branch_and_in_place(page, client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "old question")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.user .tools')")
+    b.hover(".msg.user")
+    b.click(".msg.user [data-tool='edit']")
+    b.js("document.querySelector('.edit-box').value = ''")
+    b.type(".edit-box", "new question\ue007")                 # Enter sends, as a branch
+    b.wait("const c = document.querySelector('.msg.user .versions .count');"
+           "return c && c.textContent === '2/2' && !document.querySelector('.streaming')")
+    every = client.get(f"/api/conversations/{cid}?branches=all")[2]["messages"]
+    assert [m["content"] for m in every] == ["old question", stub.reply, "new question",
+                                             stub.reply]
+    b.hover(".msg.assistant")
+    b.click(".msg.assistant [data-tool='edit']")
+    b.js("document.querySelector('.edit-box').value = 'fixed by hand'")
+    b.click(".edit-row button:nth-child(1)")                   # a reply: Save only
+    b.wait("const m = document.querySelector('.msg.assistant .body');"
+           "return m && m.textContent === 'fixed by hand'")
+    messages = client.get(f"/api/conversations/{cid}")[2]["messages"]
+    assert messages[1]["content"] == "fixed by hand" and messages[1]["edited_at"]
+    assert rows(client, "SELECT count(*) FROM messages") == [(4,)]
+
+
+@needs_chromium
+def test_page_deletes_a_message_after_saying_what_goes_with_it(page, client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "one")[2]
+    client.chat(cid, "two")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.msg .tools').length === 4")
+    b.hover(f"#m-{first['message_id']}")
+    b.click(f"#m-{first['message_id']} [data-tool='delete']")
+    ask = b.wait(f"const a = document.querySelector('#m-{first['message_id']} .ask');"
+                 "return a && a.textContent")
+    assert ask == "Delete this message and the 2 below it?"
+    assert rows(client, "SELECT count(*) FROM messages") == [(4,)]   # not before it is confirmed
+    b.click(f"#m-{first['message_id']} button.danger")
+    b.wait("return document.querySelectorAll('#messages .msg').length === 1")
+    assert [r[0] for r in rows(client, "SELECT content FROM messages")] == ["one"]
+
+
+@needs_chromium
+def test_page_opens_a_search_result_on_another_branch(page, client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "plain question")[2]
+    stub.reply = "an answer about zeppelins"
+    old = regenerate(client, cid, first["user_message_id"])[2]
+    stub.reply = "a newer answer"
+    regenerate(client, cid, first["user_message_id"])
+    b = page("/")
+    b.wait("return document.querySelector('#model option')")
+    b.js("document.getElementById('search').value = 'zeppelins'; "
+         "document.getElementById('search').dispatchEvent(new Event('input'))")
+    b.wait("return document.querySelector('#search-results .result button')")
+    b.click("#search-results .result button")
+    b.wait(f"return document.querySelector('#m-{old['message_id']}.flash')")
+    assert b.js("return document.querySelector('.msg.assistant .versions .count')"
+                ".textContent") == "2/3"
+
+
+@needs_chromium
+def test_page_continues_a_reply_cut_at_the_token_limit(page, client, stub):
+    cid = client.new_conversation()
+    stub.reply, stub.finish_reason = "The start", "length"
+    client.chat(cid, "write a lot")
+    stub.reply, stub.finish_reason = " and the end.", "stop"
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.assistant.length [data-tool=\"continue\"]')")
+    b.hover(".msg.assistant")
+    b.click(".msg.assistant [data-tool='continue']")
+    b.wait("const m = document.querySelector('.msg.assistant');"
+           "return m.querySelector('.body').textContent === 'The start and the end.' "
+           "&& !m.classList.contains('streaming') && !m.classList.contains('length')")
+    assert b.js("return document.querySelectorAll('.msg.assistant').length") == 1
+    assert not b.js("return document.querySelector('[data-tool=\"continue\"]')")
+
+
+@needs_chromium
+def test_page_keeps_hostile_text_inert_when_edited_and_regenerated(page, client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "hello")
+    stub.reply = " ".join(HOSTILE)
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.msg.assistant .tools')")
+    b.hover(".msg.assistant")
+    b.click(".msg.assistant [data-tool='regenerate']")
+    b.wait("return document.querySelector('.msg.assistant .versions')")
+    b.hover(".msg.user")
+    b.click(".msg.user [data-tool='edit']")
+    b.js("document.querySelector('.edit-box').value = arguments[0]", "\n".join(HOSTILE))
+    b.click(".edit-row .primary")
+    b.wait("const c = document.querySelector('.msg.user .versions .count');"
+           "return c && c.textContent === '2/2' && !document.querySelector('.streaming')")
+    assert b.js(INERT_CHECK) == []
+
+
+@needs_chromium
+def test_page_forks_at_a_message(page, client, stub):
+    cid = client.new_conversation("Source")
+    first = client.chat(cid, "keep this")[2]
+    client.chat(cid, "not this")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.msg .tools').length === 4")
+    b.hover(f"#m-{first['message_id']}")
+    b.click(f"#m-{first['message_id']} [data-tool='fork']")
+    b.wait(f"return location.hash !== '#/c/{cid}' && "
+           "document.querySelectorAll('#messages .msg').length === 2")
+    assert b.js("return document.getElementById('title').textContent") == "Source"
+
+
 ###############################################################################
 # Benchmarks (opt-in): LLAMA_CHAT_BENCH=1 python3 -m pytest -k bench -s
 ###############################################################################
