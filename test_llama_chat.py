@@ -3572,12 +3572,15 @@ def build_database(path, messages, per_conversation=50, corpus=None):
                      "VALUES (?, ?, 'm', ?, ?)",
                      ((c + 1, f"Conversation {c} about {TOPICS[c % len(TOPICS)]}", now, now)
                       for c in range(conversations)))
-    conn.executemany(
-        "INSERT INTO messages (conversation_id, role, content, timestamp, estimated_tokens, "
-        "response_time_ms, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        ((i // per_conversation + 1, ("user", "assistant")[i % 2], text, now, len(text) // 4,
+    conn.executemany(                      # each conversation a chain (ids from 1)
+        "INSERT INTO messages (id, conversation_id, parent_id, role, content, timestamp, "
+        "estimated_tokens, response_time_ms, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        ((i + 1, i // per_conversation + 1, i if i % per_conversation else None,
+          ("user", "assistant")[i % 2], text, now, len(text) // 4,
           (None, 900)[i % 2], (None, "stop")[i % 2])
          for i, text in enumerate((corpus or bench_corpus)(messages))))
+    conn.execute("UPDATE conversations SET current_message_id = min(id * ?, ?)",
+                 (per_conversation, messages))
     conn.execute("COMMIT")
     store.close()
     llama_chat.Store(path).close()         # its triggers are missing: it builds the index
@@ -4029,6 +4032,129 @@ def test_bench_history(tmp_path, stub):
         app.stop()
 
 
+def tree_conversation(store, messages=1000, branches=20):
+    """A conversation of `messages` messages in `branches` branches: a main
+    chain of half of them (the current branch), and at evenly spaced
+    questions another reply that a side chain follows. (id, main chain ids)."""
+    cid = store.create_conversation("A tree of a conversation", MODEL)
+    main = messages // 2
+    side_length = (messages - main) // (branches - 1)
+    main = messages - side_length * (branches - 1)
+    ids = [store.add_message(cid, ("user", "assistant")[i % 2], f"main message {i} " + "x" * 300,
+                             MODEL) for i in range(main)]
+    for b in range(1, branches):
+        parent = ids[(b * main // branches) & ~1]           # a question of the main chain
+        for i in range(side_length):
+            parent = store.add_message(cid, ("assistant", "user")[i % 2],
+                                       f"side {b} message {i} " + "y" * 300, MODEL, parent=parent)
+    store.update_conversation(cid, show=ids[-1])
+    return cid, ids
+
+
+def request_ms(conn, method, path, body=None):
+    started = time.perf_counter()
+    conn.request(method, path, json.dumps(body) if body is not None else None,
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    assert resp.status == 200, answer
+    return (time.perf_counter() - started) * 1000, answer
+
+
+def regenerate_overhead(conn, stub, conversation_id, question_id, rounds=15, pairs=20):
+    """As chat_overhead, for a regenerate of one question."""
+    stub.reply = "A short answer of a few tokens."
+    direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+    differences = []
+    for _ in range(rounds):
+        through, straight = [], []
+        for _ in range(pairs):
+            started = time.perf_counter()
+            direct.request("POST", "/v1/chat/completions", json.dumps(body),
+                           {"Content-Type": "application/json"})
+            direct.getresponse().read()
+            straight.append((time.perf_counter() - started) * 1000)
+            through.append(request_ms(conn, "POST", "/api/chat", {
+                "conversation_id": conversation_id, "regenerate": question_id,
+                "model": "m"})[0])
+        differences.append(percentile(through, 50) - percentile(straight, 50))
+        time.sleep(0.5)
+    direct.close()
+    return percentile(differences, 50)
+
+
+def schema_2_database(path, messages, per_conversation=50):
+    """A database as llama-chat 1.2 left it (schema 2), its messages inserted
+    in bulk, without the search index (the migration's cost alone is timed)."""
+    store = llama_chat.Store(path, open_now=False)
+    with store.db.own_connection() as conn:
+        with store.db.write(conn) as c:
+            for migrate in llama_chat.MIGRATIONS[:2]:
+                migrate(c)
+            c.execute("PRAGMA user_version = 2")
+            c.executemany("INSERT INTO conversations (id, title, model) VALUES (?, 't', 'm')",
+                          ((i + 1,) for i in range(messages // per_conversation)))
+            c.executemany("INSERT INTO messages (conversation_id, role, content) VALUES "
+                          "(?, ?, ?)", ((i // per_conversation + 1, ("user", "assistant")[i % 2],
+                                         text) for i, text in enumerate(bench_corpus(messages))))
+    store.close()
+
+
+@bench
+def test_bench_trees(tmp_path, stub):
+    row = bench_row
+    print(f"\nllama-chat {llama_chat.__version__} tree benchmark: {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    db = str(tmp_path / "old.db")
+    schema_2_database(db, 100_000)
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("BEGIN")
+    started = time.perf_counter()
+    llama_chat.migrate_to_3(conn)
+    row("migration to trees (schema 2 -> 3) of 100,000 messages",
+        f"{time.perf_counter() - started:.2f} s", "report")
+    conn.execute("ROLLBACK")
+    conn.close()
+
+    db = str(tmp_path / "trees.db")
+    build_database(db, 100_000)
+    store = llama_chat.Store(db)
+    cid, ids = tree_conversation(store)
+    assert len(json.loads(store.messages(cid, True)[0])) == 1000
+    store.close()
+    app = AppProcess(db, stub.url)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        times = [request_ms(conn, "GET", f"/api/conversations/{cid}")[0] for _ in range(200)]
+        shown = request_ms(conn, "GET", f"/api/conversations/{cid}")[1]["messages"]
+        row(f"GET a conversation of 1,000 messages in 20 branches ({len(shown)} shown), p50",
+            f"{percentile(times, 50):.2f} ms", "< 10 ms")
+        times = [request_ms(conn, "GET", f"/api/conversations/{cid}?branches=all")[0]
+                 for _ in range(100)]
+        row("the same with ?branches=all (1,000 messages), p50",
+            f"{percentile(times, 50):.2f} ms", "report")
+        switches = []
+        for i in range(100):
+            switches.append(request_ms(conn, "PUT", f"/api/conversations/{cid}", {
+                "current_message_id": ids[(i % 19 + 1) * len(ids) // 20 & ~1]})[0])
+        row("branch switch (PUT current_message_id) at 100,000 messages, p50",
+            f"{percentile(switches, 50):.2f} ms", "< 3 ms")
+        conn.request("POST", "/api/conversations", json.dumps({"title": "t", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        fresh = json.loads(conn.getresponse().read())["conversation_id"]
+        row("chat overhead at 100,000 messages, p50",
+            f"{chat_overhead(conn, stub, fresh):.2f} ms", "< 3 ms")
+        conn.request("POST", "/api/conversations", json.dumps({"title": "r", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        again = json.loads(conn.getresponse().read())["conversation_id"]
+        question = request_ms(conn, "POST", "/api/chat", {
+            "conversation_id": again, "message": "hi", "model": "m"})[1]["user_message_id"]
+        row("regenerate overhead at 100,000 messages, p50 (siblings pile up)",
+            f"{regenerate_overhead(conn, stub, again, question):.2f} ms", "< 3 ms")
+    finally:
+        app.stop()
+
 def serve_stub(argv=None):
     """A stand-in llama-server for trying llama-chat without a model:
     python3 test_llama_chat.py --port 8080 [--tokens N] [--delay SECONDS] [--router]"""
@@ -4062,10 +4188,16 @@ def test_bench_page(browser, client):
     reply = ("## A heading\n\nSome **bold** text, `code` and a [link](https://example.com).\n\n"
              "```python\nprint('hello')\n```\n\n- one\n- two\n  - nested\n\n| a | b |\n|---|---|\n"
              "| 1 | 2 |\n")
-    for i in range(250):
-        store.add_message(big, "user", f"Question {i}: how does this work?")
-        store.add_message(big, "assistant", reply, MODEL, response_time_ms=900,
-                          estimated_tokens=60, tokens_per_second=40.0, finish_reason="stop")
+    last = None
+    for i in range(250):          # 500 shown, and at every fifth question a second reply
+        question = store.add_message(big, "user", f"Question {i}: how does this work?",
+                                     parent=last if i else None)
+        if i % 5 == 0:
+            store.add_message(big, "assistant", "An earlier reply.", MODEL, parent=question,
+                              finish_reason="stop")
+        last = store.add_message(big, "assistant", reply, MODEL, parent=question,
+                                 response_time_ms=900, estimated_tokens=60,
+                                 tokens_per_second=40.0, finish_reason="stop")
     size = os.path.getsize(os.path.join(HERE, "index.html"))
     browser.go(f"http://127.0.0.1:{client.port}/")
     browser.wait("return document.querySelectorAll('#conv-list .conv').length >= 50")
@@ -4081,6 +4213,7 @@ def test_bench_page(browser, client):
     print(f"\n  index.html size {size / 1024:.1f} KB (< 100 KB)")
     print(f"  1,000 conversations listed, 50 at a time: {listed[0]:.0f} ms "
           f"({listed[2]} shown) (< 1 s)")
-    print(f"  a conversation of 500 messages rendered with Markdown: {opened[0]:.0f} ms "
-          f"({opened[1]} shown) (< 1 s)")
-    assert listed[2] == 1001 and opened[1] == 500
+    versions = browser.js("return document.querySelectorAll('#messages .versions').length")
+    print(f"  a conversation of 500 messages, {versions} branch points, rendered with Markdown: "
+          f"{opened[0]:.0f} ms ({opened[1]} shown) (< 1 s)")
+    assert listed[2] == 1001 and opened[1] == 500 and versions == 50
