@@ -2263,6 +2263,17 @@ def test_a_schema_2_database_becomes_chains(tmp_path, caplog):
                 c.execute(bad)
 
 
+def test_a_regenerate_in_a_migrated_chain_answers_the_question(tmp_path, stub, launch):
+    path = str(tmp_path / "v2.db")
+    make_schema_2_db(path)                  # more -> partial (failed) -> whole answer
+    c = Client(launch(stub.url, db=path))
+    status, _, body = regenerate(c, 1, 7)
+    assert (status, body["parent_id"]) == (200, 4)
+    assert sent(stub) == [("user", "hello volcano"), ("assistant", "lava facts"),
+                          ("user", "more")]
+    assert conversation(c, 1)["messages"][-1]["sibling_ids"] == [6, body["message_id"]]
+
+
 def test_a_client_of_the_reference_sees_the_current_branch(client, stub):
     cid = client.new_conversation()
     first = client.chat(cid, "one")[2]
