@@ -2213,27 +2213,34 @@ def regenerate(client, cid, message_id, **extra):
                                      "model": MODEL, **extra})
 
 
-def make_schema_2_db(path):
-    """A database as llama-chat 1.2 left it: schema 2, its search index built."""
+def schema_2_db(path, fill, index=True):
+    """A database as llama-chat 1.2 left it: schema 2, its search index built
+    (or, with index=False, none), and fill(cursor) to put rows in it."""
     store = llama_chat.Store(path, open_now=False)
     with store.db.own_connection() as conn:
         with store.db.write(conn) as c:
             for migrate in llama_chat.MIGRATIONS[:2]:
                 migrate(c)
             c.execute("PRAGMA user_version = 2")
-            store.index.sync(c, llama_chat.Progress())
-            for title in ("first chat", "second chat"):
-                c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
-            # Two conversations written in turns: their ids interleave.
-            for i, (cid, role, text) in enumerate([
-                    (1, "user", "hello volcano"), (2, "user", "hi 火山"),
-                    (1, "assistant", "lava facts"), (1, "user", "more"),
-                    (2, "assistant", "熔岩"), (1, "assistant", "partial"),
-                    (1, "assistant", "whole answer")]):
-                c.execute("INSERT INTO messages (conversation_id, role, content, finish_reason) "
-                          "VALUES (?, ?, ?, ?)", (cid, role, text,
-                                                  "error" if text == "partial" else None))
+            if index:
+                store.index.sync(c, llama_chat.Progress())
+            fill(c)
     store.close()
+
+
+def make_schema_2_db(path):
+    def fill(c):
+        for title in ("first chat", "second chat"):
+            c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
+        # Two conversations written in turns: their ids interleave.
+        for cid, role, text in [(1, "user", "hello volcano"), (2, "user", "hi 火山"),
+                                (1, "assistant", "lava facts"), (1, "user", "more"),
+                                (2, "assistant", "熔岩"), (1, "assistant", "partial"),
+                                (1, "assistant", "whole answer")]:
+            c.execute("INSERT INTO messages (conversation_id, role, content, finish_reason) "
+                      "VALUES (?, ?, ?, ?)", (cid, role, text,
+                                              "error" if text == "partial" else None))
+    schema_2_db(path, fill)
 
 
 def test_a_schema_2_database_becomes_chains(tmp_path, caplog):
@@ -3362,6 +3369,23 @@ def test_page_shows_what_llamacpp_said_when_a_chat_fails(page, client, stub):
         in toast
 
 
+def use_tool(b, message, tool):
+    """Click a tool of a message (css of its li), as a mouse does: hover first."""
+    b.hover(message)
+    b.click(f"{message} [data-tool='{tool}']")
+
+
+def two_turns_in_the_page(page, client, title="Test chat"):
+    """A conversation of two questions and replies, open in the page: (browser,
+    its id, the first chat's answer)."""
+    cid = client.new_conversation(title)
+    first = client.chat(cid, "one")[2]
+    client.chat(cid, "two")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.msg .tools').length === 4")
+    return b, cid, first
+
+
 @needs_chromium
 def test_page_regenerates_and_steps_between_versions(page, client, stub):
     cid = client.new_conversation()
@@ -3370,8 +3394,7 @@ def test_page_regenerates_and_steps_between_versions(page, client, stub):
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.msg.assistant .tools')")
     stub.reply = "second answer"
-    b.hover(".msg.assistant")
-    b.click(".msg.assistant [data-tool='regenerate']")
+    use_tool(b, ".msg.assistant", "regenerate")
     count = "(document.querySelector('.msg.assistant .versions .count') || {}).textContent"
     assert b.wait(f"return {count}") == "2/2"
     assert b.js("return document.querySelector('.msg.assistant .body').textContent") == \
@@ -3402,8 +3425,7 @@ def test_page_edits_a_question_into_a_branch_and_in_place(page, client, stub):
     client.chat(cid, "old question")
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.msg.user .tools')")
-    b.hover(".msg.user")
-    b.click(".msg.user [data-tool='edit']")
+    use_tool(b, ".msg.user", "edit")
     b.js("document.querySelector('.edit-box').value = ''")
     b.type(".edit-box", "new question\ue007")                 # Enter sends, as a branch
     b.wait("const c = document.querySelector('.msg.user .versions .count');"
@@ -3411,8 +3433,7 @@ def test_page_edits_a_question_into_a_branch_and_in_place(page, client, stub):
     every = client.get(f"/api/conversations/{cid}?branches=all")[2]["messages"]
     assert [m["content"] for m in every] == ["old question", stub.reply, "new question",
                                              stub.reply]
-    b.hover(".msg.assistant")
-    b.click(".msg.assistant [data-tool='edit']")
+    use_tool(b, ".msg.assistant", "edit")
     b.js("document.querySelector('.edit-box').value = 'fixed by hand'")
     b.click(".edit-row button:nth-child(1)")                   # a reply: Save only
     b.wait("const m = document.querySelector('.msg.assistant .body');"
@@ -3424,13 +3445,8 @@ def test_page_edits_a_question_into_a_branch_and_in_place(page, client, stub):
 
 @needs_chromium
 def test_page_deletes_a_message_after_saying_what_goes_with_it(page, client, stub):
-    cid = client.new_conversation()
-    first = client.chat(cid, "one")[2]
-    client.chat(cid, "two")
-    b = page(f"/#/c/{cid}")
-    b.wait("return document.querySelectorAll('.msg .tools').length === 4")
-    b.hover(f"#m-{first['message_id']}")
-    b.click(f"#m-{first['message_id']} [data-tool='delete']")
+    b, cid, first = two_turns_in_the_page(page, client)
+    use_tool(b, f"#m-{first['message_id']}", "delete")
     ask = b.wait(f"const a = document.querySelector('#m-{first['message_id']} .ask');"
                  "return a && a.textContent")
     assert ask == "Delete this message and the 2 below it?"
@@ -3467,8 +3483,7 @@ def test_page_continues_a_reply_cut_at_the_token_limit(page, client, stub):
     stub.reply, stub.finish_reason = " and the end.", "stop"
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.msg.assistant.length [data-tool=\"continue\"]')")
-    b.hover(".msg.assistant")
-    b.click(".msg.assistant [data-tool='continue']")
+    use_tool(b, ".msg.assistant", "continue")
     b.wait("const m = document.querySelector('.msg.assistant');"
            "return m.querySelector('.body').textContent === 'The start and the end.' "
            "&& !m.classList.contains('streaming') && !m.classList.contains('length')")
@@ -3483,11 +3498,9 @@ def test_page_keeps_hostile_text_inert_when_edited_and_regenerated(page, client,
     stub.reply = " ".join(HOSTILE)
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.msg.assistant .tools')")
-    b.hover(".msg.assistant")
-    b.click(".msg.assistant [data-tool='regenerate']")
+    use_tool(b, ".msg.assistant", "regenerate")
     b.wait("return document.querySelector('.msg.assistant .versions')")
-    b.hover(".msg.user")
-    b.click(".msg.user [data-tool='edit']")
+    use_tool(b, ".msg.user", "edit")
     b.js("document.querySelector('.edit-box').value = arguments[0]", "\n".join(HOSTILE))
     b.click(".edit-row .primary")
     b.wait("const c = document.querySelector('.msg.user .versions .count');"
@@ -3497,13 +3510,8 @@ def test_page_keeps_hostile_text_inert_when_edited_and_regenerated(page, client,
 
 @needs_chromium
 def test_page_forks_at_a_message(page, client, stub):
-    cid = client.new_conversation("Source")
-    first = client.chat(cid, "keep this")[2]
-    client.chat(cid, "not this")
-    b = page(f"/#/c/{cid}")
-    b.wait("return document.querySelectorAll('.msg .tools').length === 4")
-    b.hover(f"#m-{first['message_id']}")
-    b.click(f"#m-{first['message_id']} [data-tool='fork']")
+    b, cid, first = two_turns_in_the_page(page, client, "Source")
+    use_tool(b, f"#m-{first['message_id']}", "fork")
     b.wait(f"return location.hash !== '#/c/{cid}' && "
            "document.querySelectorAll('#messages .msg').length === 2")
     assert b.js("return document.getElementById('title').textContent") == "Source"
@@ -3774,11 +3782,12 @@ def like_search_p50(db):
     return percentile(times, 50)
 
 
-def chat_overhead(conn, stub, conversation_id, rounds=15, pairs=20):
+def chat_overhead(conn, stub, conversation_id, rounds=15, pairs=20, ask=None):
     """A chat through the app (on `conn`) against the same call straight to
     the stub, alternating, in ms: the median over rounds of each round's p50
     difference (a spell of this machine's noise then moves one round, not the
-    figure)."""
+    figure). `ask`: what the chat sends beside conversation_id and model
+    (a new message, "hi", by default)."""
     stub.reply = "A short answer of a few tokens."
     direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
@@ -3793,7 +3802,7 @@ def chat_overhead(conn, stub, conversation_id, rounds=15, pairs=20):
             straight.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             conn.request("POST", "/api/chat", json.dumps(
-                {"conversation_id": conversation_id, "message": "hi", "model": "m"}),
+                {"conversation_id": conversation_id, "model": "m", **(ask or {"message": "hi"})}),
                 {"Content-Type": "application/json"})
             resp = conn.getresponse()
             answer = json.loads(resp.read())
@@ -3942,11 +3951,15 @@ def bench_row(figure, value, target):
     print(f"  {figure:<62} {value:>24}   {target}", flush=True)
 
 
+def bench_heading(what):
+    print(f"\nllama-chat {llama_chat.__version__} {what} benchmark: {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+
+
 @bench
 def test_bench_history(tmp_path, stub):
     row = bench_row
-    print(f"\nllama-chat {llama_chat.__version__} history benchmark: {os.cpu_count()} cores, "
-          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    bench_heading("history")
     # Throughput, search and size at 100,000 messages
     db = str(tmp_path / "100k.db")
     built = build_database(db, 100_000)
@@ -4072,51 +4085,22 @@ def request_ms(conn, method, path, body=None):
     return (time.perf_counter() - started) * 1000, answer
 
 
-def regenerate_overhead(conn, stub, conversation_id, question_id, rounds=15, pairs=20):
-    """As chat_overhead, for a regenerate of one question."""
-    stub.reply = "A short answer of a few tokens."
-    direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
-    body = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
-    differences = []
-    for _ in range(rounds):
-        through, straight = [], []
-        for _ in range(pairs):
-            started = time.perf_counter()
-            direct.request("POST", "/v1/chat/completions", json.dumps(body),
-                           {"Content-Type": "application/json"})
-            direct.getresponse().read()
-            straight.append((time.perf_counter() - started) * 1000)
-            through.append(request_ms(conn, "POST", "/api/chat", {
-                "conversation_id": conversation_id, "regenerate": question_id,
-                "model": "m"})[0])
-        differences.append(percentile(through, 50) - percentile(straight, 50))
-        time.sleep(0.5)
-    direct.close()
-    return percentile(differences, 50)
-
-
 def schema_2_database(path, messages, per_conversation=50):
-    """A database as llama-chat 1.2 left it (schema 2), its messages inserted
-    in bulk, without the search index (the migration's cost alone is timed)."""
-    store = llama_chat.Store(path, open_now=False)
-    with store.db.own_connection() as conn:
-        with store.db.write(conn) as c:
-            for migrate in llama_chat.MIGRATIONS[:2]:
-                migrate(c)
-            c.execute("PRAGMA user_version = 2")
-            c.executemany("INSERT INTO conversations (id, title, model) VALUES (?, 't', 'm')",
-                          ((i + 1,) for i in range(messages // per_conversation)))
-            c.executemany("INSERT INTO messages (conversation_id, role, content) VALUES "
-                          "(?, ?, ?)", ((i // per_conversation + 1, ("user", "assistant")[i % 2],
-                                         text) for i, text in enumerate(bench_corpus(messages))))
-    store.close()
+    """A 1.2 database of `messages` messages inserted in bulk, without the
+    search index (the migration's cost alone is timed)."""
+    def fill(c):
+        c.executemany("INSERT INTO conversations (id, title, model) VALUES (?, 't', 'm')",
+                      ((i + 1,) for i in range(messages // per_conversation)))
+        c.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
+                      ((i // per_conversation + 1, ("user", "assistant")[i % 2], text)
+                       for i, text in enumerate(bench_corpus(messages))))
+    schema_2_db(path, fill, index=False)
 
 
 @bench
 def test_bench_trees(tmp_path, stub):
     row = bench_row
-    print(f"\nllama-chat {llama_chat.__version__} tree benchmark: {os.cpu_count()} cores, "
-          f"Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}")
+    bench_heading("tree")
     db = str(tmp_path / "old.db")
     schema_2_database(db, 100_000)
     conn = sqlite3.connect(db, isolation_level=None)
@@ -4162,7 +4146,8 @@ def test_bench_trees(tmp_path, stub):
         question = request_ms(conn, "POST", "/api/chat", {
             "conversation_id": again, "message": "hi", "model": "m"})[1]["user_message_id"]
         row("regenerate overhead at 100,000 messages, p50 (siblings pile up)",
-            f"{regenerate_overhead(conn, stub, again, question):.2f} ms", "< 3 ms")
+            f"{chat_overhead(conn, stub, again, ask={'regenerate': question}):.2f} ms",
+            "< 3 ms")
     finally:
         app.stop()
 
