@@ -2059,6 +2059,37 @@ def shut(sock):
         pass
 
 
+class AsItCame:
+    """A reply's text as llama.cpp sends it."""
+
+    def take(self, piece):
+        return piece
+
+
+class WithoutEcho(AsItCame):
+    """A continued reply's new text. llama-server sends the text it was given
+    to continue (the prefill) again before the new text; what could still be
+    that echo is held back, and dropped once it is whole. A server that sends
+    only the new text loses nothing: the first piece that is not the start of
+    the old text is passed on, with what was held. What is still held when the
+    reply ends is the echo, or a part of it, and is dropped."""
+
+    def __init__(self, old):
+        self.old, self.held, self.decided = old, "", False
+
+    def take(self, piece):
+        if self.decided:
+            return piece
+        self.held += piece
+        if self.old.startswith(self.held):
+            return ""                          # perhaps the echo: wait for more
+        self.decided = True
+        for echo in (self.old, self.old.rstrip()):
+            if self.held.startswith(echo):
+                return self.held[len(echo):]
+        return self.held
+
+
 @dataclass
 class ChatTurn:
     conversation_id: int
@@ -2086,6 +2117,9 @@ class ChatTurn:
     def depends_on(self):
         """The messages whose deletion ends this reply."""
         return {self.parent_id, self.continued and self.continued["id"]} - {None}
+
+    def text_filter(self):
+        return WithoutEcho(self.continued["content"]) if self.continued else AsItCame()
 
     @property
     def own_messages(self):
@@ -2128,7 +2162,10 @@ def start_chat(app, body, stream):
     placement, target_id = chat_placement(body)
     message = require_str(body, "message", max_len=200_000) \
         if placement in (None, "parent_id") else None
-    model = require_str(body, "model", allow_empty=True, max_len=500)
+    # A new question names its model (the reference's rule); a regenerate or
+    # continue may leave it out: the reply's own model, else the conversation's.
+    model = require_str(body, "model", allow_empty=True, max_len=500) \
+        if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
     upstream_options = check_model_options({**app.settings.model_options, **options}, "options")
@@ -2140,6 +2177,9 @@ def start_chat(app, body, stream):
         target = store.tree.message(target_id, conversation_id)
         if target is None:
             raise not_found("message", target_id)
+    if model is None:
+        model = (target["role"] == "assistant" and target["model"]) or \
+            store.get_conversation(conversation_id)["model"] or ""
     continued = None
     if message is not None:
         parent = target_id if placement == "parent_id" else CURRENT
@@ -2297,6 +2337,7 @@ def chat_once(app, turn):
             reasoning = message.get("reasoning_content") or ""
             if not isinstance(text, str) or not isinstance(reasoning, str):
                 raise TypeError
+            text = turn.text_filter().take(text)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise bad_upstream("its answer has no choices[0].message.content") from None
         return finish_chat(app, turn, text, reasoning, finish_reason(choice),
@@ -2473,9 +2514,10 @@ def upstream_batches(app, turn, generation):
 class Relay:
     """What one streamed reply has gathered so far."""
 
-    def __init__(self):
+    def __init__(self, text_filter):
         self.text, self.reasoning = [], []
         self.usage = self.timings = self.finish = None
+        self.text_filter = text_filter
 
     def take(self, chunk):
         """Events to relay for one chunk from llama.cpp."""
@@ -2494,6 +2536,8 @@ class Relay:
                 if piece and isinstance(piece, str):
                     events.append({"type": "reasoning", "content": piece})
                 piece = delta.get("content")
+                if piece and isinstance(piece, str):
+                    piece = self.text_filter.take(piece)
                 if piece and isinstance(piece, str):
                     events.append({"type": "delta", "content": piece})
             if choice.get("finish_reason"):
@@ -2539,7 +2583,7 @@ def relay_events(app, turn, generation):
     fast model costs one write per batch rather than per token. The handler
     throws ClientGone into it when a write fails; every way out stores what
     was relayed."""
-    relay = Relay()
+    relay = Relay(turn.text_filter())
     try:
         for item in upstream_batches(app, turn, generation):
             if item is None:

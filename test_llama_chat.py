@@ -46,6 +46,8 @@ class Stub:
         self.no_models_route = False
         self.loading = False      # /health answers 503 "Loading model", as while one loads
         self.finish_reason = "stop"   # "length": as when max_tokens cut the reply
+        self.echo_prefill = False     # send a last assistant message again first, as
+                                      # llama-server does when it continues one
         self.requests = []
         self.open_streams = 0
         self.connections = []     # the server side of every connection made to the stub
@@ -123,7 +125,7 @@ class StubHandler(BaseHTTPRequestHandler):
         if body.get("stream"):
             return self.stream(body)
         tokens = stub.tokens()
-        message = {"role": "assistant", "content": stub.reply}
+        message = {"role": "assistant", "content": self.prefill(body) + stub.reply}
         if stub.reasoning:
             message["reasoning_content"] = stub.reasoning
         answer = {"choices": [{"finish_reason": stub.finish_reason, "index": 0,
@@ -137,6 +139,10 @@ class StubHandler(BaseHTTPRequestHandler):
             answer["usage"] = {"completion_tokens": len(tokens), "prompt_tokens": 21,
                                "total_tokens": 21 + len(tokens)}
         self.send_json(200, answer)
+
+    def prefill(self, body):
+        last = body["messages"][-1]
+        return last["content"] if self.stub.echo_prefill and last["role"] == "assistant" else ""
 
     def chunk(self, data):
         if self.stub.mode == "unchunked":        # a body that ends when the connection does
@@ -168,6 +174,8 @@ class StubHandler(BaseHTTPRequestHandler):
             for piece in re.findall(r"\S+\s*", stub.reasoning):
                 self.event({"choices": [{"index": 0, "delta": {"reasoning_content": piece},
                                          "finish_reason": None}]})
+            if tokens:                            # the echo comes with the first token
+                tokens[0] = self.prefill(body) + tokens[0]
             for i, token in enumerate(tokens):
                 if stub.mode == "cut" and i == 3:
                     self.connection.shutdown(socket.SHUT_RDWR)
@@ -2281,6 +2289,20 @@ def test_a_regenerate_in_a_migrated_chain_answers_the_question(tmp_path, stub, l
     assert conversation(c, 1)["messages"][-1]["sibling_ids"] == [6, body["message_id"]]
 
 
+def test_a_regenerate_or_continue_without_a_model_keeps_the_reply_s(client, stub):
+    cid = client.new_conversation(model="conversation-model.gguf")
+    first = client.chat(cid, "q", model="reply-model.gguf")[2]
+    for name in ("regenerate", "continue"):
+        status, _, body = client.post("/api/chat", {"conversation_id": cid,
+                                                    name: first["message_id"]})
+        assert status == 200, body
+        assert stub.requests[-1]["body"]["model"] == "reply-model.gguf"
+    client.post("/api/chat", {"conversation_id": cid, "regenerate": first["user_message_id"]})
+    assert stub.requests[-1]["body"]["model"] == "reply-model.gguf"   # the conversation's now
+    assert client.post("/api/chat", {"conversation_id": cid, "message": "x"})[2]["field"] == \
+        "model"
+
+
 def test_a_client_of_the_reference_sees_the_current_branch(client, stub):
     cid = client.new_conversation()
     first = client.chat(cid, "one")[2]
@@ -2377,8 +2399,10 @@ def test_a_chat_under_an_unknown_message_is_not_found(client, name):
     assert rows(client, "SELECT count(*) FROM messages") == [(2,)]
 
 
+@pytest.mark.parametrize("echo", [False, True])
 @pytest.mark.parametrize("stream", [False, True])
-def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream):
+def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream, echo):
+    stub.echo_prefill = echo
     cid = client.new_conversation()
     stub.reply, stub.finish_reason = "The first part", "length"
     first = client.chat(cid, "tell me")[2]
@@ -2406,7 +2430,22 @@ def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream
     assert len(client.app.store.search("rest", 5)) == 1
 
 
+@pytest.mark.parametrize("old, pieces, new", [
+    ("Once upon a time there", ["Once upon a time there was", " a"], " was a"),
+    ("Once upon a time there", ["Once up", "on a time", " there", " was"], " was"),
+    ("It ends with a space ", ["It ends with a space", " and more"], "and more"),
+    ("Ends with a space ", ["Ends with a space", "\n\nNext"], "\n\nNext"),
+    ("Old text", [" and new", " text"], " and new text"),        # a server with no echo
+    ("Old text", ["Old"], ""),                                   # cut short mid-echo
+    ("Old", ["Older"], "er"),
+])
+def test_a_continued_reply_loses_the_echo_of_its_old_text_and_nothing_else(old, pieces, new):
+    text_filter = llama_chat.WithoutEcho(old)
+    assert "".join(text_filter.take(p) for p in pieces) == new
+
+
 def test_a_continue_cut_short_keeps_what_it_appended(client, stub):
+    stub.echo_prefill = True
     cid = client.new_conversation()
     stub.reply = "Start."
     first = client.chat(cid, "go")[2]
