@@ -417,6 +417,40 @@ def require_int(body, name):
     return value
 
 
+def check_conversation_settings(body):
+    """The settings of a conversation a body gives: system_prompt (a string;
+    null: the config's), options (checked as a chat's are; null: the
+    config's), pinned (true or false). Those left out are not there."""
+    found = {}
+    if "system_prompt" in body:
+        found["system_prompt"] = None if body["system_prompt"] is None else require_str(
+            body, "system_prompt", allow_empty=True, max_len=100_000)
+    if "options" in body:
+        if body["options"] is not None:
+            check_model_options(body["options"], "options")
+            found["options"] = {k: v for k, v in body["options"].items() if v is not None} \
+                or None
+        else:
+            found["options"] = None
+    if "pinned" in body:
+        if not isinstance(body["pinned"], bool):
+            raise validation_error("pinned", "Field pinned must be true or false")
+        found["pinned"] = body["pinned"]
+    return found
+
+
+SETTINGS_FIELDS = {"system_prompt", "options", "pinned"}
+
+
+def query_bool(req, name):
+    raw = req.arg(name)
+    if raw is None or raw == "":
+        return None
+    if raw not in ("true", "false"):
+        raise validation_error(name, f"Query parameter {name} must be true or false")
+    return raw == "true"
+
+
 def query_int(req, name, default, low, high=None):
     raw = req.arg(name)
     if raw is None or raw == "":
@@ -444,6 +478,7 @@ DEFAULT_CONFIG = {
     "allowed_hosts": [],
     "max_body_bytes": 1048576,
     "system_prompt": "You are a helpful, concise assistant.",
+    "auto_title": "first-line",
     "timeouts": {
         "llamacpp_timeout": 600,
         "llamacpp_connect_timeout": 45,
@@ -469,6 +504,7 @@ DEFAULT_CONFIG = {
     },
 }
 CONFIG_SECTIONS = ("timeouts", "model_options", "performance", "response_optimization")
+AUTO_TITLES = ("first-line", "model", "off")
 
 
 
@@ -485,6 +521,7 @@ class Settings:
     api_key: str = ""
     llamacpp_api_key: str = ""
     system_prompt: str = DEFAULT_CONFIG["system_prompt"]
+    auto_title: str = DEFAULT_CONFIG["auto_title"]     # first-line | model | off
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["timeouts"]))
     model_options: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["model_options"]))
     performance: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["performance"]))
@@ -631,7 +668,12 @@ def load_settings(argv=None, environ=None):
             raise ConfigError("allowed_hosts must be a list of names")
         system_prompt = text_setting(conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"]),
                                      "system_prompt", allow_empty=True)
+        auto_title = conf.get("auto_title", DEFAULT_CONFIG["auto_title"])
+        if auto_title not in AUTO_TITLES:
+            raise ConfigError(f"auto_title must be one of {', '.join(AUTO_TITLES)}, "
+                              f"not {auto_title!r}")
         settings = Settings(
+            auto_title=auto_title,
             host=text_setting(pick(args.host, ["LLAMA_CHAT_HOST"], "host"), "host"),
             port=whole_number(pick(args.port, ["LLAMA_CHAT_PORT"], "port"), "port", 0, 65535),
             llamacpp_url=url_setting(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"],
@@ -712,7 +754,7 @@ class RawJSON(str):
 
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
-JSON_COLUMNS = {"sibling_ids"}
+JSON_COLUMNS = {"sibling_ids", "options", "pinned"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -986,9 +1028,22 @@ def migrate_to_3(c):
         c.execute(statement)
 
 
+def migrate_to_4(c):
+    """Settings of a conversation: its own system prompt and options (NULL: the
+    config's), a pin, and whether its title is still to be written after its
+    first reply; and the options each reply was made with (JSON)."""
+    c.execute("ALTER TABLE conversations ADD COLUMN system_prompt TEXT")
+    c.execute("ALTER TABLE conversations ADD COLUMN options TEXT")
+    c.execute("ALTER TABLE conversations ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0 "
+              "CHECK (pinned IN (0, 1))")
+    c.execute("ALTER TABLE conversations ADD COLUMN title_pending INTEGER NOT NULL DEFAULT 0 "
+              "CHECK (title_pending IN (0, 1))")
+    c.execute("ALTER TABLE messages ADD COLUMN options TEXT")
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
-MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3]
+MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1201,7 +1256,11 @@ END;
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 20000       # messages indexed between two reports of progress
-CONVERSATION_COLUMNS = "id, title, model, created_at, updated_at"
+CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_prompt, options,
+    pinned"""
+# A conversation's columns as answered: the pin a JSON boolean.
+CONVERSATION_SELECT = """id, title, model, created_at, updated_at, system_prompt, options,
+    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned"""
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
@@ -1381,7 +1440,7 @@ class SearchIndex:
 
 MESSAGE_COLUMNS = """id, conversation_id, parent_id, sibling_ids, role, content, reasoning,
     model, timestamp, edited_at, response_time_ms, estimated_tokens, prompt_tokens,
-    tokens_per_second, finish_reason"""
+    tokens_per_second, finish_reason, options"""
 # The leaf a conversation shows: its current message while that is one of its
 # own, else its newest message (a leaf: a child is newer than its parent).
 CURRENT_SQL = """coalesce(
@@ -1577,6 +1636,17 @@ SUMMARY_SQL = """count(*), sum(role = 'assistant'),
                  sum(estimated_tokens)"""
 
 
+def stored_settings(settings):
+    """Settings of a conversation as its columns hold them (options as JSON,
+    the pin as 0 or 1); those left out are not there."""
+    out = dict(settings)
+    if "options" in out:
+        out["options"] = JSON.encode(out["options"]) if out["options"] is not None else None
+    if "pinned" in out:
+        out["pinned"] = int(bool(out["pinned"]))
+    return out
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -1679,32 +1749,43 @@ class Store:
         return self.damage
 
     # Conversations
-    def list_conversations(self, limit=None, offset=0):
+    def list_conversations(self, limit=None, offset=0, pinned=None):
+        where = "" if pinned is None else f"WHERE pinned = {int(pinned)}"
         return self.db.json_rows(
-            CONVERSATION_COLUMNS, """SELECT * FROM conversations
+            CONVERSATION_COLUMNS, f"""SELECT {CONVERSATION_SELECT} FROM conversations {where}
                ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
             (-1 if limit is None else limit, offset))[0]
 
     def get_conversation(self, conversation_id):
-        return one(self.db.conn().execute(
-            f"SELECT {CONVERSATION_COLUMNS}, {CURRENT_SQL} AS current_message_id "
-            "FROM conversations c WHERE id = ?", (conversation_id,)))
+        found = one(self.db.conn().execute(
+            f"SELECT {CONVERSATION_SELECT}, {CURRENT_SQL} AS current_message_id, "
+            "title_pending FROM conversations c WHERE id = ?", (conversation_id,)))
+        if found:
+            found["pinned"] = found["pinned"] == "true"
+            found["title_pending"] = bool(found["title_pending"])
+            found["options"] = json.loads(found["options"]) if found["options"] else None
+        return found
 
-    def create_conversation(self, title, model):
+    def create_conversation(self, title, model, title_pending=False, **settings):
+        """A new conversation; `settings`: system_prompt, options (a dict), pinned."""
         now = now_iso()
+        fields = dict(title=title, model=model, created_at=now, updated_at=now,
+                      title_pending=int(title_pending), **stored_settings(settings))
         with self.db.write() as c:
-            return c.execute("""INSERT INTO conversations (title, model, created_at, updated_at)
-                                VALUES (?, ?, ?, ?)""", (title, model, now, now)).lastrowid
+            return c.execute(f"INSERT INTO conversations ({', '.join(fields)}) VALUES "
+                             f"({', '.join('?' * len(fields))})",
+                             tuple(fields.values())).lastrowid
 
     def rename_conversation(self, conversation_id, title):
         return self.update_conversation(conversation_id, title=title) is not None
 
-    def update_conversation(self, conversation_id, title=None, show=None):
-        """Rename a conversation and/or show the branch through message `show`,
-        in one transaction: what changed ({"title", "current_message_id"}),
-        None if there is no such conversation; NOT_FOUND (and nothing done)
-        if `show` is not one of its messages."""
+    def update_conversation(self, conversation_id, title=None, show=None, **settings):
+        """Rename a conversation, show the branch through message `show`,
+        and/or change its settings (system_prompt, options, pinned), in one
+        transaction: what changed, None if there is no such conversation;
+        NOT_FOUND (and nothing done) if `show` is not one of its messages."""
         changed = {}
+        stored = stored_settings(settings)
         with self.db.write() as c:
             if not c.execute("SELECT 1 FROM conversations WHERE id = ?",
                              (conversation_id,)).fetchone():
@@ -1714,13 +1795,34 @@ class Store:
                     raise not_found("message", show)
                 changed["current_message_id"] = self.tree.leaf_along_newest(c, show)
             if title is not None:
-                changed["title"] = title
-                changed["updated_at"] = now_iso()
-            if changed:
-                c.execute(f"UPDATE conversations SET {', '.join(f'{n} = ?' for n in changed)} "
-                          "WHERE id = ?", (*changed.values(), conversation_id))
-        changed.pop("updated_at", None)
-        return changed
+                changed.update(title=title, title_pending=0, updated_at=now_iso())
+            columns = {**changed, **stored}
+            if columns:
+                c.execute(f"UPDATE conversations SET {', '.join(f'{n} = ?' for n in columns)} "
+                          "WHERE id = ?", (*columns.values(), conversation_id))
+        for name in ("updated_at", "title_pending"):
+            changed.pop(name, None)
+        return {**changed, **settings}
+
+    def title_if_pending(self, conversation_id, title):
+        """Give a conversation made without a title this one, unless a client
+        has titled it meanwhile. Whether it was given."""
+        with self.db.write() as c:
+            return c.execute("UPDATE conversations SET title = ?, title_pending = 0 "
+                             "WHERE id = ? AND title_pending = 1",
+                             (title, conversation_id)).rowcount == 1
+
+    def first_question(self, conversation_id):
+        row = self.db.conn().execute(
+            "SELECT content FROM messages WHERE conversation_id = ? AND role = 'user' "
+            "ORDER BY id LIMIT 1", (conversation_id,)).fetchone()
+        return row[0] if row else None
+
+    def delete_conversations(self, ids):
+        """Delete these conversations in one transaction: the ids deleted."""
+        with self.db.write() as c:
+            return [i for i in sorted(set(ids))
+                    if c.execute("DELETE FROM conversations WHERE id = ?", (i,)).rowcount]
 
     def delete_conversation(self, conversation_id):
         with self.db.write() as c:
@@ -2016,6 +2118,48 @@ def read_metrics(usage, timings, text, elapsed_ms):
 
 
 ###############################################################################
+# Settings of a conversation: what its next reply is made with
+###############################################################################
+
+def reply_settings(settings, conversation, request_options=None):
+    """(system prompt, options by the names of model_options) for a reply: the
+    request's options, else the conversation's, else the config's, name by
+    name; the conversation's system prompt, else the config's."""
+    options = {**settings.model_options, **(conversation.get("options") or {}),
+               **(request_options or {})}
+    system_prompt = conversation.get("system_prompt")
+    return (settings.system_prompt if system_prompt is None else system_prompt), options
+
+
+def effective_settings(settings, conversation):
+    """What the next reply is made with, each part with where it comes from."""
+    own = conversation.get("options") or {}
+    system_prompt, options = reply_settings(settings, conversation)
+    return {
+        "system_prompt": {"value": system_prompt, "from": "config" if conversation.get(
+            "system_prompt") is None else "conversation"},
+        "options": {name: {"value": value, "from": "conversation" if name in own else "config"}
+                    for name, value in options.items()},
+    }
+
+
+def first_line_title(text):
+    """A conversation's title from its first question: the first line, at
+    most TITLE_MAX characters, cut at a word."""
+    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= TITLE_MAX:
+        return line or UNTITLED
+    cut = line[:TITLE_MAX - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > TITLE_MAX // 2 else cut).rstrip(" ,.;:") + "…"
+
+
+TITLE_MAX = 60
+UNTITLED = "New chat"
+
+
+###############################################################################
 # Chat: shared by the plain and the streaming answer
 ###############################################################################
 
@@ -2102,6 +2246,8 @@ class ChatTurn:
     options: dict          # checked, named as llama.cpp names them
     stream: bool
     started: float = 0.0
+    asked_options: dict = None    # the same, as model_options names them: stored with the reply
+    title_pending: bool = False   # the conversation is titled after this reply
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages."""
@@ -2168,18 +2314,19 @@ def start_chat(app, body, stream):
         if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
-    upstream_options = check_model_options({**app.settings.model_options, **options}, "options")
     store = app.store
-    if store.get_conversation(conversation_id) is None:
+    conversation = store.get_conversation(conversation_id)
+    if conversation is None:
         raise not_found("conversation", conversation_id)
+    system_prompt, asked = reply_settings(app.settings, conversation, options)
+    upstream_options = check_model_options(asked, "options")
     target = None
     if target_id is not None:
         target = store.tree.message(target_id, conversation_id)
         if target is None:
             raise not_found("message", target_id)
     if model is None:
-        model = (target["role"] == "assistant" and target["model"]) or \
-            store.get_conversation(conversation_id)["model"] or ""
+        model = (target["role"] == "assistant" and target["model"]) or conversation["model"] or ""
     continued = None
     if message is not None:
         parent = target_id if placement == "parent_id" else CURRENT
@@ -2208,9 +2355,9 @@ def start_chat(app, body, stream):
             raise validation_error(placement, "That reply answers no question")
         last = parent_id = question
     limit = app.settings.performance["context_history_limit"] + (2 if continued else 1)
-    return ChatTurn(conversation_id, model, question, parent_id, continued,
-                    app.settings.system_prompt, store.tree.path(last, limit),
-                    upstream_options, stream, time.monotonic())
+    return ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
+                    store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
+                    asked, conversation["title_pending"] and not continued)
 
 
 def context_overflow(status, body):
@@ -2288,7 +2435,8 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms):
         turn.conversation_id, "assistant", text, turn.model or None, parent=turn.parent_id,
         reasoning=reasoning or None, response_time_ms=elapsed_ms,
         estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
-        tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason)
+        tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason,
+        options=JSON.encode(turn.asked_options) if turn.asked_options is not None else None)
     if message_id is None:                       # deleted while its reply was made
         if store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
@@ -2302,6 +2450,8 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
     message_id, text, reasoning, elapsed_ms, metrics = store_reply(
         app, turn, text, reasoning, finish_reason,
         read_metrics(usage, timings, text, elapsed_ms), elapsed_ms)
+    if turn.title_pending:
+        app.write_title(turn.conversation_id, text)
     answer = {
         "response": text,
         "model": turn.model,
@@ -2711,15 +2861,36 @@ def api_config(app, req):
 def api_list_conversations(app, req):
     limit = query_int(req, "limit", None, 0)
     offset = query_int(req, "offset", 0, 0)
-    return {"conversations": app.store.list_conversations(limit, offset)}
+    pinned = query_bool(req, "pinned")
+    return {"conversations": app.store.list_conversations(limit, offset, pinned)}
 
 
 def api_create_conversation(app, req):
     body = req.json()
-    known_fields(body, {"title", "model"})
-    title = require_str(body, "title", max_len=500).strip()
+    known_fields(body, {"title", "model", *SETTINGS_FIELDS})
+    settings = check_conversation_settings(body)
+    untitled = body.get("title") is None
+    title = UNTITLED if untitled else require_str(body, "title", max_len=500).strip()
     model = require_str(body, "model", allow_empty=True, max_len=500)
-    return Created(conversation_id=app.store.create_conversation(title, model))
+    pending = untitled and app.settings.auto_title != "off"
+    return Created(conversation_id=app.store.create_conversation(title, model, pending,
+                                                                 **settings))
+
+
+def api_delete_conversations(app, req):
+    body = req.json()
+    known_fields(body, {"ids"})
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not ids or len(ids) > 10_000 or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
+        raise validation_error("ids", "Field ids must be a list of 1 to 10,000 conversation ids")
+    deleted = app.store.delete_conversations(ids)
+    for conversation_id in deleted:
+        app.cancel(not_found("conversation", conversation_id), conversation_id)
+    if deleted:
+        app.purge_soon()
+    gone = set(deleted)
+    return {"deleted": deleted, "not_found": sorted({i for i in ids if i not in gone})}
 
 
 def api_get_conversation(app, req):
@@ -2727,19 +2898,22 @@ def api_get_conversation(app, req):
     if branches not in (None, "current", "all"):
         raise validation_error("branches", "Query parameter branches must be all or current")
     conversation = existing_conversation(app, req)
+    conversation.pop("title_pending")
     messages, summary = app.store.messages(conversation["id"], branches == "all")
-    return {"conversation": conversation, "messages": messages, "stats": summary}
+    return {"conversation": conversation, "messages": messages, "stats": summary,
+            "effective": effective_settings(app.settings, conversation)}
 
 
 def api_update_conversation(app, req):
     conversation_id = path_id(req, "conversation")
     body = req.json()
-    known_fields(body, {"title", "current_message_id"})
+    known_fields(body, {"title", "current_message_id", *SETTINGS_FIELDS})
     if not body:
-        raise validation_error("title", "Send a title, a current_message_id, or both")
+        raise validation_error("title", "Send a title, a current_message_id or settings")
     title = require_str(body, "title", max_len=500).strip() if "title" in body else None
     show = require_int(body, "current_message_id") if "current_message_id" in body else None
-    changed = app.store.update_conversation(conversation_id, title, show)
+    changed = app.store.update_conversation(conversation_id, title, show,
+                                            **check_conversation_settings(body))
     if changed is None:
         raise not_found("conversation", conversation_id)
     return changed
@@ -2834,6 +3008,7 @@ ROUTES = [
     ("GET", r"/api/conversations/(?P<id>[^/]+)", api_get_conversation),
     ("PUT", r"/api/conversations/(?P<id>[^/]+)", api_update_conversation),
     ("DELETE", r"/api/conversations/(?P<id>[^/]+)", api_delete_conversation),
+    ("POST", r"/api/conversations/delete", api_delete_conversations),
     ("POST", r"/api/conversations/(?P<id>[^/]+)/fork", api_fork),
     ("PUT", r"/api/messages/(?P<id>[^/]+)", api_edit_message),
     ("DELETE", r"/api/messages/(?P<id>[^/]+)", api_delete_message),
@@ -2889,6 +3064,8 @@ def page_headers(html):
 
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+TITLE_PROMPT = ("Write a title of at most six words for the conversation below, in its "
+                "language. Answer with the title alone: no quotes, no punctuation at the end.")
 
 
 class App:
@@ -2979,6 +3156,48 @@ class App:
                     self._purge["running"] = False
                     return
                 self._purge["again"] = False
+
+    def write_title(self, conversation_id, reply):
+        """Title a conversation made without one, after its first reply: by
+        its first line, or (auto_title "model") by llama.cpp in the
+        background, the first line on any failure. Never fails the chat."""
+        question = self.store.first_question(conversation_id) or ""
+        fallback = first_line_title(question)
+        if self.settings.auto_title != "model":
+            self._give_title(conversation_id, fallback)
+            return
+        threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
+                                                           fallback), daemon=True).start()
+
+    def _title_by_model(self, conversation_id, question, reply, fallback):
+        title = fallback
+        try:
+            status, body = self.upstream.call("POST", "/v1/chat/completions", {
+                "messages": [{"role": "system", "content": TITLE_PROMPT},
+                             {"role": "user", "content": f"{question[:2000]}\n\n---\n\n"
+                                                         f"{reply[:1000]}"}],
+                "max_tokens": 24, "temperature": 0.2, "stream": False,
+                "reasoning_format": "none",
+                "chat_template_kwargs": {"enable_thinking": False}}, read_timeout=60)
+            if status != 200:
+                raise upstream_status_error(status, body)
+            text = body["choices"][0]["message"]["content"]
+            line = first_line_title(re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+                                    .strip().strip("\"'*#").strip())
+            if line and line != UNTITLED:
+                title = line
+        except Exception as e:               # noqa: BLE001 (a title never fails a chat)
+            log.info("conversation %d: llama.cpp gave no title (%s); using the first line",
+                     conversation_id, e)
+        self._give_title(conversation_id, title)
+        self.store.release()
+
+    def _give_title(self, conversation_id, title):
+        try:
+            self.store.title_if_pending(conversation_id, title)
+        except sqlite3.Error as e:
+            log.warning("conversation %d: its title could not be stored: %s",
+                        conversation_id, e)
 
     def generation_started(self, turn, client=None):
         generation = Generation(turn.conversation_id, client, turn.depends_on)

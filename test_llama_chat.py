@@ -46,6 +46,7 @@ class Stub:
         self.no_models_route = False
         self.loading = False      # /health answers 503 "Loading model", as while one loads
         self.finish_reason = "stop"   # "length": as when max_tokens cut the reply
+        self.titles = "ok"            # title requests: ok | fail (500) | slow (3 s)
         self.echo_prefill = False     # send a last assistant message again first, as
                                       # llama-server does when it continues one
         self.requests = []
@@ -107,6 +108,11 @@ class StubHandler(BaseHTTPRequestHandler):
             stub.requests.append({"body": body, "headers": dict(self.headers)})
         if stub.stall:
             time.sleep(stub.stall)
+        if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
+            if stub.titles == "slow":
+                time.sleep(3)
+            else:
+                return self.send_json(500, {"error": {"code": 500, "message": "no titles"}})
         prompt = sum(len(m["content"]) for m in body["messages"])
         if stub.context_chars and prompt > stub.context_chars:
             return self.send_json(400, {"error": {
@@ -518,7 +524,8 @@ def test_list_conversations_newest_activity_first(client):
     assert status == 200
     assert [x["id"] for x in body["conversations"]] == [b, a, c]
     first = body["conversations"][0]
-    assert set(first) == {"id", "title", "model", "created_at", "updated_at"}
+    assert set(first) == {"id", "title", "model", "created_at", "updated_at", "system_prompt",
+                          "options", "pinned"}
     assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
 
 
@@ -668,7 +675,10 @@ def test_unknown_conversation_is_not_found(client, method, path):
 ###############################################################################
 
 @pytest.mark.parametrize("path, body, field", [
-    ("/api/conversations", {"model": MODEL}, "title"),
+    ("/api/conversations", {"model": MODEL, "options": {"top_k": -5}}, "options.top_k"),
+    ("/api/conversations", {"model": MODEL, "options": {"mirostat": 1}}, "options.mirostat"),
+    ("/api/conversations", {"model": MODEL, "pinned": "yes"}, "pinned"),
+    ("/api/conversations", {"model": MODEL, "system_prompt": 5}, "system_prompt"),
     ("/api/conversations", {"title": 5, "model": MODEL}, "title"),
     ("/api/conversations", {"title": "   ", "model": MODEL}, "title"),
     ("/api/conversations", {"title": "t"}, "model"),
@@ -2256,7 +2266,8 @@ def test_a_schema_2_database_becomes_chains(tmp_path, caplog):
     make_schema_2_db(path)
     caplog.set_level("INFO", logger="llama_chat")
     store = llama_chat.Store(path)
-    assert store.backup_path and rows_of(store, "PRAGMA user_version") == [(3,)]
+    assert store.backup_path
+    assert rows_of(store, "PRAGMA user_version") == [(llama_chat.SCHEMA_VERSION,)]
     assert not any("built the search index" in r.getMessage() for r in caplog.records)
     assert rows_of(store, "SELECT id, conversation_id, parent_id FROM messages ORDER BY id") == [
         (1, 1, None), (2, 2, None), (3, 1, 1), (4, 1, 3), (5, 2, 2), (6, 1, 4), (7, 1, 6)]
@@ -2612,6 +2623,129 @@ def test_two_clients_regenerating_at_once_get_two_siblings(client, stub):
     every = conversation(client, cid, everything=True)["messages"]
     assert every[-1]["sibling_ids"] == [first["message_id"]] + sorted(
         a[2]["message_id"] for a in answers)
+
+
+###############################################################################
+# Settings of a conversation, titles, pins
+###############################################################################
+
+def test_options_come_from_the_request_then_the_conversation_then_the_config(client, stub):
+    status, _, body = client.post("/api/conversations", {
+        "title": "code", "model": MODEL, "system_prompt": "You write Python.",
+        "options": {"temperature": 0.7, "top_k": 7}})
+    cid = body["conversation_id"]
+    client.chat(cid, "hi", options={"temperature": 1.3})
+    sent_body = stub.requests[-1]["body"]
+    assert (sent_body["temperature"], sent_body["top_k"], sent_body["top_p"]) == (1.3, 7, 0.95)
+    assert sent_body["messages"][0] == {"role": "system", "content": "You write Python."}
+    reply = conversation(client, cid)["messages"][-1]
+    assert reply["options"]["temperature"] == 1.3 and reply["options"]["top_k"] == 7
+    client.put(f"/api/conversations/{cid}", {"system_prompt": None, "options": None})
+    client.chat(cid, "again")
+    sent_body = stub.requests[-1]["body"]
+    assert (sent_body["temperature"], sent_body["top_k"]) == (0.1, 50)
+    assert sent_body["messages"][0]["content"] == client.app.settings.system_prompt
+
+
+def test_a_conversation_answers_its_settings_and_where_each_comes_from(client):
+    cid = client.post("/api/conversations", {"title": "t", "model": MODEL,
+                                             "options": {"top_p": 0.5}})[2]["conversation_id"]
+    body = conversation(client, cid)
+    assert body["conversation"]["options"] == {"top_p": 0.5}
+    assert body["conversation"]["system_prompt"] is None and body["conversation"]["pinned"] is False
+    effective = body["effective"]
+    assert effective["system_prompt"] == {"value": client.app.settings.system_prompt,
+                                          "from": "config"}
+    assert effective["options"]["top_p"] == {"value": 0.5, "from": "conversation"}
+    assert effective["options"]["temperature"] == {"value": 0.1, "from": "config"}
+    status, _, answer = client.put(f"/api/conversations/{cid}", {"options": {"top_p": 7}})
+    assert (status, answer["field"]) == (400, "options.top_p")
+    assert conversation(client, cid)["conversation"]["options"] == {"top_p": 0.5}
+
+
+def test_pins_and_the_pinned_list(client):
+    a, b, c = (client.new_conversation(t) for t in "abc")
+    assert client.put(f"/api/conversations/{a}", {"pinned": True})[2]["pinned"] is True
+    client.post("/api/conversations", {"title": "d", "model": MODEL, "pinned": True})
+    listed = client.get("/api/conversations?pinned=true")[2]["conversations"]
+    assert [x["title"] for x in listed] == ["d", "a"] and all(x["pinned"] for x in listed)
+    every = client.get("/api/conversations")[2]["conversations"]
+    assert [x["title"] for x in every] == ["d", "c", "b", "a"]       # in their place too
+    assert [x["title"] for x in client.get("/api/conversations?pinned=false")[2][
+        "conversations"]] == ["c", "b"]
+    assert client.get("/api/conversations?pinned=yes")[2]["field"] == "pinned"
+
+
+def test_several_conversations_delete_at_once(client):
+    ids = [client.new_conversation(t) for t in "abc"]
+    client.chat(ids[0], "bulkword")
+    status, _, body = client.post("/api/conversations/delete", {"ids": [ids[0], ids[2], 999]})
+    assert (status, body["deleted"], body["not_found"]) == (200, [ids[0], ids[2]], [999])
+    assert [x["id"] for x in client.get("/api/conversations")[2]["conversations"]] == [ids[1]]
+    assert not client.app.store.search("bulkword", 5)
+    for bad in ([], ["1"], [True], "1"):
+        assert client.post("/api/conversations/delete", {"ids": bad})[2]["field"] == "ids"
+
+
+@pytest.mark.parametrize("mode, expected", [
+    ("first-line", "Plan a trip to Kyoto in spring, with temples, gardens and…"),
+    ("off", "New chat"),
+    ("model", "Kyoto Spring Trip"),
+])
+def test_a_conversation_made_without_a_title_is_titled_after_its_first_reply(
+        client, stub, mode, expected):
+    client.app.settings = replace(client.app.settings, auto_title=mode)
+    cid = client.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
+    assert conversation(client, cid)["conversation"]["title"] == "New chat"
+    question = ("Plan a trip to Kyoto in spring, with temples, gardens and food markets "
+                "for a week\nand more lines")
+    if mode == "model":
+        stub.reply = '"Kyoto Spring Trip"'
+    client.chat(cid, question)
+    deadline = time.monotonic() + 5
+    while conversation(client, cid)["conversation"]["title"] != expected and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert conversation(client, cid)["conversation"]["title"] == expected
+    if mode == "model":
+        asked = stub.requests[-1]["body"]
+        assert asked["max_tokens"] == 24 and asked["temperature"] == 0.2
+    client.chat(cid, "a second question")                 # only after the first reply
+    assert conversation(client, cid)["conversation"]["title"] == expected
+
+
+@pytest.mark.parametrize("titles", ["fail", "slow"])
+def test_a_model_title_that_fails_or_is_slow_never_holds_the_chat(client, stub, titles):
+    client.app.settings = replace(client.app.settings, auto_title="model")
+    stub.titles = titles
+    cid = client.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
+    started = time.monotonic()
+    assert client.chat(cid, "Why is the sky blue?")[0] == 200
+    assert time.monotonic() - started < 1.5
+    if titles == "slow":
+        assert conversation(client, cid)["conversation"]["title"] == "New chat"
+    deadline = time.monotonic() + 6
+    while conversation(client, cid)["conversation"]["title"] == "New chat" and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    expected = "Why is the sky blue?" if titles == "fail" else stub.reply
+    assert conversation(client, cid)["conversation"]["title"] == expected
+
+
+def test_a_title_set_by_a_client_is_never_changed(client, stub):
+    cid = client.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
+    client.put(f"/api/conversations/{cid}", {"title": "Mine"})
+    client.chat(cid, "something else")
+    assert conversation(client, cid)["conversation"]["title"] == "Mine"
+
+
+def test_a_1_1_database_gets_settings_of_null(tmp_path):
+    path = str(tmp_path / "v11s.db")
+    make_1_1_db(path)
+    store = llama_chat.Store(path)
+    found = store.get_conversation(1)
+    assert (found["system_prompt"], found["options"], found["pinned"]) == (None, None, False)
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(20,)]
 
 
 ###############################################################################
@@ -3225,7 +3359,8 @@ def test_page_failures_leave_no_litter(page, client, stub):
     state = b.js("""return {title: document.getElementById('title').textContent,
         listed: [...document.querySelectorAll('#conv-list .title')].map((t) => t.textContent),
         replies: document.querySelectorAll('.msg.assistant').length}""")
-    assert state == {"title": "first try fails", "listed": ["first try fails"], "replies": 0}
+    # Listed at once; titled by the server after its first reply, none yet.
+    assert state == {"title": "New chat", "listed": ["New chat"], "replies": 0}
     b.click("#retry-row button")                       # fails again
     b.wait("return document.querySelector('#retry-row button') && !document.querySelector("
            "'.msg.streaming')")
