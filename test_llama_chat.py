@@ -3265,7 +3265,7 @@ def test_page_links_keep_their_parentheses_and_headings_stay_large(page, client,
     assert found["links"] == ["https://en.wikipedia.org/wiki/Foo_(bar)",
                               "https://en.wikipedia.org/wiki/Baz_(qux)"]
     assert "here (/api/conversations)" in found["text"]
-    assert found["bigger"] and found["icons"] == [True, True]
+    assert found["bigger"] and found["icons"] == [True, True, True]      # pin, rename, delete
 
 
 @needs_chromium
@@ -3444,6 +3444,23 @@ def test_page_renames_and_deletes_in_place(page, client):
     b.wait("return document.querySelectorAll('#conv-list .conv').length === 1")
     assert client.get(f"/api/conversations/{gone}")[0] == 404
     assert client.get(f"/api/conversations/{keep}")[0] == 200
+
+
+@needs_chromium
+def test_page_pins_a_conversation_into_the_pinned_group(page, client):
+    keep = client.new_conversation("Keep at hand")
+    client.new_conversation("Newer one")
+    b = page("/")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 2")
+    b.hover(f"#conv-list li[data-id='{keep}']")
+    b.click(f"#conv-list li[data-id='{keep}'] button[data-action='pin']")
+    b.wait("return document.querySelector('#conv-list .group')")
+    assert client.get("/api/conversations?pinned=true")[2]["conversations"][0]["id"] == keep
+    b.go(f"http://127.0.0.1:{client.port}/")
+    listed = b.wait("const l = [...document.querySelectorAll('#conv-list > li')];"
+                    "return l.length === 5 && l.map(e => e.classList.contains('group') ? "
+                    "'[' + e.textContent + ']' : e.querySelector('.title').textContent)")
+    assert listed == ["[Pinned]", "Keep at hand", "[Recent]", "Newer one", "Keep at hand"]
 
 
 @needs_chromium
