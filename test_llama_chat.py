@@ -3464,6 +3464,30 @@ def test_page_pins_a_conversation_into_the_pinned_group(page, client):
 
 
 @needs_chromium
+def test_page_sets_the_temperature_of_one_chat(page, client, stub):
+    cid = client.new_conversation("Stories")
+    other = client.new_conversation("Code")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.click("#settings-toggle")
+    placeholder = b.wait("const i = document.getElementById('set-temperature');"
+                         "return i && i.placeholder")
+    assert placeholder == "0.1"                          # the config's, shown as the default
+    b.type("#set-temperature", "1.2")
+    b.js("document.getElementById('set-system').value = 'You tell stories.'")
+    b.click("#settings .set-actions .primary")
+    b.wait("const r = document.querySelector('#set-temperature');"
+           "return r && r.value === '1.2' && r.parentNode.querySelector('.from').textContent"
+           " === 'this chat'")
+    b.type("#input", "once upon\ue007")
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    sent_body = stub.requests[-1]["body"]
+    assert sent_body["temperature"] == 1.2
+    assert sent_body["messages"][0] == {"role": "system", "content": "You tell stories."}
+    assert client.get(f"/api/conversations/{other}")[2]["conversation"]["options"] is None
+
+
+@needs_chromium
 def test_page_keyboard_shortcuts_and_labels(page, client):
     b = page("/")
     b.wait("return document.querySelector('#model option')")
