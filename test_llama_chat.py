@@ -3488,6 +3488,24 @@ def test_page_sets_the_temperature_of_one_chat(page, client, stub):
 
 
 @needs_chromium
+def test_page_theme_choice_is_kept(page, client):
+    b = page("/")
+    b.wait("return document.querySelector('#model option')")
+    background = "return getComputedStyle(document.body).backgroundColor"
+    b.js("const t = document.getElementById('theme'); t.value = 'dark';"
+         "t.dispatchEvent(new Event('change'))")
+    assert b.js(background) == "rgb(22, 24, 28)"
+    b.go(f"http://127.0.0.1:{client.port}/")
+    b.wait("return document.querySelector('#model option')")
+    assert b.js(background) == "rgb(22, 24, 28)" and b.js(
+        "return document.getElementById('theme').value") == "dark"
+    b.js("const t = document.getElementById('theme'); t.value = 'light';"
+         "t.dispatchEvent(new Event('change'))")
+    assert b.js(background) == "rgb(255, 255, 255)"
+    b.js("localStorage.removeItem('llama-chat.theme')")
+
+
+@needs_chromium
 def test_page_keyboard_shortcuts_and_labels(page, client):
     b = page("/")
     b.wait("return document.querySelector('#model option')")
