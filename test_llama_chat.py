@@ -3506,6 +3506,39 @@ def test_page_theme_choice_is_kept(page, client):
 
 
 @needs_chromium
+def test_page_highlights_code_and_leaves_other_languages_plain(page, client):
+    store = client.app.store
+    cid = store.create_conversation("code", MODEL)
+    store.add_message(cid, "user", "show me")
+    fences = {
+        "python": 'def f(x):  # a comment\n    return "text" + 42',
+        "js": "const x = `tpl`; // note\nlet y = 0x1F;",
+        "sql": "SELECT name FROM t WHERE id = 'a' -- why",
+        "brainfuck": "def const select 42 \"x\"",
+        "html": '<div class="a"><!-- c --></div>',
+        "bash": HOSTILE[0] + "\necho 'hi' # " + HOSTILE[1],
+    }
+    reply = "\n\n".join(f"```{lang}\n{code}\n```" for lang, code in fences.items())
+    store.add_message(cid, "assistant", reply, MODEL, finish_reason="stop")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.codeblock').length === 6")
+    found = b.js("""return [...document.querySelectorAll('.codeblock code')].map((c) =>
+        [...c.querySelectorAll('span')].map((s) => s.className.slice(4) + ':' + s.textContent))""")
+    python, js, sql, plain, html, bash = found
+    assert python == ["keyword:def", "comment:# a comment", "keyword:return", 'string:"text"',
+                      "number:42"]
+    assert js == ["keyword:const", "string:`tpl`", "comment:// note", "keyword:let",
+                  "number:0x1F"]
+    assert sql == ["keyword:SELECT", "keyword:FROM", "keyword:WHERE", "string:'a'",
+                   "comment:-- why"]
+    assert plain == []
+    assert html[:2] == ["keyword:<div", 'string:"a"'] and "comment:<!-- c -->" in html
+    texts = b.js("return [...document.querySelectorAll('.codeblock code')].map(c => c.textContent)")
+    assert texts == list(fences.values())                  # the text itself, unchanged
+    assert b.js(INERT_CHECK) == []
+
+
+@needs_chromium
 def test_page_keyboard_shortcuts_and_labels(page, client):
     b = page("/")
     b.wait("return document.querySelector('#model option')")
