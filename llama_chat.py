@@ -2071,6 +2071,33 @@ class Upstream:
                 models.append({"name": entry["id"], "status": str(state)})
         return models
 
+    def defaults(self, model=None):
+        """llama-server's own sampling defaults (GET /props; in router mode, of
+        one model), under the names of model_options; {} where it has none."""
+        path = "/props" + (f"?model={urllib.parse.quote(model)}" if model else "")
+        status, body = self.call("GET", path, read_timeout=30)
+        if status != 200:
+            raise upstream_status_error(status, body)
+        try:
+            params = body["default_generation_settings"]["params"]
+        except (KeyError, TypeError):
+            return {}
+        found = {}
+        for name, theirs in PROPS_NAMES.items():
+            value = params.get(theirs) if isinstance(params, dict) else None
+            if isinstance(value, float):
+                value = round(value, 4)              # float32 noise: 0.800000011920929
+            if isinstance(value, (int, float, list)) and not isinstance(value, bool):
+                found[name] = value
+        return found
+
+
+# model_options names -> llama-server's /props names
+PROPS_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+               "min_p": "min_p", "num_predict": "n_predict", "repeat_penalty": "repeat_penalty",
+               "seed": "seed", "stop": "stop", "presence_penalty": "presence_penalty",
+               "frequency_penalty": "frequency_penalty"}
+
 
 def context_messages(system_prompt, history):
     """The messages llama.cpp sees: system prompt, then history with roles
@@ -2854,6 +2881,13 @@ def api_models(app, req):
             "details": models, "llamacpp_url": app.settings.llamacpp_url}
 
 
+def api_model_defaults(app, req):
+    model = req.arg("model") or None
+    if model is not None and len(model) > 500:
+        raise validation_error("model", "Query parameter model is longer than 500 characters")
+    return {"model": model, "defaults": app.upstream.defaults(model)}
+
+
 def api_config(app, req):
     return app.settings.public_config()
 
@@ -3002,6 +3036,7 @@ ROUTES = [
     ("GET", r"/index\.html", page_index),
     ("GET", r"/api/health", api_health),
     ("GET", r"/api/models", api_models),
+    ("GET", r"/api/models/defaults", api_model_defaults),
     ("GET", r"/api/config", api_config),
     ("GET", r"/api/conversations", api_list_conversations),
     ("POST", r"/api/conversations", api_create_conversation),

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -81,7 +82,12 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         stub = self.stub
-        if self.path == "/health" and stub.loading:
+        if self.path.startswith("/props"):
+            model = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("model")
+            self.send_json(200, {"default_generation_settings": {"params": {
+                "temperature": 0.800000011920929 if not model else 0.6, "top_k": 40,
+                "n_predict": -1, "seed": 4294967295, "samplers": ["top_k"]}}})
+        elif self.path == "/health" and stub.loading:
             self.send_json(503, {"error": {"code": 503, "message": "Loading model",
                                            "type": "unavailable_error"}})
         elif self.path == "/health":
@@ -2663,6 +2669,13 @@ def test_a_conversation_answers_its_settings_and_where_each_comes_from(client):
     assert conversation(client, cid)["conversation"]["options"] == {"top_p": 0.5}
 
 
+def test_llamacpp_s_own_defaults_are_answered_by_our_names(client, stub):
+    body = client.get("/api/models/defaults")[2]
+    assert body["defaults"] == {"temperature": 0.8, "top_k": 40, "num_predict": -1,
+                                "seed": 4294967295}
+    assert client.get("/api/models/defaults?model=qwen%20x")[2]["defaults"]["temperature"] == 0.6
+
+
 def test_pins_and_the_pinned_list(client):
     a, b, c = (client.new_conversation(t) for t in "abc")
     assert client.put(f"/api/conversations/{a}", {"pinned": True})[2]["pinned"] is True
@@ -3473,6 +3486,9 @@ def test_page_sets_the_temperature_of_one_chat(page, client, stub):
     placeholder = b.wait("const i = document.getElementById('set-temperature');"
                          "return i && i.placeholder")
     assert placeholder == "0.1"                          # the config's, shown as the default
+    theirs = b.wait("const t = document.querySelector('#set-temperature')"
+                    ".parentNode.querySelector('.theirs'); return t && t.textContent")
+    assert theirs == "llama.cpp: 0.6"          # llama-server's, from /props?model= (the chosen one)
     b.type("#set-temperature", "1.2")
     b.js("document.getElementById('set-system').value = 'You tell stories.'")
     b.click("#settings .set-actions .primary")
