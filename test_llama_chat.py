@@ -2676,6 +2676,28 @@ def test_llamacpp_s_own_defaults_are_answered_by_our_names(client, stub):
     assert client.get("/api/models/defaults?model=qwen%20x")[2]["defaults"]["temperature"] == 0.6
 
 
+@pytest.mark.parametrize("options, field, error", [
+    ({"temperature": 999}, "options.temperature", None),
+    ({"top_k": 1.5}, "options.top_k", "options.top_k must be a int"),
+    ({"stop": [""]}, "options.stop", "options.stop must be a list of at most 16 non-empty "
+                                     "strings"),
+    ({"grammar": "x"}, "options.grammar", None),
+    ([1], "options", "options must be an object"),
+])
+def test_conversation_options_are_checked_as_a_chat_s_are(client, options, field, error):
+    cid = client.new_conversation()
+    chat = client.chat(cid, "x", options=options)[2]
+    for status, _, body in (
+            client.post("/api/conversations", {"model": MODEL, "options": options}),
+            client.put(f"/api/conversations/{cid}", {"options": options})):
+        assert status == 400 and body == chat                # one checker, one whole body
+        assert (body["code"], body["field"], body["success"]) == ("VALIDATION_ERROR", field, False)
+        if error:
+            assert body["error"] == error
+    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+
+
 def test_pins_and_the_pinned_list(client):
     a, b, c = (client.new_conversation(t) for t in "abc")
     assert client.put(f"/api/conversations/{a}", {"pinned": True})[2]["pinned"] is True
@@ -3552,6 +3574,22 @@ def test_page_highlights_code_and_leaves_other_languages_plain(page, client):
     texts = b.js("return [...document.querySelectorAll('.codeblock code')].map(c => c.textContent)")
     assert texts == list(fences.values())                  # the text itself, unchanged
     assert b.js(INERT_CHECK) == []
+
+
+@needs_chromium
+def test_page_deletes_several_conversations_at_once(page, client):
+    ids = [client.new_conversation(t) for t in ("one", "two", "three")]
+    b = page("/")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 3")
+    b.click("#select-convs")
+    for cid in ids[:2]:
+        b.click(f"#conv-list li[data-id='{cid}'] .pick-conv")
+    b.wait("return document.querySelector('#selection-bar .danger').textContent === 'Delete 2'")
+    b.click("#selection-bar .danger")
+    assert len(client.get("/api/conversations")[2]["conversations"]) == 3   # asked first
+    b.click("#selection-bar .danger")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 1")
+    assert [c["id"] for c in client.get("/api/conversations")[2]["conversations"]] == [ids[2]]
 
 
 @needs_chromium
