@@ -2237,15 +2237,16 @@ def regenerate(client, cid, message_id, **extra):
                                      "model": MODEL, **extra})
 
 
-def schema_2_db(path, fill, index=True):
-    """A database as llama-chat 1.2 left it: schema 2, its search index built
-    (or, with index=False, none), and fill(cursor) to put rows in it."""
+def schema_2_db(path, fill, index=True, version=2):
+    """A database as llama-chat 1.2 left it: schema 2 (or `version`), its
+    search index built (or, with index=False, none), and fill(cursor) to put
+    rows in it."""
     store = llama_chat.Store(path, open_now=False)
     with store.db.own_connection() as conn:
         with store.db.write(conn) as c:
-            for migrate in llama_chat.MIGRATIONS[:2]:
+            for migrate in llama_chat.MIGRATIONS[:version]:
                 migrate(c)
-            c.execute("PRAGMA user_version = 2")
+            c.execute(f"PRAGMA user_version = {version}")
             if index:
                 store.index.sync(c, llama_chat.Progress())
             fill(c)
@@ -2772,6 +2773,26 @@ def test_a_title_set_by_a_client_is_never_changed(client, stub):
     client.put(f"/api/conversations/{cid}", {"title": "Mine"})
     client.chat(cid, "something else")
     assert conversation(client, cid)["conversation"]["title"] == "Mine"
+
+
+def test_a_schema_3_database_gets_settings_of_null_after_a_backup(tmp_path):
+    path = str(tmp_path / "v3.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        for text in ("question", "answer"):
+            c.execute("INSERT INTO messages (conversation_id, parent_id, role, content) "
+                      "SELECT 1, max(id), ?, ? FROM messages", (
+                          "user" if text == "question" else "assistant", text))
+    schema_2_db(path, fill, version=3)
+    store = llama_chat.Store(path)
+    assert store.backup_path and sqlite3.connect(store.backup_path).execute(
+        "PRAGMA user_version").fetchone() == (3,)
+    found = store.get_conversation(1)
+    assert (found["system_prompt"], found["options"], found["pinned"]) == (None, None, False)
+    assert [m["content"] for m in json.loads(store.messages(1)[0])] == ["question", "answer"]
+    assert json.loads(store.messages(1)[0])[1]["options"] is None
+    assert len(store.search("answer", 5)) == 1
 
 
 def test_a_1_1_database_gets_settings_of_null(tmp_path):
