@@ -47,7 +47,7 @@ class Stub:
         self.no_models_route = False
         self.loading = False      # /health answers 503 "Loading model", as while one loads
         self.finish_reason = "stop"   # "length": as when max_tokens cut the reply
-        self.titles = "ok"            # title requests: ok | fail (500) | slow (3 s)
+        self.titles = "ok"            # title requests: ok | fail (500) | slow (1 s)
         self.echo_prefill = False     # send a last assistant message again first, as
                                       # llama-server does when it continues one
         self.requests = []
@@ -116,7 +116,7 @@ class StubHandler(BaseHTTPRequestHandler):
             time.sleep(stub.stall)
         if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
             if stub.titles == "slow":
-                time.sleep(3)
+                time.sleep(1)
             else:
                 return self.send_json(500, {"error": {"code": 500, "message": "no titles"}})
         prompt = sum(len(m["content"]) for m in body["messages"])
