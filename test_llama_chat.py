@@ -3277,15 +3277,22 @@ def test_page_opens_a_conversation_by_its_link(page, client):
     assert b.js("return document.getElementById('title').textContent") == "Linked"
 
 
+def reply_in_the_page(page, client, question, ready):
+    """Ask `question` in a new conversation (the stub answers its reply) and
+    open it in the page, once the element `ready` (css) is drawn."""
+    cid = client.new_conversation()
+    client.chat(cid, question)
+    b = page(f"/#/c/{cid}")
+    b.wait(f"return document.querySelector({json.dumps(ready)})")
+    return b
+
+
 @needs_chromium
 def test_page_renders_markdown_as_elements(page, client, stub):
     stub.reply = ("## Heading\n\nSome **bold**, *em* and `code`.\n\n```python\nprint('hi')\n"
                   "```\n\n1. one\n2. two\n   - nested\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
                   "> quoted\n\n---\n\n[site](https://example.com) [mail](mailto:a@b.c)")
-    cid = client.new_conversation()
-    client.chat(cid, "markdown please")
-    b = page(f"/#/c/{cid}")
-    b.wait("return document.querySelector('.msg.assistant .body h4')")
+    b = reply_in_the_page(page, client, "markdown please", ".msg.assistant .body h4")
     found = b.js("""const body = document.querySelector('.msg.assistant .body');
         const q = (s) => body.querySelector(s);
         return {h: q('h4').textContent, strong: q('p strong').textContent,
@@ -3307,10 +3314,7 @@ def test_page_renders_markdown_as_elements(page, client, stub):
 def test_page_links_keep_their_parentheses_and_headings_stay_large(page, client, stub):
     stub.reply = ("### Small heading\n\nSee [w](https://en.wikipedia.org/wiki/Foo_(bar)) and "
                   "https://en.wikipedia.org/wiki/Baz_(qux), not [here](/api/conversations).")
-    cid = client.new_conversation()
-    client.chat(cid, "links please")
-    b = page(f"/#/c/{cid}")
-    b.wait("return document.querySelector('.msg.assistant .body h5')")
+    b = reply_in_the_page(page, client, "links please", ".msg.assistant .body h5")
     found = b.js("""const body = document.querySelector('.msg.assistant .body');
         const size = (n) => parseFloat(getComputedStyle(n).fontSize);
         return {links: [...body.querySelectorAll('a')].map(a => a.href),
