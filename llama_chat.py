@@ -1451,11 +1451,18 @@ CURRENT_SQL = """coalesce(
 SIBLINGS_SQL = """(SELECT '[' || group_concat(id) || ']' FROM (
     SELECT s.id FROM messages s WHERE s.parent_id IS m.parent_id
                                   AND s.conversation_id = m.conversation_id ORDER BY s.id))"""
-# The path from message ? up to the root, at most ? messages long.
-PATH_SQL = """WITH RECURSIVE path(id, parent_id, depth) AS (
-    SELECT id, parent_id, 1 FROM messages WHERE id = ?
+def path_sql(start="?"):
+    """The path from message `start` (an SQL expression) up to the root, at
+    most ? messages long."""
+    return f"""WITH RECURSIVE path(id, parent_id, depth) AS (
+    SELECT id, parent_id, 1 FROM messages WHERE id = {start}
     UNION ALL SELECT m.id, m.parent_id, path.depth + 1 FROM messages m
               JOIN path ON m.id = path.parent_id WHERE path.depth < ?)"""
+
+
+PATH_SQL = path_sql()
+# The path from a conversation's current message (?) up.
+CURRENT_PATH_SQL = path_sql(f"(SELECT {CURRENT_SQL} FROM conversations c WHERE c.id = ?)")
 # Message ? and every message below it.
 SUBTREE_SQL = """WITH RECURSIVE below(id) AS (
     SELECT ? UNION ALL SELECT m.id FROM messages m JOIN below ON m.parent_id = below.id)"""
@@ -1521,8 +1528,7 @@ class Tree:
             query = (f"SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m "
                      f"WHERE m.conversation_id = ? ORDER BY m.id")
             return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id,))[0]
-        query = (f"""{PATH_SQL.replace("WHERE id = ?", f"WHERE id = (SELECT {CURRENT_SQL} "
-                                       "FROM conversations c WHERE c.id = ?)")}
+        query = (f"""{CURRENT_PATH_SQL}
                      SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m
                      WHERE m.id IN (SELECT id FROM path) ORDER BY m.id""")
         return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id, WHOLE_PATH))[0]
@@ -1566,14 +1572,13 @@ class Tree:
                       "WHERE id = ?", (current, now_iso(), conversation_id))
             return conversation_id, deleted, current
 
-    def fork(self, message_id, title=None):
+    def fork(self, source, message_id, title=None):
         """A new conversation holding copies of the branch from the root to
-        this message, with the source's model and settings: its id, or None
-        if there is no such message."""
+        this message of conversation `source`, with the source's model and
+        settings: its id, or None if the message is not one of the source's."""
         now = now_iso()
         with self.db.write() as c:
-            source = self.owner(c, message_id)
-            if source is None:
+            if self.owner(c, message_id) != source:
                 return None
             settings = [r[1] for r in c.execute("PRAGMA table_info(conversations)")
                         if r[1] not in FORK_FRESH]
@@ -2992,9 +2997,7 @@ def api_fork(app, req):
     message_id = require_int(body, "message_id")
     title = require_str(body, "title", max_len=500).strip() if body.get("title") is not None \
         else None
-    if app.store.tree.message(message_id, conversation["id"]) is None:
-        raise not_found("message", message_id)
-    forked = app.store.tree.fork(message_id, title)
+    forked = app.store.tree.fork(conversation["id"], message_id, title)
     if forked is None:
         raise not_found("message", message_id)
     return Created(conversation_id=forked)
