@@ -242,9 +242,21 @@ class ApiError(Exception):
     def body(self):
         return {"success": False, "error": self.message, "code": self.code, **self.extra}
 
+    def openai_body(self):
+        """The same error in OpenAI's shape, as /v1/ answers it."""
+        kind = "server_error" if self.status >= 500 else OPENAI_ERROR_TYPES.get(
+            self.status, "invalid_request_error")
+        details = self.extra.get("details")
+        return {"error": {"message": f"{self.message}: {details}" if details else self.message,
+                          "type": kind, "code": self.code, "param": self.extra.get("field")}}
+
     def with_extra(self, **extra):
         self.extra.update(extra)
         return self
+
+
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error",
+                      404: "not_found_error", 429: "rate_limit_error"}
 
 
 def validation_error(field_name, message):
@@ -479,6 +491,7 @@ DEFAULT_CONFIG = {
     "max_body_bytes": 1048576,
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
+    "openai_api": {"record": True},
     "timeouts": {
         "llamacpp_timeout": 600,
         "llamacpp_connect_timeout": 45,
@@ -522,6 +535,7 @@ class Settings:
     llamacpp_api_key: str = ""
     system_prompt: str = DEFAULT_CONFIG["system_prompt"]
     auto_title: str = DEFAULT_CONFIG["auto_title"]     # first-line | model | off
+    openai_record: bool = True      # openai_api.record: chats through /v1 kept in the history
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["timeouts"]))
     model_options: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["model_options"]))
     performance: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["performance"]))
@@ -668,12 +682,18 @@ def load_settings(argv=None, environ=None):
             raise ConfigError("allowed_hosts must be a list of names")
         system_prompt = text_setting(conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"]),
                                      "system_prompt", allow_empty=True)
+        openai_api = conf.get("openai_api", DEFAULT_CONFIG["openai_api"])
+        if not isinstance(openai_api, dict) or set(openai_api) - {"record"} or not isinstance(
+                openai_api.get("record", True), bool):
+            raise ConfigError('openai_api must be an object {"record": true or false}, '
+                              f"not {openai_api!r}")
         auto_title = conf.get("auto_title", DEFAULT_CONFIG["auto_title"])
         if auto_title not in AUTO_TITLES:
             raise ConfigError(f"auto_title must be one of {', '.join(AUTO_TITLES)}, "
                               f"not {auto_title!r}")
         settings = Settings(
             auto_title=auto_title,
+            openai_record=openai_api.get("record", True),
             host=text_setting(pick(args.host, ["LLAMA_CHAT_HOST"], "host"), "host"),
             port=whole_number(pick(args.port, ["LLAMA_CHAT_PORT"], "port"), "port", 0, 65535),
             llamacpp_url=url_setting(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"],
@@ -754,7 +774,7 @@ class RawJSON(str):
 
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
-JSON_COLUMNS = {"sibling_ids", "options", "pinned"}
+JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1041,9 +1061,108 @@ def migrate_to_4(c):
     c.execute("ALTER TABLE messages ADD COLUMN options TEXT")
 
 
+def message_digest(role, content, tool_calls, tool_call_id):
+    """What identifies a message when a client sends it again (the /v1
+    endpoint finds the branch a request continues by it): its role, its text
+    without the whitespace around it, the calls it makes (id, name and
+    arguments of each: clients re-send them with fields added or left out)
+    and the call it answers. 63 bits, as an SQLite integer."""
+    calls = ""
+    if tool_calls:
+        try:
+            calls = json.dumps([[c.get("id"), (c.get("function") or {}).get("name"),
+                                 (c.get("function") or {}).get("arguments")]
+                                for c in json.loads(tool_calls) if isinstance(c, dict)])
+        except (ValueError, TypeError, AttributeError):
+            calls = tool_calls
+    key = f"{role}\0{(content or '').strip()}\0{calls}\0{tool_call_id or ''}"
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"),
+                                          digest_size=8).digest(), "big", signed=True)
+
+
+# Version 4 -> 5: messages of every role an OpenAI client sends (a system
+# message inside a conversation, a tool's result), the tool calls a reply
+# makes, and each message's digest, kept by SQLite; a conversation's origin
+# ("api": made through /v1; an import's source and its id there) and the
+# client that made it. The role's CHECK can only go with the table: it is
+# made anew, ids kept (the search index refers to them).
+MESSAGES_TABLE = """
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content TEXT NOT NULL,
+    model TEXT,
+    timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    response_time_ms INTEGER,
+    estimated_tokens INTEGER,
+    reasoning TEXT,
+    prompt_tokens INTEGER,
+    tokens_per_second REAL,
+    finish_reason TEXT,
+    parent_id INTEGER REFERENCES messages (id),
+    edited_at TEXT,
+    options TEXT,
+    tool_calls TEXT,
+    tool_call_id TEXT,
+    digest INTEGER
+)"""
+DIGEST_SCHEMA = """
+CREATE INDEX IF NOT EXISTS messages_first_by_digest ON messages (digest) WHERE parent_id IS NULL;
+CREATE TRIGGER IF NOT EXISTS message_digest_added AFTER INSERT ON messages BEGIN
+    UPDATE messages SET digest = message_digest(new.role, new.content, new.tool_calls,
+                                                new.tool_call_id) WHERE id = new.id;
+END;
+CREATE TRIGGER IF NOT EXISTS message_digest_changed
+AFTER UPDATE OF role, content, tool_calls, tool_call_id ON messages BEGIN
+    UPDATE messages SET digest = message_digest(new.role, new.content, new.tool_calls,
+                                                new.tool_call_id) WHERE id = new.id;
+END;
+CREATE UNIQUE INDEX IF NOT EXISTS conversations_by_source ON conversations (source, source_id)
+    WHERE source_id IS NOT NULL;
+"""
+
+
+def migrate_to_5(c):
+    """The messages table made anew by SQLite's own recipe: its triggers and
+    views (which name it) saved and dropped, the old table renamed, the new
+    one filled in id order (a parent before its children), the old dropped,
+    its indexes, triggers and views made again, the id sequence kept."""
+    saved = [sql for (sql,) in c.execute(
+        "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND (type IN ('trigger', 'view') "
+        "OR (type = 'index' AND tbl_name = 'messages')) ORDER BY type = 'view' DESC")]
+    for kind, name in c.execute("SELECT type, name FROM sqlite_master "
+                                "WHERE type IN ('trigger', 'view')").fetchall():
+        c.execute(f"DROP {kind.upper()} {name}")
+    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    c.execute("ALTER TABLE messages RENAME TO messages_before_5")
+    c.execute(MESSAGES_TABLE)
+    new = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+    old = c.execute("PRAGMA table_info(messages_before_5)").fetchall()
+    for _, name, kind, *_ in old:
+        if name not in new:         # a column of the original app's own: kept
+            c.execute(f'ALTER TABLE messages ADD COLUMN "{name}" {kind}')
+    names = ", ".join(f'"{row[1]}"' for row in old)
+    c.execute(f"INSERT INTO messages ({names}, digest) SELECT {names}, "
+              "message_digest(role, content, NULL, NULL) FROM messages_before_5 ORDER BY id")
+    c.execute("DROP TABLE messages_before_5")
+    for sql in saved:
+        c.execute(sql)
+    if sequence:
+        c.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'messages'",
+                  sequence)
+        c.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', ? WHERE NOT "
+                  "EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')", sequence)
+    c.execute("ALTER TABLE conversations ADD COLUMN source TEXT")
+    c.execute("ALTER TABLE conversations ADD COLUMN source_id TEXT")
+    c.execute("ALTER TABLE conversations ADD COLUMN client TEXT")
+    for statement in split_sql(DIGEST_SCHEMA):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
-MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4]
+MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1257,10 +1376,10 @@ SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 20000       # messages indexed between two reports of progress
 CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_prompt, options,
-    pinned"""
+    pinned, source"""
 # A conversation's columns as answered: the pin a JSON boolean.
 CONVERSATION_SELECT = """id, title, model, created_at, updated_at, system_prompt, options,
-    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned"""
+    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, source"""
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
@@ -1440,7 +1559,7 @@ class SearchIndex:
 
 MESSAGE_COLUMNS = """id, conversation_id, parent_id, sibling_ids, role, content, reasoning,
     model, timestamp, edited_at, response_time_ms, estimated_tokens, prompt_tokens,
-    tokens_per_second, finish_reason, options"""
+    tokens_per_second, finish_reason, options, tool_calls, tool_call_id"""
 # The leaf a conversation shows: its current message while that is one of its
 # own, else its newest message (a leaf: a child is newer than its parent).
 CURRENT_SQL = """coalesce(
@@ -1475,9 +1594,11 @@ MISSING = object()      # no such conversation
 CURRENT = object()      # a new message's parent: the conversation's current message
 
 
-# A fork's own, not copied from its source: the rest of a conversation's
-# columns (its model, and its settings) are.
-FORK_FRESH = {"id", "title", "created_at", "updated_at", "current_message_id"}
+# A fork's own, not copied from its source (a fork is made here, wherever its
+# source came from): the rest of a conversation's columns (its model, and its
+# settings) are.
+FORK_FRESH = {"id", "title", "created_at", "updated_at", "current_message_id", "source",
+              "source_id", "client"}
 
 
 class Tree:
@@ -1518,8 +1639,8 @@ class Tree:
     def path(self, message_id, limit=WHOLE_PATH):
         """The last `limit` messages of the branch from the root to this one."""
         return dicts(self.db.conn().execute(
-            f"""{PATH_SQL} SELECT m.id, m.role, m.content FROM path JOIN messages m USING (id)
-                ORDER BY m.id""", (message_id, limit)))
+            f"""{PATH_SQL} SELECT m.id, m.role, m.content, m.tool_calls, m.tool_call_id
+                FROM path JOIN messages m USING (id) ORDER BY m.id""", (message_id, limit)))
 
     def branch(self, conversation_id, everything=False):
         """The current branch of a conversation, as a JSON array of messages
@@ -1602,6 +1723,30 @@ class Tree:
             return conversation_id
 
     @staticmethod
+    def follow(c, digests, where, params=()):
+        """The deepest message of a branch whose path from its root has these
+        digests (message_digest), first to last, among the roots that `where`
+        admits (an SQL condition on the root m and its conversation c): (its
+        id, how many of the digests matched, its conversation), or None. The
+        newest such branch, if several match as deep. Roots are found by
+        their own index, each step down by the parent's."""
+        if not digests:
+            return None
+        wanted = ", ".join(f"({depth}, {int(d)})" for depth, d in enumerate(digests, 1))
+        return c.execute(
+            f"""WITH RECURSIVE wanted(depth, digest) AS (VALUES {wanted}),
+                walk(id, depth) AS (
+                    SELECT m.id, 1 FROM messages m JOIN conversations c ON c.id = m.conversation_id
+                    WHERE m.parent_id IS NULL AND m.digest = {int(digests[0])} AND ({where})
+                    UNION ALL
+                    SELECT m.id, walk.depth + 1 FROM walk
+                    JOIN wanted ON wanted.depth = walk.depth + 1
+                    JOIN messages m ON m.parent_id = walk.id AND m.digest = wanted.digest)
+                SELECT walk.id, walk.depth, m.conversation_id
+                FROM walk JOIN messages m ON m.id = walk.id
+                ORDER BY walk.depth DESC, walk.id DESC LIMIT 1""", params).fetchone()
+
+    @staticmethod
     def owner(c, message_id):
         row = c.execute("SELECT conversation_id FROM messages WHERE id = ?",
                         (message_id,)).fetchone()
@@ -1658,7 +1803,8 @@ class Store:
     the search index); until then only Database and SearchIndex may be used."""
 
     def __init__(self, path, use_fts=None, open_now=True, busy_ms=BUSY_MS):
-        self.db = Database(path, [("search_form", 1, search_form)], busy_ms)
+        self.db = Database(path, [("search_form", 1, search_form),
+                                  ("message_digest", 4, message_digest)], busy_ms)
         self.index = SearchIndex(self.db, use_fts)
         self.tree = Tree(self.db)
         self.backup_path = None
@@ -1764,7 +1910,8 @@ class Store:
     def get_conversation(self, conversation_id):
         found = one(self.db.conn().execute(
             f"SELECT {CONVERSATION_SELECT}, {CURRENT_SQL} AS current_message_id, "
-            "title_pending FROM conversations c WHERE id = ?", (conversation_id,)))
+            "source_id, client, title_pending FROM conversations c WHERE id = ?",
+            (conversation_id,)))
         if found:
             found["pinned"] = found["pinned"] == "true"
             found["title_pending"] = bool(found["title_pending"])
@@ -1857,15 +2004,22 @@ class Store:
                 parent = current
             elif parent is not None and self.tree.owner(c, parent) != conversation_id:
                 return None
-            fields = dict(conversation_id=conversation_id, parent_id=parent, role=role,
-                          content=content, model=model, timestamp=now, **metrics)
-            message_id = c.execute(
-                f"INSERT INTO messages ({', '.join(fields)}) VALUES "
-                f"({', '.join('?' * len(fields))})", tuple(fields.values())).lastrowid
-            c.execute("UPDATE conversations SET updated_at = ?, model = coalesce(?, model), "
-                      "current_message_id = ? WHERE id = ?",
-                      (now, model, message_id, conversation_id))
-            return message_id
+            return self.put_message(c, conversation_id, parent, role, content, model, now,
+                                    **metrics)
+
+    @staticmethod
+    def put_message(c, conversation_id, parent_id, role, content, model, now, **columns):
+        """Insert a message (in the caller's transaction), make it current and
+        move its conversation to the top: its id."""
+        fields = dict(conversation_id=conversation_id, parent_id=parent_id, role=role,
+                      content=content, model=model, timestamp=now, **columns)
+        message_id = c.execute(
+            f"INSERT INTO messages ({', '.join(fields)}) VALUES "
+            f"({', '.join('?' * len(fields))})", tuple(fields.values())).lastrowid
+        c.execute("UPDATE conversations SET updated_at = ?, model = coalesce(?, model), "
+                  "current_message_id = ? WHERE id = ?",
+                  (now, model, message_id, conversation_id))
+        return message_id
 
     def extend_message(self, message_id, text, reasoning, metrics_of):
         """Append to a reply (a continue): its text and reasoning grow, its
@@ -1978,10 +2132,11 @@ class Upstream:
             raise upstream_error(e, self.url) from None
 
     def _send(self, conn, method, path, body, connect_timeout=None, read_timeout=None):
+        """`body`: JSON-able, or bytes sent as they are (a client's, relayed)."""
         headers = dict(self.headers)
         data = None
         if body is not None:
-            data = json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
         if conn is None:
             cls = TLSConnection if self.https else http.client.HTTPConnection
@@ -2107,15 +2262,23 @@ PROPS_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
 def context_messages(system_prompt, history):
     """The messages llama.cpp sees: system prompt, then history with roles
     alternating and starting with the user (chat templates such as Gemma's
-    refuse anything else; a failed turn leaves two user messages in a row)."""
+    refuse anything else; a failed turn leaves two user messages in a row).
+    Tool calls, their results and system messages (a conversation recorded
+    from /v1 has them) go as they came."""
     turns = []
     for m in history:
         if not turns and m["role"] != "user":
             continue
-        if turns and turns[-1]["role"] == m["role"]:
+        plain = m["role"] in ("user", "assistant") and not m.get("tool_calls")
+        if plain and turns and turns[-1]["role"] == m["role"] and "tool_calls" not in turns[-1]:
             turns[-1]["content"] += "\n\n" + m["content"]
-        else:
-            turns.append({"role": m["role"], "content": m["content"]})
+            continue
+        turn = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            turn["tool_calls"] = json.loads(m["tool_calls"])
+        if m.get("tool_call_id") is not None:
+            turn["tool_call_id"] = m["tool_call_id"]
+        turns.append(turn)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return system + turns
 
@@ -2544,10 +2707,42 @@ def finish_reason(choice):
 # Streaming: relaying llama.cpp's tokens as they come
 ###############################################################################
 
+SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
+json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
+
+
+def sse_line(event):
+    """One event as its SSE line. Tokens, the bulk of a stream, skip the encoder."""
+    if len(event) == 2 and "content" in event:
+        return f'data: {{"type": "{event["type"]}", "content": {json_string(event["content"])}}}\n\n'
+    return f"data: {SSE_JSON.encode(event)}\n\n"
+
+
+def sse_batch(events):
+    return "".join(map(sse_line, events)).encode()
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
+               "X-Accel-Buffering": "no"}
+
+
 @dataclass
 class EventStream:
-    events: object   # generator of lists of event dicts (None: a keep-alive)
+    """An answer sent as it is made: 200, these headers, then each batch the
+    generator `events` yields, as encode(batch) makes it (None: a keep-alive),
+    until the connection closes."""
+    events: object   # generator of batches (None: a keep-alive)
     close: object    # called once the answer is over, however it ended
+    headers: dict = field(default_factory=lambda: dict(SSE_HEADERS))
+    encode: object = sse_batch
+
+
+@dataclass
+class Answer:
+    """An answer of bytes as they are: the page, or llama.cpp's own answer relayed."""
+    body: bytes
+    headers: dict
+    status: int = 200
 
 
 class ClientGone(Exception):
@@ -2568,36 +2763,43 @@ def request_stream(app, turn, generation):
     skip = 0
     while True:
         conn = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
-        generation.attach(conn)
-        started = last_sent = time.monotonic()
-        with selectors.DefaultSelector() as waiting:
-            waiting.register(conn.sock, selectors.EVENT_READ, "llama.cpp")
-            if generation.client is not None:
-                waiting.register(generation.client, selectors.EVENT_READ, "client")
-            while True:
-                ready = {key.data for key, _ in waiting.select(0.25)}
-                if "client" in ready:
-                    if client_left(generation.client):
-                        raise ClientGone()
-                    waiting.unregister(generation.client)     # it sent more: not ours
-                if "llama.cpp" in ready:
-                    break
-                stopped = why_stopped(app, generation)
-                if stopped:
-                    raise stopped
-                now = time.monotonic()
-                if now - started >= app.upstream.read_timeout:
-                    raise upstream_error(socket.timeout(), app.upstream.url)
-                if now - last_sent >= KEEPALIVE_SECONDS:
-                    last_sent = now
-                    yield None
-        try:
-            resp = app.upstream.answer(conn)
-        except ApiError as e:
-            raise why_stopped(app, generation) or e from None
+        resp = yield from await_answer(app, conn, generation)
         if resp.status == 200:
             return resp
         skip = fewer_messages(turn, skip, conn, resp)
+
+
+def await_answer(app, conn, generation):
+    """The response to the request sent on `conn`, once its headers are in;
+    meanwhile yield None every KEEPALIVE_SECONDS, and raise ClientGone when
+    the client leaves, or the reason the reply was stopped for."""
+    generation.attach(conn)
+    started = last_sent = time.monotonic()
+    with selectors.DefaultSelector() as waiting:
+        waiting.register(conn.sock, selectors.EVENT_READ, "llama.cpp")
+        if generation.client is not None:
+            waiting.register(generation.client, selectors.EVENT_READ, "client")
+        while True:
+            ready = {key.data for key, _ in waiting.select(0.25)}
+            if "client" in ready:
+                if client_left(generation.client):
+                    raise ClientGone()
+                waiting.unregister(generation.client)     # it sent more: not ours
+            if "llama.cpp" in ready:
+                break
+            stopped = why_stopped(app, generation)
+            if stopped:
+                raise stopped
+            now = time.monotonic()
+            if now - started >= app.upstream.read_timeout:
+                raise upstream_error(socket.timeout(), app.upstream.url)
+            if now - last_sent >= KEEPALIVE_SECONDS:
+                last_sent = now
+                yield None
+    try:
+        return app.upstream.answer(conn)
+    except ApiError as e:
+        raise why_stopped(app, generation) or e from None
 
 
 def client_left(sock):
@@ -2698,7 +2900,8 @@ class Relay:
 
     def __init__(self, text_filter):
         self.text, self.reasoning = [], []
-        self.usage = self.timings = self.finish = None
+        self.usage = self.timings = self.finish = self.model = None
+        self.tool_calls = {}         # index -> the call, its arguments joined
         self.text_filter = text_filter
 
     def take(self, chunk):
@@ -2708,11 +2911,14 @@ class Relay:
                            details=error_text(chunk))
         self.usage = chunk.get("usage") or self.usage
         self.timings = chunk.get("timings") or self.timings
+        self.model = chunk.get("model") or self.model
         events = []
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
+            if isinstance(delta, dict) and isinstance(delta.get("tool_calls"), list):
+                self.take_tool_calls(delta["tool_calls"])
             if isinstance(delta, dict):
                 piece = delta.get("reasoning_content")
                 if piece and isinstance(piece, str):
@@ -2725,6 +2931,25 @@ class Relay:
             if choice.get("finish_reason"):
                 self.finish = finish_reason(choice)
         return events
+
+    def take_tool_calls(self, pieces):
+        """A stream's tool calls come in pieces: the first of each with its id
+        and name, the arguments in parts after."""
+        for piece in pieces:
+            if not isinstance(piece, dict):
+                continue
+            call = self.tool_calls.setdefault(piece.get("index", len(self.tool_calls)), {
+                "type": "function", "function": {"name": "", "arguments": ""}})
+            if piece.get("id"):
+                call["id"] = piece["id"]
+            function = piece.get("function") if isinstance(piece.get("function"), dict) else {}
+            for name in ("name", "arguments"):
+                if isinstance(function.get(name), str):
+                    call["function"][name] += function[name]
+
+    def calls(self):
+        """The tool calls, whole, in order (None: there were none)."""
+        return list(self.tool_calls.values()) or None     # in the order they began
 
     def keep(self, events):
         """These events reached the client: they are part of what gets stored."""
@@ -2809,6 +3034,339 @@ def relay_events(app, turn, generation):
 
 
 ###############################################################################
+# The OpenAI-compatible endpoint: /v1 relayed to llama.cpp, its chats recorded
+###############################################################################
+
+# A client's request goes to llama.cpp as it came, and llama.cpp's answer back
+# as it came; a chat is recorded on the way (unless asked not to): the
+# request's new messages before llama.cpp is asked, its reply after, on the
+# branch the request continues.
+
+# How an OpenAI client's roles are stored; a message of another role is
+# relayed, not recorded.
+STORED_ROLES = {"system": "system", "developer": "system", "user": "user",
+                "assistant": "assistant", "tool": "tool", "function": "tool"}
+RECORD_OFF = {"off", "false", "no", "0"}
+# A request's sampling fields -> the model_options names a reply's options are kept by.
+ASKED_NAMES = {upstream: name for name, (_, _, _, upstream) in MODEL_OPTIONS.items()
+               if name != "max_tokens"}
+ASKED_NAMES["max_completion_tokens"] = "num_predict"
+
+
+def sound_text(text):
+    """Text as SQLite can keep it: a lone surrogate (JSON allows "\ud800") becomes U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+def stored_text(content):
+    """A message's content as the history keeps it: its text; of a list of
+    content parts, the text of each, and for each other part (an image, a
+    sound, a file, whose data is not kept) its type in brackets."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return sound_text(content)
+    if isinstance(content, list):
+        pieces = []
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif isinstance(part, str):
+                pieces.append(part)
+            elif isinstance(part, dict):
+                pieces.append(f"[{part.get('type') or 'part'}]")
+        return sound_text("\n".join(pieces))
+    return sound_text(json.dumps(content, ensure_ascii=False))
+
+
+def openai_messages(body):
+    """(system prompt, messages as stored) of a chat request: the system
+    messages before the first other one make the system prompt ("" if none).
+    VALIDATION_ERROR unless `messages` is a list of objects."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise validation_error("messages", "messages must be a non-empty list of messages")
+    system, sent = [], []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise validation_error("messages", "each of messages must be an object")
+        role = STORED_ROLES.get(m.get("role"))
+        if role is None:
+            continue
+        text = stored_text(m.get("content"))
+        if role == "system" and not sent:
+            system.append(text)
+            continue
+        calls = m.get("tool_calls") if role == "assistant" else None
+        call_id = m.get("tool_call_id", m.get("name")) if role == "tool" else None
+        sent.append({"role": role, "content": text,
+                     "tool_calls": sound_text(json.dumps(calls, ensure_ascii=False))
+                     if isinstance(calls, list) and calls else None,
+                     "tool_call_id": sound_text(str(call_id)) if call_id is not None else None})
+    return "\n\n".join(system), sent
+
+
+@dataclass
+class Exchange:
+    """Where one chat through /v1 is recorded (conversation_id None: it is not)."""
+    conversation_id: int = None
+    parent_id: int = None         # the request's last message, stored: the reply goes under it
+    title_pending: bool = False
+    model: str = None
+    asked: dict = None            # the request's sampling fields, by model_options names
+    started: float = 0.0
+
+    @property
+    def depends_on(self):
+        return {self.parent_id} - {None}
+
+
+def asked_options(body):
+    asked = {ASKED_NAMES[name]: value for name, value in body.items() if name in ASKED_NAMES}
+    return asked or None
+
+
+def wanted_conversation(c, header):
+    """The conversation X-Conversation-Id names: its id, or NOT_FOUND."""
+    raw = header.strip()
+    found = c.execute("SELECT id FROM conversations WHERE id = ?", (int(raw),)).fetchone() \
+        if raw.isdigit() and len(raw) <= 18 else None
+    if found is None:
+        raise not_found("conversation", raw)
+    return found[0]
+
+
+def record_question(app, headers, body):
+    """Store what the request adds to the history, in one transaction: under
+    the deepest message of the branch it repeats (in the conversation
+    X-Conversation-Id names, else in one made through /v1 with the same
+    system prompt; the named one's current message if none), or in a new
+    conversation. Where its reply goes, as an Exchange."""
+    system, sent = openai_messages(body)
+    model = body.get("model") if isinstance(body.get("model"), str) else None
+    model = sound_text(model) if model else None
+    digests = [message_digest(m["role"], m["content"], m["tool_calls"], m["tool_call_id"])
+               for m in sent]
+    named = headers.get("X-Conversation-Id")
+    now = now_iso()
+    store = app.store
+    with store.db.write() as c:
+        if named is not None:
+            conversation_id = wanted_conversation(c, named)
+            found = Tree.follow(c, digests, "m.conversation_id = ?", (conversation_id,))
+            parent, depth = found[:2] if found else (Tree.current(c, conversation_id), 0)
+            if system:
+                c.execute("UPDATE conversations SET system_prompt = ? WHERE id = ?",
+                          (system, conversation_id))
+        else:
+            found = Tree.follow(c, digests, "c.source = 'api' AND c.system_prompt IS ?",
+                                (system,))
+            if found:
+                parent, depth, conversation_id = found
+            else:
+                parent, depth = None, 0
+                conversation_id = c.execute(
+                    "INSERT INTO conversations (title, model, created_at, updated_at, "
+                    "title_pending, system_prompt, source, client) VALUES (?, ?, ?, ?, ?, ?, "
+                    "'api', ?)", (UNTITLED, model or "", now, now,
+                                  int(app.settings.auto_title != "off"), system,
+                                  sound_text(headers.get("User-Agent", "")[:500]) or None)
+                ).lastrowid
+        for m in sent[depth:]:
+            parent = Store.put_message(c, conversation_id, parent, m["role"], m["content"],
+                                       model, now, tool_calls=m["tool_calls"],
+                                       tool_call_id=m["tool_call_id"],
+                                       estimated_tokens=estimate_tokens(m["content"]))
+        if depth == len(sent):                 # nothing new: a regenerate of the branch
+            c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? "
+                      "WHERE id = ?", (parent, now, conversation_id))
+        pending = c.execute("SELECT title_pending FROM conversations WHERE id = ?",
+                            (conversation_id,)).fetchone()[0]
+    return Exchange(conversation_id, parent, bool(pending), model, asked_options(body),
+                    time.monotonic())
+
+
+def record_reply(app, exchange, relay, finish):
+    """Store the reply a Relay gathered, under the request's last message;
+    never fails the answer (a failure is logged)."""
+    text, reasoning, calls = "".join(relay.text), "".join(relay.reasoning), relay.calls()
+    if exchange.conversation_id is None or not (text or reasoning or calls):
+        return
+    elapsed_ms = round((time.monotonic() - exchange.started) * 1000)
+    metrics = read_metrics(relay.usage, relay.timings, text, elapsed_ms)
+    model = relay.model if isinstance(relay.model, str) else exchange.model
+    try:
+        stored = app.store.add_message(
+            exchange.conversation_id, "assistant", sound_text(text), model or None,
+            parent=exchange.parent_id, reasoning=sound_text(reasoning) or None,
+            response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
+            prompt_tokens=metrics["prompt_tokens"], tokens_per_second=metrics["tokens_per_second"],
+            finish_reason=finish, options=JSON.encode(exchange.asked) if exchange.asked else None,
+            tool_calls=sound_text(json.dumps(calls, ensure_ascii=False)) if calls else None)
+    except sqlite3.DatabaseError as e:
+        database_error(e)                          # logged
+        return
+    if stored is not None and exchange.title_pending:
+        app.write_title(exchange.conversation_id, text)
+
+
+def take_plain(relay, raw):
+    """Gather a whole (not streamed) chat answer's reply into a Relay: what finish it had."""
+    body = json_or_none(raw)
+    choice = (body.get("choices") or [None])[0] if isinstance(body, dict) else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        return "error"
+    relay.usage, relay.timings, relay.model = body.get("usage"), body.get("timings"), \
+        body.get("model")
+    for name, kept in (("content", relay.text), ("reasoning_content", relay.reasoning)):
+        if isinstance(message.get(name), str):
+            kept.append(message[name])
+    if isinstance(message.get("tool_calls"), list):
+        relay.tool_calls = dict(enumerate(c for c in message["tool_calls"] if isinstance(c, dict)))
+    return finish_reason(choice)
+
+
+def as_they_came(data):
+    return data
+
+
+def answered(waiting):
+    """Run a generator that yields keep-alives to its end: what it returns."""
+    while True:
+        try:
+            next(waiting)
+        except StopIteration as end:
+            return end.value
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+
+def relay_to_llamacpp(app, req, exchange):
+    """Send the request to llama.cpp as it came and answer what llama.cpp
+    answers: its status, Content-Type and body, a stream as it arrives; a
+    chat's reply recorded on the way. While llama.cpp reads the prompt (it
+    answers nothing meanwhile), a client that leaves ends the request."""
+    query = urllib.parse.urlencode(req.query, doseq=True)
+    path = req.path + (f"?{query}" if query else "")
+    generation = app.generation_started(exchange, req.client)
+    handed_over = False
+    try:
+        conn = app.upstream.send(req.method, path,
+                                 None if req.method in ("GET", "HEAD") else req.body)
+        try:
+            resp = answered(await_answer(app, conn, generation))
+        except ClientGone:
+            raise ApiError(499, "CLIENT_GONE", "The client went away before llama.cpp "
+                           "answered") from None
+        kind = resp.getheader("Content-Type") or "application/json"
+        headers = {"Content-Type": kind}
+        if exchange.conversation_id is not None:
+            headers["X-Conversation-Id"] = str(exchange.conversation_id)
+        if resp.status == 200 and kind.startswith("text/event-stream"):
+            handed_over = True
+
+            def close():
+                generation.close()
+                app.generation_ended(generation)
+            return EventStream(relayed_stream(app, exchange, generation, resp), close,
+                               headers, as_they_came)
+        try:
+            raw = resp.read()
+        except BaseException as e:
+            conn.close()
+            raise why_stopped(app, generation) or upstream_error(e, app.upstream.url) from None
+        app.upstream.done_with(conn, resp)
+        if resp.status == 200 and exchange.conversation_id is not None:
+            relay = Relay(AsItCame())
+            record_reply(app, exchange, relay, take_plain(relay, raw))
+        return Answer(raw, headers, resp.status)
+    except BaseException:
+        generation.close()                 # llama.cpp's request too, if it was sent
+        raise
+    finally:
+        if not handed_over:
+            app.generation_ended(generation)
+
+
+def relayed_stream(app, exchange, generation, resp):
+    """llama.cpp's stream passed on read by read, as it came, while a Relay
+    gathers the reply for the record. The reply is stored as it ended (stop
+    or length; aborted when the client left or llama-chat stopped; error
+    when llama.cpp failed or cut it short), and before the read that ends
+    it is passed on: the client's next request may repeat it. A stop of our
+    own (shutdown, the conversation deleted) ends the stream with an error
+    event in OpenAI's shape."""
+    relay, read = Relay(AsItCame()), body_reader(resp)
+    pending, gathering, done, recorded, finish = b"", True, False, False, None
+    try:
+        while True:
+            try:
+                data = read()
+            except Exception as e:
+                raise why_stopped(app, generation) or upstream_error(e, app.upstream.url) \
+                    from None
+            stopped = why_stopped(app, generation)
+            if stopped:
+                raise stopped
+            if not data:
+                break
+            if gathering:
+                complete, newline, pending = (pending + data).rpartition(b"\n")
+                if newline:
+                    try:
+                        chunks, done = parse_events(complete)
+                        for chunk in chunks:
+                            relay.keep(relay.take(chunk))
+                    except ApiError:           # llama.cpp's own error event, relayed
+                        gathering, finish = False, "error"
+            if done and not recorded:
+                recorded = True
+                record_reply(app, exchange, relay, finish or relay.finish or "stop")
+            yield data
+        if not recorded:
+            recorded = True
+            record_reply(app, exchange, relay, finish or relay.finish or "error")
+    except ClientGone:
+        if not recorded:
+            record_reply(app, exchange, relay, "aborted")
+    except ApiError as e:
+        if not recorded and e.code != "NOT_FOUND":
+            record_reply(app, exchange, relay, "aborted" if e.code == "SHUTTING_DOWN"
+                         else "error")
+        try:
+            yield f"data: {JSON.encode(e.openai_body())}\n\n".encode()
+        except ClientGone:
+            pass
+
+
+def recording(app, req):
+    return app.settings.openai_record and req.headers.get(
+        "X-LlamaChat-Record", "").strip().lower() not in RECORD_OFF
+
+
+def v1_chat(app, req):
+    body = req.json()
+    if not recording(app, req):
+        openai_messages(body)                  # a chat must have messages all the same
+        return relay_to_llamacpp(app, req, Exchange())
+    return relay_to_llamacpp(app, req, record_question(app, req.headers, body))
+
+
+def v1_relay(app, req):
+    """Every other /v1/ route llama-server offers (models, completions,
+    embeddings, responses...): relayed, not recorded."""
+    return relay_to_llamacpp(app, req, Exchange())
+
+
+###############################################################################
 # HTTP API
 ###############################################################################
 
@@ -2840,14 +3398,6 @@ class Request:
 
 class Created(dict):
     """A dict answered with 201."""
-
-
-@dataclass
-class Page:
-    body: bytes
-    headers: dict
-
-
 
 
 def path_id(req, resource):
@@ -3034,6 +3584,7 @@ def page_index(app, req):
     return app.page()
 
 
+V1_PATH = r"/v1(?:/[\w-][\w.-]*)+"    # no segment that starts with a dot
 ROUTES = [
     ("GET", r"/", page_index),
     ("GET", r"/index\.html", page_index),
@@ -3053,6 +3604,9 @@ ROUTES = [
     ("POST", r"/api/chat", api_chat),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
+    ("POST", r"/v1/chat/completions", v1_chat),
+    ("GET", V1_PATH, v1_relay),
+    ("POST", V1_PATH, v1_relay),
 ]
 COMPILED_ROUTES = [(m, re.compile(p + r"\Z"), h) for m, p, h in ROUTES]
 
@@ -3116,7 +3670,7 @@ class App:
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
         self.startup_error = None          # why opening the store failed, if it did
-        self._page = (None, None)      # (mtime, Page)
+        self._page = (None, None)      # (mtime, Answer)
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
         self._purge = {"running": False, "again": False}
@@ -3165,11 +3719,11 @@ class App:
         try:
             mtime = os.stat(self.settings.index_path).st_mtime_ns
         except OSError:
-            return Page(MISSING_PAGE, page_headers(MISSING_PAGE))
+            return Answer(MISSING_PAGE, page_headers(MISSING_PAGE))
         if self._page[0] != mtime:
             with open(self.settings.index_path, "rb") as f:
                 html = f.read()
-            self._page = (mtime, Page(html, page_headers(html)))
+            self._page = (mtime, Answer(html, page_headers(html)))
         return self._page[1]
 
     def purge_soon(self):
@@ -3276,8 +3830,6 @@ class App:
 # HTTP server
 ###############################################################################
 
-SSE_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)   # small, many
-json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
                    "code": "SERVICE_UNAVAILABLE"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -3315,13 +3867,6 @@ def encode_answer(payload):
     return "{" + ", ".join(f"{json_string(name)}: "
                            f"{value if isinstance(value, RawJSON) else JSON.encode(value)}"
                            for name, value in payload.items()) + "}"
-
-
-def sse_line(event):
-    """One event as its SSE line. Tokens, the bulk of a stream, skip the encoder."""
-    if len(event) == 2 and "content" in event:
-        return f'data: {{"type": "{event["type"]}", "content": {json_string(event["content"])}}}\n\n'
-    return f"data: {SSE_JSON.encode(event)}\n\n"
 
 
 class Handler(FastRequestHead, BaseHTTPRequestHandler):
@@ -3371,11 +3916,12 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             result = ApiError(500, "INTERNAL_ERROR", "Internal server error")
         try:
             if isinstance(result, ApiError):
-                self.send_json(result.status, result.body(), result.headers)
+                self.send_json(result.status, result.openai_body() if self.path.startswith(
+                    "/v1/") else result.body(), result.headers)
             elif isinstance(result, EventStream):
                 self.send_stream(result)
-            elif isinstance(result, Page):
-                self.send(200, result.body, result.headers)
+            elif isinstance(result, Answer):
+                self.send(result.status, result.body, result.headers)
             else:
                 self.send_json(201 if isinstance(result, Created) else 200,
                                {"success": True, **result})
@@ -3390,11 +3936,12 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
         self.check_host()
-        if path.startswith("/api/"):
+        if path.startswith(("/api/", "/v1/")):
             self.check_auth()
         handler, params = match_route(self.command, path)
         self.check_origin()
-        if not app.ready.is_set() and path.startswith("/api/") and handler is not api_health:
+        if not app.ready.is_set() and path.startswith(("/api/", "/v1/")) \
+                and handler is not api_health:
             raise starting(app.store.progress.as_dict())
         body = self.read_body()
         self.server.unwatch(self.connection)      # read in full: no deadline now
@@ -3503,24 +4050,22 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         self.close_connection = True
         try:
             self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Accel-Buffering", "no")
+            for name, value in stream.headers.items():
+                self.send_header(name, value)
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.flush()
-            self.relay(stream.events)
+            self.relay(stream.events, stream.encode)
         finally:
             stream.events.close()
             stream.close()
 
-    def relay(self, events):
+    def relay(self, events, encode):
         gone = False
         for batch in events:
             if gone:
                 continue
-            data = b": keep-alive\n\n" if batch is None else "".join(
-                map(sse_line, batch)).encode()
+            data = b": keep-alive\n\n" if batch is None else encode(batch)
             try:
                 self.wfile.write(data)
                 self.wfile.flush()

@@ -50,6 +50,8 @@ class Stub:
         self.titles = "ok"            # title requests: ok | fail (500) | slow (1 s)
         self.echo_prefill = False     # send a last assistant message again first, as
                                       # llama-server does when it continues one
+        self.tool_calls = None        # a list: the reply calls these tools instead
+        self.sent = []                # the body bytes of the last answer, write by write
         self.requests = []
         self.open_streams = 0
         self.connections = []     # the server side of every connection made to the stub
@@ -74,8 +76,9 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def send_json(self, status, body):
         data = json.dumps(body).encode()
+        self.stub.sent = [data]
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -109,17 +112,25 @@ class StubHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         stub = self.stub
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        raw = self.rfile.read(int(self.headers["Content-Length"]))
+        try:
+            body = json.loads(raw)
+        except ValueError:                            # as llama-server answers it
+            return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
+                                                  "message": "invalid JSON"}})
         with stub.lock:
-            stub.requests.append({"body": body, "headers": dict(self.headers)})
+            stub.requests.append({"body": body, "headers": dict(self.headers), "raw": raw,
+                                  "path": self.path})
         if stub.stall:
             time.sleep(stub.stall)
+        if self.path != "/v1/chat/completions" or not isinstance(body, dict):  # an echo
+            return self.send_json(200, {"object": "echo", "path": self.path, "body": body})
         if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
             if stub.titles == "slow":
                 time.sleep(1)
             else:
                 return self.send_json(500, {"error": {"code": 500, "message": "no titles"}})
-        prompt = sum(len(m["content"]) for m in body["messages"])
+        prompt = sum(len(str(m.get("content") or "")) for m in body["messages"])
         if stub.context_chars and prompt > stub.context_chars:
             return self.send_json(400, {"error": {
                 "code": 400, "type": "exceed_context_size_error", "n_prompt_tokens": prompt,
@@ -140,8 +151,10 @@ class StubHandler(BaseHTTPRequestHandler):
         message = {"role": "assistant", "content": self.prefill(body) + stub.reply}
         if stub.reasoning:
             message["reasoning_content"] = stub.reasoning
-        answer = {"choices": [{"finish_reason": stub.finish_reason, "index": 0,
-                               "message": message}],
+        if stub.tool_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": stub.tool_calls}
+        answer = {"choices": [{"finish_reason": "tool_calls" if stub.tool_calls
+                               else stub.finish_reason, "index": 0, "message": message}],
                   "object": "chat.completion", "model": body.get("model", "x"),
                   "timings": {"prompt_n": 21, "predicted_n": len(tokens),
                               "predicted_per_second": 42.5}}
@@ -157,6 +170,8 @@ class StubHandler(BaseHTTPRequestHandler):
         return last["content"] if self.stub.echo_prefill and last["role"] == "assistant" else ""
 
     def chunk(self, data):
+        if data:
+            self.stub.sent.append(data)
         if self.stub.mode == "unchunked":        # a body that ends when the connection does
             self.wfile.write(data)
         else:
@@ -178,7 +193,8 @@ class StubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         with stub.lock:
             stub.open_streams += 1
-        tokens = stub.tokens()
+            stub.sent = []
+        tokens = [] if stub.tool_calls else stub.tokens()
         try:
             self.event({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
                                      "finish_reason": None}], "object": "chat.completion.chunk"})
@@ -201,9 +217,18 @@ class StubHandler(BaseHTTPRequestHandler):
                                          "finish_reason": None}]})
                 if stub.token_delay:
                     time.sleep(stub.token_delay)
+            for i, call in enumerate(stub.tool_calls or ()):   # in pieces, as llama-server
+                function = call["function"]
+                self.event({"choices": [{"index": 0, "finish_reason": None, "delta": {
+                    "tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                    "function": {"name": function["name"], "arguments": ""}}]}}]})
+                for part in re.findall(r".{1,5}", function["arguments"], re.S):
+                    self.event({"choices": [{"index": 0, "finish_reason": None, "delta": {
+                        "tool_calls": [{"index": i, "function": {"arguments": part}}]}}]})
             timings = {"prompt_n": 21, "predicted_n": len(tokens), "predicted_per_second": 42.5}
             self.event({"choices": [{"index": 0, "delta": {},
-                                     "finish_reason": stub.finish_reason}],
+                                     "finish_reason": "tool_calls" if stub.tool_calls
+                                     else stub.finish_reason}],
                         "timings": timings})
             if (body.get("stream_options") or {}).get("include_usage"):
                 self.event({"choices": [], "usage": {
@@ -531,7 +556,7 @@ def test_list_conversations_newest_activity_first(client):
     assert [x["id"] for x in body["conversations"]] == [b, a, c]
     first = body["conversations"][0]
     assert set(first) == {"id", "title", "model", "created_at", "updated_at", "system_prompt",
-                          "options", "pinned"}
+                          "options", "pinned", "source"}
     assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
 
 
@@ -1072,7 +1097,8 @@ def fuzz_requests(count, rng):
     paths = ["/api/conversations", "/api/chat", "/api/search?q=x", "/api/conversations/1",
              "/api/stats/1", "/", "/api/models", "/api/health",
              "/api/conversations?limit=99999999999999999999&offset=-1",
-             "/api/search?q=%ED%A0%80&limit=9223372036854775808"]
+             "/api/search?q=%ED%A0%80&limit=9223372036854775808",
+             "/v1/chat/completions", "/v1/models", "/v1/embeddings"]
     kinds = []
     for i in range(count):
         kind = rng.randrange(12)
@@ -1099,7 +1125,8 @@ def fuzz_requests(count, rng):
                                 1.5, "\u0000", "<script>", {"$gt": 1}, "\ud800", "a\udfffb",
                                 {"temperature": "\ud83d"}, {"stop": ["\ud800"]}])
             field = rng.choice(["conversation_id", "message", "model", "title", "stream",
-                                "options", "user_message_id", "temperature", "bogus"])
+                                "options", "user_message_id", "temperature", "bogus",
+                                "messages"])
             body = json.dumps({field: value, "conversation_id": rng.choice(
                 [1, "1", -1, 10**30, None])}).encode()
             if kind == 6:
@@ -3068,6 +3095,507 @@ def test_keep_alive_serves_many_requests_on_one_connection(client):
 
 
 ###############################################################################
+# The OpenAI-compatible endpoint
+###############################################################################
+
+class OpenAIClient:
+    """Speaks the API as the openai package does: base URL .../v1, a bearer
+    key, JSON bodies, a stream read as SSE `data:` lines up to [DONE]."""
+
+    def __init__(self, port, api_key="sk-no-key-required"):
+        self.port, self.api_key = port, api_key
+
+    def open(self, method, path, body=None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        hdrs = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json",
+                "User-Agent": "OpenAI/Python 1.54.0", "X-Stainless-Lang": "python",
+                **(headers or {})}
+        data = body if isinstance(body, bytes) else None if body is None \
+            else json.dumps(body).encode()
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        conn.request(method, "/v1" + path, body=data, headers=hdrs)
+        conn.raw_sock = conn.sock            # http.client lets go of it when the answer ends
+        return conn, conn.getresponse()
+
+    def create(self, messages, model="gpt-4o-mini", headers=None, **fields):
+        """chat.completions.create: (status, headers, parsed body or the raw bytes)."""
+        body = {"model": model, "messages": messages, **fields}
+        conn, resp = self.open("POST", "/chat/completions", body, headers)
+        raw = resp.read()
+        conn.close()
+        return resp.status, resp.headers, json.loads(raw) if raw else None, raw
+
+    def stream(self, messages, model="gpt-4o-mini", headers=None, **fields):
+        """A streamed create: (status, headers, chunks, every byte received)."""
+        body = {"model": model, "messages": messages, "stream": True, **fields}
+        conn, resp = self.open("POST", "/chat/completions", body, headers)
+        raw = resp.read()
+        conn.close()
+        chunks = []
+        for event in raw.split(b"\n\n"):
+            line = event.strip()
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+        return resp.status, resp.headers, chunks, raw
+
+    @staticmethod
+    def text(chunks):
+        return "".join((c["choices"][0]["delta"].get("content") or "")
+                       for c in chunks if c.get("choices"))
+
+
+@pytest.fixture
+def openai(client):
+    return OpenAIClient(client.port)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def api_conversations(client):
+    return [c for c in client.get("/api/conversations")[2]["conversations"]
+            if c["source"] == "api"]
+
+
+def test_a_plain_chat_is_relayed_byte_for_byte_and_recorded(client, stub, openai):
+    status, headers, body, raw = openai.create([user("Explain machine learning")],
+                                               temperature=0.3, logprobs=True)
+    assert status == 200
+    sent = stub.requests[-1]
+    assert json.loads(sent["raw"]) == {"model": "gpt-4o-mini", "temperature": 0.3,
+                                       "logprobs": True,
+                                       "messages": [user("Explain machine learning")]}
+    assert raw == stub.sent[0]                       # llama.cpp's answer, as it sent it
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
+    cid = int(headers["X-Conversation-Id"])
+    found = conversation(client, cid)
+    assert found["conversation"]["source"] == "api"
+    assert found["conversation"]["client"] == "OpenAI/Python 1.54.0"
+    assert found["conversation"]["title"] == "Explain machine learning"   # auto_title
+    assert [(m["role"], m["content"]) for m in found["messages"]] == [
+        ("user", "Explain machine learning"), ("assistant", stub.reply)]
+    reply = found["messages"][1]
+    assert reply["options"] == {"temperature": 0.3}
+    assert reply["finish_reason"] == "stop" and reply["prompt_tokens"] == 21
+    assert client.get("/api/search?q=machine")[2]["count"] == 2
+
+
+def test_the_request_body_goes_upstream_as_it_came(client, stub, openai):
+    raw = (b'{"messages": [{"role": "user", "content": "hi \\u00e9"}],   "model":"m",'
+           b'"tools":[{"type":"function","function":{"name":"f","parameters":{}}}],'
+           b'"response_format":{"type":"json_object"},"x_unknown":[1,2]}')
+    conn, resp = openai.open("POST", "/chat/completions", raw)
+    assert resp.status == 200
+    resp.read()
+    conn.close()
+    assert stub.requests[-1]["raw"] == raw
+
+
+def test_a_stream_is_relayed_event_by_event_and_recorded(client, stub, openai):
+    stub.reasoning = "Thinking first."
+    status, headers, chunks, raw = openai.stream([user("Explain machine learning")])
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert raw == b"".join(stub.sent)                # nothing added, nothing re-encoded
+    assert raw.split(b"\n\n") == b"".join(stub.sent).split(b"\n\n")
+    assert OpenAIClient.text(chunks) == stub.reply
+    cid = int(headers["X-Conversation-Id"])
+    messages = conversation(client, cid)["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Explain machine learning"), ("assistant", stub.reply)]
+    assert messages[1]["reasoning"] == stub.reasoning
+    assert messages[1]["finish_reason"] == "stop"
+    assert messages[1]["estimated_tokens"] == len(stub.tokens())     # from timings
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_streamed_reply_is_stored_before_its_end_reaches_the_client(client, stub, openai):
+    conn, resp = openai.open("POST", "/chat/completions",
+                             {"messages": [user("Explain machine learning")], "stream": True})
+    cid = int(resp.headers["X-Conversation-Id"])
+    got = b""
+    while b"[DONE]" not in got:
+        piece = resp.read1(65536)
+        assert piece, got
+        got += piece
+    # The client's next request may come now, repeating the reply: it is there.
+    assert branch(client, cid) == ["Explain machine learning", stub.reply]
+    conn.close()
+
+
+def test_a_client_resending_its_history_continues_the_conversation(client, stub, openai,
+                                                                   stream):
+    ask = openai.stream if stream else openai.create
+    first = ask([user("What is a volcano?")])
+    cid = int(first[1]["X-Conversation-Id"])
+    stub.reply = "Lava, mostly."
+    second = ask([user("What is a volcano?"), assistant(OpenAIClient.text(first[2]) if stream
+                                                         else first[2]["choices"][0]["message"]
+                                                         ["content"]),
+                  user("And lava?")])
+    assert int(second[1]["X-Conversation-Id"]) == cid
+    assert branch(client, cid) == ["What is a volcano?", stub.tokens() and
+                                   "Machine learning lets computers learn patterns from data.",
+                                   "And lava?", "Lava, mostly."]
+    assert len(api_conversations(client)) == 1
+    assert rows(client, "SELECT count(*) FROM messages") == [(4,)]
+
+
+def test_a_history_that_differs_partway_branches_there(client, stub, openai):
+    openai.create([user("Name a colour")])
+    stub.reply = "Blue is calm."
+    _, headers, _, _ = openai.create([user("Name a colour"), assistant(stub.tokens() and
+                                      "Machine learning lets computers learn patterns from "
+                                      "data."), user("Why blue?")])
+    cid = int(headers["X-Conversation-Id"])
+    # The client edits the reply it got before asking again: a branch at the reply.
+    _, headers, _, _ = openai.create([user("Name a colour"), assistant("Red."),
+                                      user("Why red?")])
+    assert int(headers["X-Conversation-Id"]) == cid
+    everything = conversation(client, cid, everything=True)["messages"]
+    question = everything[0]
+    replies = [m for m in everything if m["parent_id"] == question["id"]]
+    assert [m["content"] for m in replies] == [
+        "Machine learning lets computers learn patterns from data.", "Red."]
+    assert branch(client, cid) == ["Name a colour", "Red.", "Why red?", "Blue is calm."]
+    assert len(everything) == 7
+
+
+def test_the_same_question_again_is_another_version_of_its_reply(client, stub, openai):
+    _, first, _, _ = openai.create([user("Roll a die")])
+    stub.reply = "Four."
+    _, second, _, _ = openai.create([user("Roll a die")])
+    cid = int(first["X-Conversation-Id"])
+    assert int(second["X-Conversation-Id"]) == cid
+    messages = conversation(client, cid)["messages"]
+    assert [m["content"] for m in messages] == ["Roll a die", "Four."]
+    assert len(messages[1]["sibling_ids"]) == 2
+
+
+def test_another_system_prompt_or_a_new_question_is_a_new_conversation(client, stub, openai):
+    _, a, _, _ = openai.create([user("Hello")])
+    _, b, _, _ = openai.create([{"role": "system", "content": "You are a pirate."},
+                                user("Hello")])
+    _, c, _, _ = openai.create([user("Something else entirely")])
+    ids = {int(h["X-Conversation-Id"]) for h in (a, b, c)}
+    assert len(ids) == 3
+    pirate = conversation(client, int(b["X-Conversation-Id"]))
+    assert pirate["conversation"]["system_prompt"] == "You are a pirate."
+    assert [m["role"] for m in pirate["messages"]] == ["user", "assistant"]
+    plain = conversation(client, int(a["X-Conversation-Id"]))
+    assert plain["conversation"]["system_prompt"] == ""      # none was sent: none is used
+
+
+def test_a_page_conversation_is_not_taken_over_by_a_client_with_the_same_words(client, stub,
+                                                                             openai):
+    cid = client.new_conversation()
+    client.chat(cid, "Hello")
+    _, headers, _, _ = openai.create([user("Hello")])
+    assert int(headers["X-Conversation-Id"]) != cid
+    assert branch(client, cid) == ["Hello", stub.reply]
+
+
+def test_x_conversation_id_names_where_an_exchange_goes(client, stub, openai):
+    cid = client.new_conversation()
+    client.chat(cid, "First question")
+    # A client that sends only its new question: it goes on the branch shown.
+    _, headers, _, _ = openai.create([user("Second question")],
+                                     headers={"X-Conversation-Id": str(cid)})
+    assert headers["X-Conversation-Id"] == str(cid)
+    assert branch(client, cid) == ["First question", stub.reply, "Second question", stub.reply]
+    # One that sends the whole history continues it, adding only what is new.
+    history = [user("First question"), assistant(stub.reply), user("Second question"),
+               assistant(stub.reply), user("Third")]
+    openai.create(history, headers={"X-Conversation-Id": str(cid)})
+    assert branch(client, cid)[-2:] == ["Third", stub.reply]
+    assert rows(client, "SELECT count(*) FROM messages") == [(6,)]
+
+
+@pytest.mark.parametrize("value,status", [("999", 404), ("abc", 404), ("-1", 404)])
+def test_an_unknown_conversation_is_an_openai_shaped_404(client, stub, openai, value, status):
+    got, _, body, _ = openai.create([user("hi")], headers={"X-Conversation-Id": value})
+    assert got == status
+    assert set(body) == {"error"} and body["error"]["code"] == "NOT_FOUND"
+    assert {"message", "type", "code"} <= set(body["error"])
+    assert body["error"]["type"] == "not_found_error"
+    assert stub.requests == [] and rows(client, "SELECT count(*) FROM messages") == [(0,)]
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b"{not json", "INVALID_JSON"),
+    (b"[1, 2]", "INVALID_JSON"),
+    (b'{"model": "m"}', "VALIDATION_ERROR"),
+    (b'{"messages": []}', "VALIDATION_ERROR"),
+    (b'{"messages": ["hi"]}', "VALIDATION_ERROR"),
+    (b'{"messages": "hi"}', "VALIDATION_ERROR"),
+])
+def test_bad_requests_get_openai_shaped_errors(client, stub, openai, raw, code):
+    for record in ("on", "off"):
+        conn, resp = openai.open("POST", "/chat/completions", raw,
+                                 {"X-LlamaChat-Record": record})
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 400
+        assert body == {"error": {"message": body["error"]["message"],
+                                  "type": "invalid_request_error", "code": code,
+                                  "param": body["error"]["param"]}}
+    assert stub.requests == []
+
+
+def test_llamacpp_errors_pass_through_unchanged(client, stub, openai):
+    stub.mode = "error500"
+    status, headers, body, raw = openai.create([user("Explain machine learning")])
+    assert status == 500 and raw == stub.sent[0]
+    assert body["error"]["message"] == "model crashed"
+    cid = int(headers["X-Conversation-Id"])
+    assert branch(client, cid) == ["Explain machine learning"]     # the question is kept
+    stub.mode = "ok"
+    openai.create([user("Explain machine learning")])              # a retry adds no copy
+    assert branch(client, cid) == ["Explain machine learning", stub.reply]
+
+
+def test_llamacpp_down_is_an_openai_shaped_502(down_client):
+    status, _, body, _ = OpenAIClient(down_client.port).create([user("hi")])
+    assert status == 502 and body["error"]["code"] == "LLAMACPP_ERROR"
+    assert body["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_calls_and_their_results_round_trip(client, stub, openai, stream):
+    ask = openai.stream if stream else openai.create
+    stub.tool_calls = [{"id": "call_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": json.dumps({"city": "Zürich"})}}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    first = ask([user("Weather in Zürich?")], tools=tools)
+    cid = int(first[1]["X-Conversation-Id"])
+    call = conversation(client, cid)["messages"][-1]
+    assert call["role"] == "assistant" and call["content"] == ""
+    assert call["tool_calls"] == stub.tool_calls
+    # The client runs the tool and sends its result (as the openai package
+    # re-sends a message: content null, tool_calls with what it was given).
+    stub.tool_calls = None
+    stub.reply = "It is 21 degrees in Zürich."
+    ask([user("Weather in Zürich?"),
+         {"role": "assistant", "content": None, "tool_calls": [
+             {"id": "call_1", "type": "function", "function": {
+                 "name": "get_weather", "arguments": json.dumps({"city": "Zürich"})}}]},
+         {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'}],
+        tools=tools)
+    messages = conversation(client, cid)["messages"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Weather in Zürich?"), ("assistant", ""), ("tool", '{"celsius": 21}'),
+        ("assistant", "It is 21 degrees in Zürich.")]
+    assert messages[2]["tool_call_id"] == "call_1"
+    assert len(api_conversations(client)) == 1
+    # Continued in the page: llama.cpp is sent the calls and results as they came.
+    status, _, body = client.chat(cid, "Thanks")
+    assert status == 200, body
+    sent = stub.requests[-1]["body"]["messages"]
+    assert sent[:3] == [user("Weather in Zürich?"),
+                         {"role": "assistant", "content": "", "tool_calls": call["tool_calls"]},
+                         {"role": "tool", "content": '{"celsius": 21}', "tool_call_id": "call_1"}]
+
+
+def test_content_parts_are_stored_as_their_text(client, stub, openai):
+    _, headers, _, _ = openai.create([{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+    cid = int(headers["X-Conversation-Id"])
+    assert branch(client, cid)[0] == "What is in this picture?\n[image_url]"
+    assert not rows(client, "SELECT 1 FROM messages WHERE content LIKE '%iVBOR%'")
+
+
+def test_lone_surrogates_are_stored_as_replacement_characters(client, stub, openai):
+    conn, resp = openai.open("POST", "/chat/completions",
+                             b'{"messages": [{"role": "user", "content": "bad \\ud800 text"}]}')
+    assert resp.status == 200
+    cid = int(resp.headers["X-Conversation-Id"])
+    resp.read()
+    conn.close()
+    assert branch(client, cid)[0].startswith("bad \ufffd")
+
+
+@pytest.mark.parametrize("how", ["header", "config"])
+def test_nothing_is_recorded_when_asked(tmp_path, stub, launch, how):
+    server = launch(stub.url, openai_record=how != "config")
+    openai = OpenAIClient(server.server_address[1])
+    headers = {"X-LlamaChat-Record": "off"} if how == "header" else {}
+    for ask in (openai.create, openai.stream):
+        status, answer_headers, _, raw = ask([user("Explain machine learning")],
+                                             headers=headers)
+        assert status == 200 and raw == b"".join(stub.sent)
+        assert "X-Conversation-Id" not in answer_headers
+    assert rows(Client(server), "SELECT count(*) FROM conversations") == [(0,)]
+
+
+def test_a_record_setting_that_is_not_a_boolean_stops_start_up(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"openai_api": {"record": "yes"}}))
+    with pytest.raises(llama_chat.ConfigError, match="openai_api"):
+        llama_chat.load_settings(["--config", str(path)], {})
+
+
+@pytest.mark.parametrize("key,given,status", [
+    ("", None, 200), ("", "anything", 200),
+    ("s3cret", None, 401), ("s3cret", "wrong", 401), ("s3cret", "s3cret", 200)])
+def test_the_api_key_applies_to_v1_as_a_bearer_token(tmp_path, stub, launch, key, given,
+                                                     status):
+    server = launch(stub.url, api_key=key)
+    openai = OpenAIClient(server.server_address[1], given)
+    for path in ("/models", "/chat/completions"):
+        headers = {} if given else {"Authorization": ""}
+        conn, resp = openai.open("POST" if "chat" in path else "GET", path,
+                                 {"messages": [user("hi")]} if "chat" in path else None,
+                                 headers)
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == status
+        if status == 401:
+            assert body["error"]["type"] == "authentication_error"
+
+
+def test_other_v1_routes_are_relayed_and_not_recorded(client, stub, openai):
+    conn, resp = openai.open("GET", "/models")
+    raw = resp.read()
+    conn.close()
+    assert resp.status == 200 and raw == stub.sent[0]
+    for path in ("/embeddings", "/completions", "/responses"):
+        conn, resp = openai.open("POST", path, {"input": "hello", "model": "m"})
+        body = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 200 and body["path"] == "/v1" + path
+        assert "X-Conversation-Id" not in resp.headers
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
+    conn, resp = openai.open("GET", "/../props")
+    resp.read()
+    conn.close()
+    assert resp.status == 404
+
+
+def test_a_client_leaving_mid_stream_ends_llamacpp_s_reply_and_keeps_the_part(client, stub,
+                                                                            openai):
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay = 0.02
+    conn, resp = openai.open("POST", "/chat/completions",
+                             {"messages": [user("Count")], "stream": True})
+    cid = int(resp.headers["X-Conversation-Id"])
+    got = b""
+    while got.count(b"data: ") < 6:
+        got += resp.read1(4096) if hasattr(resp, "read1") else resp.read(64)
+    conn.raw_sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    left = time.monotonic()
+    while (stub.open_streams or len(branch(client, cid)) < 2) and time.monotonic() - left < 3:
+        time.sleep(0.05)
+    assert stub.open_streams == 0 and time.monotonic() - left < 1.5
+    reply = conversation(client, cid)["messages"][-1]
+    assert reply["finish_reason"] == "aborted"
+    assert reply["content"].startswith("w0 w1") and len(reply["content"]) < len(stub.reply)
+
+
+def test_a_client_leaving_while_llamacpp_reads_the_prompt_ends_the_request(client, stub,
+                                                                         openai):
+    stub.reply = " ".join(f"w{i}" for i in range(100))
+    stub.stall = 1.0                          # llama.cpp silent: reading the prompt
+    stub.token_delay = 0.02
+    conn, _ = openai.open("GET", "/models")   # a connection, then the chat on its own
+    conn.close()
+    raw = socket.create_connection(("127.0.0.1", client.port))
+    body = json.dumps({"messages": [user("Count")], "stream": True}).encode()
+    raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body))
+    time.sleep(0.3)
+    raw.close()
+    time.sleep(1.2)                           # the stub starts streaming, into a closed socket
+    deadline = time.monotonic() + 1
+    while stub.open_streams and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stub.open_streams == 0
+    assert rows(client, "SELECT role FROM messages") == [("user",)]
+
+
+def test_deleting_a_conversation_ends_its_v1_stream(client, stub, openai):
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay = 0.02
+    conn, resp = openai.open("POST", "/chat/completions",
+                             {"messages": [user("Count")], "stream": True})
+    cid = int(resp.headers["X-Conversation-Id"])
+    resp.readline()
+    assert client.delete(f"/api/conversations/{cid}")[0] == 200
+    rest = resp.read()
+    conn.close()
+    last = [e for e in rest.split(b"\n\n") if e.strip()][-1]
+    assert json.loads(last[6:])["error"]["code"] == "NOT_FOUND"
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_two_clients_sending_the_same_history_at_once_store_it_once(client, stub, openai):
+    openai.create([user("Start")])
+    stub.stall = 0.3
+    history = [user("Start"), assistant(stub.reply), user("Same next question")]
+    threads = [threading.Thread(target=openai.create, args=(history,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert rows(client, "SELECT count(*) FROM messages WHERE content = 'Same next question'") \
+        == [(1,)]
+    assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(5,)]
+
+
+def test_a_schema_4_database_takes_tool_messages_and_keeps_its_ids(tmp_path):
+    path = str(tmp_path / "v4.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        for text in ("question", "answer", "gone"):
+            c.execute("INSERT INTO messages (conversation_id, parent_id, role, content) "
+                      "SELECT 1, max(id), ?, ? FROM messages", (
+                          "assistant" if text == "answer" else "user", text))
+        c.execute("DELETE FROM messages WHERE content = 'gone'")   # its id is not reused
+    schema_2_db(path, fill, version=4)
+    store = llama_chat.Store(path)
+    assert store.backup_path and sqlite3.connect(store.backup_path).execute(
+        "PRAGMA user_version").fetchone() == (4,)
+    found = store.get_conversation(1)
+    assert (found["source"], found["source_id"], found["client"]) == (None, None, None)
+    assert [m["content"] for m in json.loads(store.messages(1)[0])] == ["question", "answer"]
+    assert len(store.search("answer", 5)) == 1
+    store.index.check()
+    tool = store.add_message(1, "tool", "42", tool_call_id="c1")
+    assert tool == 4
+    conn = sqlite3.connect(path)
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    assert "'tool'" in sql and conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    digests = conn.execute("SELECT role, content, digest FROM messages ORDER BY id").fetchall()
+    assert all(d == llama_chat.message_digest(r, t, None, "c1" if r == "tool" else None)
+               for r, t, d in digests)
+    triggers = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                           "'trigger'")}
+    assert {"message_parent_added", "search_message_added", "conversation_removed",
+            "message_digest_added"} <= triggers
+    store.close()
+
+
+def test_an_api_conversation_is_continued_in_the_page_s_api(client, stub, openai):
+    _, headers, _, _ = openai.create([{"role": "system", "content": "Answer in French."},
+                                      user("Hello")])
+    cid = int(headers["X-Conversation-Id"])
+    status, _, body = client.chat(cid, "And goodbye?")
+    assert status == 200, body
+    sent = stub.requests[-1]["body"]["messages"]
+    assert sent[0] == {"role": "system", "content": "Answer in French."}
+    assert [m["content"] for m in sent[1:]] == ["Hello", stub.reply, "And goodbye?"]
+
+
+###############################################################################
 # Docs
 ###############################################################################
 
@@ -3075,7 +3603,8 @@ def test_readme_names_every_route():
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
     for method, pattern, _ in llama_chat.ROUTES:
-        path = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\", "")
+        path = "/v1/…" if pattern == llama_chat.V1_PATH else re.sub(
+            r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\", "")
         assert f"{method} {path}" in readme, f"{method} {path} is not in README.md"
 
 
