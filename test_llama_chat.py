@@ -3213,7 +3213,6 @@ def test_a_stream_is_relayed_event_by_event_and_recorded(client, stub, openai):
     assert messages[1]["estimated_tokens"] == len(stub.tokens())     # from timings
 
 
-@pytest.mark.parametrize("stream", [False, True])
 def test_a_streamed_reply_is_stored_before_its_end_reaches_the_client(client, stub, openai):
     conn, resp = openai.open("POST", "/chat/completions",
                              {"messages": [user("Explain machine learning")], "stream": True})
@@ -3228,6 +3227,7 @@ def test_a_streamed_reply_is_stored_before_its_end_reaches_the_client(client, st
     conn.close()
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_client_resending_its_history_continues_the_conversation(client, stub, openai,
                                                                    stream):
     ask = openai.stream if stream else openai.create
