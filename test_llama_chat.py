@@ -3293,7 +3293,9 @@ def test_another_system_prompt_or_a_new_question_is_a_new_conversation(client, s
 
 def test_a_page_conversation_is_not_taken_over_by_a_client_with_the_same_words(client, stub,
                                                                              openai):
-    cid = client.new_conversation()
+    status, _, body = client.post("/api/conversations", {"title": "Mine", "model": MODEL,
+                                                         "system_prompt": ""})
+    cid = body["conversation_id"]                    # the same (empty) system prompt too
     client.chat(cid, "Hello")
     _, headers, _, _ = openai.create([user("Hello")])
     assert int(headers["X-Conversation-Id"]) != cid
