@@ -2540,10 +2540,13 @@ def start_chat(app, body, stream):
     else:
         if placement == "user_message_id" and target["role"] != "user":
             raise validation_error("user_message_id", "user_message_id must be a user message")
-        question = target["id"] if target["role"] == "user" else target["parent_id"]
-        while question is not None:       # past failed replies a migrated chain holds
+        # What a reply answers: a question, or a tool's result (a conversation
+        # recorded from /v1); past failed replies a migrated chain holds.
+        answers = ("user", "tool")
+        question = target["id"] if target["role"] in answers else target["parent_id"]
+        while question is not None:
             above = store.tree.message(question)
-            if above["role"] == "user":
+            if above["role"] in answers:
                 break
             question = above["parent_id"]
         if question is None:

@@ -3404,6 +3404,26 @@ def test_tool_calls_and_their_results_round_trip(client, stub, openai, stream):
                          {"role": "tool", "content": '{"celsius": 21}', "tool_call_id": "call_1"}]
 
 
+def test_a_reply_after_a_tool_result_regenerates_from_that_result(client, stub, openai):
+    stub.tool_calls = [{"id": "c9", "type": "function",
+                        "function": {"name": "now", "arguments": "{}"}}]
+    _, headers, _, _ = openai.create([user("What time is it?")])
+    cid = int(headers["X-Conversation-Id"])
+    stub.tool_calls = None
+    openai.create([user("What time is it?"), {"role": "assistant", "content": None,
+                                               "tool_calls": stub.requests and [
+                                                   {"id": "c9", "type": "function", "function":
+                                                    {"name": "now", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "c9", "content": "12:00"}])
+    reply = conversation(client, cid)["messages"][-1]
+    status, _, body = client.post("/api/chat", {"conversation_id": cid,
+                                                "regenerate": reply["id"]})
+    assert status == 200, body
+    assert body["parent_id"] == reply["parent_id"]          # under the tool's result
+    assert stub.requests[-1]["body"]["messages"][-1] == {
+        "role": "tool", "content": "12:00", "tool_call_id": "c9"}
+
+
 def test_content_parts_are_stored_as_their_text(client, stub, openai):
     _, headers, _, _ = openai.create([{"role": "user", "content": [
         {"type": "text", "text": "What is in this picture?"},
@@ -4052,6 +4072,38 @@ def test_page_pins_a_conversation_into_the_pinned_group(page, client):
                     "return l.length === 5 && l.map(e => e.classList.contains('group') ? "
                     "'[' + e.textContent + ']' : e.querySelector('.title').textContent)")
     assert listed == ["[Pinned]", "Keep at hand", "[Recent]", "Newer one", "Keep at hand"]
+
+
+@needs_chromium
+def test_page_marks_api_conversations_and_shows_tool_calls_compactly(page, client, stub):
+    openai = OpenAIClient(client.port)
+    stub.tool_calls = [{"id": "call_7", "type": "function", "function": {
+        "name": "lookup", "arguments": '{"q": "<img src=x onerror=alert(1)>"}'}}]
+    _, headers, _, _ = openai.create([user("Look it up")])
+    cid = int(headers["X-Conversation-Id"])
+    stub.tool_calls = None
+    openai.create([user("Look it up"), {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_7", "type": "function", "function": {
+            "name": "lookup", "arguments": '{"q": "<img src=x onerror=alert(1)>"}'}}]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "found <b>it</b>"}])
+    client.new_conversation("From the page")
+    b = page(f"/#/c/{cid}")
+    badges = b.wait("const l = [...document.querySelectorAll('#conv-list .conv')];"
+                    "return l.length === 2 && l.map(e => !!e.querySelector('.badge'))")
+    assert badges == [True, False] or badges == [False, True]
+    assert b.js(f"return !!document.querySelector('#conv-list li[data-id=\"{cid}\"] .badge')")
+    call = b.wait("const c = document.querySelector('.msg.assistant .calls li');"
+                  "return c && c.textContent")
+    assert call == 'Calls lookup{"q": "<img src=x onerror=alert(1)>"}'
+    tool = b.wait("const d = document.querySelector('.msg.tool details, .msg.tool');"
+                  "return d && d.querySelector('summary').textContent")
+    assert tool == "Tool result · call_7"
+    assert b.js("return document.querySelector('.msg.tool pre').textContent") == "found <b>it</b>"
+    assert b.js("return document.querySelectorAll('img, .msg b').length") == 0
+    b.click("#stats-toggle")
+    details = b.wait("const d = document.querySelector('#stats dl');"
+                     "return d && d.textContent.includes('Client') && d.textContent")
+    assert "OpenAI/Python 1.54.0" in details
 
 
 @needs_chromium
