@@ -3299,16 +3299,39 @@ def relay_to_llamacpp(app, req, exchange):
             app.generation_ended(generation)
 
 
+def record_stream(app, exchange, received, ended):
+    """Store the reply of a stream from the bytes received: `ended` "done"
+    ([DONE] came), "cut" (the stream ended without it), "aborted" or "error".
+    Read once, at the end: parsing each event as it passed would slow the
+    stream (its client, llama.cpp and llama-chat share the machine's cores)."""
+    if exchange.conversation_id is None:
+        return
+    relay, finish = Relay(AsItCame()), None
+    try:
+        chunks, done = parse_events(b"".join(received).rpartition(b"\n")[0])
+        for chunk in chunks:
+            relay.keep(relay.take(chunk))
+    except ApiError:                         # llama.cpp's error event, or not an event
+        finish = "error"
+    else:
+        if ended in ("done", "cut"):
+            finish = relay.finish or ("stop" if done or ended == "done" else "error")
+    record_reply(app, exchange, relay, ended if ended in ("aborted", "error") else finish)
+
+
+DONE_EVENT = b"data: [DONE]"
+
+
 def relayed_stream(app, exchange, generation, resp):
-    """llama.cpp's stream passed on read by read, as it came, while a Relay
-    gathers the reply for the record. The reply is stored as it ended (stop
-    or length; aborted when the client left or llama-chat stopped; error
-    when llama.cpp failed or cut it short), and before the read that ends
-    it is passed on: the client's next request may repeat it. A stop of our
-    own (shutdown, the conversation deleted) ends the stream with an error
-    event in OpenAI's shape."""
-    relay, read = Relay(AsItCame()), body_reader(resp)
-    pending, gathering, done, recorded, finish = b"", True, False, False, None
+    """llama.cpp's stream passed on read by read, as it came, and recorded
+    when it ends, as it ended (stop or length; aborted when the client left
+    or llama-chat stopped; error when llama.cpp failed or cut it short): a
+    reply that ends with [DONE] is stored before [DONE] is passed on, since
+    the client's next request may repeat it. A stop of our own (shutdown,
+    the conversation deleted) ends the stream with an error event in
+    OpenAI's shape."""
+    read = body_reader(resp)
+    received, recorded = [], False          # what reached the client
     try:
         while True:
             try:
@@ -3321,29 +3344,27 @@ def relayed_stream(app, exchange, generation, resp):
                 raise stopped
             if not data:
                 break
-            if gathering:
-                complete, newline, pending = (pending + data).rpartition(b"\n")
-                if newline:
-                    try:
-                        chunks, done = parse_events(complete)
-                        for chunk in chunks:
-                            relay.keep(relay.take(chunk))
-                    except ApiError:           # llama.cpp's own error event, relayed
-                        gathering, finish = False, "error"
-            if done and not recorded:
+            end = data.find(DONE_EVENT) if not recorded else -1
+            if end >= 0:
+                if end:
+                    yield data[:end]             # the last tokens at once, then the record
+                    received.append(data[:end])
                 recorded = True
-                record_reply(app, exchange, relay, finish or relay.finish or "stop")
+                record_stream(app, exchange, received, "done")
+                data = data[end:]
             yield data
+            if not recorded:
+                received.append(data)
         if not recorded:
             recorded = True
-            record_reply(app, exchange, relay, finish or relay.finish or "error")
+            record_stream(app, exchange, received, "cut")
     except ClientGone:
         if not recorded:
-            record_reply(app, exchange, relay, "aborted")
+            record_stream(app, exchange, received, "aborted")
     except ApiError as e:
         if not recorded and e.code != "NOT_FOUND":
-            record_reply(app, exchange, relay, "aborted" if e.code == "SHUTTING_DOWN"
-                         else "error")
+            record_stream(app, exchange, received,
+                          "aborted" if e.code == "SHUTTING_DOWN" else "error")
         try:
             yield f"data: {JSON.encode(e.openai_body())}\n\n".encode()
         except ClientGone:

@@ -4788,6 +4788,29 @@ def compare_streams(tmp_path, *stub_args, runs=15):
     return direct_runs, app_runs
 
 
+def compare_v1_streams(db, *stub_args, runs=15):
+    """stream_rate() of a stub in its own process, read directly and through
+    the app's /v1 (recording on), alternating: (direct runs, app runs). Each
+    /v1 run asks a new question, so each goes into a new conversation."""
+    fast = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", "0",
+                             *stub_args], stdout=subprocess.PIPE, text=True)
+    url = fast.stdout.readline().split()[-1]
+    app = AppProcess(db, url)
+    direct_runs, app_runs = [], []
+    try:
+        for i in range(runs):
+            direct_runs.append(stream_rate(int(url.rsplit(":", 1)[1]), "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": f"go {i:04d}"}], "stream": True}))
+            app_runs.append(stream_rate(app.port, "/v1/chat/completions", {
+                "messages": [{"role": "user", "content": f"go {i + 5000:04d}"}],
+                "stream": True}))
+    finally:
+        app.stop()
+        fast.terminate()
+        fast.wait(10)
+    return direct_runs, app_runs
+
+
 def first_token_extra(direct_runs, app_runs):
     """The median of the paired differences: each app run against the direct
     run just before it, so that the machine's drift cancels (the stream rate
@@ -5013,16 +5036,17 @@ def request_ms(conn, method, path, body=None):
     return (time.perf_counter() - started) * 1000, answer
 
 
-def schema_2_database(path, messages, per_conversation=50):
-    """A 1.2 database of `messages` messages inserted in bulk, without the
-    search index (the migration's cost alone is timed)."""
+def schema_2_database(path, messages, per_conversation=50, version=2, index=False):
+    """A 1.2 database (or one of schema `version`) of `messages` messages
+    inserted in bulk, without the search index unless asked (the migration's
+    cost alone is timed)."""
     def fill(c):
         c.executemany("INSERT INTO conversations (id, title, model) VALUES (?, 't', 'm')",
                       ((i + 1,) for i in range(messages // per_conversation)))
         c.executemany("INSERT INTO messages (conversation_id, role, content) VALUES (?, ?, ?)",
                       ((i // per_conversation + 1, ("user", "assistant")[i % 2], text)
                        for i, text in enumerate(bench_corpus(messages))))
-    schema_2_db(path, fill, index=False)
+    schema_2_db(path, fill, index=index, version=version)
 
 
 @bench
@@ -5100,6 +5124,76 @@ def serve_stub(argv=None):
 
 if __name__ == "__main__":
     serve_stub()
+
+
+def v1_overhead(port, stub, history, rounds=15, pairs=20):
+    """A plain chat through /v1 (recorded) against the same body sent straight
+    to the stub, alternating, in ms: the median of each round's p50
+    difference. history(i) is the i-th request's messages."""
+    stub.reply = "A short answer of a few tokens."
+    direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
+    through = http.client.HTTPConnection("127.0.0.1", port)
+    differences, n = [], 0
+    for _ in range(rounds):
+        times = {"direct": [], "v1": []}
+        for _ in range(pairs):
+            n += 1
+            body = json.dumps({"messages": history(n)})
+            for name, conn in (("direct", direct), ("v1", through)):
+                started = time.perf_counter()
+                conn.request("POST", "/v1/chat/completions", body,
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                answer = json.loads(resp.read())
+                times[name].append((time.perf_counter() - started) * 1000)
+                assert resp.status == 200, answer
+        differences.append(percentile(times["v1"], 50) - percentile(times["direct"], 50))
+        time.sleep(0.3)
+    direct.close()
+    through.close()
+    return percentile(differences, 50)
+
+
+@bench
+def test_bench_v1(tmp_path, stub):
+    row = bench_row
+    bench_heading("/v1")
+    old = str(tmp_path / "v4.db")
+    schema_2_database(old, 100_000, version=4, index=True)
+    conn = sqlite3.connect(old, isolation_level=None)
+    conn.create_function("message_digest", 4, llama_chat.message_digest, deterministic=True)
+    conn.execute("BEGIN")
+    started = time.perf_counter()
+    llama_chat.migrate_to_5(conn)
+    row("migration to schema 5 (messages rebuilt) of 100,000 messages",
+        f"{time.perf_counter() - started:.2f} s", "report")
+    conn.execute("ROLLBACK")
+    conn.close()
+    db = str(tmp_path / "v1.db")
+    build_database(db, 100_000)
+    app = AppProcess(db, stub.url)
+    try:
+        row("plain chat through /v1, recorded, a new conversation: +p50",
+            f"{v1_overhead(app.port, stub, lambda n: [user(f'question {n}')]):.2f} ms",
+            "< 3 ms")
+        history = [m for i in range(10) for m in (user(f"turn {i} of a long chat"),
+                                                  assistant("A short answer of a few tokens."))]
+        row("plain chat through /v1, recorded, the 21st message of one: +p50",
+            f"{v1_overhead(app.port, stub, lambda n: history + [user(f'next {n}')]):.2f} ms",
+            "< 3 ms")
+    finally:
+        app.stop()
+    direct_runs, app_runs = compare_v1_streams(db, "--tokens", "2000")
+    ratio = percentile([a[0] / d[0] for d, a in zip(direct_runs, app_runs)], 50)
+    rate_direct, rate_app = (percentile([r for r, _, _ in runs], 50)
+                             for runs in (direct_runs, app_runs))
+    row("streamed 2,000 tokens through /v1: rate / direct",
+        f"{ratio * 100:.0f}% ({rate_app:,.0f}/{rate_direct:,.0f} tok/s)", ">= 95%")
+    row("first token through /v1: extra time, same stream",
+        f"{first_token_extra(direct_runs, app_runs):.1f} ms", "< 3 ms")
+    paced = compare_v1_streams(db, "--tokens", "40", "--delay", "0.005")
+    row("first token through /v1: extra time, 200 tokens/s",
+        f"{first_token_extra(*paced):.1f} ms", "< 3 ms")
 
 
 @bench
