@@ -1145,7 +1145,9 @@ def fuzz_requests(count, rng):
 
 def test_fuzzed_requests_never_break_the_server(tmp_path, stub, launch):
     import random
-    server = launch(stub.url, request_timeout=2.0)
+    server = launch(stub.url, request_timeout=2.0,    # the stub answers /v1 relays: on a
+                    timeouts={"llamacpp_timeout": 30,      # busy machine in more than 2 s
+                              "llamacpp_connect_timeout": 30})
     c = Client(server)
     statuses = {}
     for data in fuzz_requests(2000, random.Random(FUZZ_SEED)):
