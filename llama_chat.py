@@ -34,6 +34,9 @@ for _name in _HIDDEN:
 
 import argparse  # noqa: E402
 import base64
+import codecs
+import contextlib
+import io
 import functools
 import ipaddress
 import json
@@ -489,6 +492,7 @@ DEFAULT_CONFIG = {
     "db": "llama_chat.db",
     "allowed_hosts": [],
     "max_body_bytes": 1048576,
+    "max_import_bytes": 67108864,
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
     "openai_api": {"record": True},
@@ -543,6 +547,7 @@ class Settings:
         default_factory=lambda: dict(DEFAULT_CONFIG["response_optimization"]))
     allowed_hosts: tuple = ()       # names besides this machine's that Host may carry
     max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
+    max_import_bytes: int = DEFAULT_CONFIG["max_import_bytes"]
     request_timeout: float = 10.0   # seconds to send a whole request (and to idle between)
     max_connections: int = 200      # served at once; beyond, 503
     check_up_to_bytes: int = 64 * 2**20   # quick_check a file this size at start (~2 s here)
@@ -583,6 +588,36 @@ def build_arg_parser():
                    help="largest request body accepted (env LLAMA_CHAT_MAX_BODY_BYTES; "
                    "default 1048576)")
     p.add_argument("--version", action="version", version="llama-chat " + __version__)
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", help="serve (the "
+                                "default), search, export, import, backup, check, stats; "
+                                "each works on the database whether a server runs on it or not")
+    commands.add_parser("serve", help="serve the page and the API (what no command does)",
+                        description="Serve the page and the API.")
+    c = commands.add_parser("search", help="search the history",
+                            description="Search the history as /api/search does.")
+    c.add_argument("query")
+    c.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
+    c.add_argument("--json", action="store_true", help="the results as JSON")
+    c = commands.add_parser("export", help="export conversations",
+                            description="Export every conversation (or one) to a file or "
+                            "to standard output.")
+    c.add_argument("--conversation", type=int, metavar="ID", help="only this one")
+    c.add_argument("--format", choices=("json", "jsonl", "md"), default="json",
+                   help="json (default), jsonl (everything), md (one conversation)")
+    c.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
+    c = commands.add_parser("import", help="import history files",
+                            description="Import files of llama-chat, llama.cpp's web UI, "
+                            "Open WebUI or ChatGPT (JSON, JSONL or ZIP), each in one "
+                            "transaction; what was imported before is skipped.")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c = commands.add_parser("backup", help="copy the database consistently",
+                            description="Copy the database with SQLite's online backup, "
+                            "safe while chats are written.")
+    c.add_argument("file", metavar="FILE")
+    commands.add_parser("check", help="check the database and its search index",
+                        description="Run SQLite's integrity check and the search index's.")
+    commands.add_parser("stats", help="what the history holds",
+                        description="Count conversations and messages.")
     return p
 
 
@@ -708,6 +743,9 @@ def load_settings(argv=None, environ=None):
             allowed_hosts=tuple(h.strip().lower() for h in allowed if h.strip()),
             max_body_bytes=whole_number(pick(args.max_body_bytes, ["LLAMA_CHAT_MAX_BODY_BYTES"],
                                              "max_body_bytes"), "max_body_bytes", 1024, 2**31),
+            max_import_bytes=whole_number(pick(None, ["LLAMA_CHAT_MAX_IMPORT_BYTES"],
+                                               "max_import_bytes"), "max_import_bytes",
+                                          1024, 2**40),
             **sections,
         )
     except ApiError as e:
@@ -900,7 +938,7 @@ class Database:
         finally:
             dest.close()
 
-    def json_rows(self, columns, query, params, totals=""):
+    def json_rows(self, columns, query, params, totals="", conn=None):
         """The rows of a query as a JSON array of objects with these columns, and
         the values of `totals`, aggregates over the same rows. SQLite builds the
         JSON in one step: a page of rows costs one call instead of a Python dict
@@ -908,7 +946,7 @@ class Database:
         row). Order is the query's: SQLite does not flatten an ordered subquery
         into an aggregate."""
         extra = f", {totals}" if totals else ""
-        conn = self.conn()
+        conn = conn or self.conn()
         if self.sql_json:
             row = conn.execute(
                 f"SELECT json_group_array(json_object({json_fields(columns)})){extra} "
@@ -3391,6 +3429,625 @@ def v1_relay(app, req):
 
 
 ###############################################################################
+# Export, import, backup
+###############################################################################
+
+EXPORT_VERSION = 1
+# What an export holds of a conversation and of each of its messages: every
+# column but the digest (derived) and, for a conversation, title_pending.
+EXPORT_CONVERSATION = """id, title, model, created_at, updated_at, system_prompt, options,
+    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, current_message_id, source,
+    source_id, client"""
+EXPORT_CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_prompt,
+    options, pinned, current_message_id, source, source_id, client"""
+EXPORT_MESSAGE_COLUMNS = """id, parent_id, role, content, reasoning, model, timestamp,
+    edited_at, response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second,
+    finish_reason, options, tool_calls, tool_call_id"""
+EXPORT_BATCH = 200           # conversations read at a time
+
+
+def exported(conn, db, conversation_id):
+    """One conversation and every message of every branch, as llama-chat's
+    export's JSON text: {"conversation": ..., "messages": [...]}."""
+    conversation, _ = db.json_rows(EXPORT_CONVERSATION_COLUMNS,
+                                   f"SELECT {EXPORT_CONVERSATION} FROM conversations "
+                                   "WHERE id = ?", (conversation_id,), conn=conn)
+    messages, _ = db.json_rows(EXPORT_MESSAGE_COLUMNS,
+                               f"SELECT {EXPORT_MESSAGE_COLUMNS} FROM messages "
+                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
+                               conn=conn)
+    return f'{{"conversation": {conversation[1:-1]}, "messages": {messages}}}'
+
+
+def export_all(db, form):
+    """Everything, as `form` ("json" or "jsonl"), a piece at a time (bytes):
+    memory does not grow with the history. One read transaction: the
+    export is of one moment, while chats go on."""
+    conn = db.connect()
+    try:
+        conn.execute("BEGIN")
+        if form == "json":
+            yield b'{"format": "llama-chat", "version": %d, "conversations": [\n' \
+                % EXPORT_VERSION
+        last, first = 0, True
+        while True:
+            ids = [r[0] for r in conn.execute("SELECT id FROM conversations WHERE id > ? "
+                                              "ORDER BY id LIMIT ?", (last, EXPORT_BATCH))]
+            if not ids:
+                break
+            pieces = [exported(conn, db, i) for i in ids]
+            if form == "json":
+                yield (("" if first else ",\n") + ",\n".join(pieces)).encode()
+            else:
+                yield ("\n".join(pieces) + "\n").encode()
+            last, first = ids[-1], False
+        if form == "json":
+            yield b"\n]}\n"
+    finally:
+        conn.close()
+
+
+def export_one(db, conversation_id):
+    """One conversation as llama-chat's JSON (bytes), or None if there is none."""
+    conn = db.conn()
+    if not conn.execute("SELECT 1 FROM conversations WHERE id = ?",
+                        (conversation_id,)).fetchone():
+        return None
+    return (f'{{"format": "llama-chat", "version": {EXPORT_VERSION}, '
+            + exported(conn, db, conversation_id)[1:]).encode()
+
+
+def export_markdown(conversation, messages):
+    """The current branch as Markdown: the title, then each message under its
+    role, model and time."""
+    lines = [f"# {conversation['title']}", ""]
+    if conversation.get("system_prompt"):
+        lines += ["_System prompt:_ " + conversation["system_prompt"], ""]
+    for m in messages:
+        about = " · ".join(x for x in (m["role"].capitalize(), m.get("model"),
+                                       m.get("timestamp")) if x)
+        lines += [f"## {about}", ""]
+        if m.get("reasoning"):
+            lines += ["<details><summary>Reasoning</summary>", "", m["reasoning"], "",
+                      "</details>", ""]
+        lines += [m["content"], ""]
+        for call in m.get("tool_calls") or ():
+            function = call.get("function") or {} if isinstance(call, dict) else {}
+            lines += [f"`{function.get('name')}({function.get('arguments')})`", ""]
+    return "\n".join(lines).encode()
+
+
+def download_name(title, extension):
+    """A file name for a download: the title's letters and digits, else the date."""
+    stem = re.sub(r"[^\w-]+", "-", unicodedata.normalize("NFKD", title or "")
+                  .encode("ascii", "ignore").decode()).strip("-")[:60]
+    return f"{stem or 'llama-chat-' + now_iso()[:10]}.{extension}"
+
+
+def attachment(name, kind):
+    return {"Content-Type": kind, "Content-Disposition": f'attachment; filename="{name}"',
+            "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+
+
+# Reading a file to import: JSON read a piece at a time, so that a 500 MB
+# export never sits in memory whole: only the item being read does.
+READ_PIECE = 1 << 20
+
+
+class JsonPieces:
+    """JSON values read one after another from a binary file (a JSONL file,
+    or one value), and the elements of an array one by one."""
+
+    def __init__(self, f):
+        self.f, self.text, self.at, self.ended = f, "", 0, False
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.raw = json.JSONDecoder()
+
+    def more(self):
+        if self.ended:
+            return False
+        data = self.f.read(READ_PIECE)
+        self.ended = not data
+        try:
+            self.text = self.text[self.at:] + self.decoder.decode(data, final=self.ended)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"the file is not UTF-8 text ({e.reason})") from None
+        self.at = 0
+        return bool(data)
+
+    def peek(self):
+        """The next character that is not white space ("" at the end)."""
+        while True:
+            while self.at < len(self.text) and self.text[self.at] in " \t\r\n":
+                self.at += 1
+            if self.at < len(self.text):
+                return self.text[self.at]
+            if not self.more():
+                return ""
+
+    def take(self, char):
+        if self.peek() != char:
+            raise ValueError(f"expected {char!r} at character {self.at}")
+        self.at += 1
+
+    def value(self):
+        """The next whole value; a value cut by the end of a piece waits for more."""
+        self.peek()
+        while True:
+            try:
+                value, end = self.raw.raw_decode(self.text, self.at)
+            except ValueError as e:
+                if self.more():
+                    continue
+                raise ValueError(f"the JSON ends early or is broken: {e}") from None
+            if end == len(self.text) and not self.ended and not isinstance(value, (dict, list)):
+                self.more()                      # a number may go on in the next piece
+                continue
+            self.at = end
+            return value
+
+    def elements(self):
+        """The elements of the array that comes next."""
+        self.take("[")
+        if self.peek() == "]":
+            self.at += 1
+            return
+        while True:
+            yield self.value()
+            char = self.peek()
+            self.at += 1
+            if char == "]":
+                return
+            if char != ",":
+                raise ValueError("the JSON array is broken")
+
+
+def json_items(f):
+    """The items of a JSON file: the elements of a top-level array, the
+    conversations of llama-chat's export of everything (the members before
+    them read first), or each top-level value (one object, or JSONL)."""
+    reader = JsonPieces(f)
+    while True:
+        char = reader.peek()
+        if char == "":
+            return
+        if char == "[":
+            yield from reader.elements()
+        elif char == "{":
+            reader.take("{")
+            head, streamed = {}, False
+            while reader.peek() not in ("}", ""):
+                key = reader.value()
+                reader.take(":")
+                if key == "conversations" and head.get("format") == "llama-chat" \
+                        and reader.peek() == "[":
+                    streamed = True
+                    for item in reader.elements():
+                        yield {"format": "llama-chat", **item}
+                else:
+                    head[key] = reader.value()
+                if reader.peek() == ",":
+                    reader.at += 1
+            reader.take("}")
+            if not streamed:
+                yield head
+        else:
+            raise ValueError("the file holds no JSON object or array")
+
+
+@dataclass
+class Imported:
+    """A conversation from another app, ready to store: messages in an order
+    where each comes after its parent, by their keys there."""
+    source: str
+    source_id: str
+    title: str
+    created_at: str = None
+    updated_at: str = None
+    model: str = ""
+    system_prompt: str = None
+    options: str = None
+    pinned: bool = False
+    current: object = None        # the key of the message shown
+    messages: list = field(default_factory=list)    # dicts: key, parent, role, content...
+    client: str = None
+
+
+def iso_time(value, unit=1.0):
+    """A time as llama-chat keeps it: ISO text as it is; a number of seconds
+    (unit 1) or milliseconds (unit 0.001) since 1970 converted; else None."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        try:
+            moment = datetime.fromtimestamp(value * unit, timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            return None
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return None
+
+
+def text_of(value):
+    if value is None:
+        return ""
+    return sound_text(value if isinstance(value, str) else stored_text(value))
+
+
+def in_tree_order(nodes, parent_of):
+    """Keys of `nodes` (a dict) with each parent before its children (roots:
+    no parent, or one that is missing); a cycle's members come out as roots."""
+    children, roots = {}, []
+    for key in nodes:
+        parent = parent_of(key)
+        (children.setdefault(parent, []) if parent in nodes and parent != key
+         else roots).append(key)
+    order, seen, stack = [], set(), list(reversed(roots))
+    while stack or len(seen) < len(nodes):
+        if not stack:                     # what a cycle left unreached
+            stack = [next(k for k in nodes if k not in seen)]
+        key = stack.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        order.append(key)
+        stack.extend(reversed(children.get(key, [])))
+    return order
+
+
+def tree_messages(nodes, parent_of, message_of, current):
+    """Imported messages of a tree of `nodes`: message_of(node) is a message
+    dict (role, content, ...) or None for a node that holds none (a root, a
+    hidden system message), whose children then hang from its parent; a
+    leading system message becomes the system prompt. (messages, system
+    prompt, the key of the message shown)."""
+    kept, moved, system = [], {}, None
+    for key in in_tree_order(nodes, parent_of):
+        parent = parent_of(key)
+        parent = moved.get(parent, parent) if parent in nodes else None
+        message = message_of(nodes[key])
+        if message is not None and message["role"] == "system" and parent is None \
+                and system is None:
+            system, message = message["content"], None
+        if message is None:
+            moved[key] = parent
+            continue
+        kept.append({"key": key, "parent": parent, **message})
+    while current in moved:
+        current = moved[current]
+    return kept, system, current
+
+
+def role_of(role):
+    return STORED_ROLES.get(role)
+
+
+def from_llamacpp(conv, messages):
+    """llama.cpp's web UI: a conversation (id, name, currNode, lastModified)
+    and its messages (id, parent, role, content, thinking or
+    reasoningContent, timestamp in ms, model, timings, extra attachments)."""
+    nodes = {str(m.get("id")): m for m in messages if isinstance(m, dict)}
+
+    def message_of(m):
+        role = role_of(m.get("role"))
+        if role is None or m.get("type") == "root":
+            return None
+        content = text_of(m.get("content"))
+        for extra in m.get("extra") or ():
+            if isinstance(extra, dict):
+                if isinstance(extra.get("content"), str) and extra.get("type") != "imageFile":
+                    content += f"\n\n[{extra.get('name') or 'attachment'}]\n{extra['content']}"
+                else:
+                    content += f"\n\n[{extra.get('type') or 'attachment'}: " \
+                               f"{extra.get('name') or 'unnamed'}]"
+        timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
+        speed = None
+        if isinstance(timings.get("predicted_n"), int) and timings.get("predicted_ms"):
+            speed = round(timings["predicted_n"] / timings["predicted_ms"] * 1000, 1)
+        return {"role": role, "content": content,
+                "reasoning": text_of(m.get("reasoningContent") or m.get("thinking")) or None,
+                "model": m.get("model") if isinstance(m.get("model"), str) else None,
+                "timestamp": iso_time(m.get("timestamp"), 0.001),
+                "estimated_tokens": timings.get("predicted_n")
+                if isinstance(timings.get("predicted_n"), int) else None,
+                "prompt_tokens": timings.get("prompt_n")
+                if isinstance(timings.get("prompt_n"), int) else None,
+                "tokens_per_second": speed,
+                "finish_reason": "stop" if role == "assistant" else None,
+                "tool_calls": m["toolCalls"] if isinstance(m.get("toolCalls"), str) else None,
+                "tool_call_id": m.get("toolCallId")}
+    kept, system, current = tree_messages(
+        nodes, lambda k: str(nodes[k].get("parent")) if nodes[k].get("parent") else None,
+        message_of, str(conv.get("currNode")))
+    when = iso_time(conv.get("lastModified"), 0.001)
+    return Imported("llama.cpp-webui", str(conv.get("id")), text_of(conv.get("name")) or UNTITLED,
+                    when, when, system_prompt=system, current=current, messages=kept)
+
+
+def from_open_webui(chat):
+    """Open WebUI: a chat {id, title, created_at, updated_at (seconds), pinned,
+    chat: {models, params.system or system, history: {messages by id with
+    parentId, currentId}}}."""
+    body = chat.get("chat") if isinstance(chat.get("chat"), dict) else {}
+    history = body.get("history") if isinstance(body.get("history"), dict) else {}
+    nodes = {str(k): v for k, v in (history.get("messages") or {}).items() if isinstance(v, dict)}
+
+    def message_of(m):
+        role = role_of(m.get("role"))
+        if role is None:
+            return None
+        info = m.get("usage") if isinstance(m.get("usage"), dict) else {}
+        return {"role": role, "content": text_of(m.get("content")),
+                "model": m.get("model") if isinstance(m.get("model"), str) else None,
+                "timestamp": iso_time(m.get("timestamp")),
+                "estimated_tokens": info.get("completion_tokens")
+                if isinstance(info.get("completion_tokens"), int) else None,
+                "prompt_tokens": info.get("prompt_tokens")
+                if isinstance(info.get("prompt_tokens"), int) else None,
+                "finish_reason": "stop" if role == "assistant" else None}
+    kept, system, current = tree_messages(
+        nodes, lambda k: str(nodes[k].get("parentId")) if nodes[k].get("parentId") else None,
+        message_of, str(history.get("currentId")))
+    params = body.get("params") if isinstance(body.get("params"), dict) else {}
+    system = params.get("system") or body.get("system") or system
+    models = body.get("models") if isinstance(body.get("models"), list) else []
+    return Imported("open-webui", str(chat.get("id") or body.get("id")),
+                    text_of(chat.get("title") or body.get("title")) or UNTITLED,
+                    iso_time(chat.get("created_at")), iso_time(chat.get("updated_at")),
+                    model=models[0] if models and isinstance(models[0], str) else "",
+                    system_prompt=text_of(system) if system else None,
+                    pinned=chat.get("pinned") is True, current=current, messages=kept)
+
+
+def chatgpt_text(content):
+    """ChatGPT's content of a message as text, and its thoughts (reasoning)."""
+    if not isinstance(content, dict):
+        return "", None
+    kind = content.get("content_type")
+    if kind == "code":
+        return f"```{content.get('language') or ''}\n{text_of(content.get('text'))}\n```", None
+    if kind == "execution_output":
+        return f"```\n{text_of(content.get('text'))}\n```", None
+    if kind == "thoughts":
+        thoughts = [t for t in content.get("thoughts") or () if isinstance(t, dict)]
+        return "", "\n\n".join(text_of(t.get("content") or t.get("summary")) for t in thoughts)
+    if kind == "reasoning_recap":
+        return "", None
+    parts = []
+    for part in content.get("parts") or ([content["text"]] if "text" in content else ()):
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, dict):
+            kind = part.get("content_type") or "attachment"
+            parts.append(text_of(part.get("text")) if isinstance(part.get("text"), str)
+                         else f"[{kind}]")
+    return sound_text("\n".join(p for p in parts if p)), None
+
+
+def from_chatgpt(conversation):
+    """ChatGPT's conversations.json: {title, create_time, update_time (seconds),
+    mapping: {node: {message, parent, children}}, current_node}. Thoughts go
+    to the reply that follows them as its reasoning."""
+    mapping = conversation.get("mapping") if isinstance(conversation.get("mapping"), dict) else {}
+    nodes = {str(k): v for k, v in mapping.items() if isinstance(v, dict)}
+    thoughts = {}
+
+    def parent_of(key):
+        parent = nodes[key].get("parent")
+        return str(parent) if parent is not None else None
+
+    def message_of(node):
+        m = node.get("message") if isinstance(node.get("message"), dict) else None
+        if m is None:
+            return None
+        author = m.get("author") if isinstance(m.get("author"), dict) else {}
+        role = role_of(author.get("role"))
+        text, reasoning = chatgpt_text(m.get("content"))
+        metadata = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
+        if reasoning is not None:
+            thoughts[id(node)] = reasoning
+        if role is None or (not text and reasoning is not None) or (
+                role == "system" and (not text or metadata.get("is_visually_hidden_from_"
+                                                               "conversation"))):
+            return None
+        return {"role": role, "content": text, "model": metadata.get("model_slug"),
+                "timestamp": iso_time(m.get("create_time")),
+                "finish_reason": "stop" if role == "assistant" else None}
+    kept, system, current = tree_messages(nodes, parent_of, message_of,
+                                          str(conversation.get("current_node")))
+    # Thoughts: to the first reply below them.
+    by_key = {m["key"]: m for m in kept}
+    for key, node in nodes.items():
+        if id(node) in thoughts and thoughts[id(node)]:
+            below = [c for c in (node.get("children") or ()) if str(c) in nodes]
+            while below:
+                child = str(below.pop(0))
+                if child in by_key and by_key[child]["role"] == "assistant":
+                    by_key[child]["reasoning"] = thoughts[id(node)]
+                    break
+                below = [c for c in (nodes[child].get("children") or ()) if str(c) in nodes] \
+                    + below
+    ident = conversation.get("conversation_id") or conversation.get("id")
+    return Imported("chatgpt", str(ident), text_of(conversation.get("title")) or UNTITLED,
+                    iso_time(conversation.get("create_time")),
+                    iso_time(conversation.get("update_time")), system_prompt=system,
+                    current=current, messages=kept)
+
+
+def from_llama_chat(item):
+    """llama-chat's own export: {"conversation", "messages"} (ids and parents as here)."""
+    c = item.get("conversation")
+    if not isinstance(c, dict) or not isinstance(item.get("messages"), list):
+        raise ValueError("a llama-chat conversation has 'conversation' and 'messages'")
+    nodes = {m.get("id"): m for m in item["messages"] if isinstance(m, dict)}
+    copied = ("reasoning", "model", "timestamp", "edited_at", "response_time_ms",
+              "estimated_tokens", "prompt_tokens", "tokens_per_second", "finish_reason",
+              "tool_call_id")
+
+    def message_of(m):
+        role = m.get("role") if m.get("role") in ("system", "user", "assistant", "tool") \
+            else None
+        if role is None:
+            return None
+        found = {"role": role, "content": text_of(m.get("content")),
+                 **{name: m.get(name) for name in copied}}
+        for name in ("options", "tool_calls"):
+            found[name] = JSON.encode(m[name]) if m.get(name) is not None else None
+        return found
+    kept, _, current = tree_messages(nodes, lambda k: nodes[k].get("parent_id"), message_of,
+                                     c.get("current_message_id"))
+    source = c.get("source") if c.get("source") not in (None, "api") else "llama-chat"
+    ident = c.get("source_id") if c.get("source") not in (None, "api") else c.get("id")
+    return Imported(source, str(ident), text_of(c.get("title")) or UNTITLED,
+                    c.get("created_at"), c.get("updated_at"), c.get("model") or "",
+                    c.get("system_prompt"),
+                    JSON.encode(c["options"]) if c.get("options") else None,
+                    c.get("pinned") is True, current, kept, c.get("client"))
+
+
+EXPECTED = ("llama-chat's JSON or JSONL export; llama.cpp's web UI export (JSONL, ZIP or "
+            "JSON); Open WebUI's chat export; ChatGPT's conversations.json or its ZIP")
+
+
+def conversations_in(items):
+    """(format, Imported) for each conversation in a file's items; ValueError
+    on one that none of the formats explains."""
+    session = None
+    for item in items:
+        if not isinstance(item, dict):
+            raise ValueError(f"an item is not an object; expected {EXPECTED}")
+        if item.get("type") == "session" or (session and item.get("type") == "message"):
+            if item.get("type") == "session":     # llama.cpp's JSONL: a session, its messages
+                if session:
+                    yield "llama.cpp-webui", from_llamacpp(*session)
+                session = (item, [])
+            else:
+                session[1].append(item)
+            continue
+        if session:
+            yield "llama.cpp-webui", from_llamacpp(*session)
+            session = None
+        if "conversation" in item and "messages" in item:
+            yield "llama-chat", from_llama_chat(item)
+        elif isinstance(item.get("conv"), dict):
+            yield "llama.cpp-webui", from_llamacpp(item["conv"], item.get("messages") or [])
+        elif isinstance(item.get("mapping"), dict):
+            yield "chatgpt", from_chatgpt(item)
+        elif isinstance(item.get("chat"), dict) and "history" in item["chat"]:
+            yield "open-webui", from_open_webui(item)
+        else:
+            raise ValueError(f"a conversation of no format known here (its fields: "
+                             f"{', '.join(list(item)[:8])}); expected {EXPECTED}")
+    if session:
+        yield "llama.cpp-webui", from_llamacpp(*session)
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def file_conversations(f):
+    """(format, Imported) for each conversation of a file to import: JSON,
+    JSONL or a ZIP of them, told apart by content. A ZIP's members are read,
+    never written anywhere (a path such as ../x goes nowhere): ChatGPT's
+    conversations.json if it has one, else every .json and .jsonl in it."""
+    start = f.read(4)
+    f.seek(0)
+    if start != ZIP_MAGIC:
+        yield from conversations_in(json_items(f))
+        return
+    import zipfile
+    try:
+        archive = zipfile.ZipFile(f)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"the ZIP file cannot be read: {e}") from None
+    names = [i.filename for i in archive.infolist() if not i.is_dir()]
+    chosen = [n for n in names if n.rsplit("/", 1)[-1] == "conversations.json"] or \
+        [n for n in names if n.lower().endswith((".json", ".jsonl"))]
+    if not chosen:
+        raise ValueError(f"the ZIP holds no .json or .jsonl file; expected {EXPECTED}")
+    for name in chosen:
+        with archive.open(name) as member:
+            for form, conversation in conversations_in(json_items(member)):
+                yield ("chatgpt" if form == "chatgpt" else form), conversation
+
+
+MESSAGE_IMPORT_COLUMNS = ("role", "content", "reasoning", "model", "timestamp", "edited_at",
+                          "response_time_ms", "estimated_tokens", "prompt_tokens",
+                          "tokens_per_second", "finish_reason", "options", "tool_calls",
+                          "tool_call_id")
+
+
+def import_file(store, f, progress=None):
+    """Store every conversation of a file, in one transaction: all of it or,
+    when it fails part-way, nothing. A conversation already imported (the
+    same source and source_id) is skipped. The counts and the format(s)."""
+    counts = {"conversations": 0, "messages": 0, "skipped": 0}
+    formats = []
+    now = now_iso()
+    try:
+        with store.db.write() as c:
+            for form, conv in file_conversations(f):
+                if form not in formats:
+                    formats.append(form)
+                if c.execute("SELECT 1 FROM conversations WHERE source = ? AND source_id = ?",
+                             (conv.source, conv.source_id)).fetchone():
+                    counts["skipped"] += 1
+                    continue
+                created = conv.created_at or now
+                cid = c.execute(
+                    "INSERT INTO conversations (title, model, created_at, updated_at, "
+                    "system_prompt, options, pinned, source, source_id, client) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conv.title[:500], conv.model or "", created, conv.updated_at or created,
+                     conv.system_prompt, conv.options, int(conv.pinned), conv.source,
+                     conv.source_id, conv.client)).lastrowid
+                ids = {}
+                for m in conv.messages:
+                    values = [m.get(name) for name in MESSAGE_IMPORT_COLUMNS]
+                    values[4] = values[4] or created             # its time, else the chat's
+                    ids[m["key"]] = c.execute(
+                        f"INSERT INTO messages (conversation_id, parent_id, "
+                        f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
+                        f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
+                        (cid, ids.get(m["parent"]), *values)).lastrowid
+                current = ids.get(conv.current)
+                c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
+                          (current if current is not None else
+                           (max(ids.values()) if ids else None), cid))
+                counts["conversations"] += 1
+                counts["messages"] += len(ids)
+                if progress:
+                    progress(counts)
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
+        raise validation_error("file", f"The file cannot be imported: {e}") from None
+    except EOFError as e:
+        raise validation_error("file", f"The file ends early: {e}") from None
+    if not formats:
+        raise validation_error("file", f"The file holds no conversation; expected {EXPECTED}")
+    return {**counts, "format": ", ".join(formats)}
+
+
+def backup_pieces(db):
+    """A consistent copy of the database (SQLite's online backup, in one step:
+    writers go on meanwhile), read back a piece at a time; the copy is
+    removed when the download ends, however it ends."""
+    import tempfile
+    handle, path = tempfile.mkstemp(prefix=".llama-chat-backup-", suffix=".db",
+                                    dir=os.path.dirname(os.path.abspath(db.path)))
+    os.close(handle)
+    try:
+        db.backup(path)
+        db.release()
+        with open(path, "rb") as f:
+            while True:
+                piece = f.read(READ_PIECE)
+                if not piece:
+                    return
+                yield piece
+    finally:
+        os.remove(path)
+
+
+###############################################################################
 # HTTP API
 ###############################################################################
 
@@ -3604,6 +4261,43 @@ def api_search(app, req):
     return {"results": results, "query": q, "count": len(results)}
 
 
+def export_format(req, allowed):
+    form = req.arg("format") or "json"
+    if form not in allowed:
+        raise validation_error("format", f"Query parameter format must be one of "
+                               f"{', '.join(allowed)}")
+    return form
+
+
+def api_export_conversation(app, req):
+    conversation = existing_conversation(app, req)
+    if export_format(req, ("json", "md")) == "md":
+        messages = json.loads(app.store.tree.branch(conversation["id"]))
+        return Answer(export_markdown(conversation, messages), attachment(
+            download_name(conversation["title"], "md"), "text/markdown; charset=utf-8"))
+    return Answer(export_one(app.store.db, conversation["id"]), attachment(
+        download_name(conversation["title"], "json"), "application/json"))
+
+
+def api_export(app, req):
+    form = export_format(req, ("json", "jsonl"))
+    kind = "application/json" if form == "json" else "application/x-ndjson"
+    return EventStream(export_all(app.store.db, form), lambda: None,
+                       attachment(f"llama-chat-{now_iso()[:10]}.{form}", kind), as_they_came)
+
+
+def api_import(app, req):
+    return import_file(app.store, io.BytesIO(req.body))
+
+
+api_import.takes_file = True     # any type of body, up to max_import_bytes
+
+
+def api_backup(app, req):
+    return EventStream(backup_pieces(app.store.db), lambda: None, attachment(
+        f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"), as_they_came)
+
+
 def page_index(app, req):
     return app.page()
 
@@ -3628,6 +4322,10 @@ ROUTES = [
     ("POST", r"/api/chat", api_chat),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
+    ("GET", r"/api/conversations/(?P<id>[^/]+)/export", api_export_conversation),
+    ("GET", r"/api/export", api_export),
+    ("POST", r"/api/import", api_import),
+    ("GET", r"/api/backup", api_backup),
     ("POST", r"/v1/chat/completions", v1_chat),
     ("GET", V1_PATH, v1_relay),
     ("POST", V1_PATH, v1_relay),
@@ -3967,7 +4665,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         if not app.ready.is_set() and path.startswith(("/api/", "/v1/")) \
                 and handler is not api_health:
             raise starting(app.store.progress.as_dict())
-        body = self.read_body()
+        body = self.read_body(getattr(handler, "takes_file", False))
         self.server.unwatch(self.connection)      # read in full: no deadline now
         return handler(app, Request(self.command, path, urllib.parse.parse_qs(parts.query),
                                     self.headers, body, params, self.connection))
@@ -3979,9 +4677,14 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             self.app.store.release()   # this thread's connection ends with its client's
 
     # Checks, in the order a request meets them
+    def body_limit(self, takes_file):
+        settings = self.app.settings
+        return settings.max_import_bytes if takes_file else settings.max_body_bytes
+
     def may_continue(self):
         length = self.headers.get("Content-Length", "").strip()
-        return not (length.isdigit() and int(length) > self.app.settings.max_body_bytes)
+        takes_file = urllib.parse.urlsplit(self.path).path == "/api/import"
+        return not (length.isdigit() and int(length) > self.body_limit(takes_file))
 
     def check_host(self):
         """Against DNS rebinding: the Host must name this machine. Beyond
@@ -4017,30 +4720,29 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
                 f"http://{host}".lower(), f"https://{host}".lower())):
             raise ApiError(403, "FORBIDDEN", "Requests from another origin are refused")
 
-    def read_body(self):
+    def read_body(self, takes_file=False):
         if "Transfer-Encoding" in self.headers:
             self.close_connection = True
             raise ApiError(411, "LENGTH_REQUIRED",
                            "Send the body with Content-Length, not Transfer-Encoding")
         raw = self.headers.get("Content-Length")
         if raw is None:
-            if self.command in ("POST", "PUT"):
+            if self.command in ("POST", "PUT") and not takes_file:
                 self.require_json_type()
             return b""
         if not raw.strip().isdigit():
             self.close_connection = True
             raise ApiError(400, "VALIDATION_ERROR", "Content-Length is not a number",
                            field="Content-Length")
-        length = int(raw)
-        if length > self.app.settings.max_body_bytes:
+        length, limit = int(raw), self.body_limit(takes_file)
+        if length > limit:
             self.close_connection = True
-            raise ApiError(413, "PAYLOAD_TOO_LARGE", "Request body is larger than "
-                           f"{self.app.settings.max_body_bytes} bytes")
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True
             raise ApiError(400, "INVALID_JSON", "Request body ended early")
-        if self.command in ("POST", "PUT"):
+        if self.command in ("POST", "PUT") and not takes_file:
             self.require_json_type()
         return body
 
@@ -4282,7 +4984,137 @@ def when_open(app, server):
         log.info("migrated the database; the copy from before is %s", app.store.backup_path)
 
 
+class CommandError(Exception):
+    """A command failed: one line on stderr, exit status 1."""
+
+
+def history_store(settings, create=False):
+    if not create and not os.path.exists(settings.db):
+        raise CommandError(f"no database at {settings.db} (give --db)")
+    try:
+        return Store(settings.db)
+    except sqlite3.Error as e:
+        raise CommandError(f"database {settings.db} cannot be opened: {e}") from None
+
+
+def output_to(args):
+    if not args.output or args.output == "-":
+        return contextlib.nullcontext(sys.stdout.buffer)
+    try:
+        return open(args.output, "wb")
+    except OSError as e:
+        raise CommandError(f"cannot write {args.output}: {e.strerror}") from None
+
+
+def command_search(settings, args):
+    store = history_store(settings)
+    results = store.search(args.query, max(1, min(args.limit, SEARCH_LIMIT_MAX)))
+    if args.json:
+        print(json.dumps({"query": args.query, "count": len(results), "results": results},
+                         ensure_ascii=False, indent=2))
+        return
+    for r in results:
+        print(f"{r['conversation_id']}\t{r['message_id']}\t{r['role']}\t{r['title']}\t"
+              + " ".join(r["snippet"].split()))
+
+
+def command_export(settings, args):
+    store = history_store(settings)
+    if args.format == "md" and args.conversation is None:
+        raise CommandError("--format md exports one conversation: give --conversation ID")
+    with output_to(args) as out:
+        if args.conversation is None:
+            for piece in export_all(store.db, args.format):
+                out.write(piece)
+            return
+        conversation = store.get_conversation(args.conversation)
+        if conversation is None:
+            raise CommandError(f"no conversation {args.conversation}")
+        out.write(export_markdown(conversation, json.loads(store.tree.branch(
+            args.conversation))) if args.format == "md" else export_one(store.db,
+                                                                        args.conversation))
+
+
+def command_import(settings, args):
+    store = history_store(settings, create=True)
+    shown = sys.stderr.isatty()
+    for name in args.files:
+        def progress(counts):
+            if shown:
+                print(f"\r{name}: {counts['conversations']:,} conversations, "
+                      f"{counts['messages']:,} messages", end="", file=sys.stderr, flush=True)
+        try:
+            with open(name, "rb") as f:
+                done = import_file(store, f, progress)
+        except OSError as e:
+            raise CommandError(f"cannot read {name}: {e.strerror}") from None
+        except ApiError as e:
+            raise CommandError(f"{name}: {e.message} (nothing of it was stored)") from None
+        if shown:
+            print("\r\033[K", end="", file=sys.stderr)
+        print(f"{name}: {done['conversations']} conversations, {done['messages']} messages, "
+              f"{done['skipped']} skipped ({done['format']})")
+
+
+def command_backup(settings, args):
+    store = history_store(settings)
+    try:
+        store.db.backup(args.file)
+    except (sqlite3.Error, OSError) as e:
+        raise CommandError(f"cannot back up to {args.file}: {e}") from None
+    print(f"backed up {settings.db} to {args.file}")
+
+
+def command_check(settings, args):
+    store = history_store(settings)
+    problems = [r[0] for r in store.db.conn().execute("PRAGMA integrity_check")
+                if r[0] != "ok"]
+    try:
+        store.index.check()
+    except sqlite3.Error as e:
+        problems.append(f"search index: {e}")
+    if problems:
+        raise CommandError("damaged: " + "; ".join(problems[:5]))
+    print(f"{settings.db}: ok (SQLite's integrity check"
+          + (" and the search index's)" if store.index.fts else ")"))
+
+
+def command_stats(settings, args):
+    store = history_store(settings)
+    c = store.db.conn()
+    conversations, first, last = c.execute(
+        "SELECT count(*), min(created_at), max(updated_at) FROM conversations").fetchone()
+    roles = dict(c.execute("SELECT role, count(*) FROM messages GROUP BY role").fetchall())
+    api = c.execute("SELECT count(*) FROM conversations WHERE source = 'api'").fetchone()[0]
+    print(f"database      {settings.db} ({os.path.getsize(settings.db) / 2**20:.1f} MiB)\n"
+          f"conversations {conversations:,} ({api:,} through /v1)\n"
+          f"messages      {sum(roles.values()):,} ("
+          + ", ".join(f"{n:,} {r}" for r, n in sorted(roles.items())) + ")\n"
+          f"from {first or '-'} to {last or '-'}")
+
+
+COMMANDS = {"search": command_search, "export": command_export, "import": command_import,
+            "backup": command_backup, "check": command_check, "stats": command_stats}
+
+
 def main(argv=None):
+    args = build_arg_parser().parse_args(argv)
+    if args.command in COMMANDS:
+        try:
+            COMMANDS[args.command](load_settings(argv), args)
+        except ConfigError as e:
+            print(f"llama-chat: {e}", file=sys.stderr)
+            return 2
+        except (CommandError, sqlite3.Error) as e:
+            print(f"llama-chat {args.command}: {e}", file=sys.stderr)
+            return 1
+        except BrokenPipeError:            # | head
+            return 0
+        return 0
+    return serve(argv)
+
+
+def serve(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     quick_logging()

@@ -5,6 +5,7 @@ Run: python3 -m pytest -q
 """
 
 import http.client
+import io
 import json
 import os
 import re
@@ -3617,6 +3618,382 @@ def test_an_api_conversation_is_continued_in_the_page_s_api(client, stub, openai
     sent = stub.requests[-1]["body"]["messages"]
     assert sent[0] == {"role": "system", "content": "Answer in French."}
     assert [m["content"] for m in sent[1:]] == ["Hello", stub.reply, "And goodbye?"]
+
+
+###############################################################################
+# Export, import, backup and the command line
+###############################################################################
+
+def a_history(client, stub):
+    """A conversation with a branch, settings, reasoning and metrics, and a second one."""
+    status, _, body = client.post("/api/conversations", {
+        "title": "Volcanoes 🌋", "model": MODEL, "system_prompt": "Be brief.",
+        "options": {"temperature": 0.4}, "pinned": True})
+    cid = body["conversation_id"]
+    stub.reasoning = "Think of lava."
+    client.chat(cid, "What is a volcano?")
+    stub.reasoning = ""
+    first = conversation(client, cid)["messages"][-1]["id"]
+    stub.reply = "A mountain that erupts."
+    regenerate(client, cid, first)
+    client.chat(cid, "And lava?", options={"top_k": 5})
+    other = client.new_conversation("Second")
+    client.chat(other, "Hello there")
+    return cid, other
+
+
+def comparable(client_or_store, cid):
+    """A conversation and all its messages, ids replaced by their order."""
+    if isinstance(client_or_store, llama_chat.Store):
+        found = json.loads(llama_chat.export_one(client_or_store.db, cid))
+    else:
+        found = client_or_store.get(f"/api/conversations/{cid}/export")[2]
+    conv, messages = found["conversation"], found["messages"]
+    order = {m["id"]: i for i, m in enumerate(messages)}
+    for m in messages:
+        m["id"], m["parent_id"] = order[m["id"]], order.get(m["parent_id"])
+    conv["current_message_id"] = order.get(conv["current_message_id"])
+    for name in ("id", "source", "source_id"):
+        conv.pop(name)
+    return conv, messages
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, stub, launch,
+                                                                       form, tmp_path):
+    cid, other = a_history(client, stub)
+    status, headers, raw = client.request("GET", f"/api/export?format={form}")
+    assert status == 200 and "attachment" in headers["Content-Disposition"]
+    data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    if form == "jsonl":
+        assert len(data.splitlines()) == 2
+    target = llama_chat.Store(str(tmp_path / "empty.db"))
+    done = llama_chat.import_file(target, io.BytesIO(data))
+    assert done == {"conversations": 2, "messages": 7, "skipped": 0, "format": "llama-chat"}
+    ids = [c["id"] for c in json.loads(target.list_conversations())]
+    mine = {c["title"]: c["id"] for c in json.loads(target.list_conversations())}
+    assert comparable(target, mine["Volcanoes 🌋"]) == comparable(client, cid)
+    assert comparable(target, mine["Second"]) == comparable(client, other)
+    assert len(ids) == 2
+    again = llama_chat.import_file(target, io.BytesIO(data))
+    assert again["conversations"] == 0 and again["skipped"] == 2
+    target.index.check()
+    assert len(target.search("erupts", 50)) == client.get("/api/search?q=erupts")[2]["count"]
+    target.close()
+
+
+def test_one_conversation_exports_as_json_and_as_markdown(client, stub):
+    cid, _ = a_history(client, stub)
+    status, headers, body = client.get(f"/api/conversations/{cid}/export")
+    assert status == 200 and headers["Content-Disposition"] == \
+        'attachment; filename="Volcanoes.json"'
+    assert (body["format"], body["version"]) == ("llama-chat", 1)
+    assert body["conversation"]["system_prompt"] == "Be brief."
+    assert body["conversation"]["options"] == {"temperature": 0.4}
+    assert len(body["messages"]) == 5 and body["messages"][1]["reasoning"] == "Think of lava."
+    status, headers, md = client.get(f"/api/conversations/{cid}/export?format=md")
+    text = md.decode()
+    assert headers["Content-Type"] == "text/markdown; charset=utf-8"
+    assert text.startswith("# Volcanoes 🌋\n")
+    assert "## User · " in text and "A mountain that erupts." in text
+    assert "Machine learning lets" not in text           # the other branch's reply
+    assert client.get(f"/api/conversations/{cid}/export?format=pdf")[0] == 400
+    assert client.get("/api/conversations/999/export")[0] == 404
+
+
+LLAMACPP_JSONL = [
+    {"type": "session", "id": "conv-1", "name": "Webui chat", "currNode": "m4",
+     "lastModified": 1735689600000},
+    {"type": "message", "id": "root", "convId": "conv-1", "type_": "root", "role": "system",
+     "content": "", "parent": None, "children": ["m1"], "timestamp": 1735689500000},
+    {"type": "message", "id": "m1", "convId": "conv-1", "role": "user",
+     "content": "Describe this", "parent": "root", "children": ["m2", "m3"],
+     "timestamp": 1735689510000,
+     "extra": [{"type": "imageFile", "name": "cat.png", "base64Url": "data:image/png;base64,AA"}]},
+    {"type": "message", "id": "m2", "convId": "conv-1", "role": "assistant", "content": "A cat.",
+     "parent": "m1", "children": [], "timestamp": 1735689520000, "model": "gemma",
+     "reasoningContent": "It looks furry.",
+     "timings": {"prompt_n": 12, "prompt_ms": 30, "predicted_n": 3, "predicted_ms": 60}},
+    {"type": "message", "id": "m3", "convId": "conv-1", "role": "assistant",
+     "content": "A sleepy cat.", "parent": "m1", "children": ["m4"], "timestamp": 1735689530000},
+    {"type": "message", "id": "m4", "convId": "conv-1", "role": "user", "content": "Name it",
+     "parent": "m3", "children": [], "timestamp": 1735689540000},
+]
+
+
+def jsonl(items):
+    return "\n".join(json.dumps(i) for i in items).encode() + b"\n"
+
+
+def imported(client, data):
+    status, _, body = client.post("/api/import", raw=data,
+                                  headers={"Content-Type": "application/octet-stream"})
+    return status, body
+
+
+def only_conversation(client, source):
+    found = [c for c in client.get("/api/conversations")[2]["conversations"]
+             if c["source"] == source]
+    assert len(found) == 1, found
+    return conversation(client, found[0]["id"], everything=True)
+
+
+def test_llamacpp_webui_jsonl_imports_with_its_tree(client):
+    status, body = imported(client, jsonl(LLAMACPP_JSONL))
+    assert status == 200, body
+    assert body == {"success": True, "conversations": 1, "messages": 4, "skipped": 0,
+                    "format": "llama.cpp-webui"}
+    found = only_conversation(client, "llama.cpp-webui")
+    c, messages = found["conversation"], found["messages"]
+    assert (c["title"], c["source_id"]) == ("Webui chat", "conv-1")
+    assert c["updated_at"] == "2025-01-01T00:00:00.000Z"
+    assert [m["content"] for m in messages] == [
+        "Describe this\n\n[imageFile: cat.png]", "A cat.", "A sleepy cat.", "Name it"]
+    assert messages[0]["parent_id"] is None
+    assert messages[1]["parent_id"] == messages[2]["parent_id"] == messages[0]["id"]
+    assert messages[1]["reasoning"] == "It looks furry." and messages[1]["model"] == "gemma"
+    assert (messages[1]["prompt_tokens"], messages[1]["estimated_tokens"],
+            messages[1]["tokens_per_second"]) == (12, 3, 50.0)
+    assert messages[0]["timestamp"] == "2024-12-31T23:58:30.000Z"
+    assert c["current_message_id"] == messages[3]["id"]
+    assert branch(client, c["id"]) == ["Describe this\n\n[imageFile: cat.png]",
+                                       "A sleepy cat.", "Name it"]
+    assert imported(client, jsonl(LLAMACPP_JSONL))[1]["skipped"] == 1
+
+
+def test_llamacpp_webui_zip_and_older_json_import(client):
+    import zipfile
+    old = {"conv": {"id": "conv-2", "name": "Old style", "currNode": "b",
+                    "lastModified": 1700000000000},
+           "messages": [{"id": "a", "role": "user", "content": "Hi", "parent": None,
+                         "children": ["b"], "timestamp": 1700000000000, "thinking": ""},
+                        {"id": "b", "role": "assistant", "content": "Hello!", "parent": "a",
+                         "children": [], "timestamp": 1700000001000, "thinking": "Greet."}]}
+    assert imported(client, json.dumps([old]).encode())[1]["conversations"] == 1
+    assert branch(client, only_conversation(client, "llama.cpp-webui")["conversation"]["id"]) \
+        == ["Hi", "Hello!"]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("conv-1.jsonl", jsonl(LLAMACPP_JSONL))
+        second = [dict(LLAMACPP_JSONL[0], id="conv-3", name="Third")] + [
+            dict(m, convId="conv-3") for m in LLAMACPP_JSONL[1:]]
+        z.writestr("conv-3.jsonl", jsonl(second))
+    status, body = imported(client, buffer.getvalue())
+    assert status == 200 and (body["conversations"], body["messages"]) == (2, 8), body
+
+
+OPEN_WEBUI = [{
+    "id": "owui-1", "title": "Rust help", "created_at": 1730000000, "updated_at": 1730000100,
+    "pinned": True,
+    "chat": {"title": "Rust help", "models": ["llama3:8b"], "params": {"system": "You code."},
+             "history": {"currentId": "c", "messages": {
+                 "q": {"id": "q", "parentId": None, "childrenIds": ["a", "c"], "role": "user",
+                       "content": "Borrow checker?", "timestamp": 1730000000},
+                 "a": {"id": "a", "parentId": "q", "childrenIds": [], "role": "assistant",
+                       "content": "It checks borrows.", "model": "llama3:8b",
+                       "timestamp": 1730000010},
+                 "c": {"id": "c", "parentId": "q", "childrenIds": [], "role": "assistant",
+                       "content": "```rust\nfn main() {}\n```", "model": "llama3:8b",
+                       "timestamp": 1730000020}}},
+             "messages": []}}]
+
+
+def test_open_webui_export_imports_with_its_branches_and_system_prompt(client):
+    status, body = imported(client, json.dumps(OPEN_WEBUI).encode())
+    assert status == 200 and body["format"] == "open-webui", body
+    found = only_conversation(client, "open-webui")
+    c, messages = found["conversation"], found["messages"]
+    assert (c["system_prompt"], c["model"], c["pinned"]) == ("You code.", "llama3:8b", True)
+    assert c["created_at"] == "2024-10-27T03:33:20.000Z"
+    assert [m["parent_id"] for m in messages] == [None, messages[0]["id"], messages[0]["id"]]
+    assert branch(client, c["id"]) == ["Borrow checker?", "```rust\nfn main() {}\n```"]
+
+
+CHATGPT = [{
+    "title": "Plot a sine", "create_time": 1720000000.5, "update_time": 1720000100.25,
+    "conversation_id": "gpt-1", "current_node": "n6",
+    "mapping": {
+        "root": {"id": "root", "message": None, "parent": None, "children": ["sys"]},
+        "sys": {"id": "sys", "parent": "root", "children": ["n1"], "message": {
+            "author": {"role": "system"}, "content": {"content_type": "text", "parts": [""]},
+            "metadata": {"is_visually_hidden_from_conversation": True}}},
+        "n1": {"id": "n1", "parent": "sys", "children": ["n2", "n5"], "message": {
+            "author": {"role": "user"}, "create_time": 1720000001.0,
+            "content": {"content_type": "multimodal_text", "parts": [
+                {"content_type": "image_asset_pointer", "asset_pointer": "file-service://x"},
+                "Plot sin(x) like this"]}}},
+        "n2": {"id": "n2", "parent": "n1", "children": ["n3"], "message": {
+            "author": {"role": "assistant"}, "create_time": 1720000002.0,
+            "content": {"content_type": "thoughts",
+                        "thoughts": [{"summary": "Plan", "content": "Use matplotlib."}]}}},
+        "n3": {"id": "n3", "parent": "n2", "children": ["n4"], "message": {
+            "author": {"role": "assistant"}, "create_time": 1720000003.0,
+            "metadata": {"model_slug": "gpt-4o"},
+            "content": {"content_type": "code", "language": "python",
+                        "text": "plt.plot(x, np.sin(x))"}}},
+        "n4": {"id": "n4", "parent": "n3", "children": [], "message": {
+            "author": {"role": "tool"}, "create_time": 1720000004.0,
+            "content": {"content_type": "execution_output", "text": "<Figure>"}}},
+        "n5": {"id": "n5", "parent": "n1", "children": ["n6"], "message": {
+            "author": {"role": "assistant"}, "create_time": 1720000005.0,
+            "metadata": {"model_slug": "gpt-4o"},
+            "content": {"content_type": "text", "parts": ["Here is a plot."]}}},
+        "n6": {"id": "n6", "parent": "n5", "children": [], "message": {
+            "author": {"role": "user"}, "create_time": 1720000006.0,
+            "content": {"content_type": "text", "parts": ["Thanks"]}}}}}]
+
+
+def test_chatgpt_conversations_json_imports_with_thoughts_code_and_branches(client):
+    status, body = imported(client, json.dumps(CHATGPT).encode())
+    assert status == 200 and body["format"] == "chatgpt", body
+    found = only_conversation(client, "chatgpt")
+    c, messages = found["conversation"], found["messages"]
+    assert (c["title"], c["source_id"]) == ("Plot a sine", "gpt-1")
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "[image_asset_pointer]\nPlot sin(x) like this"),
+        ("assistant", "```python\nplt.plot(x, np.sin(x))\n```"),
+        ("tool", "```\n<Figure>\n```"), ("assistant", "Here is a plot."), ("user", "Thanks")]
+    assert messages[1]["reasoning"] == "Use matplotlib." and messages[1]["model"] == "gpt-4o"
+    assert messages[1]["parent_id"] == messages[3]["parent_id"] == messages[0]["id"]
+    assert messages[0]["parent_id"] is None and c["system_prompt"] is None
+    assert branch(client, c["id"]) == ["[image_asset_pointer]\nPlot sin(x) like this",
+                                       "Here is a plot.", "Thanks"]
+    assert messages[0]["timestamp"] == "2024-07-03T09:46:41.000Z"
+
+
+def test_a_chatgpt_zip_is_read_and_writes_nothing_outside(client, tmp_path):
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("../escape.txt", "outside")
+        z.writestr("/abs/evil.json", "[]")
+        z.writestr("chat.html", "<html></html>")
+        z.writestr("conversations.json", json.dumps(CHATGPT))
+    before = set(os.listdir(tmp_path)) | set(os.listdir(tmp_path.parent))
+    status, body = imported(client, buffer.getvalue())
+    assert status == 200 and (body["conversations"], body["format"]) == (1, "chatgpt")
+    assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path.parent)) <= before | {
+        "chat.db-wal", "chat.db-shm"}
+    assert not (tmp_path.parent / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("data,words", [
+    (b"", "holds no conversation"),
+    (b"not json at all", "holds no JSON"),
+    (b'{"hello": "world"}', "expected llama-chat"),
+    (b"[1, 2, 3]", "not an object"),
+    (b"PK\x03\x04garbage", "ZIP file cannot be read"),
+    (json.dumps(CHATGPT + OPEN_WEBUI).encode()[:-40], "ends early"),
+])
+def test_a_file_that_is_no_known_export_or_is_cut_stores_nothing(client, data, words):
+    status, body = imported(client, data)
+    assert status == 400 and body["code"] == "VALIDATION_ERROR", body
+    assert words in body["error"]
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
+
+
+def test_an_import_larger_than_a_request_body_is_taken_up_to_its_own_limit(tmp_path, stub,
+                                                                             launch):
+    server = launch(stub.url, max_body_bytes=1024, max_import_bytes=4 * 2**20)
+    c = Client(server)
+    big = json.loads(json.dumps(OPEN_WEBUI))
+    big[0]["chat"]["history"]["messages"]["a"]["content"] = "x" * (2 * 2**20)
+    status, _, body = c.post("/api/import", raw=json.dumps(big).encode(),
+                             headers={"Content-Type": "application/json",
+                                      "Expect": "100-continue"})
+    assert status == 200 and body["messages"] == 3, body
+    for path, length in (("/api/chat", 2000), ("/api/import", 5 * 2**20)):
+        line, _, _ = raw_exchange(c.port, b"POST %s HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: %d\r\n"
+                                  b"Expect: 100-continue\r\n\r\n" % (path.encode(), length))
+        assert line.split()[1] == "413", line
+
+
+def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path):
+    cid = client.new_conversation()
+    for i in range(5):
+        client.chat(cid, f"question {i}")
+    stop = threading.Event()
+
+    def chatting():
+        while not stop.is_set():
+            client.chat(cid, "more")
+    writer = threading.Thread(target=chatting)
+    writer.start()
+    try:
+        status, headers, data = client.get("/api/backup")
+    finally:
+        stop.set()
+        writer.join(10)
+    assert status == 200 and headers["Content-Type"] == "application/vnd.sqlite3"
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(data)
+    conn = sqlite3.connect(str(copy))
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] >= 10
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".llama-chat-backup")]
+
+
+def cli(*args, db=None, check=None, stdin=None):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"),
+                           *(["--db", str(db)] if db else []), *args],
+                          capture_output=True, text=True, timeout=60, input=stdin)
+    if check is not None:
+        assert done.returncode == check, (done.stdout, done.stderr)
+    return done
+
+
+def test_the_command_line_works_on_the_history_while_a_server_writes(client, stub, tmp_path):
+    cid, _ = a_history(client, stub)
+    db = client.app.settings.db
+    stop = threading.Event()
+
+    def chatting():
+        while not stop.is_set():
+            client.chat(cid, "busy writing")
+    writer = threading.Thread(target=chatting)
+    writer.start()
+    try:
+        found = cli("search", "erupts", "--json", db=db, check=0)
+        assert json.loads(found.stdout)["results"][0]["content"] == "A mountain that erupts."
+        assert "Volcanoes" in cli("search", "erupts", db=db, check=0).stdout
+        out = tmp_path / "all.jsonl"
+        cli("export", "--format", "jsonl", "-o", str(out), db=db, check=0)
+        assert len(out.read_text().splitlines()) == 2
+        md = cli("export", "--conversation", str(cid), "--format", "md", db=db, check=0).stdout
+        assert md.startswith("# Volcanoes 🌋")
+        copy = tmp_path / "copy.db"
+        cli("backup", str(copy), db=db, check=0)
+        assert sqlite3.connect(str(copy)).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert "ok" in cli("check", db=db, check=0).stdout
+        assert "conversations 2" in cli("stats", db=db, check=0).stdout
+    finally:
+        stop.set()
+        writer.join(10)
+    fresh = tmp_path / "fresh.db"
+    done = cli("import", str(out), db=fresh, check=0)
+    assert "2 conversations" in done.stdout and "0 skipped" in done.stdout
+    assert "2 skipped" in cli("import", str(out), db=fresh, check=0).stdout
+
+
+def test_the_command_line_s_errors_and_help(tmp_path):
+    missing = tmp_path / "none.db"
+    done = cli("search", "x", db=missing, check=1)
+    assert done.stderr.count("\n") == 1 and "no database" in done.stderr
+    assert not missing.exists()
+    assert cli("frobnicate", check=2).stderr
+    assert cli("search", db=missing, check=2).stderr             # no query
+    for command in ("serve", "search", "export", "import", "backup", "check", "stats"):
+        assert "usage:" in cli(command, "--help", check=0).stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"nothing": "here"}')
+    done = cli("import", str(bad), db=tmp_path / "new.db", check=1)
+    assert "nothing of it was stored" in done.stderr and done.stderr.count("\n") == 1
+    assert cli("import", str(tmp_path / "absent.json"), db=tmp_path / "new.db",
+               check=1).stderr.startswith("llama-chat import: cannot read")
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    assert cli("check", db=damaged).returncode == 1
 
 
 ###############################################################################
