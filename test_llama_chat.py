@@ -4486,6 +4486,36 @@ def test_page_marks_api_conversations_and_shows_tool_calls_compactly(page, clien
 
 
 @needs_chromium
+def test_page_imports_a_dropped_file_and_exports_a_conversation(page, client, stub):
+    b = page("/")
+    b.wait("return document.querySelector('.empty')")
+    b.js("""const file = new File([arguments[0]], 'conversations.json', {type: 'application/json'});
+            const data = new DataTransfer(); data.items.add(file);
+            document.getElementById('sidebar').dispatchEvent(
+              new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""",
+         json.dumps(CHATGPT))
+    toast = b.wait("const t = document.getElementById('toast').textContent;"
+                   "return t.includes('imported') && t")
+    assert "imported 1 conversations, 5 messages; 0 skipped" in toast
+    b.wait("return [...document.querySelectorAll('#conv-list .title')]"
+           ".some(t => t.textContent === 'Plot a sine')")
+    b.click("#conv-list .conv .open")
+    b.wait("return document.querySelectorAll('#messages .msg').length === 3")
+    b.click("#stats-toggle")
+    b.wait("return document.querySelector('#stats .exports button')")
+    b.js("window.saved = []; HTMLAnchorElement.prototype.click = function () {"
+         "  window.saved.push([this.download, this.href]); };"
+         "const made = URL.createObjectURL; window.blobs = [];"
+         "URL.createObjectURL = (blob) => { window.blobs.push(blob); return made(blob); };")
+    b.js("document.querySelector('#stats .exports button').click()")
+    name = b.wait("return window.saved.length && window.saved[0][0]")
+    assert name == "Plot-a-sine.md"
+    text = b.js_async("const done = arguments[arguments.length - 1];"
+                      "window.blobs[0].text().then(done)")
+    assert text.startswith("# Plot a sine\n") and "Here is a plot." in text
+
+
+@needs_chromium
 def test_page_sets_the_temperature_of_one_chat(page, client, stub):
     cid = client.new_conversation("Stories")
     other = client.new_conversation("Code")
