@@ -116,7 +116,7 @@ class StubHandler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(self.headers["Content-Length"]))
         try:
             body = json.loads(raw)
-        except ValueError:                            # as llama-server answers it
+        except (ValueError, RecursionError):          # as llama-server answers it
             return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
                                                   "message": "invalid JSON"}})
         with stub.lock:
