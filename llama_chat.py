@@ -1214,9 +1214,27 @@ def migrate_to_5(c):
         c.execute(statement)
 
 
+# Version 5 -> 6: the ledger. Each reply keeps llama.cpp's timings (tokens of
+# the prompt it read and of the reply, in how many ms; tokens it found in its
+# cache) and the time to its first token, and an index holds what the ledger
+# sums and ranks, so that it reads no message's text.
+TIMING_COLUMNS = {"prompt_n": "INTEGER", "prompt_ms": "REAL", "cache_n": "INTEGER",
+                  "predicted_n": "INTEGER", "predicted_ms": "REAL", "ttft_ms": "REAL"}
+LEDGER_INDEX = """CREATE INDEX IF NOT EXISTS messages_ledger ON messages (model, timestamp,
+    prompt_tokens, estimated_tokens, tokens_per_second, prompt_n, prompt_ms, predicted_n,
+    predicted_ms, ttft_ms) WHERE role = 'assistant'"""
+
+
+def migrate_to_6(c):
+    for column, kind in TIMING_COLUMNS.items():
+        c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+    c.execute(LEDGER_INDEX)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
-MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5]
+MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
+              migrate_to_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1634,7 +1652,8 @@ class SearchIndex:
 
 MESSAGE_COLUMNS = """id, conversation_id, parent_id, sibling_ids, role, content, reasoning,
     model, timestamp, edited_at, response_time_ms, estimated_tokens, prompt_tokens,
-    tokens_per_second, finish_reason, options, tool_calls, tool_call_id"""
+    tokens_per_second, finish_reason, options, tool_calls, tool_call_id, prompt_n, prompt_ms,
+    cache_n, predicted_n, predicted_ms, ttft_ms"""
 # The leaf a conversation shows: its current message while that is one of its
 # own, else its newest message (a leaf: a child is newer than its parent).
 CURRENT_SQL = """coalesce(
@@ -2123,6 +2142,60 @@ class Store:
 
 
 ###############################################################################
+# Storage: the ledger of every reply's speed
+###############################################################################
+
+# Per reply: tokens per second of generating (llama.cpp's timings, else the
+# stored figure) and of reading the prompt, and the time to its first token.
+LEDGER_ROWS = """SELECT {keys}, prompt_tokens AS pt, estimated_tokens AS ct,
+    CASE WHEN predicted_ms > 0 THEN predicted_n * 1000.0 / predicted_ms
+         ELSE tokens_per_second END AS tps,
+    CASE WHEN prompt_ms > 0 THEN prompt_n * 1000.0 / prompt_ms END AS pps,
+    ttft_ms AS ttft
+    FROM messages INDEXED BY messages_ledger
+    WHERE role = 'assistant' AND timestamp >= ? AND timestamp <= ?"""
+LEDGER_KEYS = {"model": "coalesce(model, '') AS model", "day": "substr(timestamp, 1, 10) AS day"}
+# The p-th percentile of a metric per group, by nearest rank.
+LEDGER_RANKED = """SELECT {names}, '{metric}:{p}' AS what, v FROM (
+    SELECT {names}, v, row_number() OVER (PARTITION BY {names} ORDER BY v) AS i,
+           count(*) OVER (PARTITION BY {names}) AS n
+    FROM (SELECT {names}, {metric} AS v FROM rows WHERE {metric} IS NOT NULL))
+    WHERE i = max(1, (n * {p} + 99) / 100)"""
+LEDGER_PERCENTILES = (("tps", 50), ("pps", 50), ("ttft", 50), ("ttft", 95))
+
+
+def ledger(db, group, since, until):
+    """Replies grouped by `group` (names of LEDGER_KEYS) between two ISO
+    times: counts, tokens, speeds (mean and p50) and time to first token
+    (p50 and p95), in SQL, over the ledger's index."""
+    names = ", ".join(group)
+    rows = LEDGER_ROWS.format(keys=", ".join(LEDGER_KEYS[g] for g in group))
+    conn = db.conn()
+    found = {}
+    for row in conn.execute(
+            f"WITH rows AS ({rows}) SELECT {names}, count(*), sum(pt), sum(ct), avg(pps), "
+            f"avg(tps) FROM rows GROUP BY {names} ORDER BY {names}", (since, until)):
+        key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
+        found[key] = {**dict(zip(group, key)), "replies": replies,
+                      "prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
+                      "prompt_tokens_per_second": {"mean": rounded(pps), "p50": None},
+                      "tokens_per_second": {"mean": rounded(tps), "p50": None},
+                      "ttft_ms": {"p50": None, "p95": None}}
+    ranked = " UNION ALL ".join(LEDGER_RANKED.format(names=names, metric=m, p=p)
+                                for m, p in LEDGER_PERCENTILES)
+    fields = {"tps": "tokens_per_second", "pps": "prompt_tokens_per_second", "ttft": "ttft_ms"}
+    for row in conn.execute(f"WITH rows AS ({rows}) {ranked}", (since, until)):
+        key, (what, value) = row[:len(group)], row[len(group):]
+        metric, p = what.split(":")
+        found[key][fields[metric]][f"p{p}"] = rounded(value)
+    return list(found.values())
+
+
+def rounded(value):
+    return round(value, 1) if value is not None else None
+
+
+###############################################################################
 # llama.cpp client
 ###############################################################################
 
@@ -2360,6 +2433,19 @@ def context_messages(system_prompt, history):
 
 def estimate_tokens(text):
     return max(1, round(len(text) / 4)) if text else 0
+
+
+def reply_timings(timings, ttft_ms=None):
+    """llama.cpp's timings of a reply (and its time to first token) as the
+    columns that keep them; a value of the wrong type is left out."""
+    timings = timings if isinstance(timings, dict) else {}
+    found = {}
+    for name, kind in TIMING_COLUMNS.items():
+        value = ttft_ms if name == "ttft_ms" else timings.get(name)
+        ok = (int,) if kind == "INTEGER" else (int, float)
+        found[name] = value if isinstance(value, ok) and not isinstance(value, bool) \
+            and value >= 0 else None
+    return found
 
 
 def read_metrics(usage, timings, text, elapsed_ms):
@@ -2689,7 +2775,7 @@ def continued_metrics(before, metrics, elapsed_ms, finish):
             "tokens_per_second": speed, "finish_reason": finish}
 
 
-def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms):
+def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, timings):
     """Store the reply (or what it appends to the reply it continues): the
     stored (id, text, reasoning, response ms, metrics), or NOT_FOUND if what
     it goes under was deleted meanwhile."""
@@ -2709,7 +2795,8 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms):
         reasoning=reasoning or None, response_time_ms=elapsed_ms,
         estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
         tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason,
-        options=JSON.encode(turn.asked_options) if turn.asked_options is not None else None)
+        options=JSON.encode(turn.asked_options) if turn.asked_options is not None else None,
+        **timings)
     if message_id is None:                       # deleted while its reply was made
         if store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
@@ -2717,12 +2804,15 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms):
     return message_id, text, reasoning, elapsed_ms, metrics
 
 
-def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings):
-    """Store the reply and return the answer's fields."""
+def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings, first_at=None):
+    """Store the reply and return the answer's fields. `first_at`: when its
+    first token came (a stream's)."""
     elapsed_ms = round((time.monotonic() - turn.started) * 1000)
+    ttft = round((first_at - turn.started) * 1000, 1) if first_at else None
     message_id, text, reasoning, elapsed_ms, metrics = store_reply(
         app, turn, text, reasoning, finish_reason,
-        read_metrics(usage, timings, text, elapsed_ms), elapsed_ms)
+        read_metrics(usage, timings, text, elapsed_ms), elapsed_ms,
+        reply_timings(timings, ttft))
     if turn.title_pending:
         app.write_title(turn.conversation_id, text)
     answer = {
@@ -2979,6 +3069,7 @@ class Relay:
     def __init__(self, text_filter):
         self.text, self.reasoning = [], []
         self.usage = self.timings = self.finish = self.model = None
+        self.first_at = None         # when the first token reached the client
         self.tool_calls = {}         # index -> the call, its arguments joined
         self.text_filter = text_filter
 
@@ -3031,13 +3122,15 @@ class Relay:
 
     def keep(self, events):
         """These events reached the client: they are part of what gets stored."""
+        if events and self.first_at is None:
+            self.first_at = time.monotonic()
         for event in events:
             (self.reasoning if event["type"] == "reasoning" else self.text).append(
                 event["content"])
 
     def store(self, app, turn, reason):
         return finish_chat(app, turn, "".join(self.text), "".join(self.reasoning), reason,
-                           self.usage, self.timings)
+                           self.usage, self.timings, self.first_at)
 
     def store_if_possible(self, app, turn, reason):
         """What was relayed, stored after a failure: its message_id, or None
@@ -3199,6 +3292,7 @@ class Exchange:
     model: str = None
     asked: dict = None            # the request's sampling fields, by model_options names
     started: float = 0.0
+    first_at: float = None        # when a stream's first piece came
 
     @property
     def depends_on(self):
@@ -3278,6 +3372,8 @@ def record_reply(app, exchange, relay, finish):
         return
     elapsed_ms = round((time.monotonic() - exchange.started) * 1000)
     metrics = read_metrics(relay.usage, relay.timings, text, elapsed_ms)
+    ttft = round((exchange.first_at - exchange.started) * 1000, 1) if exchange.first_at \
+        else None
     model = relay.model if isinstance(relay.model, str) else exchange.model
     try:
         stored = app.store.add_message(
@@ -3286,7 +3382,8 @@ def record_reply(app, exchange, relay, finish):
             response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
             prompt_tokens=metrics["prompt_tokens"], tokens_per_second=metrics["tokens_per_second"],
             finish_reason=finish, options=JSON.encode(exchange.asked) if exchange.asked else None,
-            tool_calls=sound_text(json.dumps(calls, ensure_ascii=False)) if calls else None)
+            tool_calls=sound_text(json.dumps(calls, ensure_ascii=False)) if calls else None,
+            **reply_timings(relay.timings, ttft))
     except sqlite3.DatabaseError as e:
         database_error(e)                          # logged
         return
@@ -3419,6 +3516,7 @@ def relayed_stream(app, exchange, generation, resp):
                 raise stopped
             if not data:
                 break
+            exchange.first_at = exchange.first_at or time.monotonic()
             end = data.find(DONE_EVENT) if not recorded else -1
             if end >= 0:
                 if end:
@@ -3479,7 +3577,8 @@ EXPORT_CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, syste
     options, pinned, current_message_id, source, source_id, client"""
 EXPORT_MESSAGE_COLUMNS = """id, parent_id, role, content, reasoning, model, timestamp,
     edited_at, response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second,
-    finish_reason, options, tool_calls, tool_call_id"""
+    finish_reason, options, tool_calls, tool_call_id, prompt_n, prompt_ms, cache_n,
+    predicted_n, predicted_ms, ttft_ms"""
 EXPORT_BATCH = 200           # conversations read at a time
 
 
@@ -3793,7 +3892,7 @@ def from_llamacpp(conv, messages):
                 "tokens_per_second": speed,
                 "finish_reason": "stop" if role == "assistant" else None,
                 "tool_calls": m["toolCalls"] if isinstance(m.get("toolCalls"), str) else None,
-                "tool_call_id": m.get("toolCallId")}
+                "tool_call_id": m.get("toolCallId"), **reply_timings(timings)}
     kept, system, current = tree_messages(
         nodes, lambda k: str(nodes[k].get("parent")) if nodes[k].get("parent") else None,
         message_of, str(conv.get("currNode")))
@@ -3922,7 +4021,7 @@ def from_llama_chat(item):
     nodes = {m.get("id"): m for m in item["messages"] if isinstance(m, dict)}
     copied = ("reasoning", "model", "timestamp", "edited_at", "response_time_ms",
               "estimated_tokens", "prompt_tokens", "tokens_per_second", "finish_reason",
-              "tool_call_id")
+              "tool_call_id", *TIMING_COLUMNS)
 
     def message_of(m):
         role = m.get("role") if m.get("role") in ("system", "user", "assistant", "tool") \
@@ -4014,7 +4113,7 @@ def file_conversations(f):
 MESSAGE_IMPORT_COLUMNS = ("role", "content", "reasoning", "model", "timestamp", "edited_at",
                           "response_time_ms", "estimated_tokens", "prompt_tokens",
                           "tokens_per_second", "finish_reason", "options", "tool_calls",
-                          "tool_call_id")
+                          "tool_call_id", *TIMING_COLUMNS)
 
 
 def import_file(store, f, progress=None):
@@ -4342,6 +4441,32 @@ def api_backup(app, req):
         f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"), as_they_came)
 
 
+LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
+                 "day,model": ("model", "day")}
+ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z")
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d(\.\d{1,6})?)?Z?)?\Z")
+
+
+def query_time(req, name, end_of_day):
+    raw = req.arg(name)
+    if not raw:
+        return None
+    if not ISO_TIME.match(raw):
+        raise validation_error(name, f"Query parameter {name} must be an ISO date or time "
+                               "(2026-12-02 or 2026-12-02T10:30:00Z)")
+    return raw + ("T23:59:59.999Z" if end_of_day and ISO_DAY.match(raw) else "")
+
+
+def api_ledger(app, req):
+    group = req.arg("group") or "model"
+    if group not in LEDGER_GROUPS:
+        raise validation_error("group", "Query parameter group must be model, day or model,day")
+    since = query_time(req, "since", False)
+    until = query_time(req, "until", True)
+    return {"group": group, "since": since, "until": until,
+            "groups": ledger(app.store.db, LEDGER_GROUPS[group], since or "", until or "~")}
+
+
 def page_index(app, req):
     return app.page()
 
@@ -4370,6 +4495,7 @@ ROUTES = [
     ("GET", r"/api/export", api_export),
     ("POST", r"/api/import", api_import),
     ("GET", r"/api/backup", api_backup),
+    ("GET", r"/api/ledger", api_ledger),
     ("POST", r"/v1/chat/completions", v1_chat),
     ("GET", V1_PATH, v1_relay),
     ("POST", V1_PATH, v1_relay),

@@ -158,7 +158,8 @@ class StubHandler(BaseHTTPRequestHandler):
                                else stub.finish_reason, "index": 0, "message": message}],
                   "object": "chat.completion", "model": body.get("model", "x"),
                   "timings": {"prompt_n": 21, "predicted_n": len(tokens),
-                              "predicted_per_second": 42.5}}
+                              "predicted_per_second": 42.5, "prompt_ms": 30.0, "cache_n": 3,
+                              "predicted_ms": len(tokens) * 20.0}}
         if stub.mode == "no_counts":
             del answer["timings"]
         if stub.mode not in ("no_usage", "no_counts"):
@@ -226,7 +227,8 @@ class StubHandler(BaseHTTPRequestHandler):
                 for part in re.findall(r".{1,5}", function["arguments"], re.S):
                     self.event({"choices": [{"index": 0, "finish_reason": None, "delta": {
                         "tool_calls": [{"index": i, "function": {"arguments": part}}]}}]})
-            timings = {"prompt_n": 21, "predicted_n": len(tokens), "predicted_per_second": 42.5}
+            timings = {"prompt_n": 21, "predicted_n": len(tokens), "predicted_per_second": 42.5,
+                       "prompt_ms": 30.0, "cache_n": 3, "predicted_ms": len(tokens) * 20.0}
             self.event({"choices": [{"index": 0, "delta": {},
                                      "finish_reason": "tool_calls" if stub.tool_calls
                                      else stub.finish_reason}],
@@ -3214,6 +3216,7 @@ def test_a_stream_is_relayed_event_by_event_and_recorded(client, stub, openai):
     assert messages[1]["reasoning"] == stub.reasoning
     assert messages[1]["finish_reason"] == "stop"
     assert messages[1]["estimated_tokens"] == len(stub.tokens())     # from timings
+    assert messages[1]["predicted_ms"] == len(stub.tokens()) * 20.0 and messages[1]["ttft_ms"] > 0
 
 
 def test_a_streamed_reply_is_stored_before_its_end_reaches_the_client(client, stub, openai):
@@ -4002,6 +4005,81 @@ def test_the_command_line_s_errors_and_help(tmp_path):
     damaged = tmp_path / "damaged.db"
     damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
     assert cli("check", db=damaged).returncode == 1
+
+
+###############################################################################
+# The ledger
+###############################################################################
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_reply_keeps_llamacpp_s_timings_and_its_first_token_time(client, stub, stream):
+    stub.token_delay = 0.01 if stream else 0
+    cid = client.new_conversation()
+    if stream:
+        read_events(client.stream(cid)[0])
+    else:
+        client.chat(cid)
+    reply = conversation(client, cid)["messages"][-1]
+    tokens = len(stub.tokens())
+    assert (reply["prompt_n"], reply["prompt_ms"], reply["cache_n"], reply["predicted_n"],
+            reply["predicted_ms"]) == (21, 30.0, 3, tokens, tokens * 20.0)
+    if stream:
+        assert 0 < reply["ttft_ms"] < reply["response_time_ms"]
+    else:
+        assert reply["ttft_ms"] is None
+
+
+def test_the_ledger_aggregates_as_computed_by_hand(client):
+    store = client.app.store
+    cid = client.new_conversation()
+    replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft
+        ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0),
+        ("a", "2026-11-30", 20, 60, 60, 1000, 40, 200, 300.0),
+        ("a", "2026-12-01", 30, 30, 30, 1000, None, None, 200.0),
+        ("b", "2026-12-01", 5, 8, None, None, None, None, None)]
+    for model, day, pt, ct, pn, pm, qn, qm, ttft in replies:
+        q = store.add_message(cid, "user", "q")
+        r = store.add_message(cid, "assistant", "r", model, parent=q, prompt_tokens=pt,
+                              estimated_tokens=ct, predicted_n=pn, predicted_ms=pm,
+                              prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0)
+        conn = sqlite3.connect(client.app.settings.db)
+        with conn:
+            conn.execute("UPDATE messages SET timestamp = ? WHERE id IN (?, ?)",
+                         (day + "T12:00:00.000Z", q, r))
+        conn.close()
+    status, _, body = client.get("/api/ledger?group=model")
+    assert status == 200
+    a, b = body["groups"]
+    assert a == {"model": "a", "replies": 3, "prompt_tokens": 60, "completion_tokens": 190,
+                 "tokens_per_second": {"mean": 46.7, "p50": 50.0},   # 50, 60, 30 tok/s
+                 "prompt_tokens_per_second": {"mean": 350.0, "p50": 200.0},   # 500, 200
+                 "ttft_ms": {"p50": 200.0, "p95": 300.0}}
+    assert b["tokens_per_second"] == {"mean": 12.0, "p50": 12.0}      # the stored figure
+    assert b["ttft_ms"] == {"p50": None, "p95": None}
+    days = client.get("/api/ledger?group=model,day")[2]["groups"]
+    assert [(g["model"], g["day"], g["replies"]) for g in days] == [
+        ("a", "2026-11-30", 2), ("a", "2026-12-01", 1), ("b", "2026-12-01", 1)]
+    one_day = client.get("/api/ledger?group=day&since=2026-12-01&until=2026-12-01")[2]
+    assert [(g["day"], g["replies"]) for g in one_day["groups"]] == [("2026-12-01", 2)]
+    assert client.get("/api/ledger?group=week")[0] == 400
+    assert client.get("/api/ledger?since=yesterday")[2]["field"] == "since"
+
+
+def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
+    path = str(tmp_path / "v5.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+        c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, "
+                  "tokens_per_second) VALUES (1, 1, 'assistant', 'a', 'm', 9.5)")
+    schema_2_db(path, fill, version=5)
+    store = llama_chat.Store(path)
+    assert sqlite3.connect(store.backup_path).execute("PRAGMA user_version").fetchone() == (5,)
+    groups = llama_chat.ledger(store.db, ("model",), "", "~")
+    assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
+    assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
+    store.close()
 
 
 ###############################################################################
