@@ -3375,6 +3375,8 @@ def record_reply(app, exchange, relay, finish):
     ttft = round((exchange.first_at - exchange.started) * 1000, 1) if exchange.first_at \
         else None
     model = relay.model if isinstance(relay.model, str) else exchange.model
+    if model and "/" in model:            # llama-server's model path: named as /api/models does
+        model = os.path.basename(model) or model
     try:
         stored = app.store.add_message(
             exchange.conversation_id, "assistant", sound_text(text), model or None,

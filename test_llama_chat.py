@@ -3187,8 +3187,15 @@ def test_a_plain_chat_is_relayed_byte_for_byte_and_recorded(client, stub, openai
         ("user", "Explain machine learning"), ("assistant", stub.reply)]
     reply = found["messages"][1]
     assert reply["options"] == {"temperature": 0.3}
+    assert reply["model"] == "gpt-4o-mini"          # as llama.cpp answered (the stub echoes)
     assert reply["finish_reason"] == "stop" and reply["prompt_tokens"] == 21
     assert client.get("/api/search?q=machine")[2]["count"] == 2
+
+
+def test_a_reply_s_model_path_is_named_as_the_model_list_names_it(client, stub, openai):
+    _, headers, _, _ = openai.create([user("hi")], model="/srv/models/" + MODEL)
+    reply = conversation(client, int(headers["X-Conversation-Id"]))["messages"][-1]
+    assert reply["model"] == MODEL and MODEL in client.get("/api/models")[2]["models"]
 
 
 def test_the_request_body_goes_upstream_as_it_came(client, stub, openai):
@@ -4602,6 +4609,26 @@ def test_page_imports_a_dropped_file_and_exports_a_conversation(page, client, st
 
 
 @needs_chromium
+def test_page_shows_the_ledger_per_model_with_a_chart_per_day(page, client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "one")
+    client.chat(cid, "two", model="other-model.gguf")
+    b = page("/")
+    b.click("#performance-toggle")
+    cells = b.wait("const r = [...document.querySelectorAll('#performance tbody tr')];"
+                   "return r.length === 2 && r.map(t => [...t.children].map(c => c.textContent))")
+    speed = f"{len(stub.tokens()) / (len(stub.tokens()) * 20.0) * 1000:.0f}"     # from timings
+    assert sorted(cells) == sorted([[MODEL, "1", str(len(stub.tokens())), f"{speed}, {speed}",
+                                     "700", "–, –"],
+                                    ["other-model.gguf", "1", str(len(stub.tokens())),
+                                     f"{speed}, {speed}", "700", "–, –"]])
+    legend = b.js("return [...document.querySelectorAll('#performance svg')[0]"
+                  ".querySelectorAll('text:not(.tick)')].map(t => t.textContent)")
+    assert sorted(legend) == sorted([MODEL[:18], "other-model.gguf"])
+    assert b.js("return document.querySelectorAll('#performance svg polyline').length") == 2
+
+
+@needs_chromium
 def test_page_sets_the_temperature_of_one_chat(page, client, stub):
     cid = client.new_conversation("Stories")
     other = client.new_conversation("Code")
@@ -5761,6 +5788,11 @@ def test_bench_history_files(tmp_path, stub):
         row(f"export everything as JSONL, {size:,} messages",
             f"{size / took:,.0f} msg/s ({took:.1f} s)", ">= 100,000 msg/s")
         row("  RSS growth while exporting", f"{peak[0] - before:.1f} MB", "< 20 MB")
+
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        took = [timed_get(conn, "/api/ledger?group=model,day") for _ in range(7)]
+        row(f"GET /api/ledger?group=model,day at {size:,} messages, p50",
+            f"{percentile(took, 50):.0f} ms", "< 100 ms")
 
         # Backup while four clients chat: their latency, before and during it
         stub.reply = "A short answer."
