@@ -2379,6 +2379,39 @@ class Upstream:
                 models.append({"name": entry["id"], "status": str(state)})
         return models
 
+    def optional(self, path, body):
+        """POST to an endpoint llama-server may lack (its version, its build):
+        the parsed answer, or None when it is missing or fails."""
+        try:
+            status, answer = self.call("POST", path, body, read_timeout=30)
+        except ApiError:
+            return None
+        return answer if status == 200 and isinstance(answer, dict) else None
+
+    def input_tokens(self, body):
+        """How many tokens llama.cpp counts in a chat request, its template
+        included (/v1/chat/completions/input_tokens), or None."""
+        answer = self.optional("/v1/chat/completions/input_tokens", body)
+        count = answer.get("input_tokens") if answer else None
+        return count if isinstance(count, int) and not isinstance(count, bool) else None
+
+    def templated(self, messages, model=None):
+        """The chat as the model's template writes it (/apply-template), or None."""
+        answer = self.optional("/apply-template", {"messages": messages,
+                                                   **({"model": model} if model else {})})
+        prompt = answer.get("prompt") if answer else None
+        return prompt if isinstance(prompt, str) else None
+
+    def context_size(self, model=None):
+        """The model's context in tokens (n_ctx of /props, per slot), or None."""
+        path = "/props" + (f"?model={urllib.parse.quote(model)}" if model else "")
+        try:
+            status, body = self.call("GET", path, read_timeout=30)
+            n_ctx = body["default_generation_settings"]["n_ctx"] if status == 200 else None
+        except (ApiError, KeyError, TypeError):
+            return None
+        return n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) else None
+
     def defaults(self, model=None):
         """llama-server's own sampling defaults (GET /props; in router mode, of
         one model), under the names of model_options; {} where it has none."""
@@ -2497,6 +2530,30 @@ def effective_settings(settings, conversation):
         "options": {name: {"value": value, "from": "conversation" if name in own else "config"}
                     for name, value in options.items()},
     }
+
+
+def next_prompt(app, conversation, question=None, model=None):
+    """What the conversation's next chat would send llama.cpp (with
+    `question` as its new message, if given): the messages and options, the
+    model, and, where llama-server can say, their tokens, the model's
+    context and the templated text."""
+    system_prompt, asked = reply_settings(app.settings, conversation)
+    options = check_model_options(asked, "options")
+    limit = app.settings.performance["context_history_limit"]
+    leaf = conversation.get("current_message_id")
+    history = app.store.tree.path(leaf, limit) if leaf is not None and limit else []
+    total = len(app.store.tree.path(leaf)) if leaf is not None else 0
+    if question is not None:
+        history = history + [{"role": "user", "content": question}]
+    messages = context_messages(system_prompt, history)
+    model = model or conversation.get("model") or None
+    body = {"messages": messages, **options, **({"model": model} if model else {})}
+    return {"model": model, "messages": messages, "options": options,
+            "messages_sent": len(messages) - (1 if system_prompt else 0),
+            "messages_left_out": max(0, total - min(total, limit)),
+            "prompt_tokens": app.upstream.input_tokens(body),
+            "n_ctx": app.upstream.context_size(model),
+            "prompt": app.upstream.templated(messages, model)}
 
 
 def first_line_title(text):
@@ -4403,6 +4460,18 @@ def api_search(app, req):
     return {"results": results, "query": q, "count": len(results)}
 
 
+def api_prompt(app, req):
+    conversation = existing_conversation(app, req)
+    question = req.arg("message")
+    if question is not None and len(question) > 200_000:
+        raise validation_error("message", "Query parameter message is longer than 200000 "
+                               "characters")
+    model = req.arg("model") or None
+    if model is not None and len(model) > 500:
+        raise validation_error("model", "Query parameter model is longer than 500 characters")
+    return next_prompt(app, conversation, question, model)
+
+
 def export_format(req, allowed):
     form = req.arg("format") or "json"
     if form not in allowed:
@@ -4498,6 +4567,7 @@ ROUTES = [
     ("POST", r"/api/import", api_import),
     ("GET", r"/api/backup", api_backup),
     ("GET", r"/api/ledger", api_ledger),
+    ("GET", r"/api/conversations/(?P<id>[^/]+)/prompt", api_prompt),
     ("POST", r"/v1/chat/completions", v1_chat),
     ("GET", V1_PATH, v1_relay),
     ("POST", V1_PATH, v1_relay),

@@ -52,6 +52,7 @@ class Stub:
         self.echo_prefill = False     # send a last assistant message again first, as
                                       # llama-server does when it continues one
         self.tool_calls = None        # a list: the reply calls these tools instead
+        self.prompt_tools = True      # /apply-template and .../input_tokens, as llama-server
         self.sent = []                # the body bytes of the last answer, write by write
         self.requests = []
         self.open_streams = 0
@@ -88,7 +89,7 @@ class StubHandler(BaseHTTPRequestHandler):
         stub = self.stub
         if self.path.startswith("/props"):
             model = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("model")
-            self.send_json(200, {"default_generation_settings": {"params": {
+            self.send_json(200, {"default_generation_settings": {"n_ctx": 4096, "params": {
                 "temperature": 0.800000011920929 if not model else 0.6, "top_k": 40,
                 "n_predict": -1, "seed": 4294967295, "samplers": ["top_k"]}}})
         elif self.path == "/health" and stub.loading:
@@ -124,6 +125,13 @@ class StubHandler(BaseHTTPRequestHandler):
                                   "path": self.path})
         if stub.stall:
             time.sleep(stub.stall)
+        if self.path in ("/apply-template", "/v1/chat/completions/input_tokens"):
+            if not stub.prompt_tools:
+                return self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
+            turns = [f"<{m['role']}>{m['content']}" for m in body["messages"]]
+            return self.send_json(200, {"prompt": "\n".join(turns) + "\n<assistant>"}
+                                  if self.path == "/apply-template" else
+                                  {"input_tokens": sum(len(t.split()) + 3 for t in turns)})
         if self.path != "/v1/chat/completions" or not isinstance(body, dict):  # an echo
             return self.send_json(200, {"object": "echo", "path": self.path, "body": body})
         if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
@@ -4015,6 +4023,59 @@ def test_the_command_line_s_errors_and_help(tmp_path):
 
 
 ###############################################################################
+# The prompt
+###############################################################################
+
+def test_the_prompt_is_what_the_next_chat_would_send(client, stub):
+    cid = client.new_conversation()
+    client.put(f"/api/conversations/{cid}", {"system_prompt": "Be terse.",
+                                             "options": {"temperature": 0.5}})
+    client.chat(cid, "First question")
+    status, _, body = client.get(f"/api/conversations/{cid}/prompt?message=Next%20one")
+    assert status == 200, body
+    expected = [{"role": "system", "content": "Be terse."}, user("First question"),
+                assistant(stub.reply), user("Next one")]
+    assert body["messages"] == expected
+    assert body["options"]["temperature"] == 0.5 and body["options"]["max_tokens"] == 4096
+    assert body["prompt"] == "\n".join(f"<{m['role']}>{m['content']}" for m in expected) \
+        + "\n<assistant>"
+    assert body["prompt_tokens"] == sum(len(f"<{m['role']}>{m['content']}".split()) + 3
+                                        for m in expected)
+    assert (body["n_ctx"], body["messages_sent"], body["messages_left_out"]) == (4096, 3, 0)
+    # What it shows is what a chat then sends.
+    client.chat(cid, "Next one")
+    sent = stub.requests[-1]["body"]
+    assert sent["messages"] == expected and sent["temperature"] == 0.5
+
+
+def test_the_prompt_counts_what_the_history_limit_leaves_out(tmp_path, stub, launch):
+    c = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                             "context_history_limit": 2}))
+    cid = c.new_conversation()
+    for i in range(3):
+        c.chat(cid, f"q{i}")
+    body = c.get(f"/api/conversations/{cid}/prompt")[2]
+    assert [m["content"] for m in body["messages"][1:]] == ["q2", stub.reply]
+    assert (body["messages_sent"], body["messages_left_out"]) == (2, 4)
+
+
+def test_without_llama_server_s_prompt_tools_the_prompt_still_answers(client, stub):
+    stub.prompt_tools = False
+    cid = client.new_conversation()
+    body = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
+    assert body["messages"][-1] == user("hi")
+    assert (body["prompt"], body["prompt_tokens"]) == (None, None)
+    assert client.get("/api/conversations/999/prompt")[0] == 404
+
+
+def test_the_prompt_with_llamacpp_down_answers_the_messages(down_client):
+    cid = down_client.new_conversation()
+    status, _, body = down_client.get(f"/api/conversations/{cid}/prompt?message=hi")
+    assert status == 200 and body["messages"][-1] == user("hi")
+    assert (body["prompt"], body["prompt_tokens"], body["n_ctx"]) == (None, None, None)
+
+
+###############################################################################
 # The ledger
 ###############################################################################
 
@@ -4626,6 +4687,29 @@ def test_page_shows_the_ledger_per_model_with_a_chart_per_day(page, client, stub
                   ".querySelectorAll('text:not(.tick)')].map(t => t.textContent)")
     assert sorted(legend) == sorted([MODEL[:18], "other-model.gguf"])
     assert b.js("return document.querySelectorAll('#performance svg polyline').length") == 2
+
+
+@needs_chromium
+def test_page_shows_the_next_prompt_as_sent_and_as_templated(page, client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "Tell me <b>about</b> owls")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('#messages .msg').length === 2")
+    b.click("#stats-toggle")
+    b.wait("return [...document.querySelectorAll('#stats .exports button')]"
+           ".some(x => x.textContent === 'Show prompt')")
+    b.js("[...document.querySelectorAll('#stats .exports button')]"
+         ".find(x => x.textContent === 'Show prompt').click()")
+    summary = b.wait("const p = document.querySelector('#stats .prompt-view p');"
+                     "return p && p.textContent")
+    assert summary.startswith("Next prompt: 2 messages, ") and "of 4096" in summary
+    items = b.js("return [...document.querySelectorAll('#stats .prompt-view li')]"
+                 ".map(l => l.textContent)")
+    assert items == ["system: You are a helpful, concise assistant.",
+                     "user: Tell me <b>about</b> owls", f"assistant: {stub.reply}"]
+    assert "<user>Tell me <b>about</b> owls" in b.js(
+        "return document.querySelector('#stats .prompt-view pre').textContent")
+    assert b.js("return document.querySelectorAll('#stats b').length") == 0
 
 
 @needs_chromium
