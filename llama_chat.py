@@ -52,6 +52,7 @@ import sqlite3
 import threading
 import time
 import traceback
+import types
 import unicodedata
 import urllib.parse
 from contextlib import contextmanager
@@ -1225,10 +1226,20 @@ LEDGER_INDEX = """CREATE INDEX IF NOT EXISTS messages_ledger ON messages (model,
     predicted_ms, ttft_ms) WHERE role = 'assistant'"""
 
 
+# And each message's tokens as llama.cpp counts them (NULL: not counted yet),
+# forgotten by SQLite when its text changes.
+TOKENS_FORGOTTEN = """CREATE TRIGGER IF NOT EXISTS message_tokens_changed
+AFTER UPDATE OF content ON messages WHEN new.token_count IS NOT NULL BEGIN
+    UPDATE messages SET token_count = NULL WHERE id = new.id;
+END"""
+
+
 def migrate_to_6(c):
     for column, kind in TIMING_COLUMNS.items():
         c.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+    c.execute("ALTER TABLE messages ADD COLUMN token_count INTEGER")
     c.execute(LEDGER_INDEX)
+    c.execute(TOKENS_FORGOTTEN)
 
 
 # Each entry turns version N into N + 1, inside one transaction with the rest
@@ -1733,8 +1744,9 @@ class Tree:
     def path(self, message_id, limit=WHOLE_PATH):
         """The last `limit` messages of the branch from the root to this one."""
         return dicts(self.db.conn().execute(
-            f"""{PATH_SQL} SELECT m.id, m.role, m.content, m.tool_calls, m.tool_call_id
-                FROM path JOIN messages m USING (id) ORDER BY m.id""", (message_id, limit)))
+            f"""{PATH_SQL} SELECT m.id, m.role, m.content, m.tool_calls, m.tool_call_id,
+                m.token_count FROM path JOIN messages m USING (id) ORDER BY m.id""",
+            (message_id, limit)))
 
     def branch(self, conversation_id, everything=False):
         """The current branch of a conversation, as a JSON array of messages
@@ -2134,6 +2146,12 @@ class Store:
                                        before["conversation_id"]))
             return one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
 
+    def keep_token_counts(self, counts):
+        """Store messages' token counts ({id: tokens}), counted once."""
+        with self.db.write() as c:
+            c.executemany("UPDATE messages SET token_count = ? WHERE id = ?",
+                          [(n, i) for i, n in counts.items()])
+
     def stats(self, conversation_id):
         return conversation_stats(self.db.conn().execute(STATS_SQL, (conversation_id,)))
 
@@ -2218,6 +2236,7 @@ def json_or_none(raw):
 
 
 IDLE_UPSTREAM_CONNECTIONS = 4
+CONTEXT_SECONDS = 60
 
 
 class Upstream:
@@ -2236,6 +2255,8 @@ class Upstream:
         if settings.llamacpp_api_key:
             self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
         self._idle = []          # connections kept open for the next request
+        self._contexts = {}      # model -> (n_ctx or None, when asked)
+        self._counted = {}       # (model, text) -> tokens, for texts counted each chat
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
              attach=None):
@@ -2402,6 +2423,31 @@ class Upstream:
         prompt = answer.get("prompt") if answer else None
         return prompt if isinstance(prompt, str) else None
 
+    def token_count(self, text, model=None):
+        """The tokens llama.cpp makes of a text (/tokenize), or None. Texts
+        counted again and again (system prompts) are remembered."""
+        key = (model, text)
+        if key in self._counted:
+            return self._counted[key]
+        answer = self.optional("/tokenize", {"content": text, **({"model": model} if model
+                                                                 else {})})
+        tokens = answer.get("tokens") if answer else None
+        count = len(tokens) if isinstance(tokens, list) else None
+        if count is not None and len(text) < 20_000:
+            if len(self._counted) >= 64:
+                self._counted.clear()
+            self._counted[key] = count
+        return count
+
+    def context_of(self, model=None):
+        """context_size(), asked again at most every CONTEXT_SECONDS (a model
+        reloaded with another -c, a router's other model)."""
+        now = time.monotonic()
+        found = self._contexts.get(model)
+        if found is None or now - found[1] > CONTEXT_SECONDS:
+            found = self._contexts[model] = (self.context_size(model), now)
+        return found[0]
+
     def context_size(self, model=None):
         """The model's context in tokens (n_ctx of /props, per slot), or None."""
         path = "/props" + (f"?model={urllib.parse.quote(model)}" if model else "")
@@ -2532,30 +2578,6 @@ def effective_settings(settings, conversation):
     }
 
 
-def next_prompt(app, conversation, question=None, model=None):
-    """What the conversation's next chat would send llama.cpp (with
-    `question` as its new message, if given): the messages and options, the
-    model, and, where llama-server can say, their tokens, the model's
-    context and the templated text."""
-    system_prompt, asked = reply_settings(app.settings, conversation)
-    options = check_model_options(asked, "options")
-    limit = app.settings.performance["context_history_limit"]
-    leaf = conversation.get("current_message_id")
-    history = app.store.tree.path(leaf, limit) if leaf is not None and limit else []
-    total = len(app.store.tree.path(leaf)) if leaf is not None else 0
-    if question is not None:
-        history = history + [{"role": "user", "content": question}]
-    messages = context_messages(system_prompt, history)
-    model = model or conversation.get("model") or None
-    body = {"messages": messages, **options, **({"model": model} if model else {})}
-    return {"model": model, "messages": messages, "options": options,
-            "messages_sent": len(messages) - (1 if system_prompt else 0),
-            "messages_left_out": max(0, total - min(total, limit)),
-            "prompt_tokens": app.upstream.input_tokens(body),
-            "n_ctx": app.upstream.context_size(model),
-            "prompt": app.upstream.templated(messages, model)}
-
-
 def first_line_title(text):
     """A conversation's title from its first question: the first line, at
     most TITLE_MAX characters, cut at a word."""
@@ -2570,6 +2592,100 @@ def first_line_title(text):
 
 TITLE_MAX = 60
 UNTITLED = "New chat"
+
+
+###############################################################################
+# Context by tokens: as much of the branch as fits the model
+###############################################################################
+
+# What a chat template adds to each message (its role's markers: some 4 to 7
+# tokens in ChatML, Gemma's and Llama 3's templates), counted generously.
+MESSAGE_OVERHEAD = 8
+
+
+def counted_tokens(app, messages, model):
+    """Each message's tokens: stored, else counted by llama.cpp (/tokenize,
+    once: the count is kept in its row). False if llama.cpp cannot count."""
+    counts = {}
+    for m in messages:
+        if m.get("token_count") is None:
+            n = app.upstream.token_count(m["content"], model)
+            if n is None:
+                return False
+            m["token_count"] = n
+            if m.get("id") is not None:          # a question not yet stored is not kept
+                counts[m["id"]] = n
+    if counts:
+        try:
+            app.store.keep_token_counts(counts)
+        except sqlite3.Error as e:
+            log.warning("token counts could not be kept: %s", e)
+    return True
+
+
+def fit_context(app, turn, branch_length):
+    """Leave out the oldest messages of the turn's history that would not fit
+    the model's context: n_ctx (llama-server's /props) less the reply's
+    max_tokens (at most a quarter of n_ctx: a default of 4096 would leave no
+    room in a small context) and the system prompt; the newest messages
+    first, the turn's own always. Where llama.cpp cannot say n_ctx or count,
+    the history stays as the message limit made it (and an overflow is
+    still retried with fewer). turn.context says what was done."""
+    n_ctx = app.upstream.context_of(turn.model or None)
+    history = turn.history
+    if n_ctx is None or not counted_tokens(app, history, turn.model or None):
+        return
+    system = 0
+    if turn.system_prompt:
+        system = app.upstream.token_count(turn.system_prompt, turn.model or None)
+        if system is None:
+            return
+        system += MESSAGE_OVERHEAD
+    wanted = turn.options.get("max_tokens")
+    reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 0, n_ctx // 4)
+    budget, used, kept = n_ctx - reserve - system, 0, 0
+    for m in reversed(history):
+        cost = m["token_count"] + MESSAGE_OVERHEAD
+        if kept >= turn.own_messages and used + cost > budget:
+            break
+        used, kept = used + cost, kept + 1
+    while kept > turn.own_messages and history[-kept]["role"] != "user":
+        used, kept = used - history[-kept]["token_count"] - MESSAGE_OVERHEAD, kept - 1
+    turn.history = history[len(history) - kept:]      # what llama.cpp is sent begins with a
+                                                       # question (context_messages)
+    turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system, "messages_sent": kept,
+                    "messages_left_out": branch_length - kept}
+
+
+def next_prompt(app, conversation, question=None, model=None):
+    """What the conversation's next chat would send llama.cpp (with
+    `question` as its new message, if given), chosen as a chat chooses it:
+    the messages and options, the model, what was left out, and, where
+    llama-server can say, their tokens, the model's context and the
+    templated text."""
+    system_prompt, asked = reply_settings(app.settings, conversation)
+    options = check_model_options(asked, "options")
+    limit = app.settings.performance["context_history_limit"]
+    leaf = conversation.get("current_message_id")
+    history = app.store.tree.path(leaf, limit) if leaf is not None and limit else []
+    total = len(app.store.tree.path(leaf)) if leaf is not None else 0
+    if question is not None:
+        history = history + [{"id": None, "role": "user", "content": question,
+                              "token_count": None}]
+        total += 1
+    model = model or conversation.get("model") or None
+    turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
+                                 options=options, own_messages=1 if question else 0,
+                                 context=None)
+    fit_context(app, turn, total)
+    messages = context_messages(system_prompt, turn.history)
+    body = {"messages": messages, **options, **({"model": model} if model else {})}
+    sent = len(messages) - (1 if system_prompt else 0)
+    return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
+            "messages_left_out": total - sent,
+            "prompt_tokens": app.upstream.input_tokens(body),
+            "n_ctx": app.upstream.context_of(model),
+            "prompt": app.upstream.templated(messages, model)}
 
 
 ###############################################################################
@@ -2661,6 +2777,7 @@ class ChatTurn:
     started: float = 0.0
     asked_options: dict = None    # the same, as model_options names them: stored with the reply
     title_pending: bool = False   # the conversation is titled after this reply
+    context: dict = None          # n_ctx, prompt_tokens, messages_sent, messages_left_out
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages."""
@@ -2771,9 +2888,11 @@ def start_chat(app, body, stream):
             raise validation_error(placement, "That reply answers no question")
         last = parent_id = question
     limit = app.settings.performance["context_history_limit"] + (2 if continued else 1)
-    return ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
+    turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
                     asked, conversation["title_pending"] and not continued)
+    fit_context(app, turn, len(store.tree.path(last)))
+    return turn
 
 
 def context_overflow(status, body):
@@ -2853,7 +2972,8 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, 
         estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
         tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason,
         options=JSON.encode(turn.asked_options) if turn.asked_options is not None else None,
-        **timings)
+        token_count=metrics["completion_tokens"] if metrics["completion_tokens"] is not None
+        and metrics["prompt_tokens"] is not None else None, **timings)
     if message_id is None:                       # deleted while its reply was made
         if store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
@@ -2884,6 +3004,10 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings, first
         "user_message_id": turn.user_message_id,
         "parent_id": turn.parent_id,
     }
+    if turn.context is not None:
+        answer["context"] = {**turn.context, "prompt_tokens": metrics["prompt_tokens"]
+                             if metrics["prompt_tokens"] is not None
+                             else turn.context["prompt_tokens"]}
     if reasoning:
         answer["reasoning"] = reasoning
     return answer

@@ -52,7 +52,9 @@ class Stub:
         self.echo_prefill = False     # send a last assistant message again first, as
                                       # llama-server does when it continues one
         self.tool_calls = None        # a list: the reply calls these tools instead
-        self.prompt_tools = True      # /apply-template and .../input_tokens, as llama-server
+        self.prompt_tools = True      # /tokenize, /apply-template, .../input_tokens
+        self.tokenized = []           # what /tokenize was asked to count
+        self.n_ctx = 4096             # of /props
         self.sent = []                # the body bytes of the last answer, write by write
         self.requests = []
         self.open_streams = 0
@@ -89,7 +91,7 @@ class StubHandler(BaseHTTPRequestHandler):
         stub = self.stub
         if self.path.startswith("/props"):
             model = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("model")
-            self.send_json(200, {"default_generation_settings": {"n_ctx": 4096, "params": {
+            self.send_json(200, {"default_generation_settings": {"n_ctx": stub.n_ctx, "params": {
                 "temperature": 0.800000011920929 if not model else 0.6, "top_k": 40,
                 "n_predict": -1, "seed": 4294967295, "samplers": ["top_k"]}}})
         elif self.path == "/health" and stub.loading:
@@ -120,18 +122,13 @@ class StubHandler(BaseHTTPRequestHandler):
         except (ValueError, RecursionError):          # as llama-server answers it
             return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
                                                   "message": "invalid JSON"}})
+        if self.path in ("/tokenize", "/apply-template", "/v1/chat/completions/input_tokens"):
+            return self.prompt_tool(body)
         with stub.lock:
             stub.requests.append({"body": body, "headers": dict(self.headers), "raw": raw,
                                   "path": self.path})
         if stub.stall:
             time.sleep(stub.stall)
-        if self.path in ("/apply-template", "/v1/chat/completions/input_tokens"):
-            if not stub.prompt_tools:
-                return self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
-            turns = [f"<{m['role']}>{m['content']}" for m in body["messages"]]
-            return self.send_json(200, {"prompt": "\n".join(turns) + "\n<assistant>"}
-                                  if self.path == "/apply-template" else
-                                  {"input_tokens": sum(len(t.split()) + 3 for t in turns)})
         if self.path != "/v1/chat/completions" or not isinstance(body, dict):  # an echo
             return self.send_json(200, {"object": "echo", "path": self.path, "body": body})
         if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
@@ -174,6 +171,21 @@ class StubHandler(BaseHTTPRequestHandler):
             answer["usage"] = {"completion_tokens": len(tokens), "prompt_tokens": 21,
                                "total_tokens": 21 + len(tokens)}
         self.send_json(200, answer)
+
+    def prompt_tool(self, body):
+        """llama-server's /tokenize (a token a word here), /apply-template and
+        /v1/chat/completions/input_tokens; 404 without prompt_tools."""
+        stub = self.stub
+        if not stub.prompt_tools:
+            return self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
+        if self.path == "/tokenize":
+            with stub.lock:
+                stub.tokenized.append(body["content"])
+            return self.send_json(200, {"tokens": list(range(len(body["content"].split())))})
+        turns = [f"<{m['role']}>{m['content']}" for m in body["messages"]]
+        self.send_json(200, {"prompt": "\n".join(turns) + "\n<assistant>"}
+                       if self.path == "/apply-template" else
+                       {"input_tokens": sum(len(t.split()) + 3 for t in turns)})
 
     def prefill(self, body):
         last = body["messages"][-1]
@@ -4076,6 +4088,68 @@ def test_the_prompt_with_llamacpp_down_answers_the_messages(down_client):
 
 
 ###############################################################################
+# Context by tokens
+###############################################################################
+
+TEN_WORDS = "one two three four five six seven eight nine {}"
+
+
+def test_a_long_chat_sends_the_newest_messages_that_fit_the_context(client, stub):
+    stub.n_ctx = 200          # less a quarter for the reply and 14 for the system prompt: 136
+    cid = client.new_conversation()
+    for i in range(5):        # questions of 10 tokens (18 with the template), replies of 8 (16)
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    status, _, body = client.chat(cid, TEN_WORDS.format("q5"))
+    assert status == 200, body
+    sent = stub.requests[-1]["body"]["messages"]
+    # 18 + (16 + 18) * 3 = 120, and a reply (16) fits too but cannot go first: q2 onwards
+    assert [m["content"] for m in sent[1:] if m["role"] == "user"] == [
+        TEN_WORDS.format(f"q{i}") for i in (2, 3, 4, 5)]
+    assert len(sent) == 1 + 7
+    assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 7,
+                               "messages_left_out": 4}      # prompt_tokens: llama.cpp's usage
+
+
+def test_token_counts_are_asked_once_and_forgotten_when_a_text_changes(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first question here")
+    stub.tokenized.clear()
+    client.chat(cid, "second one")
+    assert stub.tokenized == ["second one"]          # the reply's count came from its usage
+    counts = rows(client, "SELECT content, token_count FROM messages ORDER BY id")
+    assert counts == [("first question here", 3), (stub.reply, len(stub.tokens())),
+                      ("second one", 2), (stub.reply, len(stub.tokens()))]
+    first = rows(client, "SELECT id FROM messages ORDER BY id LIMIT 1")[0][0]
+    client.put(f"/api/messages/{first}", {"content": "edited text"})
+    assert rows(client, "SELECT token_count FROM messages WHERE id = ?", first) == [(None,)]
+    stub.tokenized.clear()
+    client.chat(cid, "third")
+    assert sorted(stub.tokenized) == ["edited text", "third"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_stream_s_done_carries_the_context(client, stub, stream):
+    cid = client.new_conversation()
+    if stream:
+        done = read_events(client.stream(cid, "hello there")[0])[-1]
+    else:
+        done = client.chat(cid, "hello there")[2]
+    assert done["context"] == {"n_ctx": 4096, "prompt_tokens": 21, "messages_sent": 1,
+                               "messages_left_out": 0}
+
+
+def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
+    stub.prompt_tools = False
+    stub.n_ctx = 50
+    cid = client.new_conversation()
+    for i in range(3):
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    status, _, body = client.chat(cid, "last")
+    assert status == 200 and "context" not in body
+    assert len(stub.requests[-1]["body"]["messages"]) == 1 + 7
+
+
+###############################################################################
 # The ledger
 ###############################################################################
 
@@ -4710,6 +4784,26 @@ def test_page_shows_the_next_prompt_as_sent_and_as_templated(page, client, stub)
     assert "<user>Tell me <b>about</b> owls" in b.js(
         "return document.querySelector('#stats .prompt-view pre').textContent")
     assert b.js("return document.querySelectorAll('#stats b').length") == 0
+
+
+@needs_chromium
+def test_page_gauges_the_next_prompt_as_the_user_types(page, client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "a question of six words here")
+    b = page(f"/#/c/{cid}")
+    first = b.wait("const g = document.getElementById('gauge').textContent;"
+                   "return g.includes('tokens') && g")
+    b.type("#input", "and three more")
+    later = b.wait("const g = document.getElementById('gauge').textContent;"
+                   "return g.includes('tokens') && g !== arguments[0] && g", first)
+    count = lambda text: int(re.search(r"Next prompt: ([\d,]+) / 4,096 tokens", text)
+                             .group(1).replace(",", ""))
+    assert count(later) - count(first) == len("and three more".split()) + 3   # the stub's count
+    stub.n_ctx = 20                                   # smaller than the history now
+    client.app.upstream._contexts.clear()
+    b.type("#input", " again")
+    assert b.wait("const g = document.getElementById('gauge');"
+                  "return g.textContent.includes('left out') && g.className") == "gauge full"
 
 
 @needs_chromium
