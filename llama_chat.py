@@ -2623,6 +2623,14 @@ def counted_tokens(app, messages, model):
     return True
 
 
+def question_tokens(app, text, model):
+    """A new question's tokens, counted before it is stored (in the same
+    INSERT, not a write of its own after), where its count will be used."""
+    if app.upstream.context_of(model) is None:
+        return None
+    return app.upstream.token_count(text, model)
+
+
 def fit_context(app, turn, branch_length):
     """Leave out the oldest messages of the turn's history that would not fit
     the model's context: n_ctx (llama-server's /props) less the reply's
@@ -2861,7 +2869,8 @@ def start_chat(app, body, stream):
     if message is not None:
         parent = target_id if placement == "parent_id" else CURRENT
         question = store.add_message(conversation_id, "user", message, model or None,
-                                     parent=parent, estimated_tokens=estimate_tokens(message))
+                                     parent=parent, estimated_tokens=estimate_tokens(message),
+                                     token_count=question_tokens(app, message, model or None))
         if question is None:
             if store.get_conversation(conversation_id) is None:
                 raise not_found("conversation", conversation_id)
