@@ -3415,7 +3415,7 @@ ASKED_NAMES["max_completion_tokens"] = "num_predict"
 
 
 def sound_text(text):
-    """Text as SQLite can keep it: a lone surrogate (JSON allows "\ud800") becomes U+FFFD."""
+    """Text as SQLite can keep it: a lone surrogate (JSON allows "\\ud800") becomes U+FFFD."""
     if text.isascii():
         return text
     try:
