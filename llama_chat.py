@@ -554,6 +554,10 @@ class Settings:
     check_up_to_bytes: int = 64 * 2**20   # quick_check a file this size at start (~2 s here)
     index_path: str = os.path.join(HERE, "index.html")
     key_generated: bool = False
+    llama_server: str = ""          # a llama-server to start and stop (--llama-server)
+    llama_model: str = ""
+    llama_models_dir: str = ""
+    llama_args: tuple = ()          # its own flags, after --
 
     def public_config(self):
         return {name: getattr(self, name) for name in CONFIG_SECTIONS}
@@ -588,6 +592,12 @@ def build_arg_parser():
     p.add_argument("--max-body-bytes", type=int, metavar="N",
                    help="largest request body accepted (env LLAMA_CHAT_MAX_BODY_BYTES; "
                    "default 1048576)")
+    p.add_argument("--llama-server", metavar="PATH", help="start this llama-server and stop "
+                   "it with llama-chat (restarted if it exits; its output in DB.llama-server.log); "
+                   "give --model or --models-dir, and its own flags after --")
+    p.add_argument("--model", metavar="FILE", help="the model the started llama-server loads")
+    p.add_argument("--models-dir", metavar="DIR", help="models for the started llama-server "
+                   "in router mode")
     p.add_argument("--version", action="version", version="llama-chat " + __version__)
     commands = p.add_subparsers(dest="command", metavar="COMMAND", help="serve (the "
                                 "default), search, export, import, backup, check, stats; "
@@ -681,10 +691,19 @@ def database_setting(db):
     return db
 
 
+def split_extra(argv):
+    """(llama-chat's arguments, the started llama-server's: those after --)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        return argv[:argv.index("--")], tuple(argv[argv.index("--") + 1:])
+    return argv, ()
+
+
 def load_settings(argv=None, environ=None):
     """Settings from flags > environment > config.json > defaults, each checked
     for type and range (a ConfigError names the one that is wrong)."""
     environ = os.environ if environ is None else environ
+    argv, extra = split_extra(argv)
     args = build_arg_parser().parse_args(argv)
     explicit = args.config or environ.get("LLAMA_CHAT_CONFIG")
     path = explicit or os.path.join(HERE, "config.json")
@@ -747,6 +766,8 @@ def load_settings(argv=None, environ=None):
             max_import_bytes=whole_number(pick(None, ["LLAMA_CHAT_MAX_IMPORT_BYTES"],
                                                "max_import_bytes"), "max_import_bytes",
                                           1024, 2**40),
+            llama_server=args.llama_server or "", llama_model=args.model or "",
+            llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
         )
     except ApiError as e:
@@ -4430,6 +4451,8 @@ def existing_conversation(app, req):
 
 def api_health(app, req):
     llamacpp = app.upstream.health()
+    if app.managed:
+        llamacpp["managed"] = app.managed.as_dict()
     if not app.ready.is_set():
         return {"status": "starting", "version": __version__,
                 "progress": app.store.progress.as_dict(), "llamacpp": llamacpp,
@@ -4767,6 +4790,7 @@ class App:
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
         self.startup_error = None          # why opening the store failed, if it did
+        self.managed = None                # the llama-server this app started, if it did
         self._page = (None, None)      # (mtime, Answer)
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
@@ -5275,10 +5299,31 @@ def make_server(settings, store=None):
 ###############################################################################
 
 def prepare_settings(settings):
-    """Beyond loopback with no key: make one up (the page takes it from the URL)."""
+    """Beyond loopback with no key: make one up (the page takes it from the URL).
+    A llama-server to start: checked, and given a loopback URL (its port that
+    of --llamacpp-url, or a free one when that is the default)."""
     if not is_loopback(settings.host) and not settings.api_key:
-        return replace(settings, api_key=secrets.token_urlsafe(24), key_generated=True)
+        settings = replace(settings, api_key=secrets.token_urlsafe(24), key_generated=True)
+    if settings.llama_server:
+        if not (os.path.isfile(settings.llama_server)
+                and os.access(settings.llama_server, os.X_OK)):
+            raise ConfigError(f"--llama-server {settings.llama_server} is not an executable file")
+        if bool(settings.llama_model) == bool(settings.llama_models_dir):
+            raise ConfigError("--llama-server needs --model FILE or --models-dir DIR (one)")
+        parts = urllib.parse.urlsplit(settings.llamacpp_url)
+        if not is_loopback(parts.hostname or ""):
+            raise ConfigError("--llama-server starts llama-server on this machine: "
+                              f"--llamacpp-url must be a loopback address, not {parts.hostname}")
+        port = parts.port if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] \
+            else free_loopback_port()
+        settings = replace(settings, llamacpp_url=f"http://127.0.0.1:{port}")
     return settings
+
+
+def free_loopback_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def report_llamacpp(app):
@@ -5357,6 +5402,77 @@ def when_open(app, server):
              "FTS5 search" if app.store.index.fts else "no FTS5 in this SQLite: search uses LIKE")
     if app.store.backup_path:
         log.info("migrated the database; the copy from before is %s", app.store.backup_path)
+
+
+class ManagedLlamaServer:
+    """llama-server as llama-chat's child (--llama-server): started on its
+    loopback port, started again with a back-off (1 s, doubling to 30 s;
+    again 1 s after a minute of running) whenever it exits, its output
+    appended to a log file beside the database, and stopped with llama-chat
+    (SIGTERM, then SIGKILL after 5 s). llama-chat never touches a process
+    it did not start."""
+
+    def __init__(self, settings):
+        port = urllib.parse.urlsplit(settings.llamacpp_url).port
+        model = ["-m", settings.llama_model] if settings.llama_model else \
+            ["--models-dir", settings.llama_models_dir]
+        self.command = [settings.llama_server, *model, "--host", "127.0.0.1",
+                        "--port", str(port), *settings.llama_args]
+        self.log_path = os.path.abspath(settings.db) + ".llama-server.log"
+        self.proc, self.restarts, self.stopping = None, 0, threading.Event()
+        self._lock = threading.Lock()
+
+    def start(self):
+        self._spawn()
+        log.info("started llama-server (pid %d): %s; its output goes to %s", self.proc.pid,
+                 " ".join(self.command), self.log_path)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _spawn(self):
+        import subprocess
+        with open(self.log_path, "ab") as out, self._lock:
+            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.started = time.monotonic()
+
+    def _watch(self):
+        delay = 1
+        while not self.stopping.is_set():
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            delay = 1 if time.monotonic() - self.started > 60 else delay
+            log.warning("llama-server exited (status %s); starting it again in %d s "
+                        "(see %s)", code, delay, self.log_path)
+            if self.stopping.wait(delay):
+                return
+            try:
+                self._spawn()
+            except OSError as e:
+                log.error("llama-server cannot be started again: %s", e)
+                return
+            self.restarts += 1
+            delay = min(delay * 2, 30)
+
+    def stop(self):
+        self.stopping.set()
+        with self._lock:
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except Exception:                   # subprocess.TimeoutExpired
+            proc.kill()
+            proc.wait()
+        log.info("stopped llama-server (pid %d)", proc.pid)
+
+    def as_dict(self):
+        alive = self.proc is not None and self.proc.poll() is None
+        return {"pid": self.proc.pid if alive else None, "running": alive,
+                "restarts": self.restarts, "log": self.log_path,
+                "command": " ".join(self.command)}
 
 
 class CommandError(Exception):
@@ -5473,7 +5589,7 @@ COMMANDS = {"search": command_search, "export": command_export, "import": comman
 
 
 def main(argv=None):
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_args(split_extra(argv)[0])
     if args.command in COMMANDS:
         try:
             COMMANDS[args.command](load_settings(argv), args)
@@ -5509,6 +5625,15 @@ def serve(argv):
         return 1
     app = server.app
     server.failed = False
+    if settings.llama_server:
+        try:
+            app.managed = ManagedLlamaServer(settings)
+            app.managed.start()
+        except OSError as e:
+            print(f"llama-chat: cannot start {settings.llama_server}: {e.strerror or e}",
+                  file=sys.stderr)
+            server.server_close()
+            return 1
     urls = urls_to_open(settings.host, server.server_address[1])
     if settings.key_generated:
         print("llama-chat listens beyond this machine, so /api/ needs a key. Open one of:\n"
@@ -5534,6 +5659,8 @@ def serve(argv):
     finally:
         app.stop_streams()
         server.server_close()
+        if app.managed:
+            app.managed.stop()
         if not app.ready.wait(30):
             log.warning("the database is still being opened; stopping anyway")
         elif app.startup_error and app.stopping.is_set():

@@ -4150,6 +4150,111 @@ def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
 
 
 ###############################################################################
+# A llama-server started by llama-chat
+###############################################################################
+
+FAKE_LLAMA_SERVER = """#!{python}
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+with open(os.path.join(os.path.dirname(__file__), "started"), "a") as f:
+    f.write(json.dumps({{"pid": os.getpid(), "args": args}}) + "\\n")
+print("fake llama-server listening", flush=True)
+
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{{"status": "ok"}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def started_servers(folder):
+    path = folder / "started"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path):
+    fake = tmp_path / "llama-server"
+    fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable))
+    fake.chmod(0o755)
+    port = free_port()
+    db = tmp_path / "chat.db"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", str(db), "--llama-server", str(fake), "--model",
+                             "m.gguf", "--", "-c", "2048"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        def health():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/health")
+            return json.loads(conn.getresponse().read())["llamacpp"]
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                state = health()
+                if state["ok"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server never answered"
+            time.sleep(0.1)
+        first = started_servers(tmp_path)[0]
+        assert first["args"][:2] == ["-m", "m.gguf"] and first["args"][-2:] == ["-c", "2048"]
+        assert state["url"] == f"http://127.0.0.1:{first['args'][first['args'].index('--port') + 1]}"
+        assert state["managed"]["pid"] == first["pid"]
+        assert "fake llama-server listening" in (tmp_path / "chat.db.llama-server.log").read_text()
+        os.kill(first["pid"], signal.SIGKILL)             # it dies: started again
+        deadline = time.monotonic() + 10
+        while len(started_servers(tmp_path)) < 2:
+            assert time.monotonic() < deadline, "llama-server was not started again"
+            time.sleep(0.1)
+        second = started_servers(tmp_path)[1]
+        while not health()["ok"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health()["managed"]["restarts"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 5
+    while alive(second["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(second["pid"])                          # stopped with llama-chat
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--llama-server", "/nonexistent/llama-server", "--model", "m"], "not an executable"),
+    (["--llama-server", sys.executable], "needs --model FILE or --models-dir DIR"),
+    (["--llama-server", sys.executable, "--model", "m", "--llamacpp-url", "http://10.0.0.9:8080"],
+     "loopback"),
+])
+def test_a_llama_server_to_start_is_checked_first(tmp_path, argv, words):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                           str(tmp_path / "x.db"), "--port", "0", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and words in done.stderr and done.stderr.count("\n") == 1
+
+
+###############################################################################
 # The ledger
 ###############################################################################
 
