@@ -5034,6 +5034,9 @@ def test_page_stats_draws_two_charts(page, client):
                     "return c.length === 2 && [...c].map(s => s.querySelectorAll('rect').length)")
     assert charts == [3, 3]
     assert b.js("return document.querySelector('#stats dd').textContent") == "6"
+    ticks = b.js("return [...document.querySelectorAll('#stats svg.chart')[1]"
+                 ".querySelectorAll('.tick')].map(t => t.textContent)")
+    assert ticks == ["0", "21.3", "42.5", "reply 1", "reply 3"]   # the scale, then the replies
 
 
 @needs_chromium
