@@ -5320,6 +5320,35 @@ def prepare_settings(settings):
     return settings
 
 
+NEW_DEFAULT_PORT = 9931          # llama-server's default port in newer llama.cpp
+
+
+def answers_as_llamacpp(port, timeout=0.5):
+    """Does something on this loopback port answer /health as llama-server does?"""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        body = json_or_none(resp.read(4096))
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return False
+    return isinstance(body, dict) and ("status" in body or "error" in body)
+
+
+def discover_llamacpp(settings, ports=(8080, NEW_DEFAULT_PORT)):
+    """With llama.cpp's URL left at its default: when nothing answers there
+    but llama-server answers on its newer default port, use that one."""
+    if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] or settings.llama_server:
+        return settings
+    usual, newer = ports
+    if answers_as_llamacpp(usual) or not answers_as_llamacpp(newer):
+        return settings
+    log.info("nothing answers on port %d, but llama-server does on %d (its newer default): "
+             "using http://127.0.0.1:%d", usual, newer, newer)
+    return replace(settings, llamacpp_url=f"http://127.0.0.1:{newer}")
+
+
 def free_loopback_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -5611,7 +5640,7 @@ def serve(argv):
     quick_logging()
     steady_malloc()
     try:
-        settings = prepare_settings(load_settings(argv))
+        settings = discover_llamacpp(prepare_settings(load_settings(argv)))
         server = make_server(settings)
     except ConfigError as e:
         print(f"llama-chat: {e}", file=sys.stderr)

@@ -4241,6 +4241,18 @@ def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path)
     assert not alive(second["pid"])                          # stopped with llama-chat
 
 
+def test_a_default_url_moves_to_llama_server_s_newer_port_when_only_that_answers(stub):
+    settings = llama_chat.Settings()                # its llamacpp_url is the default
+    stub_port = int(stub.url.rsplit(":", 1)[1])
+    moved = llama_chat.discover_llamacpp(settings, ports=(free_port(), stub_port))
+    assert moved.llamacpp_url == f"http://127.0.0.1:{stub_port}"
+    # Something answers on the usual port, or the URL was given: nothing changes.
+    assert llama_chat.discover_llamacpp(settings, ports=(stub_port, stub_port)) == settings
+    given = replace(settings, llamacpp_url="http://127.0.0.1:1234")
+    assert llama_chat.discover_llamacpp(given, ports=(free_port(), stub_port)) == given
+    assert llama_chat.discover_llamacpp(settings, ports=(free_port(), free_port())) == settings
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--llama-server", "/nonexistent/llama-server", "--model", "m"], "not an executable"),
     (["--llama-server", sys.executable], "needs --model FILE or --models-dir DIR"),
