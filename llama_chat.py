@@ -1769,6 +1769,11 @@ class Tree:
                 m.token_count FROM path JOIN messages m USING (id) ORDER BY m.id""",
             (message_id, limit)))
 
+    def depth(self, message_id):
+        """How many messages the branch from the root to this one holds."""
+        return self.db.conn().execute(f"{PATH_SQL} SELECT count(*) FROM path",
+                                      (message_id, WHOLE_PATH)).fetchone()[0]
+
     def branch(self, conversation_id, everything=False):
         """The current branch of a conversation, as a JSON array of messages
         (every message of it, with `everything`)."""
@@ -2460,7 +2465,7 @@ class Upstream:
             self._counted[key] = count
         return count
 
-    def context_of(self, model=None):
+    def constored_text(self, model=None):
         """context_size(), asked again at most every CONTEXT_SECONDS (a model
         reloaded with another -c, a router's other model)."""
         now = time.monotonic()
@@ -2647,7 +2652,7 @@ def counted_tokens(app, messages, model):
 def question_tokens(app, text, model):
     """A new question's tokens, counted before it is stored (in the same
     INSERT, not a write of its own after), where its count will be used."""
-    if app.upstream.context_of(model) is None:
+    if app.upstream.constored_text(model) is None:
         return None
     return app.upstream.token_count(text, model)
 
@@ -2660,7 +2665,7 @@ def fit_context(app, turn, branch_length):
     first, the turn's own always. Where llama.cpp cannot say n_ctx or count,
     the history stays as the message limit made it (and an overflow is
     still retried with fewer). turn.context says what was done."""
-    n_ctx = app.upstream.context_of(turn.model or None)
+    n_ctx = app.upstream.constored_text(turn.model or None)
     history = turn.history
     if n_ctx is None or not counted_tokens(app, history, turn.model or None):
         return
@@ -2697,7 +2702,7 @@ def next_prompt(app, conversation, question=None, model=None):
     limit = app.settings.performance["context_history_limit"]
     leaf = conversation.get("current_message_id")
     history = app.store.tree.path(leaf, limit) if leaf is not None and limit else []
-    total = len(app.store.tree.path(leaf)) if leaf is not None else 0
+    total = app.store.tree.depth(leaf) if leaf is not None else 0
     if question is not None:
         history = history + [{"id": None, "role": "user", "content": question,
                               "token_count": None}]
@@ -2713,7 +2718,7 @@ def next_prompt(app, conversation, question=None, model=None):
     return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
             "messages_left_out": total - sent,
             "prompt_tokens": app.upstream.input_tokens(body),
-            "n_ctx": app.upstream.context_of(model),
+            "n_ctx": app.upstream.constored_text(model),
             "prompt": app.upstream.templated(messages, model)}
 
 
@@ -2921,7 +2926,7 @@ def start_chat(app, body, stream):
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
                     asked, conversation["title_pending"] and not continued)
-    fit_context(app, turn, len(store.tree.path(last)))
+    fit_context(app, turn, store.tree.depth(last))
     return turn
 
 
@@ -4016,12 +4021,6 @@ def iso_time(value, unit=1.0):
     return None
 
 
-def text_of(value):
-    if value is None:
-        return ""
-    return sound_text(value if isinstance(value, str) else stored_text(value))
-
-
 def in_tree_order(nodes, parent_of):
     """Keys of `nodes` (a dict) with each parent before its children (roots:
     no parent, or one that is missing); a cycle's members come out as roots."""
@@ -4068,10 +4067,6 @@ def tree_messages(nodes, parent_of, message_of, current):
     return kept, system, current
 
 
-def role_of(role):
-    return STORED_ROLES.get(role)
-
-
 def from_llamacpp(conv, messages):
     """llama.cpp's web UI: a conversation (id, name, currNode, lastModified)
     and its messages (id, parent, role, content, thinking or
@@ -4079,10 +4074,10 @@ def from_llamacpp(conv, messages):
     nodes = {str(m.get("id")): m for m in messages if isinstance(m, dict)}
 
     def message_of(m):
-        role = role_of(m.get("role"))
+        role = STORED_ROLES.get(m.get("role"))
         if role is None or m.get("type") == "root":
             return None
-        content = text_of(m.get("content"))
+        content = stored_text(m.get("content"))
         for extra in m.get("extra") or ():
             if isinstance(extra, dict):
                 if isinstance(extra.get("content"), str) and extra.get("type") != "imageFile":
@@ -4095,7 +4090,7 @@ def from_llamacpp(conv, messages):
         if isinstance(timings.get("predicted_n"), int) and timings.get("predicted_ms"):
             speed = round(timings["predicted_n"] / timings["predicted_ms"] * 1000, 1)
         return {"role": role, "content": content,
-                "reasoning": text_of(m.get("reasoningContent") or m.get("thinking")) or None,
+                "reasoning": stored_text(m.get("reasoningContent") or m.get("thinking")) or None,
                 "model": m.get("model") if isinstance(m.get("model"), str) else None,
                 "timestamp": iso_time(m.get("timestamp"), 0.001),
                 "estimated_tokens": timings.get("predicted_n")
@@ -4110,7 +4105,7 @@ def from_llamacpp(conv, messages):
         nodes, lambda k: str(nodes[k].get("parent")) if nodes[k].get("parent") else None,
         message_of, str(conv.get("currNode")))
     when = iso_time(conv.get("lastModified"), 0.001)
-    return Imported("llama.cpp-webui", str(conv.get("id")), text_of(conv.get("name")) or UNTITLED,
+    return Imported("llama.cpp-webui", str(conv.get("id")), stored_text(conv.get("name")) or UNTITLED,
                     when, when, system_prompt=system, current=current, messages=kept)
 
 
@@ -4123,13 +4118,13 @@ def from_open_webui(chat):
     nodes = {str(k): v for k, v in (history.get("messages") or {}).items() if isinstance(v, dict)}
 
     def message_of(m):
-        role = role_of(m.get("role"))
+        role = STORED_ROLES.get(m.get("role"))
         if role is None:
             return None
         info = m.get("usage") if isinstance(m.get("usage"), dict) else {}
-        files = "".join(f"\n\n[file: {text_of(f.get('name') or f.get('type') or 'unnamed')}]"
+        files = "".join(f"\n\n[file: {stored_text(f.get('name') or f.get('type') or 'unnamed')}]"
                         for f in m.get("files") or () if isinstance(f, dict))
-        return {"role": role, "content": text_of(m.get("content")) + files,
+        return {"role": role, "content": stored_text(m.get("content")) + files,
                 "model": m.get("model") if isinstance(m.get("model"), str) else None,
                 "timestamp": iso_time(m.get("timestamp")),
                 "estimated_tokens": info.get("completion_tokens")
@@ -4144,10 +4139,10 @@ def from_open_webui(chat):
     system = params.get("system") or body.get("system") or system
     models = body.get("models") if isinstance(body.get("models"), list) else []
     return Imported("open-webui", str(chat.get("id") or body.get("id")),
-                    text_of(chat.get("title") or body.get("title")) or UNTITLED,
+                    stored_text(chat.get("title") or body.get("title")) or UNTITLED,
                     iso_time(chat.get("created_at")), iso_time(chat.get("updated_at")),
                     model=models[0] if models and isinstance(models[0], str) else "",
-                    system_prompt=text_of(system) if system else None,
+                    system_prompt=stored_text(system) if system else None,
                     pinned=chat.get("pinned") is True, current=current, messages=kept)
 
 
@@ -4157,12 +4152,12 @@ def chatgpt_text(content):
         return "", None
     kind = content.get("content_type")
     if kind == "code":
-        return f"```{content.get('language') or ''}\n{text_of(content.get('text'))}\n```", None
+        return f"```{content.get('language') or ''}\n{stored_text(content.get('text'))}\n```", None
     if kind == "execution_output":
-        return f"```\n{text_of(content.get('text'))}\n```", None
+        return f"```\n{stored_text(content.get('text'))}\n```", None
     if kind == "thoughts":
         thoughts = [t for t in content.get("thoughts") or () if isinstance(t, dict)]
-        return "", "\n\n".join(text_of(t.get("content") or t.get("summary")) for t in thoughts)
+        return "", "\n\n".join(stored_text(t.get("content") or t.get("summary")) for t in thoughts)
     if kind == "reasoning_recap":
         return "", None
     parts = []
@@ -4171,7 +4166,7 @@ def chatgpt_text(content):
             parts.append(part)
         elif isinstance(part, dict):
             kind = part.get("content_type") or "attachment"
-            parts.append(text_of(part.get("text")) if isinstance(part.get("text"), str)
+            parts.append(stored_text(part.get("text")) if isinstance(part.get("text"), str)
                          else f"[{kind}]")
     return sound_text("\n".join(p for p in parts if p)), None
 
@@ -4193,7 +4188,7 @@ def from_chatgpt(conversation):
         if m is None:
             return None
         author = m.get("author") if isinstance(m.get("author"), dict) else {}
-        role = role_of(author.get("role"))
+        role = STORED_ROLES.get(author.get("role"))
         text, reasoning = chatgpt_text(m.get("content"))
         metadata = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
         if reasoning is not None:
@@ -4220,7 +4215,7 @@ def from_chatgpt(conversation):
                 below = [c for c in (nodes[child].get("children") or ()) if str(c) in nodes] \
                     + below
     ident = conversation.get("conversation_id") or conversation.get("id")
-    return Imported("chatgpt", str(ident), text_of(conversation.get("title")) or UNTITLED,
+    return Imported("chatgpt", str(ident), stored_text(conversation.get("title")) or UNTITLED,
                     iso_time(conversation.get("create_time")),
                     iso_time(conversation.get("update_time")), system_prompt=system,
                     current=current, messages=kept)
@@ -4241,7 +4236,7 @@ def from_llama_chat(item):
             else None
         if role is None:
             return None
-        found = {"role": role, "content": text_of(m.get("content")),
+        found = {"role": role, "content": stored_text(m.get("content")),
                  **{name: m.get(name) for name in copied}}
         for name in ("options", "tool_calls"):
             found[name] = JSON.encode(m[name]) if m.get(name) is not None else None
@@ -4250,7 +4245,7 @@ def from_llama_chat(item):
                                      c.get("current_message_id"))
     source = c.get("source") if c.get("source") not in (None, "api") else "llama-chat"
     ident = c.get("source_id") if c.get("source") not in (None, "api") else c.get("id")
-    return Imported(source, str(ident), text_of(c.get("title")) or UNTITLED,
+    return Imported(source, str(ident), stored_text(c.get("title")) or UNTITLED,
                     c.get("created_at"), c.get("updated_at"), c.get("model") or "",
                     c.get("system_prompt"),
                     JSON.encode(c["options"]) if c.get("options") else None,
@@ -5082,7 +5077,11 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
 
     def may_continue(self):
         length = self.headers.get("Content-Length", "").strip()
-        takes_file = urllib.parse.urlsplit(self.path).path == "/api/import"
+        try:
+            handler, _ = match_route(self.command, urllib.parse.urlsplit(self.path).path)
+        except ApiError:
+            handler = None
+        takes_file = getattr(handler, "takes_file", False)
         return not (length.isdigit() and int(length) > self.body_limit(takes_file))
 
     def check_host(self):
