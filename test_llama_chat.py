@@ -4,6 +4,7 @@ against a stub llama.cpp server that answers the way llama-server does.
 Run: python3 -m pytest -q
 """
 
+import contextlib
 import http.client
 import io
 import json
@@ -3947,22 +3948,29 @@ def test_an_import_larger_than_a_request_body_is_taken_up_to_its_own_limit(tmp_p
         assert line.split()[1] == "413", line
 
 
-def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path):
-    cid = client.new_conversation()
-    for i in range(5):
-        client.chat(cid, f"question {i}")
+@contextlib.contextmanager
+def chatting_meanwhile(client, cid, message):
+    """Another client chats in conversation cid, again and again, meanwhile."""
     stop = threading.Event()
 
     def chatting():
         while not stop.is_set():
-            client.chat(cid, "more")
+            client.chat(cid, message)
     writer = threading.Thread(target=chatting)
     writer.start()
     try:
-        status, headers, data = client.get("/api/backup")
+        yield
     finally:
         stop.set()
         writer.join(10)
+
+
+def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path):
+    cid = client.new_conversation()
+    for i in range(5):
+        client.chat(cid, f"question {i}")
+    with chatting_meanwhile(client, cid, "more"):
+        status, headers, data = client.get("/api/backup")
     assert status == 200 and headers["Content-Type"] == "application/vnd.sqlite3"
     copy = tmp_path / "copy.db"
     copy.write_bytes(data)
@@ -3984,14 +3992,7 @@ def cli(*args, db=None, check=None, stdin=None):
 def test_the_command_line_works_on_the_history_while_a_server_writes(client, stub, tmp_path):
     cid, _ = a_history(client, stub)
     db = client.app.settings.db
-    stop = threading.Event()
-
-    def chatting():
-        while not stop.is_set():
-            client.chat(cid, "busy writing")
-    writer = threading.Thread(target=chatting)
-    writer.start()
-    try:
+    with chatting_meanwhile(client, cid, "busy writing"):
         found = cli("search", "erupts", "--json", db=db, check=0)
         assert json.loads(found.stdout)["results"][0]["content"] == "A mountain that erupts."
         assert "Volcanoes" in cli("search", "erupts", db=db, check=0).stdout
@@ -4005,9 +4006,6 @@ def test_the_command_line_works_on_the_history_while_a_server_writes(client, stu
         assert sqlite3.connect(str(copy)).execute("PRAGMA integrity_check").fetchone() == ("ok",)
         assert "ok" in cli("check", db=db, check=0).stdout
         assert "conversations 2" in cli("stats", db=db, check=0).stdout
-    finally:
-        stop.set()
-        writer.join(10)
     fresh = tmp_path / "fresh.db"
     done = cli("import", str(out), db=fresh, check=0)
     assert "2 conversations" in done.stdout and "0 skipped" in done.stdout
