@@ -41,6 +41,7 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -59,7 +60,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.4.0"
+__version__ = "1.5.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -921,6 +922,19 @@ class Database:
             raise
         self.failure = None
 
+    def write_if_unchanged(self, conn, statement, rows):
+        """In conn's read transaction: write rows by statement and commit, if
+        nothing was written since the transaction began and no write is under
+        way (else nothing: for what is worth keeping but can be made again)."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.executemany(statement, rows)
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError:      # SQLITE_BUSY, or _BUSY_SNAPSHOT: written since
+            pass
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
+
     @contextmanager
     def own_connection(self):
         """A connection for one long piece of work (a migration, an index build)
@@ -1263,10 +1277,121 @@ def migrate_to_6(c):
     c.execute(TOKENS_FORGOTTEN)
 
 
+# Version 6 -> 7: the ledger kept as it goes. Ranking half a million replies
+# took 0.6 s at each read. Instead SQLite keeps, per model and day, the sums
+# (ledger_days), and forgets a day's percentiles (ledger_ranks, filled by the
+# ledger as it reads) when one of its replies comes, changes (a continue, a
+# moved time) or goes: a read ranks only the days changed since the last,
+# from their replies (the replies' index leads with their time, so that a day
+# is read alone). A model's percentiles over all its days, which every reply
+# would make wrong, come from a histogram per metric (ledger_buckets):
+# buckets 1/LEDGER_STEPS of e (3%) wide, each with its count and its values'
+# sum; a percentile is the mean of the bucket it falls in, the exact value
+# where the bucket holds one value, else within 3% of it.
+LEDGER_STEPS = 32
+LEDGER_TABLES = """
+CREATE TABLE ledger_days (
+    model TEXT NOT NULL, day TEXT NOT NULL, replies INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    tps_n INTEGER NOT NULL, tps_sum REAL NOT NULL, pps_n INTEGER NOT NULL, pps_sum REAL NOT NULL,
+    PRIMARY KEY (model, day)) WITHOUT ROWID;
+CREATE TABLE ledger_ranks (
+    grouping TEXT NOT NULL, model TEXT NOT NULL, day TEXT NOT NULL,
+    tps_p50 REAL, pps_p50 REAL, ttft_p50 REAL, ttft_p95 REAL,
+    PRIMARY KEY (grouping, model, day)) WITHOUT ROWID;
+CREATE TABLE ledger_buckets (
+    model TEXT NOT NULL, metric TEXT NOT NULL, bucket INTEGER NOT NULL,
+    n INTEGER NOT NULL, total REAL NOT NULL,
+    PRIMARY KEY (model, metric, bucket)) WITHOUT ROWID;
+CREATE INDEX messages_ledger_by_time ON messages (timestamp, model, prompt_tokens,
+    estimated_tokens, tokens_per_second, prompt_n, prompt_ms, predicted_n, predicted_ms,
+    ttft_ms) WHERE role = 'assistant';
+"""
+# A reply's figures as the ledger counts them, from row {r} (new, old, messages):
+# generation speed from llama.cpp's timings, else the stored figure.
+LEDGER_VALUES = """coalesce({r}.model, '') AS model, substr({r}.timestamp, 1, 10) AS day,
+    coalesce({r}.prompt_tokens, 0) AS pt, coalesce({r}.estimated_tokens, 0) AS ct,
+    CASE WHEN {r}.predicted_ms > 0 THEN {r}.predicted_n * 1000.0 / {r}.predicted_ms
+         ELSE {r}.tokens_per_second END AS tps,
+    CASE WHEN {r}.prompt_ms > 0 THEN {r}.prompt_n * 1000.0 / {r}.prompt_ms END AS pps,
+    {r}.ttft_ms AS ttft"""
+# A metric's bucket: all of 0 and below (and what is no number) in the lowest.
+# SQLite's ln and floor (since 3.35; where a build leaves them out, Python's
+# stand in), so that a program of another language may change a reply's figures.
+LEDGER_BUCKET = f"""CASE WHEN typeof(v) IN ('integer', 'real') AND v > 0
+    THEN CAST(floor(ln(v) * {LEDGER_STEPS}) AS INTEGER) ELSE -2147483648 END"""
+MATH_FUNCTIONS = [] if sqlite_runs("SELECT ln(2), floor(2.5)") else [
+    ("ln", 1, lambda v: math.log(v) if isinstance(v, (int, float)) and v > 0 else None),
+    ("floor", 1, lambda v: math.floor(v) if isinstance(v, (int, float)) else None)]
+# Rows {rows} (each a reply's LEDGER_VALUES) counted {sign} times (1: added,
+# -1: taken away) into the day's sums and the model's histograms.
+LEDGER_ADD = """
+INSERT INTO ledger_days (model, day, replies, prompt_tokens, completion_tokens,
+                         tps_n, tps_sum, pps_n, pps_sum)
+    SELECT model, day, {sign} * count(*), {sign} * sum(pt), {sign} * sum(ct),
+           {sign} * count(tps), {sign} * total(tps), {sign} * count(pps), {sign} * total(pps)
+    FROM ({rows}) WHERE true GROUP BY model, day
+    ON CONFLICT DO UPDATE SET replies = replies + excluded.replies,
+        prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = completion_tokens + excluded.completion_tokens,
+        tps_n = tps_n + excluded.tps_n, tps_sum = tps_sum + excluded.tps_sum,
+        pps_n = pps_n + excluded.pps_n, pps_sum = pps_sum + excluded.pps_sum;
+INSERT INTO ledger_buckets (model, metric, bucket, n, total)
+    SELECT model, metric, {bucket}, {sign} * count(*), {sign} * total(v) FROM (
+        SELECT model, m.column1 AS metric,
+               CASE m.column1 WHEN 'tps' THEN tps WHEN 'pps' THEN pps ELSE ttft END AS v
+        FROM ({rows}), (VALUES ('tps'), ('pps'), ('ttft')) AS m)
+    WHERE v IS NOT NULL GROUP BY model, metric, {bucket}
+    ON CONFLICT DO UPDATE SET n = n + excluded.n, total = total + excluded.total;
+"""
+# The percentiles a reply's change makes wrong: of its model and day, and of
+# its day. A day or bucket left with no reply goes.
+LEDGER_FORGET = """
+DELETE FROM ledger_ranks WHERE (grouping, model, day) IN (
+    SELECT 'model,day', model, day FROM ({rows}) UNION ALL SELECT 'day', '', day FROM ({rows}));
+"""
+LEDGER_EMPTIED = """
+DELETE FROM ledger_days WHERE replies = 0 AND (model, day) IN (SELECT model, day FROM ({rows}));
+DELETE FROM ledger_buckets WHERE n = 0 AND model IN (SELECT model FROM ({rows}));
+"""
+
+
+def ledger_change(row, sign):
+    """The statements that count one reply's row (new or old) in or out."""
+    rows = f"SELECT {LEDGER_VALUES.format(r=row)} WHERE {row}.role = 'assistant'"
+    return (LEDGER_ADD.format(rows=rows, sign=sign, bucket=LEDGER_BUCKET)
+            + LEDGER_FORGET.format(rows=rows)
+            + (LEDGER_EMPTIED.format(rows=rows) if sign < 0 else ""))
+
+
+LEDGER_TRIGGERS = f"""
+CREATE TRIGGER ledger_reply_added AFTER INSERT ON messages
+WHEN new.role = 'assistant' BEGIN {ledger_change("new", 1)} END;
+CREATE TRIGGER ledger_reply_removed AFTER DELETE ON messages
+WHEN old.role = 'assistant' BEGIN {ledger_change("old", -1)} END;
+CREATE TRIGGER ledger_reply_changed AFTER UPDATE OF role, model, timestamp, prompt_tokens,
+    estimated_tokens, tokens_per_second, prompt_n, prompt_ms, predicted_n, predicted_ms, ttft_ms
+ON messages WHEN old.role = 'assistant' OR new.role = 'assistant' BEGIN
+    {ledger_change("old", -1)} {ledger_change("new", 1)} END;
+"""
+
+
+def migrate_to_7(c):
+    c.execute("DROP INDEX IF EXISTS messages_ledger")
+    for statement in split_sql(LEDGER_TABLES):
+        c.execute(statement)
+    for statement in split_sql(LEDGER_ADD.format(sign=1, bucket=LEDGER_BUCKET, rows=(
+            f"SELECT {LEDGER_VALUES.format(r='messages')} FROM messages "
+            "WHERE role = 'assistant'"))):
+        c.execute(statement)
+    for statement in split_sql(LEDGER_TRIGGERS):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
-              migrate_to_6]
+              migrate_to_6, migrate_to_7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1936,7 +2061,8 @@ class Store:
 
     def __init__(self, path, use_fts=None, open_now=True, busy_ms=BUSY_MS):
         self.db = Database(path, [("search_form", 1, search_form),
-                                  ("message_digest", 4, message_digest)], busy_ms)
+                                  ("message_digest", 4, message_digest),
+                                  *MATH_FUNCTIONS], busy_ms)
         self.index = SearchIndex(self.db, use_fts)
         self.tree = Tree(self.db)
         self.backup_path = None
@@ -2189,50 +2315,106 @@ class Store:
 # Storage: the ledger of every reply's speed
 ###############################################################################
 
-# Per reply: tokens per second of generating (llama.cpp's timings, else the
-# stored figure) and of reading the prompt, and the time to its first token.
-LEDGER_ROWS = """SELECT {keys}, prompt_tokens AS pt, estimated_tokens AS ct,
-    CASE WHEN predicted_ms > 0 THEN predicted_n * 1000.0 / predicted_ms
-         ELSE tokens_per_second END AS tps,
-    CASE WHEN prompt_ms > 0 THEN prompt_n * 1000.0 / prompt_ms END AS pps,
-    ttft_ms AS ttft
-    FROM messages INDEXED BY messages_ledger
+# The replies between two times, by the replies' index, as the ledger counts them.
+LEDGER_REPLIES = f"""SELECT {LEDGER_VALUES.format(r="messages")} FROM messages
+    INDEXED BY messages_ledger_by_time
     WHERE role = 'assistant' AND timestamp >= ? AND timestamp <= ?"""
-LEDGER_KEYS = {"model": "coalesce(model, '') AS model", "day": "substr(timestamp, 1, 10) AS day"}
 # The p-th percentile of a metric per group, by nearest rank.
-LEDGER_RANKED = """SELECT {names}, '{metric}:{p}' AS what, v FROM (
+LEDGER_RANKED = """SELECT {names}, '{metric}_p{p}' AS what, v FROM (
     SELECT {names}, v, row_number() OVER (PARTITION BY {names} ORDER BY v) AS i,
            count(*) OVER (PARTITION BY {names}) AS n
     FROM (SELECT {names}, {metric} AS v FROM rows WHERE {metric} IS NOT NULL))
     WHERE i = max(1, (n * {p} + 99) / 100)"""
 LEDGER_PERCENTILES = (("tps", 50), ("pps", 50), ("ttft", 50), ("ttft", 95))
+RANK_COLUMNS = tuple(f"{metric}_p{p}" for metric, p in LEDGER_PERCENTILES)
+# A model's percentiles of all time, from its histograms: the bucket where the
+# count of values up to it first reaches the rank.
+LEDGER_BUCKET_RANKS = """SELECT model, metric || '_p' || p, total / n FROM (
+        SELECT model, metric, n, total,
+               sum(n) OVER (PARTITION BY model, metric ORDER BY bucket
+                            ROWS UNBOUNDED PRECEDING) AS upto,
+               sum(n) OVER (PARTITION BY model, metric) AS count
+        FROM ledger_buckets)
+    JOIN (SELECT 'tps' AS metric, 50 AS p UNION ALL SELECT 'pps', 50
+          UNION ALL SELECT 'ttft', 50 UNION ALL SELECT 'ttft', 95) USING (metric)
+    WHERE upto >= max(1, (count * p + 99) / 100) AND upto - n < max(1, (count * p + 99) / 100)"""
+LEDGER_SUMS = """SELECT {names}, sum(replies), sum(prompt_tokens), sum(completion_tokens),
+    sum(pps_sum) / nullif(sum(pps_n), 0), sum(tps_sum) / nullif(sum(tps_n), 0)
+    FROM ledger_days WHERE day BETWEEN ? AND ? GROUP BY {names} ORDER BY {names}"""
+
+
+def ledger_ranked(conn, group, first, last):
+    """Percentiles per group of the replies of days first..last, ranked in SQL."""
+    names = ", ".join(group)
+    ranked = " UNION ALL ".join(LEDGER_RANKED.format(names=names, metric=m, p=p)
+                                for m, p in LEDGER_PERCENTILES)
+    found = {}
+    for row in conn.execute(f"WITH rows AS ({LEDGER_REPLIES}) {ranked}", (first, last + "~")):
+        key, (what, value) = row[:len(group)], row[len(group):]
+        found.setdefault(key, dict.fromkeys(RANK_COLUMNS))[what] = value
+    return found
+
+
+def ledger_ranks(db, conn, group, since, until):
+    """The percentiles per group: per day, those SQLite kept, and the days
+    changed since ranked anew and kept (if nothing was written meanwhile);
+    per model, from its histograms, or over a range of days from its replies."""
+    grouping = ",".join(group)
+    if grouping == "model":
+        if since or until:
+            return ledger_ranked(conn, group, since or "", until or "~")
+        ranks = {}
+        for model, what, value in conn.execute(LEDGER_BUCKET_RANKS):
+            ranks.setdefault((model,), dict.fromkeys(RANK_COLUMNS))[what] = value
+        return ranks
+    ranks = {tuple(row[:len(group)]): dict(zip(RANK_COLUMNS, row[len(group):]))
+             for row in conn.execute(
+                 f"SELECT {', '.join(group)}, {', '.join(RANK_COLUMNS)} FROM ledger_ranks "
+                 "WHERE grouping = ? AND day BETWEEN ? AND ?",
+                 (grouping, since or "", until or "~"))}
+    missing = [key for key in conn.execute(
+        f"SELECT DISTINCT {', '.join(group)} FROM ledger_days WHERE day BETWEEN ? AND ?",
+        (since or "", until or "~")) if key not in ranks]
+    if missing:
+        days = [key[-1] for key in missing]
+        found = ledger_ranked(conn, group, min(days), max(days))
+        fresh = {key: found.get(key, dict.fromkeys(RANK_COLUMNS)) for key in missing}
+        ranks.update(fresh)
+        db.write_if_unchanged(conn, f"INSERT OR REPLACE INTO ledger_ranks (grouping, model, "
+                              f"day, {', '.join(RANK_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [(grouping, *[dict(zip(group, key)).get(name, "")
+                                            for name in ("model", "day")],
+                                *[value[c] for c in RANK_COLUMNS])
+                               for key, value in fresh.items()])
+    return ranks
 
 
 def ledger(db, group, since, until):
-    """Replies grouped by `group` (names of LEDGER_KEYS) between two ISO
-    times: counts, tokens, speeds (mean and p50) and time to first token
-    (p50 and p95), in SQL, over the ledger's index."""
+    """Replies grouped by `group` ("model", "day" or both) between two ISO
+    days (or None): counts, tokens, speeds (mean and p50) and time to first
+    token (p50 and p95). One read transaction: sums and ranks agree."""
     names = ", ".join(group)
-    rows = LEDGER_ROWS.format(keys=", ".join(LEDGER_KEYS[g] for g in group))
     conn = db.conn()
-    found = {}
-    for row in conn.execute(
-            f"WITH rows AS ({rows}) SELECT {names}, count(*), sum(pt), sum(ct), avg(pps), "
-            f"avg(tps) FROM rows GROUP BY {names} ORDER BY {names}", (since, until)):
+    conn.execute("BEGIN")
+    try:
+        sums = conn.execute(LEDGER_SUMS.format(names=names),
+                            (since or "", until or "~")).fetchall()
+        ranks = ledger_ranks(db, conn, group, since, until)
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    found = []
+    for row in sums:
         key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
-        found[key] = {**dict(zip(group, key)), "replies": replies,
-                      "prompt_tokens": prompt or 0, "completion_tokens": completion or 0,
-                      "prompt_tokens_per_second": {"mean": rounded(pps), "p50": None},
-                      "tokens_per_second": {"mean": rounded(tps), "p50": None},
-                      "ttft_ms": {"p50": None, "p95": None}}
-    ranked = " UNION ALL ".join(LEDGER_RANKED.format(names=names, metric=m, p=p)
-                                for m, p in LEDGER_PERCENTILES)
-    fields = {"tps": "tokens_per_second", "pps": "prompt_tokens_per_second", "ttft": "ttft_ms"}
-    for row in conn.execute(f"WITH rows AS ({rows}) {ranked}", (since, until)):
-        key, (what, value) = row[:len(group)], row[len(group):]
-        metric, p = what.split(":")
-        found[key][fields[metric]][f"p{p}"] = rounded(value)
-    return list(found.values())
+        rank = ranks.get(key) or dict.fromkeys(RANK_COLUMNS)
+        found.append({**dict(zip(group, key)), "replies": replies,
+                      "prompt_tokens": prompt, "completion_tokens": completion,
+                      "prompt_tokens_per_second": {"mean": rounded(pps),
+                                                   "p50": rounded(rank["pps_p50"])},
+                      "tokens_per_second": {"mean": rounded(tps), "p50": rounded(rank["tps_p50"])},
+                      "ttft_ms": {"p50": rounded(rank["ttft_p50"]),
+                                  "p95": rounded(rank["ttft_p95"])}})
+    return found
 
 
 def rounded(value):
@@ -2282,6 +2464,7 @@ class Upstream:
             self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
         self._idle = []          # connections kept open for the next request
         self._contexts = {}      # model -> (n_ctx or None, when asked)
+        self._listed = None      # the model list as last seen
         self._counted = {}       # (model, text) -> tokens, for texts counted each chat
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
@@ -2424,6 +2607,9 @@ class Upstream:
                 models.append({"name": os.path.basename(entry["id"]) or entry["id"]})
             else:
                 models.append({"name": entry["id"], "status": str(state)})
+        if models != self._listed:           # a model loaded, unloaded or swapped:
+            self._contexts.clear()           # its context may be another now
+            self._listed = models
         return models
 
     def optional(self, path, body):
@@ -2465,9 +2651,10 @@ class Upstream:
             self._counted[key] = count
         return count
 
-    def constored_text(self, model=None):
-        """context_size(), asked again at most every CONTEXT_SECONDS (a model
-        reloaded with another -c, a router's other model)."""
+    def context_of(self, model=None):
+        """context_size(), asked again when the model list changes (models()
+        forgets them) and at least every CONTEXT_SECONDS (a llama-server
+        restarted with another -c lists the same model)."""
         now = time.monotonic()
         found = self._contexts.get(model)
         if found is None or now - found[1] > CONTEXT_SECONDS:
@@ -2652,7 +2839,7 @@ def counted_tokens(app, messages, model):
 def question_tokens(app, text, model):
     """A new question's tokens, counted before it is stored (in the same
     INSERT, not a write of its own after), where its count will be used."""
-    if app.upstream.constored_text(model) is None:
+    if app.upstream.context_of(model) is None:
         return None
     return app.upstream.token_count(text, model)
 
@@ -2665,7 +2852,7 @@ def fit_context(app, turn, branch_length):
     first, the turn's own always. Where llama.cpp cannot say n_ctx or count,
     the history stays as the message limit made it (and an overflow is
     still retried with fewer). turn.context says what was done."""
-    n_ctx = app.upstream.constored_text(turn.model or None)
+    n_ctx = app.upstream.context_of(turn.model or None)
     history = turn.history
     if n_ctx is None or not counted_tokens(app, history, turn.model or None):
         return
@@ -2718,7 +2905,7 @@ def next_prompt(app, conversation, question=None, model=None):
     return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
             "messages_left_out": total - sent,
             "prompt_tokens": app.upstream.input_tokens(body),
-            "n_ctx": app.upstream.constored_text(model),
+            "n_ctx": app.upstream.context_of(model),
             "prompt": app.upstream.templated(messages, model)}
 
 
@@ -4653,6 +4840,7 @@ def api_import(app, req):
         return import_file(app.store, io.BytesIO(req.body))
     finally:
         release_memory()           # the index's buffers and the file's pieces
+        app.rank_ledger_soon()
 
 
 api_import.takes_file = True     # any type of body, up to max_import_bytes
@@ -4666,27 +4854,23 @@ def api_backup(app, req):
 LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
                  "day,model": ("model", "day")}
 ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z")
-ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d(T\d\d:\d\d(:\d\d(\.\d{1,6})?)?Z?)?\Z")
 
 
-def query_time(req, name, end_of_day):
+def query_day(req, name):
     raw = req.arg(name)
-    if not raw:
-        return None
-    if not ISO_TIME.match(raw):
-        raise validation_error(name, f"Query parameter {name} must be an ISO date or time "
-                               "(2026-12-02 or 2026-12-02T10:30:00Z)")
-    return raw + ("T23:59:59.999Z" if end_of_day and ISO_DAY.match(raw) else "")
+    if raw and not ISO_DAY.match(raw):
+        raise validation_error(name, f"Query parameter {name} must be an ISO date, as "
+                               "2026-12-02 (the ledger counts by day, in UTC)")
+    return raw or None
 
 
 def api_ledger(app, req):
     group = req.arg("group") or "model"
     if group not in LEDGER_GROUPS:
         raise validation_error("group", "Query parameter group must be model, day or model,day")
-    since = query_time(req, "since", False)
-    until = query_time(req, "until", True)
+    since, until = query_day(req, "since"), query_day(req, "until")
     return {"group": group, "since": since, "until": until,
-            "groups": ledger(app.store.db, LEDGER_GROUPS[group], since or "", until or "~")}
+            "groups": ledger(app.store.db, LEDGER_GROUPS[group], since, until)}
 
 
 def page_index(app, req):
@@ -4790,6 +4974,7 @@ class App:
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
         self._purge = {"running": False, "again": False}
+        self._ranking = threading.Lock()
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
         if not is_loopback(settings.host):
             name = socket.gethostname().lower()
@@ -4810,6 +4995,7 @@ class App:
                 self.store.open()
             if self.store.index.purge_due():
                 self.purge_soon()
+            self.rank_ledger_soon()
             if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
                 threading.Thread(target=self._check_store, daemon=True).start()
         except (sqlite3.Error, OSError) as e:
@@ -4841,6 +5027,21 @@ class App:
                 html = f.read()
             self._page = (mtime, Answer(html, page_headers(html)))
         return self._page[1]
+
+    def rank_ledger_soon(self):
+        """Rank the ledger's days that changed (all of them after a migration,
+        an import's), in the background, so that the page need not wait."""
+        def rank():
+            if self._ranking.acquire(blocking=False):
+                try:
+                    for group in (("model", "day"), ("day",)):
+                        ledger(self.store.db, group, None, None)
+                except sqlite3.Error as e:
+                    log.warning("ranking the ledger failed: %s", e)
+                finally:
+                    self._ranking.release()
+                    self.store.db.release()
+        threading.Thread(target=rank, daemon=True).start()
 
     def purge_soon(self):
         """Purge deleted text in the background, once for any number of deletes."""

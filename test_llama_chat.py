@@ -9,6 +9,7 @@ import http.client
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -4138,6 +4139,19 @@ def test_the_stream_s_done_carries_the_context(client, stub, stream):
                                "messages_left_out": 0}
 
 
+def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
+    stub.router = True
+    client.get("/api/models")
+    cid = client.new_conversation()
+    assert client.chat(cid, "one")[2]["context"]["n_ctx"] == 4096
+    stub.n_ctx = 2048                     # the same list: the context it said holds
+    client.get("/api/models")
+    assert client.chat(cid, "two")[2]["context"]["n_ctx"] == 4096
+    stub.router_status = "loading"        # reloaded, perhaps with another -c
+    client.get("/api/models")
+    assert client.chat(cid, "three")[2]["context"]["n_ctx"] == 2048
+
+
 def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
     stub.prompt_tools = False
     stub.n_ctx = 50
@@ -4324,6 +4338,156 @@ def test_the_ledger_aggregates_as_computed_by_hand(client):
     assert client.get("/api/ledger?since=yesterday")[2]["field"] == "since"
 
 
+def exact_ledger(conn, group):
+    """The ledger computed from every reply in Python: exact percentiles."""
+    found = {}
+    for model, day, pt, ct, tps, pn, pm, qn, qm, ttft in conn.execute(
+            "SELECT coalesce(model, ''), substr(timestamp, 1, 10), prompt_tokens, "
+            "estimated_tokens, tokens_per_second, predicted_n, predicted_ms, prompt_n, "
+            "prompt_ms, ttft_ms FROM messages WHERE role = 'assistant'"):
+        key = tuple({"model": model, "day": day}[g] for g in group)
+        g = found.setdefault(key, {"replies": 0, "pt": 0, "ct": 0, "tps": [], "pps": [],
+                                   "ttft": []})
+        g["replies"] += 1
+        g["pt"] += pt or 0
+        g["ct"] += ct or 0
+        def per_second(n, ms):
+            return n * 1000.0 / ms if n is not None else None
+        speed = per_second(pn, pm) if pm else tps        # timings where llama.cpp sent them
+        for metric, value in (("tps", speed), ("pps", per_second(qn, qm) if qm else None),
+                              ("ttft", ttft)):
+            if value is not None:
+                g[metric].append(value)
+
+    def rank(values, p):
+        return sorted(values)[max(1, (len(values) * p + 99) // 100) - 1] if values else None
+    return {key: {"replies": g["replies"], "prompt_tokens": g["pt"], "completion_tokens": g["ct"],
+                  "tps": (sum(g["tps"]) / len(g["tps"]) if g["tps"] else None,
+                          rank(g["tps"], 50)),
+                  "pps": (sum(g["pps"]) / len(g["pps"]) if g["pps"] else None,
+                          rank(g["pps"], 50)),
+                  "ttft": (rank(g["ttft"], 50), rank(g["ttft"], 95))}
+            for key, g in found.items()}
+
+
+def assert_ledger_as_exact(db, conn, group):
+    """The kept ledger against the one computed here, to its rounding."""
+    kept = {tuple(g[n] for n in group): g for g in llama_chat.ledger(db, group, None, None)}
+    exact = exact_ledger(conn, group)
+    assert sorted(kept) == sorted(exact)
+
+    within = 0.032 if group == ("model",) else 0    # of all days: from 3% buckets
+
+    def near(got, want):
+        return got is None if want is None else abs(got - want) <= within * want + 0.05
+    for key, want in exact.items():
+        got = kept[key]
+        assert (got["replies"], got["prompt_tokens"], got["completion_tokens"]) == (
+            want["replies"], want["prompt_tokens"], want["completion_tokens"])
+        for metric, field in (("tps", "tokens_per_second"), ("pps", "prompt_tokens_per_second")):
+            assert near(got[field]["mean"], want[metric][0]), (key, field)
+            assert near(got[field]["p50"], want[metric][1]), (key, field)
+        assert near(got["ttft_ms"]["p50"], want["ttft"][0]), key
+        assert near(got["ttft_ms"]["p95"], want["ttft"][1]), key
+
+
+def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(client):
+    """SQLite keeps the ledger's tables as replies come, change and go: after
+    each kind of write they agree with the replies themselves."""
+    store = client.app.store
+    rng = random.Random(17)
+    conversations = [client.new_conversation() for _ in range(4)]
+    replies = []
+    for i in range(300):
+        cid = rng.choice(conversations)
+        q = store.add_message(cid, "user", "q")
+        timed = rng.random() < 0.8
+        replies.append(store.add_message(
+            cid, "assistant", "r", rng.choice(["a", "b", None]), parent=q,
+            prompt_tokens=rng.randint(1, 900), estimated_tokens=rng.randint(1, 400),
+            tokens_per_second=rng.choice([None, round(rng.uniform(2, 40), 2)]),
+            predicted_n=rng.randint(1, 400) if timed else None,
+            predicted_ms=rng.uniform(100, 9000) if timed else None,
+            prompt_n=rng.randint(1, 900) if timed else None,
+            prompt_ms=rng.choice([0, rng.uniform(5, 900)]) if timed else None,
+            ttft_ms=rng.choice([None, rng.uniform(20, 3000)])))
+    conn = sqlite3.connect(client.app.settings.db)   # no function of the app's: any program
+    with conn:
+        for day in ("2026-11-29", "2026-11-30", "2026-12-01"):
+            conn.execute("UPDATE messages SET timestamp = ? WHERE id % 3 = ?",
+                         (day + "T08:00:00.000Z", int(day[-1]) % 3))
+        conn.execute("UPDATE messages SET ttft_ms = ttft_ms * 2, model = 'c' WHERE id % 7 = 0")
+    for group in (("model",), ("day",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    kept = conn.execute("SELECT grouping, model, day FROM ledger_ranks").fetchall()
+    assert len(kept) == len(set(kept)) > 3                 # the reads above kept their ranks
+    store.extend_message(replies[5], " more", "", lambda before: {
+        "predicted_n": 999, "predicted_ms": 1.0, "ttft_ms": 0.5})
+    store.delete_conversation(conversations[0])
+    conn.create_function("search_form", 1, llama_chat.search_form)   # the index needs it
+    with conn:
+        conn.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages "
+                     "WHERE role = 'assistant' ORDER BY id DESC LIMIT 20)")
+    for group in (("model",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    with conn:
+        conn.execute("DELETE FROM messages")
+    assert llama_chat.ledger(store.db, ("model",), None, None) == []
+    assert conn.execute("SELECT (SELECT count(*) FROM ledger_days) + (SELECT count(*) FROM "
+                        "ledger_ranks) + (SELECT count(*) FROM ledger_buckets)").fetchone() == (0,)
+    conn.close()
+
+
+def test_the_ledger_answers_but_keeps_no_ranks_read_while_a_reply_came(client, monkeypatch):
+    """The ledger ranks in a read transaction; what it ranked is kept only if
+    nothing was written meanwhile, so that no reply is left out for good."""
+    store = client.app.store
+    cid = client.new_conversation()
+    store.add_message(cid, "assistant", "r", "m", ttft_ms=100.0)
+    ranked = llama_chat.ledger_ranked
+
+    def a_reply_comes_meanwhile(*args):
+        found = ranked(*args)
+        writer = threading.Thread(target=lambda: store.add_message(
+            cid, "assistant", "r", "m", ttft_ms=900.0))
+        writer.start()
+        writer.join()
+        return found
+    monkeypatch.setattr(llama_chat, "ledger_ranked", a_reply_comes_meanwhile)
+    first = llama_chat.ledger(store.db, ("model", "day"), None, None)
+    assert (first[0]["replies"], first[0]["ttft_ms"]["p95"]) == (1, 100.0)   # its snapshot
+    monkeypatch.setattr(llama_chat, "ledger_ranked", ranked)
+    then = llama_chat.ledger(store.db, ("model", "day"), None, None)
+    assert (then[0]["replies"], then[0]["ttft_ms"]["p95"]) == (2, 900.0)
+    assert store.db.conn().execute("SELECT grouping, ttft_p95 FROM ledger_ranks").fetchall() == [
+        ("model,day", 900.0)]
+
+
+def test_a_schema_6_database_gains_the_kept_ledger_as_its_replies_say(tmp_path):
+    path = str(tmp_path / "v6.db")
+    rng = random.Random(6)
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        for i in range(200):
+            c.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp, "
+                      "prompt_tokens, estimated_tokens, tokens_per_second, predicted_n, "
+                      "predicted_ms, ttft_ms) VALUES (1, ?, 'x', ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (("user", "assistant")[i % 2], rng.choice(["m", "n"]),
+                       f"2026-11-{1 + i % 5:02d}T10:00:00Z", i, i * 2, rng.uniform(1, 50),
+                       rng.choice([None, 50]), rng.choice([None, 1000.0]),
+                       rng.choice([None, rng.uniform(10, 900)])))
+    schema_2_db(path, fill, version=6)
+    store = llama_chat.Store(path)
+    assert sqlite3.connect(store.backup_path).execute("PRAGMA user_version").fetchone() == (6,)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (llama_chat.SCHEMA_VERSION,)
+    for group in (("model",), ("day",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    conn.close()
+    store.close()
+
+
 def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
     path = str(tmp_path / "v5.db")
 
@@ -4335,7 +4499,7 @@ def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
     schema_2_db(path, fill, version=5)
     store = llama_chat.Store(path)
     assert sqlite3.connect(store.backup_path).execute("PRAGMA user_version").fetchone() == (5,)
-    groups = llama_chat.ledger(store.db, ("model",), "", "~")
+    groups = llama_chat.ledger(store.db, ("model",), None, None)
     assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
     assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
     store.close()
@@ -5339,13 +5503,31 @@ def build_database(path, messages, per_conversation=50, corpus=None):
                      "VALUES (?, ?, 'm', ?, ?)",
                      ((c + 1, f"Conversation {c} about {TOPICS[c % len(TOPICS)]}", now, now)
                       for c in range(conversations)))
+    rng = random.Random(3)
+    models = [("llama-3.2-3b", 24.0, 300.0), ("qwen3-8b", 9.0, 120.0), ("gemma-3-270m", 80.0, 900.0)]
+    start = time.time() - 365 * 86400
+
+    def reply(i, text):             # a year of replies by three models, llama.cpp's timings
+        if i % 2 == 0:
+            return ("user", None, None, None, None, None, None, None, None)
+        model, speed, reading = models[(i // per_conversation) % 3]
+        day = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(
+            start + i * 365 * 86400 / messages))
+        predicted, prompt = len(text) // 4, rng.randint(20, 2000)
+        return ("assistant", model, day, prompt, predicted * 1000 / (speed * rng.uniform(0.7, 1.2)),
+                prompt, prompt * 1000 / (reading * rng.uniform(0.5, 1.5)),
+                predicted, rng.lognormvariate(5.5, 0.8))
     conn.executemany(                      # each conversation a chain (ids from 1)
         "INSERT INTO messages (id, conversation_id, parent_id, role, content, timestamp, "
-        "estimated_tokens, response_time_ms, finish_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "estimated_tokens, response_time_ms, finish_reason, model, prompt_tokens, "
+        "predicted_ms, prompt_n, prompt_ms, predicted_n, ttft_ms) "
+        "VALUES (?, ?, ?, ?, ?, coalesce(?, ?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         ((i + 1, i // per_conversation + 1, i if i % per_conversation else None,
-          ("user", "assistant")[i % 2], text, now, len(text) // 4,
-          (None, 900)[i % 2], (None, "stop")[i % 2])
-         for i, text in enumerate((corpus or bench_corpus)(messages))))
+          role, text, day, now, len(text) // 4, (None, 900)[i % 2], (None, "stop")[i % 2],
+          model, prompt, predicted_ms, prompt_n, prompt_ms, predicted_n, ttft)
+         for i, text in enumerate((corpus or bench_corpus)(messages))
+         for role, model, day, prompt, predicted_ms, prompt_n, prompt_ms, predicted_n, ttft
+         in [reply(i, text)]))
     conn.execute("UPDATE conversations SET current_message_id = min(id * ?, ?)",
                  (per_conversation, messages))
     conn.execute("COMMIT")
