@@ -2338,6 +2338,9 @@ LEDGER_BUCKET_RANKS = """SELECT model, metric || '_p' || p, total / n FROM (
     JOIN (SELECT 'tps' AS metric, 50 AS p UNION ALL SELECT 'pps', 50
           UNION ALL SELECT 'ttft', 50 UNION ALL SELECT 'ttft', 95) USING (metric)
     WHERE upto >= max(1, (count * p + 99) / 100) AND upto - n < max(1, (count * p + 99) / 100)"""
+# Each model's times to first token in bins of 8 buckets (28% wide), for a chart.
+LEDGER_HISTOGRAM = """SELECT model, bucket >> 3 AS bin, sum(n) FROM ledger_buckets
+    WHERE metric = 'ttft' GROUP BY model, bin ORDER BY model, bin"""
 LEDGER_SUMS = """SELECT {names}, sum(replies), sum(prompt_tokens), sum(completion_tokens),
     sum(pps_sum) / nullif(sum(pps_n), 0), sum(tps_sum) / nullif(sum(tps_n), 0)
     FROM ledger_days WHERE day BETWEEN ? AND ? GROUP BY {names} ORDER BY {names}"""
@@ -2392,29 +2395,43 @@ def ledger_ranks(db, conn, group, since, until):
 def ledger(db, group, since, until):
     """Replies grouped by `group` ("model", "day" or both) between two ISO
     days (or None): counts, tokens, speeds (mean and p50) and time to first
-    token (p50 and p95). One read transaction: sums and ranks agree."""
-    names = ", ".join(group)
+    token (p50 and p95; per model of all days, its histogram too). One read
+    transaction: sums and ranks agree."""
     conn = db.conn()
     conn.execute("BEGIN")
     try:
-        sums = conn.execute(LEDGER_SUMS.format(names=names),
+        found = []
+        sums = conn.execute(LEDGER_SUMS.format(names=", ".join(group)),
                             (since or "", until or "~")).fetchall()
         ranks = ledger_ranks(db, conn, group, since, until)
+        for row in sums:
+            key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
+            rank = ranks.get(key) or dict.fromkeys(RANK_COLUMNS)
+            found.append({**dict(zip(group, key)), "replies": replies,
+                          "prompt_tokens": prompt, "completion_tokens": completion,
+                          "prompt_tokens_per_second": {"mean": rounded(pps),
+                                                       "p50": rounded(rank["pps_p50"])},
+                          "tokens_per_second": {"mean": rounded(tps),
+                                                "p50": rounded(rank["tps_p50"])},
+                          "ttft_ms": {"p50": rounded(rank["ttft_p50"]),
+                                      "p95": rounded(rank["ttft_p95"])}})
+        if group == ("model",) and not (since or until):
+            ledger_histograms(conn, found)
+        return found
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-    found = []
-    for row in sums:
-        key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
-        rank = ranks.get(key) or dict.fromkeys(RANK_COLUMNS)
-        found.append({**dict(zip(group, key)), "replies": replies,
-                      "prompt_tokens": prompt, "completion_tokens": completion,
-                      "prompt_tokens_per_second": {"mean": rounded(pps),
-                                                   "p50": rounded(rank["pps_p50"])},
-                      "tokens_per_second": {"mean": rounded(tps), "p50": rounded(rank["tps_p50"])},
-                      "ttft_ms": {"p50": rounded(rank["ttft_p50"]),
-                                  "p95": rounded(rank["ttft_p95"])}})
-    return found
+
+
+def ledger_histograms(conn, groups):
+    """Each model's ttft_ms "histogram": [{"under": ms, "replies": n}], bins
+    28% wide from its histogram of all days (0 for a time of 0)."""
+    bins = {}
+    for model, b, n in conn.execute(LEDGER_HISTOGRAM):
+        under = 0 if b < -(1 << 27) else round(math.exp((b + 1) * 8 / LEDGER_STEPS), 1)
+        bins.setdefault(model, []).append({"under": under, "replies": n})
+    for g in groups:
+        g["ttft_ms"]["histogram"] = bins.get(g["model"], [])
 
 
 def rounded(value):
