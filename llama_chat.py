@@ -11,11 +11,32 @@ address it requires an API key, and makes one up if none is given.
 ``python3 llama_chat.py --help`` lists every setting.
 """
 
+import os
 import sys
 
 ###############################################################################
 # Speed-ups: each says what it saves and how to undo it
 ###############################################################################
+
+# 0. Python compiles the file it is given to run from its source, each time,
+# and much of the memory that took stays with the process for its life; a
+# module it imports is read from its cached bytecode (__pycache__) instead.
+# So `python3 llama_chat.py` first has Python start again on this file as a
+# module (the same process, arguments, streams and environment), before it
+# does anything else. Undo: delete this paragraph.
+RUN_AS_MODULE = """import importlib.util, sys
+path = sys.argv.pop(1)
+spec = importlib.util.spec_from_file_location("llama_chat", path)
+module = sys.modules["llama_chat"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.argv[0] = path
+sys.exit(module.main())"""
+if __name__ == "__main__" and __spec__ is None and os.name == "posix" and sys.executable:
+    try:
+        os.execv(sys.executable, [sys.executable, "-c", RUN_AS_MODULE,
+                                  os.path.abspath(__file__), *sys.argv[1:]])
+    except OSError:
+        pass                         # then it runs as it was started
 
 # 1. OpenSSL costs every process ~5 MB of memory: http.client imports ssl for its
 # HTTPS class, and hashlib and hmac load _hashlib. Neither is needed here:
@@ -42,7 +63,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import queue
 import re
 import secrets
