@@ -877,6 +877,8 @@ class Database:
         self.busy_ms = busy_ms
         self.failure = None          # why the last write failed, if it did
         self._working = None         # the connection of a long piece of work under way
+        self._giving_way = None      # the connection of a write that gives way to others
+        self.last_write = 0.0        # time.monotonic() of the last write's end
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
@@ -924,11 +926,19 @@ class Database:
                 return
 
     @contextmanager
-    def write(self, conn=None):
-        """A write transaction, BEGIN IMMEDIATE so that the busy timeout applies."""
+    def write(self, conn=None, gives_way=False):
+        """A write transaction, BEGIN IMMEDIATE so that the busy timeout applies.
+        One that gives way (work that can be done later, as a purge) is
+        interrupted by the next write that begins meanwhile: it rolls back
+        and raises sqlite3.OperationalError("interrupted")."""
         conn = conn or self.conn()
+        other = self._giving_way
+        if other is not None and other is not conn:
+            other.interrupt()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if gives_way:
+                self._giving_way = conn
             try:
                 yield conn
             except BaseException:
@@ -937,9 +947,13 @@ class Database:
                 raise
             conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
+            if "locked" not in str(e) and "busy" not in str(e) and "interrupt" not in str(e):
                 self.failure = str(e)        # disk full, read-only, damaged: for health
             raise
+        finally:
+            if gives_way:
+                self._giving_way = None
+            self.last_write = time.monotonic()
         self.failure = None
 
     def write_if_unchanged(self, conn, statement, rows):
@@ -1802,9 +1816,10 @@ class SearchIndex:
         """Make deleted text unrecoverable from the file: FTS5 keeps deleted
         tokens in old index segments until they are merged ('optimize'), and
         the WAL keeps old pages until a checkpoint (secure_delete zeroes what
-        is freed). Other writers wait meanwhile; readers do not."""
+        is freed). Readers go on meanwhile; a writer interrupts it (it rolls
+        back, and is to be tried again when writes have paused)."""
         if self.fts:
-            with self.db.write() as c:
+            with self.db.write(gives_way=True) as c:
                 c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
                 c.execute("DELETE FROM search_purge")
         self.db.checkpoint()
@@ -4996,6 +5011,10 @@ TITLE_PROMPT = ("Write a title of at most six words for the conversation below, 
                 "language. Answer with the title alone: no quotes, no punctuation at the end.")
 
 
+# A purge that gave way to a write is tried again once no write came for this long.
+PURGE_PAUSE_SECONDS = 5
+
+
 class App:
     """Settings, store and llama.cpp client: everything a request needs."""
 
@@ -5094,11 +5113,17 @@ class App:
             try:
                 self.store.index.purge()
             except sqlite3.Error as e:
-                log.warning("purging deleted text failed: %s", e)
+                if "interrupted" not in str(e):
+                    log.warning("purging deleted text failed: %s", e)
+                else:                       # it gave way to a write: again, once they pause
+                    self._purge["again"] = True
+                    while time.monotonic() - self.store.db.last_write < PURGE_PAUSE_SECONDS:
+                        if self.stopping.wait(0.25):
+                            break           # the next start purges (search_purge says so)
             finally:
                 self.store.release()
             with self._lock:
-                if not self._purge["again"]:
+                if not self._purge["again"] or self.stopping.is_set():
                     self._purge["running"] = False
                     return
                 self._purge["again"] = False

@@ -2071,6 +2071,41 @@ def test_a_purge_left_unfinished_runs_at_the_next_start(tmp_path, stub, launch):
     assert b"leftoverword" not in path.read_bytes()
 
 
+def test_a_write_interrupts_a_purge_which_runs_again_once_writes_pause(client, monkeypatch):
+    """A purge at a million messages takes seconds; a chat sent meanwhile is
+    written at once (the purge rolls back) and the purge is done afterwards."""
+    monkeypatch.setattr(llama_chat, "PURGE_PAUSE_SECONDS", 0.3)
+    merge = llama_chat.SearchIndex.purge
+    merges = []
+
+    def a_long_merge_first(index):
+        merges.append(time.monotonic())
+        if len(merges) == 1:              # a merge that would never end by itself
+            with index.db.write(gives_way=True) as c:
+                c.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
+                          "SELECT count(*) FROM n").fetchone()
+        merge(index)
+    monkeypatch.setattr(llama_chat.SearchIndex, "purge", a_long_merge_first)
+    gone = client.new_conversation(title="quokkarian plans")
+    client.chat(gone, "a quokkarian secret")
+    kept = client.new_conversation()
+    assert client.delete(f"/api/conversations/{gone}")[0] == 200
+    deadline = time.monotonic() + 10
+    while not merges and time.monotonic() < deadline:
+        time.sleep(0.01)
+    status, _, body = client.chat(kept, "written while the purge runs")
+    assert status == 200, body
+    while client.app._purge["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(merges) == 2 and merges[1] - merges[0] >= 0.3     # once the writes paused
+    assert not client.app.store.index.purge_due()
+    client.app.store.close()
+    path = client.app.settings.db
+    for name in (path, path + "-wal"):
+        if os.path.exists(name):
+            assert b"quokkarian" not in open(name, "rb").read()
+
+
 # Version 1.1's search schema beside its index: a word list, a forget list and
 # a second, recent index, with their triggers (one of the recent ones here).
 SEARCH_SCHEMA_1_1 = """
