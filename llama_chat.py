@@ -5621,6 +5621,9 @@ def report_llamacpp(app):
     state = app.upstream.health()
     if state["ok"]:
         log.info("llama.cpp at %s answers (%.0f ms)", state["url"], state["latency_ms"])
+    elif app.managed:                  # started here: it answers once its model is loaded
+        log.info("llama-server at %s is starting (%s); /api/health says when it answers",
+                 state["url"], state.get("error"))
     else:
         log.warning("llama.cpp at %s does not answer yet (%s); start it with: %s",
                     state["url"], state.get("error"), state["start_hint"])

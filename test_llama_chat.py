@@ -4287,6 +4287,8 @@ def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path)
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
     assert proc.returncode == 0
+    said = proc.stdout.read()
+    assert "started llama-server" in said and "start it with" not in said   # it was started
     deadline = time.monotonic() + 5
     while alive(second["pid"]) and time.monotonic() < deadline:
         time.sleep(0.05)
