@@ -1311,17 +1311,17 @@ def migrate_to_6(c):
     c.execute(TOKENS_FORGOTTEN)
 
 
-# Version 6 -> 7: the ledger kept as it goes. Ranking half a million replies
-# took 0.6 s at each read. Instead SQLite keeps, per model and day, the sums
-# (ledger_days), and forgets a day's percentiles (ledger_ranks, filled by the
-# ledger as it reads) when one of its replies comes, changes (a continue, a
-# moved time) or goes: a read ranks only the days changed since the last,
-# from their replies (the replies' index leads with their time, so that a day
-# is read alone). A model's percentiles over all its days, which every reply
-# would make wrong, come from a histogram per metric (ledger_buckets):
-# buckets 1/LEDGER_STEPS of e (3%) wide, each with its count and its values'
-# sum; a percentile is the mean of the bucket it falls in, the exact value
-# where the bucket holds one value, else within 3% of it.
+# Version 6 -> 7: the ledger kept as it goes. Ranking every reply at each
+# read takes as long as the history is long. Instead SQLite keeps, per model
+# and day, the sums (ledger_days), and forgets a day's percentiles
+# (ledger_ranks, filled by the ledger as it reads) when one of its replies
+# comes, changes (a continue, a moved time) or goes: a read ranks only the
+# days changed since the last, from their replies (the replies' index leads
+# with their time, so that a day is read alone). A model's percentiles over
+# all its days, which every reply would make wrong, come from a histogram per
+# metric (ledger_buckets): buckets 1/LEDGER_STEPS of e (3%) wide, each with
+# its count and its values' sum; a percentile is the mean of the bucket it
+# falls in, the exact value where the bucket holds one value, else within 3%.
 LEDGER_STEPS = 32
 LEDGER_TABLES = """
 CREATE TABLE ledger_days (
@@ -1592,18 +1592,20 @@ def snippet(content, spans, width=160):
 # One row per message, holding its conversation's title too, so that every
 # word of a query may match in either. External content (a view over the
 # tables), kept in step by triggers inside the writing transaction. A prefix
-# index of 2 to 6 characters: a prefix is then looked up like a word. Without
+# index of 2 to 5 characters: a prefix is then looked up like a word. Without
 # one, FTS5 gathers every entry of every word that starts with it before it
 # can rank any, and then once more for bm25's word statistics: the cost of a
 # common prefix such as `pyth` grows with the whole history. Longer prefixes
-# (a word nearly typed) are still gathered that way.
+# (a word nearly typed), which few words share, are still gathered that way;
+# an index for them too made the index a tenth bigger and so the merge that
+# purges deleted text a tenth longer.
 BM25 = "bm25(2.0, 1.0)"     # title words weigh double
 SEARCH_SCHEMA = """
 CREATE VIEW search_source AS
     SELECT m.id AS id, search_form(c.title) AS title, search_form(m.content) AS content
     FROM messages m JOIN conversations c ON c.id = m.conversation_id;
 CREATE VIRTUAL TABLE search_fts USING fts5(
-    title, content, content='search_source', content_rowid='id', prefix='2 3 4 5 6',
+    title, content, content='search_source', content_rowid='id', prefix='2 3 4 5',
     tokenize='unicode61 remove_diacritics 2');
 CREATE TABLE search_purge (due INTEGER PRIMARY KEY);
 CREATE TRIGGER search_message_added AFTER INSERT ON messages BEGIN
