@@ -2471,6 +2471,28 @@ def ledger_histograms(conn, groups):
         g["ttft_ms"]["histogram"] = bins.get(g["model"], [])
 
 
+@contextmanager
+def ledger_bulk(c):
+    """Many replies inserted in transaction `c` (an import): counted into the
+    ledger together at its end, by one statement per table, instead of one by
+    one by their trigger. The trigger is dropped meanwhile and made again in
+    the same transaction, which holds the write lock: no reply escapes."""
+    found = c.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' "
+                      "AND name = 'ledger_reply_added'").fetchone()
+    if found is None:
+        yield
+        return
+    last = int(c.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
+    c.execute("DROP TRIGGER ledger_reply_added")
+    yield
+    rows = (f"SELECT {LEDGER_VALUES.format(r='messages')} FROM messages "
+            f"WHERE id > {last} AND role = 'assistant'")
+    for statement in split_sql(LEDGER_ADD.format(sign=1, bucket=LEDGER_BUCKET, rows=rows)
+                               + LEDGER_FORGET.format(rows=rows)):
+        c.execute(statement)
+    c.execute(found[0])
+
+
 def rounded(value):
     return round(value, 1) if value is not None else None
 
@@ -4573,7 +4595,7 @@ def import_file(store, f, progress=None):
     formats = []
     now = now_iso()
     try:
-        with store.db.write() as c, store.index.bulk(c):
+        with store.db.write() as c, store.index.bulk(c), ledger_bulk(c):
             for form, conv in file_conversations(f):
                 if form not in formats:
                     formats.append(form)

@@ -3748,8 +3748,13 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
     again = llama_chat.import_file(target, io.BytesIO(data))
     assert again["conversations"] == 0 and again["skipped"] == 2
     target.index.check()
+    counted = llama_chat.ledger(target.db, ("model", "day"), None, None)
+    assert counted == llama_chat.ledger(client.app.store.db, ("model", "day"), None, None)
+    assert sum(g["replies"] for g in counted) == 4
     target.add_message(ids[0], "user", "zymurgical afterthought")   # indexed as ever after
     assert len(target.search("zymurgical", 5)) == 1
+    target.add_message(ids[0], "assistant", "and counted", "m")       # the ledger's trigger too
+    assert sum(g["replies"] for g in llama_chat.ledger(target.db, ("model",), None, None)) == 5
     assert len(target.search("erupts", 50)) == client.get("/api/search?q=erupts")[2]["count"]
     target.close()
 
@@ -6301,6 +6306,10 @@ def test_bench_history_files(tmp_path, stub):
     size = int(os.environ.get("LLAMA_CHAT_BENCH_MESSAGES", "1000000"))
     db = str(tmp_path / "files.db")
     build_database(db, size)
+    store = llama_chat.Store(db)          # ranked once, as a database in use is
+    for group in (("model", "day"), ("day",)):
+        llama_chat.ledger(store.db, group, None, None)
+    store.close()
     app = AppProcess(db, stub.url)
     try:
         before = app.rss_mb()
