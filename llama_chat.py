@@ -4929,15 +4929,20 @@ def api_backup(app, req):
 
 LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
                  "day,model": ("model", "day")}
-ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z")
+ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z", re.ASCII)
 
 
 def query_day(req, name):
     raw = req.arg(name)
-    if raw and not ISO_DAY.match(raw):
+    try:
+        if raw and ISO_DAY.match(raw) and datetime.strptime(raw, "%Y-%m-%d"):
+            return raw
+    except ValueError:                    # 2026-02-30
+        pass
+    if raw:
         raise validation_error(name, f"Query parameter {name} must be an ISO date, as "
                                "2026-12-02 (the ledger counts by day, in UTC)")
-    return raw or None
+    return None
 
 
 def api_ledger(app, req):

@@ -4383,6 +4383,9 @@ def test_the_ledger_aggregates_as_computed_by_hand(client):
     assert [(g["day"], g["replies"]) for g in one_day["groups"]] == [("2026-12-01", 2)]
     assert client.get("/api/ledger?group=week")[0] == 400
     assert client.get("/api/ledger?since=yesterday")[2]["field"] == "since"
+    for wrong in ("2026-02-30", "2026-12-02T10:00:00Z", "２０２６-12-01"):
+        status, _, body = client.get("/api/ledger?until=" + urllib.parse.quote(wrong))
+        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "until"), wrong
 
 
 def exact_ledger(conn, group):
