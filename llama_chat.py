@@ -1768,7 +1768,7 @@ class SearchIndex:
     def bulk(self, c):
         """Many messages inserted in transaction `c` (an import): indexed
         together at its end, by one statement, instead of one by one by
-        their trigger: FTS5 then builds a few large segments, not many small."""
+        their trigger, each a statement of its own."""
         with added_later(c, "search_message_added") as last:
             yield
             if last is not None:
