@@ -18,9 +18,9 @@ import sys
 # Speed-ups: each says what it saves and how to undo it
 ###############################################################################
 
-# 0. Python compiles the file it is given to run from its source, each time,
-# and much of the memory that took stays with the process for its life; a
-# module it imports is read from its cached bytecode (__pycache__) instead.
+# 0. The way Python reads a script it is given to run leaves much of the memory
+# that took with the process for its life; the same text compiled as a module
+# (by the import system, or from its cached bytecode in __pycache__) does not.
 # So `python3 llama_chat.py` first has Python start again on this file as a
 # module (the same process, arguments, streams and environment), before it
 # does anything else. Undo: delete this paragraph.
