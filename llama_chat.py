@@ -2376,18 +2376,20 @@ LEDGER_PERCENTILES = (("tps", 50), ("pps", 50), ("ttft", 50), ("ttft", 95))
 RANK_COLUMNS = tuple(f"{metric}_p{p}" for metric, p in LEDGER_PERCENTILES)
 # A model's percentiles of all time, from its histograms: the bucket where the
 # count of values up to it first reaches the rank.
-LEDGER_BUCKET_RANKS = """SELECT model, metric || '_p' || p, total / n FROM (
+LEDGER_BUCKET_RANKS = f"""SELECT model, metric || '_p' || p, total / n FROM (
         SELECT model, metric, n, total,
                sum(n) OVER (PARTITION BY model, metric ORDER BY bucket
                             ROWS UNBOUNDED PRECEDING) AS upto,
                sum(n) OVER (PARTITION BY model, metric) AS count
         FROM ledger_buckets)
-    JOIN (SELECT 'tps' AS metric, 50 AS p UNION ALL SELECT 'pps', 50
-          UNION ALL SELECT 'ttft', 50 UNION ALL SELECT 'ttft', 95) USING (metric)
+    JOIN ({" UNION ALL ".join(f"SELECT '{m}' AS metric, {p} AS p"
+                               for m, p in LEDGER_PERCENTILES)}) USING (metric)
     WHERE upto >= max(1, (count * p + 99) / 100) AND upto - n < max(1, (count * p + 99) / 100)"""
-# Each model's times to first token in bins of 8 buckets (28% wide), for a chart.
-LEDGER_HISTOGRAM = """SELECT model, bucket >> 3 AS bin, sum(n) FROM ledger_buckets
-    WHERE metric = 'ttft' GROUP BY model, bin ORDER BY model, bin"""
+# Each model's times to first token in bins of 2 ** LEDGER_BIN_SHIFT buckets
+# (28% wide), for a chart.
+LEDGER_BIN_SHIFT = 3
+LEDGER_HISTOGRAM = f"""SELECT model, bucket >> {LEDGER_BIN_SHIFT} AS bin, sum(n)
+    FROM ledger_buckets WHERE metric = 'ttft' GROUP BY model, bin ORDER BY model, bin"""
 LEDGER_SUMS = """SELECT {names}, sum(replies), sum(prompt_tokens), sum(completion_tokens),
     sum(pps_sum) / nullif(sum(pps_n), 0), sum(tps_sum) / nullif(sum(tps_n), 0)
     FROM ledger_days WHERE day BETWEEN ? AND ? GROUP BY {names} ORDER BY {names}"""
@@ -2405,10 +2407,11 @@ def ledger_ranked(conn, group, first, last):
     return found
 
 
-def ledger_ranks(db, conn, group, since, until):
-    """The percentiles per group: per day, those SQLite kept, and the days
-    changed since ranked anew and kept (if nothing was written meanwhile);
-    per model, from its histograms, or over a range of days from its replies."""
+def ledger_ranks(db, conn, group, since, until, keys):
+    """The percentiles of the groups `keys`: per day, those SQLite kept, and
+    the days changed since ranked anew and kept (if nothing was written
+    meanwhile); per model, from its histograms, or over a range of days from
+    its replies."""
     grouping = ",".join(group)
     if grouping == "model":
         if since or until:
@@ -2422,9 +2425,7 @@ def ledger_ranks(db, conn, group, since, until):
                  f"SELECT {', '.join(group)}, {', '.join(RANK_COLUMNS)} FROM ledger_ranks "
                  "WHERE grouping = ? AND day BETWEEN ? AND ?",
                  (grouping, since or "", until or "~"))}
-    missing = [key for key in conn.execute(
-        f"SELECT DISTINCT {', '.join(group)} FROM ledger_days WHERE day BETWEEN ? AND ?",
-        (since or "", until or "~")) if key not in ranks]
+    missing = [key for key in keys if key not in ranks]
     if missing:
         days = [key[-1] for key in missing]
         found = ledger_ranked(conn, group, min(days), max(days))
@@ -2450,7 +2451,8 @@ def ledger(db, group, since, until):
         found = []
         sums = conn.execute(LEDGER_SUMS.format(names=", ".join(group)),
                             (since or "", until or "~")).fetchall()
-        ranks = ledger_ranks(db, conn, group, since, until)
+        ranks = ledger_ranks(db, conn, group, since, until,
+                             [row[:len(group)] for row in sums])
         for row in sums:
             key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
             rank = ranks.get(key) or dict.fromkeys(RANK_COLUMNS)
@@ -2475,7 +2477,8 @@ def ledger_histograms(conn, groups):
     28% wide from its histogram of all days (0 for a time of 0)."""
     bins = {}
     for model, b, n in conn.execute(LEDGER_HISTOGRAM):
-        under = 0 if b < -(1 << 27) else round(math.exp((b + 1) * 8 / LEDGER_STEPS), 1)
+        under = 0 if b < -(1 << 27) else round(
+            math.exp(((b + 1) << LEDGER_BIN_SHIFT) / LEDGER_STEPS), 1)
         bins.setdefault(model, []).append({"under": under, "replies": n})
     for g in groups:
         g["ttft_ms"]["histogram"] = bins.get(g["model"], [])
@@ -5149,7 +5152,8 @@ class App:
                 if "interrupted" not in str(e):
                     log.warning("purging deleted text failed: %s", e)
                 else:                       # it gave way to a write: again, once they pause
-                    self._purge["again"] = True
+                    with self._lock:
+                        self._purge["again"] = True
                     while time.monotonic() - self.store.db.last_write < PURGE_PAUSE_SECONDS:
                         if self.stopping.wait(0.25):
                             break           # the next start purges (search_purge says so)

@@ -2343,6 +2343,16 @@ def schema_2_db(path, fill, index=True, version=2):
     store.close()
 
 
+def migrated(path, fill, version):
+    """A database of schema `version`, filled by fill(cursor), opened by this
+    version: its Store, once the backup made first is found of the old one."""
+    schema_2_db(path, fill, version=version)
+    store = llama_chat.Store(path)
+    assert store.backup_path and sqlite3.connect(store.backup_path).execute(
+        "PRAGMA user_version").fetchone() == (version,)
+    return store
+
+
 def make_schema_2_db(path):
     def fill(c):
         for title in ("first chat", "second chat"):
@@ -2874,10 +2884,7 @@ def test_a_schema_3_database_gets_settings_of_null_after_a_backup(tmp_path):
             c.execute("INSERT INTO messages (conversation_id, parent_id, role, content) "
                       "SELECT 1, max(id), ?, ? FROM messages", (
                           "user" if text == "question" else "assistant", text))
-    schema_2_db(path, fill, version=3)
-    store = llama_chat.Store(path)
-    assert store.backup_path and sqlite3.connect(store.backup_path).execute(
-        "PRAGMA user_version").fetchone() == (3,)
+    store = migrated(path, fill, 3)
     found = store.get_conversation(1)
     assert (found["system_prompt"], found["options"], found["pinned"]) == (None, None, False)
     assert [m["content"] for m in json.loads(store.messages(1)[0])] == ["question", "answer"]
@@ -3655,10 +3662,7 @@ def test_a_schema_4_database_takes_tool_messages_and_keeps_its_ids(tmp_path):
                       "SELECT 1, max(id), ?, ? FROM messages", (
                           "assistant" if text == "answer" else "user", text))
         c.execute("DELETE FROM messages WHERE content = 'gone'")   # its id is not reused
-    schema_2_db(path, fill, version=4)
-    store = llama_chat.Store(path)
-    assert store.backup_path and sqlite3.connect(store.backup_path).execute(
-        "PRAGMA user_version").fetchone() == (4,)
+    store = migrated(path, fill, 4)
     found = store.get_conversation(1)
     assert (found["source"], found["source_id"], found["client"]) == (None, None, None)
     assert [m["content"] for m in json.loads(store.messages(1)[0])] == ["question", "answer"]
@@ -4527,9 +4531,7 @@ def test_a_schema_6_database_gains_the_kept_ledger_as_its_replies_say(tmp_path):
                        f"2026-11-{1 + i % 5:02d}T10:00:00Z", i, i * 2, rng.uniform(1, 50),
                        rng.choice([None, 50]), rng.choice([None, 1000.0]),
                        rng.choice([None, rng.uniform(10, 900)])))
-    schema_2_db(path, fill, version=6)
-    store = llama_chat.Store(path)
-    assert sqlite3.connect(store.backup_path).execute("PRAGMA user_version").fetchone() == (6,)
+    store = migrated(path, fill, 6)
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone() == (llama_chat.SCHEMA_VERSION,)
     for group in (("model",), ("day",), ("model", "day")):
@@ -4546,9 +4548,7 @@ def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
         c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
         c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, "
                   "tokens_per_second) VALUES (1, 1, 'assistant', 'a', 'm', 9.5)")
-    schema_2_db(path, fill, version=5)
-    store = llama_chat.Store(path)
-    assert sqlite3.connect(store.backup_path).execute("PRAGMA user_version").fetchone() == (5,)
+    store = migrated(path, fill, 5)
     groups = llama_chat.ledger(store.db, ("model",), None, None)
     assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
     assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
