@@ -153,10 +153,19 @@ class Headers(dict):
         return dict.__contains__(self, name.lower())
 
 
+def ascii_number(text, most_digits=18):
+    """The whole number `text` writes in ASCII digits, else None. Numbers in
+    paths, queries and headers are read only this way: str.isdigit() and
+    int() also take '²', '٣', ' 1' and '1_0'."""
+    if not isinstance(text, str) or not text or len(text) > most_digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 65536
 MAX_HEADERS = 100
-HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
+HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
 
 
@@ -489,13 +498,16 @@ def query_bool(req, name):
 
 
 def query_int(req, name, default, low, high=None):
+    """A query parameter that is a whole number from low (>= 0) up: ASCII digits."""
     raw = req.arg(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise validation_error(name, f"Query parameter {name} must be an integer") from None
+    value = ascii_number(raw, 19)
+    if value is None and ascii_number(raw[1:], 19) is not None and raw[0] == "-":
+        value = -1
+    if value is None:
+        raise validation_error(name, f"Query parameter {name} must be a whole number "
+                               "(ASCII digits)")
     if value < low:
         raise validation_error(name, f"Query parameter {name} must be at least {low}")
     if value >= 2**63:
@@ -570,8 +582,10 @@ class Settings:
     allowed_hosts: tuple = ()       # names besides this machine's that Host may carry
     max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
     max_import_bytes: int = DEFAULT_CONFIG["max_import_bytes"]
-    request_timeout: float = 10.0   # seconds to send a whole request (and to idle between)
+    request_timeout: float = 10.0   # seconds to send a whole request
+    header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
+    connections_per_address: int = 50   # of those, from one client address
     check_up_to_bytes: int = 64 * 2**20   # quick_check a file this size at start (~2 s here)
     index_path: str = os.path.join(HERE, "index.html")
     key_generated: bool = False
@@ -676,7 +690,7 @@ def read_config_file(path, required):
 def whole_number(value, name, low, high):
     """A setting that is a whole number: an int from config.json, or digits from
     a flag or the environment (never true, 21003.7 or 1e3)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and ascii_number(value.strip().lstrip("-"), 19) is not None:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ConfigError(f"{name} must be a whole number from {low} to {high}, not {value!r}")
@@ -3793,8 +3807,9 @@ def asked_options(body):
 def wanted_conversation(c, header):
     """The conversation X-Conversation-Id names: its id, or NOT_FOUND."""
     raw = header.strip()
-    found = c.execute("SELECT id FROM conversations WHERE id = ?", (int(raw),)).fetchone() \
-        if raw.isdigit() and len(raw) <= 18 else None
+    number = ascii_number(raw)
+    found = c.execute("SELECT id FROM conversations WHERE id = ?", (number,)).fetchone() \
+        if number is not None else None
     if found is None:
         raise not_found("conversation", raw)
     return found[0]
@@ -4701,9 +4716,10 @@ class Created(dict):
 
 def path_id(req, resource):
     raw = req.params["id"]
-    if not raw.isdigit() or len(raw) > 18:
+    number = ascii_number(raw)
+    if number is None:
         raise not_found(resource, raw)
-    return int(raw)
+    return number
 
 
 def existing_conversation(app, req):
@@ -4932,6 +4948,9 @@ api_import.takes_file = True     # any type of body, up to max_import_bytes
 def api_backup(app, req):
     return EventStream(backup_pieces(app.store.db), lambda: None, attachment(
         f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"), as_they_came)
+
+
+api_export.copies_history = api_backup.copies_history = True   # refused to other origins
 
 
 LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
@@ -5246,6 +5265,9 @@ class App:
 # HTTP server
 ###############################################################################
 
+# HEAD on /api/ and /v1/: the route exists and the request passed every check
+# the GET would meet, and nothing more (never a backup or an export made).
+HEAD_ANSWER = Answer(b"", {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 BUSY = json.dumps({"success": False, "error": "Too many connections; try again shortly",
                    "code": "SERVICE_UNAVAILABLE"}).encode()
 BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -5303,13 +5325,23 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         return self.server_version
 
     def handle_one_request(self):
-        # The whole request, from waiting for its first byte to its last, has a
-        # deadline: a client that trickles or idles is cut off (see Server).
-        self.server.watch(self.connection, self.app.settings.request_timeout)
+        # Deadlines (see Server): a short one for the request line and headers,
+        # from waiting for the first byte (a client that idles or trickles them
+        # holds a slot before any key is checked), then one for the body.
+        settings = self.app.settings
+        self.server.watch(self.connection, min(settings.header_timeout,
+                                               settings.request_timeout))
+        self.body_read = False
         try:
             super().handle_one_request()
         finally:
             self.server.unwatch(self.connection)
+
+    def parse_request(self):
+        parsed = super().parse_request()
+        if parsed:
+            self.server.watch(self.connection, self.app.settings.request_timeout)
+        return parsed
 
 
     def do_GET(self):
@@ -5330,6 +5362,10 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
                       traceback.format_exc())
             result = ApiError(500, "INTERNAL_ERROR", "Internal server error")
+        if not self.body_read:
+            # Answered before its body was read (a refusal, HEAD): that body
+            # must never be read as the next request, which would pass no check.
+            self.close_connection = True
         try:
             if isinstance(result, ApiError):
                 self.send_json(result.status, result.openai_body() if self.path.startswith(
@@ -5352,14 +5388,18 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
         self.check_host()
-        if path.startswith(("/api/", "/v1/")):
+        api = path.startswith(("/api/", "/v1/"))
+        if api:
             self.check_auth()
         handler, params = match_route(self.command, path)
-        self.check_origin()
-        if not app.ready.is_set() and path.startswith(("/api/", "/v1/")) \
-                and handler is not api_health:
+        if api:
+            self.check_origin(handler)
+        if not app.ready.is_set() and api and handler is not api_health:
             raise starting(app.store.progress.as_dict())
+        if self.command == "HEAD" and api:
+            return HEAD_ANSWER                    # headers only: never the GET's work
         body = self.read_body(getattr(handler, "takes_file", False))
+        self.body_read = True
         self.server.unwatch(self.connection)      # read in full: no deadline now
         return handler(app, Request(self.command, path, urllib.parse.parse_qs(parts.query),
                                     self.headers, body, params, self.connection))
@@ -5376,13 +5416,13 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         return settings.max_import_bytes if takes_file else settings.max_body_bytes
 
     def may_continue(self):
-        length = self.headers.get("Content-Length", "").strip()
+        length = ascii_number(self.headers.get("Content-Length", ""), 30)
         try:
             handler, _ = match_route(self.command, urllib.parse.urlsplit(self.path).path)
         except ApiError:
             handler = None
         takes_file = getattr(handler, "takes_file", False)
-        return not (length.isdigit() and int(length) > self.body_limit(takes_file))
+        return length is not None and length <= self.body_limit(takes_file)
 
     def check_host(self):
         """Against DNS rebinding: the Host must name this machine. Beyond
@@ -5408,14 +5448,21 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
                            "'Authorization: Bearer <key>'",
                            headers={"WWW-Authenticate": 'Bearer realm="llama-chat"'})
 
-    def check_origin(self):
-        if self.command in ("GET", "HEAD"):
+    def check_origin(self, handler):
+        """A browser says where a request comes from: any other origin than this
+        server's is refused for every write, and for the reads that copy the
+        whole history (a page elsewhere could otherwise make the server copy
+        it again and again with no-cors GETs). Other reads are answered
+        without CORS headers, so another origin's page cannot read them.
+        Clients that send neither header (curl, scripts) are not browsers."""
+        if self.command in ("GET", "HEAD") and not getattr(handler, "copies_history", False):
             return
         origin = self.headers.get("Origin")
-        site = self.headers.get("Sec-Fetch-Site", "")
+        site = self.headers.get("Sec-Fetch-Site")
         host = self.headers.get("Host", "")
-        if site == "cross-site" or (origin is not None and origin.lower() not in (
-                f"http://{host}".lower(), f"https://{host}".lower())):
+        if (site is not None and site.lower() not in ("same-origin", "none")) or (
+                origin is not None and origin.lower() not in (
+                    f"http://{host}".lower(), f"https://{host}".lower())):
             raise ApiError(403, "FORBIDDEN", "Requests from another origin are refused")
 
     def read_body(self, takes_file=False):
@@ -5428,11 +5475,11 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
             if self.command in ("POST", "PUT") and not takes_file:
                 self.require_json_type()
             return b""
-        if not raw.strip().isdigit():
+        length, limit = ascii_number(raw, 30), self.body_limit(takes_file)
+        if length is None:
             self.close_connection = True
             raise ApiError(400, "VALIDATION_ERROR", "Content-Length is not a number",
                            field="Content-Length")
-        length, limit = int(raw), self.body_limit(takes_file)
         if length > limit:
             self.close_connection = True
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
@@ -5455,7 +5502,8 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        if body or self.command != "HEAD":    # HEAD of an API route: its length unknown
+            self.send_header("Content-Length", str(len(body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         # end_headers(), with the body in the same write: one send() per answer.
@@ -5519,7 +5567,9 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """A thread per connection, at most max_connections at once, and a watchdog
+    """A thread per connection, at most max_connections at once and at most
+    connections_per_address of them from one client address (so that one
+    client holding connections open cannot take every slot), and a watchdog
     that cuts off connections whose request is not in before its deadline."""
     daemon_threads = True
     allow_reuse_address = True
@@ -5531,6 +5581,7 @@ class Server(ThreadingHTTPServer):
         handler = type("BoundHandler", (Handler,), {"app": app})
         self.app = app
         self.connections = 0
+        self.by_address = {}                 # client address -> connections open
         self._deadlines = {}
         self._guard = threading.Lock()
         self._closed = threading.Event()     # before binding: a failed bind closes at once
@@ -5538,10 +5589,14 @@ class Server(ThreadingHTTPServer):
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def process_request(self, request, client_address):
+        settings, address = self.app.settings, client_address[0]
         with self._guard:
-            full = self.connections >= self.app.settings.max_connections
+            held = self.by_address.get(address, 0)
+            full = self.connections >= settings.max_connections or \
+                held >= settings.connections_per_address
             if not full:
                 self.connections += 1
+                self.by_address[address] = held + 1
         if not full:
             return super().process_request(request, client_address)
         try:
@@ -5557,6 +5612,9 @@ class Server(ThreadingHTTPServer):
         finally:
             with self._guard:
                 self.connections -= 1
+                held = self.by_address.pop(client_address[0]) - 1
+                if held:
+                    self.by_address[client_address[0]] = held
 
     def watch(self, sock, seconds):
         with self._guard:

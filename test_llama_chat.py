@@ -968,6 +968,178 @@ def test_cross_origin_reads_are_answered_without_cors(client):
     assert status == 200 and "Access-Control-Allow-Origin" not in headers
 
 
+@pytest.mark.parametrize("headers, status", [
+    ({}, 200),                                               # curl, scripts
+    ({"Sec-Fetch-Site": "none"}, 200),                       # typed into the address bar
+    ({"Sec-Fetch-Site": "same-origin"}, 200),                # the page's own download
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "SAME"}, 200),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),                 # a no-cors GET from any page
+    ({"Sec-Fetch-Site": "same-site"}, 403),                  # a page on another local port
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+])
+@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl"])
+def test_whole_history_copies_are_refused_to_other_origins(client, path, headers, status):
+    headers = {k: (f"http://127.0.0.1:{client.port}" if v == "SAME" else v)
+               for k, v in headers.items()}
+    for method in ("GET", "HEAD"):
+        got, _, _ = client.request(method, path, headers={"Host": f"127.0.0.1:{client.port}",
+                                                          **headers})
+        assert got == status, method
+
+
+def test_writes_from_a_same_site_page_are_refused(client):
+    got, _, body = client.post("/api/conversations", {"title": "t"},
+                               headers={"Sec-Fetch-Site": "same-site"})
+    assert (got, body["code"]) == (403, "FORBIDDEN")
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def new_conversation(client, title="t"):
+    status, _, body = client.post("/api/conversations", {"title": title, "model": MODEL})
+    assert status == 201
+    return body["conversation_id"]
+
+
+def answers_to(port, data, source="127.0.0.1", timeout=10):
+    """Send bytes, half-close, read until the server closes: every byte it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return got
+
+
+def smuggling(port, outer, inner):
+    """`outer` (a request head without its blank line) with `inner`, a whole
+    request, as its body: what came back."""
+    return answers_to(port, outer + b"\r\nContent-Length: %d\r\n\r\n" % len(inner) + inner)
+
+
+def delete_everything(ids):
+    body = json.dumps({"ids": ids}).encode()
+    return (b"POST /api/conversations/delete HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+SMUGGLERS = {
+    "cross-site POST": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Origin: http://evil.example\r\nContent-Type: text/plain",
+    "same-site fetch": b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Sec-Fetch-Site: same-site\r\nContent-Type: application/json",
+    "foreign Host": b"POST /api/conversations HTTP/1.1\r\nHost: evil.example\r\n"
+                    b"Content-Type: application/json",
+    "Origin null": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nOrigin: null\r\n"
+                   b"Content-Type: application/json",
+    "unknown path": b"POST /api/nothing-here HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json",
+    "GET route": b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Content-Type: application/json",
+    "Expect 100-continue": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Origin: http://evil.example\r\nExpect: 100-continue\r\n"
+                           b"Content-Type: application/json",
+    "GET with a body": b"GET /api/nothing-here HTTP/1.1\r\nHost: localhost",
+    "HEAD with a body": b"HEAD /api/conversations HTTP/1.1\r\nHost: localhost",
+    "cross-site backup": b"GET /api/backup HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Sec-Fetch-Site: cross-site",
+}
+
+
+@pytest.mark.parametrize("outer", SMUGGLERS.values(), ids=SMUGGLERS.keys())
+def test_a_refused_requests_body_is_never_read_as_a_request(client, outer):
+    ids = [new_conversation(client, f"t{i}") for i in range(3)]
+    got = smuggling(client.port, outer, delete_everything(ids))
+    assert got.count(b"HTTP/1.1 ") - got.count(b"HTTP/1.1 100 ") == 1, got[:300]
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 3
+
+
+def test_a_refusal_with_a_key_required_closes_too(stub, launch):
+    c = Client(launch(stub.url, api_key="s3cret"))
+    ids = [c.post("/api/conversations", {"title": "t", "model": MODEL},
+                  headers={"Authorization": "Bearer s3cret"})[2]["conversation_id"]]
+    inner = delete_everything(ids).replace(b"Host: localhost\r\n",
+                                           b"Host: localhost\r\nAuthorization: Bearer s3cret\r\n")
+    got = smuggling(c.port, b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json", inner)
+    assert got.startswith(b"HTTP/1.1 401 ") and got.count(b"HTTP/1.1 ") == 1
+    assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 1
+
+
+def test_a_request_whose_body_was_read_keeps_its_connection(client):
+    """The other side of the rule: an answered request whose body was read in
+    full leaves the connection open for the next one (keep-alive works)."""
+    body = b'{"title": "t", "model": "m"}'
+    one = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+           b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = answers_to(client.port, one + one)
+    assert got.count(b"HTTP/1.1 201 ") == 2
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 2
+
+
+def test_a_refusal_while_starting_closes_the_connection(tmp_path, stub, monkeypatch):
+    server, go_on = app_held_at_start(tmp_path, stub, monkeypatch, "migrating", 0, 1)
+    try:
+        got = smuggling(server.server_address[1], b"POST /api/conversations HTTP/1.1\r\n"
+                        b"Host: localhost\r\nContent-Type: application/json",
+                        b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1 ") == 1
+    finally:
+        go_on.set()
+        server.app.ready.wait(10)
+        stop(server)
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /api/conversations/%C2%B2 HTTP/1.1", 404),              # superscript two
+    (b"GET /api/conversations/%D9%A3 HTTP/1.1", 404),              # Arabic-Indic three
+    (b"GET /api/conversations/%EF%BC%91 HTTP/1.1", 404),           # fullwidth one
+    (b"GET /api/conversations/1_0 HTTP/1.1", 404),
+    (b"GET /api/stats/%C2%B9 HTTP/1.1", 404),
+    (b"GET /api/conversations?limit=%C2%B3 HTTP/1.1", 400),
+    (b"GET /api/conversations?offset=%D9%A3 HTTP/1.1", 400),
+    (b"GET /api/search?q=a&limit=%C2%B2 HTTP/1.1", 400),
+    (b"GET /api/conversations?limit=+5 HTTP/1.1", 400),
+    (b"GET /api/conversations?limit=1_0 HTTP/1.1", 400),
+    (b"GET /api/conversations HTTP/\xd9\xa1.1", 400),                 # version digits
+])
+def test_numbers_in_paths_and_queries_are_ascii_digits(client, request_bytes, status):
+    new_conversation(client)
+    got = answers_to(client.port, request_bytes + b"\r\nHost: localhost\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 %d " % status) or got.startswith(b"HTTP/1.0 %d " % status)
+    assert b'"success": false' in got
+
+
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b9\u00b2", "\u0663", "1_0", "+5", "0x10"])
+@pytest.mark.parametrize("expect", [False, True])
+def test_content_length_is_ascii_digits(client, length, expect):
+    head = ("POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {length}\r\n"
+            + ("Expect: 100-continue\r\n" if expect else "") + "\r\n")
+    raw = head.encode("latin-1") if max(map(ord, length)) < 256 else head.encode("utf-8")
+    got = answers_to(client.port, raw + b'{"title":"t"}')
+    assert got.startswith(b"HTTP/1.1 400 ") and b"HTTP/1.1 100" not in got, got[:200]
+    assert b'"field": "Content-Length"' in got
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def test_x_conversation_id_in_other_digits_is_not_a_conversation(client, stub):
+    assert new_conversation(client) == 1
+    status, _, body = client.post("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Conversation-Id": "\u0661".encode().decode("latin-1")})
+    assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+
+
 @pytest.mark.parametrize("headers, path, status", [
     ({}, "/api/conversations", 401),
     ({"Authorization": "Bearer wrong"}, "/api/conversations", 401),
@@ -1030,11 +1202,32 @@ def test_header_names_are_read_in_any_case(client):
     assert "Connection: close" in headers
 
 
-def test_head_answers_like_get_without_a_body(client):
+def test_head_of_the_page_answers_its_headers_without_a_body(client):
     line, headers, body = raw_exchange(
-        client.port, b"HEAD /api/config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        client.port, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
     length = next(int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length"))
-    assert line.split()[1] == "200" and length > 100 and body == b""
+    assert line.split()[1] == "200" and body == b""
+    assert length == len(client.get("/")[2])
+
+
+@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl",
+                                  "/api/conversations/1/export", "/api/config"])
+def test_head_never_does_the_work_of_the_get(client, path, monkeypatch, tmp_path):
+    new_conversation(client)
+    made = []
+    monkeypatch.setattr(llama_chat.Database, "backup", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(llama_chat, "export_all", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(llama_chat, "export_one", lambda *a, **k: made.append(a))
+    line, headers, body = raw_exchange(client.port, b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n"
+                                       b"Connection: close\r\n\r\n" % path.encode())
+    assert line.split()[1] == "200" and body == b"" and made == []
+    assert not any(h.lower().startswith("content-length") for h in headers)
+    assert list(tmp_path.glob(".*backup*")) == []
+
+
+@pytest.mark.parametrize("path, status", [("/api/nothing", 404), ("/api/chat", 405)])
+def test_head_of_what_get_would_refuse_is_refused_alike(client, path, status):
+    assert client.request("HEAD", path)[0] == status
 
 
 @pytest.fixture
@@ -1081,15 +1274,28 @@ def test_connections_beyond_the_cap_get_503(stub, launch):
             s.close()
 
 
-def test_requests_are_answered_while_slow_clients_hang_on(strict_client):
-    port = strict_client.port
-    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]
-    tricklers = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+def test_a_keyed_client_is_served_while_another_address_floods_slowly(stub, launch):
+    """200 connections from 127.0.0.2, half idle and half sending a header byte
+    at a time, hold only that address's share of the slots: a keyed client on
+    127.0.0.1 is answered every time."""
+    server = launch(stub.url, api_key="s3cret", request_timeout=1.0)
+    port, key = server.server_address[1], {"Authorization": "Bearer s3cret"}
+    flood = []
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        flood.append(s)
     stop_trickling = threading.Event()
 
     def trickle():
         while not stop_trickling.wait(0.1):
-            for s in tricklers:
+            for s in flood[::2]:
                 try:
                     s.send(b"G")
                 except OSError:
@@ -1097,21 +1303,70 @@ def test_requests_are_answered_while_slow_clients_hang_on(strict_client):
 
     thread = threading.Thread(target=trickle)
     thread.start()
-    times = []
+    c, times, statuses = Client(server), [], []
     try:
         for _ in range(60):
             started = time.monotonic()
-            assert strict_client.get("/api/conversations?limit=5")[0] == 200
+            statuses.append(c.get("/api/conversations?limit=5", headers=key)[0])
             times.append(time.monotonic() - started)
             time.sleep(0.02)
+        assert server.by_address.get("127.0.0.2", 0) <= server.app.settings.connections_per_address
     finally:
         stop_trickling.set()
         thread.join()
-        for s in idle + tricklers:
+        for s in flood:
             s.close()
     times.sort()
-    print(f"\nslow clients: p50 {times[30] * 1000:.1f} ms, p95 {times[56] * 1000:.1f} ms")
-    assert times[56] < 0.5
+    print(f"\nslow flood: p50 {times[30] * 1000:.1f} ms, p95 {times[56] * 1000:.1f} ms")
+    assert statuses == [200] * 60
+
+
+def test_one_address_gets_its_share_of_the_slots_and_no_more(stub, launch):
+    server = launch(stub.url, connections_per_address=3)
+    port = server.server_address[1]
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        deadline = time.monotonic() + 5
+        while server.by_address.get("127.0.0.1", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 503 ") and b"SERVICE_UNAVAILABLE" in got
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                         source="127.0.0.2")
+        assert got.startswith(b"HTTP/1.1 200 ")
+        held.pop().close()                        # a slot of that address comes free
+        deadline = time.monotonic() + 5
+        while server.by_address.get("127.0.0.1", 0) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_headers_have_a_shorter_deadline_than_the_body(stub, launch):
+    server = launch(stub.url, header_timeout=0.5, request_timeout=5.0)
+    port = server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # headers trickle
+        started = time.monotonic()
+        try:
+            for byte in b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n":
+                s.send(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass
+        assert s.recv(100) == b"" and time.monotonic() - started < 3
+    body = json.dumps({"title": "t", "model": MODEL}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # a slow body
+        s.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 4):
+            time.sleep(0.1)                          # 1 s in all: past the header deadline
+            s.send(body[i:i + 4])
+        assert s.recv(100).startswith(b"HTTP/1.1 201 ")
 
 
 FUZZ_SEED = 20261128
@@ -1125,10 +1380,28 @@ def fuzz_requests(count, rng):
              "/api/search?q=%ED%A0%80&limit=9223372036854775808",
              "/v1/chat/completions", "/v1/models", "/v1/embeddings"]
     kinds = []
+    creates = json.dumps({"title": "smuggled", "model": MODEL}).encode()
+    create = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(creates), creates))
+    digits = ["\u00b2", "\u00b9", "\u00b3", "\u0663", "\uff11", "1_0", "+1", " 1"]
     for i in range(count):
-        kind = rng.randrange(12)
+        kind = rng.randrange(14)
         path = rng.choice(paths)
-        if kind == 0:
+        if kind == 12:                    # a refused request carrying a write as its body
+            outer = rng.choice(list(SMUGGLERS.values()))
+            data = outer + b"\r\nContent-Length: %d\r\n\r\n" % len(create) + create
+        elif kind == 13:                  # numbers in other digits, as Latin-1 or UTF-8
+            number = rng.choice(digits)
+            text = rng.choice([
+                f"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {number}\r\n"
+                + rng.choice(["", "Expect: 100-continue\r\n"]) + "\r\n",
+                f"GET /api/conversations/{number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET /api/conversations?limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET /api/search?q=a&limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET / HTTP/{number}.1\r\nHost: localhost\r\n\r\n"])
+            data = text.encode(rng.choice(["latin-1", "utf-8"]), "replace") + creates
+        elif kind == 0:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
         elif kind == 1:
             data = rng.choice([b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n",
