@@ -57,6 +57,7 @@ import argparse  # noqa: E402
 import base64
 import codecs
 import contextlib
+import glob
 import io
 import functools
 import ipaddress
@@ -823,6 +824,20 @@ CONNECTION_PRAGMAS = ("PRAGMA foreign_keys = ON", "PRAGMA synchronous = FULL",
                       "PRAGMA secure_delete = ON")
 
 
+def private_file(path, create=True):
+    """A file of llama-chat's (database, backup, log) readable by its owner
+    only: created so (0600) if it is missing and `create`, made so if it is
+    there. SQLite gives a database's WAL and SHM the database's mode. A file
+    that cannot be changed (another owner's, a read-only mount) is left."""
+    try:
+        if create:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        if os.path.exists(path) and os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass
+
+
 def sqlite_runs(sql):
     """Whether this SQLite build runs sql: FTS5 and the JSON functions are
     options a build may leave out."""
@@ -1038,6 +1053,7 @@ class Database:
         snapshot: a step-by-step backup would otherwise start again at each
         write of another connection), a megabyte a step with a pause between
         steps so that chats are not held up by the copy."""
+        private_file(target)
         source, dest = self.connect(), sqlite3.connect(target)
         try:
             # The copy is made in one go and synced once at its end: no journal,
@@ -2115,6 +2131,24 @@ def stored_settings(settings):
     return out
 
 
+def migration_backup(db, version):
+    """The copy of a database of schema `version` made before it is migrated:
+    one per version (a start interrupted and made again replaces it, as the
+    file is still of that version), written aside and renamed when whole, so
+    that a failed copy never stands under the backup's name."""
+    path, partial = f"{db.path}.v{version}.bak", f"{db.path}.v{version}.bak.partial"
+    try:
+        db.backup(partial)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise
+    finally:
+        db.release()
+    return path
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -2129,6 +2163,8 @@ class Store:
         self.backup_path = None
         self.damage = None           # what quick_check found wrong, if anything
         self.progress = Progress()
+        for name in (path, path + "-wal", path + "-shm"):
+            private_file(name, create=name == path)
         self.version, tables = self.db.user_version()
         if self.version > SCHEMA_VERSION:
             raise ConfigError(f"database {path} is of a newer llama-chat "
@@ -2145,10 +2181,7 @@ class Store:
         db = self.db
         if self.version < SCHEMA_VERSION and not self.is_new:
             self.progress.set("backing up the database before migrating it")
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-            self.backup_path = f"{db.path}.v{self.version}-{stamp}.bak"
-            db.backup(self.backup_path)
-            db.release()
+            self.backup_path = migration_backup(db, self.version)
             log.info("backed up %s to %s before migrating it", db.path, self.backup_path)
         db.conn().execute("PRAGMA journal_mode = WAL")
         db.release()
@@ -4659,25 +4692,56 @@ def import_file(store, f, progress=None):
     return {**counts, "format": ", ".join(formats)}
 
 
-def backup_pieces(db):
-    """A consistent copy of the database (SQLite's online backup, in one step:
-    writers go on meanwhile), read back a piece at a time; the copy is
-    removed when the download ends, however it ends."""
-    import tempfile
-    handle, path = tempfile.mkstemp(prefix=".llama-chat-backup-", suffix=".db",
-                                    dir=os.path.dirname(os.path.abspath(db.path)))
-    os.close(handle)
-    try:
-        db.backup(path, durable=False)
-        db.release()
-        with open(path, "rb") as f:
-            while True:
-                piece = f.read(READ_PIECE)
-                if not piece:
-                    return
+BACKUP_LOCK = threading.Lock()     # one backup copy at a time: each is the whole file
+
+
+def backup_copies(db):
+    """Where the backup route's temporary copies of db go (beside it: the same
+    disk), as a glob pattern: one left by a crash is removed at the next start
+    (it holds text deleted since)."""
+    folder, name = os.path.split(os.path.abspath(db.path))
+    return os.path.join(folder, f".{name}.backup-*")
+
+
+class BackupCopy:
+    """A consistent copy of the database (SQLite's online backup: writers go on
+    meanwhile) in a temporary file, made before any answer goes out, so a
+    failure (a full disk) is an error and never a download that ends early.
+    At most one is made at a time. remove() when the download ends, however."""
+
+    def __init__(self, db):
+        if not BACKUP_LOCK.acquire(blocking=False):
+            raise ApiError(503, "BUSY", "A backup is being made; try again when it is done",
+                           {"Retry-After": "10"})
+        import tempfile
+        folder, name = os.path.split(os.path.abspath(db.path))
+        self.path, self.held = None, True
+        try:
+            handle, self.path = tempfile.mkstemp(prefix=f".{name}.backup-", dir=folder)
+            os.close(handle)
+            db.backup(self.path, durable=False)
+            self.size = os.path.getsize(self.path)
+        except (OSError, sqlite3.Error) as e:
+            self.remove()
+            need = os.path.getsize(db.path) if os.path.exists(db.path) else 0
+            raise ApiError(503, "DATABASE_ERROR", f"The backup could not be made ({e}): it "
+                           f"needs {need:,} bytes free in {folder}, where the copy is made "
+                           "before it is sent") from None
+        finally:
+            db.release()
+
+    def pieces(self):
+        with open(self.path, "rb") as f:
+            while piece := f.read(READ_PIECE):
                 yield piece
-    finally:
-        os.remove(path)
+
+    def remove(self):
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        if self.held:
+            self.held = False
+            BACKUP_LOCK.release()
 
 
 ###############################################################################
@@ -4946,8 +5010,10 @@ api_import.takes_file = True     # any type of body, up to max_import_bytes
 
 
 def api_backup(app, req):
-    return EventStream(backup_pieces(app.store.db), lambda: None, attachment(
-        f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"), as_they_came)
+    copy = BackupCopy(app.store.db)
+    return EventStream(copy.pieces(), copy.remove, {**attachment(
+        f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"),
+        "Content-Length": str(copy.size)}, as_they_came)
 
 
 api_export.copies_history = api_backup.copies_history = True   # refused to other origins
@@ -5095,6 +5161,10 @@ class App:
         """Open the store: at once when that is quick, else (a migration or an
         index build can take minutes) while the server already answers:
         /api/health with the progress, the rest of /api/ with STARTING."""
+        for leftover in glob.glob(backup_copies(self.store.db)):   # a crash's: deleted text
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+                log.info("removed %s, a backup copy left by a stop mid-download", leftover)
         if self.store.ready or self.store.quick_to_open():
             self._open_store()
         else:

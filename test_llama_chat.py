@@ -2669,6 +2669,43 @@ def test_a_schema_2_database_becomes_chains(tmp_path, caplog):
                 c.execute(bad)
 
 
+def test_interrupted_migrations_keep_one_private_backup(tmp_path, monkeypatch):
+    path = str(tmp_path / "old.db")
+    schema_2_db(path, lambda c: c.execute(
+        "INSERT INTO conversations (title, model) VALUES ('kept', 'm')"), version=6)
+
+    def broken(c):
+        raise sqlite3.OperationalError("interrupted")
+
+    monkeypatch.setattr(llama_chat, "MIGRATIONS", [*llama_chat.MIGRATIONS[:6], broken])
+    for _ in range(2):                          # a start that stops mid-way, twice
+        with pytest.raises(sqlite3.OperationalError):
+            llama_chat.Store(path)
+    assert sorted(n for n in os.listdir(tmp_path) if ".bak" in n) == ["old.db.v6.bak"]
+    monkeypatch.undo()
+    store = llama_chat.Store(path)
+    assert store.backup_path == path + ".v6.bak" and file_mode(store.backup_path) == 0o600
+    assert sorted(n for n in os.listdir(tmp_path) if ".bak" in n) == ["old.db.v6.bak"]
+    assert sqlite3.connect(store.backup_path).execute(
+        "SELECT title FROM conversations").fetchall() == [("kept",)]
+
+
+def test_a_failed_migration_backup_leaves_no_copy(tmp_path, monkeypatch):
+    path = str(tmp_path / "old.db")
+    schema_2_db(path, lambda c: None, version=6)
+
+    def full_disk(self, target, durable=True):
+        with open(target, "wb") as f:
+            f.write(b"SQLite format 3\0 half")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(llama_chat.Database, "backup", full_disk)
+    with pytest.raises(sqlite3.OperationalError):
+        llama_chat.Store(path)
+    assert not [n for n in os.listdir(tmp_path) if ".bak" in n]
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (6,)
+
+
 def test_a_regenerate_in_a_migrated_chain_answers_the_question(tmp_path, stub, launch):
     path = str(tmp_path / "v2.db")
     make_schema_2_db(path)                  # more -> partial (failed) -> whole answer
@@ -4298,7 +4335,81 @@ def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path)
     conn = sqlite3.connect(str(copy))
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] >= 10
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".llama-chat-backup")]
+    assert int(headers["Content-Length"]) == len(data)
+    assert not [n for n in os.listdir(tmp_path) if ".backup-" in n]
+
+
+def test_one_backup_copy_is_made_at_a_time(client, monkeypatch):
+    copying, go_on = threading.Event(), threading.Event()
+    real_backup = llama_chat.Database.backup
+
+    def slow_backup(self, target, durable=True):
+        copying.set()
+        go_on.wait(10)
+        real_backup(self, target, durable)
+
+    monkeypatch.setattr(llama_chat.Database, "backup", slow_backup)
+    first = []
+    thread = threading.Thread(target=lambda: first.append(client.get("/api/backup")))
+    thread.start()
+    try:
+        assert copying.wait(10)
+        status, headers, body = client.get("/api/backup")
+        assert (status, body["code"], headers["Retry-After"]) == (503, "BUSY", "10")
+    finally:
+        go_on.set()
+        thread.join(10)
+    assert first[0][0] == 200
+    assert client.get("/api/backup")[0] == 200          # the lock went with the first
+
+
+def test_a_failed_backup_is_an_error_before_any_byte(client, monkeypatch, tmp_path):
+    def full_disk(self, target, durable=True):
+        with open(target, "wb") as f:
+            f.write(b"SQLite format 3\0 half")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(llama_chat.Database, "backup", full_disk)
+    status, _, body = client.get("/api/backup")
+    assert (status, body["code"]) == (503, "DATABASE_ERROR")
+    assert "disk is full" in body["error"] and "bytes free in " + str(tmp_path) in body["error"]
+    assert not [n for n in os.listdir(tmp_path) if ".backup-" in n]
+    monkeypatch.undo()
+    assert client.get("/api/backup")[0] == 200          # the lock went with the failure
+
+
+def test_a_backup_copy_left_by_a_crash_is_removed_at_start(tmp_path, stub, launch):
+    left = tmp_path / ".chat.db.backup-x1y2z3"
+    left.write_bytes(b"deleted text")
+    other = tmp_path / ".other.db.backup-x1y2z3"           # another database's: not ours
+    other.write_bytes(b"theirs")
+    launch(stub.url)
+    assert not left.exists() and other.exists()
+
+
+def file_mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+def test_the_database_and_its_wal_are_private(client, tmp_path):
+    client.new_conversation()
+    db = client.app.settings.db
+    assert [file_mode(db + ext) for ext in ("", "-wal", "-shm")] == [0o600] * 3
+
+
+def test_an_existing_readable_database_is_made_private(tmp_path, stub, launch):
+    db = tmp_path / "chat.db"
+    sqlite3.connect(str(db)).execute("CREATE TABLE t (x)")
+    os.chmod(db, 0o644)
+    c = Client(launch(stub.url))
+    c.new_conversation()
+    assert file_mode(db) == 0o600 and file_mode(str(db) + "-wal") == 0o600
+
+
+def test_a_command_line_backup_is_private(client, tmp_path):
+    client.new_conversation()
+    cli("backup", str(tmp_path / "copy.db"), db=client.app.settings.db, check=0)
+    assert file_mode(tmp_path / "copy.db") == 0o600
 
 
 def cli(*args, db=None, check=None, stdin=None):
