@@ -5737,6 +5737,10 @@ def prepare_settings(settings):
             raise ConfigError(f"--llama-server {settings.llama_server} is not an executable file")
         if bool(settings.llama_model) == bool(settings.llama_models_dir):
             raise ConfigError("--llama-server needs --model FILE or --models-dir DIR (one)")
+        if settings.llama_model and not os.path.isfile(settings.llama_model):
+            raise ConfigError(f"--model {settings.llama_model} is not a file")
+        if settings.llama_models_dir and not os.path.isdir(settings.llama_models_dir):
+            raise ConfigError(f"--models-dir {settings.llama_models_dir} is not a folder")
         parts = urllib.parse.urlsplit(settings.llamacpp_url)
         if not is_loopback(parts.hostname or ""):
             raise ConfigError("--llama-server starts llama-server on this machine: "
@@ -5863,13 +5867,76 @@ def when_open(app, server):
         log.info("migrated the database; the copy from before is %s", app.store.backup_path)
 
 
+# llama-server's own flags whose value is a secret: never shown or printed.
+SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "-hft", "--ssl-key-file")
+LOG_LIMIT = 10 * 2**20       # the started llama-server's log: rotated to .1 past this size
+
+
+def shown_command(command):
+    """A command line as it may be shown: the values of SECRET_FLAGS hidden."""
+    shown, hide = [], False
+    for word in command:
+        name, equals, _ = word.partition("=")
+        if hide:
+            shown.append("***")
+        elif equals and name in SECRET_FLAGS:
+            shown.append(name + "=***")
+        else:
+            shown.append(word)
+        hide = not hide and word in SECRET_FLAGS
+    return " ".join(shown)
+
+
+def linux_libc():
+    """The C library, where prctl can tie a child's life to ours (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return None
+
+
+def die_with_parent(libc, parent):
+    """In a child between fork and exec: the kernel sends it SIGKILL when the
+    thread that started it ends, kill -9 of llama-chat included (if llama-chat
+    is gone already, the child goes at once). Without libc (not Linux),
+    nothing: the pid file stands in."""
+    if libc is not None:
+        libc.prctl(1, signal.SIGKILL)               # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def command_of(pid):
+    """The command line of process pid, as words, or None if it is not there."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    import subprocess
+    try:
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
 class ManagedLlamaServer:
     """llama-server as llama-chat's child (--llama-server): started on its
     loopback port, started again with a back-off (1 s, doubling to 30 s;
     again 1 s after a minute of running) whenever it exits, its output
-    appended to a log file beside the database, and stopped with llama-chat
-    (SIGTERM, then SIGKILL after 5 s). llama-chat never touches a process
-    it did not start."""
+    relayed into a log file beside the database (0600, rotated past
+    LOG_LIMIT), and stopped with llama-chat (SIGTERM, then SIGKILL after
+    5 s). It dies with llama-chat even when llama-chat is killed: on Linux by
+    the kernel (die_with_parent), elsewhere the next start stops the one
+    its pid file names, if that process still runs the same program.
+    llama-chat never touches a process it did not start."""
 
     def __init__(self, settings):
         port = urllib.parse.urlsplit(settings.llamacpp_url).port
@@ -5878,21 +5945,74 @@ class ManagedLlamaServer:
         self.command = [settings.llama_server, *model, "--host", "127.0.0.1",
                         "--port", str(port), *settings.llama_args]
         self.log_path = os.path.abspath(settings.db) + ".llama-server.log"
+        self.pid_path = os.path.abspath(settings.db) + ".llama-server.pid"
         self.proc, self.restarts, self.stopping = None, 0, threading.Event()
+        self.last_exit, self.last_line = None, ""
         self._lock = threading.Lock()
+        self._libc = linux_libc()
 
     def start(self):
+        self.stop_orphan()
         self._spawn()
         log.info("started llama-server (pid %d): %s; its output goes to %s", self.proc.pid,
-                 " ".join(self.command), self.log_path)
+                 shown_command(self.command), self.log_path)
         threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop_orphan(self):
+        """The llama-server a llama-chat that was killed left running, if its
+        pid file names a process that still runs this same program."""
+        try:
+            with open(self.pid_path) as f:
+                pid = ascii_number(f.read().strip())
+        except OSError:
+            return
+        words = command_of(pid) if pid else None
+        if words and os.path.basename(words[0]) == os.path.basename(self.command[0]) \
+                and pid != os.getpid():
+            log.warning("stopping llama-server (pid %d), left running by a llama-chat "
+                        "that was stopped without stopping it", pid)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    time.sleep(0.1)
+                    os.kill(pid, 0)
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.remove(self.pid_path)
 
     def _spawn(self):
         import subprocess
-        with open(self.log_path, "ab") as out, self._lock:
-            self.proc = subprocess.Popen(self.command, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        with self._lock:
+            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=functools.partial(
+                                             die_with_parent, self._libc, os.getpid()))
             self.started = time.monotonic()
+        private_file(self.pid_path)
+        with open(self.pid_path, "w") as f:
+            f.write(f"{self.proc.pid}\n")
+        threading.Thread(target=self._keep_log, args=(self.proc.stdout,), daemon=True).start()
+
+    def _keep_log(self, output):
+        """Relay the child's output into the log, rotating it past LOG_LIMIT."""
+        private_file(self.log_path)
+        out = open(self.log_path, "ab")
+        try:
+            for line in output:
+                if line.strip():
+                    self.last_line = line.decode(errors="replace").strip()[:500]
+                if out.tell() + len(line) > LOG_LIMIT:
+                    out.close()
+                    os.replace(self.log_path, self.log_path + ".1")
+                    private_file(self.log_path)
+                    out = open(self.log_path, "ab")
+                out.write(line)
+                out.flush()
+        except (OSError, ValueError) as e:
+            log.warning("llama-server's log could not be written: %s", e)
+        finally:
+            out.close()
+            output.close()
 
     def _watch(self):
         delay = 1
@@ -5900,9 +6020,11 @@ class ManagedLlamaServer:
             code = self.proc.wait()
             if self.stopping.is_set():
                 return
+            self.last_exit = code
             delay = 1 if time.monotonic() - self.started > 60 else delay
-            log.warning("llama-server exited (status %s); starting it again in %d s "
-                        "(see %s)", code, delay, self.log_path)
+            log.warning("llama-server exited (status %s: %s); starting it again in %d s "
+                        "(see %s)", code, self.last_line or "it printed nothing", delay,
+                        self.log_path)
             if self.stopping.wait(delay):
                 return
             try:
@@ -5918,6 +6040,7 @@ class ManagedLlamaServer:
         with self._lock:
             proc = self.proc
         if proc is None or proc.poll() is not None:
+            self._forget()
             return
         proc.terminate()
         try:
@@ -5925,13 +6048,19 @@ class ManagedLlamaServer:
         except Exception:                   # subprocess.TimeoutExpired
             proc.kill()
             proc.wait()
+        self._forget()
         log.info("stopped llama-server (pid %d)", proc.pid)
+
+    def _forget(self):
+        with contextlib.suppress(OSError):
+            os.remove(self.pid_path)
 
     def as_dict(self):
         alive = self.proc is not None and self.proc.poll() is None
         return {"pid": self.proc.pid if alive else None, "running": alive,
                 "restarts": self.restarts, "log": self.log_path,
-                "command": " ".join(self.command)}
+                "command": shown_command(self.command), "last_exit": self.last_exit,
+                "last_log_line": self.last_line}
 
 
 class CommandError(Exception):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.parse
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -4622,6 +4623,155 @@ HTTPServer(("127.0.0.1", port), H).serve_forever()
 """
 
 
+def fake_llama_server(folder, program=FAKE_LLAMA_SERVER):
+    """An executable llama-server stand-in in folder (and a model file for it)."""
+    fake = folder / "llama-server"
+    fake.write_text(program.format(python=sys.executable))
+    fake.chmod(0o755)
+    (folder / "m.gguf").write_bytes(b"GGUF")
+    return fake
+
+
+def llama_chat_process(folder, fake, *extra, port=None):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port or free_port()), "--db", str(folder / "chat.db"),
+                             "--llama-server", str(fake), "--model", str(folder / "m.gguf"),
+                             "--", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(condition, seconds=15, what="it"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {seconds} s"
+        time.sleep(0.05)
+
+
+def test_a_started_llama_server_dies_with_a_killed_llama_chat(tmp_path):
+    fake = fake_llama_server(tmp_path)
+    proc = llama_chat_process(tmp_path, fake)
+    try:
+        wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
+        child = started_servers(tmp_path)[0]["pid"]
+        assert (tmp_path / "chat.db.llama-server.pid").read_text().strip() == str(child)
+    finally:
+        proc.kill()                                          # kill -9: no clean-up runs
+        proc.wait(10)
+    wait_for(lambda: not alive(child), 5, "llama-server stopping")
+
+
+ORPHAN = """import os, sys, time
+sys.argv[0] = {name!r}
+open({ready!r}, "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("same_program", [True, False])
+def test_the_next_start_stops_only_the_llama_server_its_pid_file_names(tmp_path, same_program):
+    """Where the kernel cannot tie the child to llama-chat (not Linux), a pid
+    file left by a killed llama-chat names the orphan; the next start stops it
+    if that process still runs the same program, and never another one."""
+    fake = fake_llama_server(tmp_path)
+    name = str(fake) if same_program else "/usr/bin/something-else"
+    orphan = subprocess.Popen([name, "-c", ORPHAN.format(name=name, ready=str(
+        tmp_path / "ready"))], executable=sys.executable)
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists())
+        (tmp_path / "chat.db.llama-server.pid").write_text(f"{orphan.pid}\n")
+        proc = llama_chat_process(tmp_path, fake)
+        try:
+            wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
+            assert (orphan.poll() is not None) == same_program
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        said = proc.stdout.read()
+        assert ("left running" in said) == same_program
+        assert not (tmp_path / "chat.db.llama-server.pid").exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+FAILING_LLAMA_SERVER = """#!{python}
+import sys
+print("loading model", flush=True)
+print("error: failed to open GGUF file 'm.gguf' (bad magic)", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_llama_server_that_keeps_exiting_is_shown_with_its_reason(tmp_path):
+    fake = fake_llama_server(tmp_path, FAILING_LLAMA_SERVER)
+    port = free_port()
+    proc = llama_chat_process(tmp_path, fake, "--api-key", "upstream-secret",
+                              "--hf-token=hf_secret", port=port)
+    try:
+        def managed():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/health")
+            return json.loads(conn.getresponse().read())["llamacpp"]["managed"]
+
+        def exited():
+            try:
+                return managed()["last_exit"] is not None
+            except OSError:
+                return False
+        wait_for(exited, what="an exit shown")
+        state = managed()
+        assert state["last_exit"] == 3 and not state["running"]
+        assert state["last_log_line"] == "error: failed to open GGUF file 'm.gguf' (bad magic)"
+        assert state["log"] == str(tmp_path / "chat.db.llama-server.log")
+        assert "upstream-secret" not in state["command"] and "hf_secret" not in state["command"]
+        assert "--api-key *** --hf-token=***" in state["command"]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    said = proc.stdout.read()
+    assert "upstream-secret" not in said and "hf_secret" not in said
+    assert "status 3: error: failed to open GGUF file" in said
+    assert file_mode(tmp_path / "chat.db.llama-server.log") == 0o600
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["ls", "--api-key", "k1", "-c", "9"], "ls --api-key *** -c 9"),
+    (["ls", "--api-key-file", "/k", "--hf-token", "t"], "ls --api-key-file *** --hf-token ***"),
+    (["ls", "-hft", "t", "--ssl-key-file=/x.pem"], "ls -hft *** --ssl-key-file=***"),
+    (["ls", "--api-key", "--api-key", "x"], "ls --api-key *** x"),      # a value like a flag
+    (["ls", "--api-keys", "k"], "ls --api-keys k"),
+])
+def test_llama_server_s_secrets_are_never_shown(command, shown):
+    assert llama_chat.shown_command(command) == shown
+
+
+NOISY_LLAMA_SERVER = """#!{python}
+import sys, time
+for i in range(3000):
+    print(f"line {{i:05d}} " + "x" * 60, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_llama_server_log_is_rotated(tmp_path, monkeypatch):
+    fake = fake_llama_server(tmp_path, NOISY_LLAMA_SERVER)
+    monkeypatch.setattr(llama_chat, "LOG_LIMIT", 50_000)
+    settings = llama_chat.prepare_settings(llama_chat.Settings(
+        db=str(tmp_path / "chat.db"), llama_server=str(fake),
+        llama_model=str(tmp_path / "m.gguf")))
+    managed = llama_chat.ManagedLlamaServer(settings)
+    managed.start()
+    try:
+        wait_for(lambda: managed.last_line.startswith("line 02999"), what="3,000 lines")
+    finally:
+        managed.stop()
+    log_path = tmp_path / "chat.db.llama-server.log"
+    sizes = log_path.stat().st_size, (tmp_path / "chat.db.llama-server.log.1").stat().st_size
+    assert all(size <= 50_000 for size in sizes) and sizes[1] > 40_000
+    assert log_path.read_text().splitlines()[-1].startswith("line 02999")
+    assert not (tmp_path / "chat.db.llama-server.pid").exists()
+
+
 def started_servers(folder):
     path = folder / "started"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
@@ -4637,15 +4787,13 @@ def alive(pid):
 
 
 def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path):
-    fake = tmp_path / "llama-server"
-    fake.write_text(FAKE_LLAMA_SERVER.format(python=sys.executable))
-    fake.chmod(0o755)
+    fake = fake_llama_server(tmp_path)
     port = free_port()
     db = tmp_path / "chat.db"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
                              str(port), "--db", str(db), "--llama-server", str(fake), "--model",
-                             "m.gguf", "--", "-c", "2048"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             str(tmp_path / "m.gguf"), "--", "-c", "2048"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         def health():
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -4662,7 +4810,8 @@ def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path)
             assert time.monotonic() < deadline, "llama-server never answered"
             time.sleep(0.1)
         first = started_servers(tmp_path)[0]
-        assert first["args"][:2] == ["-m", "m.gguf"] and first["args"][-2:] == ["-c", "2048"]
+        assert first["args"][:2] == ["-m", str(tmp_path / "m.gguf")]
+        assert first["args"][-2:] == ["-c", "2048"]
         assert state["url"] == f"http://127.0.0.1:{first['args'][first['args'].index('--port') + 1]}"
         assert state["managed"]["pid"] == first["pid"]
         assert "fake llama-server listening" in (tmp_path / "chat.db.llama-server.log").read_text()
@@ -4703,8 +4852,12 @@ def test_a_default_url_moves_to_llama_server_s_newer_port_when_only_that_answers
 @pytest.mark.parametrize("argv,words", [
     (["--llama-server", "/nonexistent/llama-server", "--model", "m"], "not an executable"),
     (["--llama-server", sys.executable], "needs --model FILE or --models-dir DIR"),
-    (["--llama-server", sys.executable, "--model", "m", "--llamacpp-url", "http://10.0.0.9:8080"],
-     "loopback"),
+    (["--llama-server", sys.executable, "--model", os.path.join(HERE, "llama_chat.py"), "--llamacpp-url",
+      "http://10.0.0.9:8080"], "loopback"),
+    (["--llama-server", sys.executable, "--model", "/nonexistent/m.gguf"],
+     "--model /nonexistent/m.gguf is not a file"),
+    (["--llama-server", sys.executable, "--models-dir", "/nonexistent"],
+     "--models-dir /nonexistent is not a folder"),
 ])
 def test_a_llama_server_to_start_is_checked_first(tmp_path, argv, words):
     done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
@@ -5696,6 +5849,25 @@ def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
     port = down_client.app.settings.llamacpp_url.rsplit(":", 1)[1]
     assert "not reachable" in text and "Connection refused" in text
     assert f"llama-server -m model.gguf --port {port}" in text
+
+
+@needs_chromium
+@pytest.mark.parametrize("last_exit, words", [
+    (3, ["exited with status 3 (restarted 2 times)", "Its last line: <b>bad magic</b>",
+         "Its log: /data/chat.db.llama-server.log"]),
+    (None, ["is starting at"]),
+])
+def test_page_shows_why_the_started_llama_server_is_down(browser, down_client, last_exit, words):
+    down_client.app.managed = types.SimpleNamespace(as_dict=lambda: {
+        "pid": None if last_exit else 4242, "running": last_exit is None, "restarts": 2,
+        "log": "/data/chat.db.llama-server.log", "command": "llama-server -m m.gguf",
+        "last_exit": last_exit, "last_log_line": "<b>bad magic</b>"})
+    browser.go(f"http://127.0.0.1:{down_client.port}/")
+    text = browser.wait("const b = document.getElementById('banner');"
+                        "return !b.classList.contains('hidden') && b.textContent")
+    assert all(w in text for w in words), text
+    assert "Start it with" not in text and "started by llama-chat" in text
+    assert browser.js("return document.querySelector('#banner b')") is None
 
 
 @needs_chromium
