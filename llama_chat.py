@@ -2702,6 +2702,9 @@ class Upstream:
             error = None if status == 200 else f"llama.cpp answered {status}: {error_text(body)}"
             state = "ok" if status == 200 else "loading" if status == 503 and \
                 "loading" in error_text(body).lower() else "error"
+            if state == "ok":
+                error = self.key_refused()
+                state = "error" if error else state
         except ApiError as e:
             state, error = "down", e.extra.get("details", e.message)
         result = {"ok": state == "ok", "state": state, "url": self.url,
@@ -2710,6 +2713,18 @@ class Upstream:
         if error:
             result["error"] = error
         return result
+
+    def key_refused(self):
+        """llama-server answers /health without its key: ask a route that needs
+        it, so that health does not say ok while every chat fails with 401.
+        Why the key is refused, or None."""
+        status, body = self.call("GET", "/v1/models", connect_timeout=2, read_timeout=5)
+        if status not in (401, 403):
+            return None
+        given = "the key given with --llamacpp-api-key is not one it takes" if \
+            "Authorization" in self.headers else "it needs a key: give it with " \
+            "--llamacpp-api-key or LLAMACPP_API_KEY"
+        return f"llama.cpp refused llama-chat ({status}: {error_text(body)}): {given}"
 
     def start_hint(self):
         """The llama-server command that would answer at the configured URL."""
@@ -5730,7 +5745,7 @@ def prepare_settings(settings):
     A llama-server to start: checked, and given a loopback URL (its port that
     of --llamacpp-url, or a free one when that is the default)."""
     if not is_loopback(settings.host) and not settings.api_key:
-        settings = replace(settings, api_key=secrets.token_urlsafe(24), key_generated=True)
+        settings = replace(settings, api_key=kept_key(settings.db + ".key"), key_generated=True)
     if settings.llama_server:
         if not (os.path.isfile(settings.llama_server)
                 and os.access(settings.llama_server, os.X_OK)):
@@ -5749,6 +5764,29 @@ def prepare_settings(settings):
             else free_loopback_port()
         settings = replace(settings, llamacpp_url=f"http://127.0.0.1:{port}")
     return settings
+
+
+def kept_key(path):
+    """The key made up for a start beyond loopback, kept in `path` (0600) and
+    used again at the next start, so that phones keep working."""
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+        if re.fullmatch(r"[\w-]{20,200}", key):
+            private_file(path, create=False)
+            return key
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"the key file {path} cannot be read: {e.strerror}") from None
+    key = secrets.token_urlsafe(24)
+    try:
+        private_file(path)
+        with open(path, "w") as f:
+            f.write(key + "\n")
+    except OSError as e:
+        raise ConfigError(f"the key file {path} cannot be written: {e.strerror}") from None
+    return key
 
 
 NEW_DEFAULT_PORT = 9931          # llama-server's default port in newer llama.cpp
@@ -6224,7 +6262,9 @@ def serve(argv):
             return 1
     urls = urls_to_open(settings.host, server.server_address[1])
     if settings.key_generated:
-        print("llama-chat listens beyond this machine, so /api/ needs a key. Open one of:\n"
+        print("llama-chat listens beyond this machine, so /api/ needs a key (kept in "
+              f"{os.path.abspath(settings.db)}.key for the next start; delete that file for a "
+              "new key). Open one of:\n"
               + "\n".join(f"  {u}#token={settings.api_key}" for u in urls), flush=True)
     else:
         print(f"llama-chat {__version__}: open {urls[0]}"

@@ -58,6 +58,7 @@ class Stub:
         self.prompt_tools = True      # /tokenize, /apply-template, .../input_tokens
         self.tokenized = []           # what /tokenize was asked to count
         self.n_ctx = 4096             # of /props
+        self.api_key = None           # as llama-server --api-key: all but /health need it
         self.sent = []                # the body bytes of the last answer, write by write
         self.requests = []
         self.open_streams = 0
@@ -90,8 +91,20 @@ class StubHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def key_refused(self):
+        """llama-server's key check: every route but /health and /v1/health."""
+        key = self.stub.api_key
+        if key is None or self.path in ("/health", "/v1/health") or \
+                self.headers.get("Authorization") == f"Bearer {key}":
+            return False
+        self.send_json(401, {"error": {"message": "Invalid API Key",
+                                       "type": "authentication_error", "code": 401}})
+        return True
+
     def do_GET(self):
         stub = self.stub
+        if self.key_refused():
+            return
         if self.path.startswith("/props"):
             model = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("model")
             self.send_json(200, {"default_generation_settings": {"n_ctx": stub.n_ctx, "params": {
@@ -120,6 +133,8 @@ class StubHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         stub = self.stub
         raw = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.key_refused():
+            return
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):          # as llama-server answers it
@@ -1510,6 +1525,47 @@ def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     assert key not in err
+    key_file = tmp_path / "lan.db.key"
+    assert key_file.read_text().strip() == key and file_mode(key_file) == 0o600
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
+                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
+                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stdout.readline()
+        assert "kept in " + str(key_file) in said
+        assert proc.stdout.readline().strip().endswith("#token=" + key)   # the same key again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("content", ["", "short", "bad key with spaces here!!"])
+def test_a_kept_key_file_that_is_not_a_key_is_made_anew(tmp_path, content):
+    path = tmp_path / "x.key"
+    path.write_text(content)
+    key = llama_chat.kept_key(str(path))
+    assert re.fullmatch(r"[\w-]{32}", key) and path.read_text().strip() == key
+    assert llama_chat.kept_key(str(path)) == key
+
+
+@pytest.mark.parametrize("upstream_key, our_key, state, words", [
+    ("k1", "", "error", "it needs a key: give it with --llamacpp-api-key"),
+    ("k1", "wrong", "error", "the key given with --llamacpp-api-key is not one it takes"),
+    ("k1", "k1", "ok", None),
+    (None, "", "ok", None),
+    (None, "k1", "ok", None),
+])
+def test_health_tells_when_llama_server_refuses_our_key(tmp_path, stub, launch, upstream_key,
+                                                       our_key, state, words):
+    stub.api_key = upstream_key
+    c = Client(launch(stub.url, llamacpp_api_key=our_key))
+    health = c.get("/api/health")[2]
+    assert (health["llamacpp"]["state"], health["status"]) == (
+        state, "ok" if state == "ok" else "degraded")
+    if words:
+        assert words in health["llamacpp"]["error"] and "401" in health["llamacpp"]["error"]
+    assert "k1" not in json.dumps(health)
 
 
 def test_log_lines_cannot_be_forged(client, caplog):
