@@ -575,6 +575,7 @@ class Settings:
     system_prompt: str = DEFAULT_CONFIG["system_prompt"]
     auto_title: str = DEFAULT_CONFIG["auto_title"]     # first-line | model | off
     openai_record: bool = True      # openai_api.record: chats through /v1 kept in the history
+    allow_remote_media: bool = False   # openai_api.allow_remote_media: llama.cpp may fetch URLs
     timeouts: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["timeouts"]))
     model_options: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["model_options"]))
     performance: dict = field(default_factory=lambda: dict(DEFAULT_CONFIG["performance"]))
@@ -774,10 +775,11 @@ def load_settings(argv=None, environ=None):
         system_prompt = text_setting(conf.get("system_prompt", DEFAULT_CONFIG["system_prompt"]),
                                      "system_prompt", allow_empty=True)
         openai_api = conf.get("openai_api", DEFAULT_CONFIG["openai_api"])
-        if not isinstance(openai_api, dict) or set(openai_api) - {"record"} or not isinstance(
-                openai_api.get("record", True), bool):
-            raise ConfigError('openai_api must be an object {"record": true or false}, '
-                              f"not {openai_api!r}")
+        if not isinstance(openai_api, dict) or set(openai_api) - {
+                "record", "allow_remote_media"} or not all(
+                isinstance(value, bool) for value in openai_api.values()):
+            raise ConfigError('openai_api must be an object {"record": true or false, '
+                              f'"allow_remote_media": true or false}}, not {openai_api!r}')
         auto_title = conf.get("auto_title", DEFAULT_CONFIG["auto_title"])
         if auto_title not in AUTO_TITLES:
             raise ConfigError(f"auto_title must be one of {', '.join(AUTO_TITLES)}, "
@@ -785,6 +787,7 @@ def load_settings(argv=None, environ=None):
         settings = Settings(
             auto_title=auto_title,
             openai_record=openai_api.get("record", True),
+            allow_remote_media=openai_api.get("allow_remote_media", False),
             host=text_setting(pick(args.host, ["LLAMA_CHAT_HOST"], "host"), "host"),
             port=whole_number(pick(args.port, ["LLAMA_CHAT_PORT"], "port"), "port", 0, 65535),
             llamacpp_url=url_setting(pick(args.llamacpp_url, ["LLAMACPP_URL", "LLAMACPP_API_URL"],
@@ -4100,8 +4103,41 @@ def recording(app, req):
         "X-LlamaChat-Record", "").strip().lower() not in RECORD_OFF
 
 
+def remote_media(value):
+    """The first media URL in a request that llama-server would fetch itself
+    (it downloads any that starts with "http"), else None: an image_url (a
+    string or {"url"}), an input_audio's data or url, a source {"type": "url"}."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            image, audio = item.get("image_url"), item.get("input_audio")
+            for url in (image.get("url") if isinstance(image, dict) else image,
+                        *((audio.get("data"), audio.get("url")) if isinstance(audio, dict)
+                          else ()),
+                        item.get("url") if item.get("type") == "url" else None):
+                if isinstance(url, str) and url.lstrip()[:4].lower() == "http":
+                    return url
+            stack.extend(item.values())
+    return None
+
+
+def refuse_remote_media(app, body):
+    """No fetches on a client's behalf: llama-server would fetch a media URL
+    from wherever it points (any client, or any page, could make it reach
+    this machine's network), unless openai_api.allow_remote_media says so."""
+    url = None if app.settings.allow_remote_media else remote_media(body)
+    if url is not None:
+        raise validation_error("messages", "Media given by URL is not fetched: send it as a "
+                               "data: URL (base64), or set openai_api.allow_remote_media "
+                               f"(this one: {url[:200]})")
+
+
 def v1_chat(app, req):
     body = req.json()
+    refuse_remote_media(app, body)
     if not recording(app, req):
         openai_messages(body)                  # a chat must have messages all the same
         return relay_to_llamacpp(app, req, Exchange())
@@ -4111,6 +4147,12 @@ def v1_chat(app, req):
 def v1_relay(app, req):
     """Every other /v1/ route llama-server offers (models, completions,
     embeddings, responses...): relayed, not recorded."""
+    if req.body:
+        try:
+            body = json.loads(req.body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            body = None                        # llama.cpp says what is wrong with it
+        refuse_remote_media(app, body)
     return relay_to_llamacpp(app, req, Exchange())
 
 

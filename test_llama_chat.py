@@ -3537,6 +3537,62 @@ def test_keep_alive_serves_many_requests_on_one_connection(client):
 # The OpenAI-compatible endpoint
 ###############################################################################
 
+
+REMOTE_MEDIA = {
+    "image_url object": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}},
+        {"type": "text", "text": "what is this?"}]}]}),
+    "image_url in capitals": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": " HTTPS://intranet.local/x.png"}}]}]}),
+    "image_url string": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": "https://intranet.local/x.png"}]}]}),
+    "input_audio url": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"url": "http://10.0.0.1/a.wav"}}]}]}),
+    "input_audio data": ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "http://10.0.0.1/a.wav", "format": "wav"}}]}]}),
+    "responses input_image": ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": [
+        {"type": "input_image", "image_url": "http://10.0.0.1/x.png"}]}]}),
+    "anthropic url source": ("/v1/messages", {"model": "m", "max_tokens": 9, "messages": [
+        {"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://x/y"}}]}]}),
+}
+
+
+@pytest.mark.parametrize("path, body", REMOTE_MEDIA.values(), ids=REMOTE_MEDIA.keys())
+def test_v1_media_urls_are_not_fetched_on_a_client_s_behalf(client, stub, path, body):
+    status, _, answer = client.post(path, body)
+    assert status == 400 and answer["error"]["type"] == "invalid_request_error"
+    assert answer["error"]["code"] == "VALIDATION_ERROR" and "allow_remote_media" in \
+        answer["error"]["message"]
+    assert stub.requests == [] and rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+@pytest.mark.parametrize("path, body", [REMOTE_MEDIA["image_url object"],
+                                        REMOTE_MEDIA["responses input_image"]])
+def test_v1_media_urls_pass_when_allowed(tmp_path, stub, launch, path, body):
+    c = Client(launch(stub.url, allow_remote_media=True))
+    status, _, answer = c.post(path, body)
+    assert status != 400 or "allow_remote_media" not in json.dumps(answer)
+    assert stub.requests
+
+
+def test_v1_media_as_data_passes(client, stub):
+    status, _, _ = client.post("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64,iVBORw0KGgo="}}, {"type": "text", "text": "hi"}]}]})
+    assert status == 200 and stub.requests
+
+
+def test_the_remote_media_setting_is_read_and_checked(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text('{"openai_api": {"allow_remote_media": true}}')
+    assert llama_chat.load_settings(["--config", str(conf)], {}).allow_remote_media is True
+    assert llama_chat.Settings().allow_remote_media is False             # the default
+    conf.write_text('{"openai_api": {"allow_remote_media": "yes"}}')
+    with pytest.raises(llama_chat.ConfigError, match="allow_remote_media"):
+        llama_chat.load_settings(["--config", str(conf)], {})
+
+
+
 class OpenAIClient:
     """Speaks the API as the openai package does: base URL .../v1, a bearer
     key, JSON bodies, a stream read as SSE `data:` lines up to [DONE]."""
