@@ -1039,7 +1039,9 @@ class Database:
             conn.interrupt()
 
     def checkpoint(self):
-        self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        """Write the WAL into the file and empty it: whether that completed (a
+        reader's snapshot, or a writer, keeps it from completing)."""
+        return self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
 
     def user_version(self):
         """The schema version, read without changing the file."""
@@ -1677,6 +1679,8 @@ CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages BEGIN
     INSERT INTO search_fts (rowid, title, content)
         SELECT new.id, search_form(c.title), search_form(new.content)
         FROM conversations c WHERE c.id = new.conversation_id;
+    INSERT OR IGNORE INTO search_purge (due)
+        SELECT 1 WHERE substr(new.content, 1, length(old.content)) IS NOT old.content;
 END;
 CREATE TRIGGER search_title_changed AFTER UPDATE OF title ON conversations
 WHEN old.title IS NOT new.title BEGIN
@@ -1686,6 +1690,7 @@ WHEN old.title IS NOT new.title BEGIN
     INSERT INTO search_fts (rowid, title, content)
         SELECT m.id, search_form(new.title), search_form(m.content)
         FROM messages m WHERE m.conversation_id = new.id;
+    INSERT OR IGNORE INTO search_purge (due) SELECT 1 WHERE NOT old.title_pending;
 END;
 """
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
@@ -1753,6 +1758,15 @@ class SearchIndex:
             return False
         wanted = split_sql(SEARCH_SCHEMA)
         if self.in_step(have):
+            return False
+        if all(same_sql(s, have.get(object_name(s))) for s in wanted
+               if not s.startswith("CREATE TRIGGER")):
+            # Only triggers differ (what marks text to purge, say): the index
+            # itself is in step, so it is kept, not built again.
+            for statement in wanted:
+                if not same_sql(statement, have.get(object_name(statement))):
+                    c.execute(f"DROP TRIGGER IF EXISTS {object_name(statement)}")
+                    c.execute(statement)
             return False
         for name in triggers:
             c.execute(f"DROP TRIGGER {name}")
@@ -1853,21 +1867,33 @@ class SearchIndex:
                 for r in rows]
 
     def purge_due(self):
-        """Was text deleted since the last purge (perhaps by a run that stopped)?"""
+        """Was text deleted or replaced since the last purge (perhaps by a run
+        that stopped)? SEARCH_SCHEMA's triggers mark it: a message deleted, a
+        message's text changed other than by adding to its end (a continued
+        reply), a title renamed other than the first one given."""
         return self.fts and bool(self.db.conn().execute(
             "SELECT 1 FROM search_purge LIMIT 1").fetchone())
 
-    def purge(self):
-        """Make deleted text unrecoverable from the file: FTS5 keeps deleted
-        tokens in old index segments until they are merged ('optimize'), and
-        the WAL keeps old pages until a checkpoint (secure_delete zeroes what
-        is freed). Readers go on meanwhile; a writer interrupts it (it rolls
-        back, and is to be tried again when writes have paused)."""
+    def purge(self, stopping):
+        """Make deleted and edited text unrecoverable from the file: FTS5 keeps
+        old tokens in old index segments until they are merged ('optimize'),
+        and the file keeps old pages until a checkpoint has written the new
+        ones over them (secure_delete zeroes what is freed). A reader's
+        snapshot holds the checkpoint back: it is tried again each second
+        until it completes (or `stopping` is set: the mark stays, and the next
+        start purges). Readers go on meanwhile; a writer interrupts the merge
+        (it rolls back, and is to be tried again when writes have paused).
+        Whether it completed."""
         if self.fts:
             with self.db.write(gives_way=True) as c:
                 c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+        while not self.db.checkpoint():
+            if stopping.wait(1):
+                return False
+        if self.fts:
+            with self.db.write() as c:
                 c.execute("DELETE FROM search_purge")
-        self.db.checkpoint()
+        return True
 
     def check(self):
         """FTS5's own check that the index matches the tables; raises if not."""
@@ -4943,6 +4969,7 @@ def api_update_conversation(app, req):
                                             **check_conversation_settings(body))
     if changed is None:
         raise not_found("conversation", conversation_id)
+    app.purge_if_due()                       # a title renamed: the old one purged
     return changed
 
 
@@ -4963,6 +4990,7 @@ def api_edit_message(app, req):
     edited_at = app.store.tree.edit(message_id, content)
     if edited_at is None:
         raise not_found("message", message_id)
+    app.purge_if_due()                       # the text it had: purged like deleted text
     return {"message_id": message_id, "content": content, "edited_at": edited_at}
 
 
@@ -5281,6 +5309,11 @@ class App:
                     self.store.db.release()
         threading.Thread(target=rank, daemon=True).start()
 
+    def purge_if_due(self):
+        """Purge if a write marked text to purge (SEARCH_SCHEMA's triggers do)."""
+        if self.store.index.purge_due():
+            self.purge_soon()
+
     def purge_soon(self):
         """Purge deleted text in the background, once for any number of deletes."""
         with self._lock:
@@ -5293,7 +5326,7 @@ class App:
     def _purge_loop(self):
         while True:
             try:
-                self.store.index.purge()
+                self.store.index.purge(self.stopping)
             except sqlite3.Error as e:
                 if "interrupted" not in str(e):
                     log.warning("purging deleted text failed: %s", e)

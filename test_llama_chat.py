@@ -1493,12 +1493,101 @@ def test_deleted_text_is_gone_from_the_files(client):
         return data
 
     secrets = [b"quixotrophic", b"zanzibarite", "κρυφόλογος".encode(), "秘密".encode()]
-    assert all(word in on_disk() for word in secrets[:3])
+    assert all(word in on_disk() for word in (secrets[0], secrets[2]))  # the title: renamed
     assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
     deadline = time.monotonic() + 10
     while any(word in on_disk() for word in secrets) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [word for word in secrets if word in on_disk()] == []
+
+
+def bytes_on_disk(db):
+    data = b""
+    for suffix in ("", "-wal"):
+        if os.path.exists(db + suffix):
+            with open(db + suffix, "rb") as f:
+                data += f.read()
+    return data
+
+
+def test_edited_text_and_renamed_titles_are_gone_from_the_files(client):
+    cid = client.new_conversation("zanzibarite plans")
+    client.chat(cid, "my secret is quixotrophic")
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})  # auto
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "xylographic notes"})
+    question = client.get(f"/api/conversations/{cid}")[2]["messages"][0]["id"]
+    db = client.app.settings.db
+    client.app.store.db.checkpoint()
+    assert b"quixotrophic" in bytes_on_disk(db)
+    assert client.request("PUT", f"/api/messages/{question}", {"content": "nothing here"})[0] == 200
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "plain title"})
+    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db) and b"xylographic" not in
+             bytes_on_disk(db), 10, "the purge")
+    assert client.get(f"/api/search?q=nothing")[2]["results"]
+    assert not client.get(f"/api/search?q=quixotrophic")[2]["results"]
+
+
+@pytest.mark.parametrize("sql, due", [
+    ("UPDATE messages SET content = content || ' and more' WHERE id = 1", False),  # continue
+    ("UPDATE messages SET content = content WHERE id = 1", False),
+    ("UPDATE messages SET content = 'other words' WHERE id = 1", True),           # an edit
+    ("UPDATE messages SET content = substr(content, 2) WHERE id = 1", True),
+    ("UPDATE conversations SET title = 'first', title_pending = 0 WHERE id = 2", False),
+    ("UPDATE conversations SET title = 'again' WHERE id = 1", True),               # a rename
+    ("UPDATE conversations SET title = title WHERE id = 1", False),
+])
+def test_what_marks_text_to_purge(tmp_path, sql, due):
+    store = llama_chat.Store(str(tmp_path / "m.db"))
+    with store.db.write() as c:
+        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('t', 'm', 0)")
+        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('', 'm', 1)")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'hi')")
+        c.execute("DELETE FROM search_purge")
+    with store.db.write() as c:
+        c.execute(sql)
+    assert store.index.purge_due() is due
+
+
+def test_a_change_of_triggers_alone_keeps_the_index(tmp_path, monkeypatch):
+    path = str(tmp_path / "t.db")
+    store = llama_chat.Store(path)
+    with store.db.write() as c:
+        c.execute("INSERT INTO conversations (title, model) VALUES ('t', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', "
+                  "'volcanic')")
+        c.execute("DROP TRIGGER search_message_changed")          # as an older version made it
+        c.execute("CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages "
+                  "BEGIN SELECT 1; END")
+    store.close()
+    monkeypatch.setattr(llama_chat.SearchIndex, "_build", lambda *a: pytest.fail("rebuilt"))
+    store = llama_chat.Store(path)
+    assert store.index.in_step()
+    assert [r["content"] for r in store.index.search("volcanic", 10)] == ["volcanic"]
+    trigger = store.db.conn().execute("SELECT sql FROM sqlite_master WHERE name = "
+                                      "'search_message_changed'").fetchone()[0]
+    assert "search_purge" in trigger
+
+
+def test_a_purge_waits_for_a_reader_and_then_completes(tmp_path, stub, launch):
+    """A checkpoint gives up after the busy timeout while a reader's snapshot
+    (a slow export) holds old pages: it is tried again until it completes."""
+    client = Client(launch(stub.url, store=llama_chat.Store(
+        str(tmp_path / "chat.db"), open_now=False, busy_ms=200)))
+    cid = client.new_conversation()
+    client.chat(cid, "my secret is quixotrophic")
+    db = client.app.settings.db
+    reader = sqlite3.connect(db)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()      # a snapshot, as an export
+    try:
+        assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+        time.sleep(1.5)                                # several checkpoints gave up meanwhile
+        assert b"quixotrophic" in bytes_on_disk(db)                # held by the snapshot
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db), 15, "the purge after the reader")
+    assert not client.app.store.index.purge_due()
 
 
 def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
@@ -2378,7 +2467,7 @@ def test_the_index_keeps_in_step_with_every_write(tmp_path):
     assert store.search("gamma", 50) and not store.search("alpha", 50)
     store.delete_conversation(b)
     assert store.index.purge_due()
-    store.index.purge()
+    store.index.purge(threading.Event())
     assert not store.index.purge_due()
     assert_index_in_step(store)
     assert not store.search("主题", 10) and not store.search("βήτα", 10)
@@ -2408,13 +2497,13 @@ def test_a_write_interrupts_a_purge_which_runs_again_once_writes_pause(client, m
     merge = llama_chat.SearchIndex.purge
     merges = []
 
-    def a_long_merge_first(index):
+    def a_long_merge_first(index, stopping):
         merges.append(time.monotonic())
         if len(merges) == 1:              # a merge that would never end by itself
             with index.db.write(gives_way=True) as c:
                 c.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) "
                           "SELECT count(*) FROM n").fetchone()
-        merge(index)
+        return merge(index, stopping)
     monkeypatch.setattr(llama_chat.SearchIndex, "purge", a_long_merge_first)
     gone = client.new_conversation(title="quokkarian plans")
     client.chat(gone, "a quokkarian secret")
