@@ -5585,6 +5585,55 @@ def test_page_keeps_hostile_history_inert(page, client):
 
 
 @needs_chromium
+def test_page_renders_any_stored_shape_and_leaves_nothing_of_the_last_one(page, client):
+    store = client.app.store
+    before = store.create_conversation("the one before", MODEL)
+    store.add_message(before, "user", "earlier words")
+    odd = store.create_conversation("odd shapes", MODEL)
+    store.add_message(odd, "user", "show me")
+    for text in ("```constructor\nx = 1\n```", "```__proto__\ny\n```", "```toString\nz\n```",
+                 "plain"):
+        store.add_message(odd, "assistant", text, finish_reason="stop")
+    with store.db.write() as conn:
+        ids = [r[0] for r in conn.execute("SELECT id FROM messages WHERE conversation_id = ? "
+                                          "AND role = 'assistant' ORDER BY id", (odd,))]
+        conn.execute("UPDATE messages SET tool_calls = '\"not a list\"' WHERE id = ?", (ids[0],))
+        conn.execute("UPDATE messages SET tool_calls = '{\"a\": 1}' WHERE id = ?", (ids[1],))
+        conn.execute("UPDATE messages SET tool_calls = '[7, {\"function\": {\"name\": 5, "
+                     "\"arguments\": {\"q\": 1}}}]' WHERE id = ?", (ids[2],))
+        conn.execute("UPDATE messages SET finish_reason = 'stop now' WHERE id = ?", (ids[3],))
+    store.release()
+    b = page(f"/#/c/{before}")
+    b.wait("return document.body.textContent.includes('earlier words')")
+    b.go(f"http://127.0.0.1:{client.port}/#/c/{odd}")
+    b.wait("return document.querySelectorAll('#messages .msg').length === 5")
+    assert b.js("return document.getElementById('title').textContent") == "odd shapes"
+    assert "earlier words" not in b.js("return document.getElementById('messages').textContent")
+    code = b.js("return [...document.querySelectorAll('#messages pre code')].map(c => c.textContent)")
+    assert [c.strip() for c in code] == ["x = 1", "y", "z"]
+    calls = b.js("return [...document.querySelectorAll('.calls li')].map(l => l.textContent)")
+    assert calls == ["Calls a tool", 'Calls a tool{"q":1}']
+
+
+@needs_chromium
+def test_page_clears_the_view_when_a_conversation_cannot_be_shown(page, client):
+    store = client.app.store
+    before = store.create_conversation("the one before", MODEL)
+    store.add_message(before, "user", "earlier words")
+    broken = store.create_conversation("broken", MODEL)
+    store.add_message(broken, "user", "anything")
+    b = page(f"/#/c/{before}")
+    b.wait("return document.body.textContent.includes('earlier words')")
+    b.js("window.renderMessage = () => { throw new Error('a shape never seen'); }")
+    b.go(f"http://127.0.0.1:{client.port}/#/c/{broken}")
+    text = b.wait("const t = document.getElementById('messages').textContent;"
+                  "return t.includes('could not be shown') && t")
+    assert "earlier words" not in text and "a shape never seen" in text
+    assert b.js("return document.getElementById('title').textContent") == \
+        "This conversation could not be shown"
+
+
+@needs_chromium
 def test_page_streams_a_reply_and_keeps_hostile_tokens_inert(page, client, stub):
     stub.reply = " ".join(HOSTILE)
     stub.token_delay = 0.002
