@@ -5633,6 +5633,59 @@ def test_page_clears_the_view_when_a_conversation_cannot_be_shown(page, client):
         "This conversation could not be shown"
 
 
+ATTACKER_PAGE = """<!doctype html><meta charset="utf-8"><title>elsewhere</title><script>
+const target = "http://127.0.0.1:%(port)d";
+const inner = "POST /api/conversations/delete HTTP/1.1\\r\\nHost: 127.0.0.1:%(port)d\\r\\n" +
+  "Content-Type: application/json\\r\\nContent-Length: %(length)d\\r\\n\\r\\n%(ids)s";
+const shots = [];
+for (const [method, path] of [["POST", "/api/conversations"], ["POST", "/api/nothing"],
+                              ["POST", "/api/health"], ["PUT", "/api/conversations/1"],
+                              ["POST", "/api/import"]])
+  shots.push(fetch(target + path, { method, mode: "no-cors", body: inner }).catch(() => null));
+for (let i = 0; i < 6; i++) {
+  shots.push(fetch(target + "/api/backup", { mode: "no-cors" }).catch(() => null));
+  shots.push(fetch(target + "/api/export?format=jsonl", { mode: "no-cors" }).catch(() => null));
+}
+Promise.all(shots).then(() => { window.done = true; });
+</script>"""
+
+
+@needs_chromium
+def test_a_page_on_another_origin_can_neither_write_nor_copy_the_history(browser, client,
+                                                                          monkeypatch):
+    ids = [client.new_conversation(f"kept {i}") for i in range(3)]
+    copies = []
+    monkeypatch.setattr(llama_chat.Database, "backup", lambda *a, **k: copies.append(a))
+    monkeypatch.setattr(llama_chat, "export_all", lambda *a, **k: copies.append(a) or iter(()))
+    body = json.dumps({"ids": ids})
+    html = (ATTACKER_PAGE % {"port": client.port, "length": len(body),
+                             "ids": body.replace('"', '\\"')}).encode()
+
+    class Attacker(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(html)))
+            self.end_headers()
+            self.wfile.write(html)
+
+        def log_message(self, *a):
+            pass
+
+    elsewhere = ThreadingHTTPServer(("127.0.0.1", 0), Attacker)
+    serve(elsewhere)
+    try:
+        for host in ("127.0.0.1", "localhost"):          # same site, another port; cross-site
+            browser.go(f"http://{host}:{elsewhere.server_address[1]}/")
+            browser.wait("return window.done === true", timeout=20)
+    finally:
+        stop(elsewhere)
+        browser.go("about:blank")
+    assert [r[0] for r in rows(client, "SELECT title FROM conversations ORDER BY id")] == \
+        ["kept 0", "kept 1", "kept 2"]
+    assert copies == []
+
+
 @needs_chromium
 def test_page_streams_a_reply_and_keeps_hostile_tokens_inert(page, client, stub):
     stub.reply = " ".join(HOSTILE)
