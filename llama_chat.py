@@ -761,6 +761,16 @@ def load_settings(argv=None, environ=None):
         check_model_options(sections["model_options"], "model_options")
         limit = sections["performance"].get("context_history_limit")
         whole_number(limit, "performance.context_history_limit", 0, 100000)
+        whole_number(sections["performance"].get("num_thread"), "performance.num_thread",
+                     -1, 4096)
+        for section, name, kind, shown in (
+                ("performance", "use_mlock", bool, "true or false"),
+                ("performance", "use_mmap", bool, "true or false"),
+                ("response_optimization", "stream", bool, "true or false"),
+                ("response_optimization", "keep_alive", str, "a string, as \"10m\"")):
+            if not isinstance(sections[section].get(name), kind):
+                raise ConfigError(f"{section}.{name} must be {shown}, "
+                                  f"not {sections[section].get(name)!r}")
         for name in ("llamacpp_timeout", "llamacpp_connect_timeout"):
             value = sections["timeouts"].get(name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) \

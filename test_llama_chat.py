@@ -535,6 +535,21 @@ def test_broken_config_stops_start_up_with_one_clear_line(tmp_path, content, wor
     ({"performance": {"context_history_limit": 2.5}}, [], "context_history_limit"),
     ({"system_prompt": ["a"]}, [], "system_prompt must be a string"),
     ({"api_key": 12345}, [], "api_key must be a string"),
+    ({"db": None}, [], "db must be a non-empty string"),
+    ({"host": None}, [], "host must be a non-empty string"),
+    ({"port": None}, [], "port must be a whole number"),
+    ({}, ["--port", "\u00b3"], "port must be a whole number"),
+    ({}, ["--port", "\u0663\u0660\u0660\u0660"], "port must be a whole number"),
+    ({"max_body_bytes": None}, [], "max_body_bytes must be a whole number"),
+    ({"performance": {"num_thread": 2.5}}, [], "performance.num_thread must be a whole number"),
+    ({"performance": {"use_mlock": "yes"}}, [], "performance.use_mlock must be true or false"),
+    ({"performance": {"use_mmap": 1}}, [], "performance.use_mmap must be true or false"),
+    ({"response_optimization": {"stream": None}}, [], "response_optimization.stream must be"),
+    ({"response_optimization": {"keep_alive": 600}}, [], "response_optimization.keep_alive"),
+    ({"openai_api": {"record": "no"}}, [], "openai_api must be an object"),
+    ({"openai_api": {"recrd": True}}, [], "openai_api must be an object"),
+    ({"auto_title": None}, [], "auto_title must be one of"),
+    ({"allowed_hosts": [1]}, [], "allowed_hosts must be a list of names"),
 ])
 def test_every_setting_is_checked_for_type_and_range(tmp_path, conf, argv, words):
     path = tmp_path / "config.json"
