@@ -158,7 +158,8 @@ def ascii_number(text, most_digits=18):
     """The whole number `text` writes in ASCII digits, else None. Numbers in
     paths, queries and headers are read only this way: str.isdigit() and
     int() also take '²', '٣', ' 1' and '1_0'."""
-    if not isinstance(text, str) or not text or len(text) > most_digits or not text.isascii() or not text.isdigit():
+    if not isinstance(text, str) or not text or len(text) > most_digits \
+            or not text.isascii() or not text.isdigit():
         return None
     return int(text)
 
@@ -504,12 +505,11 @@ def query_int(req, name, default, low, high=None):
     if raw is None or raw == "":
         return default
     value = ascii_number(raw, 19)
-    if value is None and ascii_number(raw[1:], 19) is not None and raw[0] == "-":
-        value = -1
-    if value is None:
+    negative = raw.startswith("-") and ascii_number(raw[1:], 19) is not None
+    if value is None and not negative:
         raise validation_error(name, f"Query parameter {name} must be a whole number "
                                "(ASCII digits)")
-    if value < low:
+    if negative or value < low:
         raise validation_error(name, f"Query parameter {name} must be at least {low}")
     if value >= 2**63:
         raise validation_error(name, f"Query parameter {name} is out of range")
@@ -4790,10 +4790,10 @@ BACKUP_LOCK = threading.Lock()     # one backup copy at a time: each is the whol
 
 def backup_copies(db):
     """Where the backup route's temporary copies of db go (beside it: the same
-    disk), as a glob pattern: one left by a crash is removed at the next start
-    (it holds text deleted since)."""
+    disk): (folder, name prefix). One left by a crash is removed at the next
+    start (it holds text deleted since)."""
     folder, name = os.path.split(os.path.abspath(db.path))
-    return os.path.join(folder, f".{name}.backup-*")
+    return folder, f".{name}.backup-"
 
 
 class BackupCopy:
@@ -4807,10 +4807,10 @@ class BackupCopy:
             raise ApiError(503, "BUSY", "A backup is being made; try again when it is done",
                            {"Retry-After": "10"})
         import tempfile
-        folder, name = os.path.split(os.path.abspath(db.path))
+        folder, prefix = backup_copies(db)
         self.path, self.held = None, True
         try:
-            handle, self.path = tempfile.mkstemp(prefix=f".{name}.backup-", dir=folder)
+            handle, self.path = tempfile.mkstemp(prefix=prefix, dir=folder)
             os.close(handle)
             db.backup(self.path, durable=False)
             self.size = os.path.getsize(self.path)
@@ -5256,7 +5256,8 @@ class App:
         """Open the store: at once when that is quick, else (a migration or an
         index build can take minutes) while the server already answers:
         /api/health with the progress, the rest of /api/ with STARTING."""
-        for leftover in glob.glob(backup_copies(self.store.db)):   # a crash's: deleted text
+        folder, prefix = backup_copies(self.store.db)
+        for leftover in glob.glob(os.path.join(folder, glob.escape(prefix) + "*")):
             with contextlib.suppress(OSError):
                 os.remove(leftover)
                 log.info("removed %s, a backup copy left by a stop mid-download", leftover)
@@ -5750,7 +5751,6 @@ class Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         handler = type("BoundHandler", (Handler,), {"app": app})
         self.app = app
-        self.connections = 0
         self.by_address = {}                 # client address -> connections open
         self._deadlines = {}
         self._guard = threading.Lock()
@@ -5765,7 +5765,6 @@ class Server(ThreadingHTTPServer):
             full = self.connections >= settings.max_connections or \
                 held >= settings.connections_per_address
             if not full:
-                self.connections += 1
                 self.by_address[address] = held + 1
         if not full:
             return super().process_request(request, client_address)
@@ -5781,10 +5780,14 @@ class Server(ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             with self._guard:
-                self.connections -= 1
                 held = self.by_address.pop(client_address[0]) - 1
                 if held:
                     self.by_address[client_address[0]] = held
+
+    @property
+    def connections(self):
+        """Connections being served: the sum over addresses, kept in one place."""
+        return sum(self.by_address.values())
 
     def watch(self, sock, seconds):
         with self._guard:
