@@ -436,6 +436,12 @@ def known_fields(body, fields):
                                    + ", ".join(sorted(fields)) + where)
 
 
+# The longest text the history keeps in each field, whoever writes it: the
+# API refuses longer, an import cuts it (and counts it).
+LIMITS = {"content": 200_000, "title": 500, "model": 500, "system_prompt": 100_000,
+          "name": 500}
+
+
 def require_str(body, name, allow_empty=False, max_len=10_000):
     if name not in body or body[name] is None:
         raise validation_error(name, f"Missing required field: {name}")
@@ -472,7 +478,7 @@ def check_conversation_settings(body):
     found = {}
     if "system_prompt" in body:
         found["system_prompt"] = None if body["system_prompt"] is None else require_str(
-            body, "system_prompt", allow_empty=True, max_len=100_000)
+            body, "system_prompt", allow_empty=True, max_len=LIMITS["system_prompt"])
     if "options" in body:
         if body["options"] is not None:
             check_model_options(body["options"], "options")
@@ -941,6 +947,7 @@ class Database:
         self.last_write = 0.0        # time.monotonic() of the last write's end
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
+        self._wanting = set()        # threads waiting to begin a write
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
 
     def connect(self):
@@ -996,7 +1003,11 @@ class Database:
         if other is not None and other is not conn:
             other.interrupt()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            self._wanting.add(threading.get_ident())
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                self._wanting.discard(threading.get_ident())
             if gives_way:
                 self._giving_way = conn
             try:
@@ -1015,6 +1026,18 @@ class Database:
                 self._giving_way = None
             self.last_write = time.monotonic()
         self.failure = None
+
+    def someone_waits(self):
+        """Whether another thread waits to begin a write."""
+        return bool(self._wanting)
+
+    def give_way(self, longest=1.0):
+        """Between the transactions of a long piece of work (an import): wait
+        while another thread waits to write, up to `longest` seconds, so that
+        it goes first."""
+        ends = time.monotonic() + longest
+        while self._wanting and time.monotonic() < ends:
+            time.sleep(0.001)
 
     def write_if_unchanged(self, conn, statement, rows):
         """In conn's read transaction: write rows by statement and commit, if
@@ -1485,10 +1508,39 @@ def migrate_to_7(c):
         c.execute(statement)
 
 
+# Version 7 -> 8: a conversation's identity. Each has a random UUID, given
+# by SQLite to every conversation made (whoever makes it) and carried by
+# exports, so that importing a file twice, or into the database it came
+# from, skips what is already there. And an import's conversations are
+# marked until it ends: what an import that never ended (a kill, a crash)
+# wrote is removed at the next start, so that a file is imported whole or
+# not at all while chats go on between its transactions.
+UUID_SQL = ("lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || "
+            "substr(hex(randomblob(2)), 2) || '-' || substr('89AB', 1 + (random() & 3), 1) || "
+            "substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6)))")
+IDENTITY_SCHEMA = f"""
+CREATE UNIQUE INDEX conversations_by_uuid ON conversations (uuid);
+CREATE TRIGGER conversation_uuid_given AFTER INSERT ON conversations
+WHEN new.uuid IS NULL BEGIN
+    UPDATE conversations SET uuid = {UUID_SQL} WHERE id = new.id;
+END;
+CREATE TABLE import_pending (
+    conversation_id INTEGER PRIMARY KEY REFERENCES conversations (id) ON DELETE CASCADE,
+    run TEXT NOT NULL);
+"""
+
+
+def migrate_to_8(c):
+    c.execute("ALTER TABLE conversations ADD COLUMN uuid TEXT")
+    c.execute(f"UPDATE conversations SET uuid = {UUID_SQL}")
+    for statement in split_sql(IDENTITY_SCHEMA):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
-              migrate_to_6, migrate_to_7]
+              migrate_to_6, migrate_to_7, migrate_to_8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -1965,7 +2017,7 @@ CURRENT = object()      # a new message's parent: the conversation's current mes
 # source came from): the rest of a conversation's columns (its model, and its
 # settings) are.
 FORK_FRESH = {"id", "title", "created_at", "updated_at", "current_message_id", "source",
-              "source_id", "client"}
+              "source_id", "client", "uuid"}
 
 
 class Tree:
@@ -2188,6 +2240,31 @@ def migration_backup(db, version):
     return path
 
 
+def process_alive(pid):
+    """Whether process pid runs (on Windows, where signal 0 would end it: yes)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:                       # another user's: it runs
+        pass
+    return True
+
+
+def remove_unfinished_imports(c):
+    """The conversations of imports whose process ended before they did (a
+    kill, a crash), removed in transaction c."""
+    for (run,) in c.execute("SELECT DISTINCT run FROM import_pending").fetchall():
+        pid = ascii_number(run.split(":")[0], 10)
+        if pid is None or (pid != os.getpid() and not process_alive(pid)):
+            removed = c.execute("DELETE FROM conversations WHERE id IN (SELECT "
+                                "conversation_id FROM import_pending WHERE run = ?)",
+                                (run,)).rowcount
+            log.warning("removed %d conversations of an import that did not end", removed)
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -2232,6 +2309,7 @@ class Store:
                     self.progress.set(f"migrating the database to schema {number}")
                     migrate(c)
                     c.execute(f"PRAGMA user_version = {number}")
+                remove_unfinished_imports(c)
                 built = self.index.sync(c, self.progress)
         self.version = SCHEMA_VERSION
         if built:
@@ -3241,11 +3319,11 @@ def start_chat(app, body, stream):
     known_fields(body, CHAT_FIELDS)
     conversation_id = require_int(body, "conversation_id")
     placement, target_id = chat_placement(body)
-    message = require_str(body, "message", max_len=200_000) \
+    message = require_str(body, "message", max_len=LIMITS["content"]) \
         if placement in (None, "parent_id") else None
     # A new question names its model (the reference's rule); a regenerate or
     # continue may leave it out: the reply's own model, else the conversation's.
-    model = require_str(body, "model", allow_empty=True, max_len=500) \
+    model = require_str(body, "model", allow_empty=True, max_len=LIMITS["model"]) \
         if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
@@ -4199,11 +4277,11 @@ def v1_relay(app, req):
 EXPORT_VERSION = 1
 # What an export holds of a conversation and of each of its messages: every
 # column but the digest (derived) and, for a conversation, title_pending.
-EXPORT_CONVERSATION = """id, title, model, created_at, updated_at, system_prompt, options,
-    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, current_message_id, source,
-    source_id, client"""
-EXPORT_CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_prompt,
-    options, pinned, current_message_id, source, source_id, client"""
+EXPORT_CONVERSATION = """id, uuid, title, model, created_at, updated_at, system_prompt,
+    options, CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, current_message_id,
+    source, source_id, client"""
+EXPORT_CONVERSATION_COLUMNS = """id, uuid, title, model, created_at, updated_at,
+    system_prompt, options, pinned, current_message_id, source, source_id, client"""
 EXPORT_MESSAGE_COLUMNS = """id, parent_id, role, content, reasoning, model, timestamp,
     edited_at, response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second,
     finish_reason, options, tool_calls, tool_call_id, prompt_n, prompt_ms, cache_n,
@@ -4295,30 +4373,49 @@ def attachment(name, kind):
 
 
 # Reading a file to import: JSON read a piece at a time, so that a 500 MB
-# export never sits in memory whole: only the item being read does.
+# export never sits in memory whole: only the item being read does. A value
+# cut by the end of a piece is read again with at least as much more, so that
+# a long value costs time in proportion to its length, not to its square.
 READ_PIECE = 1 << 20
+MAX_ITEM_CHARS = 64 << 20       # one conversation of a file, read whole
 
 
 class JsonPieces:
     """JSON values read one after another from a binary file (a JSONL file,
-    or one value), and the elements of an array one by one."""
+    or one value), and the elements of an array one by one. Errors say
+    where in the file (line and column) they are."""
 
     def __init__(self, f):
         self.f, self.text, self.at, self.ended = f, "", 0, False
+        self.lines, self.column = 1, 1        # where self.text begins in the file
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self.raw = json.JSONDecoder()
 
-    def more(self):
+    def more(self, size=READ_PIECE):
         if self.ended:
             return False
-        data = self.f.read(READ_PIECE)
+        data = self.f.read(size)
         self.ended = not data
         try:
-            self.text = self.text[self.at:] + self.decoder.decode(data, final=self.ended)
+            added = self.decoder.decode(data, final=self.ended)
         except UnicodeDecodeError as e:
-            raise ValueError(f"the file is not UTF-8 text ({e.reason})") from None
-        self.at = 0
+            raise ValueError(f"the file is not UTF-8 text ({e.reason}) after {self.where()}") \
+                from None
+        if not added:
+            return bool(data)
+        read = self.text[:self.at]
+        newlines = read.count("\n")
+        self.lines += newlines
+        self.column = (self.at - read.rfind("\n")) if newlines else self.column + self.at
+        self.text, self.at = self.text[self.at:] + added, 0
         return bool(data)
+
+    def where(self, at=None):
+        """Line and column in the file of position `at` of the text held."""
+        before = self.text[:self.at if at is None else at]
+        newlines = before.count("\n")
+        column = len(before) - before.rfind("\n") if newlines else self.column + len(before)
+        return f"line {self.lines + newlines:,}, column {column:,}"
 
     def peek(self):
         """The next character that is not white space ("" at the end)."""
@@ -4332,7 +4429,7 @@ class JsonPieces:
 
     def take(self, char):
         if self.peek() != char:
-            raise ValueError(f"expected {char!r} at character {self.at}")
+            raise ValueError(f"expected {char!r} at {self.where()}")
         self.at += 1
 
     def value(self):
@@ -4341,15 +4438,24 @@ class JsonPieces:
         while True:
             try:
                 value, end = self.raw.raw_decode(self.text, self.at)
-            except ValueError as e:
-                if self.more():
+            except json.JSONDecodeError as e:
+                if self.grow():
                     continue
-                raise ValueError(f"the JSON ends early or is broken: {e}") from None
+                raise ValueError(f"the JSON ends early or is broken at {self.where(e.pos)}: "
+                                 f"{e.msg}") from None
             if end == len(self.text) and not self.ended and not isinstance(value, (dict, list)):
-                self.more()                      # a number may go on in the next piece
+                self.grow()                      # a number may go on in the next piece
                 continue
             self.at = end
             return value
+
+    def grow(self):
+        """More of the file for a value not whole yet: as much again as is held."""
+        held = len(self.text) - self.at
+        if held > MAX_ITEM_CHARS:
+            raise ValueError(f"one item of the file, at {self.where()}, is longer than "
+                             f"{MAX_ITEM_CHARS:,} characters")
+        return self.more(max(READ_PIECE, held))
 
     def elements(self):
         """The elements of the array that comes next."""
@@ -4360,23 +4466,26 @@ class JsonPieces:
         while True:
             yield self.value()
             char = self.peek()
+            if char not in (",", "]"):
+                raise ValueError(f"the JSON array is broken at {self.where()}")
             self.at += 1
             if char == "]":
                 return
-            if char != ",":
-                raise ValueError("the JSON array is broken")
 
 
-def json_items(f):
+def json_items(f, seen):
     """The items of a JSON file: the elements of a top-level array, the
     conversations of llama-chat's export of everything (the members before
-    them read first), or each top-level value (one object, or JSONL)."""
+    them read first), or each top-level value (one object, or JSONL).
+    seen["array"] is set when the file holds an array (an empty one is an
+    empty import, not an error)."""
     reader = JsonPieces(f)
     while True:
         char = reader.peek()
         if char == "":
             return
         if char == "[":
+            seen["array"] = True
             yield from reader.elements()
         elif char == "{":
             reader.take("{")
@@ -4386,9 +4495,9 @@ def json_items(f):
                 reader.take(":")
                 if key == "conversations" and head.get("format") == "llama-chat" \
                         and reader.peek() == "[":
-                    streamed = True
+                    streamed = seen["array"] = True
                     for item in reader.elements():
-                        yield {"format": "llama-chat", **item}
+                        yield {"format": "llama-chat", **item} if isinstance(item, dict) else item
                 else:
                     head[key] = reader.value()
                 if reader.peek() == ",":
@@ -4397,30 +4506,32 @@ def json_items(f):
             if not streamed:
                 yield head
         else:
-            raise ValueError("the file holds no JSON object or array")
+            raise ValueError(f"the file holds no JSON object or array (at {reader.where()})")
 
 
 @dataclass
 class Imported:
-    """A conversation from another app, ready to store: messages in an order
-    where each comes after its parent, by their keys there."""
+    """A conversation from another app, ready to check and store: messages in
+    an order where each comes after its parent, by their keys there."""
     source: str
     source_id: str
-    title: str
-    created_at: str = None
-    updated_at: str = None
-    model: str = ""
-    system_prompt: str = None
-    options: str = None
+    title: object
+    created_at: object = None
+    updated_at: object = None
+    model: object = ""
+    system_prompt: object = None
+    options: object = None        # a dict, as the API takes it
     pinned: bool = False
     current: object = None        # the key of the message shown
     messages: list = field(default_factory=list)    # dicts: key, parent, role, content...
-    client: str = None
+    client: object = None
+    uuid: object = None           # its id in llama-chat, where it comes from one
 
 
 def iso_time(value, unit=1.0):
-    """A time as llama-chat keeps it: ISO text as it is; a number of seconds
-    (unit 1) or milliseconds (unit 0.001) since 1970 converted; else None."""
+    """A time as llama-chat keeps it: text as it is (checked on import); a
+    number of seconds (unit 1) or milliseconds (unit 0.001) since 1970
+    converted; else None."""
     if isinstance(value, str) and value:
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
@@ -4478,10 +4589,24 @@ def tree_messages(nodes, parent_of, message_of, current):
     return kept, system, current
 
 
+def attachment_note(extra):
+    """An attachment of llama.cpp's web UI, named in its message's text with
+    the text it carries (a text file's, a PDF's): the files themselves are
+    not kept."""
+    kind = extra.get("type") if isinstance(extra.get("type"), str) else "attachment"
+    kind = {"context": "text"}.get(kind, kind).lower().removesuffix("file") or "attachment"
+    name = extra.get("name") if isinstance(extra.get("name"), str) else "unnamed"
+    note = f"\n\n[{kind}: {name}]"
+    if isinstance(extra.get("content"), str) and kind not in ("image", "audio", "video"):
+        note += "\n" + extra["content"]
+    return note
+
+
 def from_llamacpp(conv, messages):
-    """llama.cpp's web UI: a conversation (id, name, currNode, lastModified)
-    and its messages (id, parent, role, content, thinking or
-    reasoningContent, timestamp in ms, model, timings, extra attachments)."""
+    """llama.cpp's web UI: a conversation (id, name, currNode, lastModified,
+    pinned) and its messages (id, parent, type, role, content,
+    reasoningContent or thinking, timestamp in ms, model, timings, toolCalls
+    (a list, or JSON text), toolCallId, extra: attachments)."""
     nodes = {str(m.get("id")): m for m in messages if isinstance(m, dict)}
 
     def message_of(m):
@@ -4489,44 +4614,60 @@ def from_llamacpp(conv, messages):
         if role is None or m.get("type") == "root":
             return None
         content = stored_text(m.get("content"))
-        for extra in m.get("extra") or ():
+        for extra in m.get("extra") if isinstance(m.get("extra"), list) else ():
             if isinstance(extra, dict):
-                if isinstance(extra.get("content"), str) and extra.get("type") != "imageFile":
-                    content += f"\n\n[{extra.get('name') or 'attachment'}]\n{extra['content']}"
-                else:
-                    content += f"\n\n[{extra.get('type') or 'attachment'}: " \
-                               f"{extra.get('name') or 'unnamed'}]"
+                content += attachment_note(extra)
         timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
-        speed = None
-        if isinstance(timings.get("predicted_n"), int) and timings.get("predicted_ms"):
-            speed = round(timings["predicted_n"] / timings["predicted_ms"] * 1000, 1)
+        made, took = timings.get("predicted_n"), timings.get("predicted_ms")
+        speed = round(made / took * 1000, 1) if all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+            for v in (made, took)) else None
         return {"role": role, "content": content,
-                "reasoning": stored_text(m.get("reasoningContent") or m.get("thinking")) or None,
-                "model": m.get("model") if isinstance(m.get("model"), str) else None,
-                "timestamp": iso_time(m.get("timestamp"), 0.001),
-                "estimated_tokens": timings.get("predicted_n")
-                if isinstance(timings.get("predicted_n"), int) else None,
-                "prompt_tokens": timings.get("prompt_n")
-                if isinstance(timings.get("prompt_n"), int) else None,
-                "tokens_per_second": speed,
-                "finish_reason": "stop" if role == "assistant" else None,
-                "tool_calls": m["toolCalls"] if isinstance(m.get("toolCalls"), str) else None,
-                "tool_call_id": m.get("toolCallId"), **reply_timings(timings)}
+                "reasoning": m.get("reasoningContent") or m.get("thinking") or None,
+                "model": m.get("model"), "timestamp": iso_time(m.get("timestamp"), 0.001),
+                "estimated_tokens": made, "prompt_tokens": timings.get("prompt_n"),
+                "tokens_per_second": speed, "tool_calls": m.get("toolCalls"),
+                "tool_call_id": m.get("toolCallId"),
+                **{name: timings.get(name) for name in TIMING_COLUMNS if name != "ttft_ms"}}
     kept, system, current = tree_messages(
         nodes, lambda k: str(nodes[k].get("parent")) if nodes[k].get("parent") else None,
         message_of, str(conv.get("currNode")))
     when = iso_time(conv.get("lastModified"), 0.001)
-    return Imported("llama.cpp-webui", str(conv.get("id")), stored_text(conv.get("name")) or UNTITLED,
-                    when, when, system_prompt=system, current=current, messages=kept)
+    return Imported("llama.cpp-webui", str(conv.get("id")), conv.get("name"), when, when,
+                    system_prompt=system, pinned=conv.get("pinned") is True, current=current,
+                    messages=kept)
+
+
+# Open WebUI keeps a reply's reasoning in its text: <details type="reasoning"
+# ...><summary>Thought for 3 seconds</summary> and the reasoning's lines,
+# quoted ("> ") and HTML-escaped, then </details>.
+OPEN_WEBUI_REASONING = re.compile(
+    r'<details type="reasoning"[^>]*>\s*(?:<summary>.*?</summary>)?(.*?)</details>\s*', re.S)
+
+
+def open_webui_reasoning(text):
+    """A reply's text of Open WebUI without its reasoning, and the reasoning."""
+    found = []
+
+    def taken(match):
+        import html
+        lines = html.unescape(match.group(1)).strip("\n").split("\n")
+        found.append("\n".join(re.sub(r"^> ?", "", line) for line in lines).strip())
+        return ""
+    if "<details" not in text:
+        return text, None
+    rest = OPEN_WEBUI_REASONING.sub(taken, text)
+    return (rest.strip() if found else text), "\n\n".join(r for r in found if r) or None
 
 
 def from_open_webui(chat):
     """Open WebUI: a chat {id, title, created_at, updated_at (seconds), pinned,
     chat: {models, params.system or system, history: {messages by id with
-    parentId, currentId}}}."""
+    parentId, currentId}}}; a reply's reasoning inside its text."""
     body = chat.get("chat") if isinstance(chat.get("chat"), dict) else {}
     history = body.get("history") if isinstance(body.get("history"), dict) else {}
-    nodes = {str(k): v for k, v in (history.get("messages") or {}).items() if isinstance(v, dict)}
+    messages = history.get("messages") if isinstance(history.get("messages"), dict) else {}
+    nodes = {str(k): v for k, v in messages.items() if isinstance(v, dict)}
 
     def message_of(m):
         role = STORED_ROLES.get(m.get("role"))
@@ -4535,14 +4676,13 @@ def from_open_webui(chat):
         info = m.get("usage") if isinstance(m.get("usage"), dict) else {}
         files = "".join(f"\n\n[file: {stored_text(f.get('name') or f.get('type') or 'unnamed')}]"
                         for f in m.get("files") or () if isinstance(f, dict))
-        return {"role": role, "content": stored_text(m.get("content")) + files,
-                "model": m.get("model") if isinstance(m.get("model"), str) else None,
-                "timestamp": iso_time(m.get("timestamp")),
-                "estimated_tokens": info.get("completion_tokens")
-                if isinstance(info.get("completion_tokens"), int) else None,
-                "prompt_tokens": info.get("prompt_tokens")
-                if isinstance(info.get("prompt_tokens"), int) else None,
-                "finish_reason": "stop" if role == "assistant" else None}
+        text, reasoning = stored_text(m.get("content")), None
+        if role == "assistant":
+            text, reasoning = open_webui_reasoning(text)
+        return {"role": role, "content": text + files, "reasoning": reasoning,
+                "model": m.get("model"), "timestamp": iso_time(m.get("timestamp")),
+                "estimated_tokens": info.get("completion_tokens"),
+                "prompt_tokens": info.get("prompt_tokens")}
     kept, system, current = tree_messages(
         nodes, lambda k: str(nodes[k].get("parentId")) if nodes[k].get("parentId") else None,
         message_of, str(history.get("currentId")))
@@ -4550,10 +4690,9 @@ def from_open_webui(chat):
     system = params.get("system") or body.get("system") or system
     models = body.get("models") if isinstance(body.get("models"), list) else []
     return Imported("open-webui", str(chat.get("id") or body.get("id")),
-                    stored_text(chat.get("title") or body.get("title")) or UNTITLED,
+                    chat.get("title") or body.get("title"),
                     iso_time(chat.get("created_at")), iso_time(chat.get("updated_at")),
-                    model=models[0] if models and isinstance(models[0], str) else "",
-                    system_prompt=stored_text(system) if system else None,
+                    model=models[0] if models else "", system_prompt=system or None,
                     pinned=chat.get("pinned") is True, current=current, messages=kept)
 
 
@@ -4571,6 +4710,11 @@ def chatgpt_text(content):
         return "", "\n\n".join(stored_text(t.get("content") or t.get("summary")) for t in thoughts)
     if kind == "reasoning_recap":
         return "", None
+    if kind == "tether_browsing_display":          # what a search or a page gave
+        return stored_text(content.get("result") or content.get("summary")), None
+    if kind == "tether_quote":
+        return "\n".join(stored_text(content.get(k)) for k in ("title", "url", "text")
+                         if isinstance(content.get(k), str) and content[k]), None
     parts = []
     for part in content.get("parts") or ([content["text"]] if "text" in content else ()):
         if isinstance(part, str):
@@ -4585,7 +4729,9 @@ def chatgpt_text(content):
 def from_chatgpt(conversation):
     """ChatGPT's conversations.json: {title, create_time, update_time (seconds),
     mapping: {node: {message, parent, children}}, current_node}. Thoughts go
-    to the reply that follows them as its reasoning."""
+    to the reply that follows them as its reasoning; the custom instructions
+    (a hidden node) become the system prompt; memory notes are left out (they
+    are ChatGPT's, not the conversation's), and so are messages with no text."""
     mapping = conversation.get("mapping") if isinstance(conversation.get("mapping"), dict) else {}
     nodes = {str(k): v for k, v in mapping.items() if isinstance(v, dict)}
     thoughts = {}
@@ -4598,19 +4744,25 @@ def from_chatgpt(conversation):
         m = node.get("message") if isinstance(node.get("message"), dict) else None
         if m is None:
             return None
+        content = m.get("content") if isinstance(m.get("content"), dict) else {}
+        kind = content.get("content_type")
+        if kind == "user_editable_context":
+            text = "\n\n".join(content[k] for k in ("user_profile", "user_instructions")
+                               if isinstance(content.get(k), str) and content[k].strip())
+            return {"role": "system", "content": sound_text(text)} if text else None
+        if kind == "model_editable_context":
+            return None
         author = m.get("author") if isinstance(m.get("author"), dict) else {}
         role = STORED_ROLES.get(author.get("role"))
-        text, reasoning = chatgpt_text(m.get("content"))
+        text, reasoning = chatgpt_text(content)
         metadata = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
         if reasoning is not None:
             thoughts[id(node)] = reasoning
-        if role is None or (not text and reasoning is not None) or (
-                role == "system" and (not text or metadata.get("is_visually_hidden_from_"
-                                                               "conversation"))):
+        if role is None or not text.strip() or (
+                role == "system" and metadata.get("is_visually_hidden_from_conversation")):
             return None
         return {"role": role, "content": text, "model": metadata.get("model_slug"),
-                "timestamp": iso_time(m.get("create_time")),
-                "finish_reason": "stop" if role == "assistant" else None}
+                "timestamp": iso_time(m.get("create_time"))}
     kept, system, current = tree_messages(nodes, parent_of, message_of,
                                           str(conversation.get("current_node")))
     # Thoughts: to the first reply below them.
@@ -4626,7 +4778,7 @@ def from_chatgpt(conversation):
                 below = [c for c in (nodes[child].get("children") or ()) if str(c) in nodes] \
                     + below
     ident = conversation.get("conversation_id") or conversation.get("id")
-    return Imported("chatgpt", str(ident), stored_text(conversation.get("title")) or UNTITLED,
+    return Imported("chatgpt", str(ident), conversation.get("title"),
                     iso_time(conversation.get("create_time")),
                     iso_time(conversation.get("update_time")), system_prompt=system,
                     current=current, messages=kept)
@@ -4638,29 +4790,21 @@ def from_llama_chat(item):
     if not isinstance(c, dict) or not isinstance(item.get("messages"), list):
         raise ValueError("a llama-chat conversation has 'conversation' and 'messages'")
     nodes = {m.get("id"): m for m in item["messages"] if isinstance(m, dict)}
-    copied = ("reasoning", "model", "timestamp", "edited_at", "response_time_ms",
-              "estimated_tokens", "prompt_tokens", "tokens_per_second", "finish_reason",
-              "tool_call_id", *TIMING_COLUMNS)
 
     def message_of(m):
         role = m.get("role") if m.get("role") in ("system", "user", "assistant", "tool") \
             else None
         if role is None:
             return None
-        found = {"role": role, "content": stored_text(m.get("content")),
-                 **{name: m.get(name) for name in copied}}
-        for name in ("options", "tool_calls"):
-            found[name] = JSON.encode(m[name]) if m.get(name) is not None else None
-        return found
+        return {**{name: m.get(name) for name in MESSAGE_CHECKS}, "role": role}
     kept, _, current = tree_messages(nodes, lambda k: nodes[k].get("parent_id"), message_of,
                                      c.get("current_message_id"))
     source = c.get("source") if c.get("source") not in (None, "api") else "llama-chat"
     ident = c.get("source_id") if c.get("source") not in (None, "api") else c.get("id")
-    return Imported(source, str(ident), stored_text(c.get("title")) or UNTITLED,
-                    c.get("created_at"), c.get("updated_at"), c.get("model") or "",
-                    c.get("system_prompt"),
-                    JSON.encode(c["options"]) if c.get("options") else None,
-                    c.get("pinned") is True, current, kept, c.get("client"))
+    return Imported(source, str(ident), c.get("title"), c.get("created_at"),
+                    c.get("updated_at"), c.get("model") or "", c.get("system_prompt"),
+                    c.get("options"), c.get("pinned") is True, current, kept, c.get("client"),
+                    c.get("uuid"))
 
 
 EXPECTED = ("llama-chat's JSON or JSONL export; llama.cpp's web UI export (JSONL, ZIP or "
@@ -4669,18 +4813,27 @@ EXPECTED = ("llama-chat's JSON or JSONL export; llama.cpp's web UI export (JSONL
 
 def conversations_in(items):
     """(format, Imported) for each conversation in a file's items; ValueError
-    on one that none of the formats explains."""
+    on one that none of the formats explains. llama.cpp's web UI's JSONL is
+    a session line followed by its message lines (each message under
+    "message"); a line of another type there is of a later version, and left."""
     session = None
-    for item in items:
+    for n, item in enumerate(items, 1):
         if not isinstance(item, dict):
-            raise ValueError(f"an item is not an object; expected {EXPECTED}")
-        if item.get("type") == "session" or (session and item.get("type") == "message"):
-            if item.get("type") == "session":     # llama.cpp's JSONL: a session, its messages
-                if session:
-                    yield "llama.cpp-webui", from_llamacpp(*session)
-                session = (item, [])
-            else:
-                session[1].append(item)
+            raise ValueError(f"item {n:,} of the file is not an object; expected {EXPECTED}")
+        kind = item.get("type")
+        if kind == "session":
+            if session:
+                yield "llama.cpp-webui", from_llamacpp(*session)
+            session = (item, [])
+            continue
+        if kind == "message" and not ("conversation" in item and "messages" in item):
+            if session is None or not isinstance(item.get("message"), dict):
+                raise ValueError(f"item {n:,} of the file is a message line " + (
+                    "with no message object" if session else "before any session line")
+                    + " (llama.cpp's web UI JSONL)")
+            session[1].append(item["message"])
+            continue
+        if session and isinstance(kind, str):
             continue
         if session:
             yield "llama.cpp-webui", from_llamacpp(*session)
@@ -4688,14 +4841,17 @@ def conversations_in(items):
         if "conversation" in item and "messages" in item:
             yield "llama-chat", from_llama_chat(item)
         elif isinstance(item.get("conv"), dict):
-            yield "llama.cpp-webui", from_llamacpp(item["conv"], item.get("messages") or [])
+            messages = item.get("messages")
+            yield "llama.cpp-webui", from_llamacpp(item["conv"], messages
+                                                   if isinstance(messages, list) else [])
         elif isinstance(item.get("mapping"), dict):
             yield "chatgpt", from_chatgpt(item)
         elif isinstance(item.get("chat"), dict) and "history" in item["chat"]:
             yield "open-webui", from_open_webui(item)
         else:
-            raise ValueError(f"a conversation of no format known here (its fields: "
-                             f"{', '.join(list(item)[:8])}); expected {EXPECTED}")
+            raise ValueError(f"item {n:,} of the file is a conversation of no format known "
+                             f"here (its fields: {', '.join(map(str, list(item)[:8]))}); "
+                             f"expected {EXPECTED}")
     if session:
         yield "llama.cpp-webui", from_llamacpp(*session)
 
@@ -4703,86 +4859,313 @@ def conversations_in(items):
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def file_conversations(f):
+def file_conversations(f, inflated_limit, seen):
     """(format, Imported) for each conversation of a file to import: JSON,
     JSONL or a ZIP of them, told apart by content. A ZIP's members are read,
     never written anywhere (a path such as ../x goes nowhere): ChatGPT's
-    conversations.json if it has one, else every .json and .jsonl in it."""
+    conversations.json if it has one, else every .json and .jsonl in it, if
+    they inflate to inflated_limit bytes at most (None: any size). zipfile
+    reads a member up to the size the ZIP gives it, never past (a member
+    that holds more fails its CRC check there)."""
     start = f.read(4)
     f.seek(0)
     if start != ZIP_MAGIC:
-        yield from conversations_in(json_items(f))
+        yield from conversations_in(json_items(f, seen))
         return
     import zipfile
+    import zlib
     try:
         archive = zipfile.ZipFile(f)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"the ZIP file cannot be read: {e}") from None
-    names = [i.filename for i in archive.infolist() if not i.is_dir()]
-    chosen = [n for n in names if n.rsplit("/", 1)[-1] == "conversations.json"] or \
-        [n for n in names if n.lower().endswith((".json", ".jsonl"))]
+    members = [i for i in archive.infolist() if not i.is_dir()]
+    chosen = [i for i in members if i.filename.rsplit("/", 1)[-1] == "conversations.json"] or \
+        [i for i in members if i.filename.lower().endswith((".json", ".jsonl"))]
     if not chosen:
         raise ValueError(f"the ZIP holds no .json or .jsonl file; expected {EXPECTED}")
-    for name in chosen:
-        with archive.open(name) as member:
-            for form, conversation in conversations_in(json_items(member)):
-                yield ("chatgpt" if form == "chatgpt" else form), conversation
+    declared = sum(i.file_size for i in chosen)
+    if inflated_limit is not None and declared > inflated_limit:
+        raise ValueError(f"the ZIP inflates to {declared:,} bytes, more than the "
+                         f"{inflated_limit:,} an import takes (max_import_bytes)")
+    for info in chosen:
+        try:
+            with archive.open(info) as member:
+                yield from conversations_in(json_items(member, seen))
+        except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
+                RuntimeError) as e:
+            raise ValueError(f"{info.filename} in the ZIP: {e}") from None
 
 
-MESSAGE_IMPORT_COLUMNS = ("role", "content", "reasoning", "model", "timestamp", "edited_at",
-                          "response_time_ms", "estimated_tokens", "prompt_tokens",
-                          "tokens_per_second", "finish_reason", "options", "tool_calls",
-                          "tool_call_id", *TIMING_COLUMNS)
+# An imported value is stored as the API would store it: each field of a
+# conversation and of a message is checked by its kind (and, for text, the
+# API's limits); a value that does not fit is cut or left out, and counted.
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d(?:\.\d{1,9})?)?)?"
+                      r"(?:Z|[+-]\d\d:?\d\d)?\Z", re.ASCII)
+UUID_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z",
+                       re.ASCII | re.IGNORECASE)
+CONVERSATION_CHECKS = {"title": ("text", LIMITS["title"]), "model": ("name", LIMITS["model"]),
+                       "system_prompt": ("text", LIMITS["system_prompt"]),
+                       "options": ("options",), "created_at": ("time",),
+                       "updated_at": ("time",), "client": ("name", LIMITS["name"]),
+                       "uuid": ("uuid",)}
+MESSAGE_CHECKS = {"content": ("text", LIMITS["content"]),
+                  "reasoning": ("text", LIMITS["content"]), "model": ("name", LIMITS["model"]),
+                  "timestamp": ("time",), "edited_at": ("time",), "response_time_ms": ("count",),
+                  "estimated_tokens": ("count",), "prompt_tokens": ("count",),
+                  "tokens_per_second": ("amount",), "finish_reason": ("finish",),
+                  "options": ("options",), "tool_calls": ("calls",),
+                  "tool_call_id": ("name", LIMITS["name"]),
+                  **{name: ("count",) if kind == "INTEGER" else ("amount",)
+                     for name, kind in TIMING_COLUMNS.items()}}
+FINISH_REASONS = {"stop", "length", "aborted", "error", "interrupted", "tool_calls",
+                  "content_filter"}
 
 
-def import_file(store, f, progress=None):
-    """Store every conversation of a file, in one transaction: all of it or,
-    when it fails part-way, nothing. A conversation already imported (the
-    same source and source_id) is skipped. The counts and the format(s)."""
-    counts = {"conversations": 0, "messages": 0, "skipped": 0}
-    formats = []
-    now = now_iso()
+def checked_value(check, value):
+    """(the value as it is stored, why it was changed: None if it was not)."""
+    kind = check[0]
+    if value is None:
+        return None, None
+    if kind in ("text", "name"):
+        if not isinstance(value, str):
+            return None, "is not text"
+        value = sound_text(value)
+        if len(value) <= check[1]:
+            return value, None
+        return (value[:check[1]], f"is longer than {check[1]:,} characters: cut") \
+            if kind == "text" else (None, f"is longer than {check[1]:,} characters")
+    if kind == "time":
+        return (value, None) if isinstance(value, str) and ISO_TIME.match(value) else \
+            (None, "is not an ISO time")
+    if kind == "uuid":
+        return (value.lower(), None) if isinstance(value, str) and UUID_TEXT.match(value) \
+            else (None, "is not a UUID")
+    if kind in ("count", "amount"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0 <= value <= 2**53:               # NaN is not either
+            return None, "is not a number from 0 to 2**53"
+        if kind == "count" and value != int(value):
+            return None, "is not a whole number"
+        return (int(value) if kind == "count" else value), None
+    if kind == "finish":
+        return (value, None) if isinstance(value, str) and value in FINISH_REASONS else \
+            (None, "is not a finish reason: " + ", ".join(sorted(FINISH_REASONS)))
+    if kind == "options":
+        if not isinstance(value, dict):
+            return None, "is not an object"
+        try:
+            check_model_options(value, "options")
+        except ApiError as e:
+            return None, f"left out ({e.message})"
+        kept = {k: v for k, v in value.items() if v is not None}
+        return (JSON.encode(kept) if kept else None), None
+    if isinstance(value, str):                         # calls: JSON text, "" for none
+        if not value.strip():
+            return None, None
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            return None, "is not JSON"
+    if not isinstance(value, list) or not all(isinstance(c, dict) for c in value):
+        return None, "is not a list of calls"
+    return (JSON.encode(value) if value else None), None
+
+
+class Coercions:
+    """Values of a file stored otherwise than it gave them: counted, and the
+    first few said, for the import's answer."""
+    SHOWN = 5
+
+    def __init__(self):
+        self.count, self.said = 0, []
+
+    def checked(self, checks, found, where):
+        """found's fields by `checks`, as stored."""
+        row = {}
+        for name, check in checks.items():
+            value = found.get(name)
+            if value is None:
+                row[name] = None
+                continue
+            row[name], why = checked_value(check, value)
+            if why:
+                self.count += 1
+                if len(self.said) < self.SHOWN:
+                    self.said.append(f"{where}: {name} {why}")
+        return row
+
+
+def checked_conversation(conv, where, coercions):
+    """An imported conversation as it is stored (Imported, its messages rows
+    of MESSAGE_CHECKS): every field checked, coerced where it must be."""
+    row = coercions.checked(CONVERSATION_CHECKS, vars(conv), where)
+    messages = []
+    for m in conv.messages:
+        checked = coercions.checked(MESSAGE_CHECKS, m, f"{where}, message {m['key']}")
+        checked["content"] = checked["content"] or ""
+        if m["role"] == "assistant":
+            checked["finish_reason"] = checked["finish_reason"] or "stop"
+        else:
+            checked["finish_reason"] = None
+        messages.append({"key": m["key"], "parent": m["parent"], "role": m["role"], **checked})
+    row.update(title=(row["title"] or "").strip() or UNTITLED, model=row["model"] or "",
+               source=sound_text(conv.source)[:LIMITS["name"]],
+               source_id=sound_text(conv.source_id)[:LIMITS["name"]], messages=messages)
+    return replace(conv, **row)
+
+
+MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
+# How long an import holds the write lock at a time. A writer of the same
+# process that waits (a chat) ends the transaction at once: the import goes
+# on after it. One of another process cannot be seen waiting: where another
+# llama-chat has the file open (a command line import while a server runs),
+# transactions are short and let go of the lock for a moment between them.
+IMPORT_HOLD = 1.0
+IMPORT_HOLD_SHARED = 0.04
+IMPORT_PAUSE_SHARED = 0.005
+# Conversations are read and checked, outside any transaction, until they
+# hold this many messages or characters of text, then written: the larger, the
+# fewer transactions (each costs the search index a segment).
+IMPORT_READ = (16000, 8 << 20)
+
+
+class ImportWriter:
+    """A file's conversations written into a store in transactions of at most
+    IMPORT_HOLD seconds, giving way between them to any write waiting, so
+    that chats go on during an import of any size. All or nothing: what it
+    writes is marked (import_pending) until finish(); undo() removes it, and
+    so does the next start after a crash (Store.open)."""
+
+    def __init__(self, store, counts, progress=None, shared=False):
+        self.db, self.index = store.db, store.index
+        self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
+        self.counts, self.progress = counts, progress
+        self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) if shared \
+            else (IMPORT_HOLD, 0)
+        self.c = None
+
+    def write(self, conversations):
+        """Store these conversations. Each transaction's commit is not synced
+        (SQLite's synchronous = NORMAL): one lost with the power is lost with
+        its marks, and the import is then undone at the next start; the
+        commit that ends the import (finish) is synced, and all with it."""
+        work = self.work(conversations)
+        done = not conversations
+        self.db.conn().execute("PRAGMA synchronous = NORMAL")
+        try:
+            while not done:
+                with self.db.write() as self.c, self.index.bulk(self.c), ledger_bulk(self.c):
+                    ends = time.monotonic() + self.hold
+                    done = True
+                    for _ in work:
+                        if time.monotonic() > ends or self.db.someone_waits():
+                            done = False
+                            break
+                time.sleep(self.pause)
+                self.db.give_way()
+        finally:
+            self.db.conn().execute("PRAGMA synchronous = FULL")
+
+    def work(self, conversations):
+        """Stores conversations a step at a time (a yield between steps) in
+        self.c, the transaction of the moment."""
+        now = now_iso()
+        for conv in conversations:
+            if self.c.execute("SELECT 1 FROM conversations WHERE uuid = ?",
+                              (conv.uuid,)).fetchone() or self.c.execute(
+                    "SELECT 1 FROM conversations WHERE source = ? AND source_id = ?",
+                    (conv.source, conv.source_id)).fetchone():
+                self.counts["skipped"] += 1
+                continue
+            created = conv.created_at or now
+            cid = self.c.execute(
+                "INSERT INTO conversations (title, model, created_at, updated_at, "
+                "system_prompt, options, pinned, source, source_id, client, uuid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv.title, conv.model, created, conv.updated_at or created,
+                 conv.system_prompt, conv.options, int(conv.pinned), conv.source,
+                 conv.source_id, conv.client, conv.uuid)).lastrowid
+            self.c.execute("INSERT INTO import_pending (conversation_id, run) VALUES (?, ?)",
+                           (cid, self.run))
+            ids = {}
+            for m in conv.messages:
+                yield
+                values = [m[name] for name in MESSAGE_IMPORT_COLUMNS]
+                values[4] = values[4] or created             # its time, else the chat's
+                ids[m["key"]] = self.c.execute(
+                    f"INSERT INTO messages (conversation_id, parent_id, "
+                    f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
+                    f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
+                    (cid, ids.get(m["parent"]), *values)).lastrowid
+            current = ids.get(conv.current)
+            self.c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
+                           (current if current is not None else max(ids.values()), cid))
+            self.counts["conversations"] += 1
+            self.counts["messages"] += len(ids)
+            if self.progress:
+                self.progress(self.counts)
+            yield
+
+    def finish(self):
+        with self.db.write() as c:
+            c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
+
+    def undo(self):
+        """Remove what this import wrote, a few conversations a transaction."""
+        while True:
+            with self.db.write() as c:
+                ids = [r[0] for r in c.execute("SELECT conversation_id FROM import_pending "
+                                               "WHERE run = ? LIMIT 20", (self.run,))]
+                for i in ids:
+                    c.execute("DELETE FROM conversations WHERE id = ?", (i,))
+            if not ids:
+                return
+            self.db.give_way()
+
+
+def import_file(store, f, progress=None, inflated_limit=None, shared=False):
+    """Store every conversation of a file: read and checked a part at a time,
+    outside any transaction; written by an ImportWriter, all of it or, when it
+    fails part-way, nothing. A conversation already there (the same uuid, or
+    source and source_id) is skipped; one with no message is not imported.
+    The counts, the values coerced, and the format(s)."""
+    counts = {"conversations": 0, "messages": 0, "skipped": 0, "empty": 0}
+    formats, seen, coercions = [], {}, Coercions()
+    writer = ImportWriter(store, counts, progress, shared)
+    pending, count, size, n = [], 0, 0, 0
     try:
-        with store.db.write() as c, store.index.bulk(c), ledger_bulk(c):
-            for form, conv in file_conversations(f):
+        try:
+            for form, conv in file_conversations(f, inflated_limit, seen):
+                n += 1
                 if form not in formats:
                     formats.append(form)
-                if c.execute("SELECT 1 FROM conversations WHERE source = ? AND source_id = ?",
-                             (conv.source, conv.source_id)).fetchone():
-                    counts["skipped"] += 1
+                checked = checked_conversation(
+                    conv, f"conversation {n:,} ({conv.source_id})", coercions)
+                if not checked.messages:
+                    counts["empty"] += 1
                     continue
-                created = conv.created_at or now
-                cid = c.execute(
-                    "INSERT INTO conversations (title, model, created_at, updated_at, "
-                    "system_prompt, options, pinned, source, source_id, client) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conv.title[:500], conv.model or "", created, conv.updated_at or created,
-                     conv.system_prompt, conv.options, int(conv.pinned), conv.source,
-                     conv.source_id, conv.client)).lastrowid
-                ids = {}
-                for m in conv.messages:
-                    values = [m.get(name) for name in MESSAGE_IMPORT_COLUMNS]
-                    values[4] = values[4] or created             # its time, else the chat's
-                    ids[m["key"]] = c.execute(
-                        f"INSERT INTO messages (conversation_id, parent_id, "
-                        f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
-                        f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
-                        (cid, ids.get(m["parent"]), *values)).lastrowid
-                current = ids.get(conv.current)
-                c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
-                          (current if current is not None else
-                           (max(ids.values()) if ids else None), cid))
-                counts["conversations"] += 1
-                counts["messages"] += len(ids)
-                if progress:
-                    progress(counts)
-    except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
-        raise validation_error("file", f"The file cannot be imported: {e}") from None
-    except EOFError as e:
-        raise validation_error("file", f"The file ends early: {e}") from None
-    if not formats:
-        raise validation_error("file", f"The file holds no conversation; expected {EXPECTED}")
-    return {**counts, "format": ", ".join(formats)}
+                pending.append(checked)
+                count += len(checked.messages)
+                size += sum(len(m["content"]) + len(m["reasoning"] or "")
+                            for m in checked.messages)
+                if count >= IMPORT_READ[0] or size >= IMPORT_READ[1]:
+                    writer.write(pending)
+                    pending, count, size = [], 0, 0
+            writer.write(pending)
+        except (ValueError, TypeError, AttributeError, KeyError, RecursionError) as e:
+            raise validation_error("file", f"The file cannot be imported: {e}") from None
+        except EOFError as e:
+            raise validation_error("file", f"The file ends early: {e}") from None
+        if not formats and not seen.get("array"):
+            raise validation_error("file", f"The file holds no conversation; expected "
+                                   f"{EXPECTED}")
+        writer.finish()
+    except BaseException:
+        writer.undo()
+        raise
+    return {**counts, "coerced": coercions.count,
+            **({"coercions": coercions.said} if coercions.said else {}),
+            "format": ", ".join(formats) or "none"}
 
 
 BACKUP_LOCK = threading.Lock()     # one backup copy at a time: each is the whole file
@@ -4933,8 +5316,8 @@ def api_create_conversation(app, req):
     known_fields(body, {"title", "model", *SETTINGS_FIELDS})
     settings = check_conversation_settings(body)
     untitled = body.get("title") is None
-    title = UNTITLED if untitled else require_str(body, "title", max_len=500).strip()
-    model = require_str(body, "model", allow_empty=True, max_len=500)
+    title = UNTITLED if untitled else require_str(body, "title", max_len=LIMITS["title"]).strip()
+    model = require_str(body, "model", allow_empty=True, max_len=LIMITS["model"])
     pending = untitled and app.settings.auto_title != "off"
     return Created(conversation_id=app.store.create_conversation(title, model, pending,
                                                                  **settings))
@@ -4973,7 +5356,7 @@ def api_update_conversation(app, req):
     known_fields(body, {"title", "current_message_id", *SETTINGS_FIELDS})
     if not body:
         raise validation_error("title", "Send a title, a current_message_id or settings")
-    title = require_str(body, "title", max_len=500).strip() if "title" in body else None
+    title = require_str(body, "title", max_len=LIMITS["title"]).strip() if "title" in body else None
     show = require_int(body, "current_message_id") if "current_message_id" in body else None
     changed = app.store.update_conversation(conversation_id, title, show,
                                             **check_conversation_settings(body))
@@ -4996,7 +5379,7 @@ def api_edit_message(app, req):
     message_id = path_id(req, "message")
     body = req.json()
     known_fields(body, {"content"})
-    content = require_str(body, "content", max_len=200_000)
+    content = require_str(body, "content", max_len=LIMITS["content"])
     edited_at = app.store.tree.edit(message_id, content)
     if edited_at is None:
         raise not_found("message", message_id)
@@ -5021,7 +5404,7 @@ def api_fork(app, req):
     body = req.json()
     known_fields(body, {"message_id", "title"})
     message_id = require_int(body, "message_id")
-    title = require_str(body, "title", max_len=500).strip() if body.get("title") is not None \
+    title = require_str(body, "title", max_len=LIMITS["title"]).strip() if body.get("title") is not None \
         else None
     forked = app.store.tree.fork(conversation["id"], message_id, title)
     if forked is None:
@@ -5059,9 +5442,9 @@ def api_search(app, req):
 def api_prompt(app, req):
     conversation = existing_conversation(app, req)
     question = req.arg("message")
-    if question is not None and len(question) > 200_000:
-        raise validation_error("message", "Query parameter message is longer than 200000 "
-                               "characters")
+    if question is not None and len(question) > LIMITS["content"]:
+        raise validation_error("message", "Query parameter message is longer than "
+                               f"{LIMITS['content']} characters")
     model = req.arg("model") or None
     if model is not None and len(model) > 500:
         raise validation_error("model", "Query parameter model is longer than 500 characters")
@@ -5095,7 +5478,8 @@ def api_export(app, req):
 
 def api_import(app, req):
     try:
-        return import_file(app.store, io.BytesIO(req.body))
+        return import_file(app.store, io.BytesIO(req.body),
+                           inflated_limit=app.settings.max_import_bytes)
     finally:
         release_memory()           # the index's buffers and the file's pieces
         app.rank_ledger_soon()

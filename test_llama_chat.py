@@ -4271,7 +4271,8 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
         assert len(data.splitlines()) == 2
     target = llama_chat.Store(str(tmp_path / "empty.db"))
     done = llama_chat.import_file(target, io.BytesIO(data))
-    assert done == {"conversations": 2, "messages": 7, "skipped": 0, "format": "llama-chat"}
+    assert done == {"conversations": 2, "messages": 7, "skipped": 0, "empty": 0, "coerced": 0,
+                    "format": "llama-chat"}
     ids = [c["id"] for c in json.loads(target.list_conversations())]
     mine = {c["title"]: c["id"] for c in json.loads(target.list_conversations())}
     assert comparable(target, mine["Volcanoes 🌋"]) == comparable(client, cid)
@@ -4289,6 +4290,45 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
     assert sum(g["replies"] for g in llama_chat.ledger(target.db, ("model",), None, None)) == 5
     assert len(target.search("erupts", 50)) == client.get("/api/search?q=erupts")[2]["count"]
     target.close()
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl", "zip"])
+def test_an_export_imported_into_its_own_database_doubles_nothing(client, stub, form):
+    a_history(client, stub)
+    client.chat(client.new_conversation("Made in the page"), "Hello")
+    before = rows(client, "SELECT id, uuid, title FROM conversations ORDER BY id")
+    data = client.request("GET", f"/api/export?format={'json' if form == 'zip' else form}")[2]
+    data = data if isinstance(data, bytes) else json.dumps(data).encode()
+    if form == "zip":
+        data = zip_of({"history.json": data})
+    status, body = imported(client, data)
+    assert status == 200 and (body["conversations"], body["skipped"]) == (0, 3), body
+    assert rows(client, "SELECT id, uuid, title FROM conversations ORDER BY id") == before
+    one = client.get(f"/api/conversations/{before[0][0]}/export")[2]
+    assert one["conversation"]["uuid"] == before[0][1]
+    assert imported(client, json.dumps(one).encode())[1]["skipped"] == 1
+
+
+def test_a_round_trip_through_another_database_and_back_doubles_nothing(client, stub, tmp_path):
+    cid, other = a_history(client, stub)
+    data = client.request("GET", "/api/export?format=jsonl")[2]
+    there = llama_chat.Store(str(tmp_path / "there.db"))
+    assert llama_chat.import_file(there, io.BytesIO(data))["conversations"] == 2
+    there.add_message(json.loads(there.list_conversations())[0]["id"], "user", "made there")
+    back = io.BytesIO()
+    for piece in llama_chat.export_all(there.db, "json"):
+        back.write(piece)
+    there.close()
+    status, body = imported(client, back.getvalue())
+    assert status == 200 and (body["conversations"], body["skipped"]) == (0, 2), body
+    assert rows(client, "SELECT count(*) FROM conversations") == [(2,)]
+
+
+def test_the_same_conversation_twice_in_one_file_is_stored_once(client):
+    data = webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES) + b"\n" + webui_jsonl(WEBUI_CONV,
+                                                                         WEBUI_MESSAGES)
+    status, body = imported(client, data)
+    assert status == 200 and (body["conversations"], body["skipped"]) == (1, 1), body
 
 
 def test_one_conversation_exports_as_json_and_as_markdown(client, stub):
@@ -4310,24 +4350,53 @@ def test_one_conversation_exports_as_json_and_as_markdown(client, stub):
     assert client.get("/api/conversations/999/export")[0] == 404
 
 
-LLAMACPP_JSONL = [
-    {"type": "session", "id": "conv-1", "name": "Webui chat", "currNode": "m4",
-     "lastModified": 1735689600000},
-    {"type": "message", "id": "root", "convId": "conv-1", "type_": "root", "role": "system",
-     "content": "", "parent": None, "children": ["m1"], "timestamp": 1735689500000},
-    {"type": "message", "id": "m1", "convId": "conv-1", "role": "user",
-     "content": "Describe this", "parent": "root", "children": ["m2", "m3"],
-     "timestamp": 1735689510000,
-     "extra": [{"type": "imageFile", "name": "cat.png", "base64Url": "data:image/png;base64,AA"}]},
-    {"type": "message", "id": "m2", "convId": "conv-1", "role": "assistant", "content": "A cat.",
+# llama.cpp's web UI (tools/ui): conversations and messages as its IndexedDB
+# keeps them (types/database.d.ts: DatabaseConversation, DatabaseMessage,
+# toolCalls a JSON string, "" when none), and its export as
+# ConversationTransferService.serializeSessionToJsonl writes it.
+WEBUI_CONV = {"id": "conv-1", "name": "Webui chat", "currNode": "m6",
+              "lastModified": 1735689600000, "pinned": True, "thinkingEnabled": True}
+WEBUI_MESSAGES = [
+    {"id": "root", "convId": "conv-1", "type": "root", "role": "user", "content": "",
+     "parent": None, "children": ["m1"], "timestamp": 1735689500000, "toolCalls": ""},
+    {"id": "m1", "convId": "conv-1", "type": "text", "role": "user", "content": "Describe this",
+     "parent": "root", "children": ["m2", "m3"], "timestamp": 1735689510000, "toolCalls": "",
+     "extra": [{"type": "IMAGE", "name": "cat.png", "size": 70,
+                "base64Url": "data:image/png;base64,iVBORw0KGgo="},
+               {"type": "TEXT", "name": "notes.txt", "size": 9, "content": "Whiskers."},
+               {"type": "AUDIO", "name": "purr.wav", "base64Data": "UklGRg==",
+                "mimeType": "audio/wav"}]},
+    {"id": "m2", "convId": "conv-1", "type": "text", "role": "assistant", "content": "A cat.",
      "parent": "m1", "children": [], "timestamp": 1735689520000, "model": "gemma",
-     "reasoningContent": "It looks furry.",
-     "timings": {"prompt_n": 12, "prompt_ms": 30, "predicted_n": 3, "predicted_ms": 60}},
-    {"type": "message", "id": "m3", "convId": "conv-1", "role": "assistant",
-     "content": "A sleepy cat.", "parent": "m1", "children": ["m4"], "timestamp": 1735689530000},
-    {"type": "message", "id": "m4", "convId": "conv-1", "role": "user", "content": "Name it",
-     "parent": "m3", "children": [], "timestamp": 1735689540000},
+     "reasoningContent": "It looks furry.", "toolCalls": "",
+     "timings": {"cache_n": 4, "prompt_n": 12, "prompt_ms": 30, "predicted_n": 3,
+                 "predicted_ms": 60}},
+    {"id": "m3", "convId": "conv-1", "type": "text", "role": "assistant", "content": "",
+     "parent": "m1", "children": ["m4"], "timestamp": 1735689530000, "model": "gemma",
+     "toolCalls": json.dumps([{"id": "call_1", "type": "function", "function": {
+         "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}])},
+    {"id": "m4", "convId": "conv-1", "type": "text", "role": "tool", "content": "-3 C",
+     "parent": "m3", "children": ["m5"], "timestamp": 1735689531000, "toolCallId": "call_1",
+     "toolCalls": ""},
+    {"id": "m5", "convId": "conv-1", "type": "text", "role": "assistant",
+     "content": "A sleepy cat, and it is cold in Oslo.", "parent": "m4", "children": ["m6"],
+     "timestamp": 1735689532000, "model": "gemma", "toolCalls": ""},
+    {"id": "m6", "convId": "conv-1", "type": "text", "role": "user", "content": "Name it",
+     "parent": "m5", "children": [], "timestamp": 1735689540000, "toolCalls": ""},
 ]
+
+
+def webui_jsonl(conv, messages):
+    """serializeSessionToJsonl: a session line (harness, type, ...conv), then
+    a line a message ({message, type}: toolCalls dropped when empty, else
+    parsed to its array), joined by newlines."""
+    lines = [json.dumps({"harness": "llama.app", "type": "session", **conv})]
+    for m in messages:
+        rest = {k: v for k, v in m.items() if k != "toolCalls"}
+        normalized = {**rest, "toolCalls": json.loads(m["toolCalls"])} if m.get("toolCalls") \
+            else rest
+        lines.append(json.dumps({"message": normalized, "type": "message"}))
+    return "\n".join(lines).encode()
 
 
 def jsonl(items):
@@ -4347,52 +4416,95 @@ def only_conversation(client, source):
     return conversation(client, found[0]["id"], everything=True)
 
 
+WEBUI_SHOWN = ["Describe this\n\n[image: cat.png]\n\n[text: notes.txt]\nWhiskers.\n\n"
+               "[audio: purr.wav]", "", "-3 C", "A sleepy cat, and it is cold in Oslo.",
+               "Name it"]
+
+
 def test_llamacpp_webui_jsonl_imports_with_its_tree(client):
-    status, body = imported(client, jsonl(LLAMACPP_JSONL))
+    status, body = imported(client, webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES))
     assert status == 200, body
-    assert body == {"success": True, "conversations": 1, "messages": 4, "skipped": 0,
-                    "format": "llama.cpp-webui"}
+    assert body == {"success": True, "conversations": 1, "messages": 6, "skipped": 0,
+                    "empty": 0, "coerced": 0, "format": "llama.cpp-webui"}
     found = only_conversation(client, "llama.cpp-webui")
     c, messages = found["conversation"], found["messages"]
-    assert (c["title"], c["source_id"], c["system_prompt"]) == ("Webui chat", "conv-1", None)
+    assert (c["title"], c["source_id"], c["system_prompt"], c["pinned"]) == (
+        "Webui chat", "conv-1", None, True)
     assert c["updated_at"] == "2025-01-01T00:00:00.000Z"
-    assert [m["content"] for m in messages] == [
-        "Describe this\n\n[imageFile: cat.png]", "A cat.", "A sleepy cat.", "Name it"]
+    assert [m["content"] for m in messages] == WEBUI_SHOWN[:1] + ["A cat."] + WEBUI_SHOWN[1:]
+    assert [m["role"] for m in messages] == ["user", "assistant", "assistant", "tool",
+                                             "assistant", "user"]
     assert messages[0]["parent_id"] is None
     assert messages[1]["parent_id"] == messages[2]["parent_id"] == messages[0]["id"]
     assert messages[1]["reasoning"] == "It looks furry." and messages[1]["model"] == "gemma"
     assert (messages[1]["prompt_tokens"], messages[1]["estimated_tokens"],
             messages[1]["tokens_per_second"]) == (12, 3, 50.0)
+    assert messages[2]["tool_calls"] == json.loads(WEBUI_MESSAGES[3]["toolCalls"])
+    assert messages[3]["tool_call_id"] == "call_1" and messages[3]["tool_calls"] is None
     assert messages[0]["timestamp"] == "2024-12-31T23:58:30.000Z"
-    assert c["current_message_id"] == messages[3]["id"]
-    assert branch(client, c["id"]) == ["Describe this\n\n[imageFile: cat.png]",
-                                       "A sleepy cat.", "Name it"]
-    assert imported(client, jsonl(LLAMACPP_JSONL))[1]["skipped"] == 1
+    assert c["current_message_id"] == messages[5]["id"]
+    assert branch(client, c["id"]) == WEBUI_SHOWN
+    assert rows(client, "SELECT cache_n, prompt_ms FROM messages WHERE reasoning IS NOT NULL") \
+        == [(4, 30.0)]
+    again = imported(client, webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES))[1]
+    assert (again["conversations"], again["skipped"]) == (0, 1)
+
+
+def test_llamacpp_webui_sessions_in_one_file_and_records_of_later_versions(client):
+    second = {**WEBUI_CONV, "id": "conv-2", "name": "Second", "pinned": False}
+    data = webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES) + b"\n" + json.dumps(
+        {"type": "checkpoint", "at": 3}).encode() + b"\n" + webui_jsonl(
+        second, [dict(m, convId="conv-2") for m in WEBUI_MESSAGES[:3]])
+    status, body = imported(client, data)
+    assert status == 200 and (body["conversations"], body["messages"]) == (2, 8), body
+    titles = {c["title"]: c["pinned"] for c in client.get("/api/conversations")[2][
+        "conversations"]}
+    assert titles == {"Webui chat": True, "Second": False}
+
+
+@pytest.mark.parametrize("lines,words", [
+    ([{"message": WEBUI_MESSAGES[1], "type": "message"}], "before any session line"),
+    ([{"harness": "llama.app", "type": "session", **WEBUI_CONV},
+      {"type": "message", "message": "m1"}], "with no message object"),
+])
+def test_llamacpp_webui_lines_out_of_place_are_refused(client, lines, words):
+    status, body = imported(client, jsonl(lines))
+    assert status == 400 and words in body["error"], body
+    assert "item 1" in body["error"] or "item 2" in body["error"]
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
 
 
 def test_llamacpp_webui_zip_and_older_json_import(client):
     import zipfile
     old = {"conv": {"id": "conv-2", "name": "Old style", "currNode": "b",
                     "lastModified": 1700000000000},
-           "messages": [{"id": "s", "role": "system", "content": "You are terse.",
+           "messages": [{"id": "s", "type": "text", "role": "system", "content": "You are terse.",
                          "parent": None, "children": ["a"], "timestamp": 1700000000000},
-                        {"id": "a", "role": "user", "content": "Hi", "parent": "s",
-                         "children": ["b"], "timestamp": 1700000000000, "thinking": ""},
-                        {"id": "b", "role": "assistant", "content": "Hello!", "parent": "a",
-                         "children": [], "timestamp": 1700000001000, "thinking": "Greet."}]}
+                        {"id": "a", "type": "text", "role": "user", "content": "Hi", "parent": "s",
+                         "children": ["b"], "timestamp": 1700000000000, "thinking": "",
+                         "extra": [{"type": "textFile", "name": "a.txt", "content": "A"},
+                                   {"type": "imageFile", "name": "b.png",
+                                    "base64Url": "data:image/png;base64,AA"},
+                                   {"type": "context", "name": "pasted", "content": "C"}]},
+                        {"id": "b", "type": "text", "role": "assistant", "content": "Hello!",
+                         "parent": "a", "children": [], "timestamp": 1700000001000,
+                         "thinking": "Greet.", "toolCalls": ""}]}
     assert imported(client, json.dumps([old]).encode())[1]["conversations"] == 1
     found = only_conversation(client, "llama.cpp-webui")
-    assert branch(client, found["conversation"]["id"]) == ["Hi", "Hello!"]
+    assert branch(client, found["conversation"]["id"]) == [
+        "Hi\n\n[text: a.txt]\nA\n\n[image: b.png]\n\n[text: pasted]\nC", "Hello!"]
     assert found["conversation"]["system_prompt"] == "You are terse."
     assert found["messages"][1]["reasoning"] == "Greet."
+    # downloadConversationsArchive: a .jsonl a conversation, zipped
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as z:
-        z.writestr("conv-1.jsonl", jsonl(LLAMACPP_JSONL))
-        second = [dict(LLAMACPP_JSONL[0], id="conv-3", name="Third")] + [
-            dict(m, convId="conv-3") for m in LLAMACPP_JSONL[1:]]
-        z.writestr("conv-3.jsonl", jsonl(second))
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("2025-01-01T00_00_00_conv_conv-1_webui_chat.jsonl",
+                   webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES))
+        z.writestr("2025-01-01T00_00_00_conv_conv-3_third.jsonl", webui_jsonl(
+            {**WEBUI_CONV, "id": "conv-3", "name": "Third"},
+            [dict(m, convId="conv-3") for m in WEBUI_MESSAGES]))
     status, body = imported(client, buffer.getvalue())
-    assert status == 200 and (body["conversations"], body["messages"]) == (2, 8), body
+    assert status == 200 and (body["conversations"], body["messages"]) == (2, 12), body
 
 
 OPEN_WEBUI = [{
@@ -4476,6 +4588,105 @@ def test_chatgpt_conversations_json_imports_with_thoughts_code_and_branches(clie
     assert messages[0]["timestamp"] == "2024-07-03T09:46:41.000Z"
 
 
+# ChatGPT's hidden nodes as its export writes them: the custom instructions
+# (user_editable_context), memory (model_editable_context), a browsing
+# tool's result (tether_browsing_display) and quote, and empty messages.
+CHATGPT_HIDDEN = {
+    "title": "Weather in Oslo", "create_time": 1730000000.0, "update_time": 1730000100.0,
+    "id": "gpt-2", "current_node": "a2",
+    "mapping": {
+        "client-root": {"id": "client-root", "message": None, "parent": None,
+                        "children": ["sys"]},
+        "sys": {"id": "sys", "parent": "client-root", "children": ["ctx"], "message": {
+            "id": "sys", "author": {"role": "system", "name": None, "metadata": {}},
+            "content": {"content_type": "text", "parts": [""]}, "status": "finished_successfully",
+            "metadata": {"is_visually_hidden_from_conversation": True}}},
+        "ctx": {"id": "ctx", "parent": "sys", "children": ["mem"], "message": {
+            "id": "ctx", "author": {"role": "user", "name": None, "metadata": {}},
+            "content": {"content_type": "user_editable_context",
+                        "user_profile": "The user provided the following information about "
+                                        "themselves.\n```Name: Ada```",
+                        "user_instructions": "The user provided the additional info about how "
+                                             "they would like you to respond:\n```Be brief.```"},
+            "metadata": {"is_visually_hidden_from_conversation": True}}},
+        "mem": {"id": "mem", "parent": "ctx", "children": ["q1"], "message": {
+            "id": "mem", "author": {"role": "assistant"},
+            "content": {"content_type": "model_editable_context",
+                        "model_set_context": "1. Ada likes skiing.", "repository": None,
+                        "repo_summary": None}}},
+        "q1": {"id": "q1", "parent": "mem", "children": ["call"], "message": {
+            "id": "q1", "author": {"role": "user"}, "create_time": 1730000001.0,
+            "content": {"content_type": "text", "parts": ["Weather in Oslo?"]}}},
+        "call": {"id": "call", "parent": "q1", "children": ["res"], "message": {
+            "id": "call", "author": {"role": "assistant"}, "create_time": 1730000002.0,
+            "recipient": "browser", "content": {"content_type": "code", "language": "unknown",
+                                                "text": "search(\"Oslo weather\")"}}},
+        "res": {"id": "res", "parent": "call", "children": ["quote"], "message": {
+            "id": "res", "author": {"role": "tool", "name": "browser"},
+            "create_time": 1730000003.0,
+            "content": {"content_type": "tether_browsing_display",
+                        "result": "# 【0†Oslo forecast†yr.no】\n-3 C and snow",
+                        "summary": None, "assets": None, "tether_id": None}}},
+        "quote": {"id": "quote", "parent": "res", "children": ["empty"], "message": {
+            "id": "quote", "author": {"role": "tool", "name": "browser"},
+            "content": {"content_type": "tether_quote", "url": "https://yr.no/oslo",
+                        "domain": "yr.no", "text": "Snow all week.", "title": "Oslo"}}},
+        "empty": {"id": "empty", "parent": "quote", "children": ["a2"], "message": {
+            "id": "empty", "author": {"role": "assistant"},
+            "content": {"content_type": "text", "parts": [""]}}},
+        "a2": {"id": "a2", "parent": "empty", "children": [], "message": {
+            "id": "a2", "author": {"role": "assistant"}, "create_time": 1730000005.0,
+            "metadata": {"model_slug": "gpt-4o"},
+            "content": {"content_type": "text", "parts": ["Cold: -3 C with snow."]}}}}}
+
+
+def test_chatgpt_instructions_become_the_system_prompt_and_tools_keep_their_text(client):
+    status, body = imported(client, json.dumps([CHATGPT_HIDDEN]).encode())
+    assert status == 200 and body["messages"] == 5, body
+    found = only_conversation(client, "chatgpt")
+    c, messages = found["conversation"], found["messages"]
+    assert c["system_prompt"] == CHATGPT_HIDDEN["mapping"]["ctx"]["message"]["content"][
+        "user_profile"] + "\n\n" + CHATGPT_HIDDEN["mapping"]["ctx"]["message"]["content"][
+        "user_instructions"]
+    assert [(m["role"], m["content"]) for m in messages] == [
+        ("user", "Weather in Oslo?"),
+        ("assistant", "```unknown\nsearch(\"Oslo weather\")\n```"),
+        ("tool", "# 【0†Oslo forecast†yr.no】\n-3 C and snow"),
+        ("tool", "Oslo\nhttps://yr.no/oslo\nSnow all week."),
+        ("assistant", "Cold: -3 C with snow.")]
+    assert "skiing" not in json.dumps(found)
+    assert [m["parent_id"] for m in messages] == [None] + [m["id"] for m in messages[:-1]]
+
+
+# Open WebUI's reply to a thinking model: its reasoning in the text, as the
+# middleware writes it (quoted lines, HTML-escaped) before the answer.
+OPEN_WEBUI_THINKING = [{
+    "id": "owui-2", "title": "Primes", "created_at": 1730000000, "updated_at": 1730000100,
+    "chat": {"models": ["qwen3:4b"], "history": {"currentId": "a", "messages": {
+        "q": {"id": "q", "parentId": None, "childrenIds": ["a"], "role": "user",
+              "content": "Is 91 prime? <details>not reasoning</details>",
+              "timestamp": 1730000000},
+        "a": {"id": "a", "parentId": "q", "childrenIds": [], "role": "assistant",
+              "model": "qwen3:4b", "timestamp": 1730000010,
+              "content": '<details type="reasoning" done="true" duration="3">\n'
+                         '<summary>Thought for 3 seconds</summary>\n'
+                         '&gt; 91 = 7 &times; 13.\n&gt; \n&gt; So &quot;no&quot;.\n'
+                         '</details>\n'
+                         'No: 91 = 7 × 13. <details type="tool_calls" done="true">'
+                         '<summary>Tool</summary></details>'}}}}}]
+
+
+def test_open_webui_reasoning_is_split_from_the_reply(client):
+    status, body = imported(client, json.dumps(OPEN_WEBUI_THINKING).encode())
+    assert status == 200, body
+    question, reply = only_conversation(client, "open-webui")["messages"]
+    assert reply["reasoning"] == '91 = 7 × 13.\n\nSo "no".'
+    assert reply["content"] == ('No: 91 = 7 × 13. <details type="tool_calls" done="true">'
+                                '<summary>Tool</summary></details>')
+    assert question["content"] == "Is 91 prime? <details>not reasoning</details>"
+    assert question["reasoning"] is None
+
+
 def test_a_chatgpt_zip_is_read_and_writes_nothing_outside(client, tmp_path):
     import zipfile
     buffer = io.BytesIO()
@@ -4490,6 +4701,185 @@ def test_a_chatgpt_zip_is_read_and_writes_nothing_outside(client, tmp_path):
     assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path.parent)) <= before | {
         "chat.db-wal", "chat.db-shm"}
     assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def exported_conversation(client, stub):
+    """llama-chat's export of one conversation: a question and its reply."""
+    cid = client.new_conversation("Typed")
+    client.chat(cid, "What types are there?")
+    return client.get(f"/api/conversations/{cid}/export")[2]
+
+
+def history_is_sound(client):
+    """Health ok, every conversation readable, Export all whole."""
+    assert client.get("/api/health")[2]["database"]["ok"] is True
+    listed = client.get("/api/conversations")[2]["conversations"]
+    for c in listed:
+        assert client.get(f"/api/conversations/{c['id']}")[0] == 200
+    status, _, raw = client.request("GET", "/api/export?format=jsonl")
+    assert status == 200
+    assert (len(raw.splitlines()) if isinstance(raw, bytes) else 1) == len(listed)
+    return listed
+
+
+# A field of every kind given a value of the wrong type or range: each is
+# stored as the API would have it (cut, or left out), and counted.
+WRONG_TYPES = {
+    "conversation": {"title": 123, "model": {"name": "x"}, "system_prompt": ["Be"],
+                     "options": {"temperature": "hot"}, "created_at": [1],
+                     "updated_at": "yesterday", "client": 5, "uuid": "not-a-uuid",
+                     "pinned": "yes"},
+    "question": {"content": 5, "model": {"a": 1}, "timestamp": {"a": 1}, "edited_at": 3,
+                 "options": "x", "tool_calls": "", "tool_call_id": ["c"]},
+    "reply": {"finish_reason": {"a": 1}, "estimated_tokens": 10**30, "prompt_tokens": -1,
+              "tokens_per_second": "fast", "response_time_ms": 1.5, "reasoning": [1],
+              "tool_calls": "not json", "prompt_n": True, "prompt_ms": float("inf"),
+              "cache_n": "3", "predicted_n": 2.0, "predicted_ms": -4, "ttft_ms": [],
+              "model": "m" * 501},
+}
+
+
+def test_fields_of_the_wrong_type_are_coerced_counted_and_leave_the_history_sound(client,
+                                                                                  stub):
+    item = exported_conversation(client, stub)
+    client.delete(f"/api/conversations/{item['conversation']['id']}")
+    item["conversation"].update(WRONG_TYPES["conversation"])
+    item["messages"][0].update(WRONG_TYPES["question"])
+    item["messages"][1].update(WRONG_TYPES["reply"])
+    data = json.dumps(item).replace("Infinity", "1e999").encode()
+    status, body = imported(client, data)
+    assert status == 200 and body["conversations"] == 1, body
+    expected = sum(len(v) for v in WRONG_TYPES.values()) - 3   # pinned, "" for no calls, 2.0
+    assert body["coerced"] == expected, body
+    assert len(body["coercions"]) == 5 and "conversation 1" in body["coercions"][0]
+    c = history_is_sound(client)[0]
+    found = conversation(client, c["id"], everything=True)
+    conv, (question, reply) = found["conversation"], found["messages"]
+    assert (conv["title"], conv["model"], conv["system_prompt"], conv["options"],
+            conv["pinned"]) == ("New chat", "", None, None, False)
+    assert conv["created_at"] == conv["updated_at"] and conv["created_at"][:2] == "20"
+    assert question["content"] == "" and question["timestamp"] == conv["created_at"]
+    assert (reply["finish_reason"], reply["estimated_tokens"], reply["prompt_tokens"],
+            reply["tokens_per_second"], reply["reasoning"], reply["tool_calls"],
+            reply["model"]) == ("stop", None, None, None, None, None, None)
+    assert rows(client, "SELECT prompt_n, prompt_ms, cache_n, predicted_n, predicted_ms, ttft_ms, "
+                "response_time_ms FROM messages WHERE role = 'assistant'") == [
+        (None, None, None, 2, None, None, None)]
+    assert len(rows(client, "SELECT uuid FROM conversations")[0][0]) == 36
+    assert client.chat(c["id"], "And now?")[0] == 200
+
+
+def test_text_longer_than_the_api_takes_is_cut_and_counted(client, stub):
+    item = exported_conversation(client, stub)
+    client.delete(f"/api/conversations/{item['conversation']['id']}")
+    item["conversation"]["title"] = "T" * 600
+    item["messages"][1]["content"] = "é" * 200_001
+    item["messages"][0]["content"] = "q" * 200_000
+    status, body = imported(client, json.dumps(item).encode())
+    assert status == 200 and body["coerced"] == 2, body
+    assert rows(client, "SELECT length(content) FROM messages ORDER BY id") == [
+        (200_000,), (200_000,)]
+    assert rows(client, "SELECT length(title) FROM conversations") == [(500,)]
+
+
+@pytest.mark.parametrize("calls", ["", "[]", "not json", "{\"a\": 1}", "[1]"])
+def test_older_webui_tool_calls_of_any_text_leave_the_history_sound(client, calls):
+    messages = [dict(m, toolCalls=calls) for m in WEBUI_MESSAGES]
+    status, body = imported(client, json.dumps({"conv": WEBUI_CONV,
+                                                "messages": messages}).encode())
+    assert status == 200 and body["coerced"] == (6 if calls in ("not json", "{\"a\": 1}", "[1]")
+                                                 else 0), body
+    history_is_sound(client)
+    assert rows(client, "SELECT count(*) FROM messages WHERE tool_calls IS NOT NULL") == [(0,)]
+
+
+def test_a_conversation_with_no_message_is_not_imported(client):
+    shell = {"conv": {"id": "empty-1", "name": "Nothing", "currNode": "",
+                      "lastModified": 1735689600000},
+             "messages": [WEBUI_MESSAGES[0]]}
+    status, body = imported(client, json.dumps([shell]).encode())
+    assert status == 200 and (body["conversations"], body["empty"]) == (0, 1), body
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
+    shell["messages"] = WEBUI_MESSAGES[:3]                  # the same one, whole now
+    assert imported(client, json.dumps([shell]).encode())[1]["conversations"] == 1
+
+
+def test_an_empty_array_is_an_empty_import(client):
+    for data in (b"[]", b" [ ]\n", b'{"format": "llama-chat", "version": 1, "conversations": []}'):
+        status, body = imported(client, data)
+        assert status == 200 and body["conversations"] == 0 and body["format"] == "none", body
+
+
+@pytest.mark.parametrize("data,where", [
+    (b'[{"mapping": {}},\n {"mapping": ', "line 2, column 14"),
+    (b'{"type": "session", "id": "a"}\n{"type": "message", "message": {"id": 1}}\n{"x": tru}',
+     "line 3, column 7"),
+    (("[\n\n" + " " * (2 << 20) + "{\"a\": ]").encode(), "line 3, column 2,097,159"),
+])
+def test_json_errors_say_where_in_the_file_they_are(client, data, where):
+    status, body = imported(client, data)
+    assert status == 400 and where in body["error"], body
+
+
+def test_a_long_value_is_read_in_time_in_proportion_to_its_length(monkeypatch):
+    tried = []
+    decode = json.JSONDecoder.raw_decode
+
+    def counted(self, s, idx=0):
+        tried.append(len(s) - idx)
+        return decode(self, s, idx)
+    monkeypatch.setattr(json.JSONDecoder, "raw_decode", counted)
+    value = "x" * (40 << 20)
+    reader = llama_chat.JsonPieces(io.BytesIO(json.dumps([value, 1]).encode()))
+    assert list(reader.elements()) == [value, 1]
+    assert sum(tried) < 3 * len(value), len(tried)       # not 40 scans of the growing text
+
+
+def test_an_item_longer_than_the_limit_is_refused(client, monkeypatch):
+    monkeypatch.setattr(llama_chat, "MAX_ITEM_CHARS", 3 << 20)
+    status, body = imported(client, json.dumps([{"conv": {}, "messages": ["x" * (8 << 20)]}])
+                            .encode())
+    assert status == 400 and "longer than 3,145,728 characters" in body["error"], body
+
+
+def zip_of(files, compression=None):
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression or zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_a_zip_that_inflates_past_the_limit_is_refused_at_once(tmp_path, stub, launch):
+    server = launch(stub.url, max_import_bytes=4 << 20)
+    c = Client(server)
+    chat = json.dumps({"conv": {"id": "z"}, "messages": [{"id": "a", "role": "user",
+                                                          "content": "x" * (3 << 20)}]})
+    for files in ({"a.json": chat, "b.json": chat},            # by what the ZIP says
+                  {"a.json": chat + " " * (2 << 20)}):           # and by what it holds
+        data = zip_of(files)
+        assert len(data) < 100_000
+        status, body = imported(c, data)
+        assert status == 400 and "more than" in body["error"] and "4,194,304" in body["error"], \
+            body
+    assert rows(c, "SELECT count(*) FROM conversations") == [(0,)]
+
+
+def test_a_zip_that_lies_about_its_size_is_read_no_further(client, monkeypatch):
+    import zipfile
+    data = zip_of({"a.json": json.dumps(OPEN_WEBUI) + " " * (8 << 20)})
+    real = zipfile.ZipFile.infolist
+
+    def lying(self):
+        found = real(self)
+        for info in found:
+            info.file_size = 10
+        return found
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lying)
+    status, body = imported(client, data)
+    assert status == 400 and "a.json in the ZIP: Bad CRC-32" in body["error"], body
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
 
 
 @pytest.mark.parametrize("data,words", [
@@ -4539,6 +4929,97 @@ def chatting_meanwhile(client, cid, message):
     finally:
         stop.set()
         writer.join(10)
+
+
+def test_a_file_that_fails_part_way_leaves_nothing_of_what_was_written(client, monkeypatch):
+    monkeypatch.setattr(llama_chat, "IMPORT_READ", (3, 1 << 20))    # written 2 at a time
+    wrote = []
+    write = llama_chat.ImportWriter.write
+
+    def counted(self, conversations):
+        wrote.append(len(conversations))
+        return write(self, conversations)
+    monkeypatch.setattr(llama_chat.ImportWriter, "write", counted)
+    good = [dict(CHATGPT[0], conversation_id=f"gpt-{i}", title=f"zygomatic {i}")
+            for i in range(6)]
+    data = json.dumps(good)[:-1] + ', {"neither": "format"}]'
+    status, body = imported(client, data.encode())
+    assert status == 400 and "item 7" in body["error"], body
+    assert sum(wrote) == 6                       # written before the bad item was read
+    assert rows(client, "SELECT count(*) FROM conversations") == [(0,)]
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(client, "SELECT count(*) FROM import_pending") == [(0,)]
+    assert client.get("/api/search?q=zygomatic")[2]["count"] == 0
+    assert client.get("/api/ledger?group=model")[2]["groups"] == []
+    assert imported(client, json.dumps(good).encode())[1]["conversations"] == 6
+
+
+def test_an_import_killed_part_way_is_removed_at_the_next_start(tmp_path):
+    path = tmp_path / "conversations.json"
+    chatgpt_file(path, 3000)
+    db = tmp_path / "chat.db"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                             str(db), "import", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+    def written():
+        try:
+            with contextlib.closing(sqlite3.connect(db)) as c:
+                return c.execute("SELECT count(*) FROM import_pending").fetchone()[0] > 0
+        except sqlite3.Error:
+            return False
+    try:
+        wait_for(written, 30, "a first transaction of the import")
+    finally:
+        proc.kill()
+        proc.wait(10)
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] > 0
+    store = llama_chat.Store(str(db))
+    c = store.db.conn()
+    assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] == 0
+    assert c.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+    assert store.search("Conversation", 5) == []
+    store.close()
+
+
+def test_an_import_of_another_running_process_is_left_alone(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "chat.db"))
+    mine = store.create_conversation("importing", "m")
+    with store.db.write() as c:
+        c.execute("INSERT INTO import_pending VALUES (?, ?)", (mine, f"{os.getppid()}:ab"))
+    store.close()
+    store = llama_chat.Store(str(tmp_path / "chat.db"))
+    assert store.get_conversation(mine) is not None
+    store.close()
+
+
+def test_chats_go_on_between_the_transactions_of_a_big_import(client, stub, tmp_path):
+    path = tmp_path / "conversations.json"
+    count = chatgpt_file(path, 600)
+    cid = client.new_conversation()
+    statuses, done = [], threading.Event()
+
+    def chatting():
+        while not done.is_set():
+            statuses.append(client.chat(cid, "still here?")[0])
+            time.sleep(0.05)
+    writer = threading.Thread(target=chatting)
+    writer.start()
+    try:
+        time.sleep(0.1)
+        status, body = imported(client, path.read_bytes())
+    finally:
+        done.set()
+        writer.join(10)
+    assert status == 200 and body["messages"] == count, body
+    assert len(statuses) >= 3 and set(statuses) == {200}, statuses
+    low, high = rows(client, "SELECT min(id), max(id) FROM messages WHERE conversation_id != ?",
+                     cid)[0]
+    between = rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ? AND id "
+                   "BETWEEN ? AND ?", cid, low, high)[0][0]
+    assert between > 0          # a chat written while the import had written some, not all
+    history_is_sound(client)
 
 
 def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path):
@@ -5306,6 +5787,26 @@ def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
     groups = llama_chat.ledger(store.db, ("model",), None, None)
     assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
     assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
+    store.close()
+
+
+def test_a_schema_7_database_gains_an_id_for_each_conversation_after_a_backup(tmp_path):
+    path = str(tmp_path / "v7.db")
+
+    def fill(c):
+        for title in ("one", "two", "three"):
+            c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
+    store = migrated(path, fill, 7)
+    ids = [r[0] for r in store.db.conn().execute("SELECT uuid FROM conversations ORDER BY id")]
+    assert len(set(ids)) == 3 and all(llama_chat.UUID_TEXT.match(i) and i[14] == "4"
+                                      and i[19] in "89ab" for i in ids), ids
+    made = store.create_conversation("four", "m")
+    given = store.db.conn().execute("SELECT uuid FROM conversations WHERE id = ?",
+                                    (made,)).fetchone()[0]
+    assert llama_chat.UUID_TEXT.match(given) and given not in ids
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.db.write() as c:
+            c.execute("UPDATE conversations SET uuid = ? WHERE id = ?", (ids[0], made))
     store.close()
 
 
