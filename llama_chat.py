@@ -643,7 +643,8 @@ def build_arg_parser():
                    "in router mode")
     p.add_argument("--version", action="version", version="llama-chat " + __version__)
     commands = p.add_subparsers(dest="command", metavar="COMMAND", help="serve (the "
-                                "default), search, export, import, backup, check, stats; "
+                                "default), search, export, import, backup, restore, check, "
+                                "stats; "
                                 "each works on the database whether a server runs on it or not")
     commands.add_parser("serve", help="serve the page and the API (what no command does)",
                         description="Serve the page and the API.")
@@ -669,7 +670,13 @@ def build_arg_parser():
                             "safe while chats are written.")
     c.add_argument("file", metavar="FILE")
     commands.add_parser("check", help="check the database and its search index",
-                        description="Run SQLite's integrity check and the search index's.")
+                        description="Run SQLite's integrity check and the search index's, "
+                        "changing nothing (a file that is not llama-chat's is refused).")
+    c = commands.add_parser("restore", help="put a backup in the database's place",
+                            description="Check a backup, move the database (and its -wal and "
+                            "-shm) aside, never deleting them, and put the backup in its "
+                            "place. Refused while a server or a command has the database open.")
+    c.add_argument("file", metavar="BACKUP")
     commands.add_parser("stats", help="what the history holds",
                         description="Count conversations and messages.")
     return p
@@ -857,6 +864,59 @@ def private_file(path, create=True):
         pass
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def read_only_reason(path):
+    """Why database path cannot be written (None: it can): a read-only mount
+    (no writer can exist: SQLite may read it as immutable), or a file or
+    folder this user may not write."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "it is on a read-only mount"
+    except (AttributeError, OSError):        # no statvfs (Windows)
+        pass
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return "the file is read-only"
+    if not os.access(folder, os.W_OK):
+        return "its folder is read-only"
+    return None
+
+
+def presence_lock(path, alone=False):
+    """A lock on database file path (flock, apart from SQLite's own locks)
+    that every llama-chat with the file open holds shared, so that one that
+    needs it alone (restore) can tell: the open file that holds it, None where
+    there are no such locks (Windows). alone: exclusive, at once or
+    BlockingIOError."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(path, "rb")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB if alone else fcntl.LOCK_SH)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def used_by_others(path):
+    """Whether another llama-chat (a server, a command) has database path
+    open. Asked before this process opens it (its own lock would answer)."""
+    try:
+        lock = presence_lock(path, alone=True)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    if lock:
+        lock.close()
+    return False
+
+
 def sqlite_runs(sql):
     """Whether this SQLite build runs sql: FTS5 and the JSON functions are
     options a build may leave out."""
@@ -937,8 +997,10 @@ class Database:
     functions each connection gets: (name, argument count, deterministic
     Python function)."""
 
-    def __init__(self, path, functions=(), busy_ms=BUSY_MS):
+    def __init__(self, path, functions=(), busy_ms=BUSY_MS, read_only=None):
         self.path = path
+        self.read_only = read_only   # why writes are off (None: they are not)
+        self.immutable = read_only is not None and "mount" in read_only
         self.functions = tuple(functions)
         self.busy_ms = busy_ms
         self.failure = None          # why the last write failed, if it did
@@ -951,8 +1013,12 @@ class Database:
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
 
     def connect(self):
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=self.busy_ms / 1000)
+        target, uri = self.path, False
+        if self.read_only:
+            target, uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + (
+                "?immutable=1" if self.immutable else "?mode=ro"), True
+        conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
+                               timeout=self.busy_ms / 1000, uri=uri)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
         for pragma in CONNECTION_PRAGMAS:
             conn.execute(pragma)
@@ -1077,11 +1143,12 @@ class Database:
         return self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
 
     def user_version(self):
-        """The schema version, read without changing the file."""
-        conn = sqlite3.connect(self.path)
+        """The schema version and the names of the tables, read without
+        changing the file."""
+        conn = self.connect()
         try:
-            return conn.execute("PRAGMA user_version").fetchone()[0], conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table'").fetchone()[0]
+            return conn.execute("PRAGMA user_version").fetchone()[0], {r[0] for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:
             conn.close()
 
@@ -2271,20 +2338,33 @@ class Store:
     the search index); until then only Database and SearchIndex may be used."""
 
     def __init__(self, path, use_fts=None, open_now=True, busy_ms=BUSY_MS):
+        self.read_only = read_only_reason(path)
         self.db = Database(path, [("search_form", 1, search_form),
                                   ("message_digest", 4, message_digest),
-                                  *MATH_FUNCTIONS], busy_ms)
+                                  *MATH_FUNCTIONS], busy_ms, self.read_only)
         self.index = SearchIndex(self.db, use_fts)
         self.tree = Tree(self.db)
         self.backup_path = None
         self.damage = None           # what quick_check found wrong, if anything
         self.progress = Progress()
-        for name in (path, path + "-wal", path + "-shm"):
-            private_file(name, create=name == path)
+        if not self.read_only:
+            for name in (path, path + "-wal", path + "-shm"):
+                private_file(name, create=name == path)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(SQLITE_HEADER))
+        except OSError as e:
+            raise ConfigError(f"database {path} cannot be read: {e.strerror}") from None
+        if head and head != SQLITE_HEADER:
+            raise ConfigError(f"{path} is not an SQLite database (it begins {head[:8]!r})")
+        self.presence = presence_lock(path)
         self.version, tables = self.db.user_version()
         if self.version > SCHEMA_VERSION:
             raise ConfigError(f"database {path} is of a newer llama-chat "
                               f"(schema {self.version}; this one knows {SCHEMA_VERSION})")
+        if tables and "conversations" not in tables:
+            raise ConfigError(f"{path} is another program's SQLite database (its tables: "
+                              f"{', '.join(sorted(tables)[:6])}), not llama-chat's")
         self.is_new = not tables
         self.ready = False
         if open_now:
@@ -2293,8 +2373,20 @@ class Store:
     def open(self):
         """Migrate, build the search index where needed, all in one
         transaction: a stop half-way (interrupt()) leaves the file as it was.
-        A database made before is backed up first."""
+        A database made before is backed up first. One that cannot be
+        written is read as it is, if it is of this version."""
         db = self.db
+        if self.read_only:
+            if self.version < SCHEMA_VERSION or not self.index.in_step():
+                raise ConfigError(f"database {db.path} cannot be written ({self.read_only}) "
+                                  f"and is of schema {self.version}, or its search index is not "
+                                  f"this version's: copy it where it can be, and open it there")
+            log.warning("database %s cannot be written (%s): search and export work, writes "
+                        "are off", db.path, self.read_only)
+            db.release()
+            self.progress.set("ready")
+            self.ready = True
+            return
         if self.version < SCHEMA_VERSION and not self.is_new:
             self.progress.set("backing up the database before migrating it")
             self.backup_path = migration_backup(db, self.version)
@@ -2340,6 +2432,8 @@ class Store:
 
     def close(self):
         self.db.close()
+        if self.presence:
+            self.presence.close()
 
     def health(self):
         """Can the database be read and written? If not, why."""
@@ -2351,6 +2445,8 @@ class Store:
         folder = os.path.dirname(os.path.abspath(self.db.path))
         if problem:
             pass
+        elif self.read_only:
+            return {"ok": True, "fts5": self.index.fts, "read_only": self.read_only}
         elif not os.access(self.db.path, os.W_OK) or not os.access(folder, os.W_OK):
             problem = "cannot be written: the file or its folder is read-only"
         elif self.damage:
@@ -3563,11 +3659,15 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
 class EventStream:
     """An answer sent as it is made: 200, these headers, then each batch the
     generator `events` yields, as encode(batch) makes it (None: a keep-alive),
-    until the connection closes."""
+    until the connection closes. A `whole` one (a file: an export) is sent
+    in chunks, ended by the last chunk only when the generator ends well: one
+    that fails part-way is a download the client sees broken, never one that
+    looks whole."""
     events: object   # generator of batches (None: a keep-alive)
     close: object    # called once the answer is over, however it ended
     headers: dict = field(default_factory=lambda: dict(SSE_HEADERS))
     encode: object = sse_batch
+    whole: bool = False
 
 
 @dataclass
@@ -4750,8 +4850,6 @@ def from_chatgpt(conversation):
             text = "\n\n".join(content[k] for k in ("user_profile", "user_instructions")
                                if isinstance(content.get(k), str) and content[k].strip())
             return {"role": "system", "content": sound_text(text)} if text else None
-        if kind == "model_editable_context":
-            return None
         author = m.get("author") if isinstance(m.get("author"), dict) else {}
         role = STORED_ROLES.get(author.get("role"))
         text, reasoning = chatgpt_text(content)
@@ -5473,7 +5571,8 @@ def api_export(app, req):
     form = export_format(req, ("json", "jsonl"))
     kind = "application/json" if form == "json" else "application/x-ndjson"
     return EventStream(export_all(app.store.db, form), lambda: None,
-                       attachment(f"llama-chat-{now_iso()[:10]}.{form}", kind), as_they_came)
+                       attachment(f"llama-chat-{now_iso()[:10]}.{form}", kind), as_they_came,
+                       whole=True)
 
 
 def api_import(app, req):
@@ -5654,7 +5753,7 @@ class App:
         try:
             if not self.store.ready:
                 self.store.open()
-            if self.store.index.purge_due():
+            if self.store.index.purge_due() and not self.store.read_only:
                 self.purge_soon()
             self.rank_ledger_soon()
             if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
@@ -6075,14 +6174,26 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
 
     def send_stream(self, stream):
         self.close_connection = True
+        chunked = stream.whole and self.request_version != "HTTP/1.0"
+        encode = (lambda batch: b"%x\r\n%s\r\n" % (len(data := stream.encode(batch)), data)) \
+            if chunked else stream.encode
         try:
             self.send_response(200)
             for name, value in stream.headers.items():
                 self.send_header(name, value)
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
             self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.flush()
-            self.relay(stream.events, stream.encode)
+            try:
+                self.relay(stream.events, encode)
+            except (sqlite3.Error, OSError) as e:
+                log.error("%s %s failed part-way: %s (the client sees its download broken)",
+                          self.command, escape_log(self.path), e)
+                return
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         finally:
             stream.events.close()
             stream.close()
@@ -6624,9 +6735,26 @@ def command_export(settings, args):
                                                                         args.conversation))
 
 
+# The command line imports a file of any size; a ZIP may inflate to this many
+# times its size, or max_import_bytes if that is more.
+ZIP_RATIO = 64
+
+
+def import_line(name, done):
+    """What the command line says of a file imported."""
+    extra = "".join(f", {done[k]} {k}" for k in ("empty", "coerced") if done[k])
+    return (f"{name}: imported {done['conversations']} conversations, {done['messages']} "
+            f"messages, {done['skipped']} skipped{extra} ({done['format']})"
+            + "".join(f"\n  coerced: {line}" for line in done.get("coercions", ())))
+
+
 def command_import(settings, args):
+    """Each file in one import of its own, all of them tried: a line each
+    (imported, or why not), exit 1 if any failed."""
+    shared = os.path.exists(settings.db) and used_by_others(settings.db)
     store = history_store(settings, create=True)
     shown = sys.stderr.isatty()
+    failed = 0
     for name in args.files:
         def progress(counts):
             if shown:
@@ -6634,15 +6762,19 @@ def command_import(settings, args):
                       f"{counts['messages']:,} messages", end="", file=sys.stderr, flush=True)
         try:
             with open(name, "rb") as f:
-                done = import_file(store, f, progress)
-        except OSError as e:
-            raise CommandError(f"cannot read {name}: {e.strerror}") from None
-        except ApiError as e:
-            raise CommandError(f"{name}: {e.message} (nothing of it was stored)") from None
-        if shown:
-            print("\r\033[K", end="", file=sys.stderr)
-        print(f"{name}: {done['conversations']} conversations, {done['messages']} messages, "
-              f"{done['skipped']} skipped ({done['format']})")
+                limit = max(settings.max_import_bytes, ZIP_RATIO * os.fstat(f.fileno()).st_size)
+                done = import_file(store, f, progress, limit, shared)
+        except (OSError, ApiError, sqlite3.Error) as e:
+            failed += 1
+            why = e.message if isinstance(e, ApiError) else getattr(e, "strerror", None) or e
+            print(f"{name}: not imported: {why} (nothing of it was stored)")
+            continue
+        finally:
+            if shown:
+                print("\r\033[K", end="", file=sys.stderr)
+        print(import_line(name, done))
+    if failed:
+        raise CommandError(f"{failed} of {len(args.files)} files not imported")
 
 
 def command_backup(settings, args):
@@ -6654,18 +6786,88 @@ def command_backup(settings, args):
     print(f"backed up {settings.db} to {args.file}")
 
 
-def command_check(settings, args):
-    store = history_store(settings)
-    problems = [r[0] for r in store.db.conn().execute("PRAGMA integrity_check")
-                if r[0] != "ok"]
+def existing_database(path):
+    """A file that is there and not empty, or CommandError (a check or a
+    restore of an empty download would otherwise make a new database)."""
     try:
-        store.index.check()
-    except sqlite3.Error as e:
-        problems.append(f"search index: {e}")
-    if problems:
-        raise CommandError("damaged: " + "; ".join(problems[:5]))
-    print(f"{settings.db}: ok (SQLite's integrity check"
-          + (" and the search index's)" if store.index.fts else ")"))
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise CommandError(f"{path}: {e.strerror}") from None
+    if size == 0:
+        raise CommandError(f"{path} is empty (0 bytes): not a database")
+
+
+def checked_database(path):
+    """SQLite's integrity check and the search index's of the llama-chat
+    database at path, changing nothing (an older one is not migrated): what
+    was checked, or CommandError saying what is wrong."""
+    existing_database(path)
+    try:
+        store = Store(path, open_now=False)
+    except sqlite3.DatabaseError as e:
+        raise CommandError(f"{path} is damaged: {e}") from None
+    try:
+        try:
+            problems = [r[0] for r in store.db.conn().execute("PRAGMA integrity_check")
+                        if r[0] != "ok"]
+        except sqlite3.DatabaseError as e:
+            problems = [str(e)]
+        if problems:
+            raise CommandError(f"{path} is damaged: " + "; ".join(problems[:5]))
+        if store.version < SCHEMA_VERSION:
+            return f"SQLite's integrity check; schema {store.version}, migrated when opened"
+        if store.read_only:
+            return "SQLite's integrity check; the search index's needs a file it can write"
+        if store.index.fts and store.index.in_step():
+            try:
+                store.index.check()
+            except sqlite3.Error as e:
+                raise CommandError(f"{path} is damaged: search index: {e}") from None
+            return "SQLite's integrity check and the search index's"
+        return "SQLite's integrity check"
+    finally:
+        store.close()
+
+
+def command_check(settings, args):
+    print(f"{settings.db}: ok ({checked_database(settings.db)})")
+
+
+def command_restore(settings, args):
+    """The backup checked, copied beside the database, the database and its
+    -wal and -shm moved aside (kept, with the time in their names), the copy
+    put in its place: a -wal of the old file is never replayed into it."""
+    backup, target = args.file, settings.db
+    what = checked_database(backup)
+    lock = None
+    if os.path.exists(target):
+        try:
+            lock = presence_lock(target, alone=True)
+        except BlockingIOError:
+            raise CommandError(f"{target} is open in a llama-chat (a server or a command): "
+                               "stop it first") from None
+        except OSError as e:
+            raise CommandError(f"{target}: {e.strerror}") from None
+    try:
+        partial = target + ".restoring"
+        try:
+            Database(backup, read_only=read_only_reason(backup) or "a backup").backup(partial)
+            aside = f"{target}.before-restore-{now_iso()[:19].replace(':', '')}"
+            moved = []
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(target + suffix):
+                    os.rename(target + suffix, aside + suffix)
+                    moved.append(aside + suffix)
+            os.replace(partial, target)
+        except (OSError, sqlite3.Error) as e:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            raise CommandError(f"cannot restore {backup} to {target}: {e}") from None
+    finally:
+        if lock:
+            lock.close()
+    print(f"restored {backup} ({what}: ok) to {target}"
+          + (f"; what was there is kept as {', '.join(moved)}" if moved else ""))
 
 
 def command_stats(settings, args):
@@ -6683,7 +6885,8 @@ def command_stats(settings, args):
 
 
 COMMANDS = {"search": command_search, "export": command_export, "import": command_import,
-            "backup": command_backup, "check": command_check, "stats": command_stats}
+            "backup": command_backup, "restore": command_restore, "check": command_check,
+            "stats": command_stats}
 
 
 def main(argv=None):

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import textwrap
 import types
 import urllib.parse
 from dataclasses import replace
@@ -4331,6 +4332,31 @@ def test_the_same_conversation_twice_in_one_file_is_stored_once(client):
     assert status == 200 and (body["conversations"], body["skipped"]) == (1, 1), body
 
 
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_an_export_that_fails_part_way_is_a_broken_download(client, monkeypatch, form):
+    for i in range(5):
+        client.new_conversation(f"c{i}")
+    real = llama_chat.exported
+
+    def failing(conn, db, conversation_id):
+        if conversation_id == 4:
+            raise sqlite3.OperationalError("disk I/O error")
+        return real(conn, db, conversation_id)
+    monkeypatch.setattr(llama_chat, "exported", failing)
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    conn.request("GET", f"/api/export?format={form}")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Transfer-Encoding") == "chunked"
+    with pytest.raises(http.client.IncompleteRead) as broken:
+        resp.read()
+    assert b'"title": "c2"' in broken.value.partial or b'"title":"c2"' in broken.value.partial
+    monkeypatch.setattr(llama_chat, "exported", real)
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    conn.request("GET", f"/api/export?format={form}")
+    whole = conn.getresponse().read()                    # the last chunk came: no error
+    assert whole.count(b'"uuid"') == 5
+
+
 def test_one_conversation_exports_as_json_and_as_markdown(client, stub):
     cid, _ = a_history(client, stub)
     status, headers, body = client.get(f"/api/conversations/{cid}/export")
@@ -5098,7 +5124,7 @@ def test_the_database_and_its_wal_are_private(client, tmp_path):
 
 def test_an_existing_readable_database_is_made_private(tmp_path, stub, launch):
     db = tmp_path / "chat.db"
-    sqlite3.connect(str(db)).execute("CREATE TABLE t (x)")
+    llama_chat.Store(str(db)).close()
     os.chmod(db, 0o644)
     c = Client(launch(stub.url))
     c.new_conversation()
@@ -5139,7 +5165,8 @@ def test_the_command_line_works_on_the_history_while_a_server_writes(client, stu
         assert "conversations 2" in cli("stats", db=db, check=0).stdout
     fresh = tmp_path / "fresh.db"
     done = cli("import", str(out), db=fresh, check=0)
-    assert "2 conversations" in done.stdout and "0 skipped" in done.stdout
+    assert re.fullmatch(f"{re.escape(str(out))}: imported 2 conversations, [0-9]+ messages, "
+                        r"0 skipped \(llama-chat\)\n", done.stdout), done.stdout
     assert "2 skipped" in cli("import", str(out), db=fresh, check=0).stdout
 
 
@@ -5150,19 +5177,185 @@ def test_the_command_line_s_errors_and_help(tmp_path, capsys):
     assert not missing.exists()
     assert cli("frobnicate", check=2).stderr
     assert cli("search", db=missing, check=2).stderr             # no query
-    for command in ("serve", "search", "export", "import", "backup", "check", "stats"):
+    for command in ("serve", "search", "export", "import", "backup", "restore", "check",
+                    "stats"):
         with pytest.raises(SystemExit) as done:         # in this process: argparse's --help
             llama_chat.main([command, "--help"])
         assert done.value.code == 0 and "usage:" in capsys.readouterr().out
     bad = tmp_path / "bad.json"
     bad.write_text('{"nothing": "here"}')
     done = cli("import", str(bad), db=tmp_path / "new.db", check=1)
-    assert "nothing of it was stored" in done.stderr and done.stderr.count("\n") == 1
+    assert done.stdout.startswith(f"{bad}: not imported: The file cannot be imported: item 1")
+    assert done.stdout.endswith("(nothing of it was stored)\n")
+    assert done.stderr == "llama-chat import: 1 of 1 files not imported\n"
     assert cli("import", str(tmp_path / "absent.json"), db=tmp_path / "new.db",
-               check=1).stderr.startswith("llama-chat import: cannot read")
+               check=1).stdout == f"{tmp_path / 'absent.json'}: not imported: No such file or " \
+        "directory (nothing of it was stored)\n"
     damaged = tmp_path / "damaged.db"
     damaged.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
     assert cli("check", db=damaged).returncode == 1
+
+
+def test_a_command_line_import_tries_every_file_and_says_each(tmp_path):
+    good, bad, again = tmp_path / "webui.jsonl", tmp_path / "bad.json", tmp_path / "gpt.zip"
+    good.write_bytes(webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES))
+    bad.write_text('[{"mapping": {}}, {"mapping": ')
+    again.write_bytes(zip_of({"conversations.json": json.dumps(CHATGPT)}))
+    weird = tmp_path / "weird.json"
+    weird.write_text(json.dumps([dict(CHATGPT[0], conversation_id="w", title=["x"])]))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    done = cli("import", str(good), str(bad), str(again), str(weird), str(empty),
+               db=tmp_path / "chat.db", check=1)
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"{good}: imported 1 conversations, 6 messages, 0 skipped " \
+        "(llama.cpp-webui)"
+    assert lines[1].startswith(f"{bad}: not imported: The file cannot be imported: the JSON "
+                               "ends early or is broken at line 1, column 31")
+    assert lines[2] == f"{again}: imported 1 conversations, 5 messages, 0 skipped (chatgpt)"
+    assert lines[3] == f"{weird}: imported 1 conversations, 5 messages, 0 skipped, 1 coerced " \
+        "(chatgpt)"
+    assert lines[4] == "  coerced: conversation 1 (w): title is not text"
+    assert lines[5] == f"{empty}: imported 0 conversations, 0 messages, 0 skipped (none)"
+    assert done.stderr == "llama-chat import: 1 of 5 files not imported\n"
+    assert cli("import", str(empty), db=tmp_path / "chat.db", check=0).returncode == 0
+
+
+def test_check_refuses_what_is_not_a_llama_chat_database(tmp_path):
+    empty = tmp_path / "download.db"
+    empty.write_bytes(b"")
+    done = cli("check", db=empty, check=1)
+    assert "is empty (0 bytes): not a database" in done.stderr and "ok" not in done.stdout
+    assert empty.read_bytes() == b""
+    text = tmp_path / "notes.db"
+    text.write_text("hello")
+    assert "is not an SQLite database" in cli("check", db=text, check=2).stderr
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as c:
+        c.execute("CREATE TABLE photos (x)")
+    assert "another program's SQLite database (its tables: photos)" in cli(
+        "check", db=other, check=2).stderr
+    assert cli("check", db=tmp_path / "absent.db", check=1).stderr
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_check_changes_nothing_of_an_older_database(tmp_path):
+    path = str(tmp_path / "v7.db")
+    schema_2_db(path, lambda c: c.execute(
+        "INSERT INTO conversations (title, model) VALUES ('kept', 'm')"), version=7)
+    before = open(path, "rb").read()
+    done = cli("check", db=path, check=0)
+    assert "ok (SQLite's integrity check; schema 7, migrated when opened)" in done.stdout
+    assert open(path, "rb").read() == before and not os.path.exists(path + ".v7.bak")
+
+
+def database_with(path, titles):
+    store = llama_chat.Store(str(path))
+    for title in titles:
+        store.add_message(store.create_conversation(title, "m"), "user", title)
+    store.close()
+
+
+def test_restore_after_a_kill_keeps_the_old_file_and_its_wal_aside(tmp_path):
+    db, backup = tmp_path / "chat.db", tmp_path / "backup.db"
+    database_with(db, ["before the backup"])
+    cli("backup", str(backup), db=db, check=0)
+    # A writer killed with its WAL unmerged: the WAL holds a conversation the file does not.
+    writer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time; sys.path.insert(0, {HERE!r})
+        import llama_chat
+        store = llama_chat.Store({str(db)!r})
+        store.db.conn().execute("PRAGMA wal_autocheckpoint = 0")
+        store.add_message(store.create_conversation("after the backup", "m"), "user", "x")
+        print("written", flush=True)
+        time.sleep(60)""")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "written\n"
+        assert "is open in a llama-chat" in cli("restore", str(backup), db=db, check=1).stderr
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert os.path.getsize(str(db) + "-wal") > 0
+    done = cli("restore", str(backup), db=db, check=0)
+    assert done.stdout.startswith(f"restored {backup} (SQLite's integrity check and the search "
+                                  f"index's: ok) to {db}; what was there is kept as ")
+    aside = done.stdout.split("kept as ")[1].split(", ")[0]
+    assert not os.path.exists(str(db) + "-wal")
+    titles = [r[0] for r in sqlite3.connect(db).execute("SELECT title FROM conversations")]
+    assert titles == ["before the backup"]
+    assert file_mode(db) == 0o600
+    kept = [r[0] for r in sqlite3.connect(aside).execute("SELECT title FROM conversations")]
+    assert kept == ["before the backup", "after the backup"]       # the WAL went with it
+    assert "ok" in cli("check", db=db, check=0).stdout
+
+
+def test_restore_refuses_a_damaged_or_empty_backup_and_changes_nothing(tmp_path):
+    db = tmp_path / "chat.db"
+    database_with(db, ["mine"])
+    before = sorted(os.listdir(tmp_path))
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    assert "is empty" in cli("restore", str(empty), db=db, check=1).stderr
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(open(db, "rb").read()[:8192] + b"\xff" * 8192)
+    assert "damaged" in cli("restore", str(damaged), db=db, check=1).stderr
+    assert not any("before-restore" in n or "restoring" in n for n in os.listdir(tmp_path))
+    assert set(before) <= set(os.listdir(tmp_path))
+    assert [r[0] for r in sqlite3.connect(db).execute("SELECT title FROM conversations")] == \
+        ["mine"]
+
+
+def answers_read_only(server, why):
+    """A server on a database it cannot write: search, reading and export
+    answer; a write is 503 naming why; health says so and is ok."""
+    c = Client(server)
+    health = c.get("/api/health")[2]["database"]
+    assert health["ok"] is True and health["read_only"] == why, health
+    listed = c.get("/api/conversations")[2]["conversations"]
+    assert [x["title"] for x in listed] == ["on the stick"]
+    assert c.get("/api/search?q=stick")[2]["count"] == 1
+    status, _, raw = c.request("GET", "/api/export?format=jsonl")
+    assert status == 200 and "on the stick" in json.dumps(raw)
+    status, _, body = c.post("/api/conversations", {"title": "new", "model": "m"})
+    assert status == 503 and "readonly" in body["error"], body
+
+
+def test_a_database_that_cannot_be_written_is_read_as_it_is(tmp_path, stub, launch, monkeypatch):
+    database_with(tmp_path / "chat.db", ["on the stick"])
+    monkeypatch.setattr(llama_chat, "read_only_reason", lambda path: "the file is read-only")
+    answers_read_only(launch(stub.url), "the file is read-only")
+
+
+@pytest.fixture
+def read_only_mount(tmp_path):
+    """A folder of tmp_path mounted read-only (a bind mount: root only)."""
+    source, mounted = tmp_path / "stick", tmp_path / "mounted"
+    source.mkdir()
+    mounted.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(mounted)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (not root)")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mounted)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        yield source, mounted
+    finally:
+        subprocess.run(["umount", "--lazy", str(mounted)], capture_output=True)
+
+
+def test_a_database_on_a_read_only_mount_is_searched_and_exported(read_only_mount, stub,
+                                                                   launch):
+    source, mounted = read_only_mount
+    database_with(source / "chat.db", ["on the stick"])
+    assert not os.path.exists(source / "chat.db-wal")
+    db = mounted / "chat.db"
+    assert "on the stick" in cli("search", "stick", db=db, check=0).stdout
+    assert "on the stick" in cli("export", "--format", "jsonl", db=db, check=0).stdout
+    assert "ok" in cli("check", db=db, check=0).stdout
+    done = cli("import", os.devnull, db=db, check=1)
+    answers_read_only(launch(stub.url, db=str(db)), "it is on a read-only mount")
+    assert sorted(os.listdir(source)) == ["chat.db"]
 
 
 ###############################################################################
