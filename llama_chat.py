@@ -6136,7 +6136,10 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
                            field="Content-Length")
         if length > limit:
             self.close_connection = True
-            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes")
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes"
+                           + ("; the command line imports a file of any size: python3 "
+                              "llama_chat.py import FILE (or raise max_import_bytes)"
+                              if takes_file else ""))
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True

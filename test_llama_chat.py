@@ -4940,6 +4940,16 @@ def test_an_import_larger_than_a_request_body_is_taken_up_to_its_own_limit(tmp_p
         assert line.split()[1] == "413", line
 
 
+def test_an_import_too_big_for_the_page_points_to_the_command_line(tmp_path, stub, launch):
+    c = Client(launch(stub.url, max_import_bytes=1024))
+    status, body = imported(c, b"[" + b" " * 2000 + b"]")
+    assert status == 413 and "python3 llama_chat.py import FILE" in body["error"], body
+    line, _, body = raw_exchange(c.port, b"POST /api/conversations HTTP/1.1\r\nHost: localhost"
+                                 b"\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 9999999\r\n\r\n")
+    assert "413" in line and "PAYLOAD_TOO_LARGE" in str(body) and "llama_chat.py" not in str(body)
+
+
 @contextlib.contextmanager
 def chatting_meanwhile(client, cid, message):
     """Another client chats in conversation cid, again and again, meanwhile."""
@@ -6622,6 +6632,14 @@ def test_page_imports_a_dropped_file_and_exports_a_conversation(page, client, st
     text = b.js_async("const done = arguments[arguments.length - 1];"
                       "window.blobs[0].text().then(done)")
     assert text.startswith("# Plot a sine\n") and "Here is a plot." in text
+    b.js("""const file = new File([arguments[0]], 'odd.json', {type: 'application/json'});
+            const data = new DataTransfer(); data.items.add(file);
+            document.getElementById('sidebar').dispatchEvent(
+              new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));""",
+         json.dumps([dict(CHATGPT[0], conversation_id="w", title=["x"])]))
+    toast = b.wait("const t = document.getElementById('toast').textContent;"
+                   "return t.includes('odd.json') && t.includes('imported') && t")
+    assert "1 values cut or left out (conversation 1 (w): title is not text)" in toast
 
 
 @needs_chromium
