@@ -1071,7 +1071,7 @@ class Database:
         try:
             self._wanting.add(threading.get_ident())
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                self.begin(conn)
             finally:
                 self._wanting.discard(threading.get_ident())
             if gives_way:
@@ -1092,6 +1092,25 @@ class Database:
                 self._giving_way = None
             self.last_write = time.monotonic()
         self.failure = None
+
+    def begin(self, conn):
+        """BEGIN IMMEDIATE: at once, else tried again every millisecond up to
+        the busy timeout. Not SQLite's busy handler, whose waits grow to 100
+        ms: a writer would miss the moments when another process's long work
+        (a command-line import) lets go of the lock between transactions."""
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            ends = time.monotonic() + self.busy_ms / 1000
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or time.monotonic() > ends:
+                        raise
+                time.sleep(0.001)
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
 
     def someone_waits(self):
         """Whether another thread waits to begin a write."""
@@ -5078,12 +5097,11 @@ class Coercions:
         self.count, self.said = 0, []
 
     def checked(self, checks, found, where):
-        """found's fields by `checks`, as stored."""
-        row = {}
-        for name, check in checks.items():
-            value = found.get(name)
-            if value is None:
-                row[name] = None
+        """found's fields by `checks`, as stored (those it does not give: None)."""
+        row = dict.fromkeys(checks)
+        for name, value in found.items():
+            check = checks.get(name)
+            if check is None or value is None:
                 continue
             row[name], why = checked_value(check, value)
             if why:
@@ -5113,13 +5131,17 @@ def checked_conversation(conv, where, coercions):
 
 
 MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
-# How long an import holds the write lock at a time. A writer of the same
-# process that waits (a chat) ends the transaction at once: the import goes
-# on after it. One of another process cannot be seen waiting: where another
-# llama-chat has the file open (a command line import while a server runs),
-# transactions are short and let go of the lock for a moment between them.
-IMPORT_HOLD = 1.0
-IMPORT_HOLD_SHARED = 0.04
+# How long an import inserts rows in one transaction. Its end (indexing the
+# rows for search and the ledger in one statement each, and the commit) takes
+# about twice as long again: a chat that waits for the write lock waits for
+# both. A writer of the same process that waits ends the inserting at once;
+# one of another process cannot be seen waiting: where another llama-chat has
+# the file open (a command line import while a server runs), the import also
+# lets go of the lock for a moment between transactions. A command-line
+# import with the file to itself holds it longer: fewer transactions (each
+# costs the search index a segment) make it a quarter faster.
+IMPORT_HOLD = 0.025
+IMPORT_HOLD_ALONE = 1.0
 IMPORT_PAUSE_SHARED = 0.005
 # Conversations are read and checked, outside any transaction, until they
 # hold this many messages or characters of text, then written: the larger, the
@@ -5134,12 +5156,12 @@ class ImportWriter:
     writes is marked (import_pending) until finish(); undo() removes it, and
     so does the next start after a crash (Store.open)."""
 
-    def __init__(self, store, counts, progress=None, shared=False):
+    def __init__(self, store, counts, progress=None, company="server"):
         self.db, self.index = store.db, store.index
         self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
         self.counts, self.progress = counts, progress
-        self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) if shared \
-            else (IMPORT_HOLD, 0)
+        self.hold = IMPORT_HOLD_ALONE if company == "none" else IMPORT_HOLD
+        self.pause = IMPORT_PAUSE_SHARED if company == "other processes" else 0
         self.c = None
 
     def write(self, conversations):
@@ -5221,15 +5243,42 @@ class ImportWriter:
             self.db.give_way()
 
 
-def import_file(store, f, progress=None, inflated_limit=None, shared=False):
+# While an import reads and checks a file in the server, its thread would
+# hold Python's GIL for 5 ms at a time (the default switch interval) whenever
+# another thread wants it: a chat, which wants it back after each of its
+# waits on a socket or SQLite, would take ~100 ms instead of ~5. So the
+# interval is 0.5 ms while any import runs.
+BRISK_SWITCHING = {"imports": 0, "interval": None}
+BRISK_LOCK = threading.Lock()
+
+
+@contextmanager
+def brisk_switching():
+    with BRISK_LOCK:
+        if BRISK_SWITCHING["imports"] == 0:
+            BRISK_SWITCHING["interval"] = sys.getswitchinterval()
+            sys.setswitchinterval(0.0005)
+        BRISK_SWITCHING["imports"] += 1
+    try:
+        yield
+    finally:
+        with BRISK_LOCK:
+            BRISK_SWITCHING["imports"] -= 1
+            if BRISK_SWITCHING["imports"] == 0:
+                sys.setswitchinterval(BRISK_SWITCHING["interval"])
+
+
+def import_file(store, f, progress=None, inflated_limit=None, company="server"):
     """Store every conversation of a file: read and checked a part at a time,
     outside any transaction; written by an ImportWriter, all of it or, when it
     fails part-way, nothing. A conversation already there (the same uuid, or
     source and source_id) is skipped; one with no message is not imported.
-    The counts, the values coerced, and the format(s)."""
+    company: who else may write meanwhile: "server" (its chats: the import
+    is in one), "other processes" (a server: the import is a command's) or
+    "none". The counts, the values coerced, and the format(s)."""
     counts = {"conversations": 0, "messages": 0, "skipped": 0, "empty": 0}
     formats, seen, coercions = [], {}, Coercions()
-    writer = ImportWriter(store, counts, progress, shared)
+    writer = ImportWriter(store, counts, progress, company)
     pending, count, size, n = [], 0, 0, 0
     try:
         try:
@@ -5577,8 +5626,9 @@ def api_export(app, req):
 
 def api_import(app, req):
     try:
-        return import_file(app.store, io.BytesIO(req.body),
-                           inflated_limit=app.settings.max_import_bytes)
+        with brisk_switching():
+            return import_file(app.store, io.BytesIO(req.body),
+                               inflated_limit=app.settings.max_import_bytes)
     finally:
         release_memory()           # the index's buffers and the file's pieces
         app.rank_ledger_soon()
@@ -6754,7 +6804,8 @@ def import_line(name, done):
 def command_import(settings, args):
     """Each file in one import of its own, all of them tried: a line each
     (imported, or why not), exit 1 if any failed."""
-    shared = os.path.exists(settings.db) and used_by_others(settings.db)
+    company = "other processes" if os.path.exists(settings.db) and \
+        used_by_others(settings.db) else "none"
     store = history_store(settings, create=True)
     shown = sys.stderr.isatty()
     failed = 0
@@ -6766,7 +6817,7 @@ def command_import(settings, args):
         try:
             with open(name, "rb") as f:
                 limit = max(settings.max_import_bytes, ZIP_RATIO * os.fstat(f.fileno()).st_size)
-                done = import_file(store, f, progress, limit, shared)
+                done = import_file(store, f, progress, limit, company)
         except (OSError, ApiError, sqlite3.Error) as e:
             failed += 1
             why = e.message if isinstance(e, ApiError) else getattr(e, "strerror", None) or e

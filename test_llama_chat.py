@@ -4990,6 +4990,32 @@ def test_a_file_that_fails_part_way_leaves_nothing_of_what_was_written(client, m
     assert imported(client, json.dumps(good).encode())[1]["conversations"] == 6
 
 
+def test_a_command_line_import_lets_a_running_server_chat_between_its_transactions(
+        client, stub, tmp_path):
+    path = tmp_path / "conversations.json"
+    chatgpt_file(path, 1000)
+    cid = client.new_conversation()
+    statuses, done = [], threading.Event()
+
+    def chatting():
+        while not done.is_set():
+            statuses.append(client.chat(cid, "still here?")[0])
+            time.sleep(0.02)
+    writer = threading.Thread(target=chatting)
+    writer.start()
+    try:
+        cli("import", str(path), db=client.app.settings.db, check=0)
+    finally:
+        done.set()
+        writer.join(10)
+    assert set(statuses) == {200}
+    low, high = rows(client, "SELECT min(id), max(id) FROM messages WHERE conversation_id != ?",
+                     cid)[0]
+    between = rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ? AND id "
+                   "BETWEEN ? AND ?", cid, low, high)[0][0]
+    assert between >= 10, between            # chats written all along, not in a few gaps
+
+
 def test_an_import_killed_part_way_is_removed_at_the_next_start(tmp_path):
     path = tmp_path / "conversations.json"
     chatgpt_file(path, 3000)
@@ -7863,7 +7889,7 @@ def peak_rss_mb(proc):
     return peak / 1024
 
 
-def chatgpt_file(path, conversations, turns=10):
+def chatgpt_file(path, conversations, turns=10, prefix="gpt"):
     """A ChatGPT-format conversations.json: each conversation a chain of
     `turns` questions and answers, written a conversation at a time."""
     corpus = list(bench_corpus(2 * turns * 50))
@@ -7882,7 +7908,7 @@ def chatgpt_file(path, conversations, turns=10):
                                 "parts": [corpus[(c * 7 + i) % len(corpus)]]}}}
                 parent = key
             f.write(("," if c else "") + json.dumps({
-                "title": f"Conversation {c}", "conversation_id": f"gpt-{c}",
+                "title": f"Conversation {c}", "conversation_id": f"{prefix}-{c}",
                 "create_time": 1720000000 + c * 60, "current_node": parent,
                 "mapping": mapping}))
         f.write("]")
@@ -7992,7 +8018,92 @@ def test_bench_history_files(tmp_path, stub):
     row(f"import a ChatGPT file of {path.stat().st_size / 2**20:.0f} MB ({count:,} messages)",
         f"{count / took:,.0f} msg/s ({took:.1f} s)", ">= 20,000 msg/s")
     row("  RSS growth while importing (peak over an idle command)", f"{peak - base:.1f} MB",
-        "< 100 MB")
+        "< 60 MB")
+
+    # Chats while imports run into the database they write: by the command
+    # line (another process) and through the API (the server's own), a chat
+    # every 50 ms, each timed from request to answer.
+    db = str(tmp_path / "busy.db")
+    app = AppProcess(db, stub.url)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        conn.request("POST", "/api/conversations", json.dumps({"title": "c", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        cid = json.loads(conn.getresponse().read())["conversation_id"]
+        times, stop = [], threading.Event()
+
+        def chat():
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+            while not stop.is_set():
+                started = time.perf_counter()
+                c.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "model": "m",
+                                                           "message": "hi"}),
+                          {"Content-Type": "application/json"})
+                resp = c.getresponse()
+                resp.read()
+                assert resp.status == 200
+                times.append((time.perf_counter() - started) * 1000)
+                stop.wait(0.05)
+
+        def chatting_while(work):
+            times.clear()
+            stop.clear()
+            chatter = threading.Thread(target=chat)
+            chatter.start()
+            try:
+                started = time.perf_counter()
+                work()
+                return time.perf_counter() - started
+            finally:
+                stop.set()
+                chatter.join()
+        idle = chatting_while(lambda: time.sleep(3)) and list(times)
+        took = chatting_while(lambda: subprocess.run(
+            [sys.executable, os.path.join(HERE, "llama_chat.py"), "--db", db, "import",
+             str(path)], check=True, stdout=subprocess.DEVNULL, timeout=900))
+        row(f"  the same file by the command line while a server chats on the database",
+            f"{count / took:,.0f} msg/s", "report")
+        row("  a chat every 50 ms meanwhile: p50 / p99 / longest",
+            f"{percentile(times, 50):.0f} / {percentile(times, 99):.0f} / {max(times):.0f} ms "
+            f"({len(times)} chats; idle p99 {percentile(idle, 99):.0f} ms)", "p99 < 100 ms")
+        api_file = tmp_path / "api.json"
+        api_count = chatgpt_file(api_file, 2400, prefix="api")     # under max_import_bytes
+
+        def post_import():
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=600)
+            c.request("POST", "/api/import", api_file.read_bytes(),
+                      {"Content-Type": "application/octet-stream"})
+            resp = c.getresponse()
+            assert resp.status == 200, resp.read()
+            resp.read()
+        took = chatting_while(post_import)
+        row(f"  a file of {api_file.stat().st_size / 2**20:.0f} MB through POST /api/import "
+            "while it chats", f"{api_count / took:,.0f} msg/s", "report")
+        row("  a chat every 50 ms meanwhile: p50 / p99 / longest",
+            f"{percentile(times, 50):.0f} / {percentile(times, 99):.0f} / {max(times):.0f} ms "
+            f"({len(times)} chats)", "p99 < 100 ms")
+
+        # A ZIP bomb: 1 GiB of JSON in a ZIP of about a megabyte
+        import zipfile
+        bomb = tmp_path / "bomb.zip"
+        with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+            with z.open("conversations.json", "w", force_zip64=True) as member:
+                member.write(b"[")
+                for _ in range(1024):
+                    member.write(b" " * (1 << 20))
+                member.write(b"]")
+        c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        started = time.perf_counter()
+        c.request("POST", "/api/import", bomb.read_bytes(),
+                  {"Content-Type": "application/octet-stream"})
+        resp = c.getresponse()
+        resp.read()
+        took = time.perf_counter() - started
+        assert resp.status == 400
+        row(f"a ZIP of {bomb.stat().st_size / 2**20:.1f} MB inflating to 1 GiB refused",
+            f"{took * 1000:.0f} ms", "< 2 s")
+    finally:
+        app.stop()
 
 
 @bench
