@@ -81,7 +81,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.5.0"
+__version__ = "1.6.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -5138,10 +5138,11 @@ MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
 # one of another process cannot be seen waiting: where another llama-chat has
 # the file open (a command line import while a server runs), the import also
 # lets go of the lock for a moment between transactions. A command-line
-# import with the file to itself holds it longer: fewer transactions (each
-# costs the search index a segment) make it a quarter faster.
+# import with the file to itself is one transaction: each costs the search
+# index a segment, and 26 of them for 420,000 messages made it a quarter
+# slower.
 IMPORT_HOLD = 0.025
-IMPORT_HOLD_ALONE = 1.0
+IMPORT_HOLD_SHARED = 0.015
 IMPORT_PAUSE_SHARED = 0.005
 # Conversations are read and checked, outside any transaction, until they
 # hold this many messages or characters of text, then written: the larger, the
@@ -5154,14 +5155,16 @@ class ImportWriter:
     IMPORT_HOLD seconds, giving way between them to any write waiting, so
     that chats go on during an import of any size. All or nothing: what it
     writes is marked (import_pending) until finish(); undo() removes it, and
-    so does the next start after a crash (Store.open)."""
+    so does the next start after a crash (Store.open). With the file to
+    itself (company "none"), it writes in one transaction instead."""
 
     def __init__(self, store, counts, progress=None, company="server"):
         self.db, self.index = store.db, store.index
         self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
         self.counts, self.progress = counts, progress
-        self.hold = IMPORT_HOLD_ALONE if company == "none" else IMPORT_HOLD
-        self.pause = IMPORT_PAUSE_SHARED if company == "other processes" else 0
+        self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) \
+            if company == "other processes" else (IMPORT_HOLD, 0)
+        self.whole = contextlib.ExitStack() if company == "none" else None
         self.c = None
 
     def write(self, conversations):
@@ -5169,6 +5172,14 @@ class ImportWriter:
         (SQLite's synchronous = NORMAL): one lost with the power is lost with
         its marks, and the import is then undone at the next start; the
         commit that ends the import (finish) is synced, and all with it."""
+        if self.whole is not None:
+            if self.c is None:
+                self.c = self.whole.enter_context(self.db.write())
+                self.whole.enter_context(self.index.bulk(self.c))
+                self.whole.enter_context(ledger_bulk(self.c))
+            for _ in self.work(conversations):
+                pass
+            return
         work = self.work(conversations)
         done = not conversations
         self.db.conn().execute("PRAGMA synchronous = NORMAL")
@@ -5227,11 +5238,20 @@ class ImportWriter:
             yield
 
     def finish(self):
+        if self.whole is not None:
+            if self.c is not None:
+                self.c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
+            self.whole.close()                   # commits
+            return
         with self.db.write() as c:
             c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
 
     def undo(self):
-        """Remove what this import wrote, a few conversations a transaction."""
+        """Remove what this import wrote, a few conversations a transaction
+        (in one transaction: roll it back)."""
+        if self.whole is not None:
+            self.whole.__exit__(RuntimeError, RuntimeError("undone"), None)
+            return
         while True:
             with self.db.write() as c:
                 ids = [r[0] for r in c.execute("SELECT conversation_id FROM import_pending "

@@ -4261,15 +4261,18 @@ def comparable(client_or_store, cid):
     return conv, messages
 
 
-@pytest.mark.parametrize("form", ["json", "jsonl"])
+@pytest.mark.parametrize("form", ["json", "jsonl", "zip"])
 def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, stub, launch,
                                                                        form, tmp_path):
     cid, other = a_history(client, stub)
-    status, headers, raw = client.request("GET", f"/api/export?format={form}")
+    status, headers, raw = client.request("GET", "/api/export?format="
+                                          + ("jsonl" if form == "zip" else form))
     assert status == 200 and "attachment" in headers["Content-Disposition"]
     data = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
-    if form == "jsonl":
+    if form != "json":
         assert len(data.splitlines()) == 2
+    if form == "zip":
+        data = zip_of({"history.jsonl": data})
     target = llama_chat.Store(str(tmp_path / "empty.db"))
     done = llama_chat.import_file(target, io.BytesIO(data))
     assert done == {"conversations": 2, "messages": 7, "skipped": 0, "empty": 0, "coerced": 0,
@@ -4795,6 +4798,55 @@ def test_fields_of_the_wrong_type_are_coerced_counted_and_leave_the_history_soun
     assert client.chat(c["id"], "And now?")[0] == 200
 
 
+def json_paths(value, prefix=()):
+    """Every place in a JSON value, as the keys and indexes that lead to it."""
+    if prefix:
+        yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, inner in items:
+        yield from json_paths(inner, prefix + (key,))
+
+
+JUNK = [None, True, 0, -1, 1.5, 10**30, "", "x", "2024-01-01", [], [1], {}, {"a": 1}, "\ud800",
+        "[]", "{"]
+
+
+def test_exports_with_values_changed_at_random_are_refused_or_imported_readable(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "chat.db"))
+    cid = store.create_conversation("t", "m")
+    store.add_message(cid, "user", "q")
+    store.add_message(cid, "assistant", "a", "m")
+    samples = {"llama.cpp JSONL": [json.loads(line) for line in webui_jsonl(
+        WEBUI_CONV, WEBUI_MESSAGES).splitlines()],
+        "llama.cpp JSON": [{"conv": WEBUI_CONV, "messages": WEBUI_MESSAGES}],
+        "chatgpt": CHATGPT + [CHATGPT_HIDDEN], "open-webui": OPEN_WEBUI + OPEN_WEBUI_THINKING,
+        "llama-chat": [json.loads(llama_chat.export_one(store.db, cid))]}
+    chance = random.Random(23)
+    for _ in range(150):
+        name = chance.choice(sorted(samples))
+        data = json.loads(json.dumps(samples[name]))
+        for _ in range(chance.randint(1, 4)):
+            *above, key = chance.choice(list(json_paths(data)))
+            holder = data
+            for step in above:
+                holder = holder[step]
+            holder[key] = json.loads(json.dumps(chance.choice(JUNK)))
+        raw = "\n".join(json.dumps(x) for x in data) if name == "llama.cpp JSONL" else \
+            json.dumps(data)
+        try:
+            llama_chat.import_file(store, io.BytesIO(raw.encode("utf-8", "surrogatepass")))
+        except llama_chat.ApiError as e:
+            assert e.status == 400, (name, data, e.message)
+        assert b"".join(llama_chat.export_all(store.db, "jsonl")).count(b"\n") == \
+            len(json.loads(store.list_conversations()))
+        for c in json.loads(store.list_conversations()):
+            json.loads(store.messages(c["id"], everything=True)[0])
+    store.index.check()
+    assert store.db.conn().execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    store.close()
+
+
 def test_text_longer_than_the_api_takes_is_cut_and_counted(client, stub):
     item = exported_conversation(client, stub)
     client.delete(f"/api/conversations/{item['conversation']['id']}")
@@ -5020,6 +5072,7 @@ def test_an_import_killed_part_way_is_removed_at_the_next_start(tmp_path):
     path = tmp_path / "conversations.json"
     chatgpt_file(path, 3000)
     db = tmp_path / "chat.db"
+    server = llama_chat.Store(str(db))     # as a server would: the import gives way to it
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
                              str(db), "import", str(path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -5037,11 +5090,31 @@ def test_an_import_killed_part_way_is_removed_at_the_next_start(tmp_path):
         proc.wait(10)
     with contextlib.closing(sqlite3.connect(db)) as c:
         assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] > 0
+    server.close()
     store = llama_chat.Store(str(db))
     c = store.db.conn()
     assert c.execute("SELECT count(*) FROM conversations").fetchone()[0] == 0
     assert c.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
     assert store.search("Conversation", 5) == []
+    store.close()
+
+
+def test_a_command_line_import_alone_is_one_transaction(tmp_path, monkeypatch):
+    store = llama_chat.Store(str(tmp_path / "chat.db"))
+    begun = []
+    begin = llama_chat.Database.begin
+    monkeypatch.setattr(llama_chat.Database, "begin",
+                        lambda self, conn: begun.append(1) or begin(self, conn))
+    monkeypatch.setattr(llama_chat, "IMPORT_READ", (40, 1 << 20))
+    good = [dict(CHATGPT[0], conversation_id=f"gpt-{i}") for i in range(30)]
+    done = llama_chat.import_file(store, io.BytesIO(json.dumps(good).encode()), company="none")
+    assert done["conversations"] == 30 and len(begun) == 1
+    bad = json.dumps([dict(g, conversation_id=f"x{i}") for i, g in enumerate(good)])[:-1] + \
+        ", 5]"
+    with pytest.raises(llama_chat.ApiError):
+        llama_chat.import_file(store, io.BytesIO(bad.encode()), company="none")
+    assert store.db.conn().execute("SELECT count(*), sum(source_id LIKE 'x%') "
+                                   "FROM conversations").fetchone() == (30, 0)
     store.close()
 
 
@@ -5137,6 +5210,37 @@ def test_a_failed_backup_is_an_error_before_any_byte(client, monkeypatch, tmp_pa
     assert not [n for n in os.listdir(tmp_path) if ".backup-" in n]
     monkeypatch.undo()
     assert client.get("/api/backup")[0] == 200          # the lock went with the failure
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a tmpfs of 3 MiB (a mount: root only)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs",
+                       str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+
+
+def test_a_backup_on_a_full_disk_is_an_error_the_client_sees(small_disk, stub, launch):
+    c = Client(launch(stub.url, db=str(small_disk / "chat.db")))
+    cid = c.new_conversation()
+    store = c.app.store
+    def free():
+        return os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    while free() > os.path.getsize(small_disk / "chat.db"):           # till a copy has no room
+        store.add_message(cid, "user", os.urandom(60_000).hex())
+        assert store.db.checkpoint()
+    status, headers, body = c.get("/api/backup")
+    assert (status, body["code"]) == (503, "DATABASE_ERROR"), body
+    assert f"bytes free in {small_disk}" in body["error"] and "full" in body["error"]
+    assert [n for n in os.listdir(small_disk) if ".backup-" in n] == []
+    assert c.get("/api/health")[2]["database"]["ok"] is True
+    assert c.chat(cid, "still answering?")[0] == 200
 
 
 def test_a_backup_copy_left_by_a_crash_is_removed_at_start(tmp_path, stub, launch):
