@@ -3221,12 +3221,26 @@ def question_tokens(app, text, model):
     return app.upstream.token_count(text, model)
 
 
+def exchanges(messages):
+    """A branch's messages as exchanges: a question and what answered it (the
+    replies, tool calls and results up to the next question); what comes
+    before the first question is an exchange of its own."""
+    found = []
+    for m in messages:
+        if m["role"] == "user" or not found:
+            found.append([])
+        found[-1].append(m)
+    return found
+
+
 def fit_context(app, turn, branch_length):
-    """Leave out the oldest messages of the turn's history that would not fit
-    the model's context: n_ctx (llama-server's /props) less the reply's
-    max_tokens (at most a quarter of n_ctx: a default of 4096 would leave no
-    room in a small context) and the system prompt; the newest messages
-    first, the turn's own always. Where llama.cpp cannot say n_ctx or count,
+    """Leave out of the turn's history what would not fit the model's context:
+    n_ctx (llama-server's /props) less the reply's max_tokens (at most a
+    quarter of n_ctx: a default of 4096 would leave no room in a small
+    context) and the system prompt. The turn's own messages always go; then
+    whole exchanges, newest first, each that fits: one that does not (a
+    question too long for the context) and an unanswered question are left
+    out, and the walk goes on past them. Where llama.cpp cannot say n_ctx or count,
     the history stays as the message limit made it (and an overflow is
     still retried with fewer). turn.context says what was done."""
     n_ctx = app.upstream.context_of(turn.model or None)
@@ -3241,18 +3255,20 @@ def fit_context(app, turn, branch_length):
         system += MESSAGE_OVERHEAD
     wanted = turn.options.get("max_tokens")
     reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 0, n_ctx // 4)
-    budget, used, kept = n_ctx - reserve - system, 0, 0
-    for m in reversed(history):
-        cost = m["token_count"] + MESSAGE_OVERHEAD
-        if kept >= turn.own_messages and used + cost > budget:
-            break
-        used, kept = used + cost, kept + 1
-    while kept > turn.own_messages and history[-kept]["role"] != "user":
-        used, kept = used - history[-kept]["token_count"] - MESSAGE_OVERHEAD, kept - 1
-    turn.history = history[len(history) - kept:]      # what llama.cpp is sent begins with a
-                                                       # question (context_messages)
-    turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system, "messages_sent": kept,
-                    "messages_left_out": branch_length - kept}
+    budget = n_ctx - reserve - system
+    own = history[len(history) - turn.own_messages:] if turn.own_messages else []
+    used = sum(m["token_count"] + MESSAGE_OVERHEAD for m in own)
+    kept = []
+    for exchange in reversed(exchanges(history[:len(history) - len(own)])):
+        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in exchange)
+        if exchange[0]["role"] != "user" or len(exchange) == 1 or used + cost > budget:
+            continue        # an unanswered question, or one that does not fit: the walk goes on
+        used += cost
+        kept[:0] = exchange
+    turn.history = kept + own                 # what llama.cpp is sent begins with a question
+    turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system,
+                    "messages_sent": len(turn.history),
+                    "messages_left_out": branch_length - len(turn.history)}
 
 
 def next_prompt(app, conversation, question=None, model=None):

@@ -1745,7 +1745,7 @@ def test_chat_history_is_limited_and_alternates(tmp_path, stub, launch):
     c.chat(cid, "five")
     sent = stub.requests[-1]["body"]["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
-    assert [sent[1]["content"], sent[3]["content"]] == ["three", "four\n\nfive"]
+    assert [sent[1]["content"], sent[3]["content"]] == ["three", "five"]    # four: unanswered
 
 
 def test_retry_answers_the_stored_message_without_storing_it_again(client, stub):
@@ -5572,6 +5572,52 @@ def test_a_long_chat_sends_the_newest_messages_that_fit_the_context(client, stub
     assert len(sent) == 1 + 7
     assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 7,
                                "messages_left_out": 4}      # prompt_tokens: llama.cpp's usage
+
+
+def test_a_question_too_long_for_the_context_does_not_silence_the_history(client, stub):
+    stub.n_ctx = 200                     # 136 tokens for the history
+    cid = client.new_conversation()
+    for i in range(2):
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    stub.context_chars = 1000            # llama.cpp refuses the long one
+    status, _, body = client.chat(cid, " ".join(["long"] * 300))
+    assert status == 502 and "exceeds" in body["details"]
+    stub.context_chars = 0
+    for i in (2, 3):
+        status, _, body = client.chat(cid, TEN_WORDS.format(f"q{i}"))
+        assert status == 200, body
+        sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
+        assert sent == [x for j in range(i) for x in (TEN_WORDS.format(f"q{j}"), stub.reply)] \
+            + [TEN_WORDS.format(f"q{i}")], sent            # all but the long one: 52-120 tokens
+        assert body["context"]["messages_left_out"] == 1, body["context"]
+    prompt = client.get(f"/api/conversations/{cid}/prompt?message=next")[2]
+    assert "long long" not in json.dumps(prompt["messages"])
+
+
+def test_unanswered_questions_are_left_out_and_the_walk_goes_on(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    stub.mode = "error500"
+    assert client.chat(cid, "lost one")[0] == 502
+    stub.mode = "normal"
+    client.chat(cid, "third")
+    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
+    assert sent == ["first", stub.reply, "third"]
+
+
+def test_what_is_sent_begins_with_a_question(client, stub):
+    item = {"conversation": {"id": 1, "title": "greeted"}, "messages": [
+        {"id": 1, "parent_id": None, "role": "assistant", "content": "Hello."},
+        {"id": 2, "parent_id": 1, "role": "assistant", "content": "I am a bot."},
+        {"id": 3, "parent_id": 2, "role": "user", "content": "hi"},
+        {"id": 4, "parent_id": 3, "role": "assistant", "content": "hi again"}]}
+    assert imported(client, json.dumps(item).encode())[0] == 200
+    cid = client.get("/api/conversations")[2]["conversations"][0]["id"]
+    context = client.chat(cid, "and now?")[2]["context"]
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]
+            if m["role"] != "system"]
+    assert sent == [("user", "hi"), ("assistant", "hi again"), ("user", "and now?")]
+    assert (context["messages_sent"], context["messages_left_out"]) == (3, 2)
 
 
 def test_token_counts_are_asked_once_and_forgotten_when_a_text_changes(client, stub):
