@@ -3443,6 +3443,51 @@ def chat_placement(body):
     return name, require_int(body, name)
 
 
+class Turns:
+    """Chats into one conversation that go under what it shows (a question
+    with no parent_id, a continue) take turns in the order they came: each
+    begins once the one before has stored its reply, so that questions sent
+    at once (two tabs, two devices, a script's batch) read Q1 A1 Q2 A2 on the
+    shown branch, and continues of one reply do not interleave. Chats of one
+    server; another process's chats on the same file are not seen."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queues = {}            # conversation id -> [tickets given, tickets done]
+
+    def take(self, conversation_id):
+        """Wait for this conversation's turn: the function that ends it."""
+        with self._changed:
+            queue = self._queues.setdefault(conversation_id, [0, 0])
+            ticket = queue[0]
+            queue[0] += 1
+            while queue[1] != ticket:
+                self._changed.wait()
+        ended = []
+
+        def end():
+            with self._changed:
+                if ended:
+                    return
+                ended.append(True)
+                queue[1] += 1
+                if queue[1] == queue[0]:
+                    del self._queues[conversation_id]
+                self._changed.notify_all()
+        return end
+
+
+def takes_turns(body):
+    """The conversation whose turns a chat takes (None: it branches where it
+    says, and waits for nothing)."""
+    if not isinstance(body, dict) or isinstance(body.get("conversation_id"), bool) or \
+            not isinstance(body.get("conversation_id"), int):
+        return None
+    placement = [name for name in PLACEMENTS if body.get(name) is not None or
+                 (name == "parent_id" and name in body)]
+    return body["conversation_id"] if placement in ([], ["continue"]) else None
+
+
 def start_chat(app, body, stream):
     """Validate, store the user's message (committed) where it goes, and build
     llama.cpp's request from the branch it is on: never a message of another
@@ -3944,14 +3989,16 @@ class Relay:
         return None
 
 
-def chat_stream(app, turn, client=None):
+def chat_stream(app, turn, client=None, end_turn=lambda: None):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
-    relay starts, once the client's headers are out."""
+    relay starts, once the client's headers are out. end_turn: called when
+    it is over (its reply stored), however it ended."""
     generation = app.generation_started(turn, client)
 
     def close():
         generation.close()
         app.generation_ended(generation)
+        end_turn()
     return EventStream(relay_events(app, turn, generation), close)
 
 
@@ -5601,8 +5648,19 @@ def api_chat(app, req):
     if not isinstance(stream, bool):
         raise validation_error("stream", "Field stream must be true or false")
     stream = stream or "text/event-stream" in req.headers.get("Accept", "")
-    turn = start_chat(app, body, stream)
-    return chat_stream(app, turn, req.client) if stream else chat_once(app, turn)
+    queued = takes_turns(body)
+    end_turn = app.turns.take(queued) if queued is not None else lambda: None
+    try:
+        turn = start_chat(app, body, stream)
+    except BaseException:
+        end_turn()
+        raise
+    if stream:
+        return chat_stream(app, turn, req.client, end_turn)
+    try:
+        return chat_once(app, turn)
+    finally:
+        end_turn()
 
 
 def api_stats(app, req):
@@ -5814,6 +5872,7 @@ class App:
         self._page = (None, None)      # (mtime, Answer)
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
+        self.turns = Turns()           # of chats that go under what a conversation shows
         self._purge = {"running": False, "again": False}
         self._ranking = threading.Lock()
         self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)

@@ -3021,6 +3021,86 @@ def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream
     assert len(client.app.store.search("rest", 5)) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_questions_sent_at_once_into_one_conversation_are_answered_in_turn(client, stub,
+                                                                           stream):
+    stub.token_delay = 0.01                  # each reply takes a while: they overlap
+    cid = client.new_conversation()
+    answers, go = {}, threading.Barrier(6)
+
+    def ask(i):
+        go.wait()
+        if stream:
+            answers[i] = read_events(client.stream(cid, f"question {i}")[0])[-1]
+        else:
+            answers[i] = client.chat(cid, f"question {i}")[2]
+    askers = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join(30)
+    shown = conversation(client, cid)["messages"]
+    assert [m["role"] for m in shown] == ["user", "assistant"] * 6
+    assert all(m["content"] == stub.reply for m in shown[1::2])
+    order = [int(m["content"].split()[1]) for m in shown[0::2]]
+    assert sorted(order) == list(range(6))
+    for place, i in enumerate(order):                 # each answer is its own question's
+        assert (answers[i]["user_message_id"], answers[i]["message_id"]) == (
+            shown[2 * place]["id"], shown[2 * place + 1]["id"])
+    for request in stub.requests[-6:]:                # each saw the exchanges before it, whole
+        asked = [m["content"] for m in request["body"]["messages"] if m["role"] == "user"]
+        assert asked == [f"question {i}" for i in order[:len(asked)]]
+    assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(6,)]
+
+
+def test_continues_of_one_reply_sent_at_once_do_not_interleave(client, stub):
+    cid = client.new_conversation()
+    stub.reply, stub.finish_reason = "Start.", "length"
+    first = client.chat(cid, "tell me")[2]
+    stub.reply, stub.token_delay = " More words here.", 0.01
+    go, done = threading.Barrier(3), []
+
+    def more():
+        go.wait()
+        done.append(client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                              "continue": first["message_id"]})[0])
+    threads = [threading.Thread(target=more) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert done == [200] * 3
+    reply = conversation(client, cid)["messages"][1]["content"]
+    assert reply == "Start." + " More words here." * 3
+    prefills = [r["body"]["messages"][-1]["content"] for r in stub.requests[-3:]]
+    assert prefills == ["Start." + " More words here." * n for n in range(3)]   # in turn
+
+
+def test_a_chat_refused_before_it_begins_ends_its_turn(client, stub):
+    cid = client.new_conversation()
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "continue": 99999})
+    assert status == 404
+    assert client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                     "message": 5})[0] == 400
+    assert client.chat(cid, "then this")[0] == 200       # not waiting behind them
+
+
+def test_a_question_waiting_for_its_turn_goes_on_when_the_one_before_fails(client, stub):
+    cid = client.new_conversation()
+    stub.mode, stub.stall = "stall", 0.5
+    first = threading.Thread(target=client.chat, args=(cid, "first"))
+    first.start()
+    time.sleep(0.2)
+    stub.mode = "error500"
+    first.join(30)
+    stub.mode = "ok"
+    status, _, body = client.chat(cid, "second")
+    assert status == 200, body
+    assert [m["content"] for m in conversation(client, cid)["messages"]][-2:] == [
+        "second", stub.reply]
+
+
 @pytest.mark.parametrize("old, pieces, new", [
     ("Once upon a time there", ["Once upon a time there was", " a"], " was a"),
     ("Once upon a time there", ["Once up", "on a time", " there", " was"], " was"),
