@@ -1071,7 +1071,7 @@ class Database:
         try:
             self._wanting.add(threading.get_ident())
             try:
-                self.begin(conn)
+                conn.execute("BEGIN IMMEDIATE")
             finally:
                 self._wanting.discard(threading.get_ident())
             if gives_way:
@@ -1092,25 +1092,6 @@ class Database:
                 self._giving_way = None
             self.last_write = time.monotonic()
         self.failure = None
-
-    def begin(self, conn):
-        """BEGIN IMMEDIATE: at once, else tried again every millisecond up to
-        the busy timeout. Not SQLite's busy handler, whose waits grow to 100
-        ms: a writer would miss the moments when another process's long work
-        (a command-line import) lets go of the lock between transactions."""
-        conn.execute("PRAGMA busy_timeout = 0")
-        try:
-            ends = time.monotonic() + self.busy_ms / 1000
-            while True:
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as e:
-                    if "locked" not in str(e) or time.monotonic() > ends:
-                        raise
-                time.sleep(0.001)
-        finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
 
     def someone_waits(self):
         """Whether another thread waits to begin a write."""
@@ -4151,15 +4132,30 @@ def asked_options(body):
     return asked or None
 
 
-def wanted_conversation(c, header):
-    """The conversation X-Conversation-Id names: its id, or NOT_FOUND."""
-    raw = header.strip()
+def api_conversation(app, c, headers, system, model, now, source_id=None):
+    """A conversation made through /v1 in transaction c: its id."""
+    return c.execute(
+        "INSERT INTO conversations (title, model, created_at, updated_at, title_pending, "
+        "system_prompt, source, source_id, client) VALUES (?, ?, ?, ?, ?, ?, 'api', ?, ?)",
+        (UNTITLED, model or "", now, now, int(app.settings.auto_title != "off"), system,
+         source_id, sound_text(headers.get("User-Agent", "")[:500]) or None)).lastrowid
+
+
+def wanted_conversation(app, c, headers, system, model, now):
+    """The conversation X-Conversation-Id names: one of ours by its id or
+    UUID; else the client's own id for it (llama.cpp's web UI sends
+    `<uuid>::<model>` under that name), kept as its source_id: found, or
+    made. (its id, whether it was made)"""
+    raw = sound_text(headers.get("X-Conversation-Id").strip())[:LIMITS["name"]]
     number = ascii_number(raw)
-    found = c.execute("SELECT id FROM conversations WHERE id = ?", (number,)).fetchone() \
-        if number is not None else None
-    if found is None:
-        raise not_found("conversation", raw)
-    return found[0]
+    found = (number is not None and c.execute("SELECT id FROM conversations WHERE id = ?",
+                                              (number,)).fetchone()) or \
+        c.execute("SELECT id FROM conversations WHERE uuid = ?", (raw.lower(),)).fetchone() or \
+        c.execute("SELECT id FROM conversations WHERE source = 'api' AND source_id = ?",
+                  (raw,)).fetchone()
+    if found:
+        return found[0], False
+    return api_conversation(app, c, headers, system, model, now, raw), True
 
 
 def record_question(app, headers, body):
@@ -4167,7 +4163,9 @@ def record_question(app, headers, body):
     the deepest message of the branch it repeats (in the conversation
     X-Conversation-Id names, else in one made through /v1 with the same
     system prompt; the named one's current message if none), or in a new
-    conversation. Where its reply goes, as an Exchange."""
+    conversation. A request of one question (and a system prompt) opens a
+    new conversation unless it names one: two that open with the same words
+    are two conversations. Where its reply goes, as an Exchange."""
     system, sent = openai_messages(body)
     model = body.get("model") if isinstance(body.get("model"), str) else None
     model = sound_text(model) if model else None
@@ -4178,26 +4176,22 @@ def record_question(app, headers, body):
     store = app.store
     with store.db.write() as c:
         if named is not None:
-            conversation_id = wanted_conversation(c, named)
-            found = Tree.follow(c, digests, "m.conversation_id = ?", (conversation_id,))
+            conversation_id, made = wanted_conversation(app, c, headers, system, model, now)
+            found = None if made else Tree.follow(c, digests, "m.conversation_id = ?",
+                                                  (conversation_id,))
             parent, depth = found[:2] if found else (Tree.current(c, conversation_id), 0)
-            if system:
+            if system and not made:
                 c.execute("UPDATE conversations SET system_prompt = ? WHERE id = ?",
                           (system, conversation_id))
         else:
-            found = Tree.follow(c, digests, "c.source = 'api' AND c.system_prompt IS ?",
-                                (system,))
+            opening = len(sent) == 1 and sent[0]["role"] == "user"
+            found = None if opening else Tree.follow(
+                c, digests, "c.source = 'api' AND c.system_prompt IS ?", (system,))
             if found:
                 parent, depth, conversation_id = found
             else:
                 parent, depth = None, 0
-                conversation_id = c.execute(
-                    "INSERT INTO conversations (title, model, created_at, updated_at, "
-                    "title_pending, system_prompt, source, client) VALUES (?, ?, ?, ?, ?, ?, "
-                    "'api', ?)", (UNTITLED, model or "", now, now,
-                                  int(app.settings.auto_title != "off"), system,
-                                  sound_text(headers.get("User-Agent", "")[:500]) or None)
-                ).lastrowid
+                conversation_id = api_conversation(app, c, headers, system, model, now)
         for m in sent[depth:]:
             parent = Store.put_message(c, conversation_id, parent, m["role"], m["content"],
                                        model, now, tool_calls=m["tool_calls"],
@@ -5206,7 +5200,7 @@ MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
 # slower.
 IMPORT_HOLD = 0.025
 IMPORT_HOLD_SHARED = 0.015
-IMPORT_PAUSE_SHARED = 0.005
+IMPORT_PAUSE_SHARED = 0.03
 # Conversations are read and checked, outside any transaction, until they
 # hold this many messages or characters of text, then written: the larger, the
 # fewer transactions (each costs the search index a segment).
