@@ -2083,6 +2083,7 @@ CURRENT = object()      # a new message's parent: the conversation's current mes
 # A fork's own, not copied from its source (a fork is made here, wherever its
 # source came from): the rest of a conversation's columns (its model, and its
 # settings) are.
+FORK_MARK = " (fork)"     # after the source's title, for a fork given none
 FORK_FRESH = {"id", "title", "created_at", "updated_at", "current_message_id", "source",
               "source_id", "client", "uuid"}
 
@@ -2198,7 +2199,9 @@ class Tree:
             names = ", ".join(settings)
             conversation_id = c.execute(
                 f"""INSERT INTO conversations (title, created_at, updated_at, {names})
-                    SELECT coalesce(?, title), ?, ?, {names} FROM conversations WHERE id = ?""",
+                    SELECT coalesce(?, substr(title, 1, {LIMITS['title'] - len(FORK_MARK)})
+                                       || '{FORK_MARK}'), ?, ?, {names}
+                    FROM conversations WHERE id = ?""",
                 (title, now, now, source)).lastrowid
             copied = [r[1] for r in c.execute("PRAGMA table_info(messages)")
                       if r[1] not in ("id", "conversation_id", "parent_id")]
@@ -3575,10 +3578,19 @@ def fewer_messages(turn, skip, conn, resp):
     return skip
 
 
-def continued_metrics(before, metrics, elapsed_ms, finish):
+def continued_metrics(before, metrics, elapsed_ms, finish, timings=None):
     """A continued reply's columns, for the whole of it: the times and the
-    tokens of both parts added, the speed over both (tokens per second of
-    generating), the prompt of the first, the end of the last."""
+    tokens of both parts added (llama.cpp's predicted_n and predicted_ms too,
+    so that the ledger's tokens/s is of the whole), the speed over both
+    (tokens per second of generating), the prompt of the first (its timings
+    too, where it has them), the end of the last."""
+    timings = timings or {}
+    summed = {name: (before[name] or 0) + timings[name]
+              if before[name] is not None and timings.get(name) is not None
+              else before[name] if before[name] is not None else timings.get(name)
+              for name in ("predicted_n", "predicted_ms")}
+    first = {name: before[name] if before[name] is not None else timings.get(name)
+             for name in ("prompt_n", "prompt_ms", "cache_n", "ttft_ms")}
     old_tokens, new_tokens = before["estimated_tokens"] or 0, metrics["completion_tokens"] or 0
     old_speed, new_speed = before["tokens_per_second"], metrics["tokens_per_second"]
     speed = new_speed or old_speed
@@ -3589,7 +3601,7 @@ def continued_metrics(before, metrics, elapsed_ms, finish):
             "estimated_tokens": old_tokens + new_tokens,
             "prompt_tokens": before["prompt_tokens"] if before["prompt_tokens"] is not None
             else metrics["prompt_tokens"],
-            "tokens_per_second": speed, "finish_reason": finish}
+            "tokens_per_second": speed, "finish_reason": finish, **summed, **first}
 
 
 def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, timings):
@@ -3599,7 +3611,7 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, 
     store = app.store
     if turn.continued:
         row = store.extend_message(turn.continued["id"], text, reasoning, lambda before: (
-            continued_metrics(before, metrics, elapsed_ms, finish_reason)))
+            continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)))
         if row is None:
             raise not_found("message", turn.continued["id"])
         prompt = row["prompt_tokens"]
@@ -3690,7 +3702,10 @@ def chat_once(app, turn):
 
 
 def finish_reason(choice):
-    return "length" if choice.get("finish_reason") == "length" else "stop"
+    """How llama.cpp says a reply ended, as the history keeps it: cut by the
+    token limit, ended in tool calls, or stopped."""
+    reason = choice.get("finish_reason")
+    return reason if reason in ("length", "tool_calls") else "stop"
 
 
 ###############################################################################

@@ -3020,6 +3020,8 @@ def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream
     assert [m["content"] for m in stored] == ["tell me", "The first part and the rest."]
     assert (stored[1]["finish_reason"], stored[1]["estimated_tokens"]) == ("stop", 3 + 3)
     assert stored[1]["tokens_per_second"] == 42.5 and stored[1]["edited_at"] is None
+    assert rows(client, "SELECT predicted_n, predicted_ms, prompt_ms FROM messages "
+                "WHERE role = 'assistant'") == [(3 + 3, 60.0 + 60.0, 30.0)]   # both parts
     assert len(client.app.store.search("rest", 5)) == 1
 
 
@@ -3211,6 +3213,14 @@ def test_branch_switch_goes_down_the_newest_children(client, stub):
     assert client.put(f"/api/conversations/{cid}", {})[0] == 400
 
 
+def test_a_fork_of_a_title_at_the_limit_stays_within_it(client, stub):
+    cid = client.new_conversation("t" * 500)
+    q = client.chat(cid, "hi")[2]
+    fork = client.post(f"/api/conversations/{cid}/fork", {"message_id": q["message_id"]})[2]
+    title = client.get(f"/api/conversations/{fork['conversation_id']}")[2]["conversation"]["title"]
+    assert len(title) == 500 and title.endswith("t (fork)")
+
+
 def test_fork_copies_the_branch_into_a_new_conversation(client, stub):
     cid = client.new_conversation("source", model="some-model.gguf")
     q1 = client.chat(cid, "Q1 unusualword")[2]
@@ -3219,7 +3229,7 @@ def test_fork_copies_the_branch_into_a_new_conversation(client, stub):
                                   {"message_id": q1["message_id"]})
     assert status == 201
     fork = conversation(client, body["conversation_id"])
-    assert fork["conversation"]["title"] == "source" and fork["conversation"]["model"] == MODEL
+    assert fork["conversation"]["title"] == "source (fork)" and fork["conversation"]["model"] == MODEL
     copied = fork["messages"]
     assert [m["content"] for m in copied] == ["Q1 unusualword", stub.reply]
     assert [m["role"] for m in copied] == ["user", "assistant"]
@@ -4089,6 +4099,15 @@ def test_llamacpp_down_is_an_openai_shaped_502(down_client):
     status, _, body, _ = OpenAIClient(down_client.port).create([user("hi")])
     assert status == 502 and body["error"]["code"] == "LLAMACPP_ERROR"
     assert body["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_that_ends_in_tool_calls_keeps_that_finish_reason(client, stub, openai, stream):
+    stub.tool_calls = [{"id": "call_1", "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]
+    (openai.stream if stream else openai.create)([user("call it")])
+    assert rows(client, "SELECT finish_reason, tool_calls IS NOT NULL FROM messages "
+                "WHERE role = 'assistant'") == [("tool_calls", 1)]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -7359,7 +7378,7 @@ def test_page_forks_at_a_message(page, client, stub):
     use_tool(b, f"#m-{first['message_id']}", "fork")
     b.wait(f"return location.hash !== '#/c/{cid}' && "
            "document.querySelectorAll('#messages .msg').length === 2")
-    assert b.js("return document.getElementById('title').textContent") == "Source"
+    assert b.js("return document.getElementById('title').textContent") == "Source (fork)"
 
 
 ###############################################################################
