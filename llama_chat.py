@@ -5540,7 +5540,8 @@ def api_model_defaults(app, req):
 
 
 def api_config(app, req):
-    return app.settings.public_config()
+    """The public settings, and what a new conversation's replies are made with."""
+    return {**app.settings.public_config(), "effective": effective_settings(app.settings, {})}
 
 
 def api_list_conversations(app, req):

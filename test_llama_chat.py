@@ -456,7 +456,11 @@ def test_api_config_shows_the_four_sections(client):
     assert status == 200
     expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in llama_chat.CONFIG_SECTIONS}
     expected["timeouts"] = {"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2}  # the fixture's
+    effective = body.pop("effective")             # what a new conversation's replies take
     assert body == {"success": True, **expected}
+    assert effective["system_prompt"]["from"] == "config"
+    assert effective["options"]["stop"]["value"] == \
+        llama_chat.DEFAULT_CONFIG["model_options"]["stop"]
 
 
 @pytest.mark.parametrize("argv, env, conf, expected", [
@@ -5179,7 +5183,7 @@ def test_a_file_that_fails_part_way_leaves_nothing_of_what_was_written(client, m
 def test_a_command_line_import_lets_a_running_server_chat_between_its_transactions(
         client, stub, tmp_path):
     path = tmp_path / "conversations.json"
-    chatgpt_file(path, 1000)
+    chatgpt_file(path, 400)
     cid = client.new_conversation()
     statuses, done = [], threading.Event()
 
@@ -7045,6 +7049,49 @@ def test_page_sets_the_temperature_of_one_chat(page, client, stub):
     assert sent_body["temperature"] == 1.2
     assert sent_body["messages"][0] == {"role": "system", "content": "You tell stories."}
     assert client.get(f"/api/conversations/{other}")[2]["conversation"]["options"] is None
+
+
+@needs_chromium
+def test_page_saves_only_the_settings_edited_and_keeps_stop_strings_whole(page, client, stub):
+    cid = client.new_conversation("Recorded", model=MODEL)
+    client.put(f"/api/conversations/{cid}", {"system_prompt": "",
+                                             "options": {"stop": ["\n\nHuman:", "a\\b"],
+                                                         "top_k": 5}})
+    before = rows(client, "SELECT system_prompt, options FROM conversations WHERE id = ?", cid)
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.click("#settings-toggle")
+    shown = b.wait("const s = document.getElementById('set-stop'); return s && s.value")
+    assert shown == "\\n\\nHuman:\na\\\\b"                  # escaped, one a line
+    assert b.js("return document.getElementById('set-no-system').checked") is True
+    b.click("#settings .set-actions .primary")              # a Save with nothing edited
+    b.wait("return document.getElementById('toast').textContent.includes('Nothing was changed')")
+    assert rows(client, "SELECT system_prompt, options FROM conversations WHERE id = ?",
+                cid) == before
+    b.type("#set-temperature", "0.7")                       # one edit: the rest as it was
+    b.click("#settings .set-actions .primary")
+    b.wait("return document.getElementById('toast').textContent.includes('saved')")
+    c = client.get(f"/api/conversations/{cid}")[2]["conversation"]
+    assert c["system_prompt"] == "" and c["options"] == {"stop": ["\n\nHuman:", "a\\b"],
+                                                         "top_k": 5, "temperature": 0.7}
+
+
+@needs_chromium
+def test_page_sets_settings_before_the_first_message(page, client, stub):
+    b = page("/")
+    b.wait("return document.querySelector('#model option')")
+    b.click("#settings-toggle")
+    b.wait("return document.getElementById('set-temperature')")
+    b.type("#set-temperature", "0.3")
+    b.click("#settings .set-actions .primary")
+    b.wait("return location.hash.startsWith('#/c/')")
+    cid = int(b.js("return location.hash.split('/')[2]"))
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["options"] == {
+        "temperature": 0.3}
+    b.type("#input", "hello\ue007")
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    assert stub.requests[-1]["body"]["temperature"] == 0.3
+    assert len(client.get("/api/conversations")[2]["conversations"]) == 1
 
 
 @needs_chromium
