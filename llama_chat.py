@@ -2586,7 +2586,7 @@ class Store:
             f"({', '.join('?' * len(fields))})", tuple(fields.values())).lastrowid
         c.execute("UPDATE conversations SET updated_at = ?, model = coalesce(?, model), "
                   "current_message_id = ? WHERE id = ?",
-                  (now, model, message_id, conversation_id))
+                  (now, model if role == "assistant" else None, message_id, conversation_id))
         return message_id
 
     def extend_message(self, message_id, text, reasoning, metrics_of):
@@ -2811,6 +2811,7 @@ class Upstream:
         self._idle = []          # connections kept open for the next request
         self._contexts = {}      # model -> (n_ctx or None, when asked)
         self._listed = None      # the model list as last seen
+        self._launch_contexts = {}   # router model -> the -c it is started with
         self._counted = {}       # (model, text) -> tokens, for texts counted each chat
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
@@ -2968,6 +2969,10 @@ class Upstream:
                 models.append({"name": os.path.basename(entry["id"]) or entry["id"]})
             else:
                 models.append({"name": entry["id"], "status": str(state)})
+                n_ctx = launch_context(entry["status"].get("args")
+                                       if isinstance(entry["status"], dict) else None)
+                if n_ctx:
+                    self._launch_contexts[entry["id"]] = n_ctx
         if models != self._listed:           # a model loaded, unloaded or swapped:
             self._contexts.clear()           # its context may be another now
             self._listed = models
@@ -3023,20 +3028,24 @@ class Upstream:
         return found[0]
 
     def context_size(self, model=None):
-        """The model's context in tokens (n_ctx of /props, per slot), or None."""
-        path = "/props" + (f"?model={urllib.parse.quote(model)}" if model else "")
+        """The model's context in tokens (n_ctx of /props, per slot), or None.
+        In router mode /props of a model not loaded would load it: asked with
+        autoload=false, its context is then read from the arguments it is
+        started with (-c, as /models lists them), where they say it."""
         try:
-            status, body = self.call("GET", path, read_timeout=30)
+            status, body = self.call("GET", props_path(model), read_timeout=30)
             n_ctx = body["default_generation_settings"]["n_ctx"] if status == 200 else None
         except (ApiError, KeyError, TypeError):
-            return None
-        return n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) else None
+            n_ctx = None
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+            return n_ctx
+        return self._launch_contexts.get(model)
 
     def defaults(self, model=None):
         """llama-server's own sampling defaults (GET /props; in router mode, of
-        one model), under the names of model_options; {} where it has none."""
-        path = "/props" + (f"?model={urllib.parse.quote(model)}" if model else "")
-        status, body = self.call("GET", path, read_timeout=30)
+        one model, and only if it is loaded), under the names of
+        model_options; {} where it has none."""
+        status, body = self.call("GET", props_path(model), read_timeout=30)
         if status != 200:
             raise upstream_status_error(status, body)
         try:
@@ -3051,6 +3060,22 @@ class Upstream:
             if isinstance(value, (int, float, list)) and not isinstance(value, bool):
                 found[name] = value
         return found
+
+
+def props_path(model):
+    """/props, of one model in router mode: never loading it to answer."""
+    return "/props" + (f"?model={urllib.parse.quote(model)}&autoload=false" if model else "")
+
+
+def launch_context(args):
+    """The context size in a router model's arguments (-c N, --ctx-size N), or None."""
+    if not isinstance(args, list):
+        return None
+    for flag, value in zip(args, args[1:]):
+        if flag in ("-c", "--ctx-size") and isinstance(value, str):
+            n = ascii_number(value, 9)
+            return n if n else None
+    return None
 
 
 # model_options names -> llama-server's /props names
@@ -3644,7 +3669,7 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings, first
         read_metrics(usage, timings, text, elapsed_ms), elapsed_ms,
         reply_timings(timings, ttft))
     if turn.title_pending:
-        app.write_title(turn.conversation_id, text)
+        app.write_title(turn.conversation_id, text, turn.model)
     answer = {
         "response": text,
         "model": turn.model,
@@ -4247,7 +4272,7 @@ def record_reply(app, exchange, relay, finish):
         database_error(e)                          # logged
         return
     if stored is not None and exchange.title_pending:
-        app.write_title(exchange.conversation_id, text)
+        app.write_title(exchange.conversation_id, text, exchange.model)
 
 
 def take_plain(relay, raw):
@@ -5993,7 +6018,7 @@ class App:
                     return
                 self._purge["again"] = False
 
-    def write_title(self, conversation_id, reply):
+    def write_title(self, conversation_id, reply, model=None):
         """Title a conversation made without one, after its first reply: by
         its first line, or (auto_title "model") by llama.cpp in the
         background, the first line on any failure. Never fails the chat."""
@@ -6003,12 +6028,13 @@ class App:
             self._give_title(conversation_id, fallback)
             return
         threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
-                                                           fallback), daemon=True).start()
+                                                           fallback, model), daemon=True).start()
 
-    def _title_by_model(self, conversation_id, question, reply, fallback):
+    def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
         title = fallback
         try:
             status, body = self.upstream.call("POST", "/v1/chat/completions", {
+                **({"model": model} if model else {}),
                 "messages": [{"role": "system", "content": TITLE_PROMPT},
                              {"role": "user", "content": f"{question[:2000]}\n\n---\n\n"
                                                          f"{reply[:1000]}"}],

@@ -48,6 +48,7 @@ class Stub:
         self.stall = 0.0
         self.router = False
         self.router_status = "loaded"     # of the first model, in router mode
+        self.props_asked = []             # the paths of GET /props, as asked
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
         self.loading = False      # /health answers 503 "Loading model", as while one loads
@@ -107,7 +108,14 @@ class StubHandler(BaseHTTPRequestHandler):
         if self.key_refused():
             return
         if self.path.startswith("/props"):
-            model = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query).get("model")
+            stub.props_asked.append(self.path)
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            model = query.get("model")
+            loaded = {"gemma-3-270m": stub.router_status == "loaded"}
+            if stub.router and model and query.get("autoload") == ["false"] and not loaded.get(
+                    model[0], False):
+                return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
+                                                      "message": "model is not loaded"}})
             self.send_json(200, {"default_generation_settings": {"n_ctx": stub.n_ctx, "params": {
                 "temperature": 0.800000011920929 if not model else 0.6, "top_k": 40,
                 "n_predict": -1, "seed": 4294967295, "samplers": ["top_k"]}}})
@@ -122,7 +130,9 @@ class StubHandler(BaseHTTPRequestHandler):
             self.send_json(200, {"data": [
                 {"id": "gemma-3-270m", "object": "model",
                  "status": {"value": stub.router_status}},
-                {"id": "qwen3-0.6b", "object": "model", "status": {"value": "unloaded"}},
+                {"id": "qwen3-0.6b", "object": "model", "status": {
+                    "value": "unloaded", "args": ["llama-server", "-m", "qwen3.gguf", "-c", "8192",
+                                                  "--port", "0"]}},
             ]})
         elif self.path in ("/models", "/v1/models"):
             self.send_json(200, {"models": [{"name": "/srv/models/" + MODEL}], "object": "list",
@@ -150,6 +160,11 @@ class StubHandler(BaseHTTPRequestHandler):
             time.sleep(stub.stall)
         if self.path != "/v1/chat/completions" or not isinstance(body, dict):  # an echo
             return self.send_json(200, {"object": "echo", "path": self.path, "body": body})
+        if stub.router and body.get("model") not in ("gemma-3-270m", "qwen3-0.6b"):
+            return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
+                                                  "message": "model name is missing from the "
+                                                  "request" if not body.get("model") else
+                                                  f"model '{body['model']}' not found"}})
         if body["messages"][0]["content"] == llama_chat.TITLE_PROMPT and stub.titles != "ok":
             if stub.titles == "slow":
                 time.sleep(1)
@@ -3482,6 +3497,42 @@ def test_models_single_model_server_answers_the_file_name(client):
     assert body["llamacpp_url"] == client.app.settings.llamacpp_url
 
 
+def test_router_mode_titles_name_the_model(tmp_path, stub, launch):
+    stub.router = True
+    c = Client(launch(stub.url, auto_title="model"))
+    cid = c.post("/api/conversations", {"model": "gemma-3-270m"})[2]["conversation_id"]
+    stub.reply = "Lava and rock"
+    assert c.chat(cid, "Tell me about volcanoes", model="gemma-3-270m")[0] == 200
+    wait_for(lambda: c.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] ==
+             "Lava and rock", 5, "the model's title")
+    asked = [r["body"] for r in stub.requests
+             if r["body"]["messages"][0]["content"] == llama_chat.TITLE_PROMPT]
+    assert asked and asked[0]["model"] == "gemma-3-270m"
+
+
+def test_router_mode_never_loads_a_model_to_read_its_settings(client, stub):
+    stub.router = True
+    stub.router_status = "loaded"
+    assert client.get("/api/models")[0] == 200            # lists qwen3-0.6b: unloaded, -c 8192
+    cid = client.new_conversation(model="qwen3-0.6b")
+    prompt = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
+    assert prompt["n_ctx"] == 8192                         # from the arguments it starts with
+    client.get("/api/models/defaults?model=qwen3-0.6b")
+    assert client.chat(cid, "hi", model="gemma-3-270m")[0] == 200
+    models_asked = [p for p in stub.props_asked if "model=" in p]
+    assert models_asked and all("autoload=false" in p for p in models_asked), stub.props_asked
+
+
+def test_a_chat_with_a_model_llama_cpp_does_not_know_leaves_the_conversation_s(client, stub):
+    stub.router = True
+    cid = client.new_conversation(model="gemma-3-270m")
+    status, _, body = client.chat(cid, "hi", model="no-such-model")
+    assert status == 502 and "not found" in body["details"]
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "gemma-3-270m"
+    assert client.chat(cid, "hi again", model="qwen3-0.6b")[0] == 200
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "qwen3-0.6b"
+
+
 def test_models_router_mode_gives_each_status(client, stub):
     stub.router = True
     body = client.get("/api/models")[2]
@@ -5789,14 +5840,16 @@ def test_the_stream_s_done_carries_the_context(client, stub, stream):
 def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
     stub.router = True
     client.get("/api/models")
-    cid = client.new_conversation()
-    assert client.chat(cid, "one")[2]["context"]["n_ctx"] == 4096
+    cid = client.new_conversation(model="gemma-3-270m")
+    assert client.chat(cid, "one", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
     stub.n_ctx = 2048                     # the same list: the context it said holds
     client.get("/api/models")
-    assert client.chat(cid, "two")[2]["context"]["n_ctx"] == 4096
+    assert client.chat(cid, "two", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
     stub.router_status = "loading"        # reloaded, perhaps with another -c
     client.get("/api/models")
-    assert client.chat(cid, "three")[2]["context"]["n_ctx"] == 2048
+    stub.router_status = "loaded"
+    client.get("/api/models")
+    assert client.chat(cid, "three", model="gemma-3-270m")[2]["context"]["n_ctx"] == 2048
 
 
 def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
