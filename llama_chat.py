@@ -540,6 +540,7 @@ DEFAULT_CONFIG = {
     "timeouts": {
         "llamacpp_timeout": 600,
         "llamacpp_connect_timeout": 45,
+        "first_token_timeout": 1800,
     },
     "model_options": {
         "temperature": 0.1,
@@ -784,7 +785,7 @@ def load_settings(argv=None, environ=None):
             if not isinstance(sections[section].get(name), kind):
                 raise ConfigError(f"{section}.{name} must be {shown}, "
                                   f"not {sections[section].get(name)!r}")
-        for name in ("llamacpp_timeout", "llamacpp_connect_timeout"):
+        for name in ("llamacpp_timeout", "llamacpp_connect_timeout", "first_token_timeout"):
             value = sections["timeouts"].get(name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) \
                     or not 0 < value <= 86400:
@@ -2805,6 +2806,11 @@ class Upstream:
         self.base = parts.path.rstrip("/")
         self.connect_timeout = settings.timeouts["llamacpp_connect_timeout"]
         self.read_timeout = settings.timeouts["llamacpp_timeout"]
+        # llama.cpp reads the whole prompt before its first token: minutes on a
+        # Pi. That wait has a limit of its own (the wait between tokens is
+        # read_timeout); where it is not set, it is read_timeout.
+        self.first_token_timeout = max(settings.timeouts.get("first_token_timeout", 0),
+                                       self.read_timeout)
         self.headers = {"Accept": "application/json", "User-Agent": "llama-chat/" + __version__}
         if settings.llamacpp_api_key:
             self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
@@ -3577,6 +3583,7 @@ def open_reply(app, turn, generation):
     skip = 0
     while True:
         conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip),
+                                       read_timeout=app.upstream.first_token_timeout,
                                        attach=generation.attach)
         if resp.status == 200:
             return conn, resp
@@ -3825,7 +3832,7 @@ def await_answer(app, conn, generation):
             if stopped:
                 raise stopped
             now = time.monotonic()
-            if now - started >= app.upstream.read_timeout:
+            if now - started >= app.upstream.first_token_timeout:
                 raise upstream_error(socket.timeout(), app.upstream.url)
             if now - last_sent >= KEEPALIVE_SECONDS:
                 last_sent = now

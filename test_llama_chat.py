@@ -1845,6 +1845,29 @@ def test_history_longer_than_the_context_is_trimmed_oldest_first(client, stub, s
     assert stub.requests[-1]["body"]["messages"][1]["role"] == "user"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_slow_prompt_outlasts_the_wait_between_tokens_but_not_the_first_token_s(
+        tmp_path, stub, launch, stream):
+    c = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.4, "llamacpp_connect_timeout": 2,
+                                          "first_token_timeout": 3}))
+    cid = c.new_conversation()
+    stub.stall = 1.0                                # reading the prompt: nothing for 1 s
+    if stream:
+        events = read_events(c.stream(cid, "a long history")[0])
+        assert events[-1]["type"] == "done", events[-1]
+    else:
+        assert c.chat(cid, "a long history")[0] == 200
+    stub.stall, stub.token_delay = 0, 1.0            # then a token a second: cut
+    if stream:
+        events = read_events(c.stream(cid, "slow tokens")[0])
+        assert events[-1]["type"] == "error", events[-1]
+    c2 = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.4,
+                                           "llamacpp_connect_timeout": 2}))
+    stub.stall, stub.token_delay = 1.0, 0
+    status, _, body = c2.chat(c2.new_conversation(), "no first-token limit set")
+    assert (status, body["code"]) == (504, "LLAMACPP_TIMEOUT")   # the old limit, as before
+
+
 def test_a_question_longer_than_the_context_is_an_error(client, stub):
     stub.context_chars = 100
     status, _, body = client.chat(client.new_conversation(), "y" * 500)
@@ -1884,7 +1907,7 @@ def test_chat_to_unknown_conversation_is_not_found(client):
 def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
     stub.mode = mode
     if mode == "stall":
-        client.app.upstream.read_timeout = 0.5
+        client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
         stub.stall = 1
     cid = client.new_conversation()
     got, _, body = client.chat(cid, "please keep me")
@@ -2163,14 +2186,14 @@ def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode
 
 
 def test_stream_stall_between_tokens_times_out(client, stub):
-    client.app.upstream.read_timeout = 0.5
+    client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
     stub.mode = "stall_mid"
     events = read_events(client.stream(client.new_conversation())[0])
     assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
 
 
 def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
-    client.app.upstream.read_timeout = 0.5
+    client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
     stub.stall = 1.5
     cid = client.new_conversation()
     started = time.monotonic()
