@@ -1831,6 +1831,7 @@ CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_promp
 # A conversation's columns as answered: the pin a JSON boolean.
 CONVERSATION_SELECT = """id, title, model, created_at, updated_at, system_prompt, options,
     CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, source"""
+TITLE_ONLY_SPARE = 4       # results read for each shown, for the title-only ones left out
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
@@ -1973,11 +1974,22 @@ class SearchIndex:
                JOIN messages m ON m.id = hits.id
                JOIN conversations c ON c.id = m.conversation_id
                ORDER BY hits.score, hits.id DESC""",
-            (query.match, RANK_WINDOW, limit)))
+            (query.match, RANK_WINDOW, limit * TITLE_ONLY_SPARE)))
+        # A match in a conversation's title only (each message row holds the
+        # title) is the conversation's: shown once, by its best-ranked message.
         pattern = ascii_pattern(query)
-        return [search_result(r, *snippet(r["content"], [
-            list(m.span()) for m in pattern.finditer(r["content"])] if r["content"].isascii()
-            else highlight_spans(r["content"], query))) for r in rows]
+        found, titled = [], set()
+        for r in rows:
+            spans = [list(m.span()) for m in pattern.finditer(r["content"])] \
+                if r["content"].isascii() else highlight_spans(r["content"], query)
+            if not spans:
+                if r["conversation_id"] in titled:
+                    continue
+                titled.add(r["conversation_id"])
+            found.append(search_result(r, *snippet(r["content"], spans)))
+            if len(found) == limit:
+                break
+        return found
 
     def _search_like(self, query, limit):
         """Without FTS5: every word as a substring of the message or its title
