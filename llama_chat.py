@@ -7042,6 +7042,7 @@ def command_restore(settings, args):
     -wal and -shm moved aside (kept, with the time in their names), the copy
     put in its place: a -wal of the old file is never replayed into it."""
     backup, target = args.file, settings.db
+    beside = [backup + suffix for suffix in ("-wal", "-shm") if not os.path.exists(backup + suffix)]
     what = checked_database(backup)
     lock = None
     if os.path.exists(target):
@@ -7070,6 +7071,10 @@ def command_restore(settings, args):
     finally:
         if lock:
             lock.close()
+        for made in beside:             # SQLite's files beside the backup, made by reading it
+            if os.path.exists(made) and (made.endswith("-shm") or os.path.getsize(made) == 0):
+                with contextlib.suppress(OSError):
+                    os.remove(made)
     print(f"restored {backup} ({what}: ok) to {target}"
           + (f"; what was there is kept as {', '.join(moved)}" if moved else ""))
 

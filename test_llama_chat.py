@@ -5663,6 +5663,7 @@ def test_restore_after_a_kill_keeps_the_old_file_and_its_wal_aside(tmp_path):
                                   f"index's: ok) to {db}; what was there is kept as ")
     aside = done.stdout.split("kept as ")[1].split(", ")[0]
     assert not os.path.exists(str(db) + "-wal")
+    assert not any(os.path.exists(str(backup) + s) for s in ("-wal", "-shm"))   # left as it was
     titles = [r[0] for r in sqlite3.connect(db).execute("SELECT title FROM conversations")]
     assert titles == ["before the backup"]
     assert file_mode(db) == 0o600
