@@ -3574,10 +3574,14 @@ def start_chat(app, body, stream):
         if question is None:
             raise validation_error(placement, "That reply answers no question")
         last = parent_id = question
+    title_pending = conversation["title_pending"] and not continued
+    if title_pending and message is not None and app.settings.auto_title != "model":
+        app.write_title(conversation_id, "")   # from the question: titled even if llama.cpp fails
+        title_pending = False
     limit = app.settings.performance["context_history_limit"] + (2 if continued else 1)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
-                    asked, conversation["title_pending"] and not continued)
+                    asked, title_pending)
     fit_context(app, turn, store.tree.depth(last))
     return turn
 

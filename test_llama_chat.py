@@ -6881,16 +6881,29 @@ def test_page_failed_send_offers_retry(page, client, stub):
 
 
 @needs_chromium
+def test_page_titles_a_new_chat_whose_first_message_failed(page, client, stub):
+    stub.mode = "error500"
+    b = page("/")
+    b.wait("return document.querySelector('#model option')")
+    b.type("#input", "Why is the sky blue?\ue007")
+    b.wait("return document.querySelector('#retry-row button')")
+    title = b.wait("const t = document.getElementById('title').textContent;"
+                   "return t !== 'New chat' && t")
+    assert title == "Why is the sky blue?"
+    assert [c["title"] for c in client.get("/api/conversations")[2]["conversations"]] == [title]
+
+
+@needs_chromium
 def test_page_failures_leave_no_litter(page, client, stub):
     stub.mode = "error500"
     b = page("/")
     b.type("#input", "first try fails\ue007")
     b.wait("return document.querySelector('#retry-row button')")
-    state = b.js("""return {title: document.getElementById('title').textContent,
-        listed: [...document.querySelectorAll('#conv-list .title')].map((t) => t.textContent),
-        replies: document.querySelectorAll('.msg.assistant').length}""")
-    # Listed at once; titled by the server after its first reply, none yet.
-    assert state == {"title": "New chat", "listed": ["New chat"], "replies": 0}
+    listed = b.wait("const t = [...document.querySelectorAll('#conv-list .title')]"
+                    ".map((t) => t.textContent); return t[0] !== 'New chat' && t")
+    # Listed at once, titled from its question though no reply came.
+    assert listed == ["first try fails"]
+    assert b.js("return document.querySelectorAll('.msg.assistant').length") == 0
     b.click("#retry-row button")                       # fails again
     b.wait("return document.querySelector('#retry-row button') && !document.querySelector("
            "'.msg.streaming')")
@@ -7435,6 +7448,20 @@ def test_page_regenerates_and_steps_between_versions(page, client, stub):
                   ".filter(x => !(x.getAttribute('aria-label') || x.textContent.trim()))"
                   ".length")
     assert labels == 0
+
+
+@needs_chromium
+def test_page_marks_a_message_edited_in_place(page, client, stub):
+    cid = client.new_conversation()
+    q = client.chat(cid, "first words")[2]
+    client.put(f"/api/messages/{q['user_message_id']}", {"content": "better words"})
+    client.put(f"/api/messages/{q['message_id']}", {"content": "A better reply."})
+    client.chat(cid, "untouched")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('#messages .msg').length === 4")
+    marks = b.js("return [...document.querySelectorAll('#messages .msg')]"
+                 ".map(x => !!x.querySelector('.edited'))")
+    assert marks == [True, True, False, False]
 
 
 @needs_chromium
