@@ -8572,6 +8572,45 @@ def test_bench_history_files(tmp_path, stub):
 
 
 @bench
+def test_bench_burst(tmp_path, stub):
+    """20 questions sent at once into one conversation: answered in turn."""
+    bench_heading("a burst of questions into one conversation")
+    stub.reply = "A short answer."
+    app = AppProcess(str(tmp_path / "burst.db"), stub.url)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        conn.request("POST", "/api/conversations", json.dumps({"title": "b", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        cid = json.loads(conn.getresponse().read())["conversation_id"]
+        go, statuses = threading.Barrier(20), []
+
+        def ask(i):
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=120)
+            go.wait()
+            c.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "model": "m",
+                                                       "message": f"question {i}"}),
+                      {"Content-Type": "application/json"})
+            resp = c.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        askers = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+        started = time.perf_counter()
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join()
+        took = time.perf_counter() - started
+        conn.request("GET", f"/api/conversations/{cid}")
+        shown = json.loads(conn.getresponse().read())["messages"]
+        in_turn = [m["role"] for m in shown] == ["user", "assistant"] * 20
+        assert statuses == [200] * 20 and in_turn
+        bench_row("20 questions at once into one conversation: all answered in turn (Q A Q A)",
+                  f"{took * 1000:.0f} ms ({took * 50:.1f} ms a question)", "report")
+    finally:
+        app.stop()
+
+
+@bench
 @needs_chromium
 def test_bench_page(browser, client):
     store = client.app.store
