@@ -8017,6 +8017,7 @@ def test_bench(tmp_path, stub):
             conn.request("POST", "/api/conversations", json.dumps({"title": f"s{i}", "model": "m"}),
                          {"Content-Type": "application/json"})
             ids.append(json.loads(conn.getresponse().read())["conversation_id"])
+        conn.close()            # 50 streams are all one address may hold (connections_per_address)
         done = []
 
         def streamer(cid):
