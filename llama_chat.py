@@ -5256,11 +5256,11 @@ MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
 # about twice as long again: a chat that waits for the write lock waits for
 # both. A writer of the same process that waits ends the inserting at once;
 # one of another process cannot be seen waiting: where another llama-chat has
-# the file open (a command line import while a server runs), the import also
-# lets go of the lock for a moment between transactions. A command-line
-# import with the file to itself is one transaction: each costs the search
-# index a segment, and 26 of them for 420,000 messages made it a quarter
-# slower.
+# the file open (a command line import while a server runs), transactions are
+# shorter, with a pause between them long enough for that server's writers,
+# who wait in SQLite's busy handler (it looks again after ever longer sleeps),
+# to find the lock free. A command-line import with the file to itself is one
+# transaction: each costs the search index a segment.
 IMPORT_HOLD = 0.025
 IMPORT_HOLD_SHARED = 0.015
 IMPORT_PAUSE_SHARED = 0.03
@@ -5271,8 +5271,8 @@ IMPORT_READ = (16000, 8 << 20)
 
 
 class ImportWriter:
-    """A file's conversations written into a store in transactions of at most
-    IMPORT_HOLD seconds, giving way between them to any write waiting, so
+    """A file's conversations written into a store in short transactions
+    (IMPORT_HOLD of inserts), giving way between them to any write waiting, so
     that chats go on during an import of any size. All or nothing: what it
     writes is marked (import_pending) until finish(); undo() removes it, and
     so does the next start after a crash (Store.open). With the file to
