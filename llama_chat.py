@@ -868,14 +868,17 @@ def private_file(path, create=True):
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+READ_ONLY_MOUNT = "it is on a read-only mount"
+
+
 def read_only_reason(path):
     """Why database path cannot be written (None: it can): a read-only mount
-    (no writer can exist: SQLite may read it as immutable), or a file or
-    folder this user may not write."""
+    (READ_ONLY_MOUNT: no writer can exist, SQLite may read it as immutable),
+    or a file or folder this user may not write."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return "it is on a read-only mount"
+            return READ_ONLY_MOUNT
     except (AttributeError, OSError):        # no statvfs (Windows)
         pass
     if os.path.exists(path) and not os.access(path, os.W_OK):
@@ -902,6 +905,35 @@ def presence_lock(path, alone=False):
         f.close()
         raise
     return f
+
+
+# The presence lock's open file of each database this process has a Store
+# of, kept while any of them is open: closing any file of a database drops
+# every POSIX lock this process holds on it, SQLite's own among them, so it is
+# closed only once the last Store of it is (never by the garbage collector).
+PRESENCE = {}                   # real path -> [open file, Stores holding it]
+PRESENCE_LOCK = threading.Lock()
+
+
+def hold_presence(path):
+    """This process has database path open: its key for let_go_presence."""
+    key = os.path.realpath(path)
+    with PRESENCE_LOCK:
+        held = PRESENCE.get(key)
+        if held is None:
+            held = PRESENCE[key] = [presence_lock(path), 0]
+        held[1] += 1
+    return key
+
+
+def let_go_presence(key):
+    with PRESENCE_LOCK:
+        held = PRESENCE[key]
+        held[1] -= 1
+        if held[1] == 0:
+            del PRESENCE[key]
+            if held[0] is not None:
+                held[0].close()
 
 
 def used_by_others(path):
@@ -1001,7 +1033,7 @@ class Database:
     def __init__(self, path, functions=(), busy_ms=BUSY_MS, read_only=None):
         self.path = path
         self.read_only = read_only   # why writes are off (None: they are not)
-        self.immutable = read_only is not None and "mount" in read_only
+        self.immutable = read_only == READ_ONLY_MOUNT
         self.functions = tuple(functions)
         self.busy_ms = busy_ms
         self.failure = None          # why the last write failed, if it did
@@ -2373,7 +2405,7 @@ class Store:
             raise ConfigError(f"database {path} cannot be read: {e.strerror}") from None
         if head and head != SQLITE_HEADER:
             raise ConfigError(f"{path} is not an SQLite database (it begins {head[:8]!r})")
-        self.presence = presence_lock(path)
+        self.presence = hold_presence(path)
         self.version, tables = self.db.user_version()
         if self.version > SCHEMA_VERSION:
             raise ConfigError(f"database {path} is of a newer llama-chat "
@@ -2449,7 +2481,8 @@ class Store:
     def close(self):
         self.db.close()
         if self.presence:
-            self.presence.close()
+            let_go_presence(self.presence)
+            self.presence = None
 
     def health(self):
         """Can the database be read and written? If not, why."""

@@ -5214,14 +5214,26 @@ def test_an_import_too_big_for_the_page_points_to_the_command_line(tmp_path, stu
     assert "413" in line and "PAYLOAD_TOO_LARGE" in str(body) and "llama_chat.py" not in str(body)
 
 
+def chats_among_imported(client, cid):
+    """How many messages of conversation cid (chats) were written between the
+    first and the last message of the others (an import's)."""
+    low, high = rows(client, "SELECT min(id), max(id) FROM messages WHERE conversation_id != ?",
+                     cid)[0]
+    return rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ? AND id "
+                "BETWEEN ? AND ?", cid, low, high)[0][0]
+
+
 @contextlib.contextmanager
-def chatting_meanwhile(client, cid, message):
-    """Another client chats in conversation cid, again and again, meanwhile."""
+def chatting_meanwhile(client, cid, message, pause=0, statuses=None):
+    """Another client chats in conversation cid, again and again (`pause`
+    seconds apart), meanwhile; each answer's status goes into `statuses`."""
     stop = threading.Event()
+    statuses = [] if statuses is None else statuses
 
     def chatting():
         while not stop.is_set():
-            client.chat(cid, message)
+            statuses.append(client.chat(cid, message)[0])
+            stop.wait(pause)
     writer = threading.Thread(target=chatting)
     writer.start()
     try:
@@ -5259,24 +5271,11 @@ def test_a_command_line_import_lets_a_running_server_chat_between_its_transactio
     path = tmp_path / "conversations.json"
     chatgpt_file(path, 300)
     cid = client.new_conversation()
-    statuses, done = [], threading.Event()
-
-    def chatting():
-        while not done.is_set():
-            statuses.append(client.chat(cid, "still here?")[0])
-            time.sleep(0.02)
-    writer = threading.Thread(target=chatting)
-    writer.start()
-    try:
+    statuses = []
+    with chatting_meanwhile(client, cid, "still here?", 0.02, statuses):
         cli("import", str(path), db=client.app.settings.db, check=0)
-    finally:
-        done.set()
-        writer.join(10)
     assert set(statuses) == {200}
-    low, high = rows(client, "SELECT min(id), max(id) FROM messages WHERE conversation_id != ?",
-                     cid)[0]
-    between = rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ? AND id "
-                   "BETWEEN ? AND ?", cid, low, high)[0][0]
+    between = chats_among_imported(client, cid)
     assert between >= 10, between            # chats written all along, not in a few gaps
 
 
@@ -5362,27 +5361,14 @@ def test_chats_go_on_between_the_transactions_of_a_big_import(client, stub, tmp_
     path = tmp_path / "conversations.json"
     count = chatgpt_file(path, 300)
     cid = client.new_conversation()
-    statuses, done = [], threading.Event()
-
-    def chatting():
-        while not done.is_set():
-            statuses.append(client.chat(cid, "still here?")[0])
-            time.sleep(0.05)
-    writer = threading.Thread(target=chatting)
-    writer.start()
-    try:
+    statuses = []
+    with chatting_meanwhile(client, cid, "still here?", 0.05, statuses):
         time.sleep(0.1)
         status, body = imported(client, path.read_bytes())
-    finally:
-        done.set()
-        writer.join(10)
     assert status == 200 and body["messages"] == count, body
     assert len(statuses) >= 3 and set(statuses) == {200}, statuses
-    low, high = rows(client, "SELECT min(id), max(id) FROM messages WHERE conversation_id != ?",
-                     cid)[0]
-    between = rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ? AND id "
-                   "BETWEEN ? AND ?", cid, low, high)[0][0]
-    assert between > 0          # a chat written while the import had written some, not all
+    # a chat written while the import had written some, not all
+    assert chats_among_imported(client, cid) > 0
     history_is_sound(client)
 
 
@@ -5670,6 +5656,18 @@ def test_restore_after_a_kill_keeps_the_old_file_and_its_wal_aside(tmp_path):
     kept = [r[0] for r in sqlite3.connect(aside).execute("SELECT title FROM conversations")]
     assert kept == ["before the backup", "after the backup"]       # the WAL went with it
     assert "ok" in cli("check", db=db, check=0).stdout
+
+
+def test_the_presence_lock_is_let_go_with_the_last_store_of_a_file(tmp_path):
+    path = str(tmp_path / "chat.db")
+    first, second = llama_chat.Store(path), llama_chat.Store(path)
+    assert llama_chat.used_by_others(path)
+    first.close()          # closing the file now would drop SQLite's locks of `second` too
+    assert llama_chat.used_by_others(path)
+    assert second.db.conn().execute("SELECT count(*) FROM conversations").fetchone() == (0,)
+    second.close()
+    assert not llama_chat.used_by_others(path)
+    assert os.path.realpath(path) not in llama_chat.PRESENCE
 
 
 def test_restore_refuses_a_damaged_or_empty_backup_and_changes_nothing(tmp_path):
