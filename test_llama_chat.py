@@ -3122,6 +3122,27 @@ def test_continues_of_one_reply_sent_at_once_do_not_interleave(client, stub):
     assert prefills == ["Start." + " More words here." * n for n in range(3)]   # in turn
 
 
+def test_a_chat_that_says_where_it_goes_does_not_wait_its_turn(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "first")[2]
+    stub.reply = " ".join(f"w{i}" for i in range(20))
+    stub.token_delay = 0.05                                   # a second's reply
+    ended = []
+
+    def slow():
+        read_events(client.stream(cid, "a slow one")[0])
+        ended.append("queued")
+    waiting = threading.Thread(target=slow)
+    waiting.start()
+    time.sleep(0.2)
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "message": "beside", "parent_id":
+                                                first["message_id"]})
+    ended.append("branched")
+    waiting.join(10)
+    assert status == 200 and ended == ["branched", "queued"]
+
+
 def test_a_chat_refused_before_it_begins_ends_its_turn(client, stub):
     cid = client.new_conversation()
     status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
@@ -3518,6 +3539,15 @@ def test_models_single_model_server_answers_the_file_name(client):
     assert status == 200
     assert body["models"] == [MODEL] and body["count"] == 1
     assert body["llamacpp_url"] == client.app.settings.llamacpp_url
+
+
+@pytest.mark.parametrize("args, n_ctx", [
+    (["llama-server", "-m", "a.gguf", "-c", "8192"], 8192),
+    (["llama-server", "--ctx-size", "4096", "-m", "a.gguf"], 4096),
+    (["llama-server", "-m", "a.gguf"], None), (["-c"], None), (["-c", "0"], None),
+    (["-c", "lots"], None), ("-c 8192", None), (None, None), (["-c", 8192], None)])
+def test_a_router_model_s_context_is_read_from_its_arguments(args, n_ctx):
+    assert llama_chat.launch_context(args) == n_ctx
 
 
 def test_router_mode_titles_name_the_model(tmp_path, stub, launch):
@@ -5705,6 +5735,15 @@ def test_a_database_that_cannot_be_written_is_read_as_it_is(tmp_path, stub, laun
     database_with(tmp_path / "chat.db", ["on the stick"])
     monkeypatch.setattr(llama_chat, "read_only_reason", lambda path: "the file is read-only")
     answers_read_only(launch(stub.url), "the file is read-only")
+
+
+def test_an_older_database_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "v7.db")
+    schema_2_db(path, lambda c: None, version=7)
+    monkeypatch.setattr(llama_chat, "read_only_reason", lambda p: "the file is read-only")
+    with pytest.raises(llama_chat.ConfigError, match="cannot be written .* schema 7"):
+        llama_chat.Store(path)
+    assert not os.path.exists(path + ".v7.bak")
 
 
 @pytest.fixture
