@@ -137,106 +137,6 @@ def body_reader(resp):
     return read
 
 
-class Headers(dict):
-    """A request's headers: lower-cased name -> its values, in order."""
-
-    def add(self, name, value):
-        self.setdefault(name.lower(), []).append(value)
-
-    def get(self, name, default=None):
-        values = dict.get(self, name.lower())
-        return values[0] if values else default
-
-    def get_all(self, name, default=None):
-        return dict.get(self, name.lower(), default)
-
-    def __contains__(self, name):
-        return dict.__contains__(self, name.lower())
-
-
-def ascii_number(text, most_digits=18):
-    """The whole number `text` writes in ASCII digits, else None. Numbers in
-    paths, queries and headers are read only this way: str.isdigit() and
-    int() also take '²', '٣', ' 1' and '1_0'."""
-    if not isinstance(text, str) or not text or len(text) > most_digits \
-            or not text.isascii() or not text.isdigit():
-        return None
-    return int(text)
-
-
-MAX_REQUEST_LINE = 8192
-MAX_HEADER_BYTES = 65536
-MAX_HEADERS = 100
-HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
-
-
-class FastRequestHead:
-    """4. The request line and headers, read here rather than by http.server,
-    whose email parser costs more than the rest of answering a list. Anything
-    ambiguous is refused: folded lines, lines without a colon, names that are
-    not tokens, differing Content-Lengths. Undo: leave this class out of
-    Handler's bases (http.server then parses, into an email.message.Message)."""
-
-    def parse_request(self):
-        self.command, self.request_version = None, self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-            return self.refuse(414, "Request line too long")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) != 3:
-            return self.refuse(400, f"Bad request syntax ({self.requestline!r})")
-        version = HTTP_VERSION.fullmatch(words[2])
-        if not version:
-            return self.refuse(400, f"Bad request version ({words[2]!r})")
-        self.request_version = words[2]
-        number = int(version[1]), int(version[2])
-        if number >= (2, 0):
-            return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
-        self.close_connection = number < (1, 1)
-        self.command, self.path = words[0], words[1]
-        if self.path.startswith("//"):       # as http.server does: no open redirects
-            self.path = "/" + self.path.lstrip("/")
-        self.headers = headers = Headers()
-        size = count = 0
-        while True:
-            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
-            size, count = size + len(line), count + 1
-            if size > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
-                return self.refuse(431, "Request headers too large")
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not HEADER_NAME.fullmatch(name):
-                return self.refuse(400, "Malformed header line")
-            headers.add(name, value.strip())
-        lengths = set(headers.get_all("Content-Length") or ())
-        if len(lengths) > 1:
-            return self.refuse(400, "Conflicting Content-Length headers")
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if (headers.get("Expect", "").lower() == "100-continue"
-                and self.request_version >= "HTTP/1.1" and self.may_continue()):
-            return self.handle_expect_100()
-        return True
-
-    def may_continue(self):
-        """Is a body announced with Expect: 100-continue welcome? (If not, no
-        100 goes out, and the request is answered without reading it.)"""
-        return True
-
-    def refuse(self, code, message):
-        self.send_error(code, message)
-        return False
-
-
 def release_memory():
     """5. Give the C library's freed memory back to the system: after building
     an index, the page cache and token hash it used stay allocated otherwise.
@@ -371,12 +271,19 @@ def upstream_status_error(status, body):
                     details=f"HTTP {status}: {error_text(body)}")
 
 
-
-
-
 ###############################################################################
 # Validation of what clients send
 ###############################################################################
+
+
+def ascii_number(text, most_digits=18):
+    """The whole number `text` writes in ASCII digits, else None. Numbers in
+    paths, queries and headers are read only this way: str.isdigit() and
+    int() also take '²', '٣', ' 1' and '1_0'."""
+    if not isinstance(text, str) or not text or len(text) > most_digits \
+            or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
 
 # Options llama.cpp may receive, from config.json or a chat request:
 # name -> (type, minimum, maximum, name sent to llama.cpp).
@@ -1233,6 +1140,17 @@ class Database:
         return RawJSON(JSON.encode(rows)), sums
 
 
+
+
+BACKUP_LOCK = threading.Lock()     # one backup copy at a time: each is the whole file
+
+
+def backup_copies(db):
+    """Where the backup route's temporary copies of db go (beside it: the same
+    disk): (folder, name prefix). One left by a crash is removed at the next
+    start (it holds text deleted since)."""
+    folder, name = os.path.split(os.path.abspath(db.path))
+    return folder, f".{name}.backup-"
 ###############################################################################
 # Storage: schema and migrations
 ###############################################################################
@@ -2074,7 +1992,6 @@ class SearchIndex:
         if self.fts:
             self.db.conn().execute("INSERT INTO search_fts (search_fts, rank) "
                                    "VALUES ('integrity-check', 1)")
-
 
 
 ###############################################################################
@@ -3203,168 +3120,253 @@ def read_metrics(usage, timings, text, elapsed_ms):
 
 
 ###############################################################################
-# Settings of a conversation: what its next reply is made with
+# llama-server found, or started and kept running
 ###############################################################################
 
-def reply_settings(settings, conversation, request_options=None):
-    """(system prompt, options by the names of model_options) for a reply: the
-    request's options, else the conversation's, else the config's, name by
-    name; the conversation's system prompt, else the config's."""
-    options = {**settings.model_options, **(conversation.get("options") or {}),
-               **(request_options or {})}
-    system_prompt = conversation.get("system_prompt")
-    return (settings.system_prompt if system_prompt is None else system_prompt), options
+
+NEW_DEFAULT_PORT = 9931          # llama-server's default port in newer llama.cpp
 
 
-def effective_settings(settings, conversation):
-    """What the next reply is made with, each part with where it comes from."""
-    own = conversation.get("options") or {}
-    system_prompt, options = reply_settings(settings, conversation)
-    return {
-        "system_prompt": {"value": system_prompt, "from": "config" if conversation.get(
-            "system_prompt") is None else "conversation"},
-        "options": {name: {"value": value, "from": "conversation" if name in own else "config"}
-                    for name, value in options.items()},
-    }
+def answers_as_llamacpp(port, timeout=0.5):
+    """Does something on this loopback port answer /health as llama-server does?"""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("GET", "/health")
+        resp = conn.getresponse()
+        body = json_or_none(resp.read(4096))
+        conn.close()
+    except (OSError, http.client.HTTPException):
+        return False
+    return isinstance(body, dict) and ("status" in body or "error" in body)
 
 
-def first_line_title(text):
-    """A conversation's title from its first question: the first line, at
-    most TITLE_MAX characters, cut at a word."""
-    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
-    line = " ".join(line.split())
-    if len(line) <= TITLE_MAX:
-        return line or UNTITLED
-    cut = line[:TITLE_MAX - 1]
-    space = cut.rfind(" ")
-    return (cut[:space] if space > TITLE_MAX // 2 else cut).rstrip(" ,.;:") + "…"
+def discover_llamacpp(settings, ports=(8080, NEW_DEFAULT_PORT)):
+    """With llama.cpp's URL left at its default: when nothing answers there
+    but llama-server answers on its newer default port, use that one."""
+    if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] or settings.llama_server:
+        return settings
+    usual, newer = ports
+    if answers_as_llamacpp(usual) or not answers_as_llamacpp(newer):
+        return settings
+    log.info("nothing answers on port %d, but llama-server does on %d (its newer default): "
+             "using http://127.0.0.1:%d", usual, newer, newer)
+    return replace(settings, llamacpp_url=f"http://127.0.0.1:{newer}")
 
 
-TITLE_MAX = 60
-UNTITLED = "New chat"
+def free_loopback_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-###############################################################################
-# Context by tokens: as much of the branch as fits the model
-###############################################################################
-
-# What a chat template adds to each message (its role's markers: some 4 to 7
-# tokens in ChatML, Gemma's and Llama 3's templates), counted generously.
-MESSAGE_OVERHEAD = 8
+# llama-server's own flags whose value is a secret: never shown or printed.
+SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "-hft", "--ssl-key-file")
+LOG_LIMIT = 10 * 2**20       # the started llama-server's log: rotated to .1 past this size
 
 
-def counted_tokens(app, messages, model):
-    """Each message's tokens: stored, else counted by llama.cpp (/tokenize,
-    once: the count is kept in its row). False if llama.cpp cannot count."""
-    counts = {}
-    for m in messages:
-        if m.get("token_count") is None:
-            n = app.upstream.token_count(m["content"], model)
-            if n is None:
-                return False
-            m["token_count"] = n
-            if m.get("id") is not None:          # a question not yet stored is not kept
-                counts[m["id"]] = n
-    if counts:
-        try:
-            app.store.keep_token_counts(counts)
-        except sqlite3.Error as e:
-            log.warning("token counts could not be kept: %s", e)
-    return True
+def shown_command(command):
+    """A command line as it may be shown: the values of SECRET_FLAGS hidden."""
+    shown, hide = [], False
+    for word in command:
+        name, equals, _ = word.partition("=")
+        if hide:
+            shown.append("***")
+        elif equals and name in SECRET_FLAGS:
+            shown.append(name + "=***")
+        else:
+            shown.append(word)
+        hide = not hide and word in SECRET_FLAGS
+    return " ".join(shown)
 
 
-def question_tokens(app, text, model):
-    """A new question's tokens, counted before it is stored (in the same
-    INSERT, not a write of its own after), where its count will be used."""
-    if app.upstream.context_of(model) is None:
+def linux_libc():
+    """The C library, where prctl can tie a child's life to ours (Linux), else None."""
+    if not sys.platform.startswith("linux"):
         return None
-    return app.upstream.token_count(text, model)
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return None
 
 
-def exchanges(messages):
-    """A branch's messages as exchanges: a question and what answered it (the
-    replies, tool calls and results up to the next question); what comes
-    before the first question is an exchange of its own."""
-    found = []
-    for m in messages:
-        if m["role"] == "user" or not found:
-            found.append([])
-        found[-1].append(m)
-    return found
+def die_with_parent(libc, parent):
+    """In a child between fork and exec: the kernel sends it SIGKILL when the
+    thread that started it ends, kill -9 of llama-chat included (if llama-chat
+    is gone already, the child goes at once). Without libc (not Linux),
+    nothing: the pid file stands in."""
+    if libc is not None:
+        libc.prctl(1, signal.SIGKILL)               # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
 
 
-def fit_context(app, turn, branch_length):
-    """Leave out of the turn's history what would not fit the model's context:
-    n_ctx (llama-server's /props) less the reply's max_tokens (at most a
-    quarter of n_ctx: a default of 4096 would leave no room in a small
-    context) and the system prompt. The turn's own messages always go; then
-    whole exchanges, newest first, each that fits: one that does not (a
-    question too long for the context) and an unanswered question are left
-    out, and the walk goes on past them. Where llama.cpp cannot say n_ctx or count,
-    the history stays as the message limit made it (and an overflow is
-    still retried with fewer). turn.context says what was done."""
-    n_ctx = app.upstream.context_of(turn.model or None)
-    history = turn.history
-    if n_ctx is None or not counted_tokens(app, history, turn.model or None):
-        return
-    system = 0
-    if turn.system_prompt:
-        system = app.upstream.token_count(turn.system_prompt, turn.model or None)
-        if system is None:
+def command_of(pid):
+    """The command line of process pid, as words, or None if it is not there."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    import subprocess
+    try:
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=5).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+class ManagedLlamaServer:
+    """llama-server as llama-chat's child (--llama-server): started on its
+    loopback port, started again with a back-off (1 s, doubling to 30 s;
+    again 1 s after a minute of running) whenever it exits, its output
+    relayed into a log file beside the database (0600, rotated past
+    LOG_LIMIT), and stopped with llama-chat (SIGTERM, then SIGKILL after
+    5 s). It dies with llama-chat even when llama-chat is killed: on Linux by
+    the kernel (die_with_parent), elsewhere the next start stops the one
+    its pid file names, if that process still runs the same program.
+    llama-chat never touches a process it did not start."""
+
+    def __init__(self, settings):
+        port = urllib.parse.urlsplit(settings.llamacpp_url).port
+        model = ["-m", settings.llama_model] if settings.llama_model else \
+            ["--models-dir", settings.llama_models_dir]
+        self.command = [settings.llama_server, *model, "--host", "127.0.0.1",
+                        "--port", str(port), *settings.llama_args]
+        self.log_path = os.path.abspath(settings.db) + ".llama-server.log"
+        self.pid_path = os.path.abspath(settings.db) + ".llama-server.pid"
+        self.proc, self.restarts, self.stopping = None, 0, threading.Event()
+        self.last_exit, self.last_line = None, ""
+        self._lock = threading.Lock()
+        self._libc = linux_libc()
+
+    def start(self):
+        self.stop_orphan()
+        self._spawn()
+        log.info("started llama-server (pid %d): %s; its output goes to %s", self.proc.pid,
+                 shown_command(self.command), self.log_path)
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def stop_orphan(self):
+        """The llama-server a llama-chat that was killed left running, if its
+        pid file names a process that still runs this same program."""
+        try:
+            with open(self.pid_path) as f:
+                pid = ascii_number(f.read().strip())
+        except OSError:
             return
-        system += MESSAGE_OVERHEAD
-    wanted = turn.options.get("max_tokens")
-    reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 0, n_ctx // 4)
-    budget = n_ctx - reserve - system
-    own = history[len(history) - turn.own_messages:] if turn.own_messages else []
-    used = sum(m["token_count"] + MESSAGE_OVERHEAD for m in own)
-    kept = []
-    for exchange in reversed(exchanges(history[:len(history) - len(own)])):
-        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in exchange)
-        if exchange[0]["role"] != "user" or len(exchange) == 1 or used + cost > budget:
-            continue        # an unanswered question, or one that does not fit: the walk goes on
-        used += cost
-        kept[:0] = exchange
-    turn.history = kept + own                 # what llama.cpp is sent begins with a question
-    turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system,
-                    "messages_sent": len(turn.history),
-                    "messages_left_out": branch_length - len(turn.history)}
+        words = command_of(pid) if pid else None
+        if words and os.path.basename(words[0]) == os.path.basename(self.command[0]) \
+                and pid != os.getpid():
+            log.warning("stopping llama-server (pid %d), left running by a llama-chat "
+                        "that was stopped without stopping it", pid)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    time.sleep(0.1)
+                    os.kill(pid, 0)
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            os.remove(self.pid_path)
 
+    def _spawn(self):
+        import subprocess
+        with self._lock:
+            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, preexec_fn=functools.partial(
+                                             die_with_parent, self._libc, os.getpid()))
+            self.started = time.monotonic()
+        private_file(self.pid_path)
+        with open(self.pid_path, "w") as f:
+            f.write(f"{self.proc.pid}\n")
+        threading.Thread(target=self._keep_log, args=(self.proc.stdout,), daemon=True).start()
 
-def next_prompt(app, conversation, question=None, model=None):
-    """What the conversation's next chat would send llama.cpp (with
-    `question` as its new message, if given), chosen as a chat chooses it:
-    the messages and options, the model, what was left out, and, where
-    llama-server can say, their tokens, the model's context and the
-    templated text."""
-    system_prompt, asked = reply_settings(app.settings, conversation)
-    options = check_model_options(asked, "options")
-    limit = app.settings.performance["context_history_limit"]
-    leaf = conversation.get("current_message_id")
-    history = app.store.tree.path(leaf, limit) if leaf is not None and limit else []
-    total = app.store.tree.depth(leaf) if leaf is not None else 0
-    if question is not None:
-        history = history + [{"id": None, "role": "user", "content": question,
-                              "token_count": None}]
-        total += 1
-    model = model or conversation.get("model") or None
-    turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
-                                 options=options, own_messages=1 if question else 0,
-                                 context=None)
-    fit_context(app, turn, total)
-    messages = context_messages(system_prompt, turn.history)
-    body = {"messages": messages, **options, **({"model": model} if model else {})}
-    sent = len(messages) - (1 if system_prompt else 0)
-    return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
-            "messages_left_out": total - sent,
-            "prompt_tokens": app.upstream.input_tokens(body),
-            "n_ctx": app.upstream.context_of(model),
-            "prompt": app.upstream.templated(messages, model)}
+    def _keep_log(self, output):
+        """Relay the child's output into the log, rotating it past LOG_LIMIT."""
+        private_file(self.log_path)
+        out = open(self.log_path, "ab")
+        try:
+            for line in output:
+                if line.strip():
+                    self.last_line = line.decode(errors="replace").strip()[:500]
+                if out.tell() + len(line) > LOG_LIMIT:
+                    out.close()
+                    os.replace(self.log_path, self.log_path + ".1")
+                    private_file(self.log_path)
+                    out = open(self.log_path, "ab")
+                out.write(line)
+                out.flush()
+        except (OSError, ValueError) as e:
+            log.warning("llama-server's log could not be written: %s", e)
+        finally:
+            out.close()
+            output.close()
+
+    def _watch(self):
+        delay = 1
+        while not self.stopping.is_set():
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            self.last_exit = code
+            delay = 1 if time.monotonic() - self.started > 60 else delay
+            log.warning("llama-server exited (status %s: %s); starting it again in %d s "
+                        "(see %s)", code, self.last_line or "it printed nothing", delay,
+                        self.log_path)
+            if self.stopping.wait(delay):
+                return
+            try:
+                self._spawn()
+            except OSError as e:
+                log.error("llama-server cannot be started again: %s", e)
+                return
+            self.restarts += 1
+            delay = min(delay * 2, 30)
+
+    def stop(self):
+        self.stopping.set()
+        with self._lock:
+            proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self._forget()
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except Exception:                   # subprocess.TimeoutExpired
+            proc.kill()
+            proc.wait()
+        self._forget()
+        log.info("stopped llama-server (pid %d)", proc.pid)
+
+    def _forget(self):
+        with contextlib.suppress(OSError):
+            os.remove(self.pid_path)
+
+    def as_dict(self):
+        alive = self.proc is not None and self.proc.poll() is None
+        return {"pid": self.proc.pid if alive else None, "running": alive,
+                "restarts": self.restarts, "log": self.log_path,
+                "command": shown_command(self.command), "last_exit": self.last_exit,
+                "last_log_line": self.last_line}
 
 
 ###############################################################################
-# Chat: shared by the plain and the streaming answer
+# Engine: the replies being made, titles and upkeep, for every adapter
 ###############################################################################
+
+
+def shut(sock):
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
 
 class Generation:
     """One reply llama.cpp is generating, plain or streamed, for another thread
@@ -3398,12 +3400,398 @@ class Generation:
                 self.conn.close()
 
 
-def shut(sock):
-    try:
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+class Turns:
+    """Chats into one conversation that go under what it shows (a question
+    with no parent_id, a continue) take turns in the order they came: each
+    begins once the one before has stored its reply, so that questions sent
+    at once (two tabs, two devices, a script's batch) read Q1 A1 Q2 A2 on the
+    shown branch, and continues of one reply do not interleave. Chats of one
+    server; another process's chats on the same file are not seen."""
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queues = {}            # conversation id -> [tickets given, tickets done]
+
+    def take(self, conversation_id):
+        """Wait for this conversation's turn: the function that ends it."""
+        with self._changed:
+            queue = self._queues.setdefault(conversation_id, [0, 0])
+            ticket = queue[0]
+            queue[0] += 1
+            while queue[1] != ticket:
+                self._changed.wait()
+        ended = []
+
+        def end():
+            with self._changed:
+                if ended:
+                    return
+                ended.append(True)
+                queue[1] += 1
+                if queue[1] == queue[0]:
+                    del self._queues[conversation_id]
+                self._changed.notify_all()
+        return end
+
+
+TITLE_MAX = 60
+UNTITLED = "New chat"
+TITLE_PROMPT = ("Write a title of at most six words for the conversation below, in its "
+                "language. Answer with the title alone: no quotes, no punctuation at the end.")
+
+
+def first_line_title(text):
+    """A conversation's title from its first question: the first line, at
+    most TITLE_MAX characters, cut at a word."""
+    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= TITLE_MAX:
+        return line or UNTITLED
+    cut = line[:TITLE_MAX - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > TITLE_MAX // 2 else cut).rstrip(" ,.;:") + "…"
+
+
+# A purge that gave way to a write is tried again once no write came for this long.
+PURGE_PAUSE_SECONDS = 5
+
+
+class Engine:
+    """What the page's API, the /v1 relay and the command line share: the
+    settings, the store, the llama.cpp client, the replies being made and
+    their turns, titles, and the upkeep (the ledger's ranking, the purge of
+    deleted text) from start-up to shutdown. The adapters below use it;
+    it knows nothing of them."""
+
+    def __init__(self, settings, store=None):
+        self.settings = settings
+        self.store = store or Store(settings.db, open_now=False)
+        self.upstream = Upstream(settings)
+        self.stopping = threading.Event()
+        self.ready = threading.Event()     # the store is open: every route answers
+        self.startup_error = None          # why opening the store failed, if it did
+        self.managed = None                # the llama-server started here, if one was
+        self._lock = threading.Lock()
+        self.generations = set()       # every reply llama.cpp is making for us
+        self.turns = Turns()           # of chats that go under what a conversation shows
+        self._purge = {"running": False, "again": False}
+        self._ranking = threading.Lock()
+
+    def start(self):
+        """Open the store: at once when that is quick, else (a migration or an
+        index build can take minutes) while the server already answers:
+        /api/health with the progress, the rest of /api/ with STARTING."""
+        folder, prefix = backup_copies(self.store.db)
+        for leftover in glob.glob(os.path.join(folder, glob.escape(prefix) + "*")):
+            with contextlib.suppress(OSError):
+                os.remove(leftover)
+                log.info("removed %s, a backup copy left by a stop mid-download", leftover)
+        if self.store.ready or self.store.quick_to_open():
+            self._open_store()
+        else:
+            threading.Thread(target=self._open_store, daemon=True).start()
+
+    def _open_store(self):
+        try:
+            if not self.store.ready:
+                self.store.open()
+            if self.store.index.purge_due() and not self.store.read_only:
+                self.purge_soon()
+            self.rank_ledger_soon()
+            if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
+                threading.Thread(target=self._check_store, daemon=True).start()
+        except (sqlite3.Error, OSError) as e:
+            self.startup_error = str(e)
+        except BaseException as e:         # a bug: logged, and the app stops
+            log.error("opening the database failed\n%s", traceback.format_exc())
+            self.startup_error = f"{type(e).__name__}: {e}"
+        finally:
+            self.store.release()
+            self.ready.set()
+
+    def _check_store(self):
+        try:
+            damage = self.store.check_integrity()
+        except sqlite3.Error as e:
+            damage = self.store.damage = str(e)
+        release_memory()             # what the check read of the file
+        if damage:
+            log.error("database %s is damaged: %s. Restore a backup, or try the sqlite3 "
+                      "shell's .recover", self.store.db.path, damage)
+
+    def rank_ledger_soon(self):
+        """Rank the ledger's days that changed (all of them after a migration,
+        an import's), in the background, so that the page need not wait."""
+        def rank():
+            if self._ranking.acquire(blocking=False):
+                try:
+                    for group in (("model", "day"), ("day",)):
+                        ledger(self.store.db, group, None, None)
+                except sqlite3.Error as e:
+                    log.warning("ranking the ledger failed: %s", e)
+                finally:
+                    self._ranking.release()
+                    self.store.db.release()
+        threading.Thread(target=rank, daemon=True).start()
+
+    def purge_if_due(self):
+        """Purge if a write marked text to purge (SEARCH_SCHEMA's triggers do)."""
+        if self.store.index.purge_due():
+            self.purge_soon()
+
+    def purge_soon(self):
+        """Purge deleted text in the background, once for any number of deletes."""
+        with self._lock:
+            if self._purge["running"]:
+                self._purge["again"] = True
+                return
+            self._purge["running"] = True
+        threading.Thread(target=self._purge_loop, daemon=True).start()
+
+    def _purge_loop(self):
+        while True:
+            try:
+                self.store.index.purge(self.stopping)
+            except sqlite3.Error as e:
+                if "interrupted" not in str(e):
+                    log.warning("purging deleted text failed: %s", e)
+                else:                       # it gave way to a write: again, once they pause
+                    with self._lock:
+                        self._purge["again"] = True
+                    while time.monotonic() - self.store.db.last_write < PURGE_PAUSE_SECONDS:
+                        if self.stopping.wait(0.25):
+                            break           # the next start purges (search_purge says so)
+            finally:
+                self.store.release()
+            with self._lock:
+                if not self._purge["again"] or self.stopping.is_set():
+                    self._purge["running"] = False
+                    return
+                self._purge["again"] = False
+
+    def write_title(self, conversation_id, reply, model=None):
+        """Title a conversation made without one, after its first reply: by
+        its first line, or (auto_title "model") by llama.cpp in the
+        background, the first line on any failure. Never fails the chat."""
+        question = self.store.first_question(conversation_id) or ""
+        fallback = first_line_title(question)
+        if self.settings.auto_title != "model":
+            self._give_title(conversation_id, fallback)
+            return
+        threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
+                                                           fallback, model), daemon=True).start()
+
+    def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
+        title = fallback
+        try:
+            status, body = self.upstream.call("POST", "/v1/chat/completions", {
+                **({"model": model} if model else {}),
+                "messages": [{"role": "system", "content": TITLE_PROMPT},
+                             {"role": "user", "content": f"{question[:2000]}\n\n---\n\n"
+                                                         f"{reply[:1000]}"}],
+                "max_tokens": 24, "temperature": 0.2, "stream": False,
+                "reasoning_format": "none",
+                "chat_template_kwargs": {"enable_thinking": False}}, read_timeout=60)
+            if status != 200:
+                raise upstream_status_error(status, body)
+            text = body["choices"][0]["message"]["content"]
+            line = first_line_title(re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+                                    .strip().strip("\"'*#").strip())
+            if line and line != UNTITLED:
+                title = line
+        except Exception as e:               # noqa: BLE001 (a title never fails a chat)
+            log.info("conversation %d: llama.cpp gave no title (%s); using the first line",
+                     conversation_id, e)
+        self._give_title(conversation_id, title)
+        self.store.release()
+
+    def _give_title(self, conversation_id, title):
+        try:
+            self.store.title_if_pending(conversation_id, title)
+        except sqlite3.Error as e:
+            log.warning("conversation %d: its title could not be stored: %s",
+                        conversation_id, e)
+
+    def generation_started(self, turn, client=None):
+        generation = Generation(turn.conversation_id, client, turn.depends_on)
+        with self._lock:
+            self.generations.add(generation)
+        return generation
+
+    def generation_ended(self, generation):
+        with self._lock:
+            self.generations.discard(generation)
+
+    @property
+    def active_streams(self):
+        return len(self.generations)
+
+    def cancel(self, reason, conversation_id=None, messages=()):
+        """Cut short the replies being made (those of one conversation, or
+        under one of these messages): each ends with `reason`."""
+        with self._lock:
+            found = [g for g in self.generations
+                     if (conversation_id is None and not messages)
+                     or g.conversation_id == conversation_id
+                     or not g.depends_on.isdisjoint(messages)]
+        for generation in found:
+            generation.cancel(reason)
+
+    def stop_streams(self, wait=4.0):
+        """Ask every reply to end (closing llama.cpp's side wakes a relay blocked
+        reading it), then wait for them to store what they have."""
+        self.stopping.set()
+        self.cancel(shutting_down())
+        deadline = time.monotonic() + wait
+        while self.active_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+###############################################################################
+# Settings of a conversation: what its next reply is made with
+###############################################################################
+
+def reply_settings(settings, conversation, request_options=None):
+    """(system prompt, options by the names of model_options) for a reply: the
+    request's options, else the conversation's, else the config's, name by
+    name; the conversation's system prompt, else the config's."""
+    options = {**settings.model_options, **(conversation.get("options") or {}),
+               **(request_options or {})}
+    system_prompt = conversation.get("system_prompt")
+    return (settings.system_prompt if system_prompt is None else system_prompt), options
+
+
+def effective_settings(settings, conversation):
+    """What the next reply is made with, each part with where it comes from."""
+    own = conversation.get("options") or {}
+    system_prompt, options = reply_settings(settings, conversation)
+    return {
+        "system_prompt": {"value": system_prompt, "from": "config" if conversation.get(
+            "system_prompt") is None else "conversation"},
+        "options": {name: {"value": value, "from": "conversation" if name in own else "config"}
+                    for name, value in options.items()},
+    }
+###############################################################################
+# Context by tokens: as much of the branch as fits the model
+###############################################################################
+
+# What a chat template adds to each message (its role's markers: some 4 to 7
+# tokens in ChatML, Gemma's and Llama 3's templates), counted generously.
+MESSAGE_OVERHEAD = 8
+
+
+def counted_tokens(engine, messages, model):
+    """Each message's tokens: stored, else counted by llama.cpp (/tokenize,
+    once: the count is kept in its row). False if llama.cpp cannot count."""
+    counts = {}
+    for m in messages:
+        if m.get("token_count") is None:
+            n = engine.upstream.token_count(m["content"], model)
+            if n is None:
+                return False
+            m["token_count"] = n
+            if m.get("id") is not None:          # a question not yet stored is not kept
+                counts[m["id"]] = n
+    if counts:
+        try:
+            engine.store.keep_token_counts(counts)
+        except sqlite3.Error as e:
+            log.warning("token counts could not be kept: %s", e)
+    return True
+
+
+def question_tokens(engine, text, model):
+    """A new question's tokens, counted before it is stored (in the same
+    INSERT, not a write of its own after), where its count will be used."""
+    if engine.upstream.context_of(model) is None:
+        return None
+    return engine.upstream.token_count(text, model)
+
+
+def exchanges(messages):
+    """A branch's messages as exchanges: a question and what answered it (the
+    replies, tool calls and results up to the next question); what comes
+    before the first question is an exchange of its own."""
+    found = []
+    for m in messages:
+        if m["role"] == "user" or not found:
+            found.append([])
+        found[-1].append(m)
+    return found
+
+
+def fit_context(engine, turn, branch_length):
+    """Leave out of the turn's history what would not fit the model's context:
+    n_ctx (llama-server's /props) less the reply's max_tokens (at most a
+    quarter of n_ctx: a default of 4096 would leave no room in a small
+    context) and the system prompt. The turn's own messages always go; then
+    whole exchanges, newest first, each that fits: one that does not (a
+    question too long for the context) and an unanswered question are left
+    out, and the walk goes on past them. Where llama.cpp cannot say n_ctx or count,
+    the history stays as the message limit made it (and an overflow is
+    still retried with fewer). turn.context says what was done."""
+    n_ctx = engine.upstream.context_of(turn.model or None)
+    history = turn.history
+    if n_ctx is None or not counted_tokens(engine, history, turn.model or None):
+        return
+    system = 0
+    if turn.system_prompt:
+        system = engine.upstream.token_count(turn.system_prompt, turn.model or None)
+        if system is None:
+            return
+        system += MESSAGE_OVERHEAD
+    wanted = turn.options.get("max_tokens")
+    reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 0, n_ctx // 4)
+    budget = n_ctx - reserve - system
+    own = history[len(history) - turn.own_messages:] if turn.own_messages else []
+    used = sum(m["token_count"] + MESSAGE_OVERHEAD for m in own)
+    kept = []
+    for exchange in reversed(exchanges(history[:len(history) - len(own)])):
+        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in exchange)
+        if exchange[0]["role"] != "user" or len(exchange) == 1 or used + cost > budget:
+            continue        # an unanswered question, or one that does not fit: the walk goes on
+        used += cost
+        kept[:0] = exchange
+    turn.history = kept + own                 # what llama.cpp is sent begins with a question
+    turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system,
+                    "messages_sent": len(turn.history),
+                    "messages_left_out": branch_length - len(turn.history)}
+
+
+def next_prompt(engine, conversation, question=None, model=None):
+    """What the conversation's next chat would send llama.cpp (with
+    `question` as its new message, if given), chosen as a chat chooses it:
+    the messages and options, the model, what was left out, and, where
+    llama-server can say, their tokens, the model's context and the
+    templated text."""
+    system_prompt, asked = reply_settings(engine.settings, conversation)
+    options = check_model_options(asked, "options")
+    limit = engine.settings.performance["context_history_limit"]
+    leaf = conversation.get("current_message_id")
+    history = engine.store.tree.path(leaf, limit) if leaf is not None and limit else []
+    total = engine.store.tree.depth(leaf) if leaf is not None else 0
+    if question is not None:
+        history = history + [{"id": None, "role": "user", "content": question,
+                              "token_count": None}]
+        total += 1
+    model = model or conversation.get("model") or None
+    turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
+                                 options=options, own_messages=1 if question else 0,
+                                 context=None)
+    fit_context(engine, turn, total)
+    messages = context_messages(system_prompt, turn.history)
+    body = {"messages": messages, **options, **({"model": model} if model else {})}
+    sent = len(messages) - (1 if system_prompt else 0)
+    return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
+            "messages_left_out": total - sent,
+            "prompt_tokens": engine.upstream.input_tokens(body),
+            "n_ctx": engine.upstream.context_of(model),
+            "prompt": engine.upstream.templated(messages, model)}
+
+
+###############################################################################
+# Chat: shared by the plain and the streaming answer
+###############################################################################
 
 
 class AsItCame:
@@ -3503,40 +3891,6 @@ def chat_placement(body):
     return name, require_int(body, name)
 
 
-class Turns:
-    """Chats into one conversation that go under what it shows (a question
-    with no parent_id, a continue) take turns in the order they came: each
-    begins once the one before has stored its reply, so that questions sent
-    at once (two tabs, two devices, a script's batch) read Q1 A1 Q2 A2 on the
-    shown branch, and continues of one reply do not interleave. Chats of one
-    server; another process's chats on the same file are not seen."""
-
-    def __init__(self):
-        self._changed = threading.Condition()
-        self._queues = {}            # conversation id -> [tickets given, tickets done]
-
-    def take(self, conversation_id):
-        """Wait for this conversation's turn: the function that ends it."""
-        with self._changed:
-            queue = self._queues.setdefault(conversation_id, [0, 0])
-            ticket = queue[0]
-            queue[0] += 1
-            while queue[1] != ticket:
-                self._changed.wait()
-        ended = []
-
-        def end():
-            with self._changed:
-                if ended:
-                    return
-                ended.append(True)
-                queue[1] += 1
-                if queue[1] == queue[0]:
-                    del self._queues[conversation_id]
-                self._changed.notify_all()
-        return end
-
-
 def takes_turns(body):
     """The conversation whose turns a chat takes (None: it branches where it
     says, and waits for nothing)."""
@@ -3548,7 +3902,7 @@ def takes_turns(body):
     return body["conversation_id"] if placement in ([], ["continue"]) else None
 
 
-def start_chat(app, body, stream):
+def start_chat(engine, body, stream):
     """Validate, store the user's message (committed) where it goes, and build
     llama.cpp's request from the branch it is on: never a message of another
     branch. A regenerate or continue stores nothing before llama.cpp answers."""
@@ -3563,11 +3917,11 @@ def start_chat(app, body, stream):
         if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
-    store = app.store
+    store = engine.store
     conversation = store.get_conversation(conversation_id)
     if conversation is None:
         raise not_found("conversation", conversation_id)
-    system_prompt, asked = reply_settings(app.settings, conversation, options)
+    system_prompt, asked = reply_settings(engine.settings, conversation, options)
     upstream_options = check_model_options(asked, "options")
     target = None
     if target_id is not None:
@@ -3581,7 +3935,7 @@ def start_chat(app, body, stream):
         parent = target_id if placement == "parent_id" else CURRENT
         question = store.add_message(conversation_id, "user", message, model or None,
                                      parent=parent, estimated_tokens=estimate_tokens(message),
-                                     token_count=question_tokens(app, message, model or None))
+                                     token_count=question_tokens(engine, message, model or None))
         if question is None:
             if store.get_conversation(conversation_id) is None:
                 raise not_found("conversation", conversation_id)
@@ -3608,14 +3962,14 @@ def start_chat(app, body, stream):
             raise validation_error(placement, "That reply answers no question")
         last = parent_id = question
     title_pending = conversation["title_pending"] and not continued
-    if title_pending and message is not None and app.settings.auto_title != "model":
-        app.write_title(conversation_id, "")   # from the question: titled even if llama.cpp fails
+    if title_pending and message is not None and engine.settings.auto_title != "model":
+        engine.write_title(conversation_id, "")   # from the question, even if llama.cpp fails
         title_pending = False
-    limit = app.settings.performance["context_history_limit"] + (2 if continued else 1)
+    limit = engine.settings.performance["context_history_limit"] + (2 if continued else 1)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
                     asked, title_pending)
-    fit_context(app, turn, store.tree.depth(last))
+    fit_context(engine, turn, store.tree.depth(last))
     return turn
 
 
@@ -3627,12 +3981,12 @@ def context_overflow(status, body):
         "context size" in str(err.get("message", ""))
 
 
-def open_reply(app, turn, generation):
+def open_reply(engine, turn, generation):
     """Send the chat to llama.cpp; return (connection, response) once it answers 200."""
     skip = 0
     while True:
-        conn, resp = app.upstream.open("POST", "/v1/chat/completions", turn.payload(skip),
-                                       read_timeout=app.upstream.first_token_timeout,
+        conn, resp = engine.upstream.open("POST", "/v1/chat/completions", turn.payload(skip),
+                                       read_timeout=engine.upstream.first_token_timeout,
                                        attach=generation.attach)
         if resp.status == 200:
             return conn, resp
@@ -3685,11 +4039,11 @@ def continued_metrics(before, metrics, elapsed_ms, finish, timings=None):
             "tokens_per_second": speed, "finish_reason": finish, **summed, **first}
 
 
-def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, timings):
+def store_reply(engine, turn, text, reasoning, finish_reason, metrics, elapsed_ms, timings):
     """Store the reply (or what it appends to the reply it continues): the
     stored (id, text, reasoning, response ms, metrics), or NOT_FOUND if what
     it goes under was deleted meanwhile."""
-    store = app.store
+    store = engine.store
     if turn.continued:
         row = store.extend_message(turn.continued["id"], text, reasoning, lambda before: (
             continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)))
@@ -3715,17 +4069,17 @@ def store_reply(app, turn, text, reasoning, finish_reason, metrics, elapsed_ms, 
     return message_id, text, reasoning, elapsed_ms, metrics
 
 
-def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings, first_at=None):
+def finish_chat(engine, turn, text, reasoning, finish_reason, usage, timings, first_at=None):
     """Store the reply and return the answer's fields. `first_at`: when its
     first token came (a stream's)."""
     elapsed_ms = round((time.monotonic() - turn.started) * 1000)
     ttft = round((first_at - turn.started) * 1000, 1) if first_at else None
     message_id, text, reasoning, elapsed_ms, metrics = store_reply(
-        app, turn, text, reasoning, finish_reason,
+        engine, turn, text, reasoning, finish_reason,
         read_metrics(usage, timings, text, elapsed_ms), elapsed_ms,
         reply_timings(timings, ttft))
     if turn.title_pending:
-        app.write_title(turn.conversation_id, text, turn.model)
+        engine.write_title(turn.conversation_id, text, turn.model)
     answer = {
         "response": text,
         "model": turn.model,
@@ -3747,16 +4101,16 @@ def finish_chat(app, turn, text, reasoning, finish_reason, usage, timings, first
     return answer
 
 
-def chat_once(app, turn):
-    generation = app.generation_started(turn)
+def chat_once(engine, turn):
+    generation = engine.generation_started(turn)
     try:
-        conn, resp = open_reply(app, turn, generation)
+        conn, resp = open_reply(engine, turn, generation)
         try:
             raw = resp.read()
         except BaseException as e:
             conn.close()
-            raise upstream_error(e, app.upstream.url) from None
-        app.upstream.done_with(conn, resp)
+            raise upstream_error(e, engine.upstream.url) from None
+        engine.upstream.done_with(conn, resp)
         try:
             body = json.loads(raw)
             choice = body["choices"][0]
@@ -3768,7 +4122,7 @@ def chat_once(app, turn):
             text = turn.text_filter().take(text)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise bad_upstream("its answer has no choices[0].message.content") from None
-        return finish_chat(app, turn, text, reasoning, finish_reason(choice),
+        return finish_chat(engine, turn, text, reasoning, finish_reason(choice),
                            body.get("usage"), body.get("timings"))
     except sqlite3.DatabaseError as e:
         raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
@@ -3779,7 +4133,7 @@ def chat_once(app, turn):
             e.extra["user_message_id"] = turn.user_message_id
         raise
     finally:
-        app.generation_ended(generation)
+        engine.generation_ended(generation)
 
 
 def finish_reason(choice):
@@ -3842,7 +4196,7 @@ class ClientGone(Exception):
 KEEPALIVE_SECONDS = 15
 
 
-def request_stream(app, turn, generation):
+def request_stream(engine, turn, generation):
     """Ask llama.cpp for the streamed reply; return its response once it answers
     200. llama-server sends nothing, not even headers, until it has read the
     prompt, which can take minutes: meanwhile this yields None every
@@ -3852,14 +4206,14 @@ def request_stream(app, turn, generation):
     its own cost a millisecond of hand-offs before the first token."""
     skip = 0
     while True:
-        conn = app.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
-        resp = yield from await_answer(app, conn, generation)
+        conn = engine.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
+        resp = yield from await_answer(engine, conn, generation)
         if resp.status == 200:
             return resp
         skip = fewer_messages(turn, skip, conn, resp)
 
 
-def await_answer(app, conn, generation):
+def await_answer(engine, conn, generation):
     """The response to the request sent on `conn`, once its headers are in;
     meanwhile yield None every KEEPALIVE_SECONDS, and raise ClientGone when
     the client leaves, or the reason the reply was stopped for."""
@@ -3877,19 +4231,19 @@ def await_answer(app, conn, generation):
                 waiting.unregister(generation.client)     # it sent more: not ours
             if "llama.cpp" in ready:
                 break
-            stopped = why_stopped(app, generation)
+            stopped = why_stopped(engine, generation)
             if stopped:
                 raise stopped
             now = time.monotonic()
-            if now - started >= app.upstream.first_token_timeout:
-                raise upstream_error(socket.timeout(), app.upstream.url)
+            if now - started >= engine.upstream.first_token_timeout:
+                raise upstream_error(socket.timeout(), engine.upstream.url)
             if now - last_sent >= KEEPALIVE_SECONDS:
                 last_sent = now
                 yield None
     try:
-        return app.upstream.answer(conn)
+        return engine.upstream.answer(conn)
     except ApiError as e:
-        raise why_stopped(app, generation) or e from None
+        raise why_stopped(engine, generation) or e from None
 
 
 def client_left(sock):
@@ -3902,11 +4256,11 @@ def client_left(sock):
         return True
 
 
-def why_stopped(app, generation):
+def why_stopped(engine, generation):
     """The error a reply cut short from another thread ends with, or None."""
     if generation.reason is not None:
         return generation.reason
-    return shutting_down() if app.stopping.is_set() else None
+    return shutting_down() if engine.stopping.is_set() else None
 
 
 def parse_events(complete):
@@ -3955,11 +4309,11 @@ def read_event(payload):
         raise bad_upstream(f"a stream event cannot be read: {e}") from None
 
 
-def upstream_batches(app, turn, generation):
+def upstream_batches(engine, turn, generation):
     """What llama.cpp streams: None for a keep-alive while it reads the prompt,
     then a list of chunks per read (whatever has arrived, so a fast model
     costs one write per batch, not per token), then "done" or "cut"."""
-    read = body_reader((yield from request_stream(app, turn, generation)))
+    read = body_reader((yield from request_stream(engine, turn, generation)))
     pending = b""
     while True:
         try:
@@ -3968,11 +4322,11 @@ def upstream_batches(app, turn, generation):
             data, error = b"", e
         else:
             error = None
-        stopped = why_stopped(app, generation)
+        stopped = why_stopped(engine, generation)
         if stopped:
             raise stopped
         if error is not None:
-            raise upstream_error(error, app.upstream.url)
+            raise upstream_error(error, engine.upstream.url)
         if not data:
             break
         complete, newline, pending = (pending + data).rpartition(b"\n")
@@ -4050,15 +4404,15 @@ class Relay:
             (self.reasoning if event["type"] == "reasoning" else self.text).append(
                 event["content"])
 
-    def store(self, app, turn, reason):
-        return finish_chat(app, turn, "".join(self.text), "".join(self.reasoning), reason,
+    def store(self, engine, turn, reason):
+        return finish_chat(engine, turn, "".join(self.text), "".join(self.reasoning), reason,
                            self.usage, self.timings, self.first_at)
 
-    def store_if_possible(self, app, turn, reason):
+    def store_if_possible(self, engine, turn, reason):
         """What was relayed, stored after a failure: its message_id, or None
         if the database fails too (logged)."""
         try:
-            return self.store(app, turn, reason)["message_id"]
+            return self.store(engine, turn, reason)["message_id"]
         except sqlite3.DatabaseError as e:
             database_error(e)
         except ApiError:                       # its conversation was deleted meanwhile
@@ -4066,20 +4420,20 @@ class Relay:
         return None
 
 
-def chat_stream(app, turn, client=None, end_turn=lambda: None):
+def chat_stream(engine, turn, client=None, end_turn=lambda: None):
     """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
     relay starts, once the client's headers are out. end_turn: called when
     it is over (its reply stored), however it ended."""
-    generation = app.generation_started(turn, client)
+    generation = engine.generation_started(turn, client)
 
     def close():
         generation.close()
-        app.generation_ended(generation)
+        engine.generation_ended(generation)
         end_turn()
-    return EventStream(relay_events(app, turn, generation), close)
+    return EventStream(relay_events(engine, turn, generation), close)
 
 
-def relay_events(app, turn, generation):
+def relay_events(engine, turn, generation):
     """Generator of lists of events for one streamed reply (None: send a
     keep-alive): each list holds what llama.cpp sent since the last one, so a
     fast model costs one write per batch rather than per token. The handler
@@ -4087,7 +4441,7 @@ def relay_events(app, turn, generation):
     was relayed."""
     relay = Relay(turn.text_filter())
     try:
-        for item in upstream_batches(app, turn, generation):
+        for item in upstream_batches(engine, turn, generation):
             if item is None:
                 yield None
             elif item == "cut" and not relay.finish:
@@ -4106,19 +4460,19 @@ def relay_events(app, turn, generation):
                 if failure:
                     raise failure
         try:
-            done = relay.store(app, turn, relay.finish or "stop")
+            done = relay.store(engine, turn, relay.finish or "stop")
         except sqlite3.DatabaseError as e:
             raise database_error(e) from None
         yield [{"type": "done", **done}]
     except ClientGone:
         if relay.text or relay.reasoning:
-            relay.store_if_possible(app, turn, "aborted")
+            relay.store_if_possible(engine, turn, "aborted")
     except ApiError as e:
         stored = None
         if (relay.text or relay.reasoning) and e.code != "NOT_FOUND" \
                 and not e.code.startswith("DATABASE_"):
             reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
-            stored = relay.store_if_possible(app, turn, reason)
+            stored = relay.store_if_possible(engine, turn, reason)
         event = {"type": "error", "error": e.message, "code": e.code,
                  "user_message_id": turn.user_message_id, "message_id": stored}
         if e.code == "NOT_FOUND":              # the conversation went, with its messages
@@ -4228,16 +4582,16 @@ def asked_options(body):
     return asked or None
 
 
-def api_conversation(app, c, headers, system, model, now, source_id=None):
+def api_conversation(engine, c, headers, system, model, now, source_id=None):
     """A conversation made through /v1 in transaction c: its id."""
     return c.execute(
         "INSERT INTO conversations (title, model, created_at, updated_at, title_pending, "
         "system_prompt, source, source_id, client) VALUES (?, ?, ?, ?, ?, ?, 'api', ?, ?)",
-        (UNTITLED, model or "", now, now, int(app.settings.auto_title != "off"), system,
+        (UNTITLED, model or "", now, now, int(engine.settings.auto_title != "off"), system,
          source_id, sound_text(headers.get("User-Agent", "")[:500]) or None)).lastrowid
 
 
-def wanted_conversation(app, c, headers, system, model, now):
+def wanted_conversation(engine, c, headers, system, model, now):
     """The conversation X-Conversation-Id names: one of ours by its id or
     UUID; else the client's own id for it (llama.cpp's web UI sends
     `<uuid>::<model>` under that name), kept as its source_id: found, or
@@ -4251,10 +4605,10 @@ def wanted_conversation(app, c, headers, system, model, now):
                   (raw,)).fetchone()
     if found:
         return found[0], False
-    return api_conversation(app, c, headers, system, model, now, raw), True
+    return api_conversation(engine, c, headers, system, model, now, raw), True
 
 
-def record_question(app, headers, body):
+def record_question(engine, headers, body):
     """Store what the request adds to the history, in one transaction: under
     the deepest message of the branch it repeats (in the conversation
     X-Conversation-Id names, else in one made through /v1 with the same
@@ -4269,10 +4623,10 @@ def record_question(app, headers, body):
                for m in sent]
     named = headers.get("X-Conversation-Id")
     now = now_iso()
-    store = app.store
+    store = engine.store
     with store.db.write() as c:
         if named is not None:
-            conversation_id, made = wanted_conversation(app, c, headers, system, model, now)
+            conversation_id, made = wanted_conversation(engine, c, headers, system, model, now)
             found = None if made else Tree.follow(c, digests, "m.conversation_id = ?",
                                                   (conversation_id,))
             parent, depth = found[:2] if found else (Tree.current(c, conversation_id), 0)
@@ -4287,7 +4641,7 @@ def record_question(app, headers, body):
                 parent, depth, conversation_id = found
             else:
                 parent, depth = None, 0
-                conversation_id = api_conversation(app, c, headers, system, model, now)
+                conversation_id = api_conversation(engine, c, headers, system, model, now)
         for m in sent[depth:]:
             parent = Store.put_message(c, conversation_id, parent, m["role"], m["content"],
                                        model, now, tool_calls=m["tool_calls"],
@@ -4302,7 +4656,7 @@ def record_question(app, headers, body):
                     time.monotonic())
 
 
-def record_reply(app, exchange, relay, finish):
+def record_reply(engine, exchange, relay, finish):
     """Store the reply a Relay gathered, under the request's last message;
     never fails the answer (a failure is logged)."""
     text, reasoning, calls = "".join(relay.text), "".join(relay.reasoning), relay.calls()
@@ -4316,7 +4670,7 @@ def record_reply(app, exchange, relay, finish):
     if model and "/" in model:            # llama-server's model path: named as /api/models does
         model = os.path.basename(model) or model
     try:
-        stored = app.store.add_message(
+        stored = engine.store.add_message(
             exchange.conversation_id, "assistant", sound_text(text), model or None,
             parent=exchange.parent_id, reasoning=sound_text(reasoning) or None,
             response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
@@ -4328,7 +4682,7 @@ def record_reply(app, exchange, relay, finish):
         database_error(e)                          # logged
         return
     if stored is not None and exchange.title_pending:
-        app.write_title(exchange.conversation_id, text, exchange.model)
+        engine.write_title(exchange.conversation_id, text, exchange.model)
 
 
 def take_plain(relay, raw):
@@ -4364,20 +4718,20 @@ def answered(waiting):
 CHAT_PATH = "/v1/chat/completions"
 
 
-def relay_to_llamacpp(app, req, exchange):
+def relay_to_llamacpp(engine, req, exchange):
     """Send the request to llama.cpp as it came and answer what llama.cpp
     answers: its status, Content-Type and body, a stream as it arrives; a
     chat's reply recorded on the way. While llama.cpp reads the prompt (it
     answers nothing meanwhile), a client that leaves ends the request."""
     query = urllib.parse.urlencode(req.query, doseq=True)
     path = req.path + (f"?{query}" if query else "")
-    generation = app.generation_started(exchange, req.client)
+    generation = engine.generation_started(exchange, req.client)
     handed_over = False
     try:
-        conn = app.upstream.send(req.method, path,
+        conn = engine.upstream.send(req.method, path,
                                  None if req.method in ("GET", "HEAD") else req.body)
         try:
-            resp = answered(await_answer(app, conn, generation))
+            resp = answered(await_answer(engine, conn, generation))
         except ClientGone:
             raise ApiError(499, "CLIENT_GONE", "The client went away before llama.cpp "
                            "answered") from None
@@ -4390,28 +4744,29 @@ def relay_to_llamacpp(app, req, exchange):
 
             def close():
                 generation.close()
-                app.generation_ended(generation)
-            return EventStream(relayed_stream(app, exchange, generation, resp), close,
+                engine.generation_ended(generation)
+            return EventStream(relayed_stream(engine, exchange, generation, resp), close,
                                headers, as_they_came)
         try:
             raw = resp.read()
         except BaseException as e:
             conn.close()
-            raise why_stopped(app, generation) or upstream_error(e, app.upstream.url) from None
-        app.upstream.done_with(conn, resp)
+            raise why_stopped(engine, generation) or \
+                upstream_error(e, engine.upstream.url) from None
+        engine.upstream.done_with(conn, resp)
         if resp.status == 200 and exchange.conversation_id is not None:
             relay = Relay(AsItCame())
-            record_reply(app, exchange, relay, take_plain(relay, raw))
+            record_reply(engine, exchange, relay, take_plain(relay, raw))
         return Answer(raw, headers, resp.status)
     except BaseException:
         generation.close()                 # llama.cpp's request too, if it was sent
         raise
     finally:
         if not handed_over:
-            app.generation_ended(generation)
+            engine.generation_ended(generation)
 
 
-def record_stream(app, exchange, received, ended):
+def record_stream(engine, exchange, received, ended):
     """Store the reply of a stream from the bytes received: `ended` "done"
     ([DONE] came), "cut" (the stream ended without it), "aborted" or "error".
     Read once, at the end: parsing each event as it passed would slow the
@@ -4428,13 +4783,13 @@ def record_stream(app, exchange, received, ended):
     else:
         if ended in ("done", "cut"):
             finish = relay.finish or ("stop" if done or ended == "done" else "error")
-    record_reply(app, exchange, relay, ended if ended in ("aborted", "error") else finish)
+    record_reply(engine, exchange, relay, ended if ended in ("aborted", "error") else finish)
 
 
 DONE_EVENT = b"data: [DONE]"
 
 
-def relayed_stream(app, exchange, generation, resp):
+def relayed_stream(engine, exchange, generation, resp):
     """llama.cpp's stream passed on read by read, as it came, and recorded
     when it ends, as it ended (stop or length; aborted when the client left
     or llama-chat stopped; error when llama.cpp failed or cut it short): a
@@ -4449,9 +4804,9 @@ def relayed_stream(app, exchange, generation, resp):
             try:
                 data = read()
             except Exception as e:
-                raise why_stopped(app, generation) or upstream_error(e, app.upstream.url) \
+                raise why_stopped(engine, generation) or upstream_error(e, engine.upstream.url) \
                     from None
-            stopped = why_stopped(app, generation)
+            stopped = why_stopped(engine, generation)
             if stopped:
                 raise stopped
             if not data:
@@ -4463,20 +4818,20 @@ def relayed_stream(app, exchange, generation, resp):
                     yield data[:end]             # the last tokens at once, then the record
                     received.append(data[:end])
                 recorded = True
-                record_stream(app, exchange, received, "done")
+                record_stream(engine, exchange, received, "done")
                 data = data[end:]
             yield data
             if not recorded:
                 received.append(data)
         if not recorded:
             recorded = True
-            record_stream(app, exchange, received, "cut")
+            record_stream(engine, exchange, received, "cut")
     except ClientGone:
         if not recorded:
-            record_stream(app, exchange, received, "aborted")
+            record_stream(engine, exchange, received, "aborted")
     except ApiError as e:
         if not recorded and e.code != "NOT_FOUND":
-            record_stream(app, exchange, received,
+            record_stream(engine, exchange, received,
                           "aborted" if e.code == "SHUTTING_DOWN" else "error")
         try:
             yield f"data: {JSON.encode(e.openai_body())}\n\n".encode()
@@ -4484,8 +4839,8 @@ def relayed_stream(app, exchange, generation, resp):
             pass
 
 
-def recording(app, req):
-    return app.settings.openai_record and req.headers.get(
+def recording(engine, req):
+    return engine.settings.openai_record and req.headers.get(
         "X-LlamaChat-Record", "").strip().lower() not in RECORD_OFF
 
 
@@ -4510,27 +4865,27 @@ def remote_media(value):
     return None
 
 
-def refuse_remote_media(app, body):
+def refuse_remote_media(engine, body):
     """No fetches on a client's behalf: llama-server would fetch a media URL
     from wherever it points (any client, or any page, could make it reach
     this machine's network), unless openai_api.allow_remote_media says so."""
-    url = None if app.settings.allow_remote_media else remote_media(body)
+    url = None if engine.settings.allow_remote_media else remote_media(body)
     if url is not None:
         raise validation_error("messages", "Media given by URL is not fetched: send it as a "
                                "data: URL (base64), or set openai_api.allow_remote_media "
                                f"(this one: {url[:200]})")
 
 
-def v1_chat(app, req):
+def v1_chat(engine, req):
     body = req.json()
-    refuse_remote_media(app, body)
-    if not recording(app, req):
+    refuse_remote_media(engine, body)
+    if not recording(engine, req):
         openai_messages(body)                  # a chat must have messages all the same
-        return relay_to_llamacpp(app, req, Exchange())
-    return relay_to_llamacpp(app, req, record_question(app, req.headers, body))
+        return relay_to_llamacpp(engine, req, Exchange())
+    return relay_to_llamacpp(engine, req, record_question(engine, req.headers, body))
 
 
-def v1_relay(app, req):
+def v1_relay(engine, req):
     """Every other /v1/ route llama-server offers (models, completions,
     embeddings, responses...): relayed, not recorded."""
     if req.body:
@@ -4538,8 +4893,8 @@ def v1_relay(app, req):
             body = json.loads(req.body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             body = None                        # llama.cpp says what is wrong with it
-        refuse_remote_media(app, body)
-    return relay_to_llamacpp(app, req, Exchange())
+        refuse_remote_media(engine, body)
+    return relay_to_llamacpp(engine, req, Exchange())
 
 
 ###############################################################################
@@ -4783,7 +5138,7 @@ def json_items(f, seen):
 
 @dataclass
 class Imported:
-    """A conversation from another app, ready to check and store: messages in
+    """A conversation from another program, ready to check and store: messages in
     an order where each comes after its parent, by their keys there."""
     source: str
     source_id: str
@@ -5488,17 +5843,6 @@ def import_file(store, f, progress=None, inflated_limit=None, company="server"):
             "format": ", ".join(formats) or "none"}
 
 
-BACKUP_LOCK = threading.Lock()     # one backup copy at a time: each is the whole file
-
-
-def backup_copies(db):
-    """Where the backup route's temporary copies of db go (beside it: the same
-    disk): (folder, name prefix). One left by a crash is removed at the next
-    start (it holds text deleted since)."""
-    folder, name = os.path.split(os.path.abspath(db.path))
-    return folder, f".{name}.backup-"
-
-
 class BackupCopy:
     """A consistent copy of the database (SQLite's online backup: writers go on
     meanwhile) in a temporary file, made before any answer goes out, so a
@@ -5582,96 +5926,96 @@ def path_id(req, resource):
     return number
 
 
-def existing_conversation(app, req):
+def existing_conversation(engine, req):
     conversation_id = path_id(req, "conversation")
-    conversation = app.store.get_conversation(conversation_id)
+    conversation = engine.store.get_conversation(conversation_id)
     if conversation is None:
         raise not_found("conversation", conversation_id)
     return conversation
 
 
-def api_health(app, req):
-    llamacpp = app.upstream.health()
-    if app.managed:
-        llamacpp["managed"] = app.managed.as_dict()
-    if not app.ready.is_set():
+def api_health(engine, req):
+    llamacpp = engine.upstream.health()
+    if engine.managed:
+        llamacpp["managed"] = engine.managed.as_dict()
+    if not engine.ready.is_set():
         return {"status": "starting", "version": __version__,
-                "progress": app.store.progress.as_dict(), "llamacpp": llamacpp,
-                "database": {"ok": False, "fts5": app.store.index.fts, "error": "opening"}}
-    database = app.store.health()
+                "progress": engine.store.progress.as_dict(), "llamacpp": llamacpp,
+                "database": {"ok": False, "fts5": engine.store.index.fts, "error": "opening"}}
+    database = engine.store.health()
     return {"status": "ok" if llamacpp["ok"] and database["ok"] else "degraded",
             "version": __version__, "llamacpp": llamacpp, "database": database}
 
 
-def api_models(app, req):
+def api_models(engine, req):
     try:
-        models = app.upstream.models()
+        models = engine.upstream.models()
     except ApiError as e:
-        e.extra.update(models=[], count=0, llamacpp_url=app.settings.llamacpp_url)
+        e.extra.update(models=[], count=0, llamacpp_url=engine.settings.llamacpp_url)
         raise
     return {"models": [m["name"] for m in models], "count": len(models),
-            "details": models, "llamacpp_url": app.settings.llamacpp_url}
+            "details": models, "llamacpp_url": engine.settings.llamacpp_url}
 
 
-def api_model_defaults(app, req):
+def api_model_defaults(engine, req):
     model = req.arg("model") or None
     if model is not None and len(model) > 500:
         raise validation_error("model", "Query parameter model is longer than 500 characters")
-    return {"model": model, "defaults": app.upstream.defaults(model)}
+    return {"model": model, "defaults": engine.upstream.defaults(model)}
 
 
-def api_config(app, req):
+def api_config(engine, req):
     """The public settings, and what a new conversation's replies are made with."""
-    return {**app.settings.public_config(), "effective": effective_settings(app.settings, {})}
+    return {**engine.settings.public_config(), "effective": effective_settings(engine.settings, {})}
 
 
-def api_list_conversations(app, req):
+def api_list_conversations(engine, req):
     limit = query_int(req, "limit", None, 0)
     offset = query_int(req, "offset", 0, 0)
     pinned = query_bool(req, "pinned")
-    return {"conversations": app.store.list_conversations(limit, offset, pinned)}
+    return {"conversations": engine.store.list_conversations(limit, offset, pinned)}
 
 
-def api_create_conversation(app, req):
+def api_create_conversation(engine, req):
     body = req.json()
     known_fields(body, {"title", "model", *SETTINGS_FIELDS})
     settings = check_conversation_settings(body)
     untitled = body.get("title") is None
     title = UNTITLED if untitled else require_str(body, "title", max_len=LIMITS["title"]).strip()
     model = require_str(body, "model", allow_empty=True, max_len=LIMITS["model"])
-    pending = untitled and app.settings.auto_title != "off"
-    return Created(conversation_id=app.store.create_conversation(title, model, pending,
+    pending = untitled and engine.settings.auto_title != "off"
+    return Created(conversation_id=engine.store.create_conversation(title, model, pending,
                                                                  **settings))
 
 
-def api_delete_conversations(app, req):
+def api_delete_conversations(engine, req):
     body = req.json()
     known_fields(body, {"ids"})
     ids = body.get("ids")
     if not isinstance(ids, list) or not ids or len(ids) > 10_000 or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids):
         raise validation_error("ids", "Field ids must be a list of 1 to 10,000 conversation ids")
-    deleted = app.store.delete_conversations(ids)
+    deleted = engine.store.delete_conversations(ids)
     for conversation_id in deleted:
-        app.cancel(not_found("conversation", conversation_id), conversation_id)
+        engine.cancel(not_found("conversation", conversation_id), conversation_id)
     if deleted:
-        app.purge_soon()
+        engine.purge_soon()
     gone = set(deleted)
     return {"deleted": deleted, "not_found": sorted({i for i in ids if i not in gone})}
 
 
-def api_get_conversation(app, req):
+def api_get_conversation(engine, req):
     branches = req.arg("branches")
     if branches not in (None, "current", "all"):
         raise validation_error("branches", "Query parameter branches must be all or current")
-    conversation = existing_conversation(app, req)
+    conversation = existing_conversation(engine, req)
     conversation.pop("title_pending")
-    messages, summary = app.store.messages(conversation["id"], branches == "all")
+    messages, summary = engine.store.messages(conversation["id"], branches == "all")
     return {"conversation": conversation, "messages": messages, "stats": summary,
-            "effective": effective_settings(app.settings, conversation)}
+            "effective": effective_settings(engine.settings, conversation)}
 
 
-def api_update_conversation(app, req):
+def api_update_conversation(engine, req):
     conversation_id = path_id(req, "conversation")
     body = req.json()
     known_fields(body, {"title", "current_message_id", *SETTINGS_FIELDS})
@@ -5679,100 +6023,100 @@ def api_update_conversation(app, req):
         raise validation_error("title", "Send a title, a current_message_id or settings")
     title = require_str(body, "title", max_len=LIMITS["title"]).strip() if "title" in body else None
     show = require_int(body, "current_message_id") if "current_message_id" in body else None
-    changed = app.store.update_conversation(conversation_id, title, show,
+    changed = engine.store.update_conversation(conversation_id, title, show,
                                             **check_conversation_settings(body))
     if changed is None:
         raise not_found("conversation", conversation_id)
-    app.purge_if_due()                       # a title renamed: the old one purged
+    engine.purge_if_due()                       # a title renamed: the old one purged
     return changed
 
 
-def api_delete_conversation(app, req):
+def api_delete_conversation(engine, req):
     conversation_id = path_id(req, "conversation")
-    if not app.store.delete_conversation(conversation_id):
+    if not engine.store.delete_conversation(conversation_id):
         raise not_found("conversation", conversation_id)
-    app.cancel(not_found("conversation", conversation_id), conversation_id)
-    app.purge_soon()
+    engine.cancel(not_found("conversation", conversation_id), conversation_id)
+    engine.purge_soon()
     return {}
 
 
-def api_edit_message(app, req):
+def api_edit_message(engine, req):
     message_id = path_id(req, "message")
     body = req.json()
     known_fields(body, {"content"})
     content = require_str(body, "content", max_len=LIMITS["content"])
-    edited_at = app.store.tree.edit(message_id, content)
+    edited_at = engine.store.tree.edit(message_id, content)
     if edited_at is None:
         raise not_found("message", message_id)
-    app.purge_if_due()                       # the text it had: purged like deleted text
+    engine.purge_if_due()                       # the text it had: purged like deleted text
     return {"message_id": message_id, "content": content, "edited_at": edited_at}
 
 
-def api_delete_message(app, req):
+def api_delete_message(engine, req):
     message_id = path_id(req, "message")
-    done = app.store.tree.delete(message_id)
+    done = engine.store.tree.delete(message_id)
     if done is None:
         raise not_found("message", message_id)
     conversation_id, deleted, current = done
-    app.cancel(not_found("message", message_id), messages=deleted)
-    app.purge_soon()
+    engine.cancel(not_found("message", message_id), messages=deleted)
+    engine.purge_soon()
     return {"deleted": deleted, "conversation_id": conversation_id,
             "current_message_id": current}
 
 
-def api_fork(app, req):
-    conversation = existing_conversation(app, req)
+def api_fork(engine, req):
+    conversation = existing_conversation(engine, req)
     body = req.json()
     known_fields(body, {"message_id", "title"})
     message_id = require_int(body, "message_id")
     title = require_str(body, "title", max_len=LIMITS["title"]).strip() if body.get("title") is not None \
         else None
-    forked = app.store.tree.fork(conversation["id"], message_id, title)
+    forked = engine.store.tree.fork(conversation["id"], message_id, title)
     if forked is None:
         raise not_found("message", message_id)
     return Created(conversation_id=forked)
 
 
-def api_chat(app, req):
+def api_chat(engine, req):
     body = req.json()
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise validation_error("stream", "Field stream must be true or false")
     stream = stream or "text/event-stream" in req.headers.get("Accept", "")
     queued = takes_turns(body)
-    end_turn = app.turns.take(queued) if queued is not None else lambda: None
+    end_turn = engine.turns.take(queued) if queued is not None else lambda: None
     try:
-        turn = start_chat(app, body, stream)
+        turn = start_chat(engine, body, stream)
     except BaseException:
         end_turn()
         raise
     if stream:
-        return chat_stream(app, turn, req.client, end_turn)
+        return chat_stream(engine, turn, req.client, end_turn)
     try:
-        return chat_once(app, turn)
+        return chat_once(engine, turn)
     finally:
         end_turn()
 
 
-def api_stats(app, req):
-    conversation = existing_conversation(app, req)
-    summary, by_role = app.store.stats(conversation["id"])
+def api_stats(engine, req):
+    conversation = existing_conversation(engine, req)
+    summary, by_role = engine.store.stats(conversation["id"])
     return {"summary": summary, "by_role": by_role}
 
 
-def api_search(app, req):
+def api_search(engine, req):
     q = req.arg("q")
     if q is None or not q.strip():
         raise validation_error("q", "Missing required query parameter: q")
     if len(q) > 1000:
         raise validation_error("q", "Query parameter q is longer than 1000 characters")
     limit = query_int(req, "limit", SEARCH_LIMIT_DEFAULT, 1, SEARCH_LIMIT_MAX)
-    results = app.store.search(q, limit)
+    results = engine.store.search(q, limit)
     return {"results": results, "query": q, "count": len(results)}
 
 
-def api_prompt(app, req):
-    conversation = existing_conversation(app, req)
+def api_prompt(engine, req):
+    conversation = existing_conversation(engine, req)
     question = req.arg("message")
     if question is not None and len(question) > LIMITS["content"]:
         raise validation_error("message", "Query parameter message is longer than "
@@ -5780,7 +6124,7 @@ def api_prompt(app, req):
     model = req.arg("model") or None
     if model is not None and len(model) > 500:
         raise validation_error("model", "Query parameter model is longer than 500 characters")
-    return next_prompt(app, conversation, question, model)
+    return next_prompt(engine, conversation, question, model)
 
 
 def export_format(req, allowed):
@@ -5791,39 +6135,39 @@ def export_format(req, allowed):
     return form
 
 
-def api_export_conversation(app, req):
-    conversation = existing_conversation(app, req)
+def api_export_conversation(engine, req):
+    conversation = existing_conversation(engine, req)
     if export_format(req, ("json", "md")) == "md":
-        messages = json.loads(app.store.tree.branch(conversation["id"]))
+        messages = json.loads(engine.store.tree.branch(conversation["id"]))
         return Answer(export_markdown(conversation, messages), attachment(
             download_name(conversation["title"], "md"), "text/markdown; charset=utf-8"))
-    return Answer(export_one(app.store.db, conversation["id"]), attachment(
+    return Answer(export_one(engine.store.db, conversation["id"]), attachment(
         download_name(conversation["title"], "json"), "application/json"))
 
 
-def api_export(app, req):
+def api_export(engine, req):
     form = export_format(req, ("json", "jsonl"))
     kind = "application/json" if form == "json" else "application/x-ndjson"
-    return EventStream(export_all(app.store.db, form), lambda: None,
+    return EventStream(export_all(engine.store.db, form), lambda: None,
                        attachment(f"llama-chat-{now_iso()[:10]}.{form}", kind), as_they_came,
                        whole=True)
 
 
-def api_import(app, req):
+def api_import(engine, req):
     try:
         with brisk_switching():
-            return import_file(app.store, io.BytesIO(req.body),
-                               inflated_limit=app.settings.max_import_bytes)
+            return import_file(engine.store, io.BytesIO(req.body),
+                               inflated_limit=engine.settings.max_import_bytes)
     finally:
         release_memory()           # the index's buffers and the file's pieces
-        app.rank_ledger_soon()
+        engine.rank_ledger_soon()
 
 
 api_import.takes_file = True     # any type of body, up to max_import_bytes
 
 
-def api_backup(app, req):
-    copy = BackupCopy(app.store.db)
+def api_backup(engine, req):
+    copy = BackupCopy(engine.store.db)
     return EventStream(copy.pieces(), copy.remove, {**attachment(
         f"llama-chat-{now_iso()[:10]}.db", "application/vnd.sqlite3"),
         "Content-Length": str(copy.size)}, as_they_came)
@@ -5850,17 +6194,17 @@ def query_day(req, name):
     return None
 
 
-def api_ledger(app, req):
+def api_ledger(engine, req):
     group = req.arg("group") or "model"
     if group not in LEDGER_GROUPS:
         raise validation_error("group", "Query parameter group must be model, day or model,day")
     since, until = query_day(req, "since"), query_day(req, "until")
     return {"group": group, "since": since, "until": until,
-            "groups": ledger(app.store.db, LEDGER_GROUPS[group], since, until)}
+            "groups": ledger(engine.store.db, LEDGER_GROUPS[group], since, until)}
 
 
-def page_index(app, req):
-    return app.page()
+def page_index(engine, req):
+    return PAGES.answer(engine.settings.index_path)
 
 
 V1_PATH = r"/v1(?:/[\w-][\w.-]*)+"    # no segment that starts with a dot
@@ -5940,221 +6284,121 @@ def page_headers(html):
     }
 
 
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
-TITLE_PROMPT = ("Write a title of at most six words for the conversation below, in its "
-                "language. Answer with the title alone: no quotes, no punctuation at the end.")
+class PageCache:
+    """index.html with its headers, read again only when the file changes."""
 
+    def __init__(self):
+        self._pages = {}             # path -> (mtime, Answer)
 
-# A purge that gave way to a write is tried again once no write came for this long.
-PURGE_PAUSE_SECONDS = 5
-
-
-class App:
-    """Settings, store and llama.cpp client: everything a request needs."""
-
-    def __init__(self, settings, store=None):
-        self.settings = settings
-        self.store = store or Store(settings.db, open_now=False)
-        self.upstream = Upstream(settings)
-        self.stopping = threading.Event()
-        self.ready = threading.Event()     # the store is open: every route answers
-        self.startup_error = None          # why opening the store failed, if it did
-        self.managed = None                # the llama-server this app started, if it did
-        self._page = (None, None)      # (mtime, Answer)
-        self._lock = threading.Lock()
-        self.generations = set()       # every reply llama.cpp is making for us
-        self.turns = Turns()           # of chats that go under what a conversation shows
-        self._purge = {"running": False, "again": False}
-        self._ranking = threading.Lock()
-        self.host_names = LOOPBACK_NAMES | set(settings.allowed_hosts)
-        if not is_loopback(settings.host):
-            name = socket.gethostname().lower()
-            self.host_names |= {name, name + ".local", settings.host.lower()}
-
-    def start(self):
-        """Open the store: at once when that is quick, else (a migration or an
-        index build can take minutes) while the server already answers:
-        /api/health with the progress, the rest of /api/ with STARTING."""
-        folder, prefix = backup_copies(self.store.db)
-        for leftover in glob.glob(os.path.join(folder, glob.escape(prefix) + "*")):
-            with contextlib.suppress(OSError):
-                os.remove(leftover)
-                log.info("removed %s, a backup copy left by a stop mid-download", leftover)
-        if self.store.ready or self.store.quick_to_open():
-            self._open_store()
-        else:
-            threading.Thread(target=self._open_store, daemon=True).start()
-
-    def _open_store(self):
+    def answer(self, path):
         try:
-            if not self.store.ready:
-                self.store.open()
-            if self.store.index.purge_due() and not self.store.read_only:
-                self.purge_soon()
-            self.rank_ledger_soon()
-            if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
-                threading.Thread(target=self._check_store, daemon=True).start()
-        except (sqlite3.Error, OSError) as e:
-            self.startup_error = str(e)
-        except BaseException as e:         # a bug: logged, and the app stops
-            log.error("opening the database failed\n%s", traceback.format_exc())
-            self.startup_error = f"{type(e).__name__}: {e}"
-        finally:
-            self.store.release()
-            self.ready.set()
-
-    def _check_store(self):
-        try:
-            damage = self.store.check_integrity()
-        except sqlite3.Error as e:
-            damage = self.store.damage = str(e)
-        release_memory()             # what the check read of the file
-        if damage:
-            log.error("database %s is damaged: %s. Restore a backup, or try the sqlite3 "
-                      "shell's .recover", self.store.db.path, damage)
-
-    def page(self):
-        try:
-            mtime = os.stat(self.settings.index_path).st_mtime_ns
+            mtime = os.stat(path).st_mtime_ns
         except OSError:
             return Answer(MISSING_PAGE, page_headers(MISSING_PAGE))
-        if self._page[0] != mtime:
-            with open(self.settings.index_path, "rb") as f:
+        kept = self._pages.get(path)
+        if kept is None or kept[0] != mtime:
+            with open(path, "rb") as f:
                 html = f.read()
-            self._page = (mtime, Answer(html, page_headers(html)))
-        return self._page[1]
+            kept = self._pages[path] = (mtime, Answer(html, page_headers(html)))
+        return kept[1]
 
-    def rank_ledger_soon(self):
-        """Rank the ledger's days that changed (all of them after a migration,
-        an import's), in the background, so that the page need not wait."""
-        def rank():
-            if self._ranking.acquire(blocking=False):
-                try:
-                    for group in (("model", "day"), ("day",)):
-                        ledger(self.store.db, group, None, None)
-                except sqlite3.Error as e:
-                    log.warning("ranking the ledger failed: %s", e)
-                finally:
-                    self._ranking.release()
-                    self.store.db.release()
-        threading.Thread(target=rank, daemon=True).start()
 
-    def purge_if_due(self):
-        """Purge if a write marked text to purge (SEARCH_SCHEMA's triggers do)."""
-        if self.store.index.purge_due():
-            self.purge_soon()
-
-    def purge_soon(self):
-        """Purge deleted text in the background, once for any number of deletes."""
-        with self._lock:
-            if self._purge["running"]:
-                self._purge["again"] = True
-                return
-            self._purge["running"] = True
-        threading.Thread(target=self._purge_loop, daemon=True).start()
-
-    def _purge_loop(self):
-        while True:
-            try:
-                self.store.index.purge(self.stopping)
-            except sqlite3.Error as e:
-                if "interrupted" not in str(e):
-                    log.warning("purging deleted text failed: %s", e)
-                else:                       # it gave way to a write: again, once they pause
-                    with self._lock:
-                        self._purge["again"] = True
-                    while time.monotonic() - self.store.db.last_write < PURGE_PAUSE_SECONDS:
-                        if self.stopping.wait(0.25):
-                            break           # the next start purges (search_purge says so)
-            finally:
-                self.store.release()
-            with self._lock:
-                if not self._purge["again"] or self.stopping.is_set():
-                    self._purge["running"] = False
-                    return
-                self._purge["again"] = False
-
-    def write_title(self, conversation_id, reply, model=None):
-        """Title a conversation made without one, after its first reply: by
-        its first line, or (auto_title "model") by llama.cpp in the
-        background, the first line on any failure. Never fails the chat."""
-        question = self.store.first_question(conversation_id) or ""
-        fallback = first_line_title(question)
-        if self.settings.auto_title != "model":
-            self._give_title(conversation_id, fallback)
-            return
-        threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
-                                                           fallback, model), daemon=True).start()
-
-    def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
-        title = fallback
-        try:
-            status, body = self.upstream.call("POST", "/v1/chat/completions", {
-                **({"model": model} if model else {}),
-                "messages": [{"role": "system", "content": TITLE_PROMPT},
-                             {"role": "user", "content": f"{question[:2000]}\n\n---\n\n"
-                                                         f"{reply[:1000]}"}],
-                "max_tokens": 24, "temperature": 0.2, "stream": False,
-                "reasoning_format": "none",
-                "chat_template_kwargs": {"enable_thinking": False}}, read_timeout=60)
-            if status != 200:
-                raise upstream_status_error(status, body)
-            text = body["choices"][0]["message"]["content"]
-            line = first_line_title(re.sub(r"<think>.*?</think>", "", text, flags=re.S)
-                                    .strip().strip("\"'*#").strip())
-            if line and line != UNTITLED:
-                title = line
-        except Exception as e:               # noqa: BLE001 (a title never fails a chat)
-            log.info("conversation %d: llama.cpp gave no title (%s); using the first line",
-                     conversation_id, e)
-        self._give_title(conversation_id, title)
-        self.store.release()
-
-    def _give_title(self, conversation_id, title):
-        try:
-            self.store.title_if_pending(conversation_id, title)
-        except sqlite3.Error as e:
-            log.warning("conversation %d: its title could not be stored: %s",
-                        conversation_id, e)
-
-    def generation_started(self, turn, client=None):
-        generation = Generation(turn.conversation_id, client, turn.depends_on)
-        with self._lock:
-            self.generations.add(generation)
-        return generation
-
-    def generation_ended(self, generation):
-        with self._lock:
-            self.generations.discard(generation)
-
-    @property
-    def active_streams(self):
-        return len(self.generations)
-
-    def cancel(self, reason, conversation_id=None, messages=()):
-        """Cut short the replies being made (those of one conversation, or
-        under one of these messages): each ends with `reason`."""
-        with self._lock:
-            found = [g for g in self.generations
-                     if (conversation_id is None and not messages)
-                     or g.conversation_id == conversation_id
-                     or not g.depends_on.isdisjoint(messages)]
-        for generation in found:
-            generation.cancel(reason)
-
-    def stop_streams(self, wait=4.0):
-        """Ask every reply to end (closing llama.cpp's side wakes a relay blocked
-        reading it), then wait for them to store what they have."""
-        self.stopping.set()
-        self.cancel(shutting_down())
-        deadline = time.monotonic() + wait
-        while self.active_streams and time.monotonic() < deadline:
-            time.sleep(0.05)
+PAGES = PageCache()
 
 
 ###############################################################################
 # HTTP server
 ###############################################################################
+
+
+class Headers(dict):
+    """A request's headers: lower-cased name -> its values, in order."""
+
+    def add(self, name, value):
+        self.setdefault(name.lower(), []).append(value)
+
+    def get(self, name, default=None):
+        values = dict.get(self, name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name, default=None):
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name):
+        return dict.__contains__(self, name.lower())
+
+
+MAX_REQUEST_LINE = 8192
+MAX_HEADER_BYTES = 65536
+MAX_HEADERS = 100
+HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
+
+
+class FastRequestHead:
+    """4. The request line and headers, read here rather than by http.server,
+    whose email parser costs more than the rest of answering a list. Anything
+    ambiguous is refused: folded lines, lines without a colon, names that are
+    not tokens, differing Content-Lengths. Undo: leave this class out of
+    Handler's bases (http.server then parses, into an email.message.Message)."""
+
+    def parse_request(self):
+        self.command, self.request_version = None, self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+            return self.refuse(414, "Request line too long")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3:
+            return self.refuse(400, f"Bad request syntax ({self.requestline!r})")
+        version = HTTP_VERSION.fullmatch(words[2])
+        if not version:
+            return self.refuse(400, f"Bad request version ({words[2]!r})")
+        self.request_version = words[2]
+        number = int(version[1]), int(version[2])
+        if number >= (2, 0):
+            return self.refuse(505, f"Invalid HTTP version ({words[2][5:]})")
+        self.close_connection = number < (1, 1)
+        self.command, self.path = words[0], words[1]
+        if self.path.startswith("//"):       # as http.server does: no open redirects
+            self.path = "/" + self.path.lstrip("/")
+        self.headers = headers = Headers()
+        size = count = 0
+        while True:
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            size, count = size + len(line), count + 1
+            if size > MAX_HEADER_BYTES or count > MAX_HEADERS + 1:
+                return self.refuse(431, "Request headers too large")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = line.decode("iso-8859-1").partition(":")
+            if not colon or not HEADER_NAME.fullmatch(name):
+                return self.refuse(400, "Malformed header line")
+            headers.add(name, value.strip())
+        lengths = set(headers.get_all("Content-Length") or ())
+        if len(lengths) > 1:
+            return self.refuse(400, "Conflicting Content-Length headers")
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (headers.get("Expect", "").lower() == "100-continue"
+                and self.request_version >= "HTTP/1.1" and self.may_continue()):
+            return self.handle_expect_100()
+        return True
+
+    def may_continue(self):
+        """Is a body announced with Expect: 100-continue welcome? (If not, no
+        100 goes out, and the request is answered without reading it.)"""
+        return True
+
+    def refuse(self, code, message):
+        self.send_error(code, message)
+        return False
 
 # HEAD on /api/ and /v1/: the route exists and the request passed every check
 # the GET would meet, and nothing more (never a backup or an export made).
@@ -6204,7 +6448,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
     server_version = "llama-chat"
     sys_version = ""
     timeout = 30          # a socket's backstop; the request deadline (10 s) comes first
-    app = None            # set by make_server
+    engine = None            # set by make_server
 
     def setup(self):
         super().setup()
@@ -6219,7 +6463,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         # Deadlines (see Server): a short one for the request line and headers,
         # from waiting for the first byte (a client that idles or trickles them
         # holds a slot before any key is checked), then one for the body.
-        settings = self.app.settings
+        settings = self.engine.settings
         self.server.watch(self.connection, min(settings.header_timeout,
                                                settings.request_timeout))
         self.body_read = False
@@ -6231,7 +6475,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
     def parse_request(self):
         parsed = super().parse_request()
         if parsed:
-            self.server.watch(self.connection, self.app.settings.request_timeout)
+            self.server.watch(self.connection, self.engine.settings.request_timeout)
         return parsed
 
 
@@ -6248,7 +6492,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         except sqlite3.DatabaseError as e:
             result = database_error(e)
             if "malformed" in str(e):          # damage found by a request: health says so
-                self.app.store.damage = str(e)
+                self.engine.store.damage = str(e)
         except Exception:
             log.error("internal error on %s %s\n%s", self.command, escape_log(self.path),
                       traceback.format_exc())
@@ -6275,7 +6519,7 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
 
     def answer(self):
         """The request checked, read and handled: what its handler returned."""
-        app = self.app
+        engine = self.engine
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
         self.check_host()
@@ -6285,25 +6529,25 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         handler, params = match_route(self.command, path)
         if api:
             self.check_origin(handler)
-        if not app.ready.is_set() and api and handler is not api_health:
-            raise starting(app.store.progress.as_dict())
+        if not engine.ready.is_set() and api and handler is not api_health:
+            raise starting(engine.store.progress.as_dict())
         if self.command == "HEAD" and api:
             return HEAD_ANSWER                    # headers only: never the GET's work
         body = self.read_body(getattr(handler, "takes_file", False))
         self.body_read = True
         self.server.unwatch(self.connection)      # read in full: no deadline now
-        return handler(app, Request(self.command, path, urllib.parse.parse_qs(parts.query),
+        return handler(engine, Request(self.command, path, urllib.parse.parse_qs(parts.query),
                                     self.headers, body, params, self.connection))
 
     def handle(self):
         try:
             super().handle()
         finally:
-            self.app.store.release()   # this thread's connection ends with its client's
+            self.engine.store.release()   # this thread's connection ends with its client's
 
     # Checks, in the order a request meets them
     def body_limit(self, takes_file):
-        settings = self.app.settings
+        settings = self.engine.settings
         return settings.max_import_bytes if takes_file else settings.max_body_bytes
 
     def may_continue(self):
@@ -6320,15 +6564,15 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         loopback, IP addresses and the names the user allowed pass too."""
         hosts = self.headers.get_all("Host") or []
         name = host_name(hosts[0]) if len(hosts) == 1 else ""
-        if name in self.app.host_names:
+        if name in self.server.host_names:
             return
-        if not is_loopback(self.app.settings.host) and is_ip_literal(name):
+        if not is_loopback(self.engine.settings.host) and is_ip_literal(name):
             return
         raise ApiError(403, "FORBIDDEN", "Host header must name this machine "
                        "(localhost, 127.0.0.1 or [::1], or a name given with --allowed-host)")
 
     def check_auth(self):
-        key = self.app.settings.api_key
+        key = self.engine.settings.api_key
         if not key:
             return
         given = self.headers.get("Authorization", "")
@@ -6472,6 +6716,9 @@ class Handler(FastRequestHead, BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), escape_log(fmt % args))
 
 
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
+
+
 class Server(ThreadingHTTPServer):
     """A thread per connection, at most max_connections at once and at most
     connections_per_address of them from one client address (so that one
@@ -6481,11 +6728,15 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, app):
+    def __init__(self, address, engine):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        handler = type("BoundHandler", (Handler,), {"app": app})
-        self.app = app
+        handler = type("BoundHandler", (Handler,), {"engine": engine})
+        self.engine = engine
+        self.host_names = LOOPBACK_NAMES | set(engine.settings.allowed_hosts)
+        if not is_loopback(engine.settings.host):
+            name = socket.gethostname().lower()
+            self.host_names |= {name, name + ".local", engine.settings.host.lower()}
         self.by_address = {}                 # client address -> connections open
         self._deadlines = {}
         self._guard = threading.Lock()
@@ -6494,7 +6745,7 @@ class Server(ThreadingHTTPServer):
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def process_request(self, request, client_address):
-        settings, address = self.app.settings, client_address[0]
+        settings, address = self.engine.settings, client_address[0]
         with self._guard:
             held = self.by_address.get(address, 0)
             full = self.connections >= settings.max_connections or \
@@ -6554,374 +6805,14 @@ class Server(ThreadingHTTPServer):
 
 def make_server(settings, store=None):
     """A server listening already, its store opening in the background."""
-    server = Server((settings.host, settings.port), App(settings, store))
-    server.app.start()
+    server = Server((settings.host, settings.port), Engine(settings, store))
+    server.engine.start()
     return server
 
 
 ###############################################################################
-# Main
+# Command line: each command with its arguments
 ###############################################################################
-
-def prepare_settings(settings):
-    """Beyond loopback with no key: make one up (the page takes it from the URL).
-    A llama-server to start: checked, and given a loopback URL (its port that
-    of --llamacpp-url, or a free one when that is the default)."""
-    if not is_loopback(settings.host) and not settings.api_key:
-        settings = replace(settings, api_key=kept_key(settings.db + ".key"), key_generated=True)
-    if settings.llama_server:
-        if not (os.path.isfile(settings.llama_server)
-                and os.access(settings.llama_server, os.X_OK)):
-            raise ConfigError(f"--llama-server {settings.llama_server} is not an executable file")
-        if bool(settings.llama_model) == bool(settings.llama_models_dir):
-            raise ConfigError("--llama-server needs --model FILE or --models-dir DIR (one)")
-        if settings.llama_model and not os.path.isfile(settings.llama_model):
-            raise ConfigError(f"--model {settings.llama_model} is not a file")
-        if settings.llama_models_dir and not os.path.isdir(settings.llama_models_dir):
-            raise ConfigError(f"--models-dir {settings.llama_models_dir} is not a folder")
-        parts = urllib.parse.urlsplit(settings.llamacpp_url)
-        if not is_loopback(parts.hostname or ""):
-            raise ConfigError("--llama-server starts llama-server on this machine: "
-                              f"--llamacpp-url must be a loopback address, not {parts.hostname}")
-        port = parts.port if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] \
-            else free_loopback_port()
-        settings = replace(settings, llamacpp_url=f"http://127.0.0.1:{port}")
-    return settings
-
-
-def kept_key(path):
-    """The key made up for a start beyond loopback, kept in `path` (0600) and
-    used again at the next start, so that phones keep working."""
-    try:
-        with open(path) as f:
-            key = f.read().strip()
-        if re.fullmatch(r"[\w-]{20,200}", key):
-            private_file(path, create=False)
-            return key
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        raise ConfigError(f"the key file {path} cannot be read: {e.strerror}") from None
-    key = secrets.token_urlsafe(24)
-    try:
-        private_file(path)
-        with open(path, "w") as f:
-            f.write(key + "\n")
-    except OSError as e:
-        raise ConfigError(f"the key file {path} cannot be written: {e.strerror}") from None
-    return key
-
-
-NEW_DEFAULT_PORT = 9931          # llama-server's default port in newer llama.cpp
-
-
-def answers_as_llamacpp(port, timeout=0.5):
-    """Does something on this loopback port answer /health as llama-server does?"""
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        body = json_or_none(resp.read(4096))
-        conn.close()
-    except (OSError, http.client.HTTPException):
-        return False
-    return isinstance(body, dict) and ("status" in body or "error" in body)
-
-
-def discover_llamacpp(settings, ports=(8080, NEW_DEFAULT_PORT)):
-    """With llama.cpp's URL left at its default: when nothing answers there
-    but llama-server answers on its newer default port, use that one."""
-    if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] or settings.llama_server:
-        return settings
-    usual, newer = ports
-    if answers_as_llamacpp(usual) or not answers_as_llamacpp(newer):
-        return settings
-    log.info("nothing answers on port %d, but llama-server does on %d (its newer default): "
-             "using http://127.0.0.1:%d", usual, newer, newer)
-    return replace(settings, llamacpp_url=f"http://127.0.0.1:{newer}")
-
-
-def free_loopback_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def report_llamacpp(app):
-    state = app.upstream.health()
-    if state["ok"]:
-        log.info("llama.cpp at %s answers (%.0f ms)", state["url"], state["latency_ms"])
-    elif app.managed:                  # started here: it answers once its model is loaded
-        log.info("llama-server at %s is starting (%s); /api/health says when it answers",
-                 state["url"], state.get("error"))
-    else:
-        log.warning("llama.cpp at %s does not answer yet (%s); start it with: %s",
-                    state["url"], state.get("error"), state["start_hint"])
-
-
-def urls_to_open(host, port):
-    """Where the page can be opened: the address listened on, or, for all of
-    this machine's (0.0.0.0, ::), its host name and each address that others
-    can reach, then loopback."""
-    def url(name):
-        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
-    if host not in ("0.0.0.0", "::", ""):
-        return [url(host)]
-    name = socket.gethostname()
-    try:
-        found = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
-    except OSError:
-        found = set()
-    addresses = sorted((found | interface_addresses()) - {""},
-                       key=lambda a: tuple(int(part) for part in a.split(".")))
-    return [url(name)] + [url(a) for a in addresses if not is_loopback(a)] + [url("127.0.0.1")]
-
-
-def interface_addresses():
-    """The IPv4 address of each network interface (Linux; elsewhere none)."""
-    found = set()
-    try:
-        import fcntl
-        import struct
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            for _, interface in socket.if_nameindex():
-                try:
-                    packed = fcntl.ioctl(probe.fileno(), 0x8915,      # SIOCGIFADDR
-                                         struct.pack("256s", interface[:15].encode()))
-                    found.add(socket.inet_ntoa(packed[20:24]))
-                except OSError:
-                    continue                  # an interface without an IPv4 address
-    except (ImportError, OSError, AttributeError):
-        pass
-    return found
-
-
-def report_progress(app):
-    """The start-up work's progress on the terminal: one line updated in place,
-    or a log line every 5 s when the output is not a terminal."""
-    tty, last = sys.stderr.isatty(), ""
-    shown_at = time.monotonic()
-    while not app.ready.wait(0.5 if tty else 5):
-        p = app.store.progress
-        line = p.step + (f": {p.done:,} of {p.total:,}" if p.total else "") + " ..."
-        if tty:
-            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
-        elif line != last or time.monotonic() - shown_at >= 5:
-            log.info("%s", line)
-        last, shown_at = line, time.monotonic()
-    if tty and last:
-        print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
-
-
-def when_open(app, server):
-    """Once the store is open: say so, or stop the app if it could not be."""
-    app.ready.wait()
-    if app.startup_error:
-        if not app.stopping.is_set():
-            log.error("database %s cannot be opened: %s", app.settings.db, app.startup_error)
-        server.failed = not app.stopping.is_set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-        return
-    log.info("database %s (%s)", os.path.abspath(app.settings.db),
-             "FTS5 search" if app.store.index.fts else "no FTS5 in this SQLite: search uses LIKE")
-    if app.store.backup_path:
-        log.info("migrated the database; the copy from before is %s", app.store.backup_path)
-
-
-# llama-server's own flags whose value is a secret: never shown or printed.
-SECRET_FLAGS = ("--api-key", "--api-key-file", "--hf-token", "-hft", "--ssl-key-file")
-LOG_LIMIT = 10 * 2**20       # the started llama-server's log: rotated to .1 past this size
-
-
-def shown_command(command):
-    """A command line as it may be shown: the values of SECRET_FLAGS hidden."""
-    shown, hide = [], False
-    for word in command:
-        name, equals, _ = word.partition("=")
-        if hide:
-            shown.append("***")
-        elif equals and name in SECRET_FLAGS:
-            shown.append(name + "=***")
-        else:
-            shown.append(word)
-        hide = not hide and word in SECRET_FLAGS
-    return " ".join(shown)
-
-
-def linux_libc():
-    """The C library, where prctl can tie a child's life to ours (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError):
-        return None
-
-
-def die_with_parent(libc, parent):
-    """In a child between fork and exec: the kernel sends it SIGKILL when the
-    thread that started it ends, kill -9 of llama-chat included (if llama-chat
-    is gone already, the child goes at once). Without libc (not Linux),
-    nothing: the pid file stands in."""
-    if libc is not None:
-        libc.prctl(1, signal.SIGKILL)               # PR_SET_PDEATHSIG
-        if os.getppid() != parent:
-            os._exit(1)
-
-
-def command_of(pid):
-    """The command line of process pid, as words, or None if it is not there."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [w.decode(errors="replace") for w in f.read().split(b"\0") if w]
-    except FileNotFoundError:
-        return None
-    except OSError:
-        pass
-    import subprocess
-    try:
-        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
-                             text=True, timeout=5).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out or None
-
-
-class ManagedLlamaServer:
-    """llama-server as llama-chat's child (--llama-server): started on its
-    loopback port, started again with a back-off (1 s, doubling to 30 s;
-    again 1 s after a minute of running) whenever it exits, its output
-    relayed into a log file beside the database (0600, rotated past
-    LOG_LIMIT), and stopped with llama-chat (SIGTERM, then SIGKILL after
-    5 s). It dies with llama-chat even when llama-chat is killed: on Linux by
-    the kernel (die_with_parent), elsewhere the next start stops the one
-    its pid file names, if that process still runs the same program.
-    llama-chat never touches a process it did not start."""
-
-    def __init__(self, settings):
-        port = urllib.parse.urlsplit(settings.llamacpp_url).port
-        model = ["-m", settings.llama_model] if settings.llama_model else \
-            ["--models-dir", settings.llama_models_dir]
-        self.command = [settings.llama_server, *model, "--host", "127.0.0.1",
-                        "--port", str(port), *settings.llama_args]
-        self.log_path = os.path.abspath(settings.db) + ".llama-server.log"
-        self.pid_path = os.path.abspath(settings.db) + ".llama-server.pid"
-        self.proc, self.restarts, self.stopping = None, 0, threading.Event()
-        self.last_exit, self.last_line = None, ""
-        self._lock = threading.Lock()
-        self._libc = linux_libc()
-
-    def start(self):
-        self.stop_orphan()
-        self._spawn()
-        log.info("started llama-server (pid %d): %s; its output goes to %s", self.proc.pid,
-                 shown_command(self.command), self.log_path)
-        threading.Thread(target=self._watch, daemon=True).start()
-
-    def stop_orphan(self):
-        """The llama-server a llama-chat that was killed left running, if its
-        pid file names a process that still runs this same program."""
-        try:
-            with open(self.pid_path) as f:
-                pid = ascii_number(f.read().strip())
-        except OSError:
-            return
-        words = command_of(pid) if pid else None
-        if words and os.path.basename(words[0]) == os.path.basename(self.command[0]) \
-                and pid != os.getpid():
-            log.warning("stopping llama-server (pid %d), left running by a llama-chat "
-                        "that was stopped without stopping it", pid)
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(50):
-                    time.sleep(0.1)
-                    os.kill(pid, 0)
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(OSError):
-            os.remove(self.pid_path)
-
-    def _spawn(self):
-        import subprocess
-        with self._lock:
-            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=functools.partial(
-                                             die_with_parent, self._libc, os.getpid()))
-            self.started = time.monotonic()
-        private_file(self.pid_path)
-        with open(self.pid_path, "w") as f:
-            f.write(f"{self.proc.pid}\n")
-        threading.Thread(target=self._keep_log, args=(self.proc.stdout,), daemon=True).start()
-
-    def _keep_log(self, output):
-        """Relay the child's output into the log, rotating it past LOG_LIMIT."""
-        private_file(self.log_path)
-        out = open(self.log_path, "ab")
-        try:
-            for line in output:
-                if line.strip():
-                    self.last_line = line.decode(errors="replace").strip()[:500]
-                if out.tell() + len(line) > LOG_LIMIT:
-                    out.close()
-                    os.replace(self.log_path, self.log_path + ".1")
-                    private_file(self.log_path)
-                    out = open(self.log_path, "ab")
-                out.write(line)
-                out.flush()
-        except (OSError, ValueError) as e:
-            log.warning("llama-server's log could not be written: %s", e)
-        finally:
-            out.close()
-            output.close()
-
-    def _watch(self):
-        delay = 1
-        while not self.stopping.is_set():
-            code = self.proc.wait()
-            if self.stopping.is_set():
-                return
-            self.last_exit = code
-            delay = 1 if time.monotonic() - self.started > 60 else delay
-            log.warning("llama-server exited (status %s: %s); starting it again in %d s "
-                        "(see %s)", code, self.last_line or "it printed nothing", delay,
-                        self.log_path)
-            if self.stopping.wait(delay):
-                return
-            try:
-                self._spawn()
-            except OSError as e:
-                log.error("llama-server cannot be started again: %s", e)
-                return
-            self.restarts += 1
-            delay = min(delay * 2, 30)
-
-    def stop(self):
-        self.stopping.set()
-        with self._lock:
-            proc = self.proc
-        if proc is None or proc.poll() is not None:
-            self._forget()
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except Exception:                   # subprocess.TimeoutExpired
-            proc.kill()
-            proc.wait()
-        self._forget()
-        log.info("stopped llama-server (pid %d)", proc.pid)
-
-    def _forget(self):
-        with contextlib.suppress(OSError):
-            os.remove(self.pid_path)
-
-    def as_dict(self):
-        alive = self.proc is not None and self.proc.poll() is None
-        return {"pid": self.proc.pid if alive else None, "running": alive,
-                "restarts": self.restarts, "log": self.log_path,
-                "command": shown_command(self.command), "last_exit": self.last_exit,
-                "last_log_line": self.last_line}
 
 
 class CommandError(Exception):
@@ -7133,6 +7024,139 @@ def command_stats(settings, args):
 COMMANDS = {"search": command_search, "export": command_export, "import": command_import,
             "backup": command_backup, "restore": command_restore, "check": command_check,
             "stats": command_stats}
+###############################################################################
+# Main
+###############################################################################
+
+def prepare_settings(settings):
+    """Beyond loopback with no key: make one up (the page takes it from the URL).
+    A llama-server to start: checked, and given a loopback URL (its port that
+    of --llamacpp-url, or a free one when that is the default)."""
+    if not is_loopback(settings.host) and not settings.api_key:
+        settings = replace(settings, api_key=kept_key(settings.db + ".key"), key_generated=True)
+    if settings.llama_server:
+        if not (os.path.isfile(settings.llama_server)
+                and os.access(settings.llama_server, os.X_OK)):
+            raise ConfigError(f"--llama-server {settings.llama_server} is not an executable file")
+        if bool(settings.llama_model) == bool(settings.llama_models_dir):
+            raise ConfigError("--llama-server needs --model FILE or --models-dir DIR (one)")
+        if settings.llama_model and not os.path.isfile(settings.llama_model):
+            raise ConfigError(f"--model {settings.llama_model} is not a file")
+        if settings.llama_models_dir and not os.path.isdir(settings.llama_models_dir):
+            raise ConfigError(f"--models-dir {settings.llama_models_dir} is not a folder")
+        parts = urllib.parse.urlsplit(settings.llamacpp_url)
+        if not is_loopback(parts.hostname or ""):
+            raise ConfigError("--llama-server starts llama-server on this machine: "
+                              f"--llamacpp-url must be a loopback address, not {parts.hostname}")
+        port = parts.port if settings.llamacpp_url != DEFAULT_CONFIG["llamacpp_url"] \
+            else free_loopback_port()
+        settings = replace(settings, llamacpp_url=f"http://127.0.0.1:{port}")
+    return settings
+
+
+def kept_key(path):
+    """The key made up for a start beyond loopback, kept in `path` (0600) and
+    used again at the next start, so that phones keep working."""
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+        if re.fullmatch(r"[\w-]{20,200}", key):
+            private_file(path, create=False)
+            return key
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ConfigError(f"the key file {path} cannot be read: {e.strerror}") from None
+    key = secrets.token_urlsafe(24)
+    try:
+        private_file(path)
+        with open(path, "w") as f:
+            f.write(key + "\n")
+    except OSError as e:
+        raise ConfigError(f"the key file {path} cannot be written: {e.strerror}") from None
+    return key
+
+
+def report_llamacpp(engine):
+    state = engine.upstream.health()
+    if state["ok"]:
+        log.info("llama.cpp at %s answers (%.0f ms)", state["url"], state["latency_ms"])
+    elif engine.managed:                  # started here: it answers once its model is loaded
+        log.info("llama-server at %s is starting (%s); /api/health says when it answers",
+                 state["url"], state.get("error"))
+    else:
+        log.warning("llama.cpp at %s does not answer yet (%s); start it with: %s",
+                    state["url"], state.get("error"), state["start_hint"])
+
+
+def urls_to_open(host, port):
+    """Where the page can be opened: the address listened on, or, for all of
+    this machine's (0.0.0.0, ::), its host name and each address that others
+    can reach, then loopback."""
+    def url(name):
+        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+    if host not in ("0.0.0.0", "::", ""):
+        return [url(host)]
+    name = socket.gethostname()
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(name, None, socket.AF_INET)}
+    except OSError:
+        found = set()
+    addresses = sorted((found | interface_addresses()) - {""},
+                       key=lambda a: tuple(int(part) for part in a.split(".")))
+    return [url(name)] + [url(a) for a in addresses if not is_loopback(a)] + [url("127.0.0.1")]
+
+
+def interface_addresses():
+    """The IPv4 address of each network interface (Linux; elsewhere none)."""
+    found = set()
+    try:
+        import fcntl
+        import struct
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _, interface in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(probe.fileno(), 0x8915,      # SIOCGIFADDR
+                                         struct.pack("256s", interface[:15].encode()))
+                    found.add(socket.inet_ntoa(packed[20:24]))
+                except OSError:
+                    continue                  # an interface without an IPv4 address
+    except (ImportError, OSError, AttributeError):
+        pass
+    return found
+
+
+def report_progress(engine):
+    """The start-up work's progress on the terminal: one line updated in place,
+    or a log line every 5 s when the output is not a terminal."""
+    tty, last = sys.stderr.isatty(), ""
+    shown_at = time.monotonic()
+    while not engine.ready.wait(0.5 if tty else 5):
+        p = engine.store.progress
+        line = p.step + (f": {p.done:,} of {p.total:,}" if p.total else "") + " ..."
+        if tty:
+            print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
+        elif line != last or time.monotonic() - shown_at >= 5:
+            log.info("%s", line)
+        last, shown_at = line, time.monotonic()
+    if tty and last:
+        print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def when_open(engine, server):
+    """Once the store is open: say so, or stop the app if it could not be."""
+    engine.ready.wait()
+    if engine.startup_error:
+        if not engine.stopping.is_set():
+            log.error("database %s cannot be opened: %s", engine.settings.db, engine.startup_error)
+        server.failed = not engine.stopping.is_set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+        return
+    log.info("database %s (%s)", os.path.abspath(engine.settings.db),
+             "FTS5 search" if engine.store.index.fts
+             else "no FTS5 in this SQLite: search uses LIKE")
+    if engine.store.backup_path:
+        log.info("migrated the database; the copy from before is %s", engine.store.backup_path)
 
 
 def main(argv=None):
@@ -7170,12 +7194,12 @@ def serve(argv):
         print(f"llama-chat: cannot listen on {settings.host}:{settings.port}: "
               f"{e.strerror or e}", file=sys.stderr)
         return 1
-    app = server.app
+    engine = server.engine
     server.failed = False
     if settings.llama_server:
         try:
-            app.managed = ManagedLlamaServer(settings)
-            app.managed.start()
+            engine.managed = ManagedLlamaServer(settings)
+            engine.managed.start()
         except OSError as e:
             print(f"llama-chat: cannot start {settings.llama_server}: {e.strerror or e}",
                   file=sys.stderr)
@@ -7190,15 +7214,15 @@ def serve(argv):
     else:
         print(f"llama-chat {__version__}: open {urls[0]}"
               + "".join(f"\n  or {u}" for u in urls[1:]), flush=True)
-    threading.Thread(target=report_progress, args=(app,), daemon=True).start()
-    threading.Thread(target=when_open, args=(app, server), daemon=True).start()
-    threading.Thread(target=report_llamacpp, args=(app,), daemon=True).start()
+    threading.Thread(target=report_progress, args=(engine,), daemon=True).start()
+    threading.Thread(target=when_open, args=(engine, server), daemon=True).start()
+    threading.Thread(target=report_llamacpp, args=(engine,), daemon=True).start()
 
     def stop(signum, frame):
         log.info("stopping (signal %d)", signum)
-        app.stopping.set()
-        if not app.ready.is_set():
-            app.store.interrupt()
+        engine.stopping.set()
+        if not engine.ready.is_set():
+            engine.store.interrupt()
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
@@ -7206,17 +7230,17 @@ def serve(argv):
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
-        app.stop_streams()
+        engine.stop_streams()
         server.server_close()
-        if app.managed:
-            app.managed.stop()
-        if not app.ready.wait(30):
+        if engine.managed:
+            engine.managed.stop()
+        if not engine.ready.wait(30):
             log.warning("the database is still being opened; stopping anyway")
-        elif app.startup_error and app.stopping.is_set():
+        elif engine.startup_error and engine.stopping.is_set():
             log.info("stopped before the database was ready: it is as it was before, "
                      "and the next start begins again")
         try:
-            app.store.db.checkpoint()
+            engine.store.db.checkpoint()
         except sqlite3.Error as e:
             log.warning("WAL checkpoint failed: %s", e)
     return 1 if server.failed else 0

@@ -344,7 +344,7 @@ class Client:
     def __init__(self, server):
         self.server = server
         self.port = server.server_address[1]
-        self.app = server.app
+        self.engine = server.engine
 
     def request(self, method, path, body=None, headers=None, raw=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
@@ -413,7 +413,7 @@ def start_app(tmp_path, llamacpp_url, store=None, **overrides):
     settings = replace(settings, **overrides)
     server = llama_chat.make_server(settings, store)
     serve(server)
-    assert server.app.ready.wait(30) and not server.app.startup_error, server.app.startup_error
+    assert server.engine.ready.wait(30) and not server.engine.startup_error, server.engine.startup_error
     return server
 
 
@@ -429,7 +429,7 @@ def launch(tmp_path):
 
     yield start
     for server in started:
-        server.app.stopping.set()
+        server.engine.stopping.set()
         stop(server)
 
 
@@ -437,7 +437,7 @@ def launch(tmp_path):
 def client(tmp_path, stub):
     server = start_app(tmp_path, stub.url)
     yield Client(server)
-    server.app.stopping.set()
+    server.engine.stopping.set()
     stop(server)
 
 
@@ -450,7 +450,7 @@ def down_client(tmp_path):
 
 
 def rows(client, sql, *args):
-    conn = sqlite3.connect(client.app.settings.db)
+    conn = sqlite3.connect(client.engine.settings.db)
     try:
         return conn.execute(sql, args).fetchall()
     finally:
@@ -666,7 +666,7 @@ def test_llamacpp_connections_are_kept_and_a_closed_one_is_replaced(client, stub
     assert len(stub.connections) == 1              # one connection, three answers
     stub.connections[0].shutdown(socket.SHUT_RDWR)  # as llama-server's keep-alive timeout does
     time.sleep(0.05)
-    kept, before = client.app.upstream._idle[0], len(used)
+    kept, before = client.engine.upstream._idle[0], len(used)
     status, _, body = client.chat(cid, "still there?")
     assert status == 200 and body["response"] == stub.reply
     assert len(stub.connections) == 2 and kept.sock is None
@@ -696,7 +696,7 @@ def test_get_conversation_with_messages_and_stats(client):
 def test_pages_built_by_sqlite_match_the_python_encoding(client):
     """Lists and messages are JSON made by SQLite; without its JSON functions,
     by Python. Both give the same values, whatever the text holds."""
-    store = client.app.store
+    store = client.engine.store
     odd = 'quotes " and \\ backslash, tab\t, nul-ish \x01, é, 中文, emoji 😀, <b>&amp;</b>'
     cid = store.create_conversation(odd, MODEL)
     store.add_message(cid, "user", odd, estimated_tokens=3)
@@ -719,7 +719,7 @@ def test_pages_built_by_sqlite_match_the_python_encoding(client):
 
 
 def test_stats_summarize_by_role(client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation("numbers", MODEL)
     store.add_message(cid, "user", "1234", estimated_tokens=1)
     store.add_message(cid, "assistant", "123456", MODEL, response_time_ms=1000, estimated_tokens=10,
@@ -967,7 +967,7 @@ def test_protocol_errors_answer_in_the_json_body(client):
 def test_a_bug_answers_500_without_its_traceback(client, monkeypatch):
     def broken(*args):
         raise RuntimeError("secret internals")
-    monkeypatch.setattr(client.app.store, "list_conversations", broken)
+    monkeypatch.setattr(client.engine.store, "list_conversations", broken)
     status, _, body = client.get("/api/conversations")
     assert status == 500
     assert body == {"success": False, "error": "Internal server error", "code": "INTERNAL_ERROR"}
@@ -1146,7 +1146,7 @@ def test_a_refusal_while_starting_closes_the_connection(tmp_path, stub, monkeypa
         assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1 ") == 1
     finally:
         go_on.set()
-        server.app.ready.wait(10)
+        server.engine.ready.wait(10)
         stop(server)
 
 
@@ -1363,7 +1363,7 @@ def test_a_keyed_client_is_served_while_another_address_floods_slowly(stub, laun
             statuses.append(c.get("/api/conversations?limit=5", headers=key)[0])
             times.append(time.monotonic() - started)
             time.sleep(0.02)
-        assert server.by_address.get("127.0.0.2", 0) <= server.app.settings.connections_per_address
+        assert server.by_address.get("127.0.0.2", 0) <= server.engine.settings.connections_per_address
     finally:
         stop_trickling.set()
         thread.join()
@@ -1518,8 +1518,8 @@ def test_deleted_text_is_gone_from_the_files(client):
     client.chat(cid, "my secret is quixotrophic")
     client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})
     client.chat(cid, "and κρυφόλογος 秘密词")
-    client.app.store.db.checkpoint()
-    db = client.app.settings.db
+    client.engine.store.db.checkpoint()
+    db = client.engine.settings.db
 
     def on_disk():
         data = b""
@@ -1553,8 +1553,8 @@ def test_edited_text_and_renamed_titles_are_gone_from_the_files(client):
     client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})  # auto
     client.request("PUT", f"/api/conversations/{cid}", {"title": "xylographic notes"})
     question = client.get(f"/api/conversations/{cid}")[2]["messages"][0]["id"]
-    db = client.app.settings.db
-    client.app.store.db.checkpoint()
+    db = client.engine.settings.db
+    client.engine.store.db.checkpoint()
     assert b"quixotrophic" in bytes_on_disk(db)
     assert client.request("PUT", f"/api/messages/{question}", {"content": "nothing here"})[0] == 200
     client.request("PUT", f"/api/conversations/{cid}", {"title": "plain title"})
@@ -1612,7 +1612,7 @@ def test_a_purge_waits_for_a_reader_and_then_completes(tmp_path, stub, launch):
         str(tmp_path / "chat.db"), open_now=False, busy_ms=200)))
     cid = client.new_conversation()
     client.chat(cid, "my secret is quixotrophic")
-    db = client.app.settings.db
+    db = client.engine.settings.db
     reader = sqlite3.connect(db)
     reader.execute("BEGIN")
     reader.execute("SELECT count(*) FROM messages").fetchone()      # a snapshot, as an export
@@ -1624,8 +1624,8 @@ def test_a_purge_waits_for_a_reader_and_then_completes(tmp_path, stub, launch):
         reader.execute("COMMIT")
         reader.close()
     wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db), 15, "the purge after the reader")
-    wait_for(lambda: not client.app.store.index.purge_due(), 5, "the purge mark cleared")
-    client.app.store.release()
+    wait_for(lambda: not client.engine.store.index.purge_due(), 5, "the purge mark cleared")
+    client.engine.store.release()
 
 
 def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
@@ -1907,7 +1907,7 @@ def test_chat_to_unknown_conversation_is_not_found(client):
 def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
     stub.mode = mode
     if mode == "stall":
-        client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
+        client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
         stub.stall = 1
     cid = client.new_conversation()
     got, _, body = client.chat(cid, "please keep me")
@@ -2064,9 +2064,9 @@ def test_a_client_leaving_while_llamacpp_reads_the_prompt_ends_the_request(clien
     started = time.monotonic()
     resp.close()
     sock.close()
-    while client.app.active_streams and time.monotonic() - started < 5:
+    while client.engine.active_streams and time.monotonic() - started < 5:
         time.sleep(0.02)
-    assert client.app.active_streams == 0 and time.monotonic() - started < 1.5
+    assert client.engine.active_streams == 0 and time.monotonic() - started < 1.5
     assert rows(client, "SELECT role FROM messages") == [("user",)]    # no empty reply
 
 
@@ -2186,14 +2186,14 @@ def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode
 
 
 def test_stream_stall_between_tokens_times_out(client, stub):
-    client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
+    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
     stub.mode = "stall_mid"
     events = read_events(client.stream(client.new_conversation())[0])
     assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
 
 
 def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
-    client.app.upstream.read_timeout = client.app.upstream.first_token_timeout = 0.5
+    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
     stub.stall = 1.5
     cid = client.new_conversation()
     started = time.monotonic()
@@ -2207,14 +2207,14 @@ def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
     stub.stall = 5
     resp, _ = client.stream(client.new_conversation())
     deadline = time.monotonic() + 2
-    while not client.app.active_streams and time.monotonic() < deadline:
+    while not client.engine.active_streams and time.monotonic() < deadline:
         time.sleep(0.01)
     started = time.monotonic()
-    client.app.stop_streams()
+    client.engine.stop_streams()
     events = read_events(resp)
     assert [(e["type"], e["code"]) for e in events] == [("error", "SHUTTING_DOWN")]
-    assert time.monotonic() - started < 2 and client.app.active_streams == 0
-    client.app.stopping.clear()
+    assert time.monotonic() - started < 2 and client.engine.active_streams == 0
+    client.engine.stopping.clear()
 
 
 def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch, launch):
@@ -2235,7 +2235,7 @@ def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_reply_the_database_cannot_store_is_an_error_with_the_user_message(
         client, monkeypatch, stream):
-    store = client.app.store
+    store = client.engine.store
     add = store.add_message
 
     def full_disk(conversation_id, role, *args, **kwargs):
@@ -2269,7 +2269,7 @@ def test_stream_with_llamacpp_down_is_an_error_event(down_client):
 
 @pytest.fixture
 def corpus(client):
-    store = client.app.store
+    store = client.engine.store
     ml = store.create_conversation("AI Development Discussion", MODEL)
     cook = store.create_conversation("Recipe Ideas", MODEL)
     store.add_message(ml, "user", "What is machine learning?")
@@ -2283,7 +2283,7 @@ def corpus(client):
 
 
 def test_search_ranks_by_relevance_not_by_age(client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation("notes", MODEL)
     filler = " ".join(f"filler{i}" for i in range(60))
     weak_old = store.add_message(cid, "user", f"one zebra among {filler}")
@@ -2345,7 +2345,7 @@ def test_hostile_search_queries_never_fail(client, corpus, q):
 
 
 def test_search_words_are_words_not_operators(client, corpus):
-    client.app.store.add_message(corpus["ml"], "user", "a machine without the other word")
+    client.engine.store.add_message(corpus["ml"], "user", "a machine without the other word")
     # As FTS5 syntax this would find that message; as words (not* among them), nothing.
     assert client.get("/api/search?q=machine%20NOT%20learning")[2]["count"] == 0
     assert client.get("/api/search?q=minutes%20-egg")[2]["count"] == 1
@@ -2454,7 +2454,7 @@ def test_search_form_origins_map_back_to_the_text():
 
 
 def test_search_limit_defaults_and_caps(client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation("many", MODEL)
     for i in range(260):
         store.add_message(cid, "user", f"needle number {i}")
@@ -2487,7 +2487,7 @@ def test_search_query_quotes_everything():
 
 
 def test_search_matches_a_prefix_with_many_words(client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation("words", MODEL)
     store.add_message(cid, "user", " ".join(f"pre{i}x" for i in range(60)))
     store.add_message(cid, "user", "prefix")
@@ -2543,11 +2543,11 @@ def test_a_purge_left_unfinished_runs_at_the_next_start(tmp_path, stub, launch):
     store.close()
     server = launch(stub.url, db=str(path))
     deadline = time.monotonic() + 10
-    while (server.app.store.index.purge_due() or server.app._purge["running"]) \
+    while (server.engine.store.index.purge_due() or server.engine._purge["running"]) \
             and time.monotonic() < deadline:         # merged, then checkpointed
         time.sleep(0.05)
-    assert not server.app.store.index.purge_due()
-    server.app.store.close()
+    assert not server.engine.store.index.purge_due()
+    server.engine.store.close()
     assert b"leftoverword" not in path.read_bytes()
 
 
@@ -2575,12 +2575,12 @@ def test_a_write_interrupts_a_purge_which_runs_again_once_writes_pause(client, m
         time.sleep(0.01)
     status, _, body = client.chat(kept, "written while the purge runs")
     assert status == 200, body
-    while client.app._purge["running"] and time.monotonic() < deadline:
+    while client.engine._purge["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(merges) == 2 and merges[1] - merges[0] >= 0.3     # once the writes paused
-    assert not client.app.store.index.purge_due()
-    client.app.store.close()
-    path = client.app.settings.db
+    assert not client.engine.store.index.purge_due()
+    client.engine.store.close()
+    path = client.engine.settings.db
     for name in (path, path + "-wal"):
         if os.path.exists(name):
             assert b"quokkarian" not in open(name, "rb").read()
@@ -2749,7 +2749,7 @@ def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypa
         assert c.post("/api/conversations", {"title": "t", "model": "m"})[0] == 503
         assert c.get("/")[0] == 200
         go_on.set()
-        assert server.app.ready.wait(10)
+        assert server.engine.ready.wait(10)
         assert c.get("/api/health")[2]["status"] == "ok"
         assert len(c.get("/api/conversations")[2]["conversations"]) == 3
     finally:
@@ -2759,7 +2759,7 @@ def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypa
 
 def test_reads_answer_while_a_write_waits_for_the_lock(client):
     cid = client.new_conversation("held")
-    holder = sqlite3.connect(client.app.settings.db, isolation_level=None)
+    holder = sqlite3.connect(client.engine.settings.db, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")               # another process writing, a long purge
     waiting = threading.Thread(target=client.post, args=(
         "/api/conversations", {"title": "waits", "model": "m"}))
@@ -2977,7 +2977,7 @@ def test_llamacpp_is_sent_the_branch_and_never_another(client, stub):
     client.chat(cid, "Q3")
     assert sent(stub) == [("user", "Q1"), ("assistant", "A1"), ("user", "Q2"),
                           ("assistant", "A2b"), ("user", "Q3")]
-    client.app.settings.performance["context_history_limit"] = 1
+    client.engine.settings.performance["context_history_limit"] = 1
     regenerate(client, cid, edited["user_message_id"])
     assert sent(stub) == [("user", "Q2 edited")]       # A1 went, a leading reply
     client.chat(cid, "fresh start", parent_id=None)
@@ -2993,10 +2993,10 @@ def test_the_history_limit_applies_to_the_branch(client, stub):
     client.chat(cid, "side", parent_id=replies[0]["message_id"])     # ids between
     client.put(f"/api/conversations/{cid}", {"current_message_id": replies[1]["message_id"]})
     replies += [client.chat(cid, f"Q{i}")[2] for i in range(2, 4)]
-    client.app.settings.performance["context_history_limit"] = 3
+    client.engine.settings.performance["context_history_limit"] = 3
     regenerate(client, cid, replies[3]["user_message_id"])
     assert [text for _, text in sent(stub)] == ["Q2", stub.reply, "Q3"]   # A1 led: left out
-    client.app.settings.performance["context_history_limit"] = 4
+    client.engine.settings.performance["context_history_limit"] = 4
     regenerate(client, cid, replies[3]["user_message_id"])
     assert [text for _, text in sent(stub)] == ["Q1", stub.reply, "Q2", stub.reply, "Q3"]
 
@@ -3064,7 +3064,7 @@ def test_continue_appends_to_the_reply_and_sums_its_metrics(client, stub, stream
     assert stored[1]["tokens_per_second"] == 42.5 and stored[1]["edited_at"] is None
     assert rows(client, "SELECT predicted_n, predicted_ms, prompt_ms FROM messages "
                 "WHERE role = 'assistant'") == [(3 + 3, 60.0 + 60.0, 30.0)]   # both parts
-    assert len(client.app.store.search("rest", 5)) == 1
+    assert len(client.engine.store.search("rest", 5)) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -3205,7 +3205,7 @@ def test_edit_in_place_keeps_the_children_and_the_index_follows(client, stub):
     assert [m["content"] for m in messages][:2] == ["revised phrasing 改写", stub.reply]
     assert len(messages) == 4 and messages[0]["edited_at"] == body["edited_at"]
     assert messages[1]["edited_at"] is None
-    store = client.app.store
+    store = client.engine.store
     assert not store.search("original", 5) and len(store.search("改写", 5)) == 1
     assert client.put("/api/messages/9999", {"content": "x"})[2]["resource"] == "message"
     assert client.put(f"/api/messages/{first['message_id']}", {"content": " "})[2]["field"] \
@@ -3300,7 +3300,7 @@ def test_fork_copies_the_branch_into_a_new_conversation(client, stub):
     assert copied[1]["estimated_tokens"] == q1["estimated_tokens"]
     assert fork["conversation"]["current_message_id"] == copied[1]["id"]
     assert len(branch(client, cid)) == 4                  # the source as it was
-    assert len(client.app.store.search("unusualword", 5)) == 2
+    assert len(client.engine.store.search("unusualword", 5)) == 2
     named = client.post(f"/api/conversations/{cid}/fork",
                         {"message_id": q1["user_message_id"], "title": "just the question"})[2]
     assert branch(client, named["conversation_id"]) == ["Q1 unusualword"]
@@ -3380,7 +3380,7 @@ def test_options_come_from_the_request_then_the_conversation_then_the_config(cli
     client.chat(cid, "again")
     sent_body = stub.requests[-1]["body"]
     assert (sent_body["temperature"], sent_body["top_k"]) == (0.1, 50)
-    assert sent_body["messages"][0]["content"] == client.app.settings.system_prompt
+    assert sent_body["messages"][0]["content"] == client.engine.settings.system_prompt
 
 
 def test_a_conversation_answers_its_settings_and_where_each_comes_from(client):
@@ -3390,7 +3390,7 @@ def test_a_conversation_answers_its_settings_and_where_each_comes_from(client):
     assert body["conversation"]["options"] == {"top_p": 0.5}
     assert body["conversation"]["system_prompt"] is None and body["conversation"]["pinned"] is False
     effective = body["effective"]
-    assert effective["system_prompt"] == {"value": client.app.settings.system_prompt,
+    assert effective["system_prompt"] == {"value": client.engine.settings.system_prompt,
                                           "from": "config"}
     assert effective["options"]["top_p"] == {"value": 0.5, "from": "conversation"}
     assert effective["options"]["temperature"] == {"value": 0.1, "from": "config"}
@@ -3447,7 +3447,7 @@ def test_several_conversations_delete_at_once(client):
     status, _, body = client.post("/api/conversations/delete", {"ids": [ids[0], ids[2], 999]})
     assert (status, body["deleted"], body["not_found"]) == (200, [ids[0], ids[2]], [999])
     assert [x["id"] for x in client.get("/api/conversations")[2]["conversations"]] == [ids[1]]
-    assert not client.app.store.search("bulkword", 5)
+    assert not client.engine.store.search("bulkword", 5)
     for bad in ([], ["1"], [True], "1"):
         assert client.post("/api/conversations/delete", {"ids": bad})[2]["field"] == "ids"
 
@@ -3459,7 +3459,7 @@ def test_several_conversations_delete_at_once(client):
 ])
 def test_a_conversation_made_without_a_title_is_titled_after_its_first_reply(
         client, stub, mode, expected):
-    client.app.settings = replace(client.app.settings, auto_title=mode)
+    client.engine.settings = replace(client.engine.settings, auto_title=mode)
     cid = client.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
     assert conversation(client, cid)["conversation"]["title"] == "New chat"
     question = ("Plan a trip to Kyoto in spring, with temples, gardens and food markets "
@@ -3481,7 +3481,7 @@ def test_a_conversation_made_without_a_title_is_titled_after_its_first_reply(
 
 @pytest.mark.parametrize("titles", ["fail", "slow"])
 def test_a_model_title_that_fails_or_is_slow_never_holds_the_chat(client, stub, titles):
-    client.app.settings = replace(client.app.settings, auto_title="model")
+    client.engine.settings = replace(client.engine.settings, auto_title="model")
     stub.titles = titles
     cid = client.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
     started = time.monotonic()
@@ -3538,7 +3538,7 @@ def test_models_single_model_server_answers_the_file_name(client):
     status, _, body = client.get("/api/models")
     assert status == 200
     assert body["models"] == [MODEL] and body["count"] == 1
-    assert body["llamacpp_url"] == client.app.settings.llamacpp_url
+    assert body["llamacpp_url"] == client.engine.settings.llamacpp_url
 
 
 @pytest.mark.parametrize("args, n_ctx", [
@@ -3603,7 +3603,7 @@ def test_models_with_llamacpp_down(down_client):
     status, _, body = down_client.get("/api/models")
     assert status == 502
     assert body["models"] == [] and body["count"] == 0 and body["code"] == "LLAMACPP_ERROR"
-    assert body["error"] and body["llamacpp_url"] == down_client.app.settings.llamacpp_url
+    assert body["error"] and body["llamacpp_url"] == down_client.engine.settings.llamacpp_url
 
 
 def test_health_ok(client):
@@ -3615,7 +3615,7 @@ def test_health_ok(client):
 
 def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
     cid = client.new_conversation()
-    db = client.app.store.db
+    db = client.engine.store.db
     pages = db.conn().execute("PRAGMA page_count").fetchone()[0]
     limit = {"pages": pages}
     real_connect = db.connect
@@ -3730,7 +3730,7 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
     assert c.get("/api/search?q=volcanoes")[2]["count"] == 12
     assert c.chat(1, "new question")[0] == 200
     assert c.get("/api/conversations")[2]["conversations"][0]["id"] == 1
-    backup = server.app.store.backup_path
+    backup = server.engine.store.backup_path
     assert backup and sqlite3.connect(backup).execute(
         "SELECT count(*) FROM messages").fetchone()[0] == 12
     conn = sqlite3.connect(path)
@@ -3740,7 +3740,7 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
 
 
 def test_database_pragmas(client):
-    conn = client.app.store.db.conn()
+    conn = client.engine.store.db.conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -4528,7 +4528,7 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
     assert again["conversations"] == 0 and again["skipped"] == 2
     target.index.check()
     counted = llama_chat.ledger(target.db, ("model", "day"), None, None)
-    assert counted == llama_chat.ledger(client.app.store.db, ("model", "day"), None, None)
+    assert counted == llama_chat.ledger(client.engine.store.db, ("model", "day"), None, None)
     assert sum(g["replies"] for g in counted) == 4
     target.add_message(ids[0], "user", "zymurgical afterthought")   # indexed as ever after
     assert len(target.search("zymurgical", 5)) == 1
@@ -4661,7 +4661,7 @@ def webui_jsonl(conv, messages):
     """serializeSessionToJsonl: a session line (harness, type, ...conv), then
     a line a message ({message, type}: toolCalls dropped when empty, else
     parsed to its array), joined by newlines."""
-    lines = [json.dumps({"harness": "llama.app", "type": "session", **conv})]
+    lines = [json.dumps({"harness": "llama.engine", "type": "session", **conv})]
     for m in messages:
         rest = {k: v for k, v in m.items() if k != "toolCalls"}
         normalized = {**rest, "toolCalls": json.loads(m["toolCalls"])} if m.get("toolCalls") \
@@ -4735,7 +4735,7 @@ def test_llamacpp_webui_sessions_in_one_file_and_records_of_later_versions(clien
 
 @pytest.mark.parametrize("lines,words", [
     ([{"message": WEBUI_MESSAGES[1], "type": "message"}], "before any session line"),
-    ([{"harness": "llama.app", "type": "session", **WEBUI_CONV},
+    ([{"harness": "llama.engine", "type": "session", **WEBUI_CONV},
       {"type": "message", "message": "m1"}], "with no message object"),
 ])
 def test_llamacpp_webui_lines_out_of_place_are_refused(client, lines, words):
@@ -5303,7 +5303,7 @@ def test_a_command_line_import_lets_a_running_server_chat_between_its_transactio
     cid = client.new_conversation()
     statuses = []
     with chatting_meanwhile(client, cid, "still here?", 0.02, statuses):
-        cli("import", str(path), db=client.app.settings.db, check=0)
+        cli("import", str(path), db=client.engine.settings.db, check=0)
     assert set(statuses) == {200}
     between = chats_among_imported(client, cid)
     assert between >= 10, between            # chats written all along, not in a few gaps
@@ -5474,7 +5474,7 @@ def small_disk(tmp_path):
 def test_a_backup_on_a_full_disk_is_an_error_the_client_sees(small_disk, stub, launch):
     c = Client(launch(stub.url, db=str(small_disk / "chat.db")))
     cid = c.new_conversation()
-    store = c.app.store
+    store = c.engine.store
     def free():
         return os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
     while free() > os.path.getsize(small_disk / "chat.db"):           # till a copy has no room
@@ -5503,7 +5503,7 @@ def file_mode(path):
 
 def test_the_database_and_its_wal_are_private(client, tmp_path):
     client.new_conversation()
-    db = client.app.settings.db
+    db = client.engine.settings.db
     assert [file_mode(db + ext) for ext in ("", "-wal", "-shm")] == [0o600] * 3
 
 
@@ -5518,7 +5518,7 @@ def test_an_existing_readable_database_is_made_private(tmp_path, stub, launch):
 
 def test_a_command_line_backup_is_private(client, tmp_path):
     client.new_conversation()
-    cli("backup", str(tmp_path / "copy.db"), db=client.app.settings.db, check=0)
+    cli("backup", str(tmp_path / "copy.db"), db=client.engine.settings.db, check=0)
     assert file_mode(tmp_path / "copy.db") == 0o600
 
 
@@ -5546,7 +5546,7 @@ def test_a_word_only_in_a_title_finds_the_conversation_once(client, stub):
 
 def test_the_command_line_works_on_the_history_while_a_server_writes(client, stub, tmp_path):
     cid, _ = a_history(client, stub)
-    db = client.app.settings.db
+    db = client.engine.settings.db
     with chatting_meanwhile(client, cid, "busy writing"):
         found = cli("search", "erupts", "--json", db=db, check=0)
         assert json.loads(found.stdout)["results"][0]["content"] == "A mountain that erupts."
@@ -6248,7 +6248,7 @@ def test_each_reply_keeps_llamacpp_s_timings_and_its_first_token_time(client, st
 
 
 def test_the_ledger_aggregates_as_computed_by_hand(client):
-    store = client.app.store
+    store = client.engine.store
     cid = client.new_conversation()
     replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft
         ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0),
@@ -6260,7 +6260,7 @@ def test_the_ledger_aggregates_as_computed_by_hand(client):
         r = store.add_message(cid, "assistant", "r", model, parent=q, prompt_tokens=pt,
                               estimated_tokens=ct, predicted_n=pn, predicted_ms=pm,
                               prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0)
-        conn = sqlite3.connect(client.app.settings.db)
+        conn = sqlite3.connect(client.engine.settings.db)
         with conn:
             conn.execute("UPDATE messages SET timestamp = ? WHERE id IN (?, ?)",
                          (day + "T12:00:00.000Z", q, r))
@@ -6344,7 +6344,7 @@ def assert_ledger_as_exact(db, conn, group):
 def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(client):
     """SQLite keeps the ledger's tables as replies come, change and go: after
     each kind of write they agree with the replies themselves."""
-    store = client.app.store
+    store = client.engine.store
     rng = random.Random(17)
     conversations = [client.new_conversation() for _ in range(4)]
     replies = []
@@ -6361,7 +6361,7 @@ def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(clien
             prompt_n=rng.randint(1, 900) if timed else None,
             prompt_ms=rng.choice([0, rng.uniform(5, 900)]) if timed else None,
             ttft_ms=rng.choice([None, rng.uniform(20, 3000)])))
-    conn = sqlite3.connect(client.app.settings.db)   # no function of the app's: any program
+    conn = sqlite3.connect(client.engine.settings.db)   # no function of the app's: any program
     with conn:
         for day in ("2026-11-29", "2026-11-30", "2026-12-01"):
             conn.execute("UPDATE messages SET timestamp = ? WHERE id % 3 = ?",
@@ -6391,7 +6391,7 @@ def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(clien
 def test_the_ledger_answers_but_keeps_no_ranks_read_while_a_reply_came(client, monkeypatch):
     """The ledger ranks in a read transaction; what it ranked is kept only if
     nothing was written meanwhile, so that no reply is left out for good."""
-    store = client.app.store
+    store = client.engine.store
     cid = client.new_conversation()
     store.add_message(cid, "assistant", "r", "m", ttft_ms=100.0)
     ranked = llama_chat.ledger_ranked
@@ -6747,7 +6747,7 @@ def test_page_search_highlights_matches_with_mark(page, client, corpus):
 
 @needs_chromium
 def test_page_keeps_hostile_history_inert(page, client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation('<img src=x onerror="window.pwned=1">title', "<b onclick=x>m")
     for text in HOSTILE:
         store.add_message(cid, "user", text)
@@ -6764,7 +6764,7 @@ def test_page_keeps_hostile_history_inert(page, client):
 
 @needs_chromium
 def test_page_renders_any_stored_shape_and_leaves_nothing_of_the_last_one(page, client):
-    store = client.app.store
+    store = client.engine.store
     before = store.create_conversation("the one before", MODEL)
     store.add_message(before, "user", "earlier words")
     odd = store.create_conversation("odd shapes", MODEL)
@@ -6795,7 +6795,7 @@ def test_page_renders_any_stored_shape_and_leaves_nothing_of_the_last_one(page, 
 
 @needs_chromium
 def test_page_clears_the_view_when_a_conversation_cannot_be_shown(page, client):
-    store = client.app.store
+    store = client.engine.store
     before = store.create_conversation("the one before", MODEL)
     store.add_message(before, "user", "earlier words")
     broken = store.create_conversation("broken", MODEL)
@@ -7175,7 +7175,7 @@ def test_page_gauges_the_next_prompt_as_the_user_types(page, client, stub):
                              .group(1).replace(",", ""))
     assert count(later) - count(first) == len("and three more".split()) + 3   # the stub's count
     stub.n_ctx = 20                                   # smaller than the history now
-    client.app.upstream._contexts.clear()
+    client.engine.upstream._contexts.clear()
     b.type("#input", " again")
     assert b.wait("const g = document.getElementById('gauge');"
                   "return g.textContent.includes('left out') && g.className") == "gauge full"
@@ -7271,7 +7271,7 @@ def test_page_theme_choice_is_kept(page, client):
 
 @needs_chromium
 def test_page_highlights_code_and_leaves_other_languages_plain(page, client):
-    store = client.app.store
+    store = client.engine.store
     cid = store.create_conversation("code", MODEL)
     store.add_message(cid, "user", "show me")
     fences = {
@@ -7391,7 +7391,7 @@ def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
     browser.go(f"http://127.0.0.1:{down_client.port}/")
     text = browser.wait("const b = document.getElementById('banner');"
                         "return !b.classList.contains('hidden') && b.textContent")
-    port = down_client.app.settings.llamacpp_url.rsplit(":", 1)[1]
+    port = down_client.engine.settings.llamacpp_url.rsplit(":", 1)[1]
     assert "not reachable" in text and "Connection refused" in text
     assert f"llama-server -m model.gguf --port {port}" in text
 
@@ -7403,7 +7403,7 @@ def test_page_shows_a_banner_when_llamacpp_is_down(browser, down_client):
     (None, ["is starting at"]),
 ])
 def test_page_shows_why_the_started_llama_server_is_down(browser, down_client, last_exit, words):
-    down_client.app.managed = types.SimpleNamespace(as_dict=lambda: {
+    down_client.engine.managed = types.SimpleNamespace(as_dict=lambda: {
         "pid": None if last_exit else 4242, "running": last_exit is None, "restarts": 2,
         "log": "/data/chat.db.llama-server.log", "command": "llama-server -m m.gguf",
         "last_exit": last_exit, "last_log_line": "<b>bad magic</b>"})
@@ -8651,7 +8651,7 @@ def test_bench_burst(tmp_path, stub):
 @bench
 @needs_chromium
 def test_bench_page(browser, client):
-    store = client.app.store
+    store = client.engine.store
     for i in range(1000):
         store.create_conversation(f"Conversation {i} about things", MODEL)
     big = store.create_conversation("Five hundred messages", MODEL)
