@@ -9,6 +9,31 @@ It needs only the Python standard library (3.9+).
 It listens on 127.0.0.1 unless told otherwise (``--host``); on any other
 address it requires an API key, and makes one up if none is given.
 ``python3 llama_chat.py --help`` lists every setting.
+
+The sections, in order; each uses only what stands above it:
+
+  Speed-ups           what each saves, and how to undo it
+  Errors              ApiError: the contract's error body, for every failure
+  Validation          what clients send, checked field by field
+  Configuration       flags > environment > config.json > defaults; the
+                      command registry
+  Storage             the database file (one connection a thread, locks,
+                      backups), schema and migrations, the search index,
+                      conversation trees, Store (the one door to the
+                      history), the ledger of every reply's speed
+  llama.cpp client    Upstream: connections, props, tokens, templates
+  llama-server        found on its usual ports, or started and kept running
+  Engine              the replies being made and their turns, titles, the
+                      upkeep, start-up and shutdown: what every adapter shares
+  Chat                a conversation's settings, its context by tokens, the
+                      plain and the streamed reply
+  /v1                 the OpenAI-compatible relay, its chats recorded
+  Export, import      every format in and out, backups while in use
+  HTTP API            a function a route: /api/... over the Engine
+  HTTP server         the request head, checks in the order a request meets
+                      them, the answer, connection limits and deadlines
+  Command line        each command with its arguments
+  Main                serve: start-up, the managed llama-server, shutdown
 """
 
 import os
@@ -135,6 +160,10 @@ def body_reader(resp):
         return b"".join(out)
 
     return read
+
+
+# 4. The HTTP request head is read by RequestHead (section "HTTP server"), not by
+# http.server's email parser.
 
 
 def release_memory():
@@ -518,6 +547,24 @@ def is_loopback(host):
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+# The command line's commands, each registered with its arguments beside its
+# code (section "Command line"): name -> (function, summary, description, arguments).
+COMMANDS = {}
+
+
+def command(name, summary, description, *arguments):
+    """Register the function below as the command `name`; `arguments` are
+    argument(...)s, as argparse's add_argument takes them."""
+    def register(function):
+        COMMANDS[name] = (function, summary, description, arguments)
+        return function
+    return register
+
+
+def argument(*names, **options):
+    return names, options
+
+
 def build_arg_parser():
     p = argparse.ArgumentParser(
         prog="llama_chat.py",
@@ -551,42 +598,14 @@ def build_arg_parser():
                    "in router mode")
     p.add_argument("--version", action="version", version="llama-chat " + __version__)
     commands = p.add_subparsers(dest="command", metavar="COMMAND", help="serve (the "
-                                "default), search, export, import, backup, restore, check, "
-                                "stats; "
-                                "each works on the database whether a server runs on it or not")
+                                "default), " + ", ".join(COMMANDS) + "; each works on the "
+                                "database whether a server runs on it or not")
     commands.add_parser("serve", help="serve the page and the API (what no command does)",
                         description="Serve the page and the API.")
-    c = commands.add_parser("search", help="search the history",
-                            description="Search the history as /api/search does.")
-    c.add_argument("query")
-    c.add_argument("--limit", type=int, default=20, help="at most this many (default 20)")
-    c.add_argument("--json", action="store_true", help="the results as JSON")
-    c = commands.add_parser("export", help="export conversations",
-                            description="Export every conversation (or one) to a file or "
-                            "to standard output.")
-    c.add_argument("--conversation", type=int, metavar="ID", help="only this one")
-    c.add_argument("--format", choices=("json", "jsonl", "md"), default="json",
-                   help="json (default), jsonl (everything), md (one conversation)")
-    c.add_argument("-o", "--output", metavar="FILE", help="write here (default: stdout)")
-    c = commands.add_parser("import", help="import history files",
-                            description="Import files of llama-chat, llama.cpp's web UI, "
-                            "Open WebUI or ChatGPT (JSON, JSONL or ZIP), each in one "
-                            "transaction; what was imported before is skipped.")
-    c.add_argument("files", nargs="+", metavar="FILE")
-    c = commands.add_parser("backup", help="copy the database consistently",
-                            description="Copy the database with SQLite's online backup, "
-                            "safe while chats are written.")
-    c.add_argument("file", metavar="FILE")
-    commands.add_parser("check", help="check the database and its search index",
-                        description="Run SQLite's integrity check and the search index's, "
-                        "changing nothing (a file that is not llama-chat's is refused).")
-    c = commands.add_parser("restore", help="put a backup in the database's place",
-                            description="Check a backup, move the database (and its -wal and "
-                            "-shm) aside, never deleting them, and put the backup in its "
-                            "place. Refused while a server or a command has the database open.")
-    c.add_argument("file", metavar="BACKUP")
-    commands.add_parser("stats", help="what the history holds",
-                        description="Count conversations and messages.")
+    for name, (_, summary, description, arguments) in COMMANDS.items():
+        c = commands.add_parser(name, help=summary, description=description)
+        for names, options in arguments:
+            c.add_argument(*names, **options)
     return p
 
 
@@ -6203,6 +6222,58 @@ def api_ledger(engine, req):
             "groups": ledger(engine.store.db, LEDGER_GROUPS[group], since, until)}
 
 
+MISSING_PAGE = b"""<!doctype html><meta charset="utf-8"><title>llama-chat</title>
+<p>index.html is missing beside llama_chat.py, so there is no page to show.
+The API still works: see <code>/api/health</code>.</p>"""
+INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.S)
+
+
+def page_headers(html):
+    """The page's security headers, with its inline script and style allowed by hash."""
+    hashes = {b"script": [], b"style": []}
+    for kind, content in INLINE.findall(html):
+        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
+        hashes[kind].append(f"'sha256-{digest}'")
+    script = " ".join(hashes[b"script"]) or "'none'"
+    style = " ".join(hashes[b"style"]) or "'none'"
+    csp = ("default-src 'none'; "
+           f"script-src {script}; style-src {style}; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'; object-src 'none'")
+    return {
+        "Content-Type": "text/html; charset=utf-8",
+        "Content-Security-Policy": csp,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "X-Frame-Options": "DENY",
+        "Cache-Control": "no-cache",
+    }
+
+
+class PageCache:
+    """index.html with its headers, read again only when the file changes."""
+
+    def __init__(self):
+        self._pages = {}             # path -> (mtime, Answer)
+
+    def answer(self, path):
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return Answer(MISSING_PAGE, page_headers(MISSING_PAGE))
+        kept = self._pages.get(path)
+        if kept is None or kept[0] != mtime:
+            with open(path, "rb") as f:
+                html = f.read()
+            kept = self._pages[path] = (mtime, Answer(html, page_headers(html)))
+        return kept[1]
+
+
+PAGES = PageCache()
+
+
+
+
 def page_index(engine, req):
     return PAGES.answer(engine.settings.index_path)
 
@@ -6254,58 +6325,6 @@ def match_route(method, path):
         raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}",
                        headers={"Allow": allow})
     raise ApiError(404, "NOT_FOUND", f"No such path: {path}", resource="path", id=path)
-
-
-MISSING_PAGE = b"""<!doctype html><meta charset="utf-8"><title>llama-chat</title>
-<p>index.html is missing beside llama_chat.py, so there is no page to show.
-The API still works: see <code>/api/health</code>.</p>"""
-INLINE = re.compile(rb"<(script|style)>(.*?)</\1>", re.S)
-
-
-def page_headers(html):
-    """The page's security headers, with its inline script and style allowed by hash."""
-    hashes = {b"script": [], b"style": []}
-    for kind, content in INLINE.findall(html):
-        digest = base64.b64encode(hashlib.sha256(content).digest()).decode()
-        hashes[kind].append(f"'sha256-{digest}'")
-    script = " ".join(hashes[b"script"]) or "'none'"
-    style = " ".join(hashes[b"style"]) or "'none'"
-    csp = ("default-src 'none'; "
-           f"script-src {script}; style-src {style}; "
-           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
-           "frame-ancestors 'none'; object-src 'none'")
-    return {
-        "Content-Type": "text/html; charset=utf-8",
-        "Content-Security-Policy": csp,
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-        "X-Frame-Options": "DENY",
-        "Cache-Control": "no-cache",
-    }
-
-
-class PageCache:
-    """index.html with its headers, read again only when the file changes."""
-
-    def __init__(self):
-        self._pages = {}             # path -> (mtime, Answer)
-
-    def answer(self, path):
-        try:
-            mtime = os.stat(path).st_mtime_ns
-        except OSError:
-            return Answer(MISSING_PAGE, page_headers(MISSING_PAGE))
-        kept = self._pages.get(path)
-        if kept is None or kept[0] != mtime:
-            with open(path, "rb") as f:
-                html = f.read()
-            kept = self._pages[path] = (mtime, Answer(html, page_headers(html)))
-        return kept[1]
-
-
-PAGES = PageCache()
-
-
 ###############################################################################
 # HTTP server
 ###############################################################################
@@ -6335,12 +6354,13 @@ HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
 
 
-class FastRequestHead:
-    """4. The request line and headers, read here rather than by http.server,
-    whose email parser costs more than the rest of answering a list. Anything
-    ambiguous is refused: folded lines, lines without a colon, names that are
-    not tokens, differing Content-Lengths. Undo: leave this class out of
-    Handler's bases (http.server then parses, into an email.message.Message)."""
+class RequestHead:
+    """HTTP/1.x's request line and headers (RFC 9112), read here rather than
+    by http.server, whose email parser costs more than the rest of answering
+    a list (speed-up 4). Anything ambiguous is refused: folded lines, lines
+    without a colon, names that are not tokens, differing Content-Lengths.
+    Undo: leave this class out of Handler's bases (http.server then parses,
+    into an email.message.Message)."""
 
     def parse_request(self):
         self.command, self.request_version = None, self.default_request_version
@@ -6442,7 +6462,7 @@ def encode_answer(payload):
                            for name, value in payload.items()) + "}"
 
 
-class Handler(FastRequestHead, BaseHTTPRequestHandler):
+class Handler(RequestHead, BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"   # answer even a broken request line with headers
     server_version = "llama-chat"
@@ -6837,6 +6857,10 @@ def output_to(args):
         raise CommandError(f"cannot write {args.output}: {e.strerror}") from None
 
 
+@command("search", "search the history", "Search the history as /api/search does.",
+         argument("query"),
+         argument("--limit", type=int, default=20, help="at most this many (default 20)"),
+         argument("--json", action="store_true", help="the results as JSON"))
 def command_search(settings, args):
     store = history_store(settings)
     results = store.search(args.query, max(1, min(args.limit, SEARCH_LIMIT_MAX)))
@@ -6849,6 +6873,12 @@ def command_search(settings, args):
               + " ".join(r["snippet"].split()))
 
 
+@command("export", "export conversations",
+         "Export every conversation (or one) to a file or to standard output.",
+         argument("--conversation", type=int, metavar="ID", help="only this one"),
+         argument("--format", choices=("json", "jsonl", "md"), default="json",
+                  help="json (default), jsonl (everything), md (one conversation)"),
+         argument("-o", "--output", metavar="FILE", help="write here (default: stdout)"))
 def command_export(settings, args):
     store = history_store(settings)
     if args.format == "md" and args.conversation is None:
@@ -6879,6 +6909,10 @@ def import_line(name, done):
             + "".join(f"\n  coerced: {line}" for line in done.get("coercions", ())))
 
 
+@command("import", "import history files",
+         "Import files of llama-chat, llama.cpp's web UI, Open WebUI or ChatGPT (JSON, JSONL "
+         "or ZIP), each in one transaction; what was imported before is skipped.",
+         argument("files", nargs="+", metavar="FILE"))
 def command_import(settings, args):
     """Each file in one import of its own, all of them tried: a line each
     (imported, or why not), exit 1 if any failed."""
@@ -6909,6 +6943,9 @@ def command_import(settings, args):
         raise CommandError(f"{failed} of {len(args.files)} files not imported")
 
 
+@command("backup", "copy the database consistently",
+         "Copy the database with SQLite's online backup, safe while chats are written.",
+         argument("file", metavar="FILE"))
 def command_backup(settings, args):
     store = history_store(settings)
     try:
@@ -6961,10 +6998,18 @@ def checked_database(path):
         store.close()
 
 
+@command("check", "check the database and its search index",
+         "Run SQLite's integrity check and the search index's, changing nothing (a file "
+         "that is not llama-chat's is refused).")
 def command_check(settings, args):
     print(f"{settings.db}: ok ({checked_database(settings.db)})")
 
 
+@command("restore", "put a backup in the database's place",
+         "Check a backup, move the database (and its -wal and -shm) aside, never deleting "
+         "them, and put the backup in its place. Refused while a server or a command has "
+         "the database open.",
+         argument("file", metavar="BACKUP"))
 def command_restore(settings, args):
     """The backup checked, copied beside the database, the database and its
     -wal and -shm moved aside (kept, with the time in their names), the copy
@@ -7007,6 +7052,7 @@ def command_restore(settings, args):
           + (f"; what was there is kept as {', '.join(moved)}" if moved else ""))
 
 
+@command("stats", "what the history holds", "Count conversations and messages.")
 def command_stats(settings, args):
     store = history_store(settings)
     c = store.db.conn()
@@ -7021,9 +7067,6 @@ def command_stats(settings, args):
           f"from {first or '-'} to {last or '-'}")
 
 
-COMMANDS = {"search": command_search, "export": command_export, "import": command_import,
-            "backup": command_backup, "restore": command_restore, "check": command_check,
-            "stats": command_stats}
 ###############################################################################
 # Main
 ###############################################################################
@@ -7163,7 +7206,7 @@ def main(argv=None):
     args = build_arg_parser().parse_args(split_extra(argv)[0])
     if args.command in COMMANDS:
         try:
-            COMMANDS[args.command](load_settings(argv), args)
+            COMMANDS[args.command][0](load_settings(argv), args)
         except ConfigError as e:
             print(f"llama-chat: {e}", file=sys.stderr)
             return 2

@@ -609,1658 +609,163 @@ def test_help_explains_every_setting():
 
 
 ###############################################################################
-# Conversations
+# Storage: migrations, durability, the page
 ###############################################################################
 
-def test_create_conversation_answers_201_with_its_id(client):
-    status, _, body = client.post("/api/conversations", {"title": "New Project Discussion",
-                                                         "model": MODEL})
-    assert status == 201
-    assert body == {"success": True, "conversation_id": body["conversation_id"]}
-    assert isinstance(body["conversation_id"], int)
-
-
-def test_list_conversations_newest_activity_first(client):
-    a = client.new_conversation("A")
-    b = client.new_conversation("B")
-    c = client.new_conversation("C")
-    assert [x["id"] for x in client.get("/api/conversations")[2]["conversations"]] == [c, b, a]
-    client.chat(a)                                             # a message moves A up
-    client.request("PUT", f"/api/conversations/{b}", {"title": "B2"})   # a rename moves B up
-    status, _, body = client.get("/api/conversations")
-    assert status == 200
-    assert [x["id"] for x in body["conversations"]] == [b, a, c]
-    first = body["conversations"][0]
-    assert set(first) == {"id", "title", "model", "created_at", "updated_at", "system_prompt",
-                          "options", "pinned", "source"}
-    assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
-
-
-def test_list_conversations_pages_with_limit_and_offset(client):
-    ids = [client.new_conversation(f"c{i}") for i in range(5)][::-1]
-    assert [c["id"] for c in client.get("/api/conversations?limit=2")[2]["conversations"]] \
-        == ids[:2]
-    assert [c["id"] for c in client.get("/api/conversations?limit=2&offset=2")[2][
-        "conversations"]] == ids[2:4]
-    assert [c["id"] for c in client.get("/api/conversations?offset=4")[2]["conversations"]] \
-        == ids[4:]
-
-
-@pytest.mark.parametrize("query, field", [
-    ("limit=ten", "limit"), ("limit=-1", "limit"), ("offset=x", "offset"), ("offset=-5", "offset"),
-])
-def test_bad_paging_parameters_are_validation_errors(client, query, field):
-    status, _, body = client.get("/api/conversations?" + query)
-    assert status == 400
-    assert body["code"] == "VALIDATION_ERROR" and body["field"] == field
-    assert body["success"] is False and body["error"]
-
-
-def test_llamacpp_connections_are_kept_and_a_closed_one_is_replaced(client, stub, monkeypatch):
-    used, send = [], llama_chat.Upstream._send
-    monkeypatch.setattr(llama_chat.Upstream, "_send",
-                        lambda self, conn, *a, **k: used.append(conn) or send(self, conn, *a, **k))
-    cid = client.new_conversation("pool")
-    for _ in range(3):
-        assert client.chat(cid, "hi")[0] == 200
-    assert len(stub.connections) == 1              # one connection, three answers
-    stub.connections[0].shutdown(socket.SHUT_RDWR)  # as llama-server's keep-alive timeout does
-    time.sleep(0.05)
-    kept, before = client.engine.upstream._idle[0], len(used)
-    status, _, body = client.chat(cid, "still there?")
-    assert status == 200 and body["response"] == stub.reply
-    assert len(stub.connections) == 2 and kept.sock is None
-    assert kept not in used[before:]               # seen closed before use, not tried
-    assert read_events(client.stream(cid)[0])[-1]["type"] == "done"   # a connection of its own
-    assert client.chat(cid, "and?")[0] == 200 and len(stub.connections) == 3
-    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 12
-
-
-def test_get_conversation_with_messages_and_stats(client):
-    cid = client.new_conversation("Python Development Help")
-    client.chat(cid, "How do I create a virtual environment in Python?")
-    status, _, body = client.get(f"/api/conversations/{cid}")
-    assert status == 200
-    assert body["conversation"]["title"] == "Python Development Help"
-    user, assistant = body["messages"]
-    assert user["role"] == "user" and user["response_time_ms"] is None
-    assert user["estimated_tokens"] == 12
-    assert assistant["role"] == "assistant" and assistant["model"] == MODEL
-    assert assistant["content"] == Stub().reply and assistant["finish_reason"] == "stop"
-    assert ISO.match(assistant["timestamp"])
-    assert body["stats"] == {"total_messages": 2, "assistant_messages": 1,
-                             "avg_response_time": float(assistant["response_time_ms"]),
-                             "total_tokens": 12 + assistant["estimated_tokens"]}
-
-
-def test_pages_built_by_sqlite_match_the_python_encoding(client):
-    """Lists and messages are JSON made by SQLite; without its JSON functions,
-    by Python. Both give the same values, whatever the text holds."""
-    store = client.engine.store
-    odd = 'quotes " and \\ backslash, tab\t, nul-ish \x01, é, 中文, emoji 😀, <b>&amp;</b>'
-    cid = store.create_conversation(odd, MODEL)
-    store.add_message(cid, "user", odd, estimated_tokens=3)
-    store.add_message(cid, "assistant", odd + "\n", MODEL, reasoning="why " + odd,
-                      response_time_ms=1234, estimated_tokens=7, prompt_tokens=5,
-                      tokens_per_second=42.7, finish_reason="stop")
-    pages = []
-    for sql_json in (True, False):
-        store.db.sql_json = sql_json
-        pages.append((client.get("/api/conversations?limit=5")[2],
-                      client.get(f"/api/conversations/{cid}")[2]))
-    store.db.sql_json = True
-    assert pages[0] == pages[1]
-    listed, conversation = pages[0]
-    assert listed["conversations"][0]["title"] == odd
-    user, reply = conversation["messages"]
-    assert (user["content"], reply["content"], reply["reasoning"]) == (odd, odd + "\n",
-                                                                       "why " + odd)
-    assert reply["tokens_per_second"] == 42.7 and user["reasoning"] is None
-
-
-def test_stats_summarize_by_role(client):
-    store = client.engine.store
-    cid = store.create_conversation("numbers", MODEL)
-    store.add_message(cid, "user", "1234", estimated_tokens=1)
-    store.add_message(cid, "assistant", "123456", MODEL, response_time_ms=1000, estimated_tokens=10,
-                      finish_reason="stop")
-    store.add_message(cid, "user", "12", estimated_tokens=1)
-    store.add_message(cid, "assistant", "12", MODEL, response_time_ms=2001, estimated_tokens=20,
-                      finish_reason="stop")
-    store.add_message(cid, "assistant", "", MODEL, finish_reason="error")
-    status, _, body = client.get(f"/api/stats/{cid}")
-    summary = {"total_messages": 5, "assistant_messages": 3, "avg_response_time": 1500.5,
-               "total_tokens": 32}
-    assert (status, body) == (200, {"success": True, "summary": summary, "by_role": [
-        {"role": "user", "count": 2, "avg_length": 3.0, "total_tokens": 2,
-         "avg_response_time": None},
-        {"role": "assistant", "count": 3, "avg_length": 2.7, "total_tokens": 30,
-         "avg_response_time": 1500.5}]})
-    assert client.get(f"/api/conversations/{cid}")[2]["stats"] == summary
-    empty = store.create_conversation("empty", MODEL)
-    assert client.get(f"/api/stats/{empty}")[2]["summary"] == {
-        "total_messages": 0, "assistant_messages": 0, "avg_response_time": None,
-        "total_tokens": 0} == client.get(f"/api/conversations/{empty}")[2]["stats"]
-    assert client.get(f"/api/conversations/{empty}")[2]["messages"] == []
-
-
-def test_rename_conversation(client):
-    cid = client.new_conversation("Old")
-    status, _, body = client.request("PUT", f"/api/conversations/{cid}",
-                                     {"title": "Updated Conversation Title"})
-    assert (status, body) == (200, {"success": True, "title": "Updated Conversation Title"})
-    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] \
-        == "Updated Conversation Title"
-
-
-def test_delete_conversation_removes_it_and_its_messages(client):
-    cid = client.new_conversation()
-    client.chat(cid)
-    status, _, body = client.request("DELETE", f"/api/conversations/{cid}")
-    assert (status, body) == (200, {"success": True})
-    assert client.get(f"/api/conversations/{cid}")[0] == 404
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
-    assert client.get("/api/search?q=machine")[2]["count"] == 0
-
-
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/api/conversations/999"), ("PUT", "/api/conversations/999"),
-    ("DELETE", "/api/conversations/999"), ("GET", "/api/stats/999"),
-    ("GET", "/api/conversations/abc"), ("GET", "/api/conversations/1%00"),
-    ("GET", "/api/conversations/99999999999999999999999"),
-])
-def test_unknown_conversation_is_not_found(client, method, path):
-    body = {"title": "x"} if method == "PUT" else None
-    status, _, answer = client.request(method, path, body)
-    assert status == 404
-    assert answer["code"] == "NOT_FOUND" and answer["resource"] == "conversation"
-    assert answer["success"] is False and str(answer["id"]) in path
-
-
-###############################################################################
-# Bad requests: every code of the contract
-###############################################################################
-
-@pytest.mark.parametrize("path, body, field", [
-    ("/api/conversations", {"model": MODEL, "options": {"top_k": -5}}, "options.top_k"),
-    ("/api/conversations", {"model": MODEL, "options": {"mirostat": 1}}, "options.mirostat"),
-    ("/api/conversations", {"model": MODEL, "pinned": "yes"}, "pinned"),
-    ("/api/conversations", {"model": MODEL, "system_prompt": 5}, "system_prompt"),
-    ("/api/conversations", {"title": 5, "model": MODEL}, "title"),
-    ("/api/conversations", {"title": "   ", "model": MODEL}, "title"),
-    ("/api/conversations", {"title": "t"}, "model"),
-    ("/api/conversations", {"title": "t", "model": ["x"]}, "model"),
-    ("/api/chat", {"message": "hi", "model": MODEL}, "conversation_id"),
-    ("/api/chat", {"conversation_id": "1", "message": "hi", "model": MODEL}, "conversation_id"),
-    ("/api/chat", {"conversation_id": True, "message": "hi", "model": MODEL}, "conversation_id"),
-    ("/api/chat", {"conversation_id": 1, "model": MODEL}, "message"),
-    ("/api/chat", {"conversation_id": 1, "message": "", "model": MODEL}, "message"),
-    ("/api/chat", {"conversation_id": 1, "message": {"a": 1}, "model": MODEL}, "message"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi"}, "model"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL, "stream": "yes"},
-     "stream"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
-                   "options": {"temperature": 99}}, "options.temperature"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
-                   "options": {"grammar": "x"}}, "options.grammar"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
-                   "options": ["temperature"]}, "options"),
-])
-def test_validation_errors_name_the_field_and_store_nothing(client, path, body, field):
-    cid = client.new_conversation()
-    assert cid == 1
-    status, _, answer = client.post(path, body)
-    assert status == 400
-    assert answer == {"success": False, "error": answer["error"], "code": "VALIDATION_ERROR",
-                      "field": field}
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 1
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
-
-
-@pytest.mark.parametrize("path, body, field", [
-    ("/api/conversations", {"title": "\ud800", "model": "m"}, "title"),
-    ("/api/conversations", {"title": "t", "model": "x\udfff"}, "model"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi \ud83d", "model": "m"}, "message"),
-    ("/api/chat", {"conversation_id": 2**63, "message": "hi", "model": "m"}, "conversation_id"),
-    ("/api/chat", {"conversation_id": 1, "user_message_id": 10**30, "model": "m"},
-     "user_message_id"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temperature": "hot"},
-     "temperature"),
-    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temprature": 0.2},
-     "temprature"),
-    ("/api/conversations", {"title": "t", "model": "m", "pinned": 1}, "pinned"),
-])
-def test_surrogates_huge_numbers_and_unknown_fields_are_validation_errors(client, path, body,
-                                                                          field):
-    client.new_conversation()
-    raw = json.dumps(body).encode()              # json.dumps keeps "\ud800" escaped
-    status, _, answer = client.request("POST", path, raw=raw,
-                                       headers={"Content-Type": "application/json"})
-    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR", field)
-    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
-    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
-    if field == "temperature":
-        assert "options" in answer["error"]
-
-
-@pytest.mark.parametrize("query", ["limit=99999999999999999999", "offset=9223372036854775808"])
-def test_huge_paging_numbers_are_validation_errors(client, query):
-    status, _, body = client.get("/api/conversations?" + query)
-    assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", query.split("=")[0])
-
-
-def test_an_oversize_body_with_expect_continue_gets_413_and_no_100(client):
-    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
-        sock.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
-                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 99999999\r\n\r\n")
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
-
-
-def test_a_client_that_hangs_up_early_is_one_quiet_line(client, stub, caplog):
-    cid = client.new_conversation()
-    stub.stall = 0.3
-    caplog.set_level("INFO", logger="llama_chat")
-    for _ in range(3):
-        sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
-        data = json.dumps({"conversation_id": cid, "message": "hi", "model": "m"}).encode()
-        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        sock.close()                              # a reset, before the answer is written
-    deadline = time.monotonic() + 10
-    while sum("went away" in r.getMessage() for r in caplog.records) < 3 and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    messages = [r.getMessage() for r in caplog.records]
-    assert sum("went away" in m for m in messages) == 3, messages
-    assert not any("Traceback" in m or "internal error" in m or '" 500 ' in m for m in messages)
-
-
-@pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'"text"', b"", b"\xff\xfe",
-                                 b"[" * 100000 + b"]" * 100000])
-def test_bodies_that_are_not_json_objects(client, raw):
-    status, _, body = client.request("POST", "/api/conversations", raw=raw,
-                                     headers={"Content-Type": "application/json"})
-    assert status == 400
-    assert body["code"] == "INVALID_JSON" and body["success"] is False
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
-
-
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data"])
-def test_post_needs_json_content_type(client, content_type):
-    headers = {"Content-Type": content_type} if content_type else {}
-    status, _, body = client.request("POST", "/api/conversations",
-                                     raw=b'{"title": "t", "model": "m"}', headers=headers)
-    assert (status, body["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
-
-
-def raw_exchange(port, data, shut_write=True, timeout=10):
-    """Send bytes, read the answer until the server closes: (status line, headers, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
-            s.sendall(data)
-            if shut_write:
-                s.shutdown(socket.SHUT_WR)
-        except OSError:         # the server answered and closed before reading it all
-            pass
-        got = b""
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except ConnectionResetError:
-            pass
-    head, _, body = got.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    return lines[0], lines[1:], body
-
-
-def test_body_over_the_limit_is_refused_unread(client):
-    status, headers, body = raw_exchange(client.port, (
-        b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"), False)
-    assert status.startswith("HTTP/1.1 413 ")
-    assert "Connection: close" in headers
-    assert json.loads(body)["code"] == "PAYLOAD_TOO_LARGE"
-
-
-@pytest.mark.parametrize("method, path, allow", [
-    ("DELETE", "/api/conversations", "GET, HEAD, POST"),
-    ("POST", "/api/models", "GET, HEAD"),
-    ("GET", "/api/chat", "POST"),
-    ("PATCH", "/api/conversations/1", "DELETE, GET, HEAD, PUT"),
-])
-def test_wrong_method_on_known_path(client, method, path, allow):
-    status, headers, body = client.request(method, path)
-    assert (status, body["code"]) == (405, "METHOD_NOT_ALLOWED")
-    assert headers["Allow"] == allow
-
-
-@pytest.mark.parametrize("path", ["/api/nothing", "/api/conversations/1/extra", "/etc/passwd",
-                                  "/../llama_chat.py", "/config.json", "/api/"])
-def test_unknown_paths_are_not_found_and_read_no_file(client, path):
-    status, _, body = client.get(path)
-    assert status == 404
-    assert body == {"success": False, "error": body["error"], "code": "NOT_FOUND",
-                    "resource": "path", "id": body["id"]}
-
-
-def test_protocol_errors_answer_in_the_json_body(client):
-    with socket.create_connection(("127.0.0.1", client.port)) as s:
-        s.sendall(b"GARBAGE\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, payload = data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400")
-    assert json.loads(payload)["success"] is False
-
-
-def test_a_bug_answers_500_without_its_traceback(client, monkeypatch):
-    def broken(*args):
-        raise RuntimeError("secret internals")
-    monkeypatch.setattr(client.engine.store, "list_conversations", broken)
-    status, _, body = client.get("/api/conversations")
-    assert status == 500
-    assert body == {"success": False, "error": "Internal server error", "code": "INTERNAL_ERROR"}
-
-
-@pytest.mark.parametrize("hosts, status", [
-    (["localhost:3000"], 200), (["127.0.0.1"], 200), (["[::1]:8080"], 200), (["LOCALHOST"], 200),
-    (["evil.example"], 403), (["localhost.evil"], 403), (["127.0.0.1.nip.io:3000"], 403),
-    ([""], 403), ([], 403), (["localhost", "localhost"], 403), (["192.168.1.5:3000"], 403),
-])
-def test_host_header_must_name_loopback(client, hosts, status):
-    head = b"GET /api/config HTTP/1.1\r\n" + b"".join(
-        b"Host: " + h.encode() + b"\r\n" for h in hosts) + b"Connection: close\r\n\r\n"
-    line, _, body = raw_exchange(client.port, head)
-    assert line.split()[1] == str(status)
-    if status == 403:
-        assert json.loads(body)["code"] == "FORBIDDEN"
-
-
-def test_beyond_loopback_ip_addresses_and_allowed_names_pass(stub, launch):
-    c = Client(launch(stub.url, host="0.0.0.0", api_key="k", allowed_hosts=("chat.home.arpa",)))
-    auth = {"Authorization": "Bearer k"}
-    for host, status in [("192.168.1.5:3000", 200), ("chat.home.arpa", 200),
-                         ("[fe80::1]:3000", 200), ("rebind.evil.example", 403)]:
-        assert c.get("/api/config", headers={**auth, "Host": host})[0] == status, host
-
-
-@pytest.mark.parametrize("headers, status", [
-    ({"Origin": "http://evil.example"}, 403),
-    ({"Origin": "null"}, 403),
-    ({"Origin": "http://localhost:1"}, 403),
-    ({"Sec-Fetch-Site": "cross-site"}, 403),
-    ({"Origin": "SAME"}, 201),
-    ({"Sec-Fetch-Site": "same-origin"}, 201),
-    ({}, 201),
-])
-def test_cross_origin_writes_are_forbidden(client, headers, status):
-    host = f"127.0.0.1:{client.port}"
-    headers = {k: (f"http://{host}" if v == "SAME" else v) for k, v in headers.items()}
-    got, resp_headers, body = client.post("/api/conversations", {"title": "t", "model": "m"},
-                                          headers={"Host": host, **headers})
-    assert got == status
-    assert "Access-Control-Allow-Origin" not in resp_headers
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == (1 if got == 201 else 0)
-
-
-def test_cross_origin_reads_are_answered_without_cors(client):
-    status, headers, _ = client.get("/api/conversations", headers={"Origin": "http://evil.example"})
-    assert status == 200 and "Access-Control-Allow-Origin" not in headers
-
-
-@pytest.mark.parametrize("headers, status", [
-    ({}, 200),                                               # curl, scripts
-    ({"Sec-Fetch-Site": "none"}, 200),                       # typed into the address bar
-    ({"Sec-Fetch-Site": "same-origin"}, 200),                # the page's own download
-    ({"Sec-Fetch-Site": "same-origin", "Origin": "SAME"}, 200),
-    ({"Sec-Fetch-Site": "cross-site"}, 403),                 # a no-cors GET from any page
-    ({"Sec-Fetch-Site": "same-site"}, 403),                  # a page on another local port
-    ({"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 403),
-    ({"Origin": "null"}, 403),
-])
-@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl"])
-def test_whole_history_copies_are_refused_to_other_origins(client, path, headers, status):
-    headers = {k: (f"http://127.0.0.1:{client.port}" if v == "SAME" else v)
-               for k, v in headers.items()}
-    for method in ("GET", "HEAD"):
-        got, _, _ = client.request(method, path, headers={"Host": f"127.0.0.1:{client.port}",
-                                                          **headers})
-        assert got == status, method
-
-
-def test_writes_from_a_same_site_page_are_refused(client):
-    got, _, body = client.post("/api/conversations", {"title": "t"},
-                               headers={"Sec-Fetch-Site": "same-site"})
-    assert (got, body["code"]) == (403, "FORBIDDEN")
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
-
-
-def new_conversation(client, title="t"):
-    status, _, body = client.post("/api/conversations", {"title": title, "model": MODEL})
-    assert status == 201
-    return body["conversation_id"]
-
-
-def answers_to(port, data, source="127.0.0.1", timeout=10):
-    """Send bytes, half-close, read until the server closes: every byte it sent."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
-                                  source_address=(source, 0)) as s:
-        try:
-            s.sendall(data)
-            s.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        got = b""
-        try:
-            while chunk := s.recv(65536):
-                got += chunk
-        except (ConnectionResetError, socket.timeout):
-            pass
-    return got
-
-
-def smuggling(port, outer, inner):
-    """`outer` (a request head without its blank line) with `inner`, a whole
-    request, as its body: what came back."""
-    return answers_to(port, outer + b"\r\nContent-Length: %d\r\n\r\n" % len(inner) + inner)
-
-
-def delete_everything(ids):
-    body = json.dumps({"ids": ids}).encode()
-    return (b"POST /api/conversations/delete HTTP/1.1\r\nHost: localhost\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (len(body), body))
-
-
-SMUGGLERS = {
-    "cross-site POST": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
-                       b"Origin: http://evil.example\r\nContent-Type: text/plain",
-    "same-site fetch": b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
-                       b"Sec-Fetch-Site: same-site\r\nContent-Type: application/json",
-    "foreign Host": b"POST /api/conversations HTTP/1.1\r\nHost: evil.example\r\n"
-                    b"Content-Type: application/json",
-    "Origin null": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nOrigin: null\r\n"
-                   b"Content-Type: application/json",
-    "unknown path": b"POST /api/nothing-here HTTP/1.1\r\nHost: localhost\r\n"
-                    b"Content-Type: application/json",
-    "GET route": b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n"
-                 b"Content-Type: application/json",
-    "Expect 100-continue": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
-                           b"Origin: http://evil.example\r\nExpect: 100-continue\r\n"
-                           b"Content-Type: application/json",
-    "GET with a body": b"GET /api/nothing-here HTTP/1.1\r\nHost: localhost",
-    "HEAD with a body": b"HEAD /api/conversations HTTP/1.1\r\nHost: localhost",
-    "cross-site backup": b"GET /api/backup HTTP/1.1\r\nHost: localhost\r\n"
-                         b"Sec-Fetch-Site: cross-site",
-}
-
-
-@pytest.mark.parametrize("outer", SMUGGLERS.values(), ids=SMUGGLERS.keys())
-def test_a_refused_requests_body_is_never_read_as_a_request(client, outer):
-    ids = [new_conversation(client, f"t{i}") for i in range(3)]
-    got = smuggling(client.port, outer, delete_everything(ids))
-    assert got.count(b"HTTP/1.1 ") - got.count(b"HTTP/1.1 100 ") == 1, got[:300]
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 3
-
-
-def test_a_refusal_with_a_key_required_closes_too(stub, launch):
-    c = Client(launch(stub.url, api_key="s3cret"))
-    ids = [c.post("/api/conversations", {"title": "t", "model": MODEL},
-                  headers={"Authorization": "Bearer s3cret"})[2]["conversation_id"]]
-    inner = delete_everything(ids).replace(b"Host: localhost\r\n",
-                                           b"Host: localhost\r\nAuthorization: Bearer s3cret\r\n")
-    got = smuggling(c.port, b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
-                    b"Content-Type: application/json", inner)
-    assert got.startswith(b"HTTP/1.1 401 ") and got.count(b"HTTP/1.1 ") == 1
-    assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 1
-
-
-def test_a_request_whose_body_was_read_keeps_its_connection(client):
-    """The other side of the rule: an answered request whose body was read in
-    full leaves the connection open for the next one (keep-alive works)."""
-    body = b'{"title": "t", "model": "m"}'
-    one = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-           b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    got = answers_to(client.port, one + one)
-    assert got.count(b"HTTP/1.1 201 ") == 2
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 2
-
-
-def test_a_refusal_while_starting_closes_the_connection(tmp_path, stub, monkeypatch):
-    server, go_on = app_held_at_start(tmp_path, stub, monkeypatch, "migrating", 0, 1)
-    try:
-        got = smuggling(server.server_address[1], b"POST /api/conversations HTTP/1.1\r\n"
-                        b"Host: localhost\r\nContent-Type: application/json",
-                        b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1 ") == 1
-    finally:
-        go_on.set()
-        server.engine.ready.wait(10)
-        stop(server)
-
-
-@pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /api/conversations/%C2%B2 HTTP/1.1", 404),              # superscript two
-    (b"GET /api/conversations/%D9%A3 HTTP/1.1", 404),              # Arabic-Indic three
-    (b"GET /api/conversations/%EF%BC%91 HTTP/1.1", 404),           # fullwidth one
-    (b"GET /api/conversations/1_0 HTTP/1.1", 404),
-    (b"GET /api/stats/%C2%B9 HTTP/1.1", 404),
-    (b"GET /api/conversations?limit=%C2%B3 HTTP/1.1", 400),
-    (b"GET /api/conversations?offset=%D9%A3 HTTP/1.1", 400),
-    (b"GET /api/search?q=a&limit=%C2%B2 HTTP/1.1", 400),
-    (b"GET /api/conversations?limit=+5 HTTP/1.1", 400),
-    (b"GET /api/conversations?limit=1_0 HTTP/1.1", 400),
-    (b"GET /api/conversations HTTP/\xd9\xa1.1", 400),                 # version digits
-])
-def test_numbers_in_paths_and_queries_are_ascii_digits(client, request_bytes, status):
-    new_conversation(client)
-    got = answers_to(client.port, request_bytes + b"\r\nHost: localhost\r\n\r\n")
-    assert got.startswith(b"HTTP/1.1 %d " % status) or got.startswith(b"HTTP/1.0 %d " % status)
-    assert b'"success": false' in got
-
-
-@pytest.mark.parametrize("length", ["\u00b2", "\u00b9\u00b2", "\u0663", "1_0", "+5", "0x10"])
-@pytest.mark.parametrize("expect", [False, True])
-def test_content_length_is_ascii_digits(client, length, expect):
-    head = ("POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-            f"application/json\r\nContent-Length: {length}\r\n"
-            + ("Expect: 100-continue\r\n" if expect else "") + "\r\n")
-    raw = head.encode("latin-1") if max(map(ord, length)) < 256 else head.encode("utf-8")
-    got = answers_to(client.port, raw + b'{"title":"t"}')
-    assert got.startswith(b"HTTP/1.1 400 ") and b"HTTP/1.1 100" not in got, got[:200]
-    assert b'"field": "Content-Length"' in got
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
-
-
-def test_x_conversation_id_in_other_digits_is_not_a_conversation(client, stub):
-    assert new_conversation(client) == 1
-    status, _, body = client.post("/v1/chat/completions", {
-        "model": "m", "messages": [{"role": "user", "content": "hi"}]},
-        headers={"X-Conversation-Id": "\u0661".encode().decode("latin-1")})
-    assert status == 200                      # the client's own id for a conversation: not 1
-    assert rows(client, "SELECT id, source_id FROM conversations WHERE source = 'api'") == [
-        (2, "\u0661".encode().decode("latin-1"))]
-
-
-@pytest.mark.parametrize("headers, path, status", [
-    ({}, "/api/conversations", 401),
-    ({"Authorization": "Bearer wrong"}, "/api/conversations", 401),
-    ({"Authorization": "Bearer s3cret"}, "/api/conversations", 200),
-    ({"Authorization": "bearer s3cret"}, "/api/conversations", 200),
-    ({"Authorization": "Basic czNjcmV0"}, "/api/conversations", 401),
-    ({"Authorization": "Bearer s3cret-and-more"}, "/api/conversations", 401),
-    ({}, "/api/conversations?api_key=s3cret&token=s3cret", 401),
-    ({}, "/", 200),
-    ({}, "/index.html", 200),
-])
-def test_api_key_required_when_set(tmp_path, stub, headers, path, status, launch):
-    server = launch(stub.url, api_key="s3cret")
+FLASK_SCHEMA = """
+CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
+    model TEXT NOT NULL, model_file TEXT, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL, model TEXT,
+    model_file TEXT, timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP, response_time_ms INTEGER,
+    estimated_tokens INTEGER,
+    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
+CREATE INDEX idx_messages_conversation ON messages(conversation_id);
+CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
+"""
+
+
+def make_flask_db(path, conversations=3, per_conversation=4):
+    conn = sqlite3.connect(path)
+    conn.executescript(FLASK_SCHEMA)
+    for c in range(conversations):
+        conn.execute("INSERT INTO conversations (title, model, model_file, created_at, updated_at)"
+                     " VALUES (?, 'old.gguf', 'old.gguf', '2025-06-08 10:30:00', ?)",
+                     (f"Old chat {c}", f"2025-06-08 11:{c:02d}:00"))
+        for m in range(per_conversation):
+            role = "user" if m % 2 == 0 else "assistant"
+            conn.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp,"
+                         " response_time_ms, estimated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (c + 1, role, f"legacy message {c}-{m} about volcanoes", "old.gguf",
+                          "2025-06-08 10:31:15", 900 if role == "assistant" else None, 10))
+    conn.commit()
+    conn.close()
+
+
+def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    server = launch(stub.url, db=path)
     c = Client(server)
-    got, resp_headers, body = c.get(path, headers=headers)
-    assert got == status
-    if status == 401:
-        assert body["code"] == "UNAUTHORIZED"
-        assert resp_headers["WWW-Authenticate"].startswith("Bearer")
+    listed = c.get("/api/conversations")[2]["conversations"]
+    assert [x["title"] for x in listed] == ["Old chat 2", "Old chat 1", "Old chat 0"]
+    assert listed[0]["updated_at"] == "2025-06-08T11:02:00Z"
+    body = c.get("/api/conversations/1")[2]
+    assert len(body["messages"]) == 4
+    assert body["messages"][0]["timestamp"] == "2025-06-08T10:31:15Z"
+    assert body["messages"][1]["finish_reason"] == "stop"
+    assert c.get("/api/search?q=volcanoes")[2]["count"] == 12
+    assert c.chat(1, "new question")[0] == 200
+    assert c.get("/api/conversations")[2]["conversations"][0]["id"] == 1
+    backup = server.engine.store.backup_path
+    assert backup and sqlite3.connect(backup).execute(
+        "SELECT count(*) FROM messages").fetchone()[0] == 12
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 14
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-@pytest.mark.parametrize("request_bytes, status", [
-    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
-    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
-        b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", "431"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
-        b"X-H%d: %s\r\n" % (i, b"v" * 5000) for i in range(20)) + b"\r\n", "431"),
-    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-     b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n", "411"),
-    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-     b"\r\nContent-Length: -5\r\n\r\n", "400"),
-    (b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
-    (b"BREW /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
-    (b"OPTIONS /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "405"),
-    (b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n", "505"),
-    (b"GET / HTTP/1.x\r\nHost: localhost\r\n\r\n", "400"),
-    (b"GET /\r\n\r\n", "400"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n", "400"),
-    (b"GET / HTTP/1.1\r\nHost : localhost\r\n\r\n", "400"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX\tY: 1\r\n\r\n", "400"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X: v\r\n" * 101 + b"\r\n", "431"),
-    (b"GET / HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n", "400"),
-    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-     b"\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{}", "400"),
-])
-def test_request_limits(client, request_bytes, status):
-    line, headers, body = raw_exchange(client.port, request_bytes)
-    assert line.split()[1] == status
-    assert json.loads(body)["success"] is False
-    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+def test_database_pragmas(client):
+    conn = client.engine.store.db.conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
 
 
-def test_header_names_are_read_in_any_case(client):
-    body = b'{"title": "case", "model": "m"}'
-    line, headers, answer = raw_exchange(client.port, (
-        b"POST /api/conversations HTTP/1.1\r\nhOST: localhost\r\ncontent-type: application/json"
-        b"\r\nCONTENT-LENGTH: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)))
-    assert line.split()[1] == "201" and json.loads(answer)["conversation_id"] == 1
-    assert "Connection: close" in headers
+def test_newer_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "future.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE later (x)")
+    conn.execute("PRAGMA user_version = 99")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(llama_chat.ConfigError, match="newer llama-chat"):
+        llama_chat.Store(str(path))
+    assert path.read_bytes() == before and not os.path.exists(str(path) + "-wal")
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("delete",)
 
 
-def test_head_of_the_page_answers_its_headers_without_a_body(client):
-    line, headers, body = raw_exchange(
-        client.port, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-    length = next(int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length"))
-    assert line.split()[1] == "200" and body == b""
-    assert length == len(client.get("/")[2])
-
-
-@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl",
-                                  "/api/conversations/1/export", "/api/config"])
-def test_head_never_does_the_work_of_the_get(client, path, monkeypatch, tmp_path):
-    new_conversation(client)
-    made = []
-    monkeypatch.setattr(llama_chat.Database, "backup", lambda *a, **k: made.append(a))
-    monkeypatch.setattr(llama_chat, "export_all", lambda *a, **k: made.append(a))
-    monkeypatch.setattr(llama_chat, "export_one", lambda *a, **k: made.append(a))
-    line, headers, body = raw_exchange(client.port, b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n"
-                                       b"Connection: close\r\n\r\n" % path.encode())
-    assert line.split()[1] == "200" and body == b"" and made == []
-    assert not any(h.lower().startswith("content-length") for h in headers)
-    assert list(tmp_path.glob(".*backup*")) == []
-
-
-@pytest.mark.parametrize("path, status", [("/api/nothing", 404), ("/api/chat", 405)])
-def test_head_of_what_get_would_refuse_is_refused_alike(client, path, status):
-    assert client.request("HEAD", path)[0] == status
-
-
-@pytest.fixture
-def strict_client(tmp_path, stub):
-    """The app with a 1 s request deadline and room for 170 connections."""
-    server = start_app(tmp_path, stub.url, request_timeout=1.0, max_connections=170)
-    yield Client(server)
-    stop(server)
-
-
-def test_a_trickling_client_is_cut_off_at_the_deadline(strict_client):
-    with socket.create_connection(("127.0.0.1", strict_client.port), timeout=10) as s:
-        started = time.monotonic()
-        closed = False
-        for byte in b"GET /api/conversations HTTP/1.1\r\nHost: localhost\r\n\r\n":
-            try:
-                s.sendall(bytes([byte]))
-            except OSError:
-                closed = True
-                break
-            s.settimeout(0.2)
-            try:
-                if s.recv(1024) == b"":
-                    closed = True
-                    break
-            except socket.timeout:
-                pass
-        assert closed and time.monotonic() - started < 3
-
-
-def test_connections_beyond_the_cap_get_503(stub, launch):
-    server = launch(stub.url, max_connections=3)
-    c = Client(server)
-    idle = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(3)]
-    try:
-        deadline = time.monotonic() + 5
-        while server.connections < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        line, headers, body = raw_exchange(c.port, b"GET /api/config HTTP/1.1\r\n"
-                                           b"Host: localhost\r\n\r\n")
-        assert line.split()[1] == "503" and json.loads(body)["code"] == "SERVICE_UNAVAILABLE"
-    finally:
-        for s in idle:
-            s.close()
-
-
-def test_a_keyed_client_is_served_while_another_address_floods_slowly(stub, launch):
-    """200 connections from 127.0.0.2, half idle and half sending a header byte
-    at a time, hold only that address's share of the slots: a keyed client on
-    127.0.0.1 is answered every time."""
-    server = launch(stub.url, api_key="s3cret", request_timeout=1.0)
-    port, key = server.server_address[1], {"Authorization": "Bearer s3cret"}
-    flood = []
-    for _ in range(200):
-        s = socket.socket()
-        s.bind(("127.0.0.2", 0))
-        s.settimeout(5)
-        try:
-            s.connect(("127.0.0.1", port))
-        except OSError:
-            s.close()
-            continue
-        flood.append(s)
-    stop_trickling = threading.Event()
-
-    def trickle():
-        while not stop_trickling.wait(0.1):
-            for s in flood[::2]:
-                try:
-                    s.send(b"G")
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=trickle)
-    thread.start()
-    c, times, statuses = Client(server), [], []
-    try:
-        for _ in range(60):
-            started = time.monotonic()
-            statuses.append(c.get("/api/conversations?limit=5", headers=key)[0])
-            times.append(time.monotonic() - started)
-            time.sleep(0.02)
-        assert server.by_address.get("127.0.0.2", 0) <= server.engine.settings.connections_per_address
-    finally:
-        stop_trickling.set()
-        thread.join()
-        for s in flood:
-            s.close()
-    times.sort()
-    print(f"\nslow flood: p50 {times[30] * 1000:.1f} ms, p95 {times[56] * 1000:.1f} ms")
-    assert statuses == [200] * 60
-
-
-def test_one_address_gets_its_share_of_the_slots_and_no_more(stub, launch):
-    server = launch(stub.url, connections_per_address=3)
-    port = server.server_address[1]
-    held = []
-    try:
-        for _ in range(3):
-            held.append(socket.create_connection(("127.0.0.1", port)))
-        deadline = time.monotonic() + 5
-        while server.by_address.get("127.0.0.1", 0) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert got.startswith(b"HTTP/1.1 503 ") and b"SERVICE_UNAVAILABLE" in got
-        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                         source="127.0.0.2")
-        assert got.startswith(b"HTTP/1.1 200 ")
-        held.pop().close()                        # a slot of that address comes free
-        deadline = time.monotonic() + 5
-        while server.by_address.get("127.0.0.1", 0) > 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert got.startswith(b"HTTP/1.1 200 ")
-    finally:
-        for s in held:
-            s.close()
-
-
-def test_headers_have_a_shorter_deadline_than_the_body(stub, launch):
-    server = launch(stub.url, header_timeout=0.5, request_timeout=5.0)
-    port = server.server_address[1]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # headers trickle
-        started = time.monotonic()
-        try:
-            for byte in b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n":
-                s.send(bytes([byte]))
-                time.sleep(0.1)
-        except OSError:
-            pass
-        assert s.recv(100) == b"" and time.monotonic() - started < 3
-    body = json.dumps({"title": "t", "model": MODEL}).encode()
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # a slow body
-        s.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
-        for i in range(0, len(body), 4):
-            time.sleep(0.1)                          # 1 s in all: past the header deadline
-            s.send(body[i:i + 4])
-        assert s.recv(100).startswith(b"HTTP/1.1 201 ")
-
-
-FUZZ_SEED = 20261128
-
-
-def fuzz_requests(count, rng):
-    """Malformed requests of many kinds, the same ones for a given seed."""
-    paths = ["/api/conversations", "/api/chat", "/api/search?q=x", "/api/conversations/1",
-             "/api/stats/1", "/", "/api/models", "/api/health",
-             "/api/conversations?limit=99999999999999999999&offset=-1",
-             "/api/search?q=%ED%A0%80&limit=9223372036854775808",
-             "/v1/chat/completions", "/v1/models", "/v1/embeddings"]
-    kinds = []
-    creates = json.dumps({"title": "smuggled", "model": MODEL}).encode()
-    create = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-              b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(creates), creates))
-    digits = ["\u00b2", "\u00b9", "\u00b3", "\u0663", "\uff11", "1_0", "+1", " 1"]
-    for i in range(count):
-        kind = rng.randrange(14)
-        path = rng.choice(paths)
-        if kind == 12:                    # a refused request carrying a write as its body
-            outer = rng.choice(list(SMUGGLERS.values()))
-            data = outer + b"\r\nContent-Length: %d\r\n\r\n" % len(create) + create
-        elif kind == 13:                  # numbers in other digits, as Latin-1 or UTF-8
-            number = rng.choice(digits)
-            text = rng.choice([
-                f"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                f"application/json\r\nContent-Length: {number}\r\n"
-                + rng.choice(["", "Expect: 100-continue\r\n"]) + "\r\n",
-                f"GET /api/conversations/{number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                f"GET /api/conversations?limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                f"GET /api/search?q=a&limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
-                f"GET / HTTP/{number}.1\r\nHost: localhost\r\n\r\n"])
-            data = text.encode(rng.choice(["latin-1", "utf-8"]), "replace") + creates
-        elif kind == 0:
-            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
-        elif kind == 1:
-            data = rng.choice([b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n",
-                               b" / HTTP/1.1\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
-                               b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost localhost\r\n\r\n"])
-        elif kind == 2:
-            data = b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n"
-        elif kind == 3:
-            data = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 200 + b"\r\n"
-        elif kind == 4:
-            length = rng.choice([b"abc", b"-1", b"99999999999", b"10", b"1e3", b""])
-            data = (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
-                    b"\r\nContent-Length: %s\r\n\r\n{}" % (path.encode(), length))
-        elif kind == 5:
-            data = (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                    b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-        else:
-            value = rng.choice([None, True, -1, 2**70, -2**64, "", "x" * 100, [], {}, [[[]]],
-                                1.5, "\u0000", "<script>", {"$gt": 1}, "\ud800", "a\udfffb",
-                                {"temperature": "\ud83d"}, {"stop": ["\ud800"]}])
-            field = rng.choice(["conversation_id", "message", "model", "title", "stream",
-                                "options", "user_message_id", "temperature", "bogus",
-                                "messages"])
-            body = json.dumps({field: value, "conversation_id": rng.choice(
-                [1, "1", -1, 10**30, None])}).encode()
-            if kind == 6:
-                body = b"[" * 100000 + b"]" * 100000
-            elif kind == 7:
-                body = body[: rng.randrange(len(body))]
-            method = rng.choice([b"POST", b"PUT", b"DELETE", b"GET", b"PATCH"])
-            target = rng.choice([path.encode(), b"/api/conversations/" + rng.choice(
-                [b"-1", b"0x10", b"1.5", b"%00", b"..%2f..", b"99999999999999999999",
-                 b"1;DROP TABLE messages"])])
-            data = (b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (method, target, len(body), body))
-        kinds.append(data)
-    return kinds
-
-
-def test_fuzzed_requests_never_break_the_server(tmp_path, stub, launch):
-    import random
-    server = launch(stub.url, request_timeout=2.0,    # the stub answers /v1 relays: on a
-                    timeouts={"llamacpp_timeout": 30,      # busy machine in more than 2 s
-                              "llamacpp_connect_timeout": 30})
-    c = Client(server)
-    statuses = {}
-    for data in fuzz_requests(2000, random.Random(FUZZ_SEED)):
-        line, headers, body = raw_exchange(c.port, data)
-        code = line.split()[1] if line.startswith("HTTP/") else "none"
-        statuses[code] = statuses.get(code, 0) + 1
-        assert not code.startswith("5") or code in ("501", "505"), (data[:200], line, body)
-        assert b"Traceback" not in body and b"File \"" not in body
-    print(f"\nfuzz: 2000 requests, statuses {dict(sorted(statuses.items()))}")
-    assert c.get("/api/health")[0] == 200
-    assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 0
-    assert rows(c, "SELECT count(*) FROM messages")[0][0] == 0
-
-
-def test_deleted_text_is_gone_from_the_files(client):
-    cid = client.new_conversation("zanzibarite plans")
-    client.chat(cid, "my secret is quixotrophic")
-    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})
-    client.chat(cid, "and κρυφόλογος 秘密词")
-    client.engine.store.db.checkpoint()
-    db = client.engine.settings.db
-
-    def on_disk():
-        data = b""
-        for suffix in ("", "-wal"):
-            if os.path.exists(db + suffix):
-                with open(db + suffix, "rb") as f:
-                    data += f.read()
-        return data
-
-    secrets = [b"quixotrophic", b"zanzibarite", "κρυφόλογος".encode(), "秘密".encode()]
-    assert all(word in on_disk() for word in (secrets[0], secrets[2]))  # the title: renamed
-    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
-    deadline = time.monotonic() + 10
-    while any(word in on_disk() for word in secrets) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert [word for word in secrets if word in on_disk()] == []
-
-
-def bytes_on_disk(db):
-    data = b""
-    for suffix in ("", "-wal"):
-        if os.path.exists(db + suffix):
-            with open(db + suffix, "rb") as f:
-                data += f.read()
-    return data
-
-
-def test_edited_text_and_renamed_titles_are_gone_from_the_files(client):
-    cid = client.new_conversation("zanzibarite plans")
-    client.chat(cid, "my secret is quixotrophic")
-    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})  # auto
-    client.request("PUT", f"/api/conversations/{cid}", {"title": "xylographic notes"})
-    question = client.get(f"/api/conversations/{cid}")[2]["messages"][0]["id"]
-    db = client.engine.settings.db
-    client.engine.store.db.checkpoint()
-    assert b"quixotrophic" in bytes_on_disk(db)
-    assert client.request("PUT", f"/api/messages/{question}", {"content": "nothing here"})[0] == 200
-    client.request("PUT", f"/api/conversations/{cid}", {"title": "plain title"})
-    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db) and b"xylographic" not in
-             bytes_on_disk(db), 10, "the purge")
-    assert client.get(f"/api/search?q=nothing")[2]["results"]
-    assert not client.get(f"/api/search?q=quixotrophic")[2]["results"]
-
-
-@pytest.mark.parametrize("sql, due", [
-    ("UPDATE messages SET content = content || ' and more' WHERE id = 1", False),  # continue
-    ("UPDATE messages SET content = content WHERE id = 1", False),
-    ("UPDATE messages SET content = 'other words' WHERE id = 1", True),           # an edit
-    ("UPDATE messages SET content = substr(content, 2) WHERE id = 1", True),
-    ("UPDATE conversations SET title = 'first', title_pending = 0 WHERE id = 2", False),
-    ("UPDATE conversations SET title = 'again' WHERE id = 1", True),               # a rename
-    ("UPDATE conversations SET title = title WHERE id = 1", False),
-])
-def test_what_marks_text_to_purge(tmp_path, sql, due):
-    store = llama_chat.Store(str(tmp_path / "m.db"))
-    with store.db.write() as c:
-        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('t', 'm', 0)")
-        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('', 'm', 1)")
-        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'hi')")
-        c.execute("DELETE FROM search_purge")
-    with store.db.write() as c:
-        c.execute(sql)
-    assert store.index.purge_due() is due
-
-
-def test_a_change_of_triggers_alone_keeps_the_index(tmp_path, monkeypatch):
-    path = str(tmp_path / "t.db")
-    store = llama_chat.Store(path)
-    with store.db.write() as c:
-        c.execute("INSERT INTO conversations (title, model) VALUES ('t', 'm')")
-        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', "
-                  "'volcanic')")
-        c.execute("DROP TRIGGER search_message_changed")          # as an older version made it
-        c.execute("CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages "
-                  "BEGIN SELECT 1; END")
-    store.close()
-    monkeypatch.setattr(llama_chat.SearchIndex, "_build", lambda *a: pytest.fail("rebuilt"))
-    store = llama_chat.Store(path)
-    assert store.index.in_step()
-    assert [r["content"] for r in store.index.search("volcanic", 10)] == ["volcanic"]
-    trigger = store.db.conn().execute("SELECT sql FROM sqlite_master WHERE name = "
-                                      "'search_message_changed'").fetchone()[0]
-    assert "search_purge" in trigger
-
-
-def test_a_purge_waits_for_a_reader_and_then_completes(tmp_path, stub, launch):
-    """A checkpoint gives up after the busy timeout while a reader's snapshot
-    (a slow export) holds old pages: it is tried again until it completes."""
-    client = Client(launch(stub.url, store=llama_chat.Store(
-        str(tmp_path / "chat.db"), open_now=False, busy_ms=200)))
-    cid = client.new_conversation()
-    client.chat(cid, "my secret is quixotrophic")
-    db = client.engine.settings.db
-    reader = sqlite3.connect(db)
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM messages").fetchone()      # a snapshot, as an export
-    try:
-        assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
-        time.sleep(1.5)                                # several checkpoints gave up meanwhile
-        assert b"quixotrophic" in bytes_on_disk(db)                # held by the snapshot
-    finally:
-        reader.execute("COMMIT")
-        reader.close()
-    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db), 15, "the purge after the reader")
-    wait_for(lambda: not client.engine.store.index.purge_due(), 5, "the purge mark cleared")
-    client.engine.store.release()
-
-
-def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
+def test_sigkill_loses_no_acknowledged_write(tmp_path, stub):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
-                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
-                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert "needs a key" in proc.stdout.readline()
-        urls = []
-        while not urls or "127.0.0.1" not in urls[-1]:
-            urls.append(proc.stdout.readline().strip())
-        assert all(re.fullmatch(r"http://[\w.-]+:\d+/#token=[\w-]{20,}", u) for u in urls)
-        assert not any("0.0.0.0" in u for u in urls) and len(urls) >= 2   # host name, loopback
-        key = urls[-1].rsplit("=", 1)[1]
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/api/conversations")
-        assert conn.getresponse().status == 401
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/api/conversations", headers={"Authorization": "Bearer " + key})
-        assert conn.getresponse().status == 200
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=10)
-    assert key not in err
-    key_file = tmp_path / "lan.db.key"
-    assert key_file.read_text().strip() == key and file_mode(key_file) == 0o600
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
-                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
-                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        said = proc.stdout.readline()
-        assert "kept in " + str(key_file) in said
-        assert proc.stdout.readline().strip().endswith("#token=" + key)   # the same key again
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=10)
-
-
-@pytest.mark.parametrize("content", ["", "short", "bad key with spaces here!!"])
-def test_a_kept_key_file_that_is_not_a_key_is_made_anew(tmp_path, content):
-    path = tmp_path / "x.key"
-    path.write_text(content)
-    key = llama_chat.kept_key(str(path))
-    assert re.fullmatch(r"[\w-]{32}", key) and path.read_text().strip() == key
-    assert llama_chat.kept_key(str(path)) == key
-
-
-@pytest.mark.parametrize("upstream_key, our_key, state, words", [
-    ("k1", "", "error", "it needs a key: give it with --llamacpp-api-key"),
-    ("k1", "wrong", "error", "the key given with --llamacpp-api-key is not one it takes"),
-    ("k1", "k1", "ok", None),
-    (None, "", "ok", None),
-    (None, "k1", "ok", None),
-])
-def test_health_tells_when_llama_server_refuses_our_key(tmp_path, stub, launch, upstream_key,
-                                                       our_key, state, words):
-    stub.api_key = upstream_key
-    c = Client(launch(stub.url, llamacpp_api_key=our_key))
-    health = c.get("/api/health")[2]
-    assert (health["llamacpp"]["state"], health["status"]) == (
-        state, "ok" if state == "ok" else "degraded")
-    if words:
-        assert words in health["llamacpp"]["error"] and "401" in health["llamacpp"]["error"]
-    assert "k1" not in json.dumps(health)
-
-
-def test_log_lines_cannot_be_forged(client, caplog):
-    caplog.set_level("INFO", logger="llama_chat")
-    raw_exchange(client.port, b"GET /x\x1b[31m\x08\x7f HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "\\x1b[31m\\x08\\x7f" in logged and "\x1b" not in logged
-
-
-###############################################################################
-# Chat
-###############################################################################
-
-def test_chat_answers_with_the_reference_fields(client, stub):
-    cid = client.new_conversation()
-    status, _, body = client.chat(cid)
-    assert status == 200
-    assert body["success"] is True
-    assert body["response"] == stub.reply
-    assert body["model"] == MODEL
-    assert isinstance(body["response_time_ms"], int) and body["response_time_ms"] >= 0
-    assert body["estimated_tokens"] == len(stub.tokens())
-    assert body["metrics"] == {"completion_tokens": len(stub.tokens()), "prompt_tokens": 21,
-                               "total_tokens": 21 + len(stub.tokens()), "tokens_per_second": 42.5}
-    assert body["finish_reason"] == "stop"
-    stored = rows(client, "SELECT id, role, content FROM messages ORDER BY id")
-    assert stored == [(body["user_message_id"], "user", "Explain machine learning"),
-                      (body["message_id"], "assistant", stub.reply)]
-
-
-def test_chat_metrics_fall_back_to_timings_then_an_estimate(client, stub):
-    stub.mode = "no_usage"
-    stub.reply = "x" * 400
-    body = client.chat(client.new_conversation())[2]
-    assert body["metrics"]["prompt_tokens"] == 21         # from timings.prompt_n
-    assert body["estimated_tokens"] == 1                  # from timings.predicted_n
-    stub.mode = "no_counts"                               # neither usage nor timings
-    body = client.chat(client.new_conversation())[2]
-    assert body["estimated_tokens"] == body["metrics"]["completion_tokens"] == 100   # 400 / 4
-    assert body["metrics"]["prompt_tokens"] is None and body["metrics"]["total_tokens"] is None
-
-
-def test_chat_sends_system_prompt_history_and_mapped_options(client, stub):
-    cid = client.new_conversation()
-    client.chat(cid, "first")
-    client.chat(cid, "second", options={"temperature": 0.7, "num_predict": 64, "seed": 3})
-    sent = stub.requests[-1]["body"]
-    assert sent["messages"] == [
-        {"role": "system", "content": llama_chat.DEFAULT_CONFIG["system_prompt"]},
-        {"role": "user", "content": "first"},
-        {"role": "assistant", "content": stub.reply},
-        {"role": "user", "content": "second"},
-    ]
-    assert sent["model"] == MODEL and sent["stream"] is False
-    assert sent["temperature"] == 0.7 and sent["max_tokens"] == 64 and sent["seed"] == 3
-    assert sent["top_k"] == 50 and sent["stop"] == ["\n\nHuman:", "\n\nUser:"]
-    assert set(sent) <= {"messages", "stream", "model", "temperature", "top_p", "top_k", "min_p",
-                         "max_tokens", "repeat_penalty", "stop", "seed"}
-
-
-def test_chat_history_is_limited_and_alternates(tmp_path, stub, launch):
-    settings_perf = {**llama_chat.DEFAULT_CONFIG["performance"], "context_history_limit": 3}
-    server = launch(stub.url, performance=settings_perf)
-    c = Client(server)
-    cid = c.new_conversation()
-    for word in ["one", "two", "three"]:
-        c.chat(cid, word)
-    stub.mode = "error500"
-    c.chat(cid, "four")                    # fails: two user messages in a row now
-    stub.mode = "ok"
-    c.chat(cid, "five")
-    sent = stub.requests[-1]["body"]["messages"]
-    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
-    assert [sent[1]["content"], sent[3]["content"]] == ["three", "five"]    # four: unanswered
-
-
-def test_retry_answers_the_stored_message_without_storing_it_again(client, stub):
-    cid = client.new_conversation()
-    client.chat(cid, "first")
-    stub.mode = "error500"
-    failed = client.chat(cid, "second")[2]
-    stub.mode = "ok"
-    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
-                                                "user_message_id": failed["user_message_id"]})
-    assert status == 200 and body["user_message_id"] == failed["user_message_id"]
-    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == [
-        "first", stub.reply, "second"]
-    assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
-        "first", stub.reply, "second", stub.reply]
-
-
-def test_retry_after_a_partial_reply_leaves_the_partial_out_of_the_context(client, stub):
-    cid = client.new_conversation()
-    stub.mode = "cut"
-    events = read_events(client.stream(cid, "tell me")[0])
-    assert events[-1]["type"] == "error" and events[-1]["message_id"]
-    stub.mode = "ok"
-    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
-                                                "user_message_id": events[-1]["user_message_id"]})
-    assert status == 200
-    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["tell me"]
-
-
-def test_retry_of_an_answered_question_is_a_regenerate(client, stub):
-    cid = client.new_conversation()
-    first = client.chat(cid, "first")[2]
-    client.chat(cid, "second")
-    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
-                                                "user_message_id": first["user_message_id"]})
-    assert status == 200 and body["parent_id"] == first["user_message_id"]
-    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["first"]
-    conversation = client.get(f"/api/conversations/{cid}")[2]
-    assert [m["id"] for m in conversation["messages"]] == [first["user_message_id"],
-                                                          body["message_id"]]
-    assert conversation["messages"][1]["sibling_ids"] == [first["message_id"], body["message_id"]]
-
-
-@pytest.mark.parametrize("which", ["unknown", "assistant", "other conversation"])
-def test_retry_of_anything_but_a_question_of_the_conversation_is_refused(client, which):
-    cid = client.new_conversation()
-    body = client.chat(cid, "first")[2]
-    other = client.chat(client.new_conversation(), "elsewhere")[2]
-    target = {"unknown": 999, "assistant": body["message_id"],
-              "other conversation": other["user_message_id"]}[which]
-    status, _, answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
-                                                  "user_message_id": target})
-    if which == "assistant":
-        assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
-                                                             "user_message_id")
-    else:
-        assert (status, answer["code"], answer["resource"], answer["id"]) == (
-            404, "NOT_FOUND", "message", target)
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 4
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_history_longer_than_the_context_is_trimmed_oldest_first(client, stub, stream):
-    cid = client.new_conversation()
-    for i in range(6):
-        client.chat(cid, f"question {i} " + "x" * 200)
-    stub.context_chars = 4 * (len(stub.reply) + 210)
-    if stream:
-        events = read_events(client.stream(cid, "last question")[0])
-        assert events[-1]["type"] == "done"
-    else:
-        assert client.chat(cid, "last question")[0] == 200
-    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"]]
-    assert sent[0] == llama_chat.DEFAULT_CONFIG["system_prompt"] and sent[-1] == "last question"
-    assert sum(map(len, sent[1:])) <= stub.context_chars and len(sent) > 3
-    assert stub.requests[-1]["body"]["messages"][1]["role"] == "user"
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_slow_prompt_outlasts_the_wait_between_tokens_but_not_the_first_token_s(
-        tmp_path, stub, launch, stream):
-    c = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.25, "llamacpp_connect_timeout": 2,
-                                          "first_token_timeout": 3}))
-    cid = c.new_conversation()
-    stub.stall = 0.6                                # reading the prompt: nothing for 0.6 s
-    if stream:
-        events = read_events(c.stream(cid, "a long history")[0])
-        assert events[-1]["type"] == "done", events[-1]
-    else:
-        assert c.chat(cid, "a long history")[0] == 200
-    stub.stall, stub.token_delay = 0, 0.6            # then slow tokens: cut
-    if stream:
-        events = read_events(c.stream(cid, "slow tokens")[0])
-        assert events[-1]["type"] == "error", events[-1]
-    c2 = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.25,
-                                           "llamacpp_connect_timeout": 2}))
-    stub.stall, stub.token_delay = 0.6, 0
-    status, _, body = c2.chat(c2.new_conversation(), "no first-token limit set")
-    assert (status, body["code"]) == (504, "LLAMACPP_TIMEOUT")   # the old limit, as before
-
-
-def test_a_question_longer_than_the_context_is_an_error(client, stub):
-    stub.context_chars = 100
-    status, _, body = client.chat(client.new_conversation(), "y" * 500)
-    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
-    assert "exceeds the available context size" in body["details"]
-
-
-def test_https_llamacpp_url_speaks_tls(tmp_path, stub, launch):
-    server = launch(stub.url.replace("http://", "https://"))
-    c = Client(server)
-    status, _, body = c.chat(c.new_conversation())
-    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")     # the stub speaks plain http
-    assert "SSL" in body["details"] or "ssl" in body["details"].lower()
-
-
-def test_llamacpp_key_goes_upstream_only(tmp_path, stub, launch):
-    server = launch(stub.url, llamacpp_api_key="upstream-key")
-    c = Client(server)
-    status, _, body = c.chat(c.new_conversation())
-    assert status == 200
-    assert stub.requests[-1]["headers"]["Authorization"] == "Bearer upstream-key"
-    assert "upstream-key" not in json.dumps(c.get("/api/config")[2])
-
-
-def test_chat_to_unknown_conversation_is_not_found(client):
-    status, _, body = client.chat(42)
-    assert (status, body["code"], body["resource"], body["id"]) == (404, "NOT_FOUND",
-                                                                    "conversation", 42)
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
-
-
-@pytest.mark.parametrize("mode, status, code", [
-    ("error500", 502, "LLAMACPP_ERROR"),
-    ("garbage", 502, "LLAMACPP_ERROR"),
-    ("stall", 504, "LLAMACPP_TIMEOUT"),
-])
-def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
-    stub.mode = mode
-    if mode == "stall":
-        client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
-        stub.stall = 1
-    cid = client.new_conversation()
-    got, _, body = client.chat(cid, "please keep me")
-    assert (got, body["code"]) == (status, code)
-    assert body["success"] is False and body["details"]
-    assert rows(client, "SELECT id, role, content FROM messages") == [
-        (body["user_message_id"], "user", "please keep me")]
-
-
-def test_llamacpp_down_answers_502_and_keeps_the_message(down_client):
-    cid = down_client.new_conversation()
-    status, _, body = down_client.chat(cid, "hello?")
-    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
-    assert "Connection refused" in body["details"]
-    assert rows(down_client, "SELECT role, content FROM messages") == [("user", "hello?")]
-
-
-def test_reasoning_is_stored_apart_and_never_sent_back(client, stub):
-    stub.reasoning = "Let me think about this."
-    cid = client.new_conversation()
-    body = client.chat(cid)[2]
-    assert body["reasoning"] == stub.reasoning and body["response"] == stub.reply
-    message = client.get(f"/api/conversations/{cid}")[2]["messages"][1]
-    assert message["reasoning"] == stub.reasoning and message["content"] == stub.reply
-    client.chat(cid, "again")
-    assert "think" not in json.dumps(stub.requests[-1]["body"]["messages"])
-
-
-def test_twenty_concurrent_chats_all_answer_and_are_stored(client, stub):
-    stub.token_delay = 0.001
-    cids = [client.new_conversation(f"c{i}") for i in range(20)]
-    results = [None] * 20
-
-    def worker(i):
-        results[i] = client.chat(cids[i], f"question {i}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [r[0] for r in results] == [200] * 20
-    assert all(r[2]["response"] == stub.reply for r in results)
-    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 40
-    for i, cid in enumerate(cids):
-        assert rows(client, "SELECT content FROM messages WHERE conversation_id = ? ORDER BY id",
-                    cid) == [(f"question {i}",), (stub.reply,)]
-
-
-###############################################################################
-# Streaming
-###############################################################################
-
-def test_stream_relays_deltas_then_done(client, stub):
-    cid = client.new_conversation()
-    resp, conn = client.stream(cid)
-    assert resp.status == 200
-    assert resp.headers["Content-Type"].startswith("text/event-stream")
-    events = read_events(resp)
-    conn.close()
-    deltas = [e for e in events if e["type"] == "delta"]
-    assert "".join(d["content"] for d in deltas) == stub.reply
-    assert len(deltas) == len(stub.tokens())
-    done = events[-1]
-    assert done["type"] == "done" and [e["type"] for e in events].count("done") == 1
-    assert done["response"] == stub.reply
-    assert done["metrics"]["completion_tokens"] == len(stub.tokens())
-    assert done["metrics"]["prompt_tokens"] == 21
-    assert stub.requests[-1]["body"]["stream_options"] == {"include_usage": True}
-    assert rows(client, "SELECT id, content, finish_reason FROM messages WHERE role = "
-                "'assistant'") == [(done["message_id"], stub.reply, "stop")]
-
-
-@pytest.mark.parametrize("split", [1, 7, 4096])
-def test_chunked_bodies_decode_across_any_read_boundaries(split):
-    events = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(50)) + b"data: [DONE]\n\n"
-    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(events[i:i + 13]), events[i:i + 13])
-                    for i in range(0, len(events), 13)) + b"0\r\n\r\n"
-
-    class Response:
-        chunked = True
-
-        class fp:
-            pieces = [wire[i:i + split] for i in range(0, len(wire), split)]
-
-            @classmethod
-            def read1(cls, n):
-                return cls.pieces.pop(0) if cls.pieces else b""
-
-    read, body = llama_chat.body_reader(Response), b""
-    while data := read():
-        body += data
-    assert body == events
-
-
-def test_stream_from_an_unchunked_upstream(client, stub):
-    stub.mode = "unchunked"
-    events = read_events(client.stream(client.new_conversation())[0])
-    assert events[-1]["type"] == "done" and events[-1]["response"] == stub.reply
-
-
-def test_stream_deltas_arrive_before_llamacpp_finishes(client, stub):
-    stub.reply = " ".join(f"w{i}" for i in range(20))
-    stub.token_delay = 0.05
-    resp, conn = client.stream(client.new_conversation())
-    started = time.monotonic()
-    first = resp.readline()
-    while not first.startswith(b"data: "):
-        first = resp.readline()
-    assert json.loads(first[6:])["type"] == "delta"
-    assert time.monotonic() - started < 0.5       # the whole reply takes over 1 s
-    conn.close()
-
-
-def test_stream_reasoning_events_are_relayed(client, stub):
-    stub.reasoning = "Thinking hard."
-    events = read_events(client.stream(client.new_conversation())[0])
-    assert "".join(e["content"] for e in events if e["type"] == "reasoning") == stub.reasoning
-    assert events[-1]["reasoning"] == stub.reasoning
-
-
-def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, stub):
-    stub.reply = " ".join(f"w{i}" for i in range(200))
-    stub.token_delay = 0.02
-    cid = client.new_conversation()
-    resp, conn = client.stream(cid)
-    relayed = []
-    while len(relayed) < 5:
-        line = resp.readline().strip()
-        if line.startswith(b"data: "):
-            relayed.append(json.loads(line[6:])["content"])
-    conn.shutdown(socket.SHUT_RDWR)
-    conn.close()
-    resp.close()
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        stored = rows(client, "SELECT content, finish_reason FROM messages WHERE role = "
-                      "'assistant'")
-        if stored and stub.open_streams == 0:
-            break
-        time.sleep(0.05)
-    assert stub.open_streams == 0
-    content, reason = stored[0]
-    assert reason == "aborted"
-    assert content.startswith("".join(relayed))
-    assert len(content) < len(stub.reply)
-
-
-def test_a_client_leaving_while_llamacpp_reads_the_prompt_ends_the_request(client, stub):
-    cid = client.new_conversation()
-    stub.stall = 5                          # llama.cpp reading a long prompt, silent
-    resp, sock = client.stream(cid, "a long question")
-    assert resp.status == 200
-    started = time.monotonic()
-    resp.close()
-    sock.close()
-    while client.engine.active_streams and time.monotonic() - started < 5:
-        time.sleep(0.02)
-    assert client.engine.active_streams == 0 and time.monotonic() - started < 1.5
-    assert rows(client, "SELECT role FROM messages") == [("user",)]    # no empty reply
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_deleting_a_conversation_ends_its_reply_with_not_found(client, stub, stream):
-    cid = client.new_conversation()
-    stub.reply = " ".join(f"w{i}" for i in range(200))
-    stub.token_delay, stub.stall = (0.02, 0) if stream else (0, 3)
-    answer = {}
-
-    def chat():
-        if stream:
-            resp, _ = client.stream(cid, "go on")
-            answer["events"] = read_events(resp)
-        else:
-            answer["status"], _, answer["body"] = client.chat(cid, "go on")
-        answer["at"] = time.monotonic()
-
-    worker = threading.Thread(target=chat)
-    worker.start()
-    time.sleep(0.5)                             # mid-reply
-    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
-    deleted = time.monotonic()
-    worker.join(10)
-    assert answer["at"] - deleted < 1.5
-    if stream:
-        last = answer["events"][-1]
-        assert (last["type"], last["code"], last["resource"]) == ("error", "NOT_FOUND",
-                                                                  "conversation")
-        assert any(e["type"] == "delta" for e in answer["events"])
-    else:
-        assert (answer["status"], answer["body"]["code"]) == (404, "NOT_FOUND")
-    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
-
-
-def test_keep_alive_comments_while_llamacpp_is_silent(client, stub, monkeypatch):
-    monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.2)
-    stub.stall = 0.9                        # reading a long prompt: not even headers yet
-    resp, sock = client.stream(client.new_conversation())
-    lines = [line.strip() for line in resp]
-    assert lines.count(b": keep-alive") >= 2
-    assert lines.index(b": keep-alive") < next(i for i, l in enumerate(lines)
-                                                if l.startswith(b"data: "))
-    assert json.loads(lines[-2][6:])["type"] == "done"
-
-
-def test_twenty_concurrent_streams_all_complete_and_are_stored(client, stub):
-    stub.token_delay = 0.005
-    cids = [client.new_conversation(f"s{i}") for i in range(20)]
-    results = [None] * 20
-
-    def worker(i):
-        results[i] = read_events(client.stream(cids[i], f"stream {i}")[0])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    ended = [r[-1] for r in results]
-    assert all(e["type"] == "done" and e["response"] == stub.reply for e in ended), ended
-    assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant' AND "
-                "finish_reason = 'stop' AND content = ?", stub.reply)[0][0] == 20
-
-
-def test_sigterm_ends_every_stream_stores_partials_and_exits_cleanly(tmp_path, stub):
-    stub.reply = " ".join(f"w{i}" for i in range(300))
-    stub.token_delay = 0.02
-    port, db = free_port(), str(tmp_path / "term.db")
+    db = tmp_path / "kill.db"
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", db, "--llamacpp-url", stub.url],
+                             str(port), "--db", str(db), "--llamacpp-url", stub.url],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    proc.stdout.readline()
-    conns, relayed = [], []
-    for i in range(3):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("POST", "/api/conversations", json.dumps({"title": "t", "model": "m"}),
-                     {"Content-Type": "application/json"})
-        cid = json.loads(conn.getresponse().read())["conversation_id"]
-        conn.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "message": "go",
-                                                      "model": "m", "stream": True}),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        got = []
-        while len(got) < 3:
-            line = resp.readline().strip()
-            if line.startswith(b"data: "):
-                got.append(json.loads(line[6:]))
-        conns.append(resp)
-        relayed.append(got)
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    for resp, got in zip(conns, relayed):
-        got.extend(read_events(resp))
-    assert proc.wait(10) == 0 and time.monotonic() - started < 5
-    for got in relayed:
-        assert got[-1]["type"] == "error" and got[-1]["code"] == "SHUTTING_DOWN"
-        assert got[-1]["message_id"]
-    conn = sqlite3.connect(db)
-    stored = conn.execute("SELECT content, finish_reason FROM messages WHERE role = "
-                          "'assistant' ORDER BY conversation_id").fetchall()
-    assert [r for _, r in stored] == ["aborted"] * 3
-    for (content, _), got in zip(stored, relayed):
-        assert content == "".join(e["content"] for e in got if e["type"] == "delta")
-    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+    proc.stdout.readline()                   # "llama-chat ...: open http://..."
+    acknowledged, stop_writing = [], threading.Event()
+    lock = threading.Lock()
 
+    def writer(n):
+        i = 0
+        while not stop_writing.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/api/conversations", json.dumps(
+                    {"title": f"w{n}-{i}", "model": "m"}), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                if resp.status == 201:
+                    cid = json.loads(resp.read())["conversation_id"]
+                    with lock:
+                        acknowledged.append((cid, f"w{n}-{i}"))
+                conn.close()
+            except OSError:
+                return
+            i += 1
 
-@pytest.mark.parametrize("mode", ["cut", "error_chunk"])
-def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode):
-    stub.mode = mode
-    events = read_events(client.stream(client.new_conversation())[0])
-    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_ERROR"
-    assert "done" not in [e["type"] for e in events]
-    partial = "".join(e["content"] for e in events if e["type"] == "delta")
-    assert rows(client, "SELECT role, content, finish_reason FROM messages ORDER BY id") == [
-        ("user", "Explain machine learning", None), ("assistant", partial, "error")]
-
-
-def test_stream_stall_between_tokens_times_out(client, stub):
-    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
-    stub.mode = "stall_mid"
-    events = read_events(client.stream(client.new_conversation())[0])
-    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
-
-
-def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
-    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
-    stub.stall = 1.5
-    cid = client.new_conversation()
-    started = time.monotonic()
-    events = read_events(client.stream(cid)[0])
-    assert [(e["type"], e["code"]) for e in events] == [("error", "LLAMACPP_TIMEOUT")]
-    assert 0.45 < time.monotonic() - started < 1.4
-    assert rows(client, "SELECT role FROM messages") == [("user",)]
-
-
-def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
-    stub.stall = 5
-    resp, _ = client.stream(client.new_conversation())
-    deadline = time.monotonic() + 2
-    while not client.engine.active_streams and time.monotonic() < deadline:
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while len(acknowledged) < 200 and time.monotonic() < deadline:
         time.sleep(0.01)
-    started = time.monotonic()
-    client.engine.stop_streams()
-    events = read_events(resp)
-    assert [(e["type"], e["code"]) for e in events] == [("error", "SHUTTING_DOWN")]
-    assert time.monotonic() - started < 2 and client.engine.active_streams == 0
-    client.engine.stopping.clear()
+    assert len(acknowledged) >= 200, "the app acknowledged too few writes in 30 s"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop_writing.set()
+    for t in threads:
+        t.join()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = dict(conn.execute("SELECT id, title FROM conversations"))
+    assert all(stored.get(cid) == title for cid, title in acknowledged)
 
 
-def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch, launch):
-    store = llama_chat.Store(str(tmp_path / "chat.db"), busy_ms=300)   # where start_app points
-    server = launch(stub.url, store=store)
+def test_page_is_served_with_security_headers(client):
+    status, headers, body = client.get("/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    csp = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert "'unsafe-inline'" not in csp
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Referrer-Policy"] == "no-referrer"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert "Python" not in headers["Server"]
+
+
+def test_page_missing_still_leaves_the_api(tmp_path, stub, launch):
+    server = launch(stub.url, index_path=str(tmp_path / "nope.html"))
     c = Client(server)
-    cid = c.new_conversation()
-    other = sqlite3.connect(store.db.path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")                # another process writing, a long purge
-    status, headers, body = c.chat(cid, "held up")
-    other.execute("ROLLBACK")
-    assert status == 503 and body["code"] == "DATABASE_BUSY" and "try again" in body["error"]
-    assert headers["Retry-After"] == "5"
-    assert rows(c, "SELECT count(*) FROM messages") == [(0,)]
-    assert c.chat(cid, "held up")[0] == 200                           # and then it works
+    status, _, body = c.get("/")
+    assert status == 200 and b"index.html is missing" in body
+    assert c.get("/api/conversations")[0] == 200
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_reply_the_database_cannot_store_is_an_error_with_the_user_message(
-        client, monkeypatch, stream):
-    store = client.engine.store
-    add = store.add_message
-
-    def full_disk(conversation_id, role, *args, **kwargs):
-        if role == "assistant":
-            raise sqlite3.OperationalError("database or disk is full")
-        return add(conversation_id, role, *args, **kwargs)
-    monkeypatch.setattr(store, "add_message", full_disk)
-    cid = client.new_conversation()
-    if stream:
-        resp, _ = client.stream(cid)
-        lines = [line.strip() for line in resp if line.strip()]
-        assert all(line.startswith((b"data: ", b":")) for line in lines)    # no body after it
-        error = json.loads(lines[-1][6:])
-        assert error["type"] == "error" and error["message_id"] is None
-    else:
-        status, _, error = client.chat(cid)
-        assert status == 503
-    assert error["code"] == "DATABASE_ERROR" and "disk is full" in error["error"]
-    assert rows(client, "SELECT id, role FROM messages") == [(error["user_message_id"], "user")]
-
-
-def test_stream_with_llamacpp_down_is_an_error_event(down_client):
-    events = read_events(down_client.stream(down_client.new_conversation())[0])
-    assert [e["type"] for e in events] == ["error"]
-    assert events[0]["code"] == "LLAMACPP_ERROR" and events[0]["user_message_id"]
+def test_keep_alive_serves_many_requests_on_one_connection(client):
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
+    sockets = set()
+    for _ in range(3):
+        conn.request("GET", "/api/conversations")
+        sockets.add(conn.sock.getsockname())   # http.client reconnects silently if closed
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["success"] is True
+        assert not resp.will_close
+    assert len(sockets) == 1
+    conn.close()
 
 
 ###############################################################################
@@ -3362,6 +1867,842 @@ def test_two_clients_regenerating_at_once_get_two_siblings(client, stub):
 
 
 ###############################################################################
+# Conversations
+###############################################################################
+
+def test_create_conversation_answers_201_with_its_id(client):
+    status, _, body = client.post("/api/conversations", {"title": "New Project Discussion",
+                                                         "model": MODEL})
+    assert status == 201
+    assert body == {"success": True, "conversation_id": body["conversation_id"]}
+    assert isinstance(body["conversation_id"], int)
+
+
+def test_list_conversations_newest_activity_first(client):
+    a = client.new_conversation("A")
+    b = client.new_conversation("B")
+    c = client.new_conversation("C")
+    assert [x["id"] for x in client.get("/api/conversations")[2]["conversations"]] == [c, b, a]
+    client.chat(a)                                             # a message moves A up
+    client.request("PUT", f"/api/conversations/{b}", {"title": "B2"})   # a rename moves B up
+    status, _, body = client.get("/api/conversations")
+    assert status == 200
+    assert [x["id"] for x in body["conversations"]] == [b, a, c]
+    first = body["conversations"][0]
+    assert set(first) == {"id", "title", "model", "created_at", "updated_at", "system_prompt",
+                          "options", "pinned", "source"}
+    assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
+
+
+def test_list_conversations_pages_with_limit_and_offset(client):
+    ids = [client.new_conversation(f"c{i}") for i in range(5)][::-1]
+    assert [c["id"] for c in client.get("/api/conversations?limit=2")[2]["conversations"]] \
+        == ids[:2]
+    assert [c["id"] for c in client.get("/api/conversations?limit=2&offset=2")[2][
+        "conversations"]] == ids[2:4]
+    assert [c["id"] for c in client.get("/api/conversations?offset=4")[2]["conversations"]] \
+        == ids[4:]
+
+
+@pytest.mark.parametrize("query, field", [
+    ("limit=ten", "limit"), ("limit=-1", "limit"), ("offset=x", "offset"), ("offset=-5", "offset"),
+])
+def test_bad_paging_parameters_are_validation_errors(client, query, field):
+    status, _, body = client.get("/api/conversations?" + query)
+    assert status == 400
+    assert body["code"] == "VALIDATION_ERROR" and body["field"] == field
+    assert body["success"] is False and body["error"]
+
+
+def test_llamacpp_connections_are_kept_and_a_closed_one_is_replaced(client, stub, monkeypatch):
+    used, send = [], llama_chat.Upstream._send
+    monkeypatch.setattr(llama_chat.Upstream, "_send",
+                        lambda self, conn, *a, **k: used.append(conn) or send(self, conn, *a, **k))
+    cid = client.new_conversation("pool")
+    for _ in range(3):
+        assert client.chat(cid, "hi")[0] == 200
+    assert len(stub.connections) == 1              # one connection, three answers
+    stub.connections[0].shutdown(socket.SHUT_RDWR)  # as llama-server's keep-alive timeout does
+    time.sleep(0.05)
+    kept, before = client.engine.upstream._idle[0], len(used)
+    status, _, body = client.chat(cid, "still there?")
+    assert status == 200 and body["response"] == stub.reply
+    assert len(stub.connections) == 2 and kept.sock is None
+    assert kept not in used[before:]               # seen closed before use, not tried
+    assert read_events(client.stream(cid)[0])[-1]["type"] == "done"   # a connection of its own
+    assert client.chat(cid, "and?")[0] == 200 and len(stub.connections) == 3
+    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cid)[0][0] == 12
+
+
+def test_get_conversation_with_messages_and_stats(client):
+    cid = client.new_conversation("Python Development Help")
+    client.chat(cid, "How do I create a virtual environment in Python?")
+    status, _, body = client.get(f"/api/conversations/{cid}")
+    assert status == 200
+    assert body["conversation"]["title"] == "Python Development Help"
+    user, assistant = body["messages"]
+    assert user["role"] == "user" and user["response_time_ms"] is None
+    assert user["estimated_tokens"] == 12
+    assert assistant["role"] == "assistant" and assistant["model"] == MODEL
+    assert assistant["content"] == Stub().reply and assistant["finish_reason"] == "stop"
+    assert ISO.match(assistant["timestamp"])
+    assert body["stats"] == {"total_messages": 2, "assistant_messages": 1,
+                             "avg_response_time": float(assistant["response_time_ms"]),
+                             "total_tokens": 12 + assistant["estimated_tokens"]}
+
+
+def test_pages_built_by_sqlite_match_the_python_encoding(client):
+    """Lists and messages are JSON made by SQLite; without its JSON functions,
+    by Python. Both give the same values, whatever the text holds."""
+    store = client.engine.store
+    odd = 'quotes " and \\ backslash, tab\t, nul-ish \x01, é, 中文, emoji 😀, <b>&amp;</b>'
+    cid = store.create_conversation(odd, MODEL)
+    store.add_message(cid, "user", odd, estimated_tokens=3)
+    store.add_message(cid, "assistant", odd + "\n", MODEL, reasoning="why " + odd,
+                      response_time_ms=1234, estimated_tokens=7, prompt_tokens=5,
+                      tokens_per_second=42.7, finish_reason="stop")
+    pages = []
+    for sql_json in (True, False):
+        store.db.sql_json = sql_json
+        pages.append((client.get("/api/conversations?limit=5")[2],
+                      client.get(f"/api/conversations/{cid}")[2]))
+    store.db.sql_json = True
+    assert pages[0] == pages[1]
+    listed, conversation = pages[0]
+    assert listed["conversations"][0]["title"] == odd
+    user, reply = conversation["messages"]
+    assert (user["content"], reply["content"], reply["reasoning"]) == (odd, odd + "\n",
+                                                                       "why " + odd)
+    assert reply["tokens_per_second"] == 42.7 and user["reasoning"] is None
+
+
+def test_stats_summarize_by_role(client):
+    store = client.engine.store
+    cid = store.create_conversation("numbers", MODEL)
+    store.add_message(cid, "user", "1234", estimated_tokens=1)
+    store.add_message(cid, "assistant", "123456", MODEL, response_time_ms=1000, estimated_tokens=10,
+                      finish_reason="stop")
+    store.add_message(cid, "user", "12", estimated_tokens=1)
+    store.add_message(cid, "assistant", "12", MODEL, response_time_ms=2001, estimated_tokens=20,
+                      finish_reason="stop")
+    store.add_message(cid, "assistant", "", MODEL, finish_reason="error")
+    status, _, body = client.get(f"/api/stats/{cid}")
+    summary = {"total_messages": 5, "assistant_messages": 3, "avg_response_time": 1500.5,
+               "total_tokens": 32}
+    assert (status, body) == (200, {"success": True, "summary": summary, "by_role": [
+        {"role": "user", "count": 2, "avg_length": 3.0, "total_tokens": 2,
+         "avg_response_time": None},
+        {"role": "assistant", "count": 3, "avg_length": 2.7, "total_tokens": 30,
+         "avg_response_time": 1500.5}]})
+    assert client.get(f"/api/conversations/{cid}")[2]["stats"] == summary
+    empty = store.create_conversation("empty", MODEL)
+    assert client.get(f"/api/stats/{empty}")[2]["summary"] == {
+        "total_messages": 0, "assistant_messages": 0, "avg_response_time": None,
+        "total_tokens": 0} == client.get(f"/api/conversations/{empty}")[2]["stats"]
+    assert client.get(f"/api/conversations/{empty}")[2]["messages"] == []
+
+
+def test_rename_conversation(client):
+    cid = client.new_conversation("Old")
+    status, _, body = client.request("PUT", f"/api/conversations/{cid}",
+                                     {"title": "Updated Conversation Title"})
+    assert (status, body) == (200, {"success": True, "title": "Updated Conversation Title"})
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] \
+        == "Updated Conversation Title"
+
+
+def test_delete_conversation_removes_it_and_its_messages(client):
+    cid = client.new_conversation()
+    client.chat(cid)
+    status, _, body = client.request("DELETE", f"/api/conversations/{cid}")
+    assert (status, body) == (200, {"success": True})
+    assert client.get(f"/api/conversations/{cid}")[0] == 404
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+    assert client.get("/api/search?q=machine")[2]["count"] == 0
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/api/conversations/999"), ("PUT", "/api/conversations/999"),
+    ("DELETE", "/api/conversations/999"), ("GET", "/api/stats/999"),
+    ("GET", "/api/conversations/abc"), ("GET", "/api/conversations/1%00"),
+    ("GET", "/api/conversations/99999999999999999999999"),
+])
+def test_unknown_conversation_is_not_found(client, method, path):
+    body = {"title": "x"} if method == "PUT" else None
+    status, _, answer = client.request(method, path, body)
+    assert status == 404
+    assert answer["code"] == "NOT_FOUND" and answer["resource"] == "conversation"
+    assert answer["success"] is False and str(answer["id"]) in path
+
+
+###############################################################################
+# The ledger
+###############################################################################
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_each_reply_keeps_llamacpp_s_timings_and_its_first_token_time(client, stub, stream):
+    stub.token_delay = 0.01 if stream else 0
+    cid = client.new_conversation()
+    if stream:
+        read_events(client.stream(cid)[0])
+    else:
+        client.chat(cid)
+    reply = conversation(client, cid)["messages"][-1]
+    tokens = len(stub.tokens())
+    assert (reply["prompt_n"], reply["prompt_ms"], reply["cache_n"], reply["predicted_n"],
+            reply["predicted_ms"]) == (21, 30.0, 3, tokens, tokens * 20.0)
+    if stream:
+        assert 0 < reply["ttft_ms"] < reply["response_time_ms"]
+    else:
+        assert reply["ttft_ms"] is None
+
+
+def test_the_ledger_aggregates_as_computed_by_hand(client):
+    store = client.engine.store
+    cid = client.new_conversation()
+    replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft
+        ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0),
+        ("a", "2026-11-30", 20, 60, 60, 1000, 40, 200, 300.0),
+        ("a", "2026-12-01", 30, 30, 30, 1000, None, None, 200.0),
+        ("b", "2026-12-01", 5, 8, None, None, None, None, None)]
+    for model, day, pt, ct, pn, pm, qn, qm, ttft in replies:
+        q = store.add_message(cid, "user", "q")
+        r = store.add_message(cid, "assistant", "r", model, parent=q, prompt_tokens=pt,
+                              estimated_tokens=ct, predicted_n=pn, predicted_ms=pm,
+                              prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0)
+        conn = sqlite3.connect(client.engine.settings.db)
+        with conn:
+            conn.execute("UPDATE messages SET timestamp = ? WHERE id IN (?, ?)",
+                         (day + "T12:00:00.000Z", q, r))
+        conn.close()
+    status, _, body = client.get("/api/ledger?group=model")
+    assert status == 200
+    a, b = body["groups"]
+    assert a == {"model": "a", "replies": 3, "prompt_tokens": 60, "completion_tokens": 190,
+                 "tokens_per_second": {"mean": 46.7, "p50": 50.0},   # 50, 60, 30 tok/s
+                 "prompt_tokens_per_second": {"mean": 350.0, "p50": 200.0},   # 500, 200
+                 "ttft_ms": {"p50": 200.0, "p95": 300.0, "histogram": [   # bins 28% wide
+                     {"under": 115.6, "replies": 1}, {"under": 244.7, "replies": 1},
+                     {"under": 314.2, "replies": 1}]}}
+    assert b["tokens_per_second"] == {"mean": 12.0, "p50": 12.0}      # the stored figure
+    assert b["ttft_ms"] == {"p50": None, "p95": None, "histogram": []}
+    days = client.get("/api/ledger?group=model,day")[2]["groups"]
+    assert [(g["model"], g["day"], g["replies"]) for g in days] == [
+        ("a", "2026-11-30", 2), ("a", "2026-12-01", 1), ("b", "2026-12-01", 1)]
+    one_day = client.get("/api/ledger?group=day&since=2026-12-01&until=2026-12-01")[2]
+    assert [(g["day"], g["replies"]) for g in one_day["groups"]] == [("2026-12-01", 2)]
+    assert client.get("/api/ledger?group=week")[0] == 400
+    assert client.get("/api/ledger?since=yesterday")[2]["field"] == "since"
+    for wrong in ("2026-02-30", "2026-12-02T10:00:00Z", "２０２６-12-01"):
+        status, _, body = client.get("/api/ledger?until=" + urllib.parse.quote(wrong))
+        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "until"), wrong
+
+
+def exact_ledger(conn, group):
+    """The ledger computed from every reply in Python: exact percentiles."""
+    found = {}
+    for model, day, pt, ct, tps, pn, pm, qn, qm, ttft in conn.execute(
+            "SELECT coalesce(model, ''), substr(timestamp, 1, 10), prompt_tokens, "
+            "estimated_tokens, tokens_per_second, predicted_n, predicted_ms, prompt_n, "
+            "prompt_ms, ttft_ms FROM messages WHERE role = 'assistant'"):
+        key = tuple({"model": model, "day": day}[g] for g in group)
+        g = found.setdefault(key, {"replies": 0, "pt": 0, "ct": 0, "tps": [], "pps": [],
+                                   "ttft": []})
+        g["replies"] += 1
+        g["pt"] += pt or 0
+        g["ct"] += ct or 0
+        def per_second(n, ms):
+            return n * 1000.0 / ms if n is not None else None
+        speed = per_second(pn, pm) if pm else tps        # timings where llama.cpp sent them
+        for metric, value in (("tps", speed), ("pps", per_second(qn, qm) if qm else None),
+                              ("ttft", ttft)):
+            if value is not None:
+                g[metric].append(value)
+
+    def rank(values, p):
+        return sorted(values)[max(1, (len(values) * p + 99) // 100) - 1] if values else None
+    return {key: {"replies": g["replies"], "prompt_tokens": g["pt"], "completion_tokens": g["ct"],
+                  "tps": (sum(g["tps"]) / len(g["tps"]) if g["tps"] else None,
+                          rank(g["tps"], 50)),
+                  "pps": (sum(g["pps"]) / len(g["pps"]) if g["pps"] else None,
+                          rank(g["pps"], 50)),
+                  "ttft": (rank(g["ttft"], 50), rank(g["ttft"], 95))}
+            for key, g in found.items()}
+
+
+def assert_ledger_as_exact(db, conn, group):
+    """The kept ledger against the one computed here, to its rounding."""
+    kept = {tuple(g[n] for n in group): g for g in llama_chat.ledger(db, group, None, None)}
+    exact = exact_ledger(conn, group)
+    assert sorted(kept) == sorted(exact)
+
+    within = 0.032 if group == ("model",) else 0    # of all days: from 3% buckets
+
+    def near(got, want):
+        return got is None if want is None else abs(got - want) <= within * want + 0.05
+    for key, want in exact.items():
+        got = kept[key]
+        assert (got["replies"], got["prompt_tokens"], got["completion_tokens"]) == (
+            want["replies"], want["prompt_tokens"], want["completion_tokens"])
+        for metric, field in (("tps", "tokens_per_second"), ("pps", "prompt_tokens_per_second")):
+            assert near(got[field]["mean"], want[metric][0]), (key, field)
+            assert near(got[field]["p50"], want[metric][1]), (key, field)
+        assert near(got["ttft_ms"]["p50"], want["ttft"][0]), key
+        assert near(got["ttft_ms"]["p95"], want["ttft"][1]), key
+
+
+def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(client):
+    """SQLite keeps the ledger's tables as replies come, change and go: after
+    each kind of write they agree with the replies themselves."""
+    store = client.engine.store
+    rng = random.Random(17)
+    conversations = [client.new_conversation() for _ in range(4)]
+    replies = []
+    for i in range(300):
+        cid = rng.choice(conversations)
+        q = store.add_message(cid, "user", "q")
+        timed = rng.random() < 0.8
+        replies.append(store.add_message(
+            cid, "assistant", "r", rng.choice(["a", "b", None]), parent=q,
+            prompt_tokens=rng.randint(1, 900), estimated_tokens=rng.randint(1, 400),
+            tokens_per_second=rng.choice([None, round(rng.uniform(2, 40), 2)]),
+            predicted_n=rng.randint(1, 400) if timed else None,
+            predicted_ms=rng.uniform(100, 9000) if timed else None,
+            prompt_n=rng.randint(1, 900) if timed else None,
+            prompt_ms=rng.choice([0, rng.uniform(5, 900)]) if timed else None,
+            ttft_ms=rng.choice([None, rng.uniform(20, 3000)])))
+    conn = sqlite3.connect(client.engine.settings.db)   # no function of the app's: any program
+    with conn:
+        for day in ("2026-11-29", "2026-11-30", "2026-12-01"):
+            conn.execute("UPDATE messages SET timestamp = ? WHERE id % 3 = ?",
+                         (day + "T08:00:00.000Z", int(day[-1]) % 3))
+        conn.execute("UPDATE messages SET ttft_ms = ttft_ms * 2, model = 'c' WHERE id % 7 = 0")
+    for group in (("model",), ("day",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    kept = conn.execute("SELECT grouping, model, day FROM ledger_ranks").fetchall()
+    assert len(kept) == len(set(kept)) > 3                 # the reads above kept their ranks
+    store.extend_message(replies[5], " more", "", lambda before: {
+        "predicted_n": 999, "predicted_ms": 1.0, "ttft_ms": 0.5})
+    store.delete_conversation(conversations[0])
+    conn.create_function("search_form", 1, llama_chat.search_form)   # the index needs it
+    with conn:
+        conn.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages "
+                     "WHERE role = 'assistant' ORDER BY id DESC LIMIT 20)")
+    for group in (("model",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    with conn:
+        conn.execute("DELETE FROM messages")
+    assert llama_chat.ledger(store.db, ("model",), None, None) == []
+    assert conn.execute("SELECT (SELECT count(*) FROM ledger_days) + (SELECT count(*) FROM "
+                        "ledger_ranks) + (SELECT count(*) FROM ledger_buckets)").fetchone() == (0,)
+    conn.close()
+
+
+def test_the_ledger_answers_but_keeps_no_ranks_read_while_a_reply_came(client, monkeypatch):
+    """The ledger ranks in a read transaction; what it ranked is kept only if
+    nothing was written meanwhile, so that no reply is left out for good."""
+    store = client.engine.store
+    cid = client.new_conversation()
+    store.add_message(cid, "assistant", "r", "m", ttft_ms=100.0)
+    ranked = llama_chat.ledger_ranked
+
+    def a_reply_comes_meanwhile(*args):
+        found = ranked(*args)
+        writer = threading.Thread(target=lambda: store.add_message(
+            cid, "assistant", "r", "m", ttft_ms=900.0))
+        writer.start()
+        writer.join()
+        return found
+    monkeypatch.setattr(llama_chat, "ledger_ranked", a_reply_comes_meanwhile)
+    first = llama_chat.ledger(store.db, ("model", "day"), None, None)
+    assert (first[0]["replies"], first[0]["ttft_ms"]["p95"]) == (1, 100.0)   # its snapshot
+    monkeypatch.setattr(llama_chat, "ledger_ranked", ranked)
+    then = llama_chat.ledger(store.db, ("model", "day"), None, None)
+    assert (then[0]["replies"], then[0]["ttft_ms"]["p95"]) == (2, 900.0)
+    assert store.db.conn().execute("SELECT grouping, ttft_p95 FROM ledger_ranks").fetchall() == [
+        ("model,day", 900.0)]
+
+
+def test_a_schema_6_database_gains_the_kept_ledger_as_its_replies_say(tmp_path):
+    path = str(tmp_path / "v6.db")
+    rng = random.Random(6)
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        for i in range(200):
+            c.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp, "
+                      "prompt_tokens, estimated_tokens, tokens_per_second, predicted_n, "
+                      "predicted_ms, ttft_ms) VALUES (1, ?, 'x', ?, ?, ?, ?, ?, ?, ?, ?)",
+                      (("user", "assistant")[i % 2], rng.choice(["m", "n"]),
+                       f"2026-11-{1 + i % 5:02d}T10:00:00Z", i, i * 2, rng.uniform(1, 50),
+                       rng.choice([None, 50]), rng.choice([None, 1000.0]),
+                       rng.choice([None, rng.uniform(10, 900)])))
+    store = migrated(path, fill, 6)
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (llama_chat.SCHEMA_VERSION,)
+    for group in (("model",), ("day",), ("model", "day")):
+        assert_ledger_as_exact(store.db, conn, group)
+    conn.close()
+    store.close()
+
+
+def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
+    path = str(tmp_path / "v5.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+        c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, "
+                  "tokens_per_second) VALUES (1, 1, 'assistant', 'a', 'm', 9.5)")
+    store = migrated(path, fill, 5)
+    groups = llama_chat.ledger(store.db, ("model",), None, None)
+    assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
+    assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
+    store.close()
+
+
+def test_a_schema_7_database_gains_an_id_for_each_conversation_after_a_backup(tmp_path):
+    path = str(tmp_path / "v7.db")
+
+    def fill(c):
+        for title in ("one", "two", "three"):
+            c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
+    store = migrated(path, fill, 7)
+    ids = [r[0] for r in store.db.conn().execute("SELECT uuid FROM conversations ORDER BY id")]
+    assert len(set(ids)) == 3 and all(llama_chat.UUID_TEXT.match(i) and i[14] == "4"
+                                      and i[19] in "89ab" for i in ids), ids
+    made = store.create_conversation("four", "m")
+    given = store.db.conn().execute("SELECT uuid FROM conversations WHERE id = ?",
+                                    (made,)).fetchone()[0]
+    assert llama_chat.UUID_TEXT.match(given) and given not in ids
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.db.write() as c:
+            c.execute("UPDATE conversations SET uuid = ? WHERE id = ?", (ids[0], made))
+    store.close()
+
+
+###############################################################################
+# Models and health
+###############################################################################
+
+def test_models_single_model_server_answers_the_file_name(client):
+    status, _, body = client.get("/api/models")
+    assert status == 200
+    assert body["models"] == [MODEL] and body["count"] == 1
+    assert body["llamacpp_url"] == client.engine.settings.llamacpp_url
+
+
+@pytest.mark.parametrize("args, n_ctx", [
+    (["llama-server", "-m", "a.gguf", "-c", "8192"], 8192),
+    (["llama-server", "--ctx-size", "4096", "-m", "a.gguf"], 4096),
+    (["llama-server", "-m", "a.gguf"], None), (["-c"], None), (["-c", "0"], None),
+    (["-c", "lots"], None), ("-c 8192", None), (None, None), (["-c", 8192], None)])
+def test_a_router_model_s_context_is_read_from_its_arguments(args, n_ctx):
+    assert llama_chat.launch_context(args) == n_ctx
+
+
+def test_router_mode_titles_name_the_model(tmp_path, stub, launch):
+    stub.router = True
+    c = Client(launch(stub.url, auto_title="model"))
+    cid = c.post("/api/conversations", {"model": "gemma-3-270m"})[2]["conversation_id"]
+    stub.reply = "Lava and rock"
+    assert c.chat(cid, "Tell me about volcanoes", model="gemma-3-270m")[0] == 200
+    wait_for(lambda: c.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] ==
+             "Lava and rock", 5, "the model's title")
+    asked = [r["body"] for r in stub.requests
+             if r["body"]["messages"][0]["content"] == llama_chat.TITLE_PROMPT]
+    assert asked and asked[0]["model"] == "gemma-3-270m"
+
+
+def test_router_mode_never_loads_a_model_to_read_its_settings(client, stub):
+    stub.router = True
+    stub.router_status = "loaded"
+    assert client.get("/api/models")[0] == 200            # lists qwen3-0.6b: unloaded, -c 8192
+    cid = client.new_conversation(model="qwen3-0.6b")
+    prompt = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
+    assert prompt["n_ctx"] == 8192                         # from the arguments it starts with
+    client.get("/api/models/defaults?model=qwen3-0.6b")
+    assert client.chat(cid, "hi", model="gemma-3-270m")[0] == 200
+    models_asked = [p for p in stub.props_asked if "model=" in p]
+    assert models_asked and all("autoload=false" in p for p in models_asked), stub.props_asked
+
+
+def test_a_chat_with_a_model_llama_cpp_does_not_know_leaves_the_conversation_s(client, stub):
+    stub.router = True
+    cid = client.new_conversation(model="gemma-3-270m")
+    status, _, body = client.chat(cid, "hi", model="no-such-model")
+    assert status == 502 and "not found" in body["details"]
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "gemma-3-270m"
+    assert client.chat(cid, "hi again", model="qwen3-0.6b")[0] == 200
+    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "qwen3-0.6b"
+
+
+def test_models_router_mode_gives_each_status(client, stub):
+    stub.router = True
+    body = client.get("/api/models")[2]
+    assert body["models"] == ["gemma-3-270m", "qwen3-0.6b"]
+    assert body["details"] == [{"name": "gemma-3-270m", "status": "loaded"},
+                               {"name": "qwen3-0.6b", "status": "unloaded"}]
+
+
+def test_models_fall_back_to_v1_models(client, stub):
+    stub.no_models_route = True
+    assert client.get("/api/models")[2]["models"] == [MODEL]
+
+
+def test_models_with_llamacpp_down(down_client):
+    status, _, body = down_client.get("/api/models")
+    assert status == 502
+    assert body["models"] == [] and body["count"] == 0 and body["code"] == "LLAMACPP_ERROR"
+    assert body["error"] and body["llamacpp_url"] == down_client.engine.settings.llamacpp_url
+
+
+def test_health_ok(client):
+    status, _, body = client.get("/api/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["version"] == llama_chat.__version__
+    assert body["llamacpp"]["ok"] is True and body["database"] == {"ok": True, "fts5": True}
+
+
+def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
+    cid = client.new_conversation()
+    db = client.engine.store.db
+    pages = db.conn().execute("PRAGMA page_count").fetchone()[0]
+    limit = {"pages": pages}
+    real_connect = db.connect
+
+    def connect():                                   # every connection, as a full disk
+        conn = real_connect()
+        conn.execute(f"PRAGMA max_page_count = {limit['pages']}")
+        return conn
+
+    opened = []
+
+    def conn():                      # a new one for each use: none from before the limit
+        opened.append(connect())
+        return opened[-1]
+
+    monkeypatch.setattr(db, "conn", conn)
+    status, _, body = client.chat(cid, "x" * 100_000)
+    assert (status, body["code"]) == (503, "DATABASE_ERROR") and "full" in body["error"]
+    health = client.get("/api/health")[2]
+    assert health["status"] == "degraded" and health["database"]["ok"] is False
+    assert "cannot be written" in health["database"]["error"] and "full" in \
+        health["database"]["error"]
+    limit["pages"] = 1073741823
+    assert client.chat(cid, "small")[0] == 200
+    assert client.get("/api/health")[2]["status"] == "ok"
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["checked at start", "too big to"])
+def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog, launch, checked):
+    path = tmp_path / "damaged.db"
+    store = llama_chat.Store(str(path))
+    cid = store.create_conversation("t", "m")
+    for i in range(300):
+        store.add_message(cid, "user", f"message number {i} " + "x" * 400)
+    store.close()
+    root = sqlite3.connect(path).execute(
+        "SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+    with open(path, "r+b") as f:              # the messages table's root page, garbled
+        f.seek((root - 1) * 4096)
+        f.write(b"\x0d\xff" * 2048)
+    caplog.set_level("INFO", logger="llama_chat")
+    server = launch(stub.url, db=str(path), check_up_to_bytes=2**40 if checked else 0)
+    c = Client(server)
+    deadline = time.monotonic() + 10
+    def said():
+        return any("is damaged" in r.getMessage() for r in caplog.records)
+    while checked and not said() and time.monotonic() < deadline:   # found, then logged
+        time.sleep(0.05)
+    assert said() == checked
+    status, _, body = c.get(f"/api/conversations/{cid}")   # found by the request, if not
+    assert (status, body["code"]) == (503, "DATABASE_ERROR") and "damaged" in body["error"]
+    health = c.get("/api/health")[2]
+    assert health["status"] == "degraded" and "damaged" in health["database"]["error"]
+
+
+def test_health_degraded_while_history_keeps_working(down_client):
+    cid = down_client.new_conversation()
+    status, _, body = down_client.get("/api/health")
+    assert status == 200 and body["status"] == "degraded"
+    assert body["llamacpp"]["ok"] is False and body["llamacpp"]["error"]
+    assert down_client.get(f"/api/conversations/{cid}")[0] == 200
+    assert down_client.get("/api/search?q=x")[0] == 200
+
+
+###############################################################################
+# A llama-server started by llama-chat
+###############################################################################
+
+FAKE_LLAMA_SERVER = """#!{python}
+import json, os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+args = sys.argv[1:]
+port = int(args[args.index("--port") + 1])
+with open(os.path.join(os.path.dirname(__file__), "started"), "a") as f:
+    f.write(json.dumps({{"pid": os.getpid(), "args": args}}) + "\\n")
+print("fake llama-server listening", flush=True)
+
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{{"status": "ok"}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+
+HTTPServer(("127.0.0.1", port), H).serve_forever()
+"""
+
+
+def fake_llama_server(folder, program=FAKE_LLAMA_SERVER):
+    """An executable llama-server stand-in in folder (and a model file for it)."""
+    fake = folder / "llama-server"
+    fake.write_text(program.format(python=sys.executable))
+    fake.chmod(0o755)
+    (folder / "m.gguf").write_bytes(b"GGUF")
+    return fake
+
+
+def llama_chat_process(folder, fake, *extra, port=None):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port or free_port()), "--db", str(folder / "chat.db"),
+                             "--llama-server", str(fake), "--model", str(folder / "m.gguf"),
+                             "--", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for(condition, seconds=15, what="it"):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen in {seconds} s"
+        time.sleep(0.05)
+
+
+def test_a_started_llama_server_dies_with_a_killed_llama_chat(tmp_path):
+    fake = fake_llama_server(tmp_path)
+    proc = llama_chat_process(tmp_path, fake)
+    try:
+        wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
+        child = started_servers(tmp_path)[0]["pid"]
+        assert (tmp_path / "chat.db.llama-server.pid").read_text().strip() == str(child)
+    finally:
+        proc.kill()                                          # kill -9: no clean-up runs
+        proc.wait(10)
+    wait_for(lambda: not alive(child), 5, "llama-server stopping")
+
+
+ORPHAN = """import os, sys, time
+sys.argv[0] = {name!r}
+open({ready!r}, "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("same_program", [True, False])
+def test_the_next_start_stops_only_the_llama_server_its_pid_file_names(tmp_path, same_program):
+    """Where the kernel cannot tie the child to llama-chat (not Linux), a pid
+    file left by a killed llama-chat names the orphan; the next start stops it
+    if that process still runs the same program, and never another one."""
+    fake = fake_llama_server(tmp_path)
+    name = str(fake) if same_program else "/usr/bin/something-else"
+    orphan = subprocess.Popen([name, "-c", ORPHAN.format(name=name, ready=str(
+        tmp_path / "ready"))], executable=sys.executable)
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists())
+        (tmp_path / "chat.db.llama-server.pid").write_text(f"{orphan.pid}\n")
+        proc = llama_chat_process(tmp_path, fake)
+        try:
+            wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
+            assert (orphan.poll() is not None) == same_program
+        finally:
+            proc.terminate()
+            proc.wait(15)
+        said = proc.stdout.read()
+        assert ("left running" in said) == same_program
+        assert not (tmp_path / "chat.db.llama-server.pid").exists()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+FAILING_LLAMA_SERVER = """#!{python}
+import sys
+print("loading model", flush=True)
+print("error: failed to open GGUF file 'm.gguf' (bad magic)", flush=True)
+sys.exit(3)
+"""
+
+
+def test_a_llama_server_that_keeps_exiting_is_shown_with_its_reason(tmp_path):
+    fake = fake_llama_server(tmp_path, FAILING_LLAMA_SERVER)
+    port = free_port()
+    proc = llama_chat_process(tmp_path, fake, "--api-key", "upstream-secret",
+                              "--hf-token=hf_secret", port=port)
+    try:
+        def managed():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/health")
+            return json.loads(conn.getresponse().read())["llamacpp"]["managed"]
+
+        def exited():
+            try:
+                return managed()["last_exit"] is not None
+            except OSError:
+                return False
+        wait_for(exited, what="an exit shown")
+        state = managed()
+        assert state["last_exit"] == 3 and not state["running"]
+        assert state["last_log_line"] == "error: failed to open GGUF file 'm.gguf' (bad magic)"
+        assert state["log"] == str(tmp_path / "chat.db.llama-server.log")
+        assert "upstream-secret" not in state["command"] and "hf_secret" not in state["command"]
+        assert "--api-key *** --hf-token=***" in state["command"]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    said = proc.stdout.read()
+    assert "upstream-secret" not in said and "hf_secret" not in said
+    assert "status 3: error: failed to open GGUF file" in said
+    assert file_mode(tmp_path / "chat.db.llama-server.log") == 0o600
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["ls", "--api-key", "k1", "-c", "9"], "ls --api-key *** -c 9"),
+    (["ls", "--api-key-file", "/k", "--hf-token", "t"], "ls --api-key-file *** --hf-token ***"),
+    (["ls", "-hft", "t", "--ssl-key-file=/x.pem"], "ls -hft *** --ssl-key-file=***"),
+    (["ls", "--api-key", "--api-key", "x"], "ls --api-key *** x"),      # a value like a flag
+    (["ls", "--api-keys", "k"], "ls --api-keys k"),
+])
+def test_llama_server_s_secrets_are_never_shown(command, shown):
+    assert llama_chat.shown_command(command) == shown
+
+
+NOISY_LLAMA_SERVER = """#!{python}
+import sys, time
+for i in range(3000):
+    print(f"line {{i:05d}} " + "x" * 60, flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_llama_server_log_is_rotated(tmp_path, monkeypatch):
+    fake = fake_llama_server(tmp_path, NOISY_LLAMA_SERVER)
+    monkeypatch.setattr(llama_chat, "LOG_LIMIT", 50_000)
+    settings = llama_chat.prepare_settings(llama_chat.Settings(
+        db=str(tmp_path / "chat.db"), llama_server=str(fake),
+        llama_model=str(tmp_path / "m.gguf")))
+    managed = llama_chat.ManagedLlamaServer(settings)
+    managed.start()
+    try:
+        wait_for(lambda: managed.last_line.startswith("line 02999"), what="3,000 lines")
+    finally:
+        managed.stop()
+    log_path = tmp_path / "chat.db.llama-server.log"
+    sizes = log_path.stat().st_size, (tmp_path / "chat.db.llama-server.log.1").stat().st_size
+    assert all(size <= 50_000 for size in sizes) and sizes[1] > 40_000
+    assert log_path.read_text().splitlines()[-1].startswith("line 02999")
+    assert not (tmp_path / "chat.db.llama-server.pid").exists()
+
+
+def started_servers(folder):
+    path = folder / "started"
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[1].split()[0] != "Z"
+
+
+def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path):
+    fake = fake_llama_server(tmp_path)
+    port = free_port()
+    db = tmp_path / "chat.db"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", str(db), "--llama-server", str(fake), "--model",
+                             str(tmp_path / "m.gguf"), "--", "-c", "2048"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def health():
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/api/health")
+            return json.loads(conn.getresponse().read())["llamacpp"]
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                state = health()
+                if state["ok"]:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "llama-server never answered"
+            time.sleep(0.1)
+        first = started_servers(tmp_path)[0]
+        assert first["args"][:2] == ["-m", str(tmp_path / "m.gguf")]
+        assert first["args"][-2:] == ["-c", "2048"]
+        assert state["url"] == f"http://127.0.0.1:{first['args'][first['args'].index('--port') + 1]}"
+        assert state["managed"]["pid"] == first["pid"]
+        assert "fake llama-server listening" in (tmp_path / "chat.db.llama-server.log").read_text()
+        os.kill(first["pid"], signal.SIGKILL)             # it dies: started again
+        deadline = time.monotonic() + 10
+        while len(started_servers(tmp_path)) < 2:
+            assert time.monotonic() < deadline, "llama-server was not started again"
+            time.sleep(0.1)
+        second = started_servers(tmp_path)[1]
+        while not health()["ok"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health()["managed"]["restarts"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    assert proc.returncode == 0
+    said = proc.stdout.read()
+    assert "started llama-server" in said and "start it with" not in said   # it was started
+    deadline = time.monotonic() + 5
+    while alive(second["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(second["pid"])                          # stopped with llama-chat
+
+
+def test_a_default_url_moves_to_llama_server_s_newer_port_when_only_that_answers(stub):
+    settings = llama_chat.Settings()                # its llamacpp_url is the default
+    stub_port = int(stub.url.rsplit(":", 1)[1])
+    moved = llama_chat.discover_llamacpp(settings, ports=(free_port(), stub_port))
+    assert moved.llamacpp_url == f"http://127.0.0.1:{stub_port}"
+    # Something answers on the usual port, or the URL was given: nothing changes.
+    assert llama_chat.discover_llamacpp(settings, ports=(stub_port, stub_port)) == settings
+    given = replace(settings, llamacpp_url="http://127.0.0.1:1234")
+    assert llama_chat.discover_llamacpp(given, ports=(free_port(), stub_port)) == given
+    assert llama_chat.discover_llamacpp(settings, ports=(free_port(), free_port())) == settings
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--llama-server", "/nonexistent/llama-server", "--model", "m"], "not an executable"),
+    (["--llama-server", sys.executable], "needs --model FILE or --models-dir DIR"),
+    (["--llama-server", sys.executable, "--model", os.path.join(HERE, "llama_chat.py"), "--llamacpp-url",
+      "http://10.0.0.9:8080"], "loopback"),
+    (["--llama-server", sys.executable, "--model", "/nonexistent/m.gguf"],
+     "--model /nonexistent/m.gguf is not a file"),
+    (["--llama-server", sys.executable, "--models-dir", "/nonexistent"],
+     "--models-dir /nonexistent is not a folder"),
+])
+def test_a_llama_server_to_start_is_checked_first(tmp_path, argv, words):
+    done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                           str(tmp_path / "x.db"), "--port", "0", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and words in done.stderr and done.stderr.count("\n") == 1
+
+
+###############################################################################
 # Settings of a conversation, titles, pins
 ###############################################################################
 
@@ -3531,313 +2872,740 @@ def test_a_1_1_database_gets_settings_of_null(tmp_path):
 
 
 ###############################################################################
-# Models and health
+# Context by tokens
 ###############################################################################
 
-def test_models_single_model_server_answers_the_file_name(client):
-    status, _, body = client.get("/api/models")
-    assert status == 200
-    assert body["models"] == [MODEL] and body["count"] == 1
-    assert body["llamacpp_url"] == client.engine.settings.llamacpp_url
+TEN_WORDS = "one two three four five six seven eight nine {}"
 
 
-@pytest.mark.parametrize("args, n_ctx", [
-    (["llama-server", "-m", "a.gguf", "-c", "8192"], 8192),
-    (["llama-server", "--ctx-size", "4096", "-m", "a.gguf"], 4096),
-    (["llama-server", "-m", "a.gguf"], None), (["-c"], None), (["-c", "0"], None),
-    (["-c", "lots"], None), ("-c 8192", None), (None, None), (["-c", 8192], None)])
-def test_a_router_model_s_context_is_read_from_its_arguments(args, n_ctx):
-    assert llama_chat.launch_context(args) == n_ctx
-
-
-def test_router_mode_titles_name_the_model(tmp_path, stub, launch):
-    stub.router = True
-    c = Client(launch(stub.url, auto_title="model"))
-    cid = c.post("/api/conversations", {"model": "gemma-3-270m"})[2]["conversation_id"]
-    stub.reply = "Lava and rock"
-    assert c.chat(cid, "Tell me about volcanoes", model="gemma-3-270m")[0] == 200
-    wait_for(lambda: c.get(f"/api/conversations/{cid}")[2]["conversation"]["title"] ==
-             "Lava and rock", 5, "the model's title")
-    asked = [r["body"] for r in stub.requests
-             if r["body"]["messages"][0]["content"] == llama_chat.TITLE_PROMPT]
-    assert asked and asked[0]["model"] == "gemma-3-270m"
-
-
-def test_router_mode_never_loads_a_model_to_read_its_settings(client, stub):
-    stub.router = True
-    stub.router_status = "loaded"
-    assert client.get("/api/models")[0] == 200            # lists qwen3-0.6b: unloaded, -c 8192
-    cid = client.new_conversation(model="qwen3-0.6b")
-    prompt = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
-    assert prompt["n_ctx"] == 8192                         # from the arguments it starts with
-    client.get("/api/models/defaults?model=qwen3-0.6b")
-    assert client.chat(cid, "hi", model="gemma-3-270m")[0] == 200
-    models_asked = [p for p in stub.props_asked if "model=" in p]
-    assert models_asked and all("autoload=false" in p for p in models_asked), stub.props_asked
-
-
-def test_a_chat_with_a_model_llama_cpp_does_not_know_leaves_the_conversation_s(client, stub):
-    stub.router = True
-    cid = client.new_conversation(model="gemma-3-270m")
-    status, _, body = client.chat(cid, "hi", model="no-such-model")
-    assert status == 502 and "not found" in body["details"]
-    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "gemma-3-270m"
-    assert client.chat(cid, "hi again", model="qwen3-0.6b")[0] == 200
-    assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "qwen3-0.6b"
-
-
-def test_models_router_mode_gives_each_status(client, stub):
-    stub.router = True
-    body = client.get("/api/models")[2]
-    assert body["models"] == ["gemma-3-270m", "qwen3-0.6b"]
-    assert body["details"] == [{"name": "gemma-3-270m", "status": "loaded"},
-                               {"name": "qwen3-0.6b", "status": "unloaded"}]
-
-
-def test_models_fall_back_to_v1_models(client, stub):
-    stub.no_models_route = True
-    assert client.get("/api/models")[2]["models"] == [MODEL]
-
-
-def test_models_with_llamacpp_down(down_client):
-    status, _, body = down_client.get("/api/models")
-    assert status == 502
-    assert body["models"] == [] and body["count"] == 0 and body["code"] == "LLAMACPP_ERROR"
-    assert body["error"] and body["llamacpp_url"] == down_client.engine.settings.llamacpp_url
-
-
-def test_health_ok(client):
-    status, _, body = client.get("/api/health")
-    assert status == 200
-    assert body["status"] == "ok" and body["version"] == llama_chat.__version__
-    assert body["llamacpp"]["ok"] is True and body["database"] == {"ok": True, "fts5": True}
-
-
-def test_health_degraded_while_the_disk_is_full(client, monkeypatch):
+def test_a_long_chat_sends_the_newest_messages_that_fit_the_context(client, stub):
+    stub.n_ctx = 200          # less a quarter for the reply and 14 for the system prompt: 136
     cid = client.new_conversation()
-    db = client.engine.store.db
-    pages = db.conn().execute("PRAGMA page_count").fetchone()[0]
-    limit = {"pages": pages}
-    real_connect = db.connect
-
-    def connect():                                   # every connection, as a full disk
-        conn = real_connect()
-        conn.execute(f"PRAGMA max_page_count = {limit['pages']}")
-        return conn
-
-    opened = []
-
-    def conn():                      # a new one for each use: none from before the limit
-        opened.append(connect())
-        return opened[-1]
-
-    monkeypatch.setattr(db, "conn", conn)
-    status, _, body = client.chat(cid, "x" * 100_000)
-    assert (status, body["code"]) == (503, "DATABASE_ERROR") and "full" in body["error"]
-    health = client.get("/api/health")[2]
-    assert health["status"] == "degraded" and health["database"]["ok"] is False
-    assert "cannot be written" in health["database"]["error"] and "full" in \
-        health["database"]["error"]
-    limit["pages"] = 1073741823
-    assert client.chat(cid, "small")[0] == 200
-    assert client.get("/api/health")[2]["status"] == "ok"
+    for i in range(5):        # questions of 10 tokens (18 with the template), replies of 8 (16)
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    status, _, body = client.chat(cid, TEN_WORDS.format("q5"))
+    assert status == 200, body
+    sent = stub.requests[-1]["body"]["messages"]
+    # 18 + (16 + 18) * 3 = 120, and a reply (16) fits too but cannot go first: q2 onwards
+    assert [m["content"] for m in sent[1:] if m["role"] == "user"] == [
+        TEN_WORDS.format(f"q{i}") for i in (2, 3, 4, 5)]
+    assert len(sent) == 1 + 7
+    assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 7,
+                               "messages_left_out": 4}      # prompt_tokens: llama.cpp's usage
 
 
-@pytest.mark.parametrize("checked", [True, False], ids=["checked at start", "too big to"])
-def test_a_damaged_database_is_503_and_said_at_start(tmp_path, stub, caplog, launch, checked):
-    path = tmp_path / "damaged.db"
-    store = llama_chat.Store(str(path))
-    cid = store.create_conversation("t", "m")
-    for i in range(300):
-        store.add_message(cid, "user", f"message number {i} " + "x" * 400)
-    store.close()
-    root = sqlite3.connect(path).execute(
-        "SELECT rootpage FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
-    with open(path, "r+b") as f:              # the messages table's root page, garbled
-        f.seek((root - 1) * 4096)
-        f.write(b"\x0d\xff" * 2048)
-    caplog.set_level("INFO", logger="llama_chat")
-    server = launch(stub.url, db=str(path), check_up_to_bytes=2**40 if checked else 0)
-    c = Client(server)
-    deadline = time.monotonic() + 10
-    def said():
-        return any("is damaged" in r.getMessage() for r in caplog.records)
-    while checked and not said() and time.monotonic() < deadline:   # found, then logged
-        time.sleep(0.05)
-    assert said() == checked
-    status, _, body = c.get(f"/api/conversations/{cid}")   # found by the request, if not
-    assert (status, body["code"]) == (503, "DATABASE_ERROR") and "damaged" in body["error"]
-    health = c.get("/api/health")[2]
-    assert health["status"] == "degraded" and "damaged" in health["database"]["error"]
+def test_a_question_too_long_for_the_context_does_not_silence_the_history(client, stub):
+    stub.n_ctx = 200                     # 136 tokens for the history
+    cid = client.new_conversation()
+    for i in range(2):
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    stub.context_chars = 1000            # llama.cpp refuses the long one
+    status, _, body = client.chat(cid, " ".join(["long"] * 300))
+    assert status == 502 and "exceeds" in body["details"]
+    stub.context_chars = 0
+    for i in (2, 3):
+        status, _, body = client.chat(cid, TEN_WORDS.format(f"q{i}"))
+        assert status == 200, body
+        sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
+        assert sent == [x for j in range(i) for x in (TEN_WORDS.format(f"q{j}"), stub.reply)] \
+            + [TEN_WORDS.format(f"q{i}")], sent            # all but the long one: 52-120 tokens
+        assert body["context"]["messages_left_out"] == 1, body["context"]
+    prompt = client.get(f"/api/conversations/{cid}/prompt?message=next")[2]
+    assert "long long" not in json.dumps(prompt["messages"])
 
 
-def test_health_degraded_while_history_keeps_working(down_client):
+def test_unanswered_questions_are_left_out_and_the_walk_goes_on(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    stub.mode = "error500"
+    assert client.chat(cid, "lost one")[0] == 502
+    stub.mode = "normal"
+    client.chat(cid, "third")
+    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
+    assert sent == ["first", stub.reply, "third"]
+
+
+def test_what_is_sent_begins_with_a_question(client, stub):
+    item = {"conversation": {"id": 1, "title": "greeted"}, "messages": [
+        {"id": 1, "parent_id": None, "role": "assistant", "content": "Hello."},
+        {"id": 2, "parent_id": 1, "role": "assistant", "content": "I am a bot."},
+        {"id": 3, "parent_id": 2, "role": "user", "content": "hi"},
+        {"id": 4, "parent_id": 3, "role": "assistant", "content": "hi again"}]}
+    assert imported(client, json.dumps(item).encode())[0] == 200
+    cid = client.get("/api/conversations")[2]["conversations"][0]["id"]
+    context = client.chat(cid, "and now?")[2]["context"]
+    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]
+            if m["role"] != "system"]
+    assert sent == [("user", "hi"), ("assistant", "hi again"), ("user", "and now?")]
+    assert (context["messages_sent"], context["messages_left_out"]) == (3, 2)
+
+
+def test_token_counts_are_asked_once_and_forgotten_when_a_text_changes(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first question here")
+    stub.tokenized.clear()
+    client.chat(cid, "second one")
+    assert stub.tokenized == ["second one"]          # the reply's count came from its usage
+    counts = rows(client, "SELECT content, token_count FROM messages ORDER BY id")
+    assert counts == [("first question here", 3), (stub.reply, len(stub.tokens())),
+                      ("second one", 2), (stub.reply, len(stub.tokens()))]
+    first = rows(client, "SELECT id FROM messages ORDER BY id LIMIT 1")[0][0]
+    client.put(f"/api/messages/{first}", {"content": "edited text"})
+    assert rows(client, "SELECT token_count FROM messages WHERE id = ?", first) == [(None,)]
+    stub.tokenized.clear()
+    client.chat(cid, "third")
+    assert sorted(stub.tokenized) == ["edited text", "third"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_stream_s_done_carries_the_context(client, stub, stream):
+    cid = client.new_conversation()
+    if stream:
+        done = read_events(client.stream(cid, "hello there")[0])[-1]
+    else:
+        done = client.chat(cid, "hello there")[2]
+    assert done["context"] == {"n_ctx": 4096, "prompt_tokens": 21, "messages_sent": 1,
+                               "messages_left_out": 0}
+
+
+def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
+    stub.router = True
+    client.get("/api/models")
+    cid = client.new_conversation(model="gemma-3-270m")
+    assert client.chat(cid, "one", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
+    stub.n_ctx = 2048                     # the same list: the context it said holds
+    client.get("/api/models")
+    assert client.chat(cid, "two", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
+    stub.router_status = "loading"        # reloaded, perhaps with another -c
+    client.get("/api/models")
+    stub.router_status = "loaded"
+    client.get("/api/models")
+    assert client.chat(cid, "three", model="gemma-3-270m")[2]["context"]["n_ctx"] == 2048
+
+
+def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
+    stub.prompt_tools = False
+    stub.n_ctx = 50
+    cid = client.new_conversation()
+    for i in range(3):
+        client.chat(cid, TEN_WORDS.format(f"q{i}"))
+    status, _, body = client.chat(cid, "last")
+    assert status == 200 and "context" not in body
+    assert len(stub.requests[-1]["body"]["messages"]) == 1 + 7
+
+
+###############################################################################
+# The prompt
+###############################################################################
+
+def test_the_prompt_is_what_the_next_chat_would_send(client, stub):
+    cid = client.new_conversation()
+    client.put(f"/api/conversations/{cid}", {"system_prompt": "Be terse.",
+                                             "options": {"temperature": 0.5}})
+    client.chat(cid, "First question")
+    status, _, body = client.get(f"/api/conversations/{cid}/prompt?message=Next%20one")
+    assert status == 200, body
+    expected = [{"role": "system", "content": "Be terse."}, user("First question"),
+                assistant(stub.reply), user("Next one")]
+    assert body["messages"] == expected
+    assert body["options"]["temperature"] == 0.5 and body["options"]["max_tokens"] == 4096
+    assert body["prompt"] == "\n".join(f"<{m['role']}>{m['content']}" for m in expected) \
+        + "\n<assistant>"
+    assert body["prompt_tokens"] == sum(len(f"<{m['role']}>{m['content']}".split()) + 3
+                                        for m in expected)
+    assert (body["n_ctx"], body["messages_sent"], body["messages_left_out"]) == (4096, 3, 0)
+    # What it shows is what a chat then sends.
+    client.chat(cid, "Next one")
+    sent = stub.requests[-1]["body"]
+    assert sent["messages"] == expected and sent["temperature"] == 0.5
+
+
+def test_the_prompt_counts_what_the_history_limit_leaves_out(tmp_path, stub, launch):
+    c = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                             "context_history_limit": 2}))
+    cid = c.new_conversation()
+    for i in range(3):
+        c.chat(cid, f"q{i}")
+    body = c.get(f"/api/conversations/{cid}/prompt")[2]
+    assert [m["content"] for m in body["messages"][1:]] == ["q2", stub.reply]
+    assert (body["messages_sent"], body["messages_left_out"]) == (2, 4)
+
+
+def test_without_llama_server_s_prompt_tools_the_prompt_still_answers(client, stub):
+    stub.prompt_tools = False
+    cid = client.new_conversation()
+    body = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
+    assert body["messages"][-1] == user("hi")
+    assert (body["prompt"], body["prompt_tokens"]) == (None, None)
+    assert client.get("/api/conversations/999/prompt")[0] == 404
+
+
+def test_the_prompt_with_llamacpp_down_answers_the_messages(down_client):
     cid = down_client.new_conversation()
-    status, _, body = down_client.get("/api/health")
-    assert status == 200 and body["status"] == "degraded"
-    assert body["llamacpp"]["ok"] is False and body["llamacpp"]["error"]
-    assert down_client.get(f"/api/conversations/{cid}")[0] == 200
-    assert down_client.get("/api/search?q=x")[0] == 200
+    status, _, body = down_client.get(f"/api/conversations/{cid}/prompt?message=hi")
+    assert status == 200 and body["messages"][-1] == user("hi")
+    assert (body["prompt"], body["prompt_tokens"], body["n_ctx"]) == (None, None, None)
 
 
 ###############################################################################
-# Storage: migrations, durability, the page
+# Chat
 ###############################################################################
 
-FLASK_SCHEMA = """
-CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
-    model TEXT NOT NULL, model_file TEXT, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INTEGER NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL, model TEXT,
-    model_file TEXT, timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP, response_time_ms INTEGER,
-    estimated_tokens INTEGER,
-    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
-CREATE INDEX idx_messages_conversation ON messages(conversation_id);
-CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
-"""
+def test_chat_answers_with_the_reference_fields(client, stub):
+    cid = client.new_conversation()
+    status, _, body = client.chat(cid)
+    assert status == 200
+    assert body["success"] is True
+    assert body["response"] == stub.reply
+    assert body["model"] == MODEL
+    assert isinstance(body["response_time_ms"], int) and body["response_time_ms"] >= 0
+    assert body["estimated_tokens"] == len(stub.tokens())
+    assert body["metrics"] == {"completion_tokens": len(stub.tokens()), "prompt_tokens": 21,
+                               "total_tokens": 21 + len(stub.tokens()), "tokens_per_second": 42.5}
+    assert body["finish_reason"] == "stop"
+    stored = rows(client, "SELECT id, role, content FROM messages ORDER BY id")
+    assert stored == [(body["user_message_id"], "user", "Explain machine learning"),
+                      (body["message_id"], "assistant", stub.reply)]
 
 
-def make_flask_db(path, conversations=3, per_conversation=4):
-    conn = sqlite3.connect(path)
-    conn.executescript(FLASK_SCHEMA)
-    for c in range(conversations):
-        conn.execute("INSERT INTO conversations (title, model, model_file, created_at, updated_at)"
-                     " VALUES (?, 'old.gguf', 'old.gguf', '2025-06-08 10:30:00', ?)",
-                     (f"Old chat {c}", f"2025-06-08 11:{c:02d}:00"))
-        for m in range(per_conversation):
-            role = "user" if m % 2 == 0 else "assistant"
-            conn.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp,"
-                         " response_time_ms, estimated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (c + 1, role, f"legacy message {c}-{m} about volcanoes", "old.gguf",
-                          "2025-06-08 10:31:15", 900 if role == "assistant" else None, 10))
-    conn.commit()
-    conn.close()
+def test_chat_metrics_fall_back_to_timings_then_an_estimate(client, stub):
+    stub.mode = "no_usage"
+    stub.reply = "x" * 400
+    body = client.chat(client.new_conversation())[2]
+    assert body["metrics"]["prompt_tokens"] == 21         # from timings.prompt_n
+    assert body["estimated_tokens"] == 1                  # from timings.predicted_n
+    stub.mode = "no_counts"                               # neither usage nor timings
+    body = client.chat(client.new_conversation())[2]
+    assert body["estimated_tokens"] == body["metrics"]["completion_tokens"] == 100   # 400 / 4
+    assert body["metrics"]["prompt_tokens"] is None and body["metrics"]["total_tokens"] is None
 
 
-def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
-    path = str(tmp_path / "llamacpp_chat.db")
-    make_flask_db(path)
-    server = launch(stub.url, db=path)
+def test_chat_sends_system_prompt_history_and_mapped_options(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    client.chat(cid, "second", options={"temperature": 0.7, "num_predict": 64, "seed": 3})
+    sent = stub.requests[-1]["body"]
+    assert sent["messages"] == [
+        {"role": "system", "content": llama_chat.DEFAULT_CONFIG["system_prompt"]},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": stub.reply},
+        {"role": "user", "content": "second"},
+    ]
+    assert sent["model"] == MODEL and sent["stream"] is False
+    assert sent["temperature"] == 0.7 and sent["max_tokens"] == 64 and sent["seed"] == 3
+    assert sent["top_k"] == 50 and sent["stop"] == ["\n\nHuman:", "\n\nUser:"]
+    assert set(sent) <= {"messages", "stream", "model", "temperature", "top_p", "top_k", "min_p",
+                         "max_tokens", "repeat_penalty", "stop", "seed"}
+
+
+def test_chat_history_is_limited_and_alternates(tmp_path, stub, launch):
+    settings_perf = {**llama_chat.DEFAULT_CONFIG["performance"], "context_history_limit": 3}
+    server = launch(stub.url, performance=settings_perf)
     c = Client(server)
-    listed = c.get("/api/conversations")[2]["conversations"]
-    assert [x["title"] for x in listed] == ["Old chat 2", "Old chat 1", "Old chat 0"]
-    assert listed[0]["updated_at"] == "2025-06-08T11:02:00Z"
-    body = c.get("/api/conversations/1")[2]
-    assert len(body["messages"]) == 4
-    assert body["messages"][0]["timestamp"] == "2025-06-08T10:31:15Z"
-    assert body["messages"][1]["finish_reason"] == "stop"
-    assert c.get("/api/search?q=volcanoes")[2]["count"] == 12
-    assert c.chat(1, "new question")[0] == 200
-    assert c.get("/api/conversations")[2]["conversations"][0]["id"] == 1
-    backup = server.engine.store.backup_path
-    assert backup and sqlite3.connect(backup).execute(
-        "SELECT count(*) FROM messages").fetchone()[0] == 12
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
-    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 14
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    cid = c.new_conversation()
+    for word in ["one", "two", "three"]:
+        c.chat(cid, word)
+    stub.mode = "error500"
+    c.chat(cid, "four")                    # fails: two user messages in a row now
+    stub.mode = "ok"
+    c.chat(cid, "five")
+    sent = stub.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert [sent[1]["content"], sent[3]["content"]] == ["three", "five"]    # four: unanswered
 
 
-def test_database_pragmas(client):
-    conn = client.engine.store.db.conn()
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2      # FULL
-    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == llama_chat.SCHEMA_VERSION
+def test_retry_answers_the_stored_message_without_storing_it_again(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "first")
+    stub.mode = "error500"
+    failed = client.chat(cid, "second")[2]
+    stub.mode = "ok"
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": failed["user_message_id"]})
+    assert status == 200 and body["user_message_id"] == failed["user_message_id"]
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == [
+        "first", stub.reply, "second"]
+    assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
+        "first", stub.reply, "second", stub.reply]
 
 
-def test_newer_database_is_refused_untouched(tmp_path):
-    path = tmp_path / "future.db"
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE later (x)")
-    conn.execute("PRAGMA user_version = 99")
-    conn.commit()
-    conn.close()
-    before = path.read_bytes()
-    with pytest.raises(llama_chat.ConfigError, match="newer llama-chat"):
-        llama_chat.Store(str(path))
-    assert path.read_bytes() == before and not os.path.exists(str(path) + "-wal")
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("delete",)
+def test_retry_after_a_partial_reply_leaves_the_partial_out_of_the_context(client, stub):
+    cid = client.new_conversation()
+    stub.mode = "cut"
+    events = read_events(client.stream(cid, "tell me")[0])
+    assert events[-1]["type"] == "error" and events[-1]["message_id"]
+    stub.mode = "ok"
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": events[-1]["user_message_id"]})
+    assert status == 200
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["tell me"]
 
 
-def test_sigkill_loses_no_acknowledged_write(tmp_path, stub):
-    port = free_port()
-    db = tmp_path / "kill.db"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", str(db), "--llamacpp-url", stub.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    proc.stdout.readline()                   # "llama-chat ...: open http://..."
-    acknowledged, stop_writing = [], threading.Event()
-    lock = threading.Lock()
+def test_retry_of_an_answered_question_is_a_regenerate(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "first")[2]
+    client.chat(cid, "second")
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "user_message_id": first["user_message_id"]})
+    assert status == 200 and body["parent_id"] == first["user_message_id"]
+    assert [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]] == ["first"]
+    conversation = client.get(f"/api/conversations/{cid}")[2]
+    assert [m["id"] for m in conversation["messages"]] == [first["user_message_id"],
+                                                          body["message_id"]]
+    assert conversation["messages"][1]["sibling_ids"] == [first["message_id"], body["message_id"]]
 
-    def writer(n):
-        i = 0
-        while not stop_writing.is_set():
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("POST", "/api/conversations", json.dumps(
-                    {"title": f"w{n}-{i}", "model": "m"}), {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                if resp.status == 201:
-                    cid = json.loads(resp.read())["conversation_id"]
-                    with lock:
-                        acknowledged.append((cid, f"w{n}-{i}"))
-                conn.close()
-            except OSError:
-                return
-            i += 1
 
-    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+@pytest.mark.parametrize("which", ["unknown", "assistant", "other conversation"])
+def test_retry_of_anything_but_a_question_of_the_conversation_is_refused(client, which):
+    cid = client.new_conversation()
+    body = client.chat(cid, "first")[2]
+    other = client.chat(client.new_conversation(), "elsewhere")[2]
+    target = {"unknown": 999, "assistant": body["message_id"],
+              "other conversation": other["user_message_id"]}[which]
+    status, _, answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                  "user_message_id": target})
+    if which == "assistant":
+        assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR",
+                                                             "user_message_id")
+    else:
+        assert (status, answer["code"], answer["resource"], answer["id"]) == (
+            404, "NOT_FOUND", "message", target)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_history_longer_than_the_context_is_trimmed_oldest_first(client, stub, stream):
+    cid = client.new_conversation()
+    for i in range(6):
+        client.chat(cid, f"question {i} " + "x" * 200)
+    stub.context_chars = 4 * (len(stub.reply) + 210)
+    if stream:
+        events = read_events(client.stream(cid, "last question")[0])
+        assert events[-1]["type"] == "done"
+    else:
+        assert client.chat(cid, "last question")[0] == 200
+    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"]]
+    assert sent[0] == llama_chat.DEFAULT_CONFIG["system_prompt"] and sent[-1] == "last question"
+    assert sum(map(len, sent[1:])) <= stub.context_chars and len(sent) > 3
+    assert stub.requests[-1]["body"]["messages"][1]["role"] == "user"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_slow_prompt_outlasts_the_wait_between_tokens_but_not_the_first_token_s(
+        tmp_path, stub, launch, stream):
+    c = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.25, "llamacpp_connect_timeout": 2,
+                                          "first_token_timeout": 3}))
+    cid = c.new_conversation()
+    stub.stall = 0.6                                # reading the prompt: nothing for 0.6 s
+    if stream:
+        events = read_events(c.stream(cid, "a long history")[0])
+        assert events[-1]["type"] == "done", events[-1]
+    else:
+        assert c.chat(cid, "a long history")[0] == 200
+    stub.stall, stub.token_delay = 0, 0.6            # then slow tokens: cut
+    if stream:
+        events = read_events(c.stream(cid, "slow tokens")[0])
+        assert events[-1]["type"] == "error", events[-1]
+    c2 = Client(launch(stub.url, timeouts={"llamacpp_timeout": 0.25,
+                                           "llamacpp_connect_timeout": 2}))
+    stub.stall, stub.token_delay = 0.6, 0
+    status, _, body = c2.chat(c2.new_conversation(), "no first-token limit set")
+    assert (status, body["code"]) == (504, "LLAMACPP_TIMEOUT")   # the old limit, as before
+
+
+def test_a_question_longer_than_the_context_is_an_error(client, stub):
+    stub.context_chars = 100
+    status, _, body = client.chat(client.new_conversation(), "y" * 500)
+    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
+    assert "exceeds the available context size" in body["details"]
+
+
+def test_https_llamacpp_url_speaks_tls(tmp_path, stub, launch):
+    server = launch(stub.url.replace("http://", "https://"))
+    c = Client(server)
+    status, _, body = c.chat(c.new_conversation())
+    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")     # the stub speaks plain http
+    assert "SSL" in body["details"] or "ssl" in body["details"].lower()
+
+
+def test_llamacpp_key_goes_upstream_only(tmp_path, stub, launch):
+    server = launch(stub.url, llamacpp_api_key="upstream-key")
+    c = Client(server)
+    status, _, body = c.chat(c.new_conversation())
+    assert status == 200
+    assert stub.requests[-1]["headers"]["Authorization"] == "Bearer upstream-key"
+    assert "upstream-key" not in json.dumps(c.get("/api/config")[2])
+
+
+def test_chat_to_unknown_conversation_is_not_found(client):
+    status, _, body = client.chat(42)
+    assert (status, body["code"], body["resource"], body["id"]) == (404, "NOT_FOUND",
+                                                                    "conversation", 42)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+@pytest.mark.parametrize("mode, status, code", [
+    ("error500", 502, "LLAMACPP_ERROR"),
+    ("garbage", 502, "LLAMACPP_ERROR"),
+    ("stall", 504, "LLAMACPP_TIMEOUT"),
+])
+def test_upstream_failures_keep_the_users_message(client, stub, mode, status, code):
+    stub.mode = mode
+    if mode == "stall":
+        client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
+        stub.stall = 1
+    cid = client.new_conversation()
+    got, _, body = client.chat(cid, "please keep me")
+    assert (got, body["code"]) == (status, code)
+    assert body["success"] is False and body["details"]
+    assert rows(client, "SELECT id, role, content FROM messages") == [
+        (body["user_message_id"], "user", "please keep me")]
+
+
+def test_llamacpp_down_answers_502_and_keeps_the_message(down_client):
+    cid = down_client.new_conversation()
+    status, _, body = down_client.chat(cid, "hello?")
+    assert (status, body["code"]) == (502, "LLAMACPP_ERROR")
+    assert "Connection refused" in body["details"]
+    assert rows(down_client, "SELECT role, content FROM messages") == [("user", "hello?")]
+
+
+def test_reasoning_is_stored_apart_and_never_sent_back(client, stub):
+    stub.reasoning = "Let me think about this."
+    cid = client.new_conversation()
+    body = client.chat(cid)[2]
+    assert body["reasoning"] == stub.reasoning and body["response"] == stub.reply
+    message = client.get(f"/api/conversations/{cid}")[2]["messages"][1]
+    assert message["reasoning"] == stub.reasoning and message["content"] == stub.reply
+    client.chat(cid, "again")
+    assert "think" not in json.dumps(stub.requests[-1]["body"]["messages"])
+
+
+def test_twenty_concurrent_chats_all_answer_and_are_stored(client, stub):
+    stub.token_delay = 0.001
+    cids = [client.new_conversation(f"c{i}") for i in range(20)]
+    results = [None] * 20
+
+    def worker(i):
+        results[i] = client.chat(cids[i], f"question {i}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 30
-    while len(acknowledged) < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(acknowledged) >= 200, "the app acknowledged too few writes in 30 s"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stop_writing.set()
     for t in threads:
         t.join()
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    stored = dict(conn.execute("SELECT id, title FROM conversations"))
-    assert all(stored.get(cid) == title for cid, title in acknowledged)
+    assert [r[0] for r in results] == [200] * 20
+    assert all(r[2]["response"] == stub.reply for r in results)
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 40
+    for i, cid in enumerate(cids):
+        assert rows(client, "SELECT content FROM messages WHERE conversation_id = ? ORDER BY id",
+                    cid) == [(f"question {i}",), (stub.reply,)]
 
 
-def test_page_is_served_with_security_headers(client):
-    status, headers, body = client.get("/")
-    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
-    csp = headers["Content-Security-Policy"]
-    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
-    assert "'unsafe-inline'" not in csp
-    assert headers["X-Content-Type-Options"] == "nosniff"
-    assert headers["Referrer-Policy"] == "no-referrer"
-    assert headers["X-Frame-Options"] == "DENY"
-    assert "Python" not in headers["Server"]
+###############################################################################
+# Streaming
+###############################################################################
 
-
-def test_page_missing_still_leaves_the_api(tmp_path, stub, launch):
-    server = launch(stub.url, index_path=str(tmp_path / "nope.html"))
-    c = Client(server)
-    status, _, body = c.get("/")
-    assert status == 200 and b"index.html is missing" in body
-    assert c.get("/api/conversations")[0] == 200
-
-
-def test_keep_alive_serves_many_requests_on_one_connection(client):
-    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=10)
-    sockets = set()
-    for _ in range(3):
-        conn.request("GET", "/api/conversations")
-        sockets.add(conn.sock.getsockname())   # http.client reconnects silently if closed
-        resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read())["success"] is True
-        assert not resp.will_close
-    assert len(sockets) == 1
+def test_stream_relays_deltas_then_done(client, stub):
+    cid = client.new_conversation()
+    resp, conn = client.stream(cid)
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    events = read_events(resp)
     conn.close()
+    deltas = [e for e in events if e["type"] == "delta"]
+    assert "".join(d["content"] for d in deltas) == stub.reply
+    assert len(deltas) == len(stub.tokens())
+    done = events[-1]
+    assert done["type"] == "done" and [e["type"] for e in events].count("done") == 1
+    assert done["response"] == stub.reply
+    assert done["metrics"]["completion_tokens"] == len(stub.tokens())
+    assert done["metrics"]["prompt_tokens"] == 21
+    assert stub.requests[-1]["body"]["stream_options"] == {"include_usage": True}
+    assert rows(client, "SELECT id, content, finish_reason FROM messages WHERE role = "
+                "'assistant'") == [(done["message_id"], stub.reply, "stop")]
+
+
+@pytest.mark.parametrize("split", [1, 7, 4096])
+def test_chunked_bodies_decode_across_any_read_boundaries(split):
+    events = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(50)) + b"data: [DONE]\n\n"
+    wire = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(events[i:i + 13]), events[i:i + 13])
+                    for i in range(0, len(events), 13)) + b"0\r\n\r\n"
+
+    class Response:
+        chunked = True
+
+        class fp:
+            pieces = [wire[i:i + split] for i in range(0, len(wire), split)]
+
+            @classmethod
+            def read1(cls, n):
+                return cls.pieces.pop(0) if cls.pieces else b""
+
+    read, body = llama_chat.body_reader(Response), b""
+    while data := read():
+        body += data
+    assert body == events
+
+
+def test_stream_from_an_unchunked_upstream(client, stub):
+    stub.mode = "unchunked"
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "done" and events[-1]["response"] == stub.reply
+
+
+def test_stream_deltas_arrive_before_llamacpp_finishes(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(20))
+    stub.token_delay = 0.05
+    resp, conn = client.stream(client.new_conversation())
+    started = time.monotonic()
+    first = resp.readline()
+    while not first.startswith(b"data: "):
+        first = resp.readline()
+    assert json.loads(first[6:])["type"] == "delta"
+    assert time.monotonic() - started < 0.5       # the whole reply takes over 1 s
+    conn.close()
+
+
+def test_stream_reasoning_events_are_relayed(client, stub):
+    stub.reasoning = "Thinking hard."
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert "".join(e["content"] for e in events if e["type"] == "reasoning") == stub.reasoning
+    assert events[-1]["reasoning"] == stub.reasoning
+
+
+def test_client_disconnect_closes_upstream_and_stores_what_was_relayed(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay = 0.02
+    cid = client.new_conversation()
+    resp, conn = client.stream(cid)
+    relayed = []
+    while len(relayed) < 5:
+        line = resp.readline().strip()
+        if line.startswith(b"data: "):
+            relayed.append(json.loads(line[6:])["content"])
+    conn.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    resp.close()
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        stored = rows(client, "SELECT content, finish_reason FROM messages WHERE role = "
+                      "'assistant'")
+        if stored and stub.open_streams == 0:
+            break
+        time.sleep(0.05)
+    assert stub.open_streams == 0
+    content, reason = stored[0]
+    assert reason == "aborted"
+    assert content.startswith("".join(relayed))
+    assert len(content) < len(stub.reply)
+
+
+def test_a_client_leaving_while_llamacpp_reads_the_prompt_ends_the_request(client, stub):
+    cid = client.new_conversation()
+    stub.stall = 5                          # llama.cpp reading a long prompt, silent
+    resp, sock = client.stream(cid, "a long question")
+    assert resp.status == 200
+    started = time.monotonic()
+    resp.close()
+    sock.close()
+    while client.engine.active_streams and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    assert client.engine.active_streams == 0 and time.monotonic() - started < 1.5
+    assert rows(client, "SELECT role FROM messages") == [("user",)]    # no empty reply
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_deleting_a_conversation_ends_its_reply_with_not_found(client, stub, stream):
+    cid = client.new_conversation()
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay, stub.stall = (0.02, 0) if stream else (0, 3)
+    answer = {}
+
+    def chat():
+        if stream:
+            resp, _ = client.stream(cid, "go on")
+            answer["events"] = read_events(resp)
+        else:
+            answer["status"], _, answer["body"] = client.chat(cid, "go on")
+        answer["at"] = time.monotonic()
+
+    worker = threading.Thread(target=chat)
+    worker.start()
+    time.sleep(0.5)                             # mid-reply
+    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+    deleted = time.monotonic()
+    worker.join(10)
+    assert answer["at"] - deleted < 1.5
+    if stream:
+        last = answer["events"][-1]
+        assert (last["type"], last["code"], last["resource"]) == ("error", "NOT_FOUND",
+                                                                  "conversation")
+        assert any(e["type"] == "delta" for e in answer["events"])
+    else:
+        assert (answer["status"], answer["body"]["code"]) == (404, "NOT_FOUND")
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_keep_alive_comments_while_llamacpp_is_silent(client, stub, monkeypatch):
+    monkeypatch.setattr(llama_chat, "KEEPALIVE_SECONDS", 0.2)
+    stub.stall = 0.9                        # reading a long prompt: not even headers yet
+    resp, sock = client.stream(client.new_conversation())
+    lines = [line.strip() for line in resp]
+    assert lines.count(b": keep-alive") >= 2
+    assert lines.index(b": keep-alive") < next(i for i, l in enumerate(lines)
+                                                if l.startswith(b"data: "))
+    assert json.loads(lines[-2][6:])["type"] == "done"
+
+
+def test_twenty_concurrent_streams_all_complete_and_are_stored(client, stub):
+    stub.token_delay = 0.005
+    cids = [client.new_conversation(f"s{i}") for i in range(20)]
+    results = [None] * 20
+
+    def worker(i):
+        results[i] = read_events(client.stream(cids[i], f"stream {i}")[0])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ended = [r[-1] for r in results]
+    assert all(e["type"] == "done" and e["response"] == stub.reply for e in ended), ended
+    assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant' AND "
+                "finish_reason = 'stop' AND content = ?", stub.reply)[0][0] == 20
+
+
+def test_sigterm_ends_every_stream_stores_partials_and_exits_cleanly(tmp_path, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(300))
+    stub.token_delay = 0.02
+    port, db = free_port(), str(tmp_path / "term.db")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", db, "--llamacpp-url", stub.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.readline()
+    conns, relayed = [], []
+    for i in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/api/conversations", json.dumps({"title": "t", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        cid = json.loads(conn.getresponse().read())["conversation_id"]
+        conn.request("POST", "/api/chat", json.dumps({"conversation_id": cid, "message": "go",
+                                                      "model": "m", "stream": True}),
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        got = []
+        while len(got) < 3:
+            line = resp.readline().strip()
+            if line.startswith(b"data: "):
+                got.append(json.loads(line[6:]))
+        conns.append(resp)
+        relayed.append(got)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    for resp, got in zip(conns, relayed):
+        got.extend(read_events(resp))
+    assert proc.wait(10) == 0 and time.monotonic() - started < 5
+    for got in relayed:
+        assert got[-1]["type"] == "error" and got[-1]["code"] == "SHUTTING_DOWN"
+        assert got[-1]["message_id"]
+    conn = sqlite3.connect(db)
+    stored = conn.execute("SELECT content, finish_reason FROM messages WHERE role = "
+                          "'assistant' ORDER BY conversation_id").fetchall()
+    assert [r for _, r in stored] == ["aborted"] * 3
+    for (content, _), got in zip(stored, relayed):
+        assert content == "".join(e["content"] for e in got if e["type"] == "delta")
+    assert not os.path.exists(db + "-wal") or os.path.getsize(db + "-wal") == 0
+
+
+@pytest.mark.parametrize("mode", ["cut", "error_chunk"])
+def test_upstream_failure_mid_stream_ends_with_an_error_event(client, stub, mode):
+    stub.mode = mode
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_ERROR"
+    assert "done" not in [e["type"] for e in events]
+    partial = "".join(e["content"] for e in events if e["type"] == "delta")
+    assert rows(client, "SELECT role, content, finish_reason FROM messages ORDER BY id") == [
+        ("user", "Explain machine learning", None), ("assistant", partial, "error")]
+
+
+def test_stream_stall_between_tokens_times_out(client, stub):
+    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
+    stub.mode = "stall_mid"
+    events = read_events(client.stream(client.new_conversation())[0])
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "LLAMACPP_TIMEOUT"
+
+
+def test_stream_silent_past_the_timeout_is_an_error_event(client, stub):
+    client.engine.upstream.read_timeout = client.engine.upstream.first_token_timeout = 0.5
+    stub.stall = 1.5
+    cid = client.new_conversation()
+    started = time.monotonic()
+    events = read_events(client.stream(cid)[0])
+    assert [(e["type"], e["code"]) for e in events] == [("error", "LLAMACPP_TIMEOUT")]
+    assert 0.45 < time.monotonic() - started < 1.4
+    assert rows(client, "SELECT role FROM messages") == [("user",)]
+
+
+def test_shutdown_ends_a_stream_still_waiting_for_llamacpp(client, stub):
+    stub.stall = 5
+    resp, _ = client.stream(client.new_conversation())
+    deadline = time.monotonic() + 2
+    while not client.engine.active_streams and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    client.engine.stop_streams()
+    events = read_events(resp)
+    assert [(e["type"], e["code"]) for e in events] == [("error", "SHUTTING_DOWN")]
+    assert time.monotonic() - started < 2 and client.engine.active_streams == 0
+    client.engine.stopping.clear()
+
+
+def test_a_database_locked_too_long_is_503_not_a_bug(tmp_path, stub, monkeypatch, launch):
+    store = llama_chat.Store(str(tmp_path / "chat.db"), busy_ms=300)   # where start_app points
+    server = launch(stub.url, store=store)
+    c = Client(server)
+    cid = c.new_conversation()
+    other = sqlite3.connect(store.db.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")                # another process writing, a long purge
+    status, headers, body = c.chat(cid, "held up")
+    other.execute("ROLLBACK")
+    assert status == 503 and body["code"] == "DATABASE_BUSY" and "try again" in body["error"]
+    assert headers["Retry-After"] == "5"
+    assert rows(c, "SELECT count(*) FROM messages") == [(0,)]
+    assert c.chat(cid, "held up")[0] == 200                           # and then it works
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_the_database_cannot_store_is_an_error_with_the_user_message(
+        client, monkeypatch, stream):
+    store = client.engine.store
+    add = store.add_message
+
+    def full_disk(conversation_id, role, *args, **kwargs):
+        if role == "assistant":
+            raise sqlite3.OperationalError("database or disk is full")
+        return add(conversation_id, role, *args, **kwargs)
+    monkeypatch.setattr(store, "add_message", full_disk)
+    cid = client.new_conversation()
+    if stream:
+        resp, _ = client.stream(cid)
+        lines = [line.strip() for line in resp if line.strip()]
+        assert all(line.startswith((b"data: ", b":")) for line in lines)    # no body after it
+        error = json.loads(lines[-1][6:])
+        assert error["type"] == "error" and error["message_id"] is None
+    else:
+        status, _, error = client.chat(cid)
+        assert status == 503
+    assert error["code"] == "DATABASE_ERROR" and "disk is full" in error["error"]
+    assert rows(client, "SELECT id, role FROM messages") == [(error["user_message_id"], "user")]
+
+
+def test_stream_with_llamacpp_down_is_an_error_event(down_client):
+    events = read_events(down_client.stream(down_client.new_conversation())[0])
+    assert [e["type"] for e in events] == ["error"]
+    assert events[0]["code"] == "LLAMACPP_ERROR" and events[0]["user_message_id"]
 
 
 ###############################################################################
@@ -5779,700 +5547,932 @@ def test_a_database_on_a_read_only_mount_is_searched_and_exported(read_only_moun
 
 
 ###############################################################################
-# The prompt
+# Bad requests: every code of the contract
 ###############################################################################
 
-def test_the_prompt_is_what_the_next_chat_would_send(client, stub):
-    cid = client.new_conversation()
-    client.put(f"/api/conversations/{cid}", {"system_prompt": "Be terse.",
-                                             "options": {"temperature": 0.5}})
-    client.chat(cid, "First question")
-    status, _, body = client.get(f"/api/conversations/{cid}/prompt?message=Next%20one")
-    assert status == 200, body
-    expected = [{"role": "system", "content": "Be terse."}, user("First question"),
-                assistant(stub.reply), user("Next one")]
-    assert body["messages"] == expected
-    assert body["options"]["temperature"] == 0.5 and body["options"]["max_tokens"] == 4096
-    assert body["prompt"] == "\n".join(f"<{m['role']}>{m['content']}" for m in expected) \
-        + "\n<assistant>"
-    assert body["prompt_tokens"] == sum(len(f"<{m['role']}>{m['content']}".split()) + 3
-                                        for m in expected)
-    assert (body["n_ctx"], body["messages_sent"], body["messages_left_out"]) == (4096, 3, 0)
-    # What it shows is what a chat then sends.
-    client.chat(cid, "Next one")
-    sent = stub.requests[-1]["body"]
-    assert sent["messages"] == expected and sent["temperature"] == 0.5
-
-
-def test_the_prompt_counts_what_the_history_limit_leaves_out(tmp_path, stub, launch):
-    c = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
-                                             "context_history_limit": 2}))
-    cid = c.new_conversation()
-    for i in range(3):
-        c.chat(cid, f"q{i}")
-    body = c.get(f"/api/conversations/{cid}/prompt")[2]
-    assert [m["content"] for m in body["messages"][1:]] == ["q2", stub.reply]
-    assert (body["messages_sent"], body["messages_left_out"]) == (2, 4)
-
-
-def test_without_llama_server_s_prompt_tools_the_prompt_still_answers(client, stub):
-    stub.prompt_tools = False
-    cid = client.new_conversation()
-    body = client.get(f"/api/conversations/{cid}/prompt?message=hi")[2]
-    assert body["messages"][-1] == user("hi")
-    assert (body["prompt"], body["prompt_tokens"]) == (None, None)
-    assert client.get("/api/conversations/999/prompt")[0] == 404
-
-
-def test_the_prompt_with_llamacpp_down_answers_the_messages(down_client):
-    cid = down_client.new_conversation()
-    status, _, body = down_client.get(f"/api/conversations/{cid}/prompt?message=hi")
-    assert status == 200 and body["messages"][-1] == user("hi")
-    assert (body["prompt"], body["prompt_tokens"], body["n_ctx"]) == (None, None, None)
-
-
-###############################################################################
-# Context by tokens
-###############################################################################
-
-TEN_WORDS = "one two three four five six seven eight nine {}"
-
-
-def test_a_long_chat_sends_the_newest_messages_that_fit_the_context(client, stub):
-    stub.n_ctx = 200          # less a quarter for the reply and 14 for the system prompt: 136
-    cid = client.new_conversation()
-    for i in range(5):        # questions of 10 tokens (18 with the template), replies of 8 (16)
-        client.chat(cid, TEN_WORDS.format(f"q{i}"))
-    status, _, body = client.chat(cid, TEN_WORDS.format("q5"))
-    assert status == 200, body
-    sent = stub.requests[-1]["body"]["messages"]
-    # 18 + (16 + 18) * 3 = 120, and a reply (16) fits too but cannot go first: q2 onwards
-    assert [m["content"] for m in sent[1:] if m["role"] == "user"] == [
-        TEN_WORDS.format(f"q{i}") for i in (2, 3, 4, 5)]
-    assert len(sent) == 1 + 7
-    assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 7,
-                               "messages_left_out": 4}      # prompt_tokens: llama.cpp's usage
-
-
-def test_a_question_too_long_for_the_context_does_not_silence_the_history(client, stub):
-    stub.n_ctx = 200                     # 136 tokens for the history
-    cid = client.new_conversation()
-    for i in range(2):
-        client.chat(cid, TEN_WORDS.format(f"q{i}"))
-    stub.context_chars = 1000            # llama.cpp refuses the long one
-    status, _, body = client.chat(cid, " ".join(["long"] * 300))
-    assert status == 502 and "exceeds" in body["details"]
-    stub.context_chars = 0
-    for i in (2, 3):
-        status, _, body = client.chat(cid, TEN_WORDS.format(f"q{i}"))
-        assert status == 200, body
-        sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
-        assert sent == [x for j in range(i) for x in (TEN_WORDS.format(f"q{j}"), stub.reply)] \
-            + [TEN_WORDS.format(f"q{i}")], sent            # all but the long one: 52-120 tokens
-        assert body["context"]["messages_left_out"] == 1, body["context"]
-    prompt = client.get(f"/api/conversations/{cid}/prompt?message=next")[2]
-    assert "long long" not in json.dumps(prompt["messages"])
-
-
-def test_unanswered_questions_are_left_out_and_the_walk_goes_on(client, stub):
-    cid = client.new_conversation()
-    client.chat(cid, "first")
-    stub.mode = "error500"
-    assert client.chat(cid, "lost one")[0] == 502
-    stub.mode = "normal"
-    client.chat(cid, "third")
-    sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
-    assert sent == ["first", stub.reply, "third"]
-
-
-def test_what_is_sent_begins_with_a_question(client, stub):
-    item = {"conversation": {"id": 1, "title": "greeted"}, "messages": [
-        {"id": 1, "parent_id": None, "role": "assistant", "content": "Hello."},
-        {"id": 2, "parent_id": 1, "role": "assistant", "content": "I am a bot."},
-        {"id": 3, "parent_id": 2, "role": "user", "content": "hi"},
-        {"id": 4, "parent_id": 3, "role": "assistant", "content": "hi again"}]}
-    assert imported(client, json.dumps(item).encode())[0] == 200
-    cid = client.get("/api/conversations")[2]["conversations"][0]["id"]
-    context = client.chat(cid, "and now?")[2]["context"]
-    sent = [(m["role"], m["content"]) for m in stub.requests[-1]["body"]["messages"]
-            if m["role"] != "system"]
-    assert sent == [("user", "hi"), ("assistant", "hi again"), ("user", "and now?")]
-    assert (context["messages_sent"], context["messages_left_out"]) == (3, 2)
-
-
-def test_token_counts_are_asked_once_and_forgotten_when_a_text_changes(client, stub):
-    cid = client.new_conversation()
-    client.chat(cid, "first question here")
-    stub.tokenized.clear()
-    client.chat(cid, "second one")
-    assert stub.tokenized == ["second one"]          # the reply's count came from its usage
-    counts = rows(client, "SELECT content, token_count FROM messages ORDER BY id")
-    assert counts == [("first question here", 3), (stub.reply, len(stub.tokens())),
-                      ("second one", 2), (stub.reply, len(stub.tokens()))]
-    first = rows(client, "SELECT id FROM messages ORDER BY id LIMIT 1")[0][0]
-    client.put(f"/api/messages/{first}", {"content": "edited text"})
-    assert rows(client, "SELECT token_count FROM messages WHERE id = ?", first) == [(None,)]
-    stub.tokenized.clear()
-    client.chat(cid, "third")
-    assert sorted(stub.tokenized) == ["edited text", "third"]
-
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_the_stream_s_done_carries_the_context(client, stub, stream):
-    cid = client.new_conversation()
-    if stream:
-        done = read_events(client.stream(cid, "hello there")[0])[-1]
-    else:
-        done = client.chat(cid, "hello there")[2]
-    assert done["context"] == {"n_ctx": 4096, "prompt_tokens": 21, "messages_sent": 1,
-                               "messages_left_out": 0}
-
-
-def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
-    stub.router = True
-    client.get("/api/models")
-    cid = client.new_conversation(model="gemma-3-270m")
-    assert client.chat(cid, "one", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
-    stub.n_ctx = 2048                     # the same list: the context it said holds
-    client.get("/api/models")
-    assert client.chat(cid, "two", model="gemma-3-270m")[2]["context"]["n_ctx"] == 4096
-    stub.router_status = "loading"        # reloaded, perhaps with another -c
-    client.get("/api/models")
-    stub.router_status = "loaded"
-    client.get("/api/models")
-    assert client.chat(cid, "three", model="gemma-3-270m")[2]["context"]["n_ctx"] == 2048
-
-
-def test_without_llama_server_s_tokenizer_the_message_limit_holds(client, stub):
-    stub.prompt_tools = False
-    stub.n_ctx = 50
-    cid = client.new_conversation()
-    for i in range(3):
-        client.chat(cid, TEN_WORDS.format(f"q{i}"))
-    status, _, body = client.chat(cid, "last")
-    assert status == 200 and "context" not in body
-    assert len(stub.requests[-1]["body"]["messages"]) == 1 + 7
-
-
-###############################################################################
-# A llama-server started by llama-chat
-###############################################################################
-
-FAKE_LLAMA_SERVER = """#!{python}
-import json, os, sys
-from http.server import BaseHTTPRequestHandler, HTTPServer
-args = sys.argv[1:]
-port = int(args[args.index("--port") + 1])
-with open(os.path.join(os.path.dirname(__file__), "started"), "a") as f:
-    f.write(json.dumps({{"pid": os.getpid(), "args": args}}) + "\\n")
-print("fake llama-server listening", flush=True)
-
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = b'{{"status": "ok"}}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-
-HTTPServer(("127.0.0.1", port), H).serve_forever()
-"""
-
-
-def fake_llama_server(folder, program=FAKE_LLAMA_SERVER):
-    """An executable llama-server stand-in in folder (and a model file for it)."""
-    fake = folder / "llama-server"
-    fake.write_text(program.format(python=sys.executable))
-    fake.chmod(0o755)
-    (folder / "m.gguf").write_bytes(b"GGUF")
-    return fake
-
-
-def llama_chat_process(folder, fake, *extra, port=None):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port or free_port()), "--db", str(folder / "chat.db"),
-                             "--llama-server", str(fake), "--model", str(folder / "m.gguf"),
-                             "--", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def wait_for(condition, seconds=15, what="it"):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} did not happen in {seconds} s"
-        time.sleep(0.05)
-
-
-def test_a_started_llama_server_dies_with_a_killed_llama_chat(tmp_path):
-    fake = fake_llama_server(tmp_path)
-    proc = llama_chat_process(tmp_path, fake)
-    try:
-        wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
-        child = started_servers(tmp_path)[0]["pid"]
-        assert (tmp_path / "chat.db.llama-server.pid").read_text().strip() == str(child)
-    finally:
-        proc.kill()                                          # kill -9: no clean-up runs
-        proc.wait(10)
-    wait_for(lambda: not alive(child), 5, "llama-server stopping")
-
-
-ORPHAN = """import os, sys, time
-sys.argv[0] = {name!r}
-open({ready!r}, "w").close()
-time.sleep(60)
-"""
-
-
-@pytest.mark.parametrize("same_program", [True, False])
-def test_the_next_start_stops_only_the_llama_server_its_pid_file_names(tmp_path, same_program):
-    """Where the kernel cannot tie the child to llama-chat (not Linux), a pid
-    file left by a killed llama-chat names the orphan; the next start stops it
-    if that process still runs the same program, and never another one."""
-    fake = fake_llama_server(tmp_path)
-    name = str(fake) if same_program else "/usr/bin/something-else"
-    orphan = subprocess.Popen([name, "-c", ORPHAN.format(name=name, ready=str(
-        tmp_path / "ready"))], executable=sys.executable)
-    try:
-        wait_for(lambda: (tmp_path / "ready").exists())
-        (tmp_path / "chat.db.llama-server.pid").write_text(f"{orphan.pid}\n")
-        proc = llama_chat_process(tmp_path, fake)
-        try:
-            wait_for(lambda: started_servers(tmp_path), what="llama-server starting")
-            assert (orphan.poll() is not None) == same_program
-        finally:
-            proc.terminate()
-            proc.wait(15)
-        said = proc.stdout.read()
-        assert ("left running" in said) == same_program
-        assert not (tmp_path / "chat.db.llama-server.pid").exists()
-    finally:
-        orphan.kill()
-        orphan.wait()
-
-
-FAILING_LLAMA_SERVER = """#!{python}
-import sys
-print("loading model", flush=True)
-print("error: failed to open GGUF file 'm.gguf' (bad magic)", flush=True)
-sys.exit(3)
-"""
-
-
-def test_a_llama_server_that_keeps_exiting_is_shown_with_its_reason(tmp_path):
-    fake = fake_llama_server(tmp_path, FAILING_LLAMA_SERVER)
-    port = free_port()
-    proc = llama_chat_process(tmp_path, fake, "--api-key", "upstream-secret",
-                              "--hf-token=hf_secret", port=port)
-    try:
-        def managed():
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/api/health")
-            return json.loads(conn.getresponse().read())["llamacpp"]["managed"]
-
-        def exited():
-            try:
-                return managed()["last_exit"] is not None
-            except OSError:
-                return False
-        wait_for(exited, what="an exit shown")
-        state = managed()
-        assert state["last_exit"] == 3 and not state["running"]
-        assert state["last_log_line"] == "error: failed to open GGUF file 'm.gguf' (bad magic)"
-        assert state["log"] == str(tmp_path / "chat.db.llama-server.log")
-        assert "upstream-secret" not in state["command"] and "hf_secret" not in state["command"]
-        assert "--api-key *** --hf-token=***" in state["command"]
-    finally:
-        proc.terminate()
-        proc.wait(15)
-    said = proc.stdout.read()
-    assert "upstream-secret" not in said and "hf_secret" not in said
-    assert "status 3: error: failed to open GGUF file" in said
-    assert file_mode(tmp_path / "chat.db.llama-server.log") == 0o600
-
-
-@pytest.mark.parametrize("command, shown", [
-    (["ls", "--api-key", "k1", "-c", "9"], "ls --api-key *** -c 9"),
-    (["ls", "--api-key-file", "/k", "--hf-token", "t"], "ls --api-key-file *** --hf-token ***"),
-    (["ls", "-hft", "t", "--ssl-key-file=/x.pem"], "ls -hft *** --ssl-key-file=***"),
-    (["ls", "--api-key", "--api-key", "x"], "ls --api-key *** x"),      # a value like a flag
-    (["ls", "--api-keys", "k"], "ls --api-keys k"),
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/conversations", {"model": MODEL, "options": {"top_k": -5}}, "options.top_k"),
+    ("/api/conversations", {"model": MODEL, "options": {"mirostat": 1}}, "options.mirostat"),
+    ("/api/conversations", {"model": MODEL, "pinned": "yes"}, "pinned"),
+    ("/api/conversations", {"model": MODEL, "system_prompt": 5}, "system_prompt"),
+    ("/api/conversations", {"title": 5, "model": MODEL}, "title"),
+    ("/api/conversations", {"title": "   ", "model": MODEL}, "title"),
+    ("/api/conversations", {"title": "t"}, "model"),
+    ("/api/conversations", {"title": "t", "model": ["x"]}, "model"),
+    ("/api/chat", {"message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": "1", "message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": True, "message": "hi", "model": MODEL}, "conversation_id"),
+    ("/api/chat", {"conversation_id": 1, "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": "", "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": {"a": 1}, "model": MODEL}, "message"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi"}, "model"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL, "stream": "yes"},
+     "stream"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": {"temperature": 99}}, "options.temperature"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": {"grammar": "x"}}, "options.grammar"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": MODEL,
+                   "options": ["temperature"]}, "options"),
 ])
-def test_llama_server_s_secrets_are_never_shown(command, shown):
-    assert llama_chat.shown_command(command) == shown
+def test_validation_errors_name_the_field_and_store_nothing(client, path, body, field):
+    cid = client.new_conversation()
+    assert cid == 1
+    status, _, answer = client.post(path, body)
+    assert status == 400
+    assert answer == {"success": False, "error": answer["error"], "code": "VALIDATION_ERROR",
+                      "field": field}
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 1
+    assert rows(client, "SELECT count(*) FROM messages")[0][0] == 0
 
 
-NOISY_LLAMA_SERVER = """#!{python}
-import sys, time
-for i in range(3000):
-    print(f"line {{i:05d}} " + "x" * 60, flush=True)
-time.sleep(60)
-"""
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/conversations", {"title": "\ud800", "model": "m"}, "title"),
+    ("/api/conversations", {"title": "t", "model": "x\udfff"}, "model"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi \ud83d", "model": "m"}, "message"),
+    ("/api/chat", {"conversation_id": 2**63, "message": "hi", "model": "m"}, "conversation_id"),
+    ("/api/chat", {"conversation_id": 1, "user_message_id": 10**30, "model": "m"},
+     "user_message_id"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temperature": "hot"},
+     "temperature"),
+    ("/api/chat", {"conversation_id": 1, "message": "hi", "model": "m", "temprature": 0.2},
+     "temprature"),
+    ("/api/conversations", {"title": "t", "model": "m", "pinned": 1}, "pinned"),
+])
+def test_surrogates_huge_numbers_and_unknown_fields_are_validation_errors(client, path, body,
+                                                                          field):
+    client.new_conversation()
+    raw = json.dumps(body).encode()              # json.dumps keeps "\ud800" escaped
+    status, _, answer = client.request("POST", path, raw=raw,
+                                       headers={"Content-Type": "application/json"})
+    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR", field)
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
+    if field == "temperature":
+        assert "options" in answer["error"]
 
 
-def test_the_llama_server_log_is_rotated(tmp_path, monkeypatch):
-    fake = fake_llama_server(tmp_path, NOISY_LLAMA_SERVER)
-    monkeypatch.setattr(llama_chat, "LOG_LIMIT", 50_000)
-    settings = llama_chat.prepare_settings(llama_chat.Settings(
-        db=str(tmp_path / "chat.db"), llama_server=str(fake),
-        llama_model=str(tmp_path / "m.gguf")))
-    managed = llama_chat.ManagedLlamaServer(settings)
-    managed.start()
+@pytest.mark.parametrize("query", ["limit=99999999999999999999", "offset=9223372036854775808"])
+def test_huge_paging_numbers_are_validation_errors(client, query):
+    status, _, body = client.get("/api/conversations?" + query)
+    assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", query.split("=")[0])
+
+
+def test_an_oversize_body_with_expect_continue_gets_413_and_no_100(client):
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        sock.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: 99999999\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+
+
+def test_a_client_that_hangs_up_early_is_one_quiet_line(client, stub, caplog):
+    cid = client.new_conversation()
+    stub.stall = 0.3
+    caplog.set_level("INFO", logger="llama_chat")
+    for _ in range(3):
+        sock = socket.create_connection(("127.0.0.1", client.port), timeout=5)
+        data = json.dumps({"conversation_id": cid, "message": "hi", "model": "m"}).encode()
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(data), data))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        sock.close()                              # a reset, before the answer is written
+    deadline = time.monotonic() + 10
+    while sum("went away" in r.getMessage() for r in caplog.records) < 3 and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("went away" in m for m in messages) == 3, messages
+    assert not any("Traceback" in m or "internal error" in m or '" 500 ' in m for m in messages)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1,2]", b'"text"', b"", b"\xff\xfe",
+                                 b"[" * 100000 + b"]" * 100000])
+def test_bodies_that_are_not_json_objects(client, raw):
+    status, _, body = client.request("POST", "/api/conversations", raw=raw,
+                                     headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert body["code"] == "INVALID_JSON" and body["success"] is False
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data"])
+def test_post_needs_json_content_type(client, content_type):
+    headers = {"Content-Type": content_type} if content_type else {}
+    status, _, body = client.request("POST", "/api/conversations",
+                                     raw=b'{"title": "t", "model": "m"}', headers=headers)
+    assert (status, body["code"]) == (415, "UNSUPPORTED_MEDIA_TYPE")
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def raw_exchange(port, data, shut_write=True, timeout=10):
+    """Send bytes, read the answer until the server closes: (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        try:
+            s.sendall(data)
+            if shut_write:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:         # the server answered and closed before reading it all
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except ConnectionResetError:
+            pass
+    head, _, body = got.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return lines[0], lines[1:], body
+
+
+def test_body_over_the_limit_is_refused_unread(client):
+    status, headers, body = raw_exchange(client.port, (
+        b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2000000\r\n\r\n"), False)
+    assert status.startswith("HTTP/1.1 413 ")
+    assert "Connection: close" in headers
+    assert json.loads(body)["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize("method, path, allow", [
+    ("DELETE", "/api/conversations", "GET, HEAD, POST"),
+    ("POST", "/api/models", "GET, HEAD"),
+    ("GET", "/api/chat", "POST"),
+    ("PATCH", "/api/conversations/1", "DELETE, GET, HEAD, PUT"),
+])
+def test_wrong_method_on_known_path(client, method, path, allow):
+    status, headers, body = client.request(method, path)
+    assert (status, body["code"]) == (405, "METHOD_NOT_ALLOWED")
+    assert headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/api/nothing", "/api/conversations/1/extra", "/etc/passwd",
+                                  "/../llama_chat.py", "/config.json", "/api/"])
+def test_unknown_paths_are_not_found_and_read_no_file(client, path):
+    status, _, body = client.get(path)
+    assert status == 404
+    assert body == {"success": False, "error": body["error"], "code": "NOT_FOUND",
+                    "resource": "path", "id": body["id"]}
+
+
+def test_protocol_errors_answer_in_the_json_body(client):
+    with socket.create_connection(("127.0.0.1", client.port)) as s:
+        s.sendall(b"GARBAGE\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(payload)["success"] is False
+
+
+def test_a_bug_answers_500_without_its_traceback(client, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("secret internals")
+    monkeypatch.setattr(client.engine.store, "list_conversations", broken)
+    status, _, body = client.get("/api/conversations")
+    assert status == 500
+    assert body == {"success": False, "error": "Internal server error", "code": "INTERNAL_ERROR"}
+
+
+@pytest.mark.parametrize("hosts, status", [
+    (["localhost:3000"], 200), (["127.0.0.1"], 200), (["[::1]:8080"], 200), (["LOCALHOST"], 200),
+    (["evil.example"], 403), (["localhost.evil"], 403), (["127.0.0.1.nip.io:3000"], 403),
+    ([""], 403), ([], 403), (["localhost", "localhost"], 403), (["192.168.1.5:3000"], 403),
+])
+def test_host_header_must_name_loopback(client, hosts, status):
+    head = b"GET /api/config HTTP/1.1\r\n" + b"".join(
+        b"Host: " + h.encode() + b"\r\n" for h in hosts) + b"Connection: close\r\n\r\n"
+    line, _, body = raw_exchange(client.port, head)
+    assert line.split()[1] == str(status)
+    if status == 403:
+        assert json.loads(body)["code"] == "FORBIDDEN"
+
+
+def test_beyond_loopback_ip_addresses_and_allowed_names_pass(stub, launch):
+    c = Client(launch(stub.url, host="0.0.0.0", api_key="k", allowed_hosts=("chat.home.arpa",)))
+    auth = {"Authorization": "Bearer k"}
+    for host, status in [("192.168.1.5:3000", 200), ("chat.home.arpa", 200),
+                         ("[fe80::1]:3000", 200), ("rebind.evil.example", 403)]:
+        assert c.get("/api/config", headers={**auth, "Host": host})[0] == status, host
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({"Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+    ({"Origin": "http://localhost:1"}, 403),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),
+    ({"Origin": "SAME"}, 201),
+    ({"Sec-Fetch-Site": "same-origin"}, 201),
+    ({}, 201),
+])
+def test_cross_origin_writes_are_forbidden(client, headers, status):
+    host = f"127.0.0.1:{client.port}"
+    headers = {k: (f"http://{host}" if v == "SAME" else v) for k, v in headers.items()}
+    got, resp_headers, body = client.post("/api/conversations", {"title": "t", "model": "m"},
+                                          headers={"Host": host, **headers})
+    assert got == status
+    assert "Access-Control-Allow-Origin" not in resp_headers
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == (1 if got == 201 else 0)
+
+
+def test_cross_origin_reads_are_answered_without_cors(client):
+    status, headers, _ = client.get("/api/conversations", headers={"Origin": "http://evil.example"})
+    assert status == 200 and "Access-Control-Allow-Origin" not in headers
+
+
+@pytest.mark.parametrize("headers, status", [
+    ({}, 200),                                               # curl, scripts
+    ({"Sec-Fetch-Site": "none"}, 200),                       # typed into the address bar
+    ({"Sec-Fetch-Site": "same-origin"}, 200),                # the page's own download
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "SAME"}, 200),
+    ({"Sec-Fetch-Site": "cross-site"}, 403),                 # a no-cors GET from any page
+    ({"Sec-Fetch-Site": "same-site"}, 403),                  # a page on another local port
+    ({"Sec-Fetch-Site": "same-origin", "Origin": "http://evil.example"}, 403),
+    ({"Origin": "null"}, 403),
+])
+@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl"])
+def test_whole_history_copies_are_refused_to_other_origins(client, path, headers, status):
+    headers = {k: (f"http://127.0.0.1:{client.port}" if v == "SAME" else v)
+               for k, v in headers.items()}
+    for method in ("GET", "HEAD"):
+        got, _, _ = client.request(method, path, headers={"Host": f"127.0.0.1:{client.port}",
+                                                          **headers})
+        assert got == status, method
+
+
+def test_writes_from_a_same_site_page_are_refused(client):
+    got, _, body = client.post("/api/conversations", {"title": "t"},
+                               headers={"Sec-Fetch-Site": "same-site"})
+    assert (got, body["code"]) == (403, "FORBIDDEN")
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def new_conversation(client, title="t"):
+    status, _, body = client.post("/api/conversations", {"title": title, "model": MODEL})
+    assert status == 201
+    return body["conversation_id"]
+
+
+def answers_to(port, data, source="127.0.0.1", timeout=10):
+    """Send bytes, half-close, read until the server closes: every byte it sent."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout,
+                                  source_address=(source, 0)) as s:
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    return got
+
+
+def smuggling(port, outer, inner):
+    """`outer` (a request head without its blank line) with `inner`, a whole
+    request, as its body: what came back."""
+    return answers_to(port, outer + b"\r\nContent-Length: %d\r\n\r\n" % len(inner) + inner)
+
+
+def delete_everything(ids):
+    body = json.dumps({"ids": ids}).encode()
+    return (b"POST /api/conversations/delete HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+SMUGGLERS = {
+    "cross-site POST": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Origin: http://evil.example\r\nContent-Type: text/plain",
+    "same-site fetch": b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
+                       b"Sec-Fetch-Site: same-site\r\nContent-Type: application/json",
+    "foreign Host": b"POST /api/conversations HTTP/1.1\r\nHost: evil.example\r\n"
+                    b"Content-Type: application/json",
+    "Origin null": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nOrigin: null\r\n"
+                   b"Content-Type: application/json",
+    "unknown path": b"POST /api/nothing-here HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json",
+    "GET route": b"POST /api/health HTTP/1.1\r\nHost: localhost\r\n"
+                 b"Content-Type: application/json",
+    "Expect 100-continue": b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Origin: http://evil.example\r\nExpect: 100-continue\r\n"
+                           b"Content-Type: application/json",
+    "GET with a body": b"GET /api/nothing-here HTTP/1.1\r\nHost: localhost",
+    "HEAD with a body": b"HEAD /api/conversations HTTP/1.1\r\nHost: localhost",
+    "cross-site backup": b"GET /api/backup HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Sec-Fetch-Site: cross-site",
+}
+
+
+@pytest.mark.parametrize("outer", SMUGGLERS.values(), ids=SMUGGLERS.keys())
+def test_a_refused_requests_body_is_never_read_as_a_request(client, outer):
+    ids = [new_conversation(client, f"t{i}") for i in range(3)]
+    got = smuggling(client.port, outer, delete_everything(ids))
+    assert got.count(b"HTTP/1.1 ") - got.count(b"HTTP/1.1 100 ") == 1, got[:300]
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 3
+
+
+def test_a_refusal_with_a_key_required_closes_too(stub, launch):
+    c = Client(launch(stub.url, api_key="s3cret"))
+    ids = [c.post("/api/conversations", {"title": "t", "model": MODEL},
+                  headers={"Authorization": "Bearer s3cret"})[2]["conversation_id"]]
+    inner = delete_everything(ids).replace(b"Host: localhost\r\n",
+                                           b"Host: localhost\r\nAuthorization: Bearer s3cret\r\n")
+    got = smuggling(c.port, b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\n"
+                    b"Content-Type: application/json", inner)
+    assert got.startswith(b"HTTP/1.1 401 ") and got.count(b"HTTP/1.1 ") == 1
+    assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 1
+
+
+def test_a_request_whose_body_was_read_keeps_its_connection(client):
+    """The other side of the rule: an answered request whose body was read in
+    full leaves the connection open for the next one (keep-alive works)."""
+    body = b'{"title": "t", "model": "m"}'
+    one = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+           b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    got = answers_to(client.port, one + one)
+    assert got.count(b"HTTP/1.1 201 ") == 2
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 2
+
+
+def test_a_refusal_while_starting_closes_the_connection(tmp_path, stub, monkeypatch):
+    server, go_on = app_held_at_start(tmp_path, stub, monkeypatch, "migrating", 0, 1)
     try:
-        wait_for(lambda: managed.last_line.startswith("line 02999"), what="3,000 lines")
+        got = smuggling(server.server_address[1], b"POST /api/conversations HTTP/1.1\r\n"
+                        b"Host: localhost\r\nContent-Type: application/json",
+                        b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1 ") == 1
     finally:
-        managed.stop()
-    log_path = tmp_path / "chat.db.llama-server.log"
-    sizes = log_path.stat().st_size, (tmp_path / "chat.db.llama-server.log.1").stat().st_size
-    assert all(size <= 50_000 for size in sizes) and sizes[1] > 40_000
-    assert log_path.read_text().splitlines()[-1].startswith("line 02999")
-    assert not (tmp_path / "chat.db.llama-server.pid").exists()
+        go_on.set()
+        server.engine.ready.wait(10)
+        stop(server)
 
 
-def started_servers(folder):
-    path = folder / "started"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /api/conversations/%C2%B2 HTTP/1.1", 404),              # superscript two
+    (b"GET /api/conversations/%D9%A3 HTTP/1.1", 404),              # Arabic-Indic three
+    (b"GET /api/conversations/%EF%BC%91 HTTP/1.1", 404),           # fullwidth one
+    (b"GET /api/conversations/1_0 HTTP/1.1", 404),
+    (b"GET /api/stats/%C2%B9 HTTP/1.1", 404),
+    (b"GET /api/conversations?limit=%C2%B3 HTTP/1.1", 400),
+    (b"GET /api/conversations?offset=%D9%A3 HTTP/1.1", 400),
+    (b"GET /api/search?q=a&limit=%C2%B2 HTTP/1.1", 400),
+    (b"GET /api/conversations?limit=+5 HTTP/1.1", 400),
+    (b"GET /api/conversations?limit=1_0 HTTP/1.1", 400),
+    (b"GET /api/conversations HTTP/\xd9\xa1.1", 400),                 # version digits
+])
+def test_numbers_in_paths_and_queries_are_ascii_digits(client, request_bytes, status):
+    new_conversation(client)
+    got = answers_to(client.port, request_bytes + b"\r\nHost: localhost\r\n\r\n")
+    assert got.startswith(b"HTTP/1.1 %d " % status) or got.startswith(b"HTTP/1.0 %d " % status)
+    assert b'"success": false' in got
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(")")[1].split()[0] != "Z"
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b9\u00b2", "\u0663", "1_0", "+5", "0x10"])
+@pytest.mark.parametrize("expect", [False, True])
+def test_content_length_is_ascii_digits(client, length, expect):
+    head = ("POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {length}\r\n"
+            + ("Expect: 100-continue\r\n" if expect else "") + "\r\n")
+    raw = head.encode("latin-1") if max(map(ord, length)) < 256 else head.encode("utf-8")
+    got = answers_to(client.port, raw + b'{"title":"t"}')
+    assert got.startswith(b"HTTP/1.1 400 ") and b"HTTP/1.1 100" not in got, got[:200]
+    assert b'"field": "Content-Length"' in got
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
 
 
-def test_a_llama_server_is_started_health_waited_restarted_and_stopped(tmp_path):
-    fake = fake_llama_server(tmp_path)
-    port = free_port()
-    db = tmp_path / "chat.db"
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", str(db), "--llama-server", str(fake), "--model",
-                             str(tmp_path / "m.gguf"), "--", "-c", "2048"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        def health():
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/api/health")
-            return json.loads(conn.getresponse().read())["llamacpp"]
-        deadline = time.monotonic() + 15
-        while True:
+def test_x_conversation_id_in_other_digits_is_not_a_conversation(client, stub):
+    assert new_conversation(client) == 1
+    status, _, body = client.post("/v1/chat/completions", {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"X-Conversation-Id": "\u0661".encode().decode("latin-1")})
+    assert status == 200                      # the client's own id for a conversation: not 1
+    assert rows(client, "SELECT id, source_id FROM conversations WHERE source = 'api'") == [
+        (2, "\u0661".encode().decode("latin-1"))]
+
+
+@pytest.mark.parametrize("headers, path, status", [
+    ({}, "/api/conversations", 401),
+    ({"Authorization": "Bearer wrong"}, "/api/conversations", 401),
+    ({"Authorization": "Bearer s3cret"}, "/api/conversations", 200),
+    ({"Authorization": "bearer s3cret"}, "/api/conversations", 200),
+    ({"Authorization": "Basic czNjcmV0"}, "/api/conversations", 401),
+    ({"Authorization": "Bearer s3cret-and-more"}, "/api/conversations", 401),
+    ({}, "/api/conversations?api_key=s3cret&token=s3cret", 401),
+    ({}, "/", 200),
+    ({}, "/index.html", 200),
+])
+def test_api_key_required_when_set(tmp_path, stub, headers, path, status, launch):
+    server = launch(stub.url, api_key="s3cret")
+    c = Client(server)
+    got, resp_headers, body = c.get(path, headers=headers)
+    assert got == status
+    if status == 401:
+        assert body["code"] == "UNAUTHORIZED"
+        assert resp_headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", "414"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
+        b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n", "431"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"".join(
+        b"X-H%d: %s\r\n" % (i, b"v" * 5000) for i in range(20)) + b"\r\n", "431"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{}{}{\r\n0\r\n\r\n", "411"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nContent-Length: -5\r\n\r\n", "400"),
+    (b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
+    (b"BREW /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "501"),
+    (b"OPTIONS /api/chat HTTP/1.1\r\nHost: localhost\r\n\r\n", "405"),
+    (b"GET / HTTP/9.9\r\nHost: localhost\r\n\r\n", "505"),
+    (b"GET / HTTP/1.x\r\nHost: localhost\r\n\r\n", "400"),
+    (b"GET /\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX-A: 1\r\n folded\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost : localhost\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nX\tY: 1\r\n\r\n", "400"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X: v\r\n" * 101 + b"\r\n", "431"),
+    (b"GET / HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n", "400"),
+    (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+     b"\r\nContent-Length: 2\r\nContent-Length: 30\r\n\r\n{}", "400"),
+])
+def test_request_limits(client, request_bytes, status):
+    line, headers, body = raw_exchange(client.port, request_bytes)
+    assert line.split()[1] == status
+    assert json.loads(body)["success"] is False
+    assert rows(client, "SELECT count(*) FROM conversations")[0][0] == 0
+
+
+def test_header_names_are_read_in_any_case(client):
+    body = b'{"title": "case", "model": "m"}'
+    line, headers, answer = raw_exchange(client.port, (
+        b"POST /api/conversations HTTP/1.1\r\nhOST: localhost\r\ncontent-type: application/json"
+        b"\r\nCONTENT-LENGTH: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)))
+    assert line.split()[1] == "201" and json.loads(answer)["conversation_id"] == 1
+    assert "Connection: close" in headers
+
+
+def test_head_of_the_page_answers_its_headers_without_a_body(client):
+    line, headers, body = raw_exchange(
+        client.port, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    length = next(int(h.split(":")[1]) for h in headers if h.lower().startswith("content-length"))
+    assert line.split()[1] == "200" and body == b""
+    assert length == len(client.get("/")[2])
+
+
+@pytest.mark.parametrize("path", ["/api/backup", "/api/export", "/api/export?format=jsonl",
+                                  "/api/conversations/1/export", "/api/config"])
+def test_head_never_does_the_work_of_the_get(client, path, monkeypatch, tmp_path):
+    new_conversation(client)
+    made = []
+    monkeypatch.setattr(llama_chat.Database, "backup", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(llama_chat, "export_all", lambda *a, **k: made.append(a))
+    monkeypatch.setattr(llama_chat, "export_one", lambda *a, **k: made.append(a))
+    line, headers, body = raw_exchange(client.port, b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n"
+                                       b"Connection: close\r\n\r\n" % path.encode())
+    assert line.split()[1] == "200" and body == b"" and made == []
+    assert not any(h.lower().startswith("content-length") for h in headers)
+    assert list(tmp_path.glob(".*backup*")) == []
+
+
+@pytest.mark.parametrize("path, status", [("/api/nothing", 404), ("/api/chat", 405)])
+def test_head_of_what_get_would_refuse_is_refused_alike(client, path, status):
+    assert client.request("HEAD", path)[0] == status
+
+
+@pytest.fixture
+def strict_client(tmp_path, stub):
+    """The app with a 1 s request deadline and room for 170 connections."""
+    server = start_app(tmp_path, stub.url, request_timeout=1.0, max_connections=170)
+    yield Client(server)
+    stop(server)
+
+
+def test_a_trickling_client_is_cut_off_at_the_deadline(strict_client):
+    with socket.create_connection(("127.0.0.1", strict_client.port), timeout=10) as s:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /api/conversations HTTP/1.1\r\nHost: localhost\r\n\r\n":
             try:
-                state = health()
-                if state["ok"]:
-                    break
+                s.sendall(bytes([byte]))
             except OSError:
+                closed = True
+                break
+            s.settimeout(0.2)
+            try:
+                if s.recv(1024) == b"":
+                    closed = True
+                    break
+            except socket.timeout:
                 pass
-            assert time.monotonic() < deadline, "llama-server never answered"
-            time.sleep(0.1)
-        first = started_servers(tmp_path)[0]
-        assert first["args"][:2] == ["-m", str(tmp_path / "m.gguf")]
-        assert first["args"][-2:] == ["-c", "2048"]
-        assert state["url"] == f"http://127.0.0.1:{first['args'][first['args'].index('--port') + 1]}"
-        assert state["managed"]["pid"] == first["pid"]
-        assert "fake llama-server listening" in (tmp_path / "chat.db.llama-server.log").read_text()
-        os.kill(first["pid"], signal.SIGKILL)             # it dies: started again
-        deadline = time.monotonic() + 10
-        while len(started_servers(tmp_path)) < 2:
-            assert time.monotonic() < deadline, "llama-server was not started again"
-            time.sleep(0.1)
-        second = started_servers(tmp_path)[1]
-        while not health()["ok"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert health()["managed"]["restarts"] == 1
+        assert closed and time.monotonic() - started < 3
+
+
+def test_connections_beyond_the_cap_get_503(stub, launch):
+    server = launch(stub.url, max_connections=3)
+    c = Client(server)
+    idle = [socket.create_connection(("127.0.0.1", c.port)) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 5
+        while server.connections < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        line, headers, body = raw_exchange(c.port, b"GET /api/config HTTP/1.1\r\n"
+                                           b"Host: localhost\r\n\r\n")
+        assert line.split()[1] == "503" and json.loads(body)["code"] == "SERVICE_UNAVAILABLE"
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_keyed_client_is_served_while_another_address_floods_slowly(stub, launch):
+    """200 connections from 127.0.0.2, half idle and half sending a header byte
+    at a time, hold only that address's share of the slots: a keyed client on
+    127.0.0.1 is answered every time."""
+    server = launch(stub.url, api_key="s3cret", request_timeout=1.0)
+    port, key = server.server_address[1], {"Authorization": "Bearer s3cret"}
+    flood = []
+    for _ in range(200):
+        s = socket.socket()
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        flood.append(s)
+    stop_trickling = threading.Event()
+
+    def trickle():
+        while not stop_trickling.wait(0.1):
+            for s in flood[::2]:
+                try:
+                    s.send(b"G")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    c, times, statuses = Client(server), [], []
+    try:
+        for _ in range(60):
+            started = time.monotonic()
+            statuses.append(c.get("/api/conversations?limit=5", headers=key)[0])
+            times.append(time.monotonic() - started)
+            time.sleep(0.02)
+        assert server.by_address.get("127.0.0.2", 0) <= server.engine.settings.connections_per_address
+    finally:
+        stop_trickling.set()
+        thread.join()
+        for s in flood:
+            s.close()
+    times.sort()
+    print(f"\nslow flood: p50 {times[30] * 1000:.1f} ms, p95 {times[56] * 1000:.1f} ms")
+    assert statuses == [200] * 60
+
+
+def test_one_address_gets_its_share_of_the_slots_and_no_more(stub, launch):
+    server = launch(stub.url, connections_per_address=3)
+    port = server.server_address[1]
+    held = []
+    try:
+        for _ in range(3):
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        deadline = time.monotonic() + 5
+        while server.by_address.get("127.0.0.1", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 503 ") and b"SERVICE_UNAVAILABLE" in got
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                         source="127.0.0.2")
+        assert got.startswith(b"HTTP/1.1 200 ")
+        held.pop().close()                        # a slot of that address comes free
+        deadline = time.monotonic() + 5
+        while server.by_address.get("127.0.0.1", 0) > 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        got = answers_to(port, b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert got.startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_headers_have_a_shorter_deadline_than_the_body(stub, launch):
+    server = launch(stub.url, header_timeout=0.5, request_timeout=5.0)
+    port = server.server_address[1]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # headers trickle
+        started = time.monotonic()
+        try:
+            for byte in b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n":
+                s.send(bytes([byte]))
+                time.sleep(0.1)
+        except OSError:
+            pass
+        assert s.recv(100) == b"" and time.monotonic() - started < 3
+    body = json.dumps({"title": "t", "model": MODEL}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:   # a slow body
+        s.sendall(b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                  b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 4):
+            time.sleep(0.1)                          # 1 s in all: past the header deadline
+            s.send(body[i:i + 4])
+        assert s.recv(100).startswith(b"HTTP/1.1 201 ")
+
+
+FUZZ_SEED = 20261128
+
+
+def fuzz_requests(count, rng):
+    """Malformed requests of many kinds, the same ones for a given seed."""
+    paths = ["/api/conversations", "/api/chat", "/api/search?q=x", "/api/conversations/1",
+             "/api/stats/1", "/", "/api/models", "/api/health",
+             "/api/conversations?limit=99999999999999999999&offset=-1",
+             "/api/search?q=%ED%A0%80&limit=9223372036854775808",
+             "/v1/chat/completions", "/v1/models", "/v1/embeddings"]
+    kinds = []
+    creates = json.dumps({"title": "smuggled", "model": MODEL}).encode()
+    create = (b"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+              b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(creates), creates))
+    digits = ["\u00b2", "\u00b9", "\u00b3", "\u0663", "\uff11", "1_0", "+1", " 1"]
+    for i in range(count):
+        kind = rng.randrange(14)
+        path = rng.choice(paths)
+        if kind == 12:                    # a refused request carrying a write as its body
+            outer = rng.choice(list(SMUGGLERS.values()))
+            data = outer + b"\r\nContent-Length: %d\r\n\r\n" % len(create) + create
+        elif kind == 13:                  # numbers in other digits, as Latin-1 or UTF-8
+            number = rng.choice(digits)
+            text = rng.choice([
+                f"POST /api/conversations HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {number}\r\n"
+                + rng.choice(["", "Expect: 100-continue\r\n"]) + "\r\n",
+                f"GET /api/conversations/{number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET /api/conversations?limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET /api/search?q=a&limit={number} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                f"GET / HTTP/{number}.1\r\nHost: localhost\r\n\r\n"])
+            data = text.encode(rng.choice(["latin-1", "utf-8"]), "replace") + creates
+        elif kind == 0:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        elif kind == 1:
+            data = rng.choice([b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n",
+                               b" / HTTP/1.1\r\n\r\n", b"GET /\x00 HTTP/1.1\r\n\r\n",
+                               b"\r\n\r\n", b"GET / HTTP/1.1\r\nHost localhost\r\n\r\n"])
+        elif kind == 2:
+            data = b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n"
+        elif kind == 3:
+            data = b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 200 + b"\r\n"
+        elif kind == 4:
+            length = rng.choice([b"abc", b"-1", b"99999999999", b"10", b"1e3", b""])
+            data = (b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                    b"\r\nContent-Length: %s\r\n\r\n{}" % (path.encode(), length))
+        elif kind == 5:
+            data = (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                    b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
+        else:
+            value = rng.choice([None, True, -1, 2**70, -2**64, "", "x" * 100, [], {}, [[[]]],
+                                1.5, "\u0000", "<script>", {"$gt": 1}, "\ud800", "a\udfffb",
+                                {"temperature": "\ud83d"}, {"stop": ["\ud800"]}])
+            field = rng.choice(["conversation_id", "message", "model", "title", "stream",
+                                "options", "user_message_id", "temperature", "bogus",
+                                "messages"])
+            body = json.dumps({field: value, "conversation_id": rng.choice(
+                [1, "1", -1, 10**30, None])}).encode()
+            if kind == 6:
+                body = b"[" * 100000 + b"]" * 100000
+            elif kind == 7:
+                body = body[: rng.randrange(len(body))]
+            method = rng.choice([b"POST", b"PUT", b"DELETE", b"GET", b"PATCH"])
+            target = rng.choice([path.encode(), b"/api/conversations/" + rng.choice(
+                [b"-1", b"0x10", b"1.5", b"%00", b"..%2f..", b"99999999999999999999",
+                 b"1;DROP TABLE messages"])])
+            data = (b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (method, target, len(body), body))
+        kinds.append(data)
+    return kinds
+
+
+def test_fuzzed_requests_never_break_the_server(tmp_path, stub, launch):
+    import random
+    server = launch(stub.url, request_timeout=2.0,    # the stub answers /v1 relays: on a
+                    timeouts={"llamacpp_timeout": 30,      # busy machine in more than 2 s
+                              "llamacpp_connect_timeout": 30})
+    c = Client(server)
+    statuses = {}
+    for data in fuzz_requests(2000, random.Random(FUZZ_SEED)):
+        line, headers, body = raw_exchange(c.port, data)
+        code = line.split()[1] if line.startswith("HTTP/") else "none"
+        statuses[code] = statuses.get(code, 0) + 1
+        assert not code.startswith("5") or code in ("501", "505"), (data[:200], line, body)
+        assert b"Traceback" not in body and b"File \"" not in body
+    print(f"\nfuzz: 2000 requests, statuses {dict(sorted(statuses.items()))}")
+    assert c.get("/api/health")[0] == 200
+    assert rows(c, "SELECT count(*) FROM conversations")[0][0] == 0
+    assert rows(c, "SELECT count(*) FROM messages")[0][0] == 0
+
+
+def test_deleted_text_is_gone_from_the_files(client):
+    cid = client.new_conversation("zanzibarite plans")
+    client.chat(cid, "my secret is quixotrophic")
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})
+    client.chat(cid, "and κρυφόλογος 秘密词")
+    client.engine.store.db.checkpoint()
+    db = client.engine.settings.db
+
+    def on_disk():
+        data = b""
+        for suffix in ("", "-wal"):
+            if os.path.exists(db + suffix):
+                with open(db + suffix, "rb") as f:
+                    data += f.read()
+        return data
+
+    secrets = [b"quixotrophic", b"zanzibarite", "κρυφόλογος".encode(), "秘密".encode()]
+    assert all(word in on_disk() for word in (secrets[0], secrets[2]))  # the title: renamed
+    assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+    deadline = time.monotonic() + 10
+    while any(word in on_disk() for word in secrets) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [word for word in secrets if word in on_disk()] == []
+
+
+def bytes_on_disk(db):
+    data = b""
+    for suffix in ("", "-wal"):
+        if os.path.exists(db + suffix):
+            with open(db + suffix, "rb") as f:
+                data += f.read()
+    return data
+
+
+def test_edited_text_and_renamed_titles_are_gone_from_the_files(client):
+    cid = client.new_conversation("zanzibarite plans")
+    client.chat(cid, "my secret is quixotrophic")
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "renamed plans"})  # auto
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "xylographic notes"})
+    question = client.get(f"/api/conversations/{cid}")[2]["messages"][0]["id"]
+    db = client.engine.settings.db
+    client.engine.store.db.checkpoint()
+    assert b"quixotrophic" in bytes_on_disk(db)
+    assert client.request("PUT", f"/api/messages/{question}", {"content": "nothing here"})[0] == 200
+    client.request("PUT", f"/api/conversations/{cid}", {"title": "plain title"})
+    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db) and b"xylographic" not in
+             bytes_on_disk(db), 10, "the purge")
+    assert client.get(f"/api/search?q=nothing")[2]["results"]
+    assert not client.get(f"/api/search?q=quixotrophic")[2]["results"]
+
+
+@pytest.mark.parametrize("sql, due", [
+    ("UPDATE messages SET content = content || ' and more' WHERE id = 1", False),  # continue
+    ("UPDATE messages SET content = content WHERE id = 1", False),
+    ("UPDATE messages SET content = 'other words' WHERE id = 1", True),           # an edit
+    ("UPDATE messages SET content = substr(content, 2) WHERE id = 1", True),
+    ("UPDATE conversations SET title = 'first', title_pending = 0 WHERE id = 2", False),
+    ("UPDATE conversations SET title = 'again' WHERE id = 1", True),               # a rename
+    ("UPDATE conversations SET title = title WHERE id = 1", False),
+])
+def test_what_marks_text_to_purge(tmp_path, sql, due):
+    store = llama_chat.Store(str(tmp_path / "m.db"))
+    with store.db.write() as c:
+        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('t', 'm', 0)")
+        c.execute("INSERT INTO conversations (title, model, title_pending) VALUES ('', 'm', 1)")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'hi')")
+        c.execute("DELETE FROM search_purge")
+    with store.db.write() as c:
+        c.execute(sql)
+    assert store.index.purge_due() is due
+
+
+def test_a_change_of_triggers_alone_keeps_the_index(tmp_path, monkeypatch):
+    path = str(tmp_path / "t.db")
+    store = llama_chat.Store(path)
+    with store.db.write() as c:
+        c.execute("INSERT INTO conversations (title, model) VALUES ('t', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', "
+                  "'volcanic')")
+        c.execute("DROP TRIGGER search_message_changed")          # as an older version made it
+        c.execute("CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages "
+                  "BEGIN SELECT 1; END")
+    store.close()
+    monkeypatch.setattr(llama_chat.SearchIndex, "_build", lambda *a: pytest.fail("rebuilt"))
+    store = llama_chat.Store(path)
+    assert store.index.in_step()
+    assert [r["content"] for r in store.index.search("volcanic", 10)] == ["volcanic"]
+    trigger = store.db.conn().execute("SELECT sql FROM sqlite_master WHERE name = "
+                                      "'search_message_changed'").fetchone()[0]
+    assert "search_purge" in trigger
+
+
+def test_a_purge_waits_for_a_reader_and_then_completes(tmp_path, stub, launch):
+    """A checkpoint gives up after the busy timeout while a reader's snapshot
+    (a slow export) holds old pages: it is tried again until it completes."""
+    client = Client(launch(stub.url, store=llama_chat.Store(
+        str(tmp_path / "chat.db"), open_now=False, busy_ms=200)))
+    cid = client.new_conversation()
+    client.chat(cid, "my secret is quixotrophic")
+    db = client.engine.settings.db
+    reader = sqlite3.connect(db)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM messages").fetchone()      # a snapshot, as an export
+    try:
+        assert client.request("DELETE", f"/api/conversations/{cid}")[0] == 200
+        time.sleep(1.5)                                # several checkpoints gave up meanwhile
+        assert b"quixotrophic" in bytes_on_disk(db)                # held by the snapshot
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    wait_for(lambda: b"quixotrophic" not in bytes_on_disk(db), 15, "the purge after the reader")
+    wait_for(lambda: not client.engine.store.index.purge_due(), 5, "the purge mark cleared")
+    client.engine.store.release()
+
+
+def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
+                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
+                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert "needs a key" in proc.stdout.readline()
+        urls = []
+        while not urls or "127.0.0.1" not in urls[-1]:
+            urls.append(proc.stdout.readline().strip())
+        assert all(re.fullmatch(r"http://[\w.-]+:\d+/#token=[\w-]{20,}", u) for u in urls)
+        assert not any("0.0.0.0" in u for u in urls) and len(urls) >= 2   # host name, loopback
+        key = urls[-1].rsplit("=", 1)[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/conversations")
+        assert conn.getresponse().status == 401
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/conversations", headers={"Authorization": "Bearer " + key})
+        assert conn.getresponse().status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(15)
-    assert proc.returncode == 0
-    said = proc.stdout.read()
-    assert "started llama-server" in said and "start it with" not in said   # it was started
-    deadline = time.monotonic() + 5
-    while alive(second["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not alive(second["pid"])                          # stopped with llama-chat
+        _, err = proc.communicate(timeout=10)
+    assert key not in err
+    key_file = tmp_path / "lan.db.key"
+    assert key_file.read_text().strip() == key and file_mode(key_file) == 0o600
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--host",
+                             "0.0.0.0", "--port", str(port), "--db", str(tmp_path / "lan.db"),
+                             "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        said = proc.stdout.readline()
+        assert "kept in " + str(key_file) in said
+        assert proc.stdout.readline().strip().endswith("#token=" + key)   # the same key again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
 
 
-def test_a_default_url_moves_to_llama_server_s_newer_port_when_only_that_answers(stub):
-    settings = llama_chat.Settings()                # its llamacpp_url is the default
-    stub_port = int(stub.url.rsplit(":", 1)[1])
-    moved = llama_chat.discover_llamacpp(settings, ports=(free_port(), stub_port))
-    assert moved.llamacpp_url == f"http://127.0.0.1:{stub_port}"
-    # Something answers on the usual port, or the URL was given: nothing changes.
-    assert llama_chat.discover_llamacpp(settings, ports=(stub_port, stub_port)) == settings
-    given = replace(settings, llamacpp_url="http://127.0.0.1:1234")
-    assert llama_chat.discover_llamacpp(given, ports=(free_port(), stub_port)) == given
-    assert llama_chat.discover_llamacpp(settings, ports=(free_port(), free_port())) == settings
+@pytest.mark.parametrize("content", ["", "short", "bad key with spaces here!!"])
+def test_a_kept_key_file_that_is_not_a_key_is_made_anew(tmp_path, content):
+    path = tmp_path / "x.key"
+    path.write_text(content)
+    key = llama_chat.kept_key(str(path))
+    assert re.fullmatch(r"[\w-]{32}", key) and path.read_text().strip() == key
+    assert llama_chat.kept_key(str(path)) == key
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--llama-server", "/nonexistent/llama-server", "--model", "m"], "not an executable"),
-    (["--llama-server", sys.executable], "needs --model FILE or --models-dir DIR"),
-    (["--llama-server", sys.executable, "--model", os.path.join(HERE, "llama_chat.py"), "--llamacpp-url",
-      "http://10.0.0.9:8080"], "loopback"),
-    (["--llama-server", sys.executable, "--model", "/nonexistent/m.gguf"],
-     "--model /nonexistent/m.gguf is not a file"),
-    (["--llama-server", sys.executable, "--models-dir", "/nonexistent"],
-     "--models-dir /nonexistent is not a folder"),
+@pytest.mark.parametrize("upstream_key, our_key, state, words", [
+    ("k1", "", "error", "it needs a key: give it with --llamacpp-api-key"),
+    ("k1", "wrong", "error", "the key given with --llamacpp-api-key is not one it takes"),
+    ("k1", "k1", "ok", None),
+    (None, "", "ok", None),
+    (None, "k1", "ok", None),
 ])
-def test_a_llama_server_to_start_is_checked_first(tmp_path, argv, words):
-    done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
-                           str(tmp_path / "x.db"), "--port", "0", *argv],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and words in done.stderr and done.stderr.count("\n") == 1
+def test_health_tells_when_llama_server_refuses_our_key(tmp_path, stub, launch, upstream_key,
+                                                       our_key, state, words):
+    stub.api_key = upstream_key
+    c = Client(launch(stub.url, llamacpp_api_key=our_key))
+    health = c.get("/api/health")[2]
+    assert (health["llamacpp"]["state"], health["status"]) == (
+        state, "ok" if state == "ok" else "degraded")
+    if words:
+        assert words in health["llamacpp"]["error"] and "401" in health["llamacpp"]["error"]
+    assert "k1" not in json.dumps(health)
+
+
+def test_log_lines_cannot_be_forged(client, caplog):
+    caplog.set_level("INFO", logger="llama_chat")
+    raw_exchange(client.port, b"GET /x\x1b[31m\x08\x7f HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "\\x1b[31m\\x08\\x7f" in logged and "\x1b" not in logged
 
 
 ###############################################################################
-# The ledger
-###############################################################################
-
-@pytest.mark.parametrize("stream", [False, True])
-def test_each_reply_keeps_llamacpp_s_timings_and_its_first_token_time(client, stub, stream):
-    stub.token_delay = 0.01 if stream else 0
-    cid = client.new_conversation()
-    if stream:
-        read_events(client.stream(cid)[0])
-    else:
-        client.chat(cid)
-    reply = conversation(client, cid)["messages"][-1]
-    tokens = len(stub.tokens())
-    assert (reply["prompt_n"], reply["prompt_ms"], reply["cache_n"], reply["predicted_n"],
-            reply["predicted_ms"]) == (21, 30.0, 3, tokens, tokens * 20.0)
-    if stream:
-        assert 0 < reply["ttft_ms"] < reply["response_time_ms"]
-    else:
-        assert reply["ttft_ms"] is None
-
-
-def test_the_ledger_aggregates_as_computed_by_hand(client):
-    store = client.engine.store
-    cid = client.new_conversation()
-    replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft
-        ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0),
-        ("a", "2026-11-30", 20, 60, 60, 1000, 40, 200, 300.0),
-        ("a", "2026-12-01", 30, 30, 30, 1000, None, None, 200.0),
-        ("b", "2026-12-01", 5, 8, None, None, None, None, None)]
-    for model, day, pt, ct, pn, pm, qn, qm, ttft in replies:
-        q = store.add_message(cid, "user", "q")
-        r = store.add_message(cid, "assistant", "r", model, parent=q, prompt_tokens=pt,
-                              estimated_tokens=ct, predicted_n=pn, predicted_ms=pm,
-                              prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0)
-        conn = sqlite3.connect(client.engine.settings.db)
-        with conn:
-            conn.execute("UPDATE messages SET timestamp = ? WHERE id IN (?, ?)",
-                         (day + "T12:00:00.000Z", q, r))
-        conn.close()
-    status, _, body = client.get("/api/ledger?group=model")
-    assert status == 200
-    a, b = body["groups"]
-    assert a == {"model": "a", "replies": 3, "prompt_tokens": 60, "completion_tokens": 190,
-                 "tokens_per_second": {"mean": 46.7, "p50": 50.0},   # 50, 60, 30 tok/s
-                 "prompt_tokens_per_second": {"mean": 350.0, "p50": 200.0},   # 500, 200
-                 "ttft_ms": {"p50": 200.0, "p95": 300.0, "histogram": [   # bins 28% wide
-                     {"under": 115.6, "replies": 1}, {"under": 244.7, "replies": 1},
-                     {"under": 314.2, "replies": 1}]}}
-    assert b["tokens_per_second"] == {"mean": 12.0, "p50": 12.0}      # the stored figure
-    assert b["ttft_ms"] == {"p50": None, "p95": None, "histogram": []}
-    days = client.get("/api/ledger?group=model,day")[2]["groups"]
-    assert [(g["model"], g["day"], g["replies"]) for g in days] == [
-        ("a", "2026-11-30", 2), ("a", "2026-12-01", 1), ("b", "2026-12-01", 1)]
-    one_day = client.get("/api/ledger?group=day&since=2026-12-01&until=2026-12-01")[2]
-    assert [(g["day"], g["replies"]) for g in one_day["groups"]] == [("2026-12-01", 2)]
-    assert client.get("/api/ledger?group=week")[0] == 400
-    assert client.get("/api/ledger?since=yesterday")[2]["field"] == "since"
-    for wrong in ("2026-02-30", "2026-12-02T10:00:00Z", "２０２６-12-01"):
-        status, _, body = client.get("/api/ledger?until=" + urllib.parse.quote(wrong))
-        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "until"), wrong
-
-
-def exact_ledger(conn, group):
-    """The ledger computed from every reply in Python: exact percentiles."""
-    found = {}
-    for model, day, pt, ct, tps, pn, pm, qn, qm, ttft in conn.execute(
-            "SELECT coalesce(model, ''), substr(timestamp, 1, 10), prompt_tokens, "
-            "estimated_tokens, tokens_per_second, predicted_n, predicted_ms, prompt_n, "
-            "prompt_ms, ttft_ms FROM messages WHERE role = 'assistant'"):
-        key = tuple({"model": model, "day": day}[g] for g in group)
-        g = found.setdefault(key, {"replies": 0, "pt": 0, "ct": 0, "tps": [], "pps": [],
-                                   "ttft": []})
-        g["replies"] += 1
-        g["pt"] += pt or 0
-        g["ct"] += ct or 0
-        def per_second(n, ms):
-            return n * 1000.0 / ms if n is not None else None
-        speed = per_second(pn, pm) if pm else tps        # timings where llama.cpp sent them
-        for metric, value in (("tps", speed), ("pps", per_second(qn, qm) if qm else None),
-                              ("ttft", ttft)):
-            if value is not None:
-                g[metric].append(value)
-
-    def rank(values, p):
-        return sorted(values)[max(1, (len(values) * p + 99) // 100) - 1] if values else None
-    return {key: {"replies": g["replies"], "prompt_tokens": g["pt"], "completion_tokens": g["ct"],
-                  "tps": (sum(g["tps"]) / len(g["tps"]) if g["tps"] else None,
-                          rank(g["tps"], 50)),
-                  "pps": (sum(g["pps"]) / len(g["pps"]) if g["pps"] else None,
-                          rank(g["pps"], 50)),
-                  "ttft": (rank(g["ttft"], 50), rank(g["ttft"], 95))}
-            for key, g in found.items()}
-
-
-def assert_ledger_as_exact(db, conn, group):
-    """The kept ledger against the one computed here, to its rounding."""
-    kept = {tuple(g[n] for n in group): g for g in llama_chat.ledger(db, group, None, None)}
-    exact = exact_ledger(conn, group)
-    assert sorted(kept) == sorted(exact)
-
-    within = 0.032 if group == ("model",) else 0    # of all days: from 3% buckets
-
-    def near(got, want):
-        return got is None if want is None else abs(got - want) <= within * want + 0.05
-    for key, want in exact.items():
-        got = kept[key]
-        assert (got["replies"], got["prompt_tokens"], got["completion_tokens"]) == (
-            want["replies"], want["prompt_tokens"], want["completion_tokens"])
-        for metric, field in (("tps", "tokens_per_second"), ("pps", "prompt_tokens_per_second")):
-            assert near(got[field]["mean"], want[metric][0]), (key, field)
-            assert near(got[field]["p50"], want[metric][1]), (key, field)
-        assert near(got["ttft_ms"]["p50"], want["ttft"][0]), key
-        assert near(got["ttft_ms"]["p95"], want["ttft"][1]), key
-
-
-def test_the_ledger_stays_in_step_through_adds_edits_continues_and_deletes(client):
-    """SQLite keeps the ledger's tables as replies come, change and go: after
-    each kind of write they agree with the replies themselves."""
-    store = client.engine.store
-    rng = random.Random(17)
-    conversations = [client.new_conversation() for _ in range(4)]
-    replies = []
-    for i in range(300):
-        cid = rng.choice(conversations)
-        q = store.add_message(cid, "user", "q")
-        timed = rng.random() < 0.8
-        replies.append(store.add_message(
-            cid, "assistant", "r", rng.choice(["a", "b", None]), parent=q,
-            prompt_tokens=rng.randint(1, 900), estimated_tokens=rng.randint(1, 400),
-            tokens_per_second=rng.choice([None, round(rng.uniform(2, 40), 2)]),
-            predicted_n=rng.randint(1, 400) if timed else None,
-            predicted_ms=rng.uniform(100, 9000) if timed else None,
-            prompt_n=rng.randint(1, 900) if timed else None,
-            prompt_ms=rng.choice([0, rng.uniform(5, 900)]) if timed else None,
-            ttft_ms=rng.choice([None, rng.uniform(20, 3000)])))
-    conn = sqlite3.connect(client.engine.settings.db)   # no function of the app's: any program
-    with conn:
-        for day in ("2026-11-29", "2026-11-30", "2026-12-01"):
-            conn.execute("UPDATE messages SET timestamp = ? WHERE id % 3 = ?",
-                         (day + "T08:00:00.000Z", int(day[-1]) % 3))
-        conn.execute("UPDATE messages SET ttft_ms = ttft_ms * 2, model = 'c' WHERE id % 7 = 0")
-    for group in (("model",), ("day",), ("model", "day")):
-        assert_ledger_as_exact(store.db, conn, group)
-    kept = conn.execute("SELECT grouping, model, day FROM ledger_ranks").fetchall()
-    assert len(kept) == len(set(kept)) > 3                 # the reads above kept their ranks
-    store.extend_message(replies[5], " more", "", lambda before: {
-        "predicted_n": 999, "predicted_ms": 1.0, "ttft_ms": 0.5})
-    store.delete_conversation(conversations[0])
-    conn.create_function("search_form", 1, llama_chat.search_form)   # the index needs it
-    with conn:
-        conn.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages "
-                     "WHERE role = 'assistant' ORDER BY id DESC LIMIT 20)")
-    for group in (("model",), ("model", "day")):
-        assert_ledger_as_exact(store.db, conn, group)
-    with conn:
-        conn.execute("DELETE FROM messages")
-    assert llama_chat.ledger(store.db, ("model",), None, None) == []
-    assert conn.execute("SELECT (SELECT count(*) FROM ledger_days) + (SELECT count(*) FROM "
-                        "ledger_ranks) + (SELECT count(*) FROM ledger_buckets)").fetchone() == (0,)
-    conn.close()
-
-
-def test_the_ledger_answers_but_keeps_no_ranks_read_while_a_reply_came(client, monkeypatch):
-    """The ledger ranks in a read transaction; what it ranked is kept only if
-    nothing was written meanwhile, so that no reply is left out for good."""
-    store = client.engine.store
-    cid = client.new_conversation()
-    store.add_message(cid, "assistant", "r", "m", ttft_ms=100.0)
-    ranked = llama_chat.ledger_ranked
-
-    def a_reply_comes_meanwhile(*args):
-        found = ranked(*args)
-        writer = threading.Thread(target=lambda: store.add_message(
-            cid, "assistant", "r", "m", ttft_ms=900.0))
-        writer.start()
-        writer.join()
-        return found
-    monkeypatch.setattr(llama_chat, "ledger_ranked", a_reply_comes_meanwhile)
-    first = llama_chat.ledger(store.db, ("model", "day"), None, None)
-    assert (first[0]["replies"], first[0]["ttft_ms"]["p95"]) == (1, 100.0)   # its snapshot
-    monkeypatch.setattr(llama_chat, "ledger_ranked", ranked)
-    then = llama_chat.ledger(store.db, ("model", "day"), None, None)
-    assert (then[0]["replies"], then[0]["ttft_ms"]["p95"]) == (2, 900.0)
-    assert store.db.conn().execute("SELECT grouping, ttft_p95 FROM ledger_ranks").fetchall() == [
-        ("model,day", 900.0)]
-
-
-def test_a_schema_6_database_gains_the_kept_ledger_as_its_replies_say(tmp_path):
-    path = str(tmp_path / "v6.db")
-    rng = random.Random(6)
-
-    def fill(c):
-        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
-        for i in range(200):
-            c.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp, "
-                      "prompt_tokens, estimated_tokens, tokens_per_second, predicted_n, "
-                      "predicted_ms, ttft_ms) VALUES (1, ?, 'x', ?, ?, ?, ?, ?, ?, ?, ?)",
-                      (("user", "assistant")[i % 2], rng.choice(["m", "n"]),
-                       f"2026-11-{1 + i % 5:02d}T10:00:00Z", i, i * 2, rng.uniform(1, 50),
-                       rng.choice([None, 50]), rng.choice([None, 1000.0]),
-                       rng.choice([None, rng.uniform(10, 900)])))
-    store = migrated(path, fill, 6)
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone() == (llama_chat.SCHEMA_VERSION,)
-    for group in (("model",), ("day",), ("model", "day")):
-        assert_ledger_as_exact(store.db, conn, group)
-    conn.close()
-    store.close()
-
-
-def test_a_schema_5_database_gains_the_ledger_after_a_backup(tmp_path):
-    path = str(tmp_path / "v5.db")
-
-    def fill(c):
-        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
-        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
-        c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, "
-                  "tokens_per_second) VALUES (1, 1, 'assistant', 'a', 'm', 9.5)")
-    store = migrated(path, fill, 5)
-    groups = llama_chat.ledger(store.db, ("model",), None, None)
-    assert groups[0]["replies"] == 1 and groups[0]["tokens_per_second"]["p50"] == 9.5
-    assert json.loads(store.messages(1)[0])[1]["ttft_ms"] is None
-    store.close()
-
-
-def test_a_schema_7_database_gains_an_id_for_each_conversation_after_a_backup(tmp_path):
-    path = str(tmp_path / "v7.db")
-
-    def fill(c):
-        for title in ("one", "two", "three"):
-            c.execute("INSERT INTO conversations (title, model) VALUES (?, 'm')", (title,))
-    store = migrated(path, fill, 7)
-    ids = [r[0] for r in store.db.conn().execute("SELECT uuid FROM conversations ORDER BY id")]
-    assert len(set(ids)) == 3 and all(llama_chat.UUID_TEXT.match(i) and i[14] == "4"
-                                      and i[19] in "89ab" for i in ids), ids
-    made = store.create_conversation("four", "m")
-    given = store.db.conn().execute("SELECT uuid FROM conversations WHERE id = ?",
-                                    (made,)).fetchone()[0]
-    assert llama_chat.UUID_TEXT.match(given) and given not in ids
-    with pytest.raises(sqlite3.IntegrityError):
-        with store.db.write() as c:
-            c.execute("UPDATE conversations SET uuid = ? WHERE id = ?", (ids[0], made))
-    store.close()
-
-
-###############################################################################
-# Docs
+# Docs and the module's layout
 ###############################################################################
 
 def test_readme_names_every_route():
@@ -6490,6 +6490,63 @@ def test_readme_opens_with_the_run_and_test_commands():
     assert "python3 llama_chat.py" in head and "python3 -m pytest" in head
     with open(os.path.join(HERE, ".ci", "run")) as f:
         assert "python3 -m pytest" in f.read()
+
+
+def module_sections():
+    """llama_chat.py's top-level definitions: name -> (section number, line),
+    the sections as its banners divide it, and its syntax tree."""
+    import ast
+    with open(llama_chat.__file__, encoding="utf-8") as f:
+        source = f.read()
+    banners = [i + 2 for i, line in enumerate(source.splitlines())
+               if line.startswith("#" * 79)][::2]            # a banner's title line
+
+    def section_of(line):
+        return sum(1 for banner in banners if banner <= line)
+    tree = ast.parse(source)
+    defined = {}
+    for node in tree.body:
+        names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [
+            t.id for a in ([node] if isinstance(node, ast.Assign) else [])
+            for t in a.targets if isinstance(t, ast.Name)]
+        for name in names:
+            defined.setdefault(name, (section_of(node.lineno), node.lineno))
+    return defined, tree, section_of
+
+
+def test_each_section_of_the_module_uses_only_what_stands_above_it():
+    import ast
+    defined, tree, section_of = module_sections()
+    assert section_of(10 ** 9) >= 15 and defined["Engine"][0] < defined["start_chat"][0] < \
+        defined["api_chat"][0] < defined["Handler"][0] < defined["main"][0]
+    later = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            continue
+        here = section_of(node.lineno)
+        for used in ast.walk(node):
+            if isinstance(used, ast.Name) and isinstance(used.ctx, ast.Load) and \
+                    used.id in defined and defined[used.id][0] > here:
+                later.append(f"line {used.lineno}: {used.id} (line {defined[used.id][1]})")
+    assert not later, "used above the section that defines it: " + "; ".join(later)
+
+
+def test_the_module_map_names_every_section_in_order():
+    text = llama_chat.__doc__
+    shown = [line.split()[0] for line in text.split("The sections, in order")[1].splitlines()
+             if line.startswith("  ") and not line.startswith("   ")]
+    assert shown[0] == "Speed-ups" and shown[-1] == "Main" and len(shown) >= 14
+    with open(llama_chat.__file__, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    titles = [lines[i + 1][2:] for i, line in enumerate(lines)
+              if line.startswith("#" * 79) and i + 2 < len(lines)
+              and lines[i + 2].startswith("#" * 79)]
+    at = 0
+    for name in shown:                 # each name of the map opens a banner, in order
+        stem = name.rstrip(":").lower().lstrip("/")
+        found = [i for i, title in enumerate(titles) if i >= at and stem in title.lower()]
+        assert found, f"the map's {name} has no section after {titles[at - 1]!r}"
+        at = found[0] + 1
 
 
 ###############################################################################
