@@ -1580,6 +1580,68 @@ MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to
               migrate_to_6, migrate_to_7, migrate_to_8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# The history's two tables as SCHEMA_VERSION leaves them, every column once,
+# with the lists it is in: "listed" (a conversation in GET /api/conversations),
+# "shown" (a conversation or a message as the API answers it), "exported"
+# (llama-chat's export, which import reads back). Every list of columns
+# below is derived from these, and test_the_schema_is_as_declared holds them
+# to the tables a new database and a migrated one have. A column in no list
+# is kept by SQLite (triggers) for the server's own use.
+CONVERSATION_TABLE = {
+    "id": "listed shown exported",
+    "uuid": "exported",
+    "title": "listed shown exported",
+    "model": "listed shown exported",
+    "created_at": "listed shown exported",
+    "updated_at": "listed shown exported",
+    "system_prompt": "listed shown exported",
+    "options": "listed shown exported",
+    "pinned": "listed shown exported",
+    "current_message_id": "shown exported",
+    "source": "listed shown exported",
+    "source_id": "shown exported",
+    "client": "shown exported",
+    "title_pending": "shown",
+}
+MESSAGE_TABLE = {
+    "id": "shown exported",
+    "conversation_id": "shown",
+    "parent_id": "shown exported",
+    **dict.fromkeys(("role", "content", "reasoning", "model", "timestamp", "edited_at",
+                     "response_time_ms", "estimated_tokens", "prompt_tokens",
+                     "tokens_per_second", "finish_reason", "options", "tool_calls",
+                     "tool_call_id", *TIMING_COLUMNS), "shown exported"),
+    "digest": "",                # message_digest(), kept by DIGEST_SCHEMA's triggers
+    "token_count": "",           # llama.cpp's count, forgotten when the text changes
+}
+
+
+def columns_in(table, where):
+    """The columns of a table that are in one of its lists, in order."""
+    return tuple(name for name, lists in table.items() if where in lists.split())
+
+
+def selected(names, **read_as):
+    """A SELECT's list of these columns, some read as an expression."""
+    return ", ".join(f"{read_as[name]} AS {name}" if name in read_as else name
+                     for name in names)
+
+
+def put_conversation(c, **values):
+    """Insert a conversation (in the caller's transaction): its id. The one
+    INSERT of a conversation: the page's, /v1's, an import's, a fork's."""
+    return c.execute(f"INSERT INTO conversations ({', '.join(values)}) VALUES "
+                     f"({', '.join('?' * len(values))})", tuple(values.values())).lastrowid
+
+
+PINNED_JSON = "CASE WHEN pinned THEN 'true' ELSE 'false' END"    # a JSON boolean
+# The leaf a conversation shows: its current message while that is one of its
+# own, else its newest message (a leaf: a child is newer than its parent).
+CURRENT_SQL = """coalesce(
+    (SELECT m.id FROM messages m WHERE m.id = c.current_message_id
+                                   AND m.conversation_id = c.id),
+    (SELECT max(m.id) FROM messages m WHERE m.conversation_id = c.id))"""
+
 
 ###############################################################################
 # Storage: the search index
@@ -1795,11 +1857,10 @@ END;
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 20000       # messages indexed between two reports of progress
-CONVERSATION_COLUMNS = """id, title, model, created_at, updated_at, system_prompt, options,
-    pinned, source"""
-# A conversation's columns as answered: the pin a JSON boolean.
-CONVERSATION_SELECT = """id, title, model, created_at, updated_at, system_prompt, options,
-    CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, source"""
+CONVERSATION_COLUMNS = ", ".join(columns_in(CONVERSATION_TABLE, "listed"))
+CONVERSATION_SELECT = selected(columns_in(CONVERSATION_TABLE, "listed"), pinned=PINNED_JSON)
+CONVERSATION_SHOWN = selected(columns_in(CONVERSATION_TABLE, "shown"), pinned=PINNED_JSON,
+                              current_message_id=CURRENT_SQL)
 TITLE_ONLY_SPARE = 4       # results read for each shown, for the title-only ones left out
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
@@ -2023,16 +2084,9 @@ class SearchIndex:
 # (messages_by_parent, and the primary key upwards), so its cost is that of
 # the branch, not of the history.
 
-MESSAGE_COLUMNS = """id, conversation_id, parent_id, sibling_ids, role, content, reasoning,
-    model, timestamp, edited_at, response_time_ms, estimated_tokens, prompt_tokens,
-    tokens_per_second, finish_reason, options, tool_calls, tool_call_id, prompt_n, prompt_ms,
-    cache_n, predicted_n, predicted_ms, ttft_ms"""
-# The leaf a conversation shows: its current message while that is one of its
-# own, else its newest message (a leaf: a child is newer than its parent).
-CURRENT_SQL = """coalesce(
-    (SELECT m.id FROM messages m WHERE m.id = c.current_message_id
-                                   AND m.conversation_id = c.id),
-    (SELECT max(m.id) FROM messages m WHERE m.conversation_id = c.id))"""
+MESSAGE_COLUMNS = ", ".join(              # as shown: each with its siblings' ids
+    f"{name}, sibling_ids" if name == "parent_id" else name
+    for name in columns_in(MESSAGE_TABLE, "shown"))
 # The ids of message m's siblings, itself included, ascending: JSON text.
 SIBLINGS_SQL = """(SELECT '[' || group_concat(id) || ']' FROM (
     SELECT s.id FROM messages s WHERE s.parent_id IS m.parent_id
@@ -2175,18 +2229,14 @@ class Tree:
         with self.db.write() as c:
             if self.owner(c, message_id) != source:
                 return None
-            settings = [r[1] for r in c.execute("PRAGMA table_info(conversations)")
-                        if r[1] not in FORK_FRESH]
-            names = ", ".join(settings)
-            conversation_id = c.execute(
-                f"""INSERT INTO conversations (title, created_at, updated_at, {names})
-                    SELECT coalesce(?, substr(title, 1, {LIMITS['title'] - len(FORK_MARK)})
-                                       || '{FORK_MARK}'), ?, ?, {names}
-                    FROM conversations WHERE id = ?""",
-                (title, now, now, source)).lastrowid
-            copied = [r[1] for r in c.execute("PRAGMA table_info(messages)")
-                      if r[1] not in ("id", "conversation_id", "parent_id")]
-            names = ", ".join(copied)
+            kept = [name for name in CONVERSATION_TABLE if name not in FORK_FRESH]
+            settings = one(c.execute(f"SELECT {', '.join(kept)}, title FROM conversations "
+                                     "WHERE id = ?", (source,)))
+            mark = settings.pop("title")[:LIMITS["title"] - len(FORK_MARK)] + FORK_MARK
+            conversation_id = put_conversation(c, title=mark if title is None else title,
+                                               created_at=now, updated_at=now, **settings)
+            names = ", ".join(name for name in MESSAGE_TABLE
+                              if name not in ("id", "conversation_id", "parent_id"))
             parent = None
             for (old_id,) in c.execute(f"{PATH_SQL} SELECT id FROM path ORDER BY id",
                                        (message_id, WHOLE_PATH)).fetchall():
@@ -2441,13 +2491,26 @@ class Store:
         return {"ok": not problem, "fts5": self.index.fts,
                 **({"error": "the database " + problem} if problem else {})}
 
-    def check_integrity(self):
-        """SQLite's quick_check of the whole file, on a connection of its own
-        (it reads every page): None when it is sound, else what is wrong."""
+    def check_integrity(self, whole=False):
+        """SQLite's quick_check of the whole file (or, `whole`, its
+        integrity_check, which also reads every index), on a connection of its
+        own (it reads every page): None when it is sound, else what is wrong."""
         with self.db.own_connection() as conn:
-            found = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            found = [r[0] for r in conn.execute(
+                f"PRAGMA {'integrity_check' if whole else 'quick_check'}(5)")]
         self.damage = None if found == ["ok"] else "; ".join(found)
         return self.damage
+
+    def holds(self):
+        """What the history holds: conversations (and how many came through
+        /v1), messages by role, the first and the last time."""
+        c = self.db.conn()
+        conversations, first, last, api = c.execute(
+            "SELECT count(*), min(created_at), max(updated_at), "
+            "coalesce(sum(source = 'api'), 0) FROM conversations").fetchone()
+        roles = dict(c.execute("SELECT role, count(*) FROM messages GROUP BY role").fetchall())
+        return {"conversations": conversations, "api": api, "roles": roles, "first": first,
+                "last": last}
 
     # Conversations
     def list_conversations(self, limit=None, offset=0, pinned=None):
@@ -2459,8 +2522,7 @@ class Store:
 
     def get_conversation(self, conversation_id):
         found = one(self.db.conn().execute(
-            f"SELECT {CONVERSATION_SELECT}, {CURRENT_SQL} AS current_message_id, "
-            "source_id, client, title_pending FROM conversations c WHERE id = ?",
+            f"SELECT {CONVERSATION_SHOWN} FROM conversations c WHERE id = ?",
             (conversation_id,)))
         if found:
             found["pinned"] = found["pinned"] == "true"
@@ -2471,12 +2533,10 @@ class Store:
     def create_conversation(self, title, model, title_pending=False, **settings):
         """A new conversation; `settings`: system_prompt, options (a dict), pinned."""
         now = now_iso()
-        fields = dict(title=title, model=model, created_at=now, updated_at=now,
-                      title_pending=int(title_pending), **stored_settings(settings))
         with self.db.write() as c:
-            return c.execute(f"INSERT INTO conversations ({', '.join(fields)}) VALUES "
-                             f"({', '.join('?' * len(fields))})",
-                             tuple(fields.values())).lastrowid
+            return put_conversation(c, title=title, model=model, created_at=now,
+                                    updated_at=now, title_pending=int(title_pending),
+                                    **stored_settings(settings))
 
     def rename_conversation(self, conversation_id, title):
         return self.update_conversation(conversation_id, title=title) is not None
@@ -2570,6 +2630,27 @@ class Store:
                   "current_message_id = ? WHERE id = ?",
                   (now, model if role == "assistant" else None, message_id, conversation_id))
         return message_id
+
+    @staticmethod
+    def change_conversation(c, conversation_id, **values):
+        """Set these columns of a conversation (in the caller's transaction):
+        its row as it is then, or None if there is none."""
+        if values:
+            c.execute(f"UPDATE conversations SET {', '.join(f'{n} = ?' for n in values)} "
+                      "WHERE id = ?", (*values.values(), conversation_id))
+        return one(c.execute("SELECT * FROM conversations WHERE id = ?", (conversation_id,)))
+
+    @staticmethod
+    def conversation_named(c, name):
+        """The conversation a client names (X-Conversation-Id): by its id, its
+        UUID, or the client's own id for one made through /v1; None if none."""
+        number = ascii_number(name)
+        found = (number is not None and c.execute("SELECT id FROM conversations WHERE id = ?",
+                                                  (number,)).fetchone()) or \
+            c.execute("SELECT id FROM conversations WHERE uuid = ?", (name.lower(),)).fetchone() \
+            or c.execute("SELECT id FROM conversations WHERE source = 'api' AND source_id = ?",
+                         (name,)).fetchone()
+        return found[0] if found else None
 
     def extend_message(self, message_id, text, reasoning, metrics_of):
         """Append to a reply (a continue): its text and reasoning grow, its
@@ -2749,6 +2830,197 @@ def rounded(value):
     return round(value, 1) if value is not None else None
 
 
+###############################################################################
+# Storage: the history whole, out (export) and in (import)
+###############################################################################
+
+EXPORT_VERSION = 1
+# What an export holds of a conversation and of each of its messages.
+EXPORT_CONVERSATION_COLUMNS = ", ".join(columns_in(CONVERSATION_TABLE, "exported"))
+EXPORT_CONVERSATION = selected(columns_in(CONVERSATION_TABLE, "exported"), pinned=PINNED_JSON)
+EXPORT_MESSAGE_COLUMNS = ", ".join(columns_in(MESSAGE_TABLE, "exported"))
+EXPORT_BATCH = 200           # conversations read at a time
+
+
+def exported(conn, db, conversation_id):
+    """One conversation and every message of every branch, as llama-chat's
+    export's JSON text: {"conversation": ..., "messages": [...]}."""
+    conversation, _ = db.json_rows(EXPORT_CONVERSATION_COLUMNS,
+                                   f"SELECT {EXPORT_CONVERSATION} FROM conversations "
+                                   "WHERE id = ?", (conversation_id,), conn=conn)
+    messages, _ = db.json_rows(EXPORT_MESSAGE_COLUMNS,
+                               f"SELECT {EXPORT_MESSAGE_COLUMNS} FROM messages "
+                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
+                               conn=conn)
+    return f'{{"conversation": {conversation[1:-1]}, "messages": {messages}}}'
+
+
+def export_all(db, form):
+    """Everything, as `form` ("json" or "jsonl"), a piece at a time (bytes):
+    memory does not grow with the history. One read transaction: the
+    export is of one moment, while chats go on."""
+    conn = db.connect()
+    try:
+        conn.execute("BEGIN")
+        if form == "json":
+            yield b'{"format": "llama-chat", "version": %d, "conversations": [\n' \
+                % EXPORT_VERSION
+        last, first = 0, True
+        while True:
+            ids = [r[0] for r in conn.execute("SELECT id FROM conversations WHERE id > ? "
+                                              "ORDER BY id LIMIT ?", (last, EXPORT_BATCH))]
+            if not ids:
+                break
+            for i in ids:
+                piece = exported(conn, db, i)
+                yield (piece + "\n" if form == "jsonl" else ("" if first else ",\n") + piece
+                       ).encode()
+                first = False
+            last = ids[-1]
+        if form == "json":
+            yield b"\n]}\n"
+    finally:
+        conn.close()
+
+
+def export_one(db, conversation_id):
+    """One conversation as llama-chat's JSON (bytes), or None if there is none."""
+    conn = db.conn()
+    if not conn.execute("SELECT 1 FROM conversations WHERE id = ?",
+                        (conversation_id,)).fetchone():
+        return None
+    return (f'{{"format": "llama-chat", "version": {EXPORT_VERSION}, '
+            + exported(conn, db, conversation_id)[1:]).encode()
+
+
+# What import writes of a message (its conversation and parent aside).
+MESSAGE_IMPORT_COLUMNS = tuple(name for name in columns_in(MESSAGE_TABLE, "exported")
+                               if name not in ("id", "parent_id"))
+TIME_AT = MESSAGE_IMPORT_COLUMNS.index("timestamp")
+# How long an import inserts rows in one transaction. Its end (indexing the
+# rows for search and the ledger in one statement each, and the commit) takes
+# about twice as long again: a chat that waits for the write lock waits for
+# both. A writer of the same process that waits ends the inserting at once;
+# one of another process cannot be seen waiting: where another llama-chat has
+# the file open (a command line import while a server runs), transactions are
+# shorter, with a pause between them long enough for that server's writers,
+# who wait in SQLite's busy handler (it looks again after ever longer sleeps),
+# to find the lock free. A command-line import with the file to itself is one
+# transaction: each costs the search index a segment.
+IMPORT_HOLD = 0.025
+IMPORT_HOLD_SHARED = 0.015
+IMPORT_PAUSE_SHARED = 0.03
+
+
+class ImportWriter:
+    """A file's conversations written into a store in short transactions
+    (IMPORT_HOLD of inserts), giving way between them to any write waiting, so
+    that chats go on during an import of any size. All or nothing: what it
+    writes is marked (import_pending) until finish(); undo() removes it, and
+    so does the next start after a crash (Store.open). With the file to
+    itself (company "none"), it writes in one transaction instead."""
+
+    def __init__(self, store, counts, progress=None, company="server"):
+        self.db, self.index = store.db, store.index
+        self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
+        self.counts, self.progress = counts, progress
+        self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) \
+            if company == "other processes" else (IMPORT_HOLD, 0)
+        self.whole = contextlib.ExitStack() if company == "none" else None
+        self.c = None
+
+    def write(self, conversations):
+        """Store these conversations. Each transaction's commit is not synced
+        (SQLite's synchronous = NORMAL): one lost with the power is lost with
+        its marks, and the import is then undone at the next start; the
+        commit that ends the import (finish) is synced, and all with it."""
+        if self.whole is not None:
+            if self.c is None:
+                self.c = self.whole.enter_context(self.db.write())
+                self.whole.enter_context(self.index.bulk(self.c))
+                self.whole.enter_context(ledger_bulk(self.c))
+            for _ in self.work(conversations):
+                pass
+            return
+        work = self.work(conversations)
+        done = not conversations
+        self.db.conn().execute("PRAGMA synchronous = NORMAL")
+        try:
+            while not done:
+                with self.db.write() as self.c, self.index.bulk(self.c), ledger_bulk(self.c):
+                    ends = time.monotonic() + self.hold
+                    done = True
+                    for _ in work:
+                        if time.monotonic() > ends or self.db.someone_waits():
+                            done = False
+                            break
+                time.sleep(self.pause)
+                self.db.give_way()
+        finally:
+            self.db.conn().execute("PRAGMA synchronous = FULL")
+
+    def work(self, conversations):
+        """Stores conversations a step at a time (a yield between steps) in
+        self.c, the transaction of the moment."""
+        now = now_iso()
+        for conv in conversations:
+            if self.c.execute("SELECT 1 FROM conversations WHERE uuid = ?",
+                              (conv.uuid,)).fetchone() or self.c.execute(
+                    "SELECT 1 FROM conversations WHERE source = ? AND source_id = ?",
+                    (conv.source, conv.source_id)).fetchone():
+                self.counts["skipped"] += 1
+                continue
+            created = conv.created_at or now
+            cid = put_conversation(
+                self.c, title=conv.title, model=conv.model, created_at=created,
+                updated_at=conv.updated_at or created, system_prompt=conv.system_prompt,
+                options=conv.options, pinned=int(conv.pinned), source=conv.source,
+                source_id=conv.source_id, client=conv.client, uuid=conv.uuid)
+            self.c.execute("INSERT INTO import_pending (conversation_id, run) VALUES (?, ?)",
+                           (cid, self.run))
+            ids = {}
+            for m in conv.messages:
+                yield
+                values = [m[name] for name in MESSAGE_IMPORT_COLUMNS]
+                values[TIME_AT] = values[TIME_AT] or created    # its time, else the chat's
+                ids[m["key"]] = self.c.execute(
+                    f"INSERT INTO messages (conversation_id, parent_id, "
+                    f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
+                    f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
+                    (cid, ids.get(m["parent"]), *values)).lastrowid
+            current = ids.get(conv.current)
+            self.c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
+                           (current if current is not None else max(ids.values()), cid))
+            self.counts["conversations"] += 1
+            self.counts["messages"] += len(ids)
+            if self.progress:
+                self.progress(self.counts)
+            yield
+
+    def finish(self):
+        if self.whole is not None:
+            if self.c is not None:
+                self.c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
+            self.whole.close()                   # commits
+            return
+        with self.db.write() as c:
+            c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
+
+    def undo(self):
+        """Remove what this import wrote, a few conversations a transaction
+        (in one transaction: roll it back)."""
+        if self.whole is not None:
+            self.whole.__exit__(RuntimeError, RuntimeError("undone"), None)
+            return
+        while True:
+            with self.db.write() as c:
+                ids = [r[0] for r in c.execute("SELECT conversation_id FROM import_pending "
+                                               "WHERE run = ? LIMIT 20", (self.run,))]
+                for i in ids:
+                    c.execute("DELETE FROM conversations WHERE id = ?", (i,))
+            if not ids:
+                return
+            self.db.give_way()
 ###############################################################################
 # llama.cpp client
 ###############################################################################
@@ -4603,11 +4875,11 @@ def asked_options(body):
 
 def api_conversation(engine, c, headers, system, model, now, source_id=None):
     """A conversation made through /v1 in transaction c: its id."""
-    return c.execute(
-        "INSERT INTO conversations (title, model, created_at, updated_at, title_pending, "
-        "system_prompt, source, source_id, client) VALUES (?, ?, ?, ?, ?, ?, 'api', ?, ?)",
-        (UNTITLED, model or "", now, now, int(engine.settings.auto_title != "off"), system,
-         source_id, sound_text(headers.get("User-Agent", "")[:500]) or None)).lastrowid
+    return put_conversation(
+        c, title=UNTITLED, model=model or "", created_at=now, updated_at=now,
+        title_pending=int(engine.settings.auto_title != "off"), system_prompt=system,
+        source="api", source_id=source_id,
+        client=sound_text(headers.get("User-Agent", "")[:500]) or None)
 
 
 def wanted_conversation(engine, c, headers, system, model, now):
@@ -4616,14 +4888,9 @@ def wanted_conversation(engine, c, headers, system, model, now):
     `<uuid>::<model>` under that name), kept as its source_id: found, or
     made. (its id, whether it was made)"""
     raw = sound_text(headers.get("X-Conversation-Id").strip())[:LIMITS["name"]]
-    number = ascii_number(raw)
-    found = (number is not None and c.execute("SELECT id FROM conversations WHERE id = ?",
-                                              (number,)).fetchone()) or \
-        c.execute("SELECT id FROM conversations WHERE uuid = ?", (raw.lower(),)).fetchone() or \
-        c.execute("SELECT id FROM conversations WHERE source = 'api' AND source_id = ?",
-                  (raw,)).fetchone()
-    if found:
-        return found[0], False
+    found = Store.conversation_named(c, raw)
+    if found is not None:
+        return found, False
     return api_conversation(engine, c, headers, system, model, now, raw), True
 
 
@@ -4650,8 +4917,7 @@ def record_question(engine, headers, body):
                                                   (conversation_id,))
             parent, depth = found[:2] if found else (Tree.current(c, conversation_id), 0)
             if system and not made:
-                c.execute("UPDATE conversations SET system_prompt = ? WHERE id = ?",
-                          (system, conversation_id))
+                Store.change_conversation(c, conversation_id, system_prompt=system)
         else:
             opening = len(sent) == 1 and sent[0]["role"] == "user"
             found = None if opening else Tree.follow(
@@ -4667,10 +4933,9 @@ def record_question(engine, headers, body):
                                        tool_call_id=m["tool_call_id"],
                                        estimated_tokens=estimate_tokens(m["content"]))
         if depth == len(sent):                 # nothing new: a regenerate of the branch
-            c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? "
-                      "WHERE id = ?", (parent, now, conversation_id))
-        pending = c.execute("SELECT title_pending FROM conversations WHERE id = ?",
-                            (conversation_id,)).fetchone()[0]
+            Store.change_conversation(c, conversation_id, current_message_id=parent,
+                                      updated_at=now)
+        pending = Store.change_conversation(c, conversation_id)["title_pending"]
     return Exchange(conversation_id, parent, bool(pending), model, asked_options(body),
                     time.monotonic())
 
@@ -4919,71 +5184,6 @@ def v1_relay(engine, req):
 ###############################################################################
 # Export, import, backup
 ###############################################################################
-
-EXPORT_VERSION = 1
-# What an export holds of a conversation and of each of its messages: every
-# column but the digest (derived) and, for a conversation, title_pending.
-EXPORT_CONVERSATION = """id, uuid, title, model, created_at, updated_at, system_prompt,
-    options, CASE WHEN pinned THEN 'true' ELSE 'false' END AS pinned, current_message_id,
-    source, source_id, client"""
-EXPORT_CONVERSATION_COLUMNS = """id, uuid, title, model, created_at, updated_at,
-    system_prompt, options, pinned, current_message_id, source, source_id, client"""
-EXPORT_MESSAGE_COLUMNS = """id, parent_id, role, content, reasoning, model, timestamp,
-    edited_at, response_time_ms, estimated_tokens, prompt_tokens, tokens_per_second,
-    finish_reason, options, tool_calls, tool_call_id, prompt_n, prompt_ms, cache_n,
-    predicted_n, predicted_ms, ttft_ms"""
-EXPORT_BATCH = 200           # conversations read at a time
-
-
-def exported(conn, db, conversation_id):
-    """One conversation and every message of every branch, as llama-chat's
-    export's JSON text: {"conversation": ..., "messages": [...]}."""
-    conversation, _ = db.json_rows(EXPORT_CONVERSATION_COLUMNS,
-                                   f"SELECT {EXPORT_CONVERSATION} FROM conversations "
-                                   "WHERE id = ?", (conversation_id,), conn=conn)
-    messages, _ = db.json_rows(EXPORT_MESSAGE_COLUMNS,
-                               f"SELECT {EXPORT_MESSAGE_COLUMNS} FROM messages "
-                               "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
-                               conn=conn)
-    return f'{{"conversation": {conversation[1:-1]}, "messages": {messages}}}'
-
-
-def export_all(db, form):
-    """Everything, as `form` ("json" or "jsonl"), a piece at a time (bytes):
-    memory does not grow with the history. One read transaction: the
-    export is of one moment, while chats go on."""
-    conn = db.connect()
-    try:
-        conn.execute("BEGIN")
-        if form == "json":
-            yield b'{"format": "llama-chat", "version": %d, "conversations": [\n' \
-                % EXPORT_VERSION
-        last, first = 0, True
-        while True:
-            ids = [r[0] for r in conn.execute("SELECT id FROM conversations WHERE id > ? "
-                                              "ORDER BY id LIMIT ?", (last, EXPORT_BATCH))]
-            if not ids:
-                break
-            for i in ids:
-                piece = exported(conn, db, i)
-                yield (piece + "\n" if form == "jsonl" else ("" if first else ",\n") + piece
-                       ).encode()
-                first = False
-            last = ids[-1]
-        if form == "json":
-            yield b"\n]}\n"
-    finally:
-        conn.close()
-
-
-def export_one(db, conversation_id):
-    """One conversation as llama-chat's JSON (bytes), or None if there is none."""
-    conn = db.conn()
-    if not conn.execute("SELECT 1 FROM conversations WHERE id = ?",
-                        (conversation_id,)).fetchone():
-        return None
-    return (f'{{"format": "llama-chat", "version": {EXPORT_VERSION}, '
-            + exported(conn, db, conversation_id)[1:]).encode()
 
 
 def export_markdown(conversation, messages):
@@ -5655,139 +5855,10 @@ def checked_conversation(conv, where, coercions):
                source=sound_text(conv.source)[:LIMITS["name"]],
                source_id=sound_text(conv.source_id)[:LIMITS["name"]], messages=messages)
     return replace(conv, **row)
-
-
-MESSAGE_IMPORT_COLUMNS = ("role", *MESSAGE_CHECKS)
-# How long an import inserts rows in one transaction. Its end (indexing the
-# rows for search and the ledger in one statement each, and the commit) takes
-# about twice as long again: a chat that waits for the write lock waits for
-# both. A writer of the same process that waits ends the inserting at once;
-# one of another process cannot be seen waiting: where another llama-chat has
-# the file open (a command line import while a server runs), transactions are
-# shorter, with a pause between them long enough for that server's writers,
-# who wait in SQLite's busy handler (it looks again after ever longer sleeps),
-# to find the lock free. A command-line import with the file to itself is one
-# transaction: each costs the search index a segment.
-IMPORT_HOLD = 0.025
-IMPORT_HOLD_SHARED = 0.015
-IMPORT_PAUSE_SHARED = 0.03
 # Conversations are read and checked, outside any transaction, until they
 # hold this many messages or characters of text, then written: the larger, the
 # fewer transactions (each costs the search index a segment).
 IMPORT_READ = (16000, 8 << 20)
-
-
-class ImportWriter:
-    """A file's conversations written into a store in short transactions
-    (IMPORT_HOLD of inserts), giving way between them to any write waiting, so
-    that chats go on during an import of any size. All or nothing: what it
-    writes is marked (import_pending) until finish(); undo() removes it, and
-    so does the next start after a crash (Store.open). With the file to
-    itself (company "none"), it writes in one transaction instead."""
-
-    def __init__(self, store, counts, progress=None, company="server"):
-        self.db, self.index = store.db, store.index
-        self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
-        self.counts, self.progress = counts, progress
-        self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) \
-            if company == "other processes" else (IMPORT_HOLD, 0)
-        self.whole = contextlib.ExitStack() if company == "none" else None
-        self.c = None
-
-    def write(self, conversations):
-        """Store these conversations. Each transaction's commit is not synced
-        (SQLite's synchronous = NORMAL): one lost with the power is lost with
-        its marks, and the import is then undone at the next start; the
-        commit that ends the import (finish) is synced, and all with it."""
-        if self.whole is not None:
-            if self.c is None:
-                self.c = self.whole.enter_context(self.db.write())
-                self.whole.enter_context(self.index.bulk(self.c))
-                self.whole.enter_context(ledger_bulk(self.c))
-            for _ in self.work(conversations):
-                pass
-            return
-        work = self.work(conversations)
-        done = not conversations
-        self.db.conn().execute("PRAGMA synchronous = NORMAL")
-        try:
-            while not done:
-                with self.db.write() as self.c, self.index.bulk(self.c), ledger_bulk(self.c):
-                    ends = time.monotonic() + self.hold
-                    done = True
-                    for _ in work:
-                        if time.monotonic() > ends or self.db.someone_waits():
-                            done = False
-                            break
-                time.sleep(self.pause)
-                self.db.give_way()
-        finally:
-            self.db.conn().execute("PRAGMA synchronous = FULL")
-
-    def work(self, conversations):
-        """Stores conversations a step at a time (a yield between steps) in
-        self.c, the transaction of the moment."""
-        now = now_iso()
-        for conv in conversations:
-            if self.c.execute("SELECT 1 FROM conversations WHERE uuid = ?",
-                              (conv.uuid,)).fetchone() or self.c.execute(
-                    "SELECT 1 FROM conversations WHERE source = ? AND source_id = ?",
-                    (conv.source, conv.source_id)).fetchone():
-                self.counts["skipped"] += 1
-                continue
-            created = conv.created_at or now
-            cid = self.c.execute(
-                "INSERT INTO conversations (title, model, created_at, updated_at, "
-                "system_prompt, options, pinned, source, source_id, client, uuid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conv.title, conv.model, created, conv.updated_at or created,
-                 conv.system_prompt, conv.options, int(conv.pinned), conv.source,
-                 conv.source_id, conv.client, conv.uuid)).lastrowid
-            self.c.execute("INSERT INTO import_pending (conversation_id, run) VALUES (?, ?)",
-                           (cid, self.run))
-            ids = {}
-            for m in conv.messages:
-                yield
-                values = [m[name] for name in MESSAGE_IMPORT_COLUMNS]
-                values[4] = values[4] or created             # its time, else the chat's
-                ids[m["key"]] = self.c.execute(
-                    f"INSERT INTO messages (conversation_id, parent_id, "
-                    f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
-                    f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
-                    (cid, ids.get(m["parent"]), *values)).lastrowid
-            current = ids.get(conv.current)
-            self.c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
-                           (current if current is not None else max(ids.values()), cid))
-            self.counts["conversations"] += 1
-            self.counts["messages"] += len(ids)
-            if self.progress:
-                self.progress(self.counts)
-            yield
-
-    def finish(self):
-        if self.whole is not None:
-            if self.c is not None:
-                self.c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
-            self.whole.close()                   # commits
-            return
-        with self.db.write() as c:
-            c.execute("DELETE FROM import_pending WHERE run = ?", (self.run,))
-
-    def undo(self):
-        """Remove what this import wrote, a few conversations a transaction
-        (in one transaction: roll it back)."""
-        if self.whole is not None:
-            self.whole.__exit__(RuntimeError, RuntimeError("undone"), None)
-            return
-        while True:
-            with self.db.write() as c:
-                ids = [r[0] for r in c.execute("SELECT conversation_id FROM import_pending "
-                                               "WHERE run = ? LIMIT 20", (self.run,))]
-                for i in ids:
-                    c.execute("DELETE FROM conversations WHERE id = ?", (i,))
-            if not ids:
-                return
-            self.db.give_way()
 
 
 # While an import reads and checks a file in the server, its thread would
@@ -6977,12 +7048,11 @@ def checked_database(path):
         raise CommandError(f"{path} is damaged: {e}") from None
     try:
         try:
-            problems = [r[0] for r in store.db.conn().execute("PRAGMA integrity_check")
-                        if r[0] != "ok"]
+            damage = store.check_integrity(whole=True)
         except sqlite3.DatabaseError as e:
-            problems = [str(e)]
-        if problems:
-            raise CommandError(f"{path} is damaged: " + "; ".join(problems[:5]))
+            damage = str(e)
+        if damage:
+            raise CommandError(f"{path} is damaged: {damage}")
         if store.version < SCHEMA_VERSION:
             return f"SQLite's integrity check; schema {store.version}, migrated when opened"
         if store.read_only:
@@ -7054,17 +7124,13 @@ def command_restore(settings, args):
 
 @command("stats", "what the history holds", "Count conversations and messages.")
 def command_stats(settings, args):
-    store = history_store(settings)
-    c = store.db.conn()
-    conversations, first, last = c.execute(
-        "SELECT count(*), min(created_at), max(updated_at) FROM conversations").fetchone()
-    roles = dict(c.execute("SELECT role, count(*) FROM messages GROUP BY role").fetchall())
-    api = c.execute("SELECT count(*) FROM conversations WHERE source = 'api'").fetchone()[0]
+    held = history_store(settings).holds()
+    roles = held["roles"]
     print(f"database      {settings.db} ({os.path.getsize(settings.db) / 2**20:.1f} MiB)\n"
-          f"conversations {conversations:,} ({api:,} through /v1)\n"
+          f"conversations {held['conversations']:,} ({held['api']:,} through /v1)\n"
           f"messages      {sum(roles.values()):,} ("
           + ", ".join(f"{n:,} {r}" for r, n in sorted(roles.items())) + ")\n"
-          f"from {first or '-'} to {last or '-'}")
+          f"from {held['first'] or '-'} to {held['last'] or '-'}")
 
 
 ###############################################################################

@@ -667,6 +667,76 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+# The whole schema a database of this version has: every table of the
+# history (FTS5's own shadow tables aside) with its columns and their types.
+SCHEMA = {
+    "conversations": {
+        "id": "INTEGER", "title": "TEXT", "model": "TEXT", "created_at": "TIMESTAMP",
+        "updated_at": "TIMESTAMP", "current_message_id": "INTEGER", "system_prompt": "TEXT",
+        "options": "TEXT", "pinned": "INTEGER", "title_pending": "INTEGER", "source": "TEXT",
+        "source_id": "TEXT", "client": "TEXT", "uuid": "TEXT"},
+    "messages": {
+        "id": "INTEGER", "conversation_id": "INTEGER", "role": "TEXT", "content": "TEXT",
+        "model": "TEXT", "timestamp": "TIMESTAMP", "response_time_ms": "INTEGER",
+        "estimated_tokens": "INTEGER", "reasoning": "TEXT", "prompt_tokens": "INTEGER",
+        "tokens_per_second": "REAL", "finish_reason": "TEXT", "parent_id": "INTEGER",
+        "edited_at": "TEXT", "options": "TEXT", "tool_calls": "TEXT", "tool_call_id": "TEXT",
+        "digest": "INTEGER", "prompt_n": "INTEGER", "prompt_ms": "REAL", "cache_n": "INTEGER",
+        "predicted_n": "INTEGER", "predicted_ms": "REAL", "ttft_ms": "REAL",
+        "token_count": "INTEGER"},
+    "import_pending": {"conversation_id": "INTEGER", "run": "TEXT"},
+    "ledger_buckets": {"model": "TEXT", "metric": "TEXT", "bucket": "INTEGER",
+                       "n": "INTEGER", "total": "REAL"},
+    "ledger_days": {"model": "TEXT", "day": "TEXT", "replies": "INTEGER",
+                    "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
+                    "tps_n": "INTEGER", "tps_sum": "REAL", "pps_n": "INTEGER",
+                    "pps_sum": "REAL"},
+    "ledger_ranks": {"grouping": "TEXT", "model": "TEXT", "day": "TEXT", "tps_p50": "REAL",
+                     "pps_p50": "REAL", "ttft_p50": "REAL", "ttft_p95": "REAL"},
+    "search_fts": {"title": "", "content": ""},
+    "search_purge": {"due": "INTEGER"},
+}
+
+
+def schema_of(path):
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "AND name NOT LIKE 'search_fts_%'")]
+        return {t: {r[1]: r[2] for r in conn.execute(f"PRAGMA table_info({t})")}
+                for t in tables}
+    finally:
+        conn.close()
+
+
+def test_the_schema_is_as_declared(tmp_path):
+    """A new database and one migrated from the original app's have the
+    tables and columns SCHEMA states; the module declares each
+    table's columns once, and every list of them is drawn from that."""
+    new = str(tmp_path / "new.db")
+    llama_chat.Store(new).close()
+    old = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(old)
+    llama_chat.Store(old).close()
+    assert schema_of(new) == SCHEMA
+    kept = {t: {**columns, **({"model_file": "TEXT"} if t in ("conversations", "messages")
+                              else {})} for t, columns in SCHEMA.items()}
+    assert schema_of(old) == kept           # the original app's own column is kept
+    assert list(llama_chat.CONVERSATION_TABLE) == sorted(
+        SCHEMA["conversations"], key=list(llama_chat.CONVERSATION_TABLE).index)
+    assert set(llama_chat.CONVERSATION_TABLE) == set(SCHEMA["conversations"])
+    assert set(llama_chat.MESSAGE_TABLE) == set(SCHEMA["messages"])
+    exported = llama_chat.columns_in(llama_chat.MESSAGE_TABLE, "exported")
+    assert llama_chat.EXPORT_MESSAGE_COLUMNS.split(", ") == list(exported)
+    assert set(exported) == set(SCHEMA["messages"]) - {"conversation_id", "digest",
+                                                       "token_count"}
+    # import reads back what export writes, each value checked
+    assert set(llama_chat.MESSAGE_IMPORT_COLUMNS) == set(exported) - {"id", "parent_id"}
+    assert set(llama_chat.MESSAGE_CHECKS) == set(llama_chat.MESSAGE_IMPORT_COLUMNS) - {"role"}
+    assert "title_pending" not in llama_chat.EXPORT_CONVERSATION_COLUMNS
+
+
 def test_database_pragmas(client):
     conn = client.engine.store.db.conn()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -5187,6 +5257,8 @@ def test_a_backup_is_a_consistent_copy_while_chats_go_on(client, stub, tmp_path)
 
 
 def test_one_backup_copy_is_made_at_a_time(client, monkeypatch):
+    wait_for(lambda: not llama_chat.BACKUP_LOCK.locked(), 10,
+             "the backup downloads of tests before this one ended")
     copying, go_on = threading.Event(), threading.Event()
     real_backup = llama_chat.Database.backup
 
