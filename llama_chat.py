@@ -824,7 +824,10 @@ def presence_lock(path, alone=False):
         import fcntl
     except ImportError:
         return None
-    f = open(path, "rb")
+    try:
+        f = open(path, "r+b")         # writable: turn_lock's locks need that
+    except OSError:                   # a file, or a mount, that cannot be written
+        f = open(path, "rb")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB if alone else fcntl.LOCK_SH)
     except BaseException:
@@ -860,6 +863,33 @@ def let_go_presence(key):
             del PRESENCE[key]
             if held[0] is not None:
                 held[0].close()
+
+
+# A chat that takes a conversation's turn (Turns) holds a POSIX lock on one
+# byte of its database file, at TURN_LOCKS + the conversation's id, far past
+# SQLite's own (at 1 GiB): so that chats of two processes on one file take
+# turns too. POSIX locks are a process's: those of one process take turns by
+# Turns alone.
+TURN_LOCKS = 1 << 40
+
+
+def turn_lock(key, conversation_id, take=True):
+    """Take (or let go, take=False) this process's lock on a conversation's
+    turns in database `key` (hold_presence's), at once: whether it has it.
+    Where there are no such locks it always has."""
+    with PRESENCE_LOCK:
+        f = PRESENCE[key][0] if key in PRESENCE else None
+    if f is None or "+" not in f.mode:
+        return True
+    import fcntl
+    try:
+        fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB if take else fcntl.LOCK_UN,
+                    1, TURN_LOCKS + conversation_id)
+    except (BlockingIOError, PermissionError):          # another process's chat has it
+        return False
+    except OSError:                                      # a file system without them
+        pass
+    return True
 
 
 def used_by_others(path):
@@ -3691,15 +3721,20 @@ class Generation:
                 self.conn.close()
 
 
+TURN_POLL_SECONDS = 0.02     # how often a chat asks for a turn another process has
+
+
 class Turns:
     """Chats into one conversation that go under what it shows (a question
     with no parent_id, a continue) take turns in the order they came: each
     begins once the one before has stored its reply, so that questions sent
     at once (two tabs, two devices, a script's batch) read Q1 A1 Q2 A2 on the
-    shown branch, and continues of one reply do not interleave. Chats of one
-    server; another process's chats on the same file are not seen."""
+    shown branch, and continues of one reply do not interleave. Chats of
+    other processes on the same file take turns with these (turn_lock).
+    `database`: hold_presence's key of the file."""
 
-    def __init__(self):
+    def __init__(self, database):
+        self.database = database
         self._changed = threading.Condition()
         self._queues = {}            # conversation id -> [tickets given, tickets done]
 
@@ -3711,6 +3746,8 @@ class Turns:
             queue[0] += 1
             while queue[1] != ticket:
                 self._changed.wait()
+        while not turn_lock(self.database, conversation_id):   # another process's turn
+            time.sleep(TURN_POLL_SECONDS)
         ended = []
 
         def end():
@@ -3718,6 +3755,7 @@ class Turns:
                 if ended:
                     return
                 ended.append(True)
+                turn_lock(self.database, conversation_id, take=False)
                 queue[1] += 1
                 if queue[1] == queue[0]:
                     del self._queues[conversation_id]
@@ -3764,7 +3802,7 @@ class Engine:
         self.managed = None                # the llama-server started here, if one was
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
-        self.turns = Turns()           # of chats that go under what a conversation shows
+        self.turns = Turns(self.store.presence)   # of chats under what a conversation shows
         self._purge = {"running": False, "again": False}
         self._ranking = threading.Lock()
 
@@ -4186,7 +4224,8 @@ def takes_turns(body):
     """The conversation whose turns a chat takes (None: it branches where it
     says, and waits for nothing)."""
     if not isinstance(body, dict) or isinstance(body.get("conversation_id"), bool) or \
-            not isinstance(body.get("conversation_id"), int):
+            not isinstance(body.get("conversation_id"), int) or \
+            not 0 < body["conversation_id"] < 2**53:     # none such: start_chat refuses it
         return None
     placement = [name for name in PLACEMENTS if body.get(name) is not None or
                  (name == "parent_id" and name in body)]

@@ -1674,6 +1674,46 @@ def test_questions_sent_at_once_into_one_conversation_are_answered_in_turn(clien
     assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(6,)]
 
 
+def test_questions_from_two_processes_into_one_conversation_take_turns(client, stub):
+    """Two servers on one file (a second llama-chat, as a user may start by
+    mistake, or one per network interface) each with questions into the same
+    conversation: the shown branch still reads Q A Q A, each answer after its
+    own question, and each request to llama.cpp saw the exchanges before it."""
+    stub.token_delay = 0.01
+    cid = client.new_conversation()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", client.engine.settings.db, "--llamacpp-url",
+                             stub.url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdout.readline()
+        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+        answers, go = {}, threading.Barrier(6)
+
+        def ask(i, to):
+            go.wait()
+            answers[i] = to.chat(cid, f"question {i}")[2]
+        askers = [threading.Thread(target=ask, args=(i, (client, other)[i % 2]))
+                  for i in range(6)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(30)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    shown = conversation(client, cid)["messages"]
+    assert [m["role"] for m in shown] == ["user", "assistant"] * 6
+    order = [int(m["content"].split()[1]) for m in shown[0::2]]
+    assert sorted(order) == list(range(6))
+    for place, i in enumerate(order):
+        assert (answers[i]["user_message_id"], answers[i]["message_id"]) == (
+            shown[2 * place]["id"], shown[2 * place + 1]["id"])
+    for request in stub.requests[-6:]:
+        asked = [m["content"] for m in request["body"]["messages"] if m["role"] == "user"]
+        assert asked == [f"question {i}" for i in order[:len(asked)]]
+
+
 def test_continues_of_one_reply_sent_at_once_do_not_interleave(client, stub):
     cid = client.new_conversation()
     stub.reply, stub.finish_reason = "Start.", "length"
@@ -7046,6 +7086,27 @@ def test_page_failed_send_offers_retry(page, client, stub):
            "document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
     assert [r[0] for r in rows(client, "SELECT content FROM messages ORDER BY id")] == [
         "will fail", stub.reply]
+
+
+@needs_chromium
+def test_page_a_reply_cut_by_an_error_offers_retry_not_continue(page, client, stub):
+    """A stream cut mid-reply by llama.cpp's failure: the part is kept (shown,
+    stored as "error"), and what the page offers is Retry, not Continue (a
+    continue would build on a reply llama.cpp did not finish for a reason)."""
+    stub.mode = "cut"
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "cut me off\ue007")
+    b.wait("return document.querySelector('#retry-row button')")
+    assert rows(client, "SELECT finish_reason FROM messages WHERE role = 'assistant'") == [
+        ("error",)]
+    b.js("location.reload()")
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]')")
+    tools = b.js("return [...document.querySelectorAll('.msg.assistant [data-tool]')]"
+                 ".map(t => t.dataset.tool)")
+    assert "regenerate" in tools and "continue" not in tools
+    stub.mode = "ok"
 
 
 @needs_chromium
