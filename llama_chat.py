@@ -470,6 +470,7 @@ DEFAULT_CONFIG = {
     "allowed_hosts": [],
     "max_body_bytes": 1048576,
     "max_import_bytes": 67108864,
+    "max_generations": 0,
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
     "openai_api": {"record": True},
@@ -527,6 +528,7 @@ class Settings:
     allowed_hosts: tuple = ()       # names besides this machine's that Host may carry
     max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
     max_import_bytes: int = DEFAULT_CONFIG["max_import_bytes"]
+    max_generations: int = 0        # replies made at once; 0: llama-server's slots, else 4
     request_timeout: float = 10.0   # seconds to send a whole request
     header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
@@ -755,6 +757,8 @@ def load_settings(argv=None, environ=None):
             max_import_bytes=whole_number(pick(None, ["LLAMA_CHAT_MAX_IMPORT_BYTES"],
                                                "max_import_bytes"), "max_import_bytes",
                                           1024, 2**40),
+            max_generations=whole_number(conf.get("max_generations", 0), "max_generations",
+                                         0, 1024),
             llama_server=args.llama_server or "", llama_model=args.model or "",
             llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
@@ -929,19 +933,19 @@ def split_sql(script):
 @contextmanager
 def added_later(c, trigger):
     """For many messages inserted in transaction `c`: the AFTER INSERT
-    trigger `trigger` dropped until the end of the block and then made again,
-    so that the block's end can do its work for them all in one statement.
-    Yields the last message id before the block (None: there is no such
-    trigger). The transaction holds the write lock: no other message escapes."""
-    found = c.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?",
-                      (trigger,)).fetchone()
-    if found is None:
+    trigger `trigger` held off (by a row of writing_in_bulk, which its WHEN
+    asks for) until the end of the block, so that the block's end can do its
+    work for them all in one statement. Yields the last message id before the
+    block (None: there is no such trigger). The row never leaves the
+    transaction, which holds the write lock: no other message escapes."""
+    if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?",
+                 (trigger,)).fetchone() is None:
         yield None
         return
     last = c.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0]
-    c.execute(f"DROP TRIGGER {trigger}")
+    c.execute("INSERT INTO writing_in_bulk (name) VALUES (?)", (trigger,))
     yield last
-    c.execute(found[0])
+    c.execute("DELETE FROM writing_in_bulk WHERE name = ?", (trigger,))
 
 
 def dicts(cursor):
@@ -970,7 +974,7 @@ class RawJSON(str):
 
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
-JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls"}
+JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1604,10 +1608,37 @@ def migrate_to_8(c):
         c.execute(statement)
 
 
+# Version 8 -> 9: a reply is a row from the moment it is asked for, its text
+# written as it comes; `generating` names the process making it ("pid:token",
+# RUN) until it ends, so that a start can tell the replies a crash left.
+# And an import that inserts many messages at once turns their one-by-one
+# triggers off by a row of writing_in_bulk, inside its own transaction,
+# never by dropping and making them again: a change of the schema under
+# another connection's feet made its next write fail ("no such table") now
+# and then, while chats went on beside an import.
+GENERATING_INDEX = """CREATE INDEX messages_generating ON messages (generating)
+    WHERE generating IS NOT NULL"""
+IN_BULK = "NOT EXISTS (SELECT 1 FROM writing_in_bulk WHERE name = '{trigger}')"
+BULK_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS writing_in_bulk (name TEXT PRIMARY KEY);
+DROP TRIGGER ledger_reply_added;
+CREATE TRIGGER ledger_reply_added AFTER INSERT ON messages
+WHEN new.role = 'assistant' AND {IN_BULK.format(trigger="ledger_reply_added")}
+BEGIN {ledger_change("new", 1)} END;
+"""
+
+
+def migrate_to_9(c):
+    c.execute("ALTER TABLE messages ADD COLUMN generating TEXT")
+    c.execute(GENERATING_INDEX)
+    for statement in split_sql(BULK_SCHEMA):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
-              migrate_to_6, migrate_to_7, migrate_to_8]
+              migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The history's two tables as SCHEMA_VERSION leaves them, every column once,
@@ -1641,6 +1672,7 @@ MESSAGE_TABLE = {
                      "response_time_ms", "estimated_tokens", "prompt_tokens",
                      "tokens_per_second", "finish_reason", "options", "tool_calls",
                      "tool_call_id", *TIMING_COLUMNS), "shown exported"),
+    "generating": "shown",       # shown as true or false; the process making it kept
     "digest": "",                # message_digest(), kept by DIGEST_SCHEMA's triggers
     "token_count": "",           # llama.cpp's count, forgotten when the text changes
 }
@@ -1665,6 +1697,7 @@ def put_conversation(c, **values):
 
 
 PINNED_JSON = "CASE WHEN pinned THEN 'true' ELSE 'false' END"    # a JSON boolean
+GENERATING_JSON = "CASE WHEN m.generating IS NULL THEN 'false' ELSE 'true' END"
 # The leaf a conversation shows: its current message while that is one of its
 # own, else its newest message (a leaf: a child is newer than its parent).
 CURRENT_SQL = """coalesce(
@@ -1852,7 +1885,8 @@ CREATE VIRTUAL TABLE search_fts USING fts5(
     title, content, content='search_source', content_rowid='id', prefix='2 3 4 5',
     tokenize='unicode61 remove_diacritics 2');
 CREATE TABLE search_purge (due INTEGER PRIMARY KEY);
-CREATE TRIGGER search_message_added AFTER INSERT ON messages BEGIN
+CREATE TRIGGER search_message_added AFTER INSERT ON messages
+WHEN NOT EXISTS (SELECT 1 FROM writing_in_bulk WHERE name = 'search_message_added') BEGIN
     INSERT INTO search_fts (rowid, title, content)
         SELECT new.id, search_form(c.title), search_form(new.content)
         FROM conversations c WHERE c.id = new.conversation_id;
@@ -1861,7 +1895,7 @@ CREATE TRIGGER search_message_removed AFTER DELETE ON messages BEGIN
     INSERT INTO search_fts (search_fts, rowid, title, content)
         SELECT 'delete', old.id, search_form(c.title), search_form(old.content)
         FROM conversations c WHERE c.id = old.conversation_id;
-    INSERT OR IGNORE INTO search_purge (due) VALUES (1);
+    INSERT OR IGNORE INTO search_purge (due) SELECT 1 WHERE old.content != '';
 END;
 CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages BEGIN
     INSERT INTO search_fts (search_fts, rowid, title, content)
@@ -2121,6 +2155,14 @@ MESSAGE_COLUMNS = ", ".join(              # as shown: each with its siblings' id
 SIBLINGS_SQL = """(SELECT '[' || group_concat(id) || ']' FROM (
     SELECT s.id FROM messages s WHERE s.parent_id IS m.parent_id
                                   AND s.conversation_id = m.conversation_id ORDER BY s.id))"""
+# A message as shown, read from messages m: each column, with its siblings'
+# ids and whether it is being generated.
+MESSAGE_READ = ", ".join(
+    f"{SIBLINGS_SQL} AS sibling_ids" if name == "sibling_ids" else
+    f"{GENERATING_JSON} AS generating" if name == "generating" else f"m.{name}"
+    for name in MESSAGE_COLUMNS.split(", "))
+
+
 def path_sql(start="?"):
     """The path from message `start` (an SQL expression) up to the root, at
     most ? messages long."""
@@ -2204,11 +2246,11 @@ class Tree:
         """The current branch of a conversation, as a JSON array of messages
         (every message of it, with `everything`)."""
         if everything:
-            query = (f"SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m "
+            query = (f"SELECT {MESSAGE_READ} FROM messages m "
                      f"WHERE m.conversation_id = ? ORDER BY m.id")
             return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id,))[0]
         query = (f"""{CURRENT_PATH_SQL}
-                     SELECT m.*, {SIBLINGS_SQL} AS sibling_ids FROM messages m
+                     SELECT {MESSAGE_READ} FROM messages m
                      WHERE m.id IN (SELECT id FROM path) ORDER BY m.id""")
         return self.db.json_rows(MESSAGE_COLUMNS, query, (conversation_id, WHOLE_PATH))[0]
 
@@ -2396,6 +2438,31 @@ def remove_unfinished_imports(c):
             log.warning("removed %d conversations of an import that did not end", removed)
 
 
+# This process's mark on the replies it is making (messages.generating): its
+# pid, and a token, since a process started again may be given the same pid
+# (the first process of a container always is).
+RUN = f"{os.getpid()}:{secrets.token_hex(6)}"
+
+
+def interrupted_replies(c):
+    """Replies left being made by a process that is gone (a kill, a crash, a
+    power cut), in transaction c: kept with the text they had, marked
+    "interrupted" (Continue takes them up); one that had no text yet is
+    removed."""
+    for (run,) in c.execute("SELECT DISTINCT generating FROM messages "
+                            "WHERE generating IS NOT NULL").fetchall():
+        pid = ascii_number(run.split(":")[0], 10)
+        if run == RUN or (pid is not None and pid != os.getpid() and process_alive(pid)):
+            continue
+        c.execute("DELETE FROM messages WHERE generating = ? AND content = '' AND "
+                  "reasoning IS NULL AND NOT EXISTS (SELECT 1 FROM messages k "
+                  "WHERE k.parent_id = messages.id)", (run,))
+        kept = c.execute("UPDATE messages SET generating = NULL, finish_reason = 'interrupted' "
+                         "WHERE generating = ?", (run,)).rowcount
+        log.warning("%d replies were being made when llama-chat stopped: kept as interrupted",
+                    kept)
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -2466,6 +2533,7 @@ class Store:
                     migrate(c)
                     c.execute(f"PRAGMA user_version = {number}")
                 remove_unfinished_imports(c)
+                interrupted_replies(c)
                 built = self.index.sync(c, self.progress)
         self.version = SCHEMA_VERSION
         if built:
@@ -2650,15 +2718,17 @@ class Store:
     @staticmethod
     def put_message(c, conversation_id, parent_id, role, content, model, now, **columns):
         """Insert a message (in the caller's transaction), make it current and
-        move its conversation to the top: its id."""
+        move its conversation to the top: its id. A reply stored whole names
+        the conversation's model; one only begun does not (yet)."""
         fields = dict(conversation_id=conversation_id, parent_id=parent_id, role=role,
                       content=content, model=model, timestamp=now, **columns)
         message_id = c.execute(
             f"INSERT INTO messages ({', '.join(fields)}) VALUES "
             f"({', '.join('?' * len(fields))})", tuple(fields.values())).lastrowid
+        names = role == "assistant" and not columns.get("generating")
         c.execute("UPDATE conversations SET updated_at = ?, model = coalesce(?, model), "
                   "current_message_id = ? WHERE id = ?",
-                  (now, model if role == "assistant" else None, message_id, conversation_id))
+                  (now, model if names else None, message_id, conversation_id))
         return message_id
 
     @staticmethod
@@ -2682,24 +2752,81 @@ class Store:
                          (name,)).fetchone()
         return found[0] if found else None
 
-    def extend_message(self, message_id, text, reasoning, metrics_of):
-        """Append to a reply (a continue): its text and reasoning grow, its
-        columns become metrics_of(its row before), and the branch through it
-        is current. Its row after; None if it is gone."""
+    # A reply being made: its row from the start, its text as it comes
+    def start_reply(self, conversation_id, parent_id, model, continued=None, **columns):
+        """The row of a reply being made, marked as this process's (RUN): a
+        new message under parent_id, made current, or (`continued`, an id)
+        the reply it continues, its branch made current. Its id; None if what
+        it goes under is gone, or the reply continued is being made already."""
         now = now_iso()
         with self.db.write() as c:
-            before = one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
-            if before is None:
+            if continued is not None:
+                if not c.execute("UPDATE messages SET generating = ? WHERE id = ? AND "
+                                 "generating IS NULL", (RUN, continued)).rowcount:
+                    return None
+                c.execute("UPDATE conversations SET updated_at = ?, current_message_id = ? "
+                          "WHERE id = ?", (now, self.tree.leaf_along_newest(c, continued),
+                                           conversation_id))
+                return continued
+            if self.tree.owner(c, parent_id) != conversation_id:
                 return None
-            fields = metrics_of(before)
-            c.execute(f"""UPDATE messages SET content = content || ?,
-                              reasoning = nullif(coalesce(reasoning, '') || ?, ''),
-                              {", ".join(f"{name} = ?" for name in fields)} WHERE id = ?""",
-                      (text, reasoning, *fields.values(), message_id))
-            c.execute("UPDATE conversations SET updated_at = ?, current_message_id = ? "
-                      "WHERE id = ?", (now, self.tree.leaf_along_newest(c, message_id),
-                                       before["conversation_id"]))
-            return one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
+            return self.put_message(c, conversation_id, parent_id, "assistant", "", model, now,
+                                    generating=RUN, **columns)
+
+    def keep_partial(self, message_id, content, reasoning):
+        """A reply's text so far, while it is being made."""
+        with self.db.write() as c:
+            c.execute("UPDATE messages SET content = ?, reasoning = ? WHERE id = ? AND "
+                      "generating IS NOT NULL", (content, reasoning or None, message_id))
+
+    def finish_reply(self, message_id, content, reasoning, **columns):
+        """A reply's text and columns as it ended, no longer being made: its
+        row, or None if it is gone (deleted meanwhile)."""
+        with self.db.write() as c:
+            counted = columns.pop("token_count", None)
+            if not c.execute(
+                    f"UPDATE messages SET content = ?, reasoning = ?, generating = NULL"
+                    f"{''.join(f', {name} = ?' for name in columns)} WHERE id = ?",
+                    (content, reasoning or None, *columns.values(), message_id)).rowcount:
+                return None
+            if counted is not None:     # after the text: a change of text forgets a count
+                c.execute("UPDATE messages SET token_count = ? WHERE id = ?",
+                          (counted, message_id))
+            row = one(c.execute("SELECT * FROM messages WHERE id = ?", (message_id,)))
+            c.execute("UPDATE conversations SET model = coalesce(nullif(?, ''), model) "
+                      "WHERE id = ?", (row["model"], row["conversation_id"]))
+            return row
+
+    def replies_being_made(self):
+        """Every reply being made on this file, oldest first."""
+        return dicts(self.db.conn().execute(
+            "SELECT id AS message_id, conversation_id, model, timestamp AS started_at, "
+            "length(content) + coalesce(length(reasoning), 0) AS content_chars "
+            "FROM messages WHERE generating IS NOT NULL ORDER BY id"))
+
+    def abandon_reply(self, message_id):
+        """A reply that ended before it made anything: its row removed, and
+        its question shown again (a continued reply is left as it was)."""
+        with self.db.write() as c:
+            row = one(c.execute("SELECT conversation_id, parent_id, content, reasoning FROM "
+                                "messages WHERE id = ?", (message_id,)))
+            if row is None:
+                return
+            c.execute("UPDATE messages SET generating = NULL, finish_reason = "
+                      "coalesce(finish_reason, 'error') WHERE id = ?", (message_id,))
+            if row["content"] or row["reasoning"] or c.execute(
+                    "SELECT 1 FROM messages WHERE parent_id = ?", (message_id,)).fetchone():
+                return
+            c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ? AND "
+                      "current_message_id = ?", (row["parent_id"], row["conversation_id"],
+                                                 message_id))
+            c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+    def message_row(self, message_id):
+        """A message's row as stored now (text so far, whether it is being
+        made and by whom), or None."""
+        return one(self.db.conn().execute("SELECT * FROM messages WHERE id = ?",
+                                          (message_id,)))
 
     def keep_token_counts(self, counts):
         """Store messages' token counts ({id: tokens}), counted once."""
@@ -3102,6 +3229,7 @@ class Upstream:
         self._listed = None      # the model list as last seen
         self._launch_contexts = {}   # router model -> the -c it is started with
         self._counted = {}       # (model, text) -> tokens, for texts counted each chat
+        self.slots = None        # llama-server's total_slots, as /props last said
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
              attach=None):
@@ -3324,7 +3452,10 @@ class Upstream:
         try:
             status, body = self.call("GET", props_path(model), read_timeout=30)
             n_ctx = body["default_generation_settings"]["n_ctx"] if status == 200 else None
-        except (ApiError, KeyError, TypeError):
+            slots = body.get("total_slots")
+            if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
+                self.slots = slots
+        except (ApiError, KeyError, TypeError, AttributeError):
             n_ctx = None
         if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
             return n_ctx
@@ -3696,6 +3827,8 @@ class Generation:
     waits; `reason` says why, for the client. `client` is the socket of the
     client that asked for a stream."""
 
+    message_id = None        # the reply's row, for one the server owns (OwnedReply)
+
     def __init__(self, conversation_id, client=None, depends_on=()):
         self.conversation_id, self.client = conversation_id, client
         self.depends_on = frozenset(depends_on)
@@ -3942,10 +4075,34 @@ class Engine:
                         conversation_id, e)
 
     def generation_started(self, turn, client=None):
-        generation = Generation(turn.conversation_id, client, turn.depends_on)
+        """A reply a client waits for (/v1's): ended by that client too."""
+        return self.admitted(Generation(turn.conversation_id, client, turn.depends_on))
+
+    def admitted(self, generation):
+        """Count a reply being made among this server's."""
         with self._lock:
             self.generations.add(generation)
         return generation
+
+    def generation_of(self, message_id):
+        """The reply being made by this server as message `message_id`, or None."""
+        with self._lock:
+            return next((g for g in self.generations if g.message_id == message_id), None)
+
+    @property
+    def generation_limit(self):
+        """How many replies /api/chat makes at once: max_generations, else
+        llama-server's slots (its /props), else 4."""
+        return self.settings.max_generations or self.upstream.slots or 4
+
+    def room_for_a_reply(self):
+        """Refuse a chat, 429 BUSY, while generation_limit replies are being made."""
+        with self._lock:
+            running = sum(1 for g in self.generations if g.message_id is not None)
+        if running >= self.generation_limit:
+            raise ApiError(429, "BUSY", f"{running} replies are being made, as many as "
+                           "llama-server has slots for; try again when one is done",
+                           {"Retry-After": "2"})
 
     def generation_ended(self, generation):
         with self._lock:
@@ -4171,13 +4328,15 @@ class ChatTurn:
     context: dict = None          # n_ctx, prompt_tokens, messages_sent, messages_left_out
 
     def payload(self, skip=0):
-        """llama.cpp's request, leaving out the oldest `skip` messages."""
+        """llama.cpp's request, leaving out the oldest `skip` messages. It is
+        always streamed (the reply is the server's, its text kept as it
+        comes, whether the client asked for a stream or not), with the
+        progress of reading the prompt."""
         body = {"messages": context_messages(self.system_prompt, self.history[skip:]),
-                "stream": self.stream, **self.options}
+                "stream": True, "stream_options": {"include_usage": True},
+                "return_progress": True, **self.options}
         if self.model:
             body["model"] = self.model
-        if self.stream:
-            body["stream_options"] = {"include_usage": True}
         return body
 
     @property
@@ -4274,7 +4433,7 @@ def start_chat(engine, body, stream):
     elif placement == "continue":
         if target["role"] != "assistant":
             raise validation_error("continue", "continue takes a reply (an assistant message)")
-        continued, last, question = target, target["id"], target["parent_id"]
+        continued, last, question = store.message_row(target["id"]), target["id"], target["parent_id"]
         parent_id = question
     else:
         if placement == "user_message_id" and target["role"] != "user":
@@ -4369,43 +4528,44 @@ def continued_metrics(before, metrics, elapsed_ms, finish, timings=None):
             "tokens_per_second": speed, "finish_reason": finish, **summed, **first}
 
 
-def store_reply(engine, turn, text, reasoning, finish_reason, metrics, elapsed_ms, timings):
-    """Store the reply (or what it appends to the reply it continues): the
-    stored (id, text, reasoning, response ms, metrics), or NOT_FOUND if what
-    it goes under was deleted meanwhile."""
-    store = engine.store
+def store_reply(engine, turn, message_id, text, reasoning, finish_reason, metrics, elapsed_ms,
+                timings):
+    """Store the reply as it ended (a continued one: the whole of it): the
+    stored (text, reasoning, response ms, metrics), or NOT_FOUND if it was
+    deleted meanwhile."""
     if turn.continued:
-        row = store.extend_message(turn.continued["id"], text, reasoning, lambda before: (
-            continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)))
-        if row is None:
-            raise not_found("message", turn.continued["id"])
-        prompt = row["prompt_tokens"]
-        total = prompt + row["estimated_tokens"] if prompt is not None else None
-        return (row["id"], row["content"], row["reasoning"] or "", row["response_time_ms"],
-                {"completion_tokens": row["estimated_tokens"], "prompt_tokens": prompt,
-                 "total_tokens": total, "tokens_per_second": row["tokens_per_second"]})
-    message_id = store.add_message(
-        turn.conversation_id, "assistant", text, turn.model or None, parent=turn.parent_id,
-        reasoning=reasoning or None, response_time_ms=elapsed_ms,
-        estimated_tokens=metrics["completion_tokens"], prompt_tokens=metrics["prompt_tokens"],
-        tokens_per_second=metrics["tokens_per_second"], finish_reason=finish_reason,
-        options=JSON.encode(turn.asked_options) if turn.asked_options is not None else None,
-        token_count=metrics["completion_tokens"] if metrics["completion_tokens"] is not None
-        and metrics["prompt_tokens"] is not None else None, **timings)
-    if message_id is None:                       # deleted while its reply was made
-        if store.get_conversation(turn.conversation_id) is None:
+        before = turn.continued
+        columns = continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)
+        text, reasoning = before["content"] + text, (before["reasoning"] or "") + reasoning
+    else:
+        columns = dict(response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
+                       prompt_tokens=metrics["prompt_tokens"],
+                       tokens_per_second=metrics["tokens_per_second"],
+                       finish_reason=finish_reason, **timings,
+                       token_count=metrics["completion_tokens"]
+                       if metrics["completion_tokens"] is not None
+                       and metrics["prompt_tokens"] is not None else None)
+    row = engine.store.finish_reply(message_id, text, reasoning, **columns)
+    if row is None:
+        if engine.store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
-        raise not_found("message", turn.parent_id)
-    return message_id, text, reasoning, elapsed_ms, metrics
+        raise not_found("message", message_id)
+    prompt = row["prompt_tokens"]
+    total = prompt + row["estimated_tokens"] if prompt is not None and \
+        row["estimated_tokens"] is not None else None
+    return (row["content"], row["reasoning"] or "", row["response_time_ms"],
+            {"completion_tokens": row["estimated_tokens"], "prompt_tokens": prompt,
+             "total_tokens": total, "tokens_per_second": row["tokens_per_second"]})
 
 
-def finish_chat(engine, turn, text, reasoning, finish_reason, usage, timings, first_at=None):
+def finish_chat(engine, turn, message_id, text, reasoning, finish_reason, usage, timings,
+                first_at=None):
     """Store the reply and return the answer's fields. `first_at`: when its
-    first token came (a stream's)."""
+    first token came."""
     elapsed_ms = round((time.monotonic() - turn.started) * 1000)
     ttft = round((first_at - turn.started) * 1000, 1) if first_at else None
-    message_id, text, reasoning, elapsed_ms, metrics = store_reply(
-        engine, turn, text, reasoning, finish_reason,
+    text, reasoning, elapsed_ms, metrics = store_reply(
+        engine, turn, message_id, text, reasoning, finish_reason,
         read_metrics(usage, timings, text, elapsed_ms), elapsed_ms,
         reply_timings(timings, ttft))
     if turn.title_pending:
@@ -4429,41 +4589,6 @@ def finish_chat(engine, turn, text, reasoning, finish_reason, usage, timings, fi
     if reasoning:
         answer["reasoning"] = reasoning
     return answer
-
-
-def chat_once(engine, turn):
-    generation = engine.generation_started(turn)
-    try:
-        conn, resp = open_reply(engine, turn, generation)
-        try:
-            raw = resp.read()
-        except BaseException as e:
-            conn.close()
-            raise upstream_error(e, engine.upstream.url) from None
-        engine.upstream.done_with(conn, resp)
-        try:
-            body = json.loads(raw)
-            choice = body["choices"][0]
-            message = choice["message"]
-            text = message.get("content") or ""
-            reasoning = message.get("reasoning_content") or ""
-            if not isinstance(text, str) or not isinstance(reasoning, str):
-                raise TypeError
-            text = turn.text_filter().take(text)
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise bad_upstream("its answer has no choices[0].message.content") from None
-        return finish_chat(engine, turn, text, reasoning, finish_reason(choice),
-                           body.get("usage"), body.get("timings"))
-    except sqlite3.DatabaseError as e:
-        raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
-    except ApiError as e:
-        if generation.reason is not None:
-            raise generation.reason from None
-        if e.code != "NOT_FOUND":
-            e.extra["user_message_id"] = turn.user_message_id
-        raise
-    finally:
-        engine.generation_ended(generation)
 
 
 def finish_reason(choice):
@@ -4688,6 +4813,12 @@ class Relay:
         self.timings = chunk.get("timings") or self.timings
         self.model = chunk.get("model") or self.model
         events = []
+        progress = chunk.get("prompt_progress")      # llama-server's, asked with return_progress
+        if isinstance(progress, dict) and all(
+                isinstance(progress.get(n), int) and not isinstance(progress.get(n), bool)
+                for n in ("processed", "total")):
+            events.append({"type": "progress", "processed": progress["processed"],
+                           "total": progress["total"]})
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
@@ -4728,88 +4859,305 @@ class Relay:
 
     def keep(self, events):
         """These events reached the client: they are part of what gets stored."""
-        if events and self.first_at is None:
-            self.first_at = time.monotonic()
         for event in events:
-            (self.reasoning if event["type"] == "reasoning" else self.text).append(
-                event["content"])
+            if event["type"] in ("delta", "reasoning"):
+                if self.first_at is None:
+                    self.first_at = time.monotonic()
+                (self.reasoning if event["type"] == "reasoning" else self.text).append(
+                    event["content"])
 
-    def store(self, engine, turn, reason):
-        return finish_chat(engine, turn, "".join(self.text), "".join(self.reasoning), reason,
-                           self.usage, self.timings, self.first_at)
 
-    def store_if_possible(self, engine, turn, reason):
-        """What was relayed, stored after a failure: its message_id, or None
-        if the database fails too (logged)."""
+###############################################################################
+# Generations: replies the server makes, followed by any number of clients
+###############################################################################
+
+FLUSH_SECONDS = 1.0          # a reply's text so far reaches the database this often
+FOLLOWER_BATCHES = 1000      # batches a follower may fall behind before it is let go
+
+
+def stopped_by_request():
+    return ApiError(409, "STOPPED", "The reply was stopped")
+
+
+class Follower:
+    """A client following a reply: the batches of (id, event) it has still to
+    send, at most FOLLOWER_BATCHES. One that falls further behind is let go:
+    its stream ends, and it comes back with Last-Event-ID."""
+
+    def __init__(self):
+        self.batches = queue.Queue(FOLLOWER_BATCHES)
+        self.let_go = False
+
+    def put(self, batch):
         try:
-            return self.store(engine, turn, reason)["message_id"]
+            self.batches.put_nowait(batch)
+            return True
+        except queue.Full:
+            self.let_go = True
+            return False
+
+
+class OwnedReply(Generation):
+    """A reply /api/chat asked for, made by the server whoever asked and
+    whoever follows: a thread of its own reads llama.cpp's stream, keeps the
+    text in memory and in the database (at least every FLUSH_SECONDS), and
+    hands each batch of events to every follower. It ends when llama.cpp
+    ends it, or by a stop, the deletion of what it goes under, or shutdown;
+    never because a client left."""
+
+    def __init__(self, engine, turn, message_id, end_turn):
+        super().__init__(turn.conversation_id, None, turn.depends_on | {message_id})
+        self.message_id = message_id
+        self.engine, self.turn, self.end_turn = engine, turn, end_turn
+        self.started_at = now_iso()
+        self.relay = Relay(turn.text_filter())
+        self.sent = 0                # characters of reasoning and text so far: an event's id
+        self.followers = set()
+        self.last = None             # the batch it ended with (done, or error)
+        self.failure = None          # the ApiError it ended with, if it failed
+        self.ended = threading.Event()
+        self._follow = threading.Lock()
+        self._flushed = time.monotonic()
+
+    def begin(self):
+        threading.Thread(target=self.run, daemon=True,
+                         name=f"reply {self.message_id}").start()
+        return self
+
+    # Followers
+    def follow(self, start=0):
+        """A Follower given what was made from character `start` on (replayed
+        as one batch), then every batch as it comes."""
+        follower = Follower()
+        with self._follow:
+            follower.put(self.replay(start))
+            if self.last is not None:
+                follower.put(self.last)
+            else:
+                self.followers.add(follower)
+        return follower
+
+    def unfollow(self, follower):
+        with self._follow:
+            self.followers.discard(follower)
+
+    def replay(self, start):
+        """What was made from character `start` on: the reasoning, then the
+        text (a thinking model sends its reasoning first)."""
+        reasoning, text = "".join(self.relay.reasoning), "".join(self.relay.text)
+        batch = []
+        if start < len(reasoning):
+            batch.append((len(reasoning), {"type": "reasoning", "content": reasoning[start:]}))
+        if start < len(reasoning) + len(text):
+            batch.append((self.sent, {"type": "delta",
+                                      "content": text[max(0, start - len(reasoning)):]}))
+        return batch
+
+    def publish(self, events):
+        """Keep these events' text and hand them to every follower, at once
+        for all: a follower's replay and what follows it never overlap."""
+        with self._follow:
+            self.relay.keep(events)
+            batch = []
+            for event in events:
+                if event["type"] in ("delta", "reasoning"):
+                    self.sent += len(event["content"])
+                batch.append((self.sent, event))
+            self.followers = {f for f in self.followers if f.put(batch)}
+
+    def end(self, event):
+        with self._follow:
+            self.last = [(self.sent, event)]
+            for follower in self.followers:
+                follower.put(self.last)
+            self.followers = set()
+
+    # The reply
+    def run(self):
+        engine, turn, relay = self.engine, self.turn, self.relay
+        try:
+            for item in upstream_batches(engine, turn, self):
+                if item == "cut" and not relay.finish:
+                    raise bad_upstream("the stream ended before the reply was complete")
+                if isinstance(item, list):
+                    events, failure = [], None
+                    for chunk in item:
+                        try:
+                            events.extend(relay.take(chunk))
+                        except ApiError as e:       # keep what came before it first
+                            failure = e
+                            break
+                    if events:
+                        self.publish(events)
+                    if failure:
+                        raise failure
+                    self.flush()
+            self.end({"type": "done", **self.store(relay.finish or "stop")})
+        except ApiError as e:
+            self.fail(e)
+        except Exception:                          # a bug: the reply ends, and says so
+            log.error("reply %d failed\n%s", self.message_id, traceback.format_exc())
+            self.fail(ApiError(500, "INTERNAL_ERROR", "Internal server error"))
+        finally:
+            self.close()
+            engine.generation_ended(self)
+            engine.store.release()
+            self.end_turn()
+            self.ended.set()
+
+    def flush(self):
+        """The text so far into the database, once FLUSH_SECONDS have passed."""
+        now = time.monotonic()
+        if now - self._flushed < FLUSH_SECONDS:
+            return
+        self._flushed = now
+        text, reasoning = "".join(self.relay.text), "".join(self.relay.reasoning)
+        if self.turn.continued:
+            before = self.turn.continued
+            text, reasoning = before["content"] + text, (before["reasoning"] or "") + reasoning
+        try:
+            self.engine.store.keep_partial(self.message_id, text, reasoning)
         except sqlite3.DatabaseError as e:
-            database_error(e)
-        except ApiError:                       # its conversation was deleted meanwhile
-            pass
-        return None
+            database_error(e)                      # logged; the end stores it all
 
-
-def chat_stream(engine, turn, client=None, end_turn=lambda: None):
-    """The relay of llama.cpp's events for this turn. llama.cpp is asked when the
-    relay starts, once the client's headers are out. end_turn: called when
-    it is over (its reply stored), however it ended."""
-    generation = engine.generation_started(turn, client)
-
-    def close():
-        generation.close()
-        engine.generation_ended(generation)
-        end_turn()
-    return EventStream(relay_events(engine, turn, generation), close)
-
-
-def relay_events(engine, turn, generation):
-    """Generator of lists of events for one streamed reply (None: send a
-    keep-alive): each list holds what llama.cpp sent since the last one, so a
-    fast model costs one write per batch rather than per token. The handler
-    throws ClientGone into it when a write fails; every way out stores what
-    was relayed."""
-    relay = Relay(turn.text_filter())
-    try:
-        for item in upstream_batches(engine, turn, generation):
-            if item is None:
-                yield None
-            elif item == "cut" and not relay.finish:
-                raise bad_upstream("the stream ended before the reply was complete")
-            elif isinstance(item, list):
-                events, failure = [], None
-                for chunk in item:
-                    try:
-                        events.extend(relay.take(chunk))
-                    except ApiError as e:       # relay what came before it first
-                        failure = e
-                        break
-                if events:
-                    yield events
-                    relay.keep(events)
-                if failure:
-                    raise failure
+    def store(self, reason):
         try:
-            done = relay.store(engine, turn, relay.finish or "stop")
+            return finish_chat(self.engine, self.turn, self.message_id,
+                               "".join(self.relay.text), "".join(self.relay.reasoning), reason,
+                               self.relay.usage, self.relay.timings, self.relay.first_at)
         except sqlite3.DatabaseError as e:
             raise database_error(e) from None
-        yield [{"type": "done", **done}]
-    except ClientGone:
-        if relay.text or relay.reasoning:
-            relay.store_if_possible(engine, turn, "aborted")
-    except ApiError as e:
-        stored = None
-        if (relay.text or relay.reasoning) and e.code != "NOT_FOUND" \
+
+    def fail(self, e):
+        """End with ApiError e: what was made is kept ("aborted" when stopped
+        or at shutdown, else "error"); a reply that made nothing leaves no row."""
+        relay, stored = self.relay, None
+        if e.code == "STOPPED":
+            try:
+                self.end({"type": "done", **self.store("aborted")})
+                return
+            except ApiError as failure:
+                e = failure
+        elif (relay.text or relay.reasoning) and e.code != "NOT_FOUND" \
                 and not e.code.startswith("DATABASE_"):
-            reason = "aborted" if e.code == "SHUTTING_DOWN" else "error"
-            stored = relay.store_if_possible(engine, turn, reason)
+            try:
+                stored = self.store("aborted" if e.code == "SHUTTING_DOWN" else "error")[
+                    "message_id"]
+            except ApiError:                       # gone meanwhile, or the database failed
+                pass
+        if stored is None and e.code != "NOT_FOUND":
+            try:
+                self.engine.store.abandon_reply(self.message_id)
+            except sqlite3.DatabaseError as failure:
+                database_error(failure)
         event = {"type": "error", "error": e.message, "code": e.code,
-                 "user_message_id": turn.user_message_id, "message_id": stored}
-        if e.code == "NOT_FOUND":              # the conversation went, with its messages
+                 "user_message_id": self.turn.user_message_id, "message_id": stored}
+        if e.code == "NOT_FOUND":                  # the conversation went, with its messages
             event = {"type": "error", "error": e.message, "code": e.code, **e.extra}
+        else:
+            e.extra.update(user_message_id=self.turn.user_message_id, message_id=stored)
         if "details" in e.extra:
             event["details"] = e.extra["details"]
-        yield [event]
+        self.failure = e
+        self.end(event)
+
+
+def sse_numbered(batch):
+    """(id, event) pairs as SSE, each with its id line."""
+    return "".join(f"id: {n}\n" + sse_line(event) for n, event in batch).encode()
+
+
+def start_reply(engine, turn, end_turn):
+    """The reply's row, then the thread that makes it: its OwnedReply."""
+    try:
+        message_id = engine.store.start_reply(
+            turn.conversation_id, turn.parent_id, turn.model or None,
+            continued=turn.continued["id"] if turn.continued else None,
+            options=None if turn.continued or turn.asked_options is None
+            else JSON.encode(turn.asked_options))
+    except sqlite3.DatabaseError as e:
+        raise database_error(e).with_extra(user_message_id=turn.user_message_id) from None
+    if message_id is None:
+        if turn.continued:
+            raise validation_error("continue", "That reply is being made already")
+        if engine.store.get_conversation(turn.conversation_id) is None:
+            raise not_found("conversation", turn.conversation_id)
+        raise not_found("message", turn.parent_id)
+    return engine.admitted(OwnedReply(engine, turn, message_id, end_turn)).begin()
+
+
+def followed(reply, start=0, first=None):
+    """The batches a client following a reply sends (None: a keep-alive):
+    `first`, what was made from character `start` on, then each batch as it
+    comes, to the last. A client that leaves changes nothing for the reply."""
+    follower = reply.follow(start)
+    try:
+        if first:
+            yield first
+        while True:
+            try:
+                batch = follower.batches.get(timeout=KEEPALIVE_SECONDS)
+            except queue.Empty:
+                yield None
+                continue
+            if batch:
+                yield batch
+                if batch[-1][1]["type"] in ("done", "error"):
+                    return
+            if follower.let_go and follower.batches.empty():
+                return                          # too slow: it comes back with Last-Event-ID
+    except ClientGone:
+        pass
+    finally:
+        reply.unfollow(follower)
+
+
+def stored_answer(row):
+    """The fields of a chat's answer (its "done"), for a reply as stored."""
+    prompt, tokens = row["prompt_tokens"], row["estimated_tokens"]
+    answer = {"response": row["content"], "model": row["model"] or "",
+              "response_time_ms": row["response_time_ms"], "estimated_tokens": tokens,
+              "metrics": {"completion_tokens": tokens, "prompt_tokens": prompt,
+                          "total_tokens": prompt + tokens if prompt is not None
+                          and tokens is not None else None,
+                          "tokens_per_second": row["tokens_per_second"]},
+              "finish_reason": row["finish_reason"], "conversation_id": row["conversation_id"],
+              "message_id": row["id"], "user_message_id": row["parent_id"],
+              "parent_id": row["parent_id"]}
+    if row["reasoning"]:
+        answer["reasoning"] = row["reasoning"]
+    return answer
+
+
+OTHERS_POLL_SECONDS = 0.5    # how often a reply another process makes is read again
+
+
+def stored_reply_events(engine, row, start=0):
+    """The batches for a reply this server is not making: as stored, from
+    character `start` on, then `done`. One that another process is making
+    (on the same file) is read again every OTHERS_POLL_SECONDS until it ends."""
+    sent = start
+    while True:
+        reasoning, text = row["reasoning"] or "", row["content"]
+        batch = []
+        if sent < len(reasoning):
+            batch.append((len(reasoning), {"type": "reasoning", "content": reasoning[sent:]}))
+        if sent < len(reasoning) + len(text):
+            batch.append((len(reasoning) + len(text), {
+                "type": "delta", "content": text[max(0, sent - len(reasoning)):]}))
+        sent = max(sent, len(reasoning) + len(text))
+        if row["generating"] is None:
+            yield batch + [(sent, {"type": "done", **stored_answer(row)})]
+            return
+        if batch:
+            yield batch
+        time.sleep(OTHERS_POLL_SECONDS)
+        row = engine.store.message_row(row["id"])
+        engine.store.release()
+        if row is None:
+            yield [(sent, {"type": "error", "error": "The message was deleted",
+                           "code": "NOT_FOUND"})]
+            return
 
 
 ###############################################################################
@@ -6215,16 +6563,65 @@ def api_chat(engine, req):
     queued = takes_turns(body)
     end_turn = engine.turns.take(queued) if queued is not None else lambda: None
     try:
+        engine.room_for_a_reply()
         turn = start_chat(engine, body, stream)
+        reply = start_reply(engine, turn, end_turn)
     except BaseException:
         end_turn()
         raise
     if stream:
-        return chat_stream(engine, turn, req.client, end_turn)
-    try:
-        return chat_once(engine, turn)
-    finally:
-        end_turn()
+        start = [(0, {"type": "start", "conversation_id": turn.conversation_id,
+                      "user_message_id": turn.user_message_id,
+                      "message_id": reply.message_id, "parent_id": turn.parent_id})]
+        return EventStream(followed(reply, 0, start), lambda: None, encode=sse_numbered)
+    reply.ended.wait()
+    if reply.failure is not None:
+        raise reply.failure
+    return {name: value for name, value in reply.last[0][1].items() if name != "type"}
+
+
+def api_stop(engine, req):
+    """Stop a reply being made, from any client: what it made is kept."""
+    message_id = path_id(req, "message")
+    reply = engine.generation_of(message_id)
+    if reply is None:
+        row = engine.store.message_row(message_id)
+        if row is None:
+            raise not_found("message", message_id)
+        return {"message_id": message_id, "stopped": False,
+                "generating": row["generating"] is not None}
+    reply.cancel(stopped_by_request())
+    reply.ended.wait(10)
+    return {"message_id": message_id, "stopped": True, "generating": False}
+
+
+def api_follow(engine, req):
+    """A reply as SSE from character ?from= (or Last-Event-ID) on: what was
+    made so far, then live to its end."""
+    message_id = path_id(req, "message")
+    start = req.headers.get("Last-Event-ID")
+    start = ascii_number(start.strip()) if start is not None else \
+        query_int(req, "from", 0, 0)
+    if start is None:
+        raise validation_error("Last-Event-ID", "Last-Event-ID must be a whole number")
+    reply = engine.generation_of(message_id)
+    if reply is not None:
+        return EventStream(followed(reply, start), lambda: None, encode=sse_numbered)
+    row = engine.store.message_row(message_id)
+    if row is None or row["role"] != "assistant":
+        raise not_found("message", message_id)
+    return EventStream(stored_reply_events(engine, row, start), lambda: None,
+                       encode=sse_numbered)
+
+
+def api_generations(engine, req):
+    """The replies being made on this database (by this server or another)."""
+    rows = engine.store.replies_being_made()
+    for row in rows:
+        reply = engine.generation_of(row["message_id"])
+        if reply is not None:
+            row["content_chars"] = reply.sent
+    return {"generations": rows}
 
 
 def api_stats(engine, req):
@@ -6406,6 +6803,9 @@ ROUTES = [
     ("PUT", r"/api/messages/(?P<id>[^/]+)", api_edit_message),
     ("DELETE", r"/api/messages/(?P<id>[^/]+)", api_delete_message),
     ("POST", r"/api/chat", api_chat),
+    ("POST", r"/api/messages/(?P<id>[^/]+)/stop", api_stop),
+    ("GET", r"/api/messages/(?P<id>[^/]+)/stream", api_follow),
+    ("GET", r"/api/generations", api_generations),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
     ("GET", r"/api/conversations/(?P<id>[^/]+)/export", api_export_conversation),
@@ -6435,6 +6835,8 @@ def match_route(method, path):
         raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}",
                        headers={"Allow": allow})
     raise ApiError(404, "NOT_FOUND", f"No such path: {path}", resource="path", id=path)
+
+
 ###############################################################################
 # HTTP server
 ###############################################################################
