@@ -3553,6 +3553,182 @@ def test_a_reply_is_stopped_from_another_client_and_keeps_what_it_made(client, s
     assert client.post("/api/messages/9999/stop", {})[0] == 404
 
 
+def followed_events(client, message_id, query="", headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.request("GET", f"/api/messages/{message_id}/stream{query}", headers=headers or {})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    ids, events = [], []
+    for line in resp:
+        if line.startswith(b"id: "):
+            ids.append(int(line[4:]))
+        elif line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+    return ids, events
+
+
+def test_a_reply_is_followed_from_its_start_the_middle_and_after_its_end(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(60))
+    stub.token_delay = 0.02
+    cid = client.new_conversation()
+    resp, start = stream_started(client, cid)
+    mid = start["message_id"]
+    assert [g["message_id"] for g in client.get("/api/generations")[2]["generations"]] == [mid]
+    whole_ids, whole = followed_events(client, mid)           # joined while it is made
+    assert whole[-1]["type"] == "done" and whole[-1]["finish_reason"] == "stop"
+    assert "".join(e["content"] for e in whole if e["type"] == "delta") == stub.reply
+    assert whole_ids == sorted(whole_ids) and whole_ids[-1] == len(stub.reply)
+    asker = read_events(resp)
+    assert asker[-1]["response"] == stub.reply == whole[-1]["response"]
+    assert client.get("/api/generations")[2]["generations"] == []
+    # after its end: at once, from any point, without repeating what was had
+    for given in ({"headers": {"Last-Event-ID": "10"}}, {"query": "?from=10"}):
+        ids, rest = followed_events(client, mid, **given)
+        assert "".join(e["content"] for e in rest if e["type"] == "delta") == stub.reply[10:]
+        assert rest[-1]["type"] == "done" and ids[-1] == len(stub.reply)
+    ids, done = followed_events(client, mid, "?from=" + str(len(stub.reply)))
+    assert [e["type"] for e in done] == ["done"]
+    status, _, body = client.get(f"/api/messages/{mid}/stream?from=x")
+    assert (status, body["code"]) == (400, "VALIDATION_ERROR")
+    assert client.get(f"/api/messages/{start['user_message_id']}/stream")[0] == 404   # a question
+    assert client.get("/api/messages/999/stream")[0] == 404
+
+
+def test_a_reply_followed_mid_way_resumes_without_repeating_text(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(300))
+    stub.token_delay = 0.02                      # six seconds: it is resumed while made
+    cid = client.new_conversation()
+    resp, start = stream_started(client, cid)
+    got, last_id = "", 0
+    while len(got) < 40:                         # a client reads some, then drops
+        line = resp.readline()
+        if line.startswith(b"id: "):
+            last_id = int(line[4:])
+        elif line.startswith(b"data: "):
+            event = json.loads(line[6:])
+            got += event.get("content", "") if event["type"] == "delta" else ""
+    resp.close()
+    assert last_id == len(got)
+    time.sleep(0.3)                              # away a while: the reply goes on meanwhile
+    assert client.engine.generation_of(start["message_id"]) is not None     # still being made
+    ids, rest = followed_events(client, start["message_id"],
+                                headers={"Last-Event-ID": str(last_id)})
+    assert got + "".join(e["content"] for e in rest if e["type"] == "delta") == stub.reply
+    assert rest[-1]["type"] == "done"
+
+
+def test_a_follower_that_never_reads_slows_nobody(client, stub, monkeypatch):
+    monkeypatch.setattr(llama_chat, "FOLLOWER_BATCHES", 4)
+    stub.reply = " ".join("x" * 20000 for i in range(500))    # 10 MB: past any socket buffer
+    stub.token_delay = 0.001
+    cid = client.new_conversation()
+    resp, start = stream_started(client, cid)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", client.port))
+    stuck.sendall(f"GET /api/messages/{start['message_id']}/stream HTTP/1.1\r\n"
+                  "Host: localhost\r\n\r\n".encode())      # and never reads
+    others = [[] for _ in range(2)]
+    readers = [threading.Thread(target=lambda box=box: box.extend(
+        followed_events(client, start["message_id"])[1])) for box in others]
+    for t in readers:
+        t.start()
+    asker = read_events(resp)
+    for t in readers:
+        t.join(30)
+    assert asker[-1]["type"] == "done" and asker[-1]["response"] == stub.reply
+    for box in others:
+        assert "".join(e["content"] for e in box if e["type"] == "delta") == stub.reply
+    stuck.close()
+
+
+def test_progress_of_reading_the_prompt_is_relayed(client, stub):
+    stub.progress_steps, stub.progress_delay = 3, 0.05
+    events = read_events(client.stream(client.new_conversation())[0])
+    progress = [(e["processed"], e["total"]) for e in events if e["type"] == "progress"]
+    assert progress == [(100, 300), (200, 300), (300, 300)]
+    assert [e["type"] for e in events].index("progress") < [e["type"] for e in events].index(
+        "delta") and events[-1]["type"] == "done"
+    assert stub.requests[-1]["body"]["return_progress"] is True
+
+
+def test_replies_past_the_limit_are_429_busy(client, stub):
+    stub.total_slots = 2                           # as llama-server -np 2 says in /props
+    client.engine.upstream._contexts.clear()
+    stub.reply = " ".join(f"w{i}" for i in range(100))
+    stub.token_delay = 0.02
+    cids = [client.new_conversation() for _ in range(3)]
+    first = [stream_started(client, cid) for cid in cids[:2]]
+    assert client.engine.generation_limit == 2
+    status, headers, body = client.chat(cids[2], "a third")
+    assert (status, body["code"], headers["Retry-After"]) == (429, "BUSY", "2")
+    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cids[2]) == [
+        (0,)]                                       # nothing stored for it
+    for resp, _ in first:
+        read_events(resp)
+    assert client.chat(cids[2], "a third")[0] == 200
+
+
+def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, stub, launch):
+    stub.reply = " ".join(f"w{i}" for i in range(400))
+    stub.token_delay = 0.01
+    port, db = free_port(), str(tmp_path / "chat.db")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", db, "--llamacpp-url", stub.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdout.readline()
+        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+        cid = other.new_conversation()
+        resp, start = stream_started(other, cid)
+        conn = sqlite3.connect(db)
+        deadline = time.monotonic() + 10
+        while not conn.execute("SELECT length(content) FROM messages WHERE id = ?",
+                               (start["message_id"],)).fetchone()[0]:
+            assert time.monotonic() < deadline, "no text written while the reply was made"
+            time.sleep(0.05)
+        kept = conn.execute("SELECT content FROM messages WHERE id = ?",
+                            (start["message_id"],)).fetchone()[0]
+        conn.close()
+    finally:
+        proc.kill()                              # kill -9: no shutdown, nothing stored after
+        proc.wait(10)
+    stub.token_delay = 0
+    client = Client(launch(stub.url, db=db))
+    reply = conversation(client, cid)["messages"][-1]
+    assert (reply["id"], reply["finish_reason"], reply["generating"]) == (
+        start["message_id"], "interrupted", False)
+    assert reply["content"].startswith(kept) and stub.reply.startswith(reply["content"])
+    stub.echo_prefill = True
+    stub.reply = " the rest."
+    done = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                     "continue": reply["id"]})[2]
+    assert done["response"] == reply["content"] + " the rest." and done["finish_reason"] == "stop"
+
+
+def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
+    path = str(tmp_path / "v8.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+        c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model) "
+                  "VALUES (1, 1, 'assistant', 'a', 'm')")
+    store = migrated(path, fill, 8)
+    shown = json.loads(store.messages(1)[0])
+    assert [(m["content"], m["generating"]) for m in shown] == [("q", False), ("a", False)]
+    cid = store.create_conversation("bulk", "m")
+    with store.db.write() as c, store.index.bulk(c), llama_chat.ledger_bulk(c):
+        for i in range(3):
+            llama_chat.Store.put_message(c, cid, None, "assistant", f"bulk word{i}", "m",
+                                         "2026-12-06T10:00:00Z")
+        assert c.execute("SELECT count(*) FROM writing_in_bulk").fetchone() == (2,)
+    assert store.db.conn().execute("SELECT count(*) FROM writing_in_bulk").fetchone() == (0,)
+    assert len(store.search("word1", 5)) == 1              # indexed at the bulk's end
+    assert llama_chat.ledger(store.db, ("model",), None, None)[0]["replies"] == 4
+    store.close()
+
+
 def test_a_client_leaving_while_llamacpp_reads_the_prompt_leaves_the_reply_going(client, stub):
     cid = client.new_conversation()
     stub.stall = 1                          # llama.cpp reading a long prompt, silent
