@@ -1003,6 +1003,7 @@ class Database:
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
         self._wanting = set()        # threads waiting to begin a write
+        self.committed = threading.Event()   # set at each commit of this process's
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
 
     def connect(self):
@@ -1076,6 +1077,7 @@ class Database:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+            self.committed.set()
         except sqlite3.DatabaseError as e:
             if "locked" not in str(e) and "busy" not in str(e) and "interrupt" not in str(e):
                 self.failure = str(e)        # disk full, read-only, damaged: for health
@@ -1628,10 +1630,58 @@ BEGIN {ledger_change("new", 1)} END;
 """
 
 
+# And what changed, for every page open on any device (/api/events): a row
+# a change, written by SQLite in the transaction that makes it, whoever
+# writes (the page's API, /v1, an import, the command line, another
+# process). Ids only, never text; the oldest are trimmed as it grows.
+CHANGES_SCHEMA = f"""
+CREATE TABLE changes (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, action TEXT NOT NULL,
+                      conversation_id INTEGER NOT NULL, id INTEGER NOT NULL);
+CREATE TRIGGER change_conversation_created AFTER INSERT ON conversations BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('conversation', 'created', new.id, new.id);
+END;
+CREATE TRIGGER change_conversation_updated AFTER UPDATE OF title, model, system_prompt, options,
+    pinned, current_message_id ON conversations BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('conversation', 'updated', new.id, new.id);
+END;
+CREATE TRIGGER change_conversation_deleted AFTER DELETE ON conversations BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('conversation', 'deleted', old.id, old.id);
+END;
+CREATE TRIGGER change_message_created AFTER INSERT ON messages
+WHEN NOT EXISTS (SELECT 1 FROM writing_in_bulk) BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('message', 'created', new.conversation_id, new.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        SELECT 'generation', 'started', new.conversation_id, new.id
+        WHERE new.generating IS NOT NULL;
+END;
+CREATE TRIGGER change_message_updated AFTER UPDATE OF content, reasoning, generating,
+    finish_reason ON messages
+WHEN new.generating IS NULL OR old.generating IS NULL BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('message', 'updated', new.conversation_id, new.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        SELECT 'generation', CASE WHEN new.generating IS NULL THEN 'finished' ELSE 'started' END,
+               new.conversation_id, new.id
+        WHERE (old.generating IS NULL) IS NOT (new.generating IS NULL);
+END;
+CREATE TRIGGER change_message_deleted AFTER DELETE ON messages BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('message', 'deleted', old.conversation_id, old.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        SELECT 'generation', 'finished', old.conversation_id, old.id
+        WHERE old.generating IS NOT NULL;
+END;
+"""
+
+
 def migrate_to_9(c):
     c.execute("ALTER TABLE messages ADD COLUMN generating TEXT")
     c.execute(GENERATING_INDEX)
-    for statement in split_sql(BULK_SCHEMA):
+    for statement in split_sql(BULK_SCHEMA + CHANGES_SCHEMA):
         c.execute(statement)
 
 
@@ -3914,6 +3964,107 @@ def first_line_title(text):
     return (cut[:space] if space > TITLE_MAX // 2 else cut).rstrip(" ,.;:") + "…"
 
 
+FOLLOWER_BATCHES = 1000      # batches a follower may fall behind before it is let go
+
+
+class Follower:
+    """A client following a reply: the batches of (id, event) it has still to
+    send, at most FOLLOWER_BATCHES. One that falls further behind is let go:
+    its stream ends, and it comes back with Last-Event-ID."""
+
+    def __init__(self):
+        self.batches = queue.Queue(FOLLOWER_BATCHES)
+        self.let_go = False
+
+    def put(self, batch):
+        try:
+            self.batches.put_nowait(batch)
+            return True
+        except queue.Full:
+            self.let_go = True
+            return False
+
+
+CHANGES_POLL_SECONDS = 1.0   # how often changes other processes make are looked for
+CHANGES_KEPT = 10000         # rows of the changes table kept; older ones are trimmed
+
+
+def told(rows):
+    """Rows of the changes table as the events /api/events tells: in order,
+    each once; nothing of a conversation deleted in the same batch but that."""
+    gone = {cid for kind, action, cid, _ in rows if kind == "conversation" and action == "deleted"}
+    events = {}
+    for kind, action, cid, ident in rows:
+        if cid in gone and kind != "conversation":
+            continue
+        if kind == "conversation":
+            event = {"type": kind, "action": action, "id": ident}
+        elif kind == "message":
+            event = {"type": kind, "action": action, "conversation_id": cid, "id": ident}
+        else:
+            event = {"type": kind, "action": action, "conversation_id": cid, "message_id": ident}
+        events[(kind, action, cid, ident)] = event
+    return list(events.values())
+
+
+class Changes:
+    """What changed in the history (the changes table, which SQLite's
+    triggers keep for every writer), told to every listener: read by one
+    thread at once after a commit of this process, and every
+    CHANGES_POLL_SECONDS when PRAGMA data_version says another process wrote.
+    A listener that falls behind is let go (its page listens again)."""
+
+    def __init__(self, db, stopping):
+        self.db, self.stopping = db, stopping
+        self.listeners = set()
+        self._lock = threading.Lock()
+        self._reading = False
+
+    def listen(self):
+        follower = Follower()
+        with self._lock:
+            self.listeners.add(follower)
+            if not self._reading:
+                self._reading = True
+                threading.Thread(target=self._read, daemon=True, name="changes").start()
+        return follower
+
+    def leave(self, follower):
+        with self._lock:
+            self.listeners.discard(follower)
+
+    def _read(self):
+        conn = self.db.connect()
+        try:
+            last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+            version = None
+            while not self.stopping.is_set():
+                self.db.committed.wait(CHANGES_POLL_SECONDS)
+                self.db.committed.clear()
+                now = conn.execute("PRAGMA data_version").fetchone()[0]
+                if now == version:
+                    continue
+                version = now
+                rows = conn.execute("SELECT seq, kind, action, conversation_id, id FROM changes "
+                                    "WHERE seq > ? ORDER BY seq", (last,)).fetchall()
+                if not rows:
+                    continue
+                if rows[-1][0] // CHANGES_KEPT != last // CHANGES_KEPT:
+                    with self.db.write(conn) as c:
+                        c.execute("DELETE FROM changes WHERE seq <= ?",
+                                  (rows[-1][0] - CHANGES_KEPT,))
+                last = rows[-1][0]
+                events = told([row[1:] for row in rows])
+                with self._lock:
+                    self.listeners = {f for f in self.listeners if f.put(events)}
+        except sqlite3.Error as e:
+            log.warning("changes are not told: %s", e)
+        finally:
+            conn.close()
+            with self._lock:
+                self._reading = False
+
+
 # A purge that gave way to a write is tried again once no write came for this long.
 PURGE_PAUSE_SECONDS = 5
 
@@ -3936,6 +4087,7 @@ class Engine:
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
         self.turns = Turns(self.store.presence)   # of chats under what a conversation shows
+        self.changes = Changes(self.store.db, self.stopping)   # told to every open page
         self._purge = {"running": False, "again": False}
         self._ranking = threading.Lock()
 
@@ -4872,29 +5024,10 @@ class Relay:
 ###############################################################################
 
 FLUSH_SECONDS = 1.0          # a reply's text so far reaches the database this often
-FOLLOWER_BATCHES = 1000      # batches a follower may fall behind before it is let go
 
 
 def stopped_by_request():
     return ApiError(409, "STOPPED", "The reply was stopped")
-
-
-class Follower:
-    """A client following a reply: the batches of (id, event) it has still to
-    send, at most FOLLOWER_BATCHES. One that falls further behind is let go:
-    its stream ends, and it comes back with Last-Event-ID."""
-
-    def __init__(self):
-        self.batches = queue.Queue(FOLLOWER_BATCHES)
-        self.let_go = False
-
-    def put(self, batch):
-        try:
-            self.batches.put_nowait(batch)
-            return True
-        except queue.Full:
-            self.let_go = True
-            return False
 
 
 class OwnedReply(Generation):
@@ -6614,6 +6747,29 @@ def api_follow(engine, req):
                        encode=sse_numbered)
 
 
+def api_events(engine, req):
+    """What changes in the history, as it changes (SSE), for as long as the
+    client listens: a comment at once, then events, a comment every
+    KEEPALIVE_SECONDS."""
+    follower = engine.changes.listen()
+
+    def events():
+        try:
+            yield None
+            while True:
+                try:
+                    yield follower.batches.get(timeout=KEEPALIVE_SECONDS)
+                except queue.Empty:
+                    yield None
+                if follower.let_go and follower.batches.empty():
+                    return                      # too far behind: its page listens again
+        except ClientGone:
+            pass
+        finally:
+            engine.changes.leave(follower)
+    return EventStream(events(), lambda: None)
+
+
 def api_generations(engine, req):
     """The replies being made on this database (by this server or another)."""
     rows = engine.store.replies_being_made()
@@ -6806,6 +6962,7 @@ ROUTES = [
     ("POST", r"/api/messages/(?P<id>[^/]+)/stop", api_stop),
     ("GET", r"/api/messages/(?P<id>[^/]+)/stream", api_follow),
     ("GET", r"/api/generations", api_generations),
+    ("GET", r"/api/events", api_events),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
     ("GET", r"/api/conversations/(?P<id>[^/]+)/export", api_export_conversation),

@@ -708,6 +708,8 @@ SCHEMA = {
     "search_fts": {"title": "", "content": ""},
     "search_purge": {"due": "INTEGER"},
     "writing_in_bulk": {"name": "TEXT"},
+    "changes": {"seq": "INTEGER", "kind": "TEXT", "action": "TEXT", "conversation_id": "INTEGER",
+                "id": "INTEGER"},
 }
 
 
@@ -3727,6 +3729,69 @@ def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
     assert len(store.search("word1", 5)) == 1              # indexed at the bulk's end
     assert llama_chat.ledger(store.db, ("model",), None, None)[0]["replies"] == 4
     store.close()
+
+
+@contextlib.contextmanager
+def listening(client):
+    """The events /api/events tells, gathered in a list while the block runs."""
+    heard, conn = [], http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.request("GET", "/api/events")
+    sock = conn.sock
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b": keep-alive")  # listening
+
+    def read():
+        try:
+            for line in resp:
+                if line.startswith(b"data: "):
+                    heard.append(json.loads(line[6:]))
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield heard
+    finally:
+        sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+
+def heard_of(heard, *wanted, seconds=3):
+    """Wait until every wanted event (a dict of fields) is among those heard."""
+    def found():
+        return all(any(all(e.get(k) == v for k, v in w.items()) for e in heard) for w in wanted)
+    wait_for(found, seconds, f"{wanted} told (heard {heard[-8:]})")
+
+
+def test_every_change_is_told_to_every_listener(client, stub, tmp_path):
+    with listening(client) as heard, listening(client) as also:
+        cid = client.new_conversation("told")
+        heard_of(heard, {"type": "conversation", "action": "created", "id": cid})
+        answer = client.chat(cid, "hello")[2]
+        mid, qid = answer["message_id"], answer["user_message_id"]
+        heard_of(heard, {"type": "message", "action": "created", "id": qid,
+                         "conversation_id": cid},
+                 {"type": "generation", "action": "started", "message_id": mid},
+                 {"type": "generation", "action": "finished", "message_id": mid},
+                 {"type": "message", "action": "updated", "id": mid})
+        client.put(f"/api/conversations/{cid}", {"title": "renamed", "pinned": True})
+        client.put(f"/api/messages/{qid}", {"content": "hello again"})
+        heard_of(heard, {"type": "conversation", "action": "updated", "id": cid},
+                 {"type": "message", "action": "updated", "id": qid})
+        count = len(heard)
+        client.delete(f"/api/conversations/{cid}")
+        heard_of(heard, {"type": "conversation", "action": "deleted", "id": cid})
+        assert not [e for e in heard[count:] if e["type"] != "conversation"]   # one event
+        path = tmp_path / "elsewhere.json"                 # the command line, another process
+        chatgpt_file(path, 2)
+        done = subprocess.run([sys.executable, os.path.join(HERE, "llama_chat.py"), "--db",
+                               client.engine.settings.db, "import", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        made = [r[0] for r in rows(client, "SELECT id FROM conversations ORDER BY id")]
+        heard_of(heard, *({"type": "conversation", "action": "created", "id": i} for i in made))
+        assert not [e for e in heard if e["type"] == "message" and e["conversation_id"] in made]
+        heard_of(also, {"type": "conversation", "action": "created", "id": made[-1]})
 
 
 def test_a_client_leaving_while_llamacpp_reads_the_prompt_leaves_the_reply_going(client, stub):
@@ -7419,6 +7484,32 @@ def test_page_reloaded_mid_reply_follows_the_reply_to_its_end(page, client, stub
     assert "tok0 tok1" in text
     assert rows(client, "SELECT content, finish_reason FROM messages WHERE role = "
                 "'assistant'") == [(stub.reply, "stop")]
+
+
+@needs_chromium
+def test_page_shows_what_another_device_does_as_it_happens(page, client, stub):
+    """A question sent from another device (here: the API) appears in the
+    open page without a reload, its reply followed live, the sidebar showing
+    a reply being made; a rename elsewhere shows too."""
+    cid = client.new_conversation("shared")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    time.sleep(0.3)                                  # the page listens for changes
+    stub.reply = " ".join(f"tok{i}" for i in range(40))
+    stub.token_delay = 0.05
+    phone = threading.Thread(target=lambda: client.chat(cid, "sent from my phone"))
+    phone.start()
+    b.wait("return document.querySelector('#conv-list li.generating .spinner')")
+    b.wait("const q = document.querySelector('.msg.user');"
+           "return q && q.textContent.includes('sent from my phone')")
+    b.wait("const n = document.querySelector('.msg.assistant.streaming');"
+           "return n && n.textContent.includes('tok3')")        # followed as it is made
+    phone.join(15)
+    b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
+           "return n && n.textContent.includes('tok39') && "
+           "!document.querySelector('#conv-list .spinner')", timeout=15)
+    client.put(f"/api/conversations/{cid}", {"title": "renamed on the laptop"})
+    b.wait("return document.getElementById('title').textContent === 'renamed on the laptop'")
 
 
 @needs_chromium
