@@ -2765,6 +2765,27 @@ class Store:
             return self.put_message(c, conversation_id, parent, role, content, model, now,
                                     **metrics)
 
+    def ask(self, conversation_id, content, model=None, parent=CURRENT, reply_options=None,
+            **columns):
+        """A question and the row of its reply, to be made by this process, in
+        one transaction (one synced commit before llama.cpp is asked):
+        (question id, reply id), or None if the conversation or the parent is
+        gone."""
+        now = now_iso()
+        with self.db.write() as c:
+            current = self.tree.current(c, conversation_id)
+            if current is MISSING:
+                return None
+            if parent is CURRENT:
+                parent = current
+            elif parent is not None and self.tree.owner(c, parent) != conversation_id:
+                return None
+            question = self.put_message(c, conversation_id, parent, "user", content, model,
+                                        now, **columns)
+            return question, self.put_message(c, conversation_id, question, "assistant", "",
+                                              model, now, generating=RUN,
+                                              options=reply_options)
+
     @staticmethod
     def put_message(c, conversation_id, parent_id, role, content, model, now, **columns):
         """Insert a message (in the caller's transaction), make it current and
@@ -4478,6 +4499,7 @@ class ChatTurn:
     asked_options: dict = None    # the same, as model_options names them: stored with the reply
     title_pending: bool = False   # the conversation is titled after this reply
     context: dict = None          # n_ctx, prompt_tokens, messages_sent, messages_left_out
+    message_id: int = None        # the reply's row, when it was made with the question
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages. It is
@@ -4571,16 +4593,18 @@ def start_chat(engine, body, stream):
             raise not_found("message", target_id)
     if model is None:
         model = (target["role"] == "assistant" and target["model"]) or conversation["model"] or ""
-    continued = None
+    continued = reply_id = None
     if message is not None:
         parent = target_id if placement == "parent_id" else CURRENT
-        question = store.add_message(conversation_id, "user", message, model or None,
-                                     parent=parent, estimated_tokens=estimate_tokens(message),
-                                     token_count=question_tokens(engine, message, model or None))
-        if question is None:
+        asked_at = store.ask(conversation_id, message, model or None, parent=parent,
+                             reply_options=JSON.encode(asked) if asked is not None else None,
+                             estimated_tokens=estimate_tokens(message),
+                             token_count=question_tokens(engine, message, model or None))
+        if asked_at is None:
             if store.get_conversation(conversation_id) is None:
                 raise not_found("conversation", conversation_id)
             raise not_found("message", target_id)
+        question, reply_id = asked_at
         last = parent_id = question
     elif placement == "continue":
         if target["role"] != "assistant":
@@ -4609,8 +4633,13 @@ def start_chat(engine, body, stream):
     limit = engine.settings.performance["context_history_limit"] + (2 if continued else 1)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
-                    asked, title_pending)
-    fit_context(engine, turn, store.tree.depth(last))
+                    asked, title_pending, message_id=reply_id)
+    try:
+        fit_context(engine, turn, store.tree.depth(last))
+    except BaseException:
+        if reply_id is not None:                 # its row goes, with nothing made
+            store.abandon_reply(reply_id)
+        raise
     return turn
 
 
@@ -5052,9 +5081,15 @@ class OwnedReply(Generation):
         self._follow = threading.Lock()
         self._flushed = time.monotonic()
 
-    def begin(self):
-        threading.Thread(target=self.run, daemon=True,
-                         name=f"reply {self.message_id}").start()
+    def begin(self, here=False):
+        """Make the reply in a thread of its own, or (`here`: a client that
+        waits for the whole answer, and reads nothing before it) in this one,
+        which then goes on to the end whether that client stays or not."""
+        if here:
+            self.run()
+        else:
+            threading.Thread(target=self.run, daemon=True,
+                             name=f"reply {self.message_id}").start()
         return self
 
     # Followers
@@ -5200,8 +5235,11 @@ def sse_numbered(batch):
     return "".join(f"id: {n}\n" + sse_line(event) for n, event in batch).encode()
 
 
-def start_reply(engine, turn, end_turn):
-    """The reply's row, then the thread that makes it: its OwnedReply."""
+def start_reply(engine, turn, end_turn, here=False):
+    """The reply's row (made with its question, or now), then the reply made
+    (OwnedReply.begin): its OwnedReply."""
+    if turn.message_id is not None:
+        return engine.admitted(OwnedReply(engine, turn, turn.message_id, end_turn)).begin(here)
     try:
         message_id = engine.store.start_reply(
             turn.conversation_id, turn.parent_id, turn.model or None,
@@ -5216,7 +5254,7 @@ def start_reply(engine, turn, end_turn):
         if engine.store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
         raise not_found("message", turn.parent_id)
-    return engine.admitted(OwnedReply(engine, turn, message_id, end_turn)).begin()
+    return engine.admitted(OwnedReply(engine, turn, message_id, end_turn)).begin(here)
 
 
 def followed(reply, start=0, first=None):
@@ -5233,6 +5271,11 @@ def followed(reply, start=0, first=None):
             except queue.Empty:
                 yield None
                 continue
+            try:                             # what else came meanwhile: one write for all
+                while batch[-1:] == [] or batch[-1][1]["type"] not in ("done", "error"):
+                    batch = batch + follower.batches.get_nowait()
+            except queue.Empty:
+                pass
             if batch:
                 yield batch
                 if batch[-1][1]["type"] in ("done", "error"):
@@ -6698,9 +6741,9 @@ def api_chat(engine, req):
     try:
         engine.room_for_a_reply()
         turn = start_chat(engine, body, stream)
-        reply = start_reply(engine, turn, end_turn)
+        reply = start_reply(engine, turn, end_turn, here=not stream)   # it ends the turn
     except BaseException:
-        end_turn()
+        end_turn()                                 # one that never began (a second end: none)
         raise
     if stream:
         start = [(0, {"type": "start", "conversation_id": turn.conversation_id,

@@ -3597,8 +3597,8 @@ def test_a_reply_is_followed_from_its_start_the_middle_and_after_its_end(client,
 
 
 def test_a_reply_followed_mid_way_resumes_without_repeating_text(client, stub):
-    stub.reply = " ".join(f"w{i}" for i in range(300))
-    stub.token_delay = 0.02                      # six seconds: it is resumed while made
+    stub.reply = " ".join(f"w{i}" for i in range(150))
+    stub.token_delay = 0.02                      # three seconds: it is resumed while made
     cid = client.new_conversation()
     resp, start = stream_started(client, cid)
     got, last_id = "", 0
@@ -3657,7 +3657,7 @@ def test_progress_of_reading_the_prompt_is_relayed(client, stub):
 def test_replies_past_the_limit_are_429_busy(client, stub):
     stub.total_slots = 2                           # as llama-server -np 2 says in /props
     client.engine.upstream._contexts.clear()
-    stub.reply = " ".join(f"w{i}" for i in range(100))
+    stub.reply = " ".join(f"w{i}" for i in range(50))
     stub.token_delay = 0.02
     cids = [client.new_conversation() for _ in range(3)]
     first = [stream_started(client, cid) for cid in cids[:2]]
@@ -8390,20 +8390,26 @@ def like_search_p50(db):
     return percentile(times, 50)
 
 
-def chat_overhead(conn, stub, conversation_id, rounds=15, pairs=20, ask=None):
+def chat_overhead(conn, stub, conversation_id, rounds=15, pairs=20, ask=None, streamed=False):
     """A chat through the app (on `conn`) against the same call straight to
     the stub, alternating, in ms: the median over rounds of each round's p50
     difference (a spell of this machine's noise then moves one round, not the
     figure). `ask`: what the chat sends beside conversation_id and model
-    (a new message, "hi", by default)."""
+    (a new message, "hi", by default). `streamed`: the direct call is the one
+    the app makes (streamed, on a connection of its own), not a plain one."""
     stub.reply = "A short answer of a few tokens."
-    direct = http.client.HTTPConnection("127.0.0.1", int(stub.url.rsplit(":", 1)[1]))
-    body = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
+    port = int(stub.url.rsplit(":", 1)[1])
+    direct = http.client.HTTPConnection("127.0.0.1", port)
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": streamed}
+    if streamed:
+        body.update(stream_options={"include_usage": True}, return_progress=True)
     differences = []
     for _ in range(rounds):
         through, straight = [], []
         for _ in range(pairs):
             started = time.perf_counter()
+            if streamed:
+                direct = http.client.HTTPConnection("127.0.0.1", port)
             direct.request("POST", "/v1/chat/completions", json.dumps(body),
                            {"Content-Type": "application/json"})
             direct.getresponse().read()
@@ -8526,6 +8532,8 @@ def test_bench(tmp_path, stub):
 
         row("chat overhead over a direct llama.cpp call, p50",
             f"{chat_overhead(conn, stub, 1):.2f} ms", "< 3 ms")
+        row("chat overhead over the direct streamed call the app makes, p50",
+            f"{chat_overhead(conn, stub, 1, streamed=True):.2f} ms", "< 3 ms")
         conn.request("POST", "/api/conversations", json.dumps({"title": "long", "model": "m"}),
                      {"Content-Type": "application/json"})
         long = json.loads(conn.getresponse().read())["conversation_id"]
@@ -9154,6 +9162,132 @@ def test_bench_burst(tmp_path, stub):
                   f"{took * 1000:.0f} ms ({took * 50:.1f} ms a question)", "report")
     finally:
         app.stop()
+
+
+@bench
+def test_bench_generations(tmp_path):
+    """Replies the server owns: a stream's rate with followers beside it,
+    following a reply mid-way, and /api/events with 20 pages open."""
+    bench_heading("replies that outlive the client")
+    fast = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", "0",
+                             "--tokens", "2000"], stdout=subprocess.PIPE, text=True)
+    url = fast.stdout.readline().split()[-1]
+    app = AppProcess(str(tmp_path / "generations.db"), url)
+
+    def new_conversation():
+        c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        c.request("POST", "/api/conversations", json.dumps({"title": "g", "model": "m"}),
+                  {"Content-Type": "application/json"})
+        return json.loads(c.getresponse().read())["conversation_id"]
+
+    def follow(message_id, got):
+        c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        c.request("GET", f"/api/messages/{message_id}/stream")
+        got.append(sum(1 for line in c.getresponse() if line.startswith(b"data: ")))
+
+    try:
+        for watchers in (0, 2):
+            ratios = []
+            for _ in range(9):
+                direct = stream_rate(int(url.rsplit(":", 1)[1]), "/v1/chat/completions", {
+                    "messages": [{"role": "user", "content": "go"}], "stream": True})
+                cid = new_conversation()
+                conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+                started = time.perf_counter()
+                conn.request("POST", "/api/chat", json.dumps({
+                    "conversation_id": cid, "message": "go", "model": "m", "stream": True}),
+                    {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                first = last = None
+                tokens, got, followers = 0, [], []
+                for line in resp:
+                    if line.startswith(b'data: {"type": "start"'):
+                        mid = json.loads(line[6:])["message_id"]
+                        followers = [threading.Thread(target=follow, args=(mid, got))
+                                     for _ in range(watchers)]
+                        for t in followers:
+                            t.start()
+                    elif line.startswith(b'data: {"type": "delta"'):
+                        last = time.perf_counter()
+                        first = first or last
+                        tokens += 1
+                for t in followers:
+                    t.join(60)
+                ratios.append(((tokens - 1) / (last - first)) / direct[0])
+                ttft_extra = (first - started) * 1000 - direct[1]
+            bench_row(f"2,000 streamed tokens with {watchers + 1} reading: rate / direct, p50",
+                      f"{percentile(ratios, 50):.0%} (first token +{ttft_extra:.1f} ms)",
+                      ">= 95%")
+        fast.terminate()
+        fast.wait(10)
+        slow = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--port", "0",
+                                 "--tokens", "2000", "--delay", "0.002"],
+                                stdout=subprocess.PIPE, text=True)
+        app.stop()
+        app = AppProcess(str(tmp_path / "generations.db"), slow.stdout.readline().split()[-1])
+        cid = new_conversation()
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+        conn.request("POST", "/api/chat", json.dumps({
+            "conversation_id": cid, "message": "go", "model": "m", "stream": True}),
+            {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        mid = json.loads(next(l for l in resp if l.startswith(b"data: "))[6:])["message_id"]
+        waits = []
+        for _ in range(20):                  # while it is made: what was made, then live
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+            t0 = time.perf_counter()
+            c.request("GET", f"/api/messages/{mid}/stream")
+            r = c.getresponse()
+            while not r.readline().startswith(b"data: "):
+                pass
+            waits.append((time.perf_counter() - t0) * 1000)
+            c.close()
+            time.sleep(0.05)
+        resp.read()
+        slow.terminate()
+        slow.wait(10)
+        bench_row("following a 2,000-token reply mid-way: what was made, p50 / p95",
+                  f"{percentile(waits, 50):.1f} / {percentile(waits, 95):.1f} ms", "< 50 ms")
+        pages, heard = [], []
+        for _ in range(20):
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=30)
+            c.request("GET", "/api/events")
+            r = c.getresponse()
+            r.readline()
+            pages.append((c, r))
+        cpu_before = sum(int(x) for x in open(f"/proc/{app.proc.pid}/stat").read().rsplit(
+            ")", 1)[1].split()[11:13])
+        time.sleep(5)
+        idle = sum(int(x) for x in open(f"/proc/{app.proc.pid}/stat").read().rsplit(
+            ")", 1)[1].split()[11:13]) - cpu_before
+        tick = os.sysconf("SC_CLK_TCK")
+        for n in range(10):
+            told = threading.Barrier(21)
+
+            def hear(r):
+                while not r.readline().startswith(b"data: "):
+                    pass
+                heard.append(time.perf_counter() - changed[0])
+                told.wait()
+            for _, r in pages:
+                threading.Thread(target=hear, args=(r,), daemon=True).start()
+            changed = [time.perf_counter()]
+            c = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+            c.request("PUT", f"/api/conversations/{cid}", json.dumps({"title": f"t{n}"}),
+                      {"Content-Type": "application/json"})
+            c.getresponse().read()
+            told.wait(10)
+            for _, r in pages:                 # the rest of the batch, read on
+                pass
+            time.sleep(0.3)
+        ms = [h * 1000 for h in heard]
+        bench_row("a change heard by 20 open pages (/api/events), p50 / p95",
+                  f"{percentile(ms, 50):.1f} / {percentile(ms, 95):.1f} ms", "p95 < 100 ms")
+        bench_row("CPU of the app with 20 pages listening, idle 5 s",
+                  f"{idle / tick * 1000:.0f} ms", "~0")
+    finally:
+        app.stop()
+        fast.poll() is None and fast.terminate()
 
 
 @bench
