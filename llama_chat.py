@@ -26,7 +26,9 @@ The sections, in order; each uses only what stands above it:
   Engine              the replies being made and their turns, titles, the
                       upkeep, start-up and shutdown: what every adapter shares
   Chat                a conversation's settings, its context by tokens, the
-                      plain and the streamed reply
+                      reply asked of llama.cpp and relayed
+  Generations         replies the server owns: made whoever follows them,
+                      followed by any number of clients
   /v1                 the OpenAI-compatible relay, its chats recorded
   Export, import      every format in and out, backups while in use
   HTTP API            a function a route: /api/... over the Engine

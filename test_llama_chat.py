@@ -3708,6 +3708,30 @@ def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, st
     assert done["response"] == reply["content"] + " the rest." and done["finish_reason"] == "stop"
 
 
+def test_a_reply_another_process_makes_is_followed_from_the_database(tmp_path, stub, launch):
+    stub.reply = " ".join(f"w{i}" for i in range(150))
+    stub.token_delay = 0.01
+    port, db = free_port(), str(tmp_path / "chat.db")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", db, "--llamacpp-url", stub.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdout.readline()
+        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+        here = Client(launch(stub.url, db=db))
+        resp, start = stream_started(other, other.new_conversation())
+        made = here.get("/api/generations")[2]["generations"]
+        assert [g["message_id"] for g in made] == [start["message_id"]]     # seen from here
+        ids, events = followed_events(here, start["message_id"])
+        assert "".join(e["content"] for e in events if e["type"] == "delta") == stub.reply
+        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
+        assert ids == sorted(ids) and ids[-1] == len(stub.reply)
+        read_events(resp)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
     path = str(tmp_path / "v8.db")
 
