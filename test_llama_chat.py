@@ -3620,7 +3620,7 @@ def test_a_reply_followed_mid_way_resumes_without_repeating_text(client, stub):
 
 
 def test_a_follower_that_never_reads_slows_nobody(client, stub, monkeypatch):
-    monkeypatch.setattr(llama_chat, "FOLLOWER_BATCHES", 4)
+    monkeypatch.setattr(llama_chat, "FOLLOWER_BATCHES", 50)
     stub.reply = " ".join("x" * 20000 for i in range(500))    # 10 MB: past any socket buffer
     stub.token_delay = 0.001
     cid = client.new_conversation()
@@ -7058,8 +7058,16 @@ class Browser:
             {"type": "pointerMove", "origin": found, "x": 0, "y": 0}]}]})
 
     def click(self, css):
-        found = self.do("POST", "/element", {"using": "css selector", "value": css})
-        self.do("POST", f"/element/{found[ELEMENT]}/click", {})
+        """Click the element css finds; found again if the page redrew it
+        between the finding and the click (the page updates live)."""
+        for attempt in range(3):
+            found = self.do("POST", "/element", {"using": "css selector", "value": css})
+            try:
+                self.do("POST", f"/element/{found[ELEMENT]}/click", {})
+                return
+            except AssertionError as e:
+                if "stale element" not in str(e) or attempt == 2:
+                    raise
 
     def quit(self):
         try:
@@ -7534,6 +7542,20 @@ def test_page_shows_what_another_device_does_as_it_happens(page, client, stub):
            "!document.querySelector('#conv-list .spinner')", timeout=15)
     client.put(f"/api/conversations/{cid}", {"title": "renamed on the laptop"})
     b.wait("return document.getElementById('title').textContent === 'renamed on the laptop'")
+
+
+@needs_chromium
+def test_page_shows_how_far_llama_cpp_has_read_a_long_prompt(page, client, stub):
+    stub.progress_steps, stub.progress_delay = 6, 0.4     # 2.4 s of reading
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "a long question\ue007")
+    shown = b.wait("const r = document.querySelector('.msg.streaming .reading');"
+                   "return r && r.textContent.includes('s left') && r.textContent")
+    assert re.search(r"Reading the prompt: [\d,]+ / 600 tokens, about \d+ s left", shown), shown
+    b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
+           "return n && !n.querySelector('.reading') && n.textContent.includes('Machine')")
 
 
 @needs_chromium
