@@ -3671,6 +3671,36 @@ def test_replies_past_the_limit_are_429_busy(client, stub):
     assert client.chat(cids[2], "a third")[0] == 200
 
 
+def test_a_reply_being_made_cannot_be_continued_meanwhile(client, stub):
+    cid = client.new_conversation()
+    stub.reply, stub.finish_reason = "Start.", "length"
+    first = client.chat(cid, "tell me")[2]
+    stub.reply, stub.token_delay = " " + " ".join(f"w{i}" for i in range(100)), 0.01
+    resp, start = stream_started(client, cid, "and then?")
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "parent_id": first["user_message_id"],
+                                                "message": "beside"})
+    assert status == 200                          # a branch beside it: at once
+    with client.engine.store.db.write() as c:     # as another process making the first one
+        c.execute("UPDATE messages SET generating = 'elsewhere' WHERE id = ?",
+                  (first["message_id"],))
+    client.engine.store.release()
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "continue": first["message_id"]})
+    assert (status, body["field"]) == (400, "continue") and "being made" in body["error"]
+    read_events(resp)
+
+
+def test_the_changes_table_keeps_only_the_newest(client, monkeypatch):
+    monkeypatch.setattr(llama_chat, "CHANGES_KEPT", 20)
+    with listening(client) as heard:
+        made = [client.new_conversation(f"c{i}") for i in range(50)]
+        heard_of(heard, {"type": "conversation", "action": "created", "id": made[-1]})
+    kept = rows(client, "SELECT min(seq), max(seq), count(*) FROM changes")[0]
+    assert kept[1] == 50 and kept[2] <= 2 * 20 and kept[0] > 1     # the oldest trimmed
+    assert [e["id"] for e in heard if e["action"] == "created"] == made   # each told, once
+
+
 def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, stub, launch):
     stub.reply = " ".join(f"w{i}" for i in range(400))
     stub.token_delay = 0.01
