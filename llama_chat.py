@@ -2757,15 +2757,22 @@ class Store:
         conversation or the parent is gone."""
         now = now_iso()
         with self.db.write() as c:
-            current = self.tree.current(c, conversation_id)
-            if current is MISSING:
-                return None
-            if parent is CURRENT:
-                parent = current
-            elif parent is not None and self.tree.owner(c, parent) != conversation_id:
+            parent = self.placed(c, conversation_id, parent)
+            if parent is MISSING:
                 return None
             return self.put_message(c, conversation_id, parent, role, content, model, now,
                                     **metrics)
+
+    def placed(self, c, conversation_id, parent):
+        """Where a new message of the conversation goes: `parent` (a message of
+        it, None: a first message, CURRENT: its current one), or MISSING if
+        the conversation or the parent is gone."""
+        current = self.tree.current(c, conversation_id)
+        if current is MISSING or parent is CURRENT:
+            return current
+        if parent is not None and self.tree.owner(c, parent) != conversation_id:
+            return MISSING
+        return parent
 
     def ask(self, conversation_id, content, model=None, parent=CURRENT, reply_options=None,
             **columns):
@@ -2775,12 +2782,8 @@ class Store:
         gone."""
         now = now_iso()
         with self.db.write() as c:
-            current = self.tree.current(c, conversation_id)
-            if current is MISSING:
-                return None
-            if parent is CURRENT:
-                parent = current
-            elif parent is not None and self.tree.owner(c, parent) != conversation_id:
+            parent = self.placed(c, conversation_id, parent)
+            if parent is MISSING:
                 return None
             question = self.put_message(c, conversation_id, parent, "user", content, model,
                                         now, **columns)

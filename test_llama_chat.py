@@ -1690,6 +1690,25 @@ def test_questions_sent_at_once_into_one_conversation_are_answered_in_turn(clien
     assert rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant'") == [(6,)]
 
 
+@contextlib.contextmanager
+def server_process(db, llamacpp_url):
+    """A second llama-chat on the same file, in a process of its own: its Client.
+    Killed (SIGKILL) or stopped at the end."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
+                             str(port), "--db", db, "--llamacpp-url", llamacpp_url],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        proc.stdout.readline()
+        client = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+        client.proc = proc
+        yield client
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(10)
+
+
 def test_questions_from_two_processes_into_one_conversation_take_turns(client, stub):
     """Two servers on one file (a second llama-chat, as a user may start by
     mistake, or one per network interface) each with questions into the same
@@ -1697,13 +1716,7 @@ def test_questions_from_two_processes_into_one_conversation_take_turns(client, s
     own question, and each request to llama.cpp saw the exchanges before it."""
     stub.token_delay = 0.01
     cid = client.new_conversation()
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", client.engine.settings.db, "--llamacpp-url",
-                             stub.url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        proc.stdout.readline()
-        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+    with server_process(client.engine.settings.db, stub.url) as other:
         answers, go = {}, threading.Barrier(6)
 
         def ask(i, to):
@@ -1715,9 +1728,6 @@ def test_questions_from_two_processes_into_one_conversation_take_turns(client, s
             t.start()
         for t in askers:
             t.join(30)
-    finally:
-        proc.terminate()
-        proc.wait(10)
     shown = conversation(client, cid)["messages"]
     assert [m["role"] for m in shown] == ["user", "assistant"] * 6
     order = [int(m["content"].split()[1]) for m in shown[0::2]]
@@ -3704,13 +3714,8 @@ def test_the_changes_table_keeps_only_the_newest(client, monkeypatch):
 def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, stub, launch):
     stub.reply = " ".join(f"w{i}" for i in range(400))
     stub.token_delay = 0.01
-    port, db = free_port(), str(tmp_path / "chat.db")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", db, "--llamacpp-url", stub.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        proc.stdout.readline()
-        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+    db = str(tmp_path / "chat.db")
+    with server_process(db, stub.url) as other:
         cid = other.new_conversation()
         resp, start = stream_started(other, cid)
         conn = sqlite3.connect(db)
@@ -3722,9 +3727,7 @@ def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, st
         kept = conn.execute("SELECT content FROM messages WHERE id = ?",
                             (start["message_id"],)).fetchone()[0]
         conn.close()
-    finally:
-        proc.kill()                              # kill -9: no shutdown, nothing stored after
-        proc.wait(10)
+        other.proc.kill()                        # kill -9: no shutdown, nothing stored after
     stub.token_delay = 0
     client = Client(launch(stub.url, db=db))
     reply = conversation(client, cid)["messages"][-1]
@@ -3741,13 +3744,8 @@ def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, st
 def test_a_reply_another_process_makes_is_followed_from_the_database(tmp_path, stub, launch):
     stub.reply = " ".join(f"w{i}" for i in range(150))
     stub.token_delay = 0.01
-    port, db = free_port(), str(tmp_path / "chat.db")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port",
-                             str(port), "--db", db, "--llamacpp-url", stub.url],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    try:
-        proc.stdout.readline()
-        other = Client(types.SimpleNamespace(server_address=("127.0.0.1", port), engine=None))
+    db = str(tmp_path / "chat.db")
+    with server_process(db, stub.url) as other:
         here = Client(launch(stub.url, db=db))
         resp, start = stream_started(other, other.new_conversation())
         made = here.get("/api/generations")[2]["generations"]
@@ -3757,9 +3755,6 @@ def test_a_reply_another_process_makes_is_followed_from_the_database(tmp_path, s
         assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "stop"
         assert ids == sorted(ids) and ids[-1] == len(stub.reply)
         read_events(resp)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
