@@ -2475,7 +2475,11 @@ def process_alive(pid):
         return False
     except OSError:                       # another user's: it runs
         pass
-    return True
+    try:                                  # killed, not yet reaped: a zombie runs nothing
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_unfinished_imports(c):
@@ -2872,6 +2876,14 @@ class Store:
             c.execute("UPDATE conversations SET model = coalesce(nullif(?, ''), model) "
                       "WHERE id = ?", (row["model"], row["conversation_id"]))
             return row
+
+    def interrupt_orphans(self):
+        """Replies whose process has gone since this one started, kept as
+        interrupted (interrupted_replies), if there are any."""
+        if self.db.conn().execute("SELECT 1 FROM messages WHERE generating IS NOT NULL "
+                                  "AND generating != ? LIMIT 1", (RUN,)).fetchone():
+            with self.db.write() as c:
+                interrupted_replies(c)
 
     def replies_being_made(self):
         """Every reply being made on this file, oldest first."""
@@ -5333,6 +5345,7 @@ def stored_reply_events(engine, row, start=0):
         if batch:
             yield batch
         time.sleep(OTHERS_POLL_SECONDS)
+        engine.store.interrupt_orphans()           # its process gone meanwhile: interrupted
         row = engine.store.message_row(row["id"])
         engine.store.release()
         if row is None:
@@ -6820,6 +6833,7 @@ def api_events(engine, req):
 
 def api_generations(engine, req):
     """The replies being made on this database (by this server or another)."""
+    engine.store.interrupt_orphans()
     rows = engine.store.replies_being_made()
     for row in rows:
         reply = engine.generation_of(row["message_id"])

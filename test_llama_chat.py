@@ -3757,6 +3757,29 @@ def test_a_reply_another_process_makes_is_followed_from_the_database(tmp_path, s
         read_events(resp)
 
 
+def test_a_reply_whose_process_dies_meanwhile_is_interrupted_here(tmp_path, stub, launch):
+    stub.reply = " ".join(f"w{i}" for i in range(400))
+    stub.token_delay = 0.01
+    db = str(tmp_path / "chat.db")
+    here = Client(launch(stub.url, db=db))
+    with server_process(db, stub.url) as other:
+        resp, start = stream_started(other, other.new_conversation())
+        assert [g["message_id"] for g in here.get("/api/generations")[2]["generations"]] == [
+            start["message_id"]]
+        follower = threading.Thread(target=lambda: box.extend(
+            followed_events(here, start["message_id"])[1]))
+        box = []
+        follower.start()
+        wait_for(lambda: rows(here, "SELECT length(content) FROM messages WHERE id = ?",
+                              start["message_id"])[0][0], 5, "its text written")
+        other.proc.kill()                  # kill -9, not reaped yet: a zombie for a while
+        assert here.get("/api/generations")[2]["generations"] == []
+        follower.join(10)
+    assert box[-1]["type"] == "done" and box[-1]["finish_reason"] == "interrupted"
+    assert rows(here, "SELECT finish_reason, generating FROM messages WHERE id = ?",
+                start["message_id"]) == [("interrupted", None)]
+
+
 def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
     path = str(tmp_path / "v8.db")
 
