@@ -3864,6 +3864,10 @@ def test_every_change_is_told_to_every_listener(client, stub, tmp_path):
         heard_of(heard, *({"type": "conversation", "action": "created", "id": i} for i in made))
         assert not [e for e in heard if e["type"] == "message" and e["conversation_id"] in made]
         heard_of(also, {"type": "conversation", "action": "created", "id": made[-1]})
+        assert OpenAIClient(client.port).create([user("through /v1")])[0] == 200   # recorded
+        recorded = rows(client, "SELECT id FROM conversations WHERE source = 'api'")[0][0]
+        heard_of(heard, {"type": "conversation", "action": "created", "id": recorded},
+                 {"type": "message", "action": "created", "conversation_id": recorded})
 
 
 def test_a_client_leaving_while_llamacpp_reads_the_prompt_leaves_the_reply_going(client, stub):
