@@ -2894,7 +2894,8 @@ class Store:
 
     def abandon_reply(self, message_id):
         """A reply that ended before it made anything: its row removed, and
-        its question shown again (a continued reply is left as it was)."""
+        the branch shown as it was before (its question, or the reply it was
+        to stand beside); a continued reply is left as it was."""
         with self.db.write() as c:
             row = one(c.execute("SELECT conversation_id, parent_id, content, reasoning FROM "
                                 "messages WHERE id = ?", (message_id,)))
@@ -2905,10 +2906,12 @@ class Store:
             if row["content"] or row["reasoning"] or c.execute(
                     "SELECT 1 FROM messages WHERE parent_id = ?", (message_id,)).fetchone():
                 return
-            c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ? AND "
-                      "current_message_id = ?", (row["parent_id"], row["conversation_id"],
-                                                 message_id))
             c.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            shown = row["parent_id"] if row["parent_id"] is None else \
+                self.tree.leaf_along_newest(c, row["parent_id"])   # as before it began
+            c.execute("UPDATE conversations SET current_message_id = coalesce(?, "
+                      "current_message_id) WHERE id = ? AND (current_message_id = ? OR "
+                      "current_message_id IS NULL)", (shown, row["conversation_id"], message_id))
 
     def message_row(self, message_id):
         """A message's row as stored now (text so far, whether it is being

@@ -3681,6 +3681,25 @@ def test_replies_past_the_limit_are_429_busy(client, stub):
     assert client.chat(cids[2], "a third")[0] == 200
 
 
+def test_a_regenerate_that_fails_before_its_first_token_leaves_the_branch_as_it_was(client,
+                                                                                  stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "question")[2]
+    stub.mode = "error500"
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "regenerate": first["message_id"]})
+    assert status == 502 and body["message_id"] is None
+    shown = conversation(client, cid)["messages"]
+    assert [m["id"] for m in shown] == [first["user_message_id"], first["message_id"]]
+    stub.mode = "ok"
+    new = client.chat(client.new_conversation(), "a first question")
+    stub.mode = "error500"
+    failed = client.chat(new[2]["conversation_id"], "fails")[2]
+    assert [m["content"] for m in conversation(client, new[2]["conversation_id"])[
+        "messages"]] == ["a first question", stub.reply, "fails"]        # its question shown
+    assert failed["user_message_id"]
+
+
 def test_a_reply_being_made_cannot_be_continued_meanwhile(client, stub):
     cid = client.new_conversation()
     stub.reply, stub.finish_reason = "Start.", "length"
