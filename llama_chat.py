@@ -4514,7 +4514,6 @@ class ChatTurn:
     system_prompt: str
     history: list          # the branch up to the question (and the reply continued)
     options: dict          # checked, named as llama.cpp names them
-    stream: bool
     started: float = 0.0
     asked_options: dict = None    # the same, as model_options names them: stored with the reply
     title_pending: bool = False   # the conversation is titled after this reply
@@ -4585,7 +4584,7 @@ def takes_turns(body):
     return body["conversation_id"] if placement in ([], ["continue"]) else None
 
 
-def start_chat(engine, body, stream):
+def start_chat(engine, body):
     """Validate, store the user's message (committed) where it goes, and build
     llama.cpp's request from the branch it is on: never a message of another
     branch. A regenerate or continue stores nothing before llama.cpp answers."""
@@ -4652,7 +4651,7 @@ def start_chat(engine, body, stream):
         title_pending = False
     limit = engine.settings.performance["context_history_limit"] + (2 if continued else 1)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
-                    store.tree.path(last, limit), upstream_options, stream, time.monotonic(),
+                    store.tree.path(last, limit), upstream_options, time.monotonic(),
                     asked, title_pending, message_id=reply_id)
     try:
         fit_context(engine, turn, store.tree.depth(last))
@@ -4669,18 +4668,6 @@ def context_overflow(status, body):
         return False
     return err.get("type") == "exceed_context_size_error" or \
         "context size" in str(err.get("message", ""))
-
-
-def open_reply(engine, turn, generation):
-    """Send the chat to llama.cpp; return (connection, response) once it answers 200."""
-    skip = 0
-    while True:
-        conn, resp = engine.upstream.open("POST", "/v1/chat/completions", turn.payload(skip),
-                                       read_timeout=engine.upstream.first_token_timeout,
-                                       attach=generation.attach)
-        if resp.status == 200:
-            return conn, resp
-        skip = fewer_messages(turn, skip, conn, resp)
 
 
 def fewer_messages(turn, skip, conn, resp):
@@ -6761,7 +6748,7 @@ def api_chat(engine, req):
     end_turn = engine.turns.take(queued) if queued is not None else lambda: None
     try:
         engine.room_for_a_reply()
-        turn = start_chat(engine, body, stream)
+        turn = start_chat(engine, body)
         reply = start_reply(engine, turn, end_turn, here=not stream)   # it ends the turn
     except BaseException:
         end_turn()                                 # one that never began (a second end: none)
