@@ -5205,9 +5205,10 @@ class OwnedReply(Generation):
 
     def fail(self, e):
         """End with ApiError e: what was made is kept ("aborted" when stopped
-        or at shutdown, else "error"); a reply that made nothing leaves no row."""
+        or at shutdown, else "error"); a reply that made nothing leaves no row
+        (stopped before its first token too: an error event, STOPPED)."""
         relay, stored = self.relay, None
-        if e.code == "STOPPED":
+        if e.code == "STOPPED" and (relay.text or relay.reasoning):
             try:
                 self.end({"type": "done", **self.store("aborted")})
                 return

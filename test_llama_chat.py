@@ -3579,6 +3579,17 @@ def followed_events(client, message_id, query="", headers=None):
     return ids, events
 
 
+def test_a_reply_stopped_before_its_first_token_leaves_no_row(client, stub):
+    stub.stall = 2                                 # llama.cpp still reading the prompt
+    cid = client.new_conversation()
+    resp, start = stream_started(client, cid)
+    assert client.post(f"/api/messages/{start['message_id']}/stop", {})[2]["stopped"]
+    events = read_events(resp)
+    assert (events[-1]["type"], events[-1]["code"], events[-1]["message_id"]) == (
+        "error", "STOPPED", None)
+    assert rows(client, "SELECT role FROM messages") == [("user",)]
+
+
 def test_a_reply_is_followed_from_its_start_the_middle_and_after_its_end(client, stub):
     stub.reply = " ".join(f"w{i}" for i in range(60))
     stub.token_delay = 0.02
