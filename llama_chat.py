@@ -230,6 +230,10 @@ def validation_error(field_name, message):
     return ApiError(400, "VALIDATION_ERROR", message, field=field_name)
 
 
+def not_found_raised(resource, ident):
+    raise not_found(resource, ident)
+
+
 def not_found(resource, ident):
     return ApiError(404, "NOT_FOUND", f"{resource.capitalize()} not found",
                     resource=resource, id=ident)
@@ -409,6 +413,54 @@ def require_int(body, name):
     return value
 
 
+# What an attachment may be, told by its bytes (never by the client's type or
+# name): (kind, type). SVG, HTML and anything else are refused: they can
+# carry script.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"),
+               (b"GIF87a", "image/gif"), (b"GIF89a", "image/gif"))
+MARKUP = re.compile(rb"\s*(<\?xml|<!doctype|<svg|<html|<script|<!--)", re.I)
+
+
+def attachment_kind(data):
+    """(kind, type) of an attachment's bytes, or VALIDATION_ERROR."""
+    for magic, kind in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return "image", kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image", "image/webp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "audio", "audio/wav"
+    if data[:3] == b"ID3" or data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
+        return "audio", "audio/mpeg"
+    text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    if b"\x00" not in text and not MARKUP.match(text):
+        try:
+            text.decode("utf-8")
+            return "text", "text/plain; charset=utf-8"
+        except UnicodeDecodeError:
+            pass
+    raise validation_error("file", "An attachment is an image (PNG, JPEG, WebP, GIF), audio "
+                           "(WAV, MP3) or UTF-8 text (code, Markdown, CSV, JSON...); this "
+                           "file is none of these (SVG and HTML are refused)")
+
+
+ATTACHMENT_ID = re.compile(r"[0-9a-f]{64}\Z")
+MAX_ATTACHMENTS = 20             # to one message
+
+
+def check_attachments(body):
+    """A chat's `attachments`: a list of ids (SHA-256 in hex), at most
+    MAX_ATTACHMENTS, each once; [] when none."""
+    ids = body.get("attachments", [])
+    if ids is None:
+        return []
+    if not isinstance(ids, list) or len(ids) > MAX_ATTACHMENTS or not all(
+            isinstance(i, str) and ATTACHMENT_ID.match(i) for i in ids) or len(set(ids)) < len(ids):
+        raise validation_error("attachments", f"Field attachments must be a list of at most "
+                               f"{MAX_ATTACHMENTS} attachment ids (each once)")
+    return ids
+
+
 def check_conversation_settings(body):
     """The settings of a conversation a body gives: system_prompt (a string;
     null: the config's), options (checked as a chat's are; null: the
@@ -473,6 +525,7 @@ DEFAULT_CONFIG = {
     "max_body_bytes": 1048576,
     "max_import_bytes": 67108864,
     "max_generations": 0,
+    "max_attachment_bytes": 20971520,
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
     "openai_api": {"record": True},
@@ -531,6 +584,7 @@ class Settings:
     max_body_bytes: int = DEFAULT_CONFIG["max_body_bytes"]
     max_import_bytes: int = DEFAULT_CONFIG["max_import_bytes"]
     max_generations: int = 0        # replies made at once; 0: llama-server's slots, else 4
+    max_attachment_bytes: int = DEFAULT_CONFIG["max_attachment_bytes"]
     request_timeout: float = 10.0   # seconds to send a whole request
     header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
@@ -761,6 +815,9 @@ def load_settings(argv=None, environ=None):
                                           1024, 2**40),
             max_generations=whole_number(conf.get("max_generations", 0), "max_generations",
                                          0, 1024),
+            max_attachment_bytes=whole_number(
+                conf.get("max_attachment_bytes", DEFAULT_CONFIG["max_attachment_bytes"]),
+                "max_attachment_bytes", 1024, 2**31),
             llama_server=args.llama_server or "", llama_model=args.model or "",
             llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
@@ -976,7 +1033,7 @@ class RawJSON(str):
 
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
-JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating"}
+JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating", "attachments"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1680,10 +1737,33 @@ END;
 """
 
 
+# And attachments: stored once each (their id is the SHA-256 of their bytes),
+# in this file, so that a backup carries them; a message links to its own in
+# order, each link with the attachment as the API shows it (its JSON, made
+# once: attachments never change). One no message links to goes with the last
+# link (secure_delete zeroes its pages).
+ATTACHMENT_SCHEMA = """
+CREATE TABLE attachments (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('image', 'audio', 'text')),
+    type TEXT NOT NULL, name TEXT NOT NULL, bytes INTEGER NOT NULL, data BLOB NOT NULL,
+    made_at TEXT NOT NULL);
+CREATE TABLE message_attachments (
+    message_id INTEGER NOT NULL REFERENCES messages (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL, attachment_id TEXT NOT NULL REFERENCES attachments (id),
+    name TEXT NOT NULL, shown TEXT NOT NULL, PRIMARY KEY (message_id, position));
+CREATE INDEX message_attachments_by_attachment ON message_attachments (attachment_id);
+CREATE TRIGGER attachment_let_go AFTER DELETE ON message_attachments
+WHEN NOT EXISTS (SELECT 1 FROM message_attachments WHERE attachment_id = old.attachment_id)
+BEGIN
+    DELETE FROM attachments WHERE id = old.attachment_id;
+END;
+"""
+
+
 def migrate_to_9(c):
     c.execute("ALTER TABLE messages ADD COLUMN generating TEXT")
     c.execute(GENERATING_INDEX)
-    for statement in split_sql(BULK_SCHEMA + CHANGES_SCHEMA):
+    for statement in split_sql(BULK_SCHEMA + CHANGES_SCHEMA + ATTACHMENT_SCHEMA):
         c.execute(statement)
 
 
@@ -2200,18 +2280,21 @@ class SearchIndex:
 # (messages_by_parent, and the primary key upwards), so its cost is that of
 # the branch, not of the history.
 
-MESSAGE_COLUMNS = ", ".join(              # as shown: each with its siblings' ids
+MESSAGE_COLUMNS = ", ".join(              # as shown: with its siblings' ids, its attachments
     f"{name}, sibling_ids" if name == "parent_id" else name
-    for name in columns_in(MESSAGE_TABLE, "shown"))
+    for name in columns_in(MESSAGE_TABLE, "shown")) + ", attachments"
 # The ids of message m's siblings, itself included, ascending: JSON text.
 SIBLINGS_SQL = """(SELECT '[' || group_concat(id) || ']' FROM (
     SELECT s.id FROM messages s WHERE s.parent_id IS m.parent_id
                                   AND s.conversation_id = m.conversation_id ORDER BY s.id))"""
 # A message as shown, read from messages m: each column, with its siblings'
 # ids and whether it is being generated.
+ATTACHMENTS_SQL = """(SELECT '[' || coalesce(group_concat(shown, ', '), '') || ']' FROM (
+    SELECT shown FROM message_attachments a WHERE a.message_id = m.id ORDER BY a.position))"""
 MESSAGE_READ = ", ".join(
     f"{SIBLINGS_SQL} AS sibling_ids" if name == "sibling_ids" else
-    f"{GENERATING_JSON} AS generating" if name == "generating" else f"m.{name}"
+    f"{GENERATING_JSON} AS generating" if name == "generating" else
+    f"{ATTACHMENTS_SQL} AS attachments" if name == "attachments" else f"m.{name}"
     for name in MESSAGE_COLUMNS.split(", "))
 
 
@@ -2494,6 +2577,15 @@ def remove_unfinished_imports(c):
             log.warning("removed %d conversations of an import that did not end", removed)
 
 
+UNSENT_ATTACHMENT_DAYS = 1    # an upload no message took is removed at a start after this
+
+
+def iso_ago(seconds):
+    """The time `seconds` ago, as now_iso() writes times."""
+    return datetime.fromtimestamp(time.time() - seconds, timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.") + f"{int(time.time() * 1000) % 1000:03d}Z"
+
+
 # This process's mark on the replies it is making (messages.generating): its
 # pid, and a token, since a process started again may be given the same pid
 # (the first process of a container always is).
@@ -2590,6 +2682,9 @@ class Store:
                     c.execute(f"PRAGMA user_version = {number}")
                 remove_unfinished_imports(c)
                 interrupted_replies(c)
+                c.execute("DELETE FROM attachments WHERE made_at < ? AND NOT EXISTS (SELECT 1 "
+                          "FROM message_attachments l WHERE l.attachment_id = attachments.id)",
+                          (iso_ago(UNSENT_ATTACHMENT_DAYS * 86400),))
                 built = self.index.sync(c, self.progress)
         self.version = SCHEMA_VERSION
         if built:
@@ -2779,7 +2874,7 @@ class Store:
         return parent
 
     def ask(self, conversation_id, content, model=None, parent=CURRENT, reply_options=None,
-            **columns):
+            attachments=(), **columns):
         """A question and the row of its reply, to be made by this process, in
         one transaction (one synced commit before llama.cpp is asked):
         (question id, reply id), or None if the conversation or the parent is
@@ -2791,6 +2886,10 @@ class Store:
                 return None
             question = self.put_message(c, conversation_id, parent, "user", content, model,
                                         now, **columns)
+            c.executemany("INSERT INTO message_attachments (message_id, position, attachment_id, "
+                          "name, shown) VALUES (?, ?, ?, ?, ?)",
+                          [(question, i, a["id"], a["name"], JSON.encode(a))
+                           for i, a in enumerate(attachments)])
             return question, self.put_message(c, conversation_id, question, "assistant", "",
                                               model, now, generating=RUN,
                                               options=reply_options)
@@ -2876,6 +2975,47 @@ class Store:
             c.execute("UPDATE conversations SET model = coalesce(nullif(?, ''), model) "
                       "WHERE id = ?", (row["model"], row["conversation_id"]))
             return row
+
+    # Attachments
+    def put_attachment(self, data, kind, kind_type, name):
+        """Store an attachment's bytes, once whoever sends them again: its row
+        as the API shows it (the name it was first given)."""
+        ident = hashlib.sha256(data).hexdigest()
+        with self.db.write() as c:
+            c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
+                      "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
+        return self.attachment(ident)
+
+    def attachment(self, ident):
+        """An attachment as the API shows it ({id, name, type, bytes, kind}), or None."""
+        return one(self.db.conn().execute(
+            "SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?", (ident,)))
+
+    def attachment_pieces(self, ident, size=1 << 20):
+        """An attachment's bytes, a piece at a time (never whole in memory)."""
+        at = 1
+        while True:
+            piece = self.db.conn().execute("SELECT substr(data, ?, ?) FROM attachments "
+                                           "WHERE id = ?", (at, size, ident)).fetchone()
+            if not piece or not piece[0]:
+                return
+            yield bytes(piece[0])
+            at += size
+
+    def attached(self, message_ids):
+        """The attachments of these messages, with their bytes, in order:
+        {message id: [{id, name, type, bytes, kind, data}]}."""
+        found = {}
+        for start in range(0, len(message_ids), 500):
+            ids = message_ids[start:start + 500]
+            for row in dicts(self.db.conn().execute(
+                    f"SELECT l.message_id, a.id, l.name, a.type, a.bytes, a.kind, a.data "
+                    f"FROM message_attachments l JOIN attachments a ON a.id = l.attachment_id "
+                    f"WHERE l.message_id IN ({', '.join('?' * len(ids))}) "
+                    f"ORDER BY l.message_id, l.position", ids)):
+                found.setdefault(row.pop("message_id"), []).append(row)
+        return found
 
     def interrupt_orphans(self):
         """Replies whose process has gone since this one started, kept as
@@ -3321,6 +3461,7 @@ class Upstream:
         self._launch_contexts = {}   # router model -> the -c it is started with
         self._counted = {}       # (model, text) -> tokens, for texts counted each chat
         self.slots = None        # llama-server's total_slots, as /props last said
+        self._takes = {}         # model -> what it takes beside text, as /props said
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
              attach=None):
@@ -3546,11 +3687,21 @@ class Upstream:
             slots = body.get("total_slots")
             if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
                 self.slots = slots
+            said = body.get("modalities")
+            if status == 200 and isinstance(said, dict):
+                self._takes[model] = frozenset(
+                    kind for kind, name in (("image", "vision"), ("audio", "audio"))
+                    if said.get(name) is True)
         except (ApiError, KeyError, TypeError, AttributeError):
             n_ctx = None
         if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
             return n_ctx
         return self._launch_contexts.get(model)
+
+    def takes(self, model=None):
+        """What a model takes beside text ("image", "audio"), as llama-server's
+        /props `modalities` said when last read; None when it has not said."""
+        return self._takes.get(model)
 
     def defaults(self, model=None):
         """llama-server's own sampling defaults (GET /props; in router mode, of
@@ -3596,7 +3747,52 @@ PROPS_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "frequency_penalty": "frequency_penalty"}
 
 
-def context_messages(system_prompt, history):
+AUDIO_FORMATS = {"audio/wav": "wav", "audio/mpeg": "mp3"}
+
+
+def message_parts(m, takes=None, left_out=None):
+    """A user message with attachments as the content list llama.cpp's web UI
+    sends: each text file, then each image and audio file the model takes
+    (takes None: unknown, all; the others' ids go into left_out), then the
+    typed text. A message without attachments: its text."""
+    attachments = m.get("attachments") or ()
+    if not attachments:
+        return m["content"]
+    parts = []
+    for kind in ("text", "image", "audio"):
+        for a in attachments:
+            if a["kind"] != kind:
+                continue
+            if kind != "text" and takes is not None and kind not in takes:
+                if left_out is not None and a["id"] not in left_out:
+                    left_out.append(a["id"])
+                continue
+            data = bytes(a["data"])
+            if kind == "text":
+                parts.append({"type": "text", "text": f"--- File: {a['name']} ---\n"
+                              + data.decode("utf-8", "replace").lstrip("\ufeff")})
+            elif kind == "image":
+                parts.append({"type": "image_url", "image_url": {
+                    "url": f"data:{a['type']};base64,{base64.b64encode(data).decode()}"}})
+            else:
+                parts.append({"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(data).decode(),
+                    "format": AUDIO_FORMATS.get(a["type"], "wav")}})
+    if m["content"]:
+        parts.append({"type": "text", "text": m["content"]})
+    return parts
+
+
+def joined(first, second):
+    """Two turns' contents as one (text, or a content list if either is one)."""
+    if isinstance(first, str) and isinstance(second, str):
+        return first + "\n\n" + second
+    as_parts = [c if isinstance(c, list) else [{"type": "text", "text": c}]
+                for c in (first, second)]
+    return as_parts[0] + as_parts[1]
+
+
+def context_messages(system_prompt, history, takes=None, left_out=None):
     """The messages llama.cpp sees: system prompt, then history with roles
     alternating and starting with the user (chat templates such as Gemma's
     refuse anything else; a failed turn leaves two user messages in a row).
@@ -3607,10 +3803,11 @@ def context_messages(system_prompt, history):
         if not turns and m["role"] != "user":
             continue
         plain = m["role"] in ("user", "assistant") and not m.get("tool_calls")
+        content = message_parts(m, takes, left_out) if m["role"] == "user" else m["content"]
         if plain and turns and turns[-1]["role"] == m["role"] and "tool_calls" not in turns[-1]:
-            turns[-1]["content"] += "\n\n" + m["content"]
+            turns[-1]["content"] = joined(turns[-1]["content"], content)
             continue
-        turn = {"role": m["role"], "content": m["content"]}
+        turn = {"role": m["role"], "content": content}
         if m.get("tool_calls"):
             turn["tool_calls"] = json.loads(m["tool_calls"])
         if m.get("tool_call_id") is not None:
@@ -4519,13 +4716,16 @@ class ChatTurn:
     title_pending: bool = False   # the conversation is titled after this reply
     context: dict = None          # n_ctx, prompt_tokens, messages_sent, messages_left_out
     message_id: int = None        # the reply's row, when it was made with the question
+    takes: frozenset = None       # what the model takes beside text (None: unknown, all)
+    left_out: list = field(default_factory=list)   # attachments the model does not take
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages. It is
         always streamed (the reply is the server's, its text kept as it
         comes, whether the client asked for a stream or not), with the
         progress of reading the prompt."""
-        body = {"messages": context_messages(self.system_prompt, self.history[skip:]),
+        body = {"messages": context_messages(self.system_prompt, self.history[skip:],
+                                             self.takes, self.left_out),
                 "stream": True, "stream_options": {"include_usage": True},
                 "return_progress": True, **self.options}
         if self.model:
@@ -4550,7 +4750,8 @@ class ChatTurn:
 # conversation's current message). "user_message_id" is the retry of version
 # 1, a regenerate of that question.
 PLACEMENTS = ("parent_id", "regenerate", "continue", "user_message_id")
-CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", *PLACEMENTS}
+CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", "attachments",
+               *PLACEMENTS}
 
 
 def chat_placement(body):
@@ -4591,8 +4792,11 @@ def start_chat(engine, body):
     known_fields(body, CHAT_FIELDS)
     conversation_id = require_int(body, "conversation_id")
     placement, target_id = chat_placement(body)
-    message = require_str(body, "message", max_len=LIMITS["content"]) \
-        if placement in (None, "parent_id") else None
+    attachments = check_attachments(body)
+    if attachments and placement not in (None, "parent_id"):
+        raise validation_error("attachments", "Attachments go with a new message")
+    message = require_str(body, "message", allow_empty=bool(attachments),
+                          max_len=LIMITS["content"]) if placement in (None, "parent_id") else None
     # A new question names its model (the reference's rule); a regenerate or
     # continue may leave it out: the reply's own model, else the conversation's.
     model = require_str(body, "model", allow_empty=True, max_len=LIMITS["model"]) \
@@ -4603,6 +4807,7 @@ def start_chat(engine, body):
     conversation = store.get_conversation(conversation_id)
     if conversation is None:
         raise not_found("conversation", conversation_id)
+    attachments = [store.attachment(i) or not_found_raised("attachment", i) for i in attachments]
     system_prompt, asked = reply_settings(engine.settings, conversation, options)
     upstream_options = check_model_options(asked, "options")
     target = None
@@ -4617,6 +4822,7 @@ def start_chat(engine, body):
         parent = target_id if placement == "parent_id" else CURRENT
         asked_at = store.ask(conversation_id, message, model or None, parent=parent,
                              reply_options=JSON.encode(asked) if asked is not None else None,
+                             attachments=attachments,
                              estimated_tokens=estimate_tokens(message),
                              token_count=question_tokens(engine, message, model or None))
         if asked_at is None:
@@ -4650,11 +4856,16 @@ def start_chat(engine, body):
         engine.write_title(conversation_id, "")   # from the question, even if llama.cpp fails
         title_pending = False
     limit = engine.settings.performance["context_history_limit"] + (2 if continued else 1)
+    history = store.tree.path(last, limit)
+    attached = store.attached([m["id"] for m in history if m["role"] == "user"])
+    for m in history:
+        m["attachments"] = attached.get(m["id"], [])
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
-                    store.tree.path(last, limit), upstream_options, time.monotonic(),
+                    history, upstream_options, time.monotonic(),
                     asked, title_pending, message_id=reply_id)
     try:
         fit_context(engine, turn, store.tree.depth(last))
+        turn.takes = engine.upstream.takes(model or None)   # known once /props was read
     except BaseException:
         if reply_id is not None:                 # its row goes, with nothing made
             store.abandon_reply(reply_id)
@@ -4774,6 +4985,8 @@ def finish_chat(engine, turn, message_id, text, reasoning, finish_reason, usage,
         answer["context"] = {**turn.context, "prompt_tokens": metrics["prompt_tokens"]
                              if metrics["prompt_tokens"] is not None
                              else turn.context["prompt_tokens"]}
+    if turn.left_out:
+        answer.setdefault("context", {})["attachments_left_out"] = list(turn.left_out)
     if reasoning:
         answer["reasoning"] = reasoning
     return answer
@@ -6898,7 +7111,41 @@ def api_import(engine, req):
         engine.rank_ledger_soon()
 
 
-api_import.takes_file = True     # any type of body, up to max_import_bytes
+api_import.takes_file = "max_import_bytes"     # any type of body, up to this
+
+
+ATTACHMENT_NAME = re.compile(r"[\x00-\x1f\x7f/\\\\]")
+
+
+def api_upload_attachment(engine, req):
+    """A file as the body (?name= its name): stored once, told apart by its
+    bytes; 201 with it as the API shows it."""
+    data = req.body
+    if not data:
+        raise validation_error("file", "The body is the file to attach, and it is empty")
+    kind, kind_type = attachment_kind(data)
+    name = ATTACHMENT_NAME.sub("", sound_text(req.arg("name") or "")).strip()[:255] or {
+        "image": "image", "audio": "audio", "text": "file.txt"}[kind]
+    return Created({"attachment": engine.store.put_attachment(data, kind, kind_type, name)})
+
+
+api_upload_attachment.takes_file = "max_attachment_bytes"   # any type of body, up to this
+
+
+ATTACHMENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age="
+                      "31536000, immutable", "Content-Security-Policy": "default-src 'none'; "
+                      "sandbox", "Referrer-Policy": "no-referrer"}
+
+
+def api_attachment(engine, req):
+    """An attachment's bytes, with its type, as nothing that runs."""
+    raw = req.params["id"]
+    found = engine.store.attachment(raw) if ATTACHMENT_ID.match(raw) else None
+    if found is None:
+        raise not_found("attachment", raw)
+    headers = {"Content-Type": found["type"], **ATTACHMENT_HEADERS}
+    return EventStream(engine.store.attachment_pieces(found["id"]), lambda: None,
+                       headers=headers, encode=bytes, whole=True)
 
 
 def api_backup(engine, req):
@@ -7015,6 +7262,8 @@ ROUTES = [
     ("POST", r"/api/messages/(?P<id>[^/]+)/stop", api_stop),
     ("GET", r"/api/messages/(?P<id>[^/]+)/stream", api_follow),
     ("GET", r"/api/generations", api_generations),
+    ("POST", r"/api/attachments", api_upload_attachment),
+    ("GET", r"/api/attachments/(?P<id>[^/]+)", api_attachment),
     ("GET", r"/api/events", api_events),
     ("GET", r"/api/stats/(?P<id>[^/]+)", api_stats),
     ("GET", r"/api/search", api_search),
@@ -7290,7 +7539,7 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
     # Checks, in the order a request meets them
     def body_limit(self, takes_file):
         settings = self.engine.settings
-        return settings.max_import_bytes if takes_file else settings.max_body_bytes
+        return getattr(settings, takes_file) if takes_file else settings.max_body_bytes
 
     def may_continue(self):
         length = ascii_number(self.headers.get("Content-Length", ""), 30)
@@ -7362,7 +7611,8 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes"
                            + ("; the command line imports a file of any size: python3 "
                               "llama_chat.py import FILE (or raise max_import_bytes)"
-                              if takes_file else ""))
+                              if takes_file == "max_import_bytes" else
+                              f" (raise {takes_file} in config.json)" if takes_file else ""))
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True

@@ -4,7 +4,9 @@ against a stub llama.cpp server that answers the way llama-server does.
 Run: python3 -m pytest -q
 """
 
+import base64
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -61,6 +63,7 @@ class Stub:
         self.tokenized = []           # what /tokenize was asked to count
         self.n_ctx = 4096             # of /props
         self.total_slots = 64         # of /props: replies llama-server makes at once
+        self.modalities = {"vision": True, "audio": True}   # of /props: what the model takes
         self.progress_steps = 0       # prompt_progress chunks sent before the first token
         self.progress_delay = 0.0
         self.api_key = None           # as llama-server --api-key: all but /health need it
@@ -119,7 +122,7 @@ class StubHandler(BaseHTTPRequestHandler):
                     model[0], False):
                 return self.send_json(400, {"error": {"code": 400, "type": "invalid_request_error",
                                                       "message": "model is not loaded"}})
-            self.send_json(200, {"total_slots": stub.total_slots,
+            self.send_json(200, {"total_slots": stub.total_slots, "modalities": stub.modalities,
                                  "default_generation_settings": {"n_ctx": stub.n_ctx, "params": {
                 "temperature": 0.800000011920929 if not model else 0.6, "top_k": 40,
                 "n_predict": -1, "seed": 4294967295, "samplers": ["top_k"]}}})
@@ -710,6 +713,10 @@ SCHEMA = {
     "writing_in_bulk": {"name": "TEXT"},
     "changes": {"seq": "INTEGER", "kind": "TEXT", "action": "TEXT", "conversation_id": "INTEGER",
                 "id": "INTEGER"},
+    "attachments": {"id": "TEXT", "kind": "TEXT", "type": "TEXT", "name": "TEXT",
+                    "bytes": "INTEGER", "data": "BLOB", "made_at": "TEXT"},
+    "message_attachments": {"message_id": "INTEGER", "position": "INTEGER",
+                            "attachment_id": "TEXT", "name": "TEXT", "shown": "TEXT"},
 }
 
 
@@ -4106,6 +4113,127 @@ def test_stream_with_llamacpp_down_is_an_error_event(down_client):
     assert [e["type"] for e in events] == ["start", "error"]
     assert events[1]["code"] == "LLAMACPP_ERROR" and events[1]["user_message_id"]
     assert rows(down_client, "SELECT role FROM messages") == [("user",)]   # no empty reply
+
+
+###############################################################################
+# Attachments
+###############################################################################
+
+PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02"
+       b"\x00\x00\x00\x90wS\xde\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01"
+       b"\x01\x00\xc9\xfe\x92\xef\x00\x00\x00\x00IEND\xaeB`\x82")
+WAV = b"RIFF$\x00\x00\x00WAVEfmt \x10\x00\x00\x00\x01\x00\x01\x00@\x1f\x00\x00" + b"\x00" * 20
+
+
+def upload(client, data, name=None):
+    query = f"?name={urllib.parse.quote(name)}" if name is not None else ""
+    return client.request("POST", "/api/attachments" + query, raw=data,
+                          headers={"Content-Type": "application/octet-stream"})
+
+
+@pytest.mark.parametrize("data, kind, kind_type", [
+    (PNG, "image", "image/png"), (b"\xff\xd8\xff\xe0" + b"\x00" * 40, "image", "image/jpeg"),
+    (b"GIF89a" + b"\x00" * 20, "image", "image/gif"),
+    (b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x00" * 20, "image", "image/webp"),
+    (WAV, "audio", "audio/wav"), (b"ID3\x04" + b"\x00" * 30, "audio", "audio/mpeg"),
+    ("# Notes\nΚαλημέρα, 火山\n".encode(), "text", "text/plain; charset=utf-8")])
+def test_an_attachment_is_told_by_its_bytes_and_stored_once(client, data, kind, kind_type):
+    status, _, body = upload(client, data, "holiday.txt")      # the name says nothing
+    assert status == 201
+    made = body["attachment"]
+    assert made == {"id": hashlib.sha256(data).hexdigest(), "name": "holiday.txt",
+                    "type": kind_type, "bytes": len(data), "kind": kind}
+    assert upload(client, data, "again.bin")[2]["attachment"] == made    # once, first name
+    assert rows(client, "SELECT count(*) FROM attachments") == [(1,)]
+    status, headers, served = client.get(f"/api/attachments/{made['id']}")
+    served = served if isinstance(served, bytes) else json.dumps(served).encode()
+    assert status == 200 and headers["Content-Type"] == kind_type
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in headers["Content-Security-Policy"]
+    raw = http.client.HTTPConnection("127.0.0.1", client.port)
+    raw.request("GET", f"/api/attachments/{made['id']}")
+    assert raw.getresponse().read() == data                        # byte for byte
+
+
+@pytest.mark.parametrize("data", [
+    b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>',
+    b"<!DOCTYPE html><html><body onload=alert(1)>", b"  <html><script>x</script>",
+    bytes(range(256)) * 4, b"", "text with a \x00 nul".encode()])
+def test_what_is_not_an_image_audio_or_text_is_refused(client, data):
+    status, _, body = upload(client, data, "a.png")
+    assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "file")
+    assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
+
+
+def test_an_attachment_past_the_limit_is_413_and_unknown_ones_404(tmp_path, stub, launch):
+    c = Client(launch(stub.url, max_attachment_bytes=2048))
+    status, _, body = upload(c, b"x" * 3000)
+    assert (status, body["code"]) == (413, "PAYLOAD_TOO_LARGE") and "max_attachment_bytes" in \
+        body["error"]
+    assert c.get("/api/attachments/" + "0" * 64)[0] == 404
+    assert c.get("/api/attachments/nope")[0] == 404
+
+
+def test_a_chat_sends_its_attachments_as_the_web_ui_does(client, stub):
+    notes = upload(client, "line one\nline two\n".encode(), "notes.md")[2]["attachment"]
+    picture = upload(client, PNG, "cat.png")[2]["attachment"]
+    sound = upload(client, WAV, "hello.wav")[2]["attachment"]
+    cid = client.new_conversation()
+    status, _, answer = client.post("/api/chat", {
+        "conversation_id": cid, "model": MODEL, "message": "What is this?",
+        "attachments": [picture["id"], notes["id"], sound["id"]]})
+    assert status == 200
+    sent = stub.requests[-1]["body"]["messages"][-1]
+    assert sent["role"] == "user" and sent["content"] == [
+        {"type": "text", "text": "--- File: notes.md ---\nline one\nline two\n"},
+        {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(PNG).decode()}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(WAV).decode(),
+                                                "format": "wav"}},
+        {"type": "text", "text": "What is this?"}]
+    shown = conversation(client, cid)["messages"]
+    assert [a["name"] for a in shown[0]["attachments"]] == ["cat.png", "notes.md", "hello.wav"]
+    assert shown[1]["attachments"] == []
+    client.chat(cid, "and again?")                         # carried in the history
+    again = stub.requests[-1]["body"]["messages"]
+    assert again[1]["content"][1]["type"] == "image_url" and again[-1]["content"] == "and again?"
+    only = client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "",
+                                     "attachments": [picture["id"]]})
+    assert only[0] == 200                                  # an attachment with no words
+    status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                "message": "x", "attachments": ["0" * 64]})
+    assert (status, body["resource"]) == (404, "attachment")
+    for bad in ("nope", ["nope"], [picture["id"]] * 2, [picture["id"]] * 21):
+        status, _, body = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                                    "message": "x", "attachments": bad})
+        assert (status, body["field"]) == (400, "attachments")
+
+
+def test_a_model_that_does_not_see_is_sent_no_image_and_it_is_said(client, stub):
+    stub.modalities = {"vision": False, "audio": False}
+    picture = upload(client, PNG, "cat.png")[2]["attachment"]
+    cid = client.new_conversation()
+    client.chat(cid, "warm up")                              # /props read: what it takes
+    answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                       "message": "What is this?",
+                                       "attachments": [picture["id"]]})[2]
+    assert answer["context"]["attachments_left_out"] == [picture["id"]]
+    assert stub.requests[-1]["body"]["messages"][-1]["content"] == [
+        {"type": "text", "text": "What is this?"}]
+
+
+def test_an_attachment_goes_with_the_last_message_that_held_it(client, stub):
+    picture = upload(client, PNG, "cat.png")[2]["attachment"]
+    cid = client.new_conversation()
+    one = client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "a",
+                                    "attachments": [picture["id"]]})[2]
+    two = client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "b",
+                                    "attachments": [picture["id"]]})[2]
+    assert client.delete(f"/api/messages/{two['user_message_id']}")[0] == 200
+    assert rows(client, "SELECT count(*) FROM attachments") == [(1,)]    # still held by one
+    assert client.delete(f"/api/conversations/{cid}")[0] == 200
+    assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
+    assert one["user_message_id"]
 
 
 ###############################################################################
