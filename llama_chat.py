@@ -7201,7 +7201,8 @@ def page_headers(html):
     style = " ".join(hashes[b"style"]) or "'none'"
     csp = ("default-src 'none'; "
            f"script-src {script}; style-src {style}; "
-           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "connect-src 'self'; img-src 'self' data: blob:; media-src blob:; base-uri 'none'; "
+           "form-action 'none'; "
            "frame-ancestors 'none'; object-src 'none'")
     return {
         "Content-Type": "text/html; charset=utf-8",

@@ -7769,6 +7769,41 @@ def test_page_shows_how_far_llama_cpp_has_read_a_long_prompt(page, client, stub)
 
 
 @needs_chromium
+def test_page_attaches_files_by_drop_and_paste_and_shows_them(page, client, stub):
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    hostile = '<img src=x onerror="window.pwned=1">.png'
+    b.js("""const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], arguments[1], {type: 'image/png'}));
+            document.getElementById('composer').dispatchEvent(
+              new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+            const pasted = new DataTransfer();
+            pasted.items.add(new File(['line one\\nline two\\n'], 'notes.md', {type: 'text/markdown'}));
+            document.getElementById('input').dispatchEvent(
+              new ClipboardEvent('paste', {clipboardData: pasted, bubbles: true, cancelable: true}));""",
+         base64.b64encode(PNG).decode(), hostile)
+    chips = b.wait("const c = [...document.querySelectorAll('#chips li .name')]"
+                   ".map(n => n.textContent); return c.length === 2 && c")
+    assert chips == [hostile, "notes.md"]
+    b.type("#input", "What is this?\ue007")
+    b.wait("const i = document.querySelector('.msg.user .attached img');"
+           "return i && i.src.startsWith('blob:') && i.naturalWidth === 1")   # the PNG shown
+    b.wait("return !document.querySelector('.msg.streaming')")
+    sent = stub.requests[-1]["body"]["messages"][-1]["content"]
+    assert [p["type"] for p in sent] == ["text", "image_url", "text"]
+    assert sent[0]["text"].startswith("--- File: notes.md ---")
+    assert b.js("return document.querySelectorAll('#chips li').length") == 0
+    b.js("document.querySelector('.msg.user .attached details').open = true")
+    b.wait("const p = document.querySelector('.msg.user .attached pre');"
+           "return p && p.textContent.includes('line two')")
+    assert b.js("return window.pwned === undefined")                 # the name is only text
+    shown = conversation(client, cid)["messages"][0]["attachments"]
+    assert [a["name"] for a in shown] == [hostile, "notes.md"]
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
