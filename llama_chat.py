@@ -2987,6 +2987,22 @@ class Store:
                       (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
         return self.attachment(ident)
 
+    @staticmethod
+    def attach(c, message_id, media):
+        """Keep these (bytes, kind, type) as the message's attachments, in
+        order, each stored once (in the caller's transaction)."""
+        for position, (data, kind, kind_type) in enumerate(media):
+            ident = hashlib.sha256(data).hexdigest()
+            name = f"{kind}-{ident[:8]}.{kind_type.split('/')[1].split(';')[0]}"
+            c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
+                      "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
+            shown = one(c.execute("SELECT id, name, type, bytes, kind FROM attachments "
+                                  "WHERE id = ?", (ident,)))
+            c.execute("INSERT INTO message_attachments (message_id, position, attachment_id, "
+                      "name, shown) VALUES (?, ?, ?, ?, ?)",
+                      (message_id, position, ident, shown["name"], JSON.encode(shown)))
+
     def attachment(self, ident):
         """An attachment as the API shows it ({id, name, type, bytes, kind}), or None."""
         return one(self.db.conn().execute(
@@ -5589,10 +5605,41 @@ def sound_text(text):
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.A)
+
+
+def kept_medium(part):
+    """An image or sound a content part gives as data (an image_url data URL,
+    input_audio data): (bytes, kind, type), kept as an attachment; else None."""
+    if not isinstance(part, dict):
+        return None
+    raw = None
+    if part.get("type") == "image_url" and isinstance(part.get("image_url"), dict):
+        url = part["image_url"].get("url")
+        head = DATA_URL.match(url) if isinstance(url, str) else None
+        raw = url[head.end():] if head else None
+    elif part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
+        raw = part["input_audio"].get("data")
+    if not isinstance(raw, str):
+        return None
+    try:
+        data = base64.b64decode(raw, validate=True)
+        kind, kind_type = attachment_kind(data)
+    except (ValueError, ApiError):
+        return None
+    return (data, kind, kind_type) if kind != "text" else None
+
+
+def media_of(content):
+    """The images and sounds a message's content list gives as data, in order."""
+    return [m for m in map(kept_medium, content if isinstance(content, list) else ()) if m]
+
+
 def stored_text(content):
     """A message's content as the history keeps it: its text; of a list of
-    content parts, the text of each, and for each other part (an image, a
-    sound, a file, whose data is not kept) its type in brackets."""
+    content parts, the text of each, and for each other part its type in
+    brackets, but for the images and sounds kept as its attachments
+    (media_of)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -5604,6 +5651,8 @@ def stored_text(content):
                 pieces.append(part["text"])
             elif isinstance(part, str):
                 pieces.append(part)
+            elif kept_medium(part):
+                pass                               # kept as an attachment (media_of)
             elif isinstance(part, dict):
                 pieces.append(f"[{part.get('type') or 'part'}]")
         return sound_text("\n".join(pieces))
@@ -5631,6 +5680,7 @@ def openai_messages(body):
         calls = m.get("tool_calls") if role == "assistant" else None
         call_id = m.get("tool_call_id", m.get("name")) if role == "tool" else None
         sent.append({"role": role, "content": text,
+                     "media": media_of(m.get("content")) if role == "user" else [],
                      "tool_calls": sound_text(json.dumps(calls, ensure_ascii=False))
                      if isinstance(calls, list) and calls else None,
                      "tool_call_id": sound_text(str(call_id)) if call_id is not None else None})
@@ -5717,6 +5767,7 @@ def record_question(engine, headers, body):
                                        model, now, tool_calls=m["tool_calls"],
                                        tool_call_id=m["tool_call_id"],
                                        estimated_tokens=estimate_tokens(m["content"]))
+            Store.attach(c, parent, m["media"])
         if depth == len(sent):                 # nothing new: a regenerate of the branch
             Store.change_conversation(c, conversation_id, current_message_id=parent,
                                       updated_at=now)
@@ -5952,6 +6003,9 @@ def v1_chat(engine, req):
         openai_messages(body)                  # a chat must have messages all the same
         return relay_to_llamacpp(engine, req, Exchange())
     return relay_to_llamacpp(engine, req, record_question(engine, req.headers, body))
+
+
+v1_chat.body_up_to = "max_attachment_bytes"    # its media, as data URLs
 
 
 def v1_relay(engine, req):
@@ -7111,7 +7165,8 @@ def api_import(engine, req):
         engine.rank_ledger_soon()
 
 
-api_import.takes_file = "max_import_bytes"     # any type of body, up to this
+api_import.takes_file = True               # any type of body,
+api_import.body_up_to = "max_import_bytes"  # up to this
 
 
 ATTACHMENT_NAME = re.compile(r"[\x00-\x1f\x7f/\\\\]")
@@ -7129,7 +7184,8 @@ def api_upload_attachment(engine, req):
     return Created({"attachment": engine.store.put_attachment(data, kind, kind_type, name)})
 
 
-api_upload_attachment.takes_file = "max_attachment_bytes"   # any type of body, up to this
+api_upload_attachment.takes_file = True                   # any type of body,
+api_upload_attachment.body_up_to = "max_attachment_bytes"  # up to this
 
 
 ATTACHMENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age="
@@ -7525,7 +7581,7 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             raise starting(engine.store.progress.as_dict())
         if self.command == "HEAD" and api:
             return HEAD_ANSWER                    # headers only: never the GET's work
-        body = self.read_body(getattr(handler, "takes_file", False))
+        body = self.read_body(handler)
         self.body_read = True
         self.server.unwatch(self.connection)      # read in full: no deadline now
         return handler(engine, Request(self.command, path, urllib.parse.parse_qs(parts.query),
@@ -7538,9 +7594,10 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             self.engine.store.release()   # this thread's connection ends with its client's
 
     # Checks, in the order a request meets them
-    def body_limit(self, takes_file):
+    def body_limit(self, handler):
+        """The largest body a route takes: its `body_up_to` setting, else max_body_bytes."""
         settings = self.engine.settings
-        return getattr(settings, takes_file) if takes_file else settings.max_body_bytes
+        return getattr(settings, getattr(handler, "body_up_to", "max_body_bytes"))
 
     def may_continue(self):
         length = ascii_number(self.headers.get("Content-Length", ""), 30)
@@ -7548,8 +7605,7 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             handler, _ = match_route(self.command, urllib.parse.urlsplit(self.path).path)
         except ApiError:
             handler = None
-        takes_file = getattr(handler, "takes_file", False)
-        return length is not None and length <= self.body_limit(takes_file)
+        return length is not None and length <= self.body_limit(handler)
 
     def check_host(self):
         """Against DNS rebinding: the Host must name this machine. Beyond
@@ -7592,7 +7648,8 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
                     f"http://{host}".lower(), f"https://{host}".lower())):
             raise ApiError(403, "FORBIDDEN", "Requests from another origin are refused")
 
-    def read_body(self, takes_file=False):
+    def read_body(self, handler=None):
+        takes_file = getattr(handler, "takes_file", False)
         if "Transfer-Encoding" in self.headers:
             self.close_connection = True
             raise ApiError(411, "LENGTH_REQUIRED",
@@ -7602,7 +7659,7 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             if self.command in ("POST", "PUT") and not takes_file:
                 self.require_json_type()
             return b""
-        length, limit = ascii_number(raw, 30), self.body_limit(takes_file)
+        length, limit = ascii_number(raw, 30), self.body_limit(handler)
         if length is None:
             self.close_connection = True
             raise ApiError(400, "VALIDATION_ERROR", "Content-Length is not a number",
@@ -7612,8 +7669,9 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"Request body is larger than {limit} bytes"
                            + ("; the command line imports a file of any size: python3 "
                               "llama_chat.py import FILE (or raise max_import_bytes)"
-                              if takes_file == "max_import_bytes" else
-                              f" (raise {takes_file} in config.json)" if takes_file else ""))
+                              if handler is api_import else f" (raise "
+                              f"{handler.body_up_to} in config.json)"
+                              if hasattr(handler, "body_up_to") else ""))
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True

@@ -4671,13 +4671,33 @@ def test_a_reply_after_a_tool_result_regenerates_from_that_result(client, stub, 
         "role": "tool", "content": "12:00", "tool_call_id": "c9"}
 
 
-def test_content_parts_are_stored_as_their_text(client, stub, openai):
-    _, headers, _, _ = openai.create([{"role": "user", "content": [
+def test_content_parts_are_stored_as_their_text_and_media_as_attachments(client, stub,
+                                                                        openai):
+    photo = PNG + os.urandom(4 << 20)              # a phone's photo: 4 MB, past the 1 MiB of JSON
+    url = "data:image/png;base64," + base64.b64encode(photo).decode()
+    status, headers, _, _ = openai.create([{"role": "user", "content": [
         {"type": "text", "text": "What is in this picture?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "image_url", "image_url": {"url": "data:image/svg+xml;base64,"
+                                             + base64.b64encode(b"<svg/>").decode()}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(WAV).decode(),
+                                                "format": "wav"}}]}])
+    assert status == 200
     cid = int(headers["X-Conversation-Id"])
-    assert branch(client, cid)[0] == "What is in this picture?\n[image_url]"
+    shown = conversation(client, cid)["messages"][0]
+    assert shown["content"] == "What is in this picture?\n[image_url]"     # the SVG: not kept
+    assert [(a["kind"], a["bytes"]) for a in shown["attachments"]] == [
+        ("image", len(photo)), ("audio", len(WAV))]
     assert not rows(client, "SELECT 1 FROM messages WHERE content LIKE '%iVBOR%'")
+    for _ in range(2):                             # the same image again: stored once
+        openai.create([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}]}])
+    assert rows(client, "SELECT count(*) FROM attachments") == [(2,)]
+    client.chat(cid, "and in the corner?")        # continued in the page: sent again
+    parts = next(m for m in stub.requests[-1]["body"]["messages"] if m["role"] == "user")[
+        "content"]
+    assert [p["type"] for p in parts] == ["image_url", "input_audio", "text"]
+    assert parts[0]["image_url"]["url"] == url
 
 
 def test_lone_surrogates_are_stored_as_replacement_characters(client, stub, openai):
