@@ -1043,6 +1043,9 @@ def json_fields(columns):
                      for name in map(str.strip, columns.split(",")))
 
 
+CHECKPOINT_WAIT_MS = 250
+
+
 class Database:
     """One SQLite file: a connection per working thread (from a small pool),
     write transactions, the schema version and backups. `functions` are SQL
@@ -1193,8 +1196,14 @@ class Database:
 
     def checkpoint(self):
         """Write the WAL into the file and empty it: whether that completed (a
-        reader's snapshot, or a writer, keeps it from completing)."""
-        return self.conn().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        reader's snapshot, or a writer, keeps it from completing; it waits for
+        them CHECKPOINT_WAIT_MS at most, since writers wait while it does)."""
+        conn = self.conn()
+        conn.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")   # a TRUNCATE that waits
+        try:                                      # for a reader holds every writer back
+            return conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
 
     def user_version(self):
         """The schema version and the names of the tables, read without
@@ -5472,11 +5481,12 @@ def sse_numbered(batch):
     return "".join(f"id: {n}\n" + sse_line(event) for n, event in batch).encode()
 
 
-def start_reply(engine, turn, end_turn, here=False):
+def start_reply(engine, turn, end_turn, here=False, follower=None):
     """The reply's row (made with its question, or now), then the reply made
-    (OwnedReply.begin): its OwnedReply."""
+    (OwnedReply.begin; `follower`, a list, is given one that follows it from
+    before it begins): its OwnedReply."""
     if turn.message_id is not None:
-        return engine.admitted(OwnedReply(engine, turn, turn.message_id, end_turn)).begin(here)
+        return made_reply(engine, turn, turn.message_id, end_turn, here, follower)
     try:
         message_id = engine.store.start_reply(
             turn.conversation_id, turn.parent_id, turn.model or None,
@@ -5491,14 +5501,21 @@ def start_reply(engine, turn, end_turn, here=False):
         if engine.store.get_conversation(turn.conversation_id) is None:
             raise not_found("conversation", turn.conversation_id)
         raise not_found("message", turn.parent_id)
-    return engine.admitted(OwnedReply(engine, turn, message_id, end_turn)).begin(here)
+    return made_reply(engine, turn, message_id, end_turn, here, follower)
 
 
-def followed(reply, start=0, first=None):
+def made_reply(engine, turn, message_id, end_turn, here, follower):
+    reply = engine.admitted(OwnedReply(engine, turn, message_id, end_turn))
+    if follower is not None:
+        follower.append(reply.follow(0))       # every event, from the first token on
+    return reply.begin(here)
+
+
+def followed(reply, start=0, first=None, follower=None):
     """The batches a client following a reply sends (None: a keep-alive):
     `first`, what was made from character `start` on, then each batch as it
     comes, to the last. A client that leaves changes nothing for the reply."""
-    follower = reply.follow(start)
+    follower = follower or reply.follow(start)
     try:
         if first:
             yield first
@@ -7017,7 +7034,9 @@ def api_chat(engine, req):
     try:
         engine.room_for_a_reply()
         turn = start_chat(engine, body)
-        reply = start_reply(engine, turn, end_turn, here=not stream)   # it ends the turn
+        follower = [] if stream else None
+        reply = start_reply(engine, turn, end_turn, here=not stream,     # it ends the turn
+                            follower=follower)
     except BaseException:
         end_turn()                                 # one that never began (a second end: none)
         raise
@@ -7025,7 +7044,8 @@ def api_chat(engine, req):
         start = [(0, {"type": "start", "conversation_id": turn.conversation_id,
                       "user_message_id": turn.user_message_id,
                       "message_id": reply.message_id, "parent_id": turn.parent_id})]
-        return EventStream(followed(reply, 0, start), lambda: None, encode=sse_numbered)
+        return EventStream(followed(reply, 0, start, follower[0]), lambda: None,
+                           encode=sse_numbered)
     reply.ended.wait()
     if reply.failure is not None:
         raise reply.failure
