@@ -2125,10 +2125,12 @@ class SearchIndex:
         wanted = split_sql(SEARCH_SCHEMA)
         if self.in_step(have):
             return False
-        if all(same_sql(s, have.get(object_name(s))) for s in wanted
-               if not s.startswith("CREATE TRIGGER")):
-            # Only triggers differ (what marks text to purge, say): the index
-            # itself is in step, so it is kept, not built again.
+        if all(same_sql(s, have.get(object_name(s))) if not s.startswith("CREATE TRIGGER")
+               else object_name(s) in have for s in wanted):
+            # Only triggers' words differ (what marks text to purge, say): the
+            # index itself is in step, so it is kept, not built again. Triggers
+            # that are missing (a SQLite without FTS5 wrote meanwhile) mean
+            # messages it never saw: it is built again.
             for statement in wanted:
                 if not same_sql(statement, have.get(object_name(statement))):
                     c.execute(f"DROP TRIGGER IF EXISTS {object_name(statement)}")

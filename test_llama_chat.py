@@ -732,6 +732,27 @@ def schema_of(path):
         conn.close()
 
 
+def test_messages_written_without_the_search_triggers_are_indexed_at_the_next_start(tmp_path):
+    path = str(tmp_path / "no-fts-meanwhile.db")
+    store = llama_chat.Store(path)
+    cid = store.create_conversation("t", "m")
+    store.add_message(cid, "user", "indexed volcano")
+    store.close()
+    conn = sqlite3.connect(path)                  # as a SQLite without FTS5 leaves it
+    conn.create_function("message_digest", 4, llama_chat.message_digest)
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' "
+                                "AND name LIKE 'search%'").fetchall():
+        conn.execute(f"DROP TRIGGER {name}")
+    conn.execute("INSERT INTO messages (conversation_id, role, content) "
+                 "VALUES (?, 'user', 'unseen glacier')", (cid,))
+    conn.commit()
+    conn.close()
+    store = llama_chat.Store(path)
+    assert [r["content"] for r in store.search("glacier", 5)] == ["unseen glacier"]
+    assert [r["content"] for r in store.search("volcano", 5)] == ["indexed volcano"]
+    store.close()
+
+
 def test_the_schema_is_as_declared(tmp_path):
     """A new database and one migrated from the original app's have the
     tables and columns SCHEMA states; the module declares each
@@ -3810,6 +3831,7 @@ def test_a_reply_whose_process_dies_meanwhile_is_interrupted_here(tmp_path, stub
         wait_for(lambda: rows(here, "SELECT length(content) FROM messages WHERE id = ?",
                               start["message_id"])[0][0], 5, "its text written")
         other.proc.kill()                  # kill -9, not reaped yet: a zombie for a while
+        wait_for(lambda: not llama_chat.process_alive(other.proc.pid), 5, "the kill taken")
         assert here.get("/api/generations")[2]["generations"] == []
         follower.join(10)
     assert box[-1]["type"] == "done" and box[-1]["finish_reason"] == "interrupted"
