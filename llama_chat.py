@@ -1769,6 +1769,9 @@ END;
 """
 
 
+CHANGES_KEPT = 10000         # rows of the changes table kept; older ones are trimmed
+
+
 def migrate_to_9(c):
     c.execute("ALTER TABLE messages ADD COLUMN generating TEXT")
     c.execute(GENERATING_INDEX)
@@ -2693,6 +2696,8 @@ class Store:
                     c.execute(f"PRAGMA user_version = {number}")
                 remove_unfinished_imports(c)
                 interrupted_replies(c)
+                c.execute("DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                          (CHANGES_KEPT,))       # kept by a page's listener, or here
                 c.execute("DELETE FROM attachments WHERE made_at < ? AND NOT EXISTS (SELECT 1 "
                           "FROM message_attachments l WHERE l.attachment_id = attachments.id)",
                           (iso_ago(UNSENT_ATTACHMENT_DAYS * 86400),))
@@ -4251,7 +4256,6 @@ class Follower:
 
 
 CHANGES_POLL_SECONDS = 1.0   # how often changes other processes make are looked for
-CHANGES_KEPT = 10000         # rows of the changes table kept; older ones are trimmed
 
 
 def told(rows):

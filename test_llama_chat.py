@@ -3769,6 +3769,19 @@ def test_the_changes_table_keeps_only_the_newest(client, monkeypatch):
     assert [e["id"] for e in heard if e["action"] == "created"] == made   # each told, once
 
 
+def test_the_changes_are_trimmed_at_a_start_with_no_page_listening(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_chat, "CHANGES_KEPT", 5)
+    path = str(tmp_path / "trim.db")
+    store = llama_chat.Store(path)
+    for i in range(12):
+        store.create_conversation(f"c{i}", "m")
+    store.close()
+    store = llama_chat.Store(path)
+    kept = store.db.conn().execute("SELECT count(*), max(seq) FROM changes").fetchone()
+    assert kept == (5, 12)
+    store.close()
+
+
 def test_a_reply_cut_by_kill_9_is_kept_as_interrupted_and_continued(tmp_path, stub, launch):
     stub.reply = " ".join(f"w{i}" for i in range(400))
     stub.token_delay = 0.01
@@ -8510,6 +8523,7 @@ def build_database(path, messages, per_conversation=50, corpus=None):
     now = llama_chat.now_iso()
     conversations = (messages + per_conversation - 1) // per_conversation
     conn.execute("BEGIN")
+    conn.execute("INSERT INTO writing_in_bulk (name) VALUES ('build')")   # as an import does
     conn.executemany("INSERT INTO conversations (id, title, model, created_at, updated_at) "
                      "VALUES (?, ?, 'm', ?, ?)",
                      ((c + 1, f"Conversation {c} about {TOPICS[c % len(TOPICS)]}", now, now)
@@ -8541,6 +8555,7 @@ def build_database(path, messages, per_conversation=50, corpus=None):
          in [reply(i, text)]))
     conn.execute("UPDATE conversations SET current_message_id = min(id * ?, ?)",
                  (per_conversation, messages))
+    conn.execute("DELETE FROM writing_in_bulk")
     conn.execute("COMMIT")
     store.close()
     llama_chat.Store(path).close()         # its triggers are missing: it builds the index
