@@ -3759,6 +3759,20 @@ def test_a_reply_being_made_cannot_be_continued_meanwhile(client, stub):
     read_events(resp)
 
 
+def test_a_reply_is_told_once_begun_and_once_ended_not_at_each_write(client, stub):
+    stub.reply = " ".join(f"w{i}" for i in range(120))
+    stub.token_delay = 0.02                        # over two seconds: two writes of its text
+    with listening(client) as heard:
+        answer = client.chat(client.new_conversation(), "long")[2]
+        heard_of(heard, {"type": "generation", "action": "finished",
+                         "message_id": answer["message_id"]})
+        time.sleep(0.3)
+    about = [(e["type"], e["action"]) for e in heard if e["type"] != "conversation"
+             and e.get("id", e.get("message_id")) == answer["message_id"]]
+    assert sorted(about) == sorted([("message", "created"), ("generation", "started"),
+                                    ("message", "updated"), ("generation", "finished")])
+
+
 def test_the_changes_table_keeps_only_the_newest(client, monkeypatch):
     monkeypatch.setattr(llama_chat, "CHANGES_KEPT", 20)
     with listening(client) as heard:
@@ -3845,9 +3859,9 @@ def test_a_reply_whose_process_dies_meanwhile_is_interrupted_here(tmp_path, stub
                               start["message_id"])[0][0], 5, "its text written")
         other.proc.kill()                  # kill -9, not reaped yet: a zombie for a while
         wait_for(lambda: not llama_chat.process_alive(other.proc.pid), 5, "the kill taken")
+        follower.join(10)                  # its follower finds it gone, by itself
+        assert box[-1]["type"] == "done" and box[-1]["finish_reason"] == "interrupted"
         assert here.get("/api/generations")[2]["generations"] == []
-        follower.join(10)
-    assert box[-1]["type"] == "done" and box[-1]["finish_reason"] == "interrupted"
     assert rows(here, "SELECT finish_reason, generating FROM messages WHERE id = ?",
                 start["message_id"]) == [("interrupted", None)]
 
