@@ -2596,8 +2596,8 @@ UNSENT_ATTACHMENT_DAYS = 1    # an upload no message took is removed at a start 
 
 def iso_ago(seconds):
     """The time `seconds` ago, as now_iso() writes times."""
-    return datetime.fromtimestamp(time.time() - seconds, timezone.utc).strftime(
-        "%Y-%m-%dT%H:%M:%S.") + f"{int(time.time() * 1000) % 1000:03d}Z"
+    then = datetime.fromtimestamp(time.time() - seconds, timezone.utc)
+    return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
 
 
 # This process's mark on the replies it is making (messages.generating): its
@@ -2902,10 +2902,7 @@ class Store:
                 return None
             question = self.put_message(c, conversation_id, parent, "user", content, model,
                                         now, **columns)
-            c.executemany("INSERT INTO message_attachments (message_id, position, attachment_id, "
-                          "name, shown) VALUES (?, ?, ?, ?, ?)",
-                          [(question, i, a["id"], a["name"], JSON.encode(a))
-                           for i, a in enumerate(attachments)])
+            self.link(c, question, attachments)
             return question, self.put_message(c, conversation_id, question, "assistant", "",
                                               model, now, generating=RUN,
                                               options=reply_options)
@@ -2996,28 +2993,36 @@ class Store:
     def put_attachment(self, data, kind, kind_type, name):
         """Store an attachment's bytes, once whoever sends them again: its row
         as the API shows it (the name it was first given)."""
-        ident = hashlib.sha256(data).hexdigest()
         with self.db.write() as c:
-            c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
-                      "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
-        return self.attachment(ident)
+            return self.stored_attachment(c, data, kind, kind_type, name)
 
     @staticmethod
-    def attach(c, message_id, media):
+    def stored_attachment(c, data, kind, kind_type, name=None):
+        """The one INSERT of an attachment (in the caller's transaction): its
+        bytes stored unless they are already, its row as the API shows it.
+        Unnamed, it is named by its kind and id ("image-1a2b3c4d.png")."""
+        ident = hashlib.sha256(data).hexdigest()
+        name = name or f"{kind}-{ident[:8]}.{kind_type.split('/')[1].split(';')[0]}"
+        c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
+                  "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
+        return one(c.execute("SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?",
+                             (ident,)))
+
+    @staticmethod
+    def link(c, message_id, attachments):
+        """These attachments (rows as the API shows them) the message's, in order."""
+        c.executemany("INSERT INTO message_attachments (message_id, position, attachment_id, "
+                      "name, shown) VALUES (?, ?, ?, ?, ?)",
+                      [(message_id, i, a["id"], a["name"], JSON.encode(a))
+                       for i, a in enumerate(attachments)])
+
+    @classmethod
+    def attach(cls, c, message_id, media):
         """Keep these (bytes, kind, type) as the message's attachments, in
         order, each stored once (in the caller's transaction)."""
-        for position, (data, kind, kind_type) in enumerate(media):
-            ident = hashlib.sha256(data).hexdigest()
-            name = f"{kind}-{ident[:8]}.{kind_type.split('/')[1].split(';')[0]}"
-            c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
-                      "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
-            shown = one(c.execute("SELECT id, name, type, bytes, kind FROM attachments "
-                                  "WHERE id = ?", (ident,)))
-            c.execute("INSERT INTO message_attachments (message_id, position, attachment_id, "
-                      "name, shown) VALUES (?, ?, ?, ?, ?)",
-                      (message_id, position, ident, shown["name"], JSON.encode(shown)))
+        cls.link(c, message_id, [cls.stored_attachment(c, data, kind, kind_type)
+                                 for data, kind, kind_type in media])
 
     def attachment(self, ident):
         """An attachment as the API shows it ({id, name, type, bytes, kind}), or None."""
@@ -5653,29 +5658,24 @@ def kept_medium(part):
     return (data, kind, kind_type) if kind != "text" else None
 
 
-def media_of(content):
-    """The images and sounds a message's content list gives as data, in order."""
-    return [m for m in map(kept_medium, content if isinstance(content, list) else ()) if m]
-
-
-def stored_text(content):
+def stored_text(content, kept=()):
     """A message's content as the history keeps it: its text; of a list of
     content parts, the text of each, and for each other part its type in
-    brackets, but for the images and sounds kept as its attachments
-    (media_of)."""
+    brackets, but for the parts at the places `kept` names (the images and
+    sounds kept as its attachments: kept_medium)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return sound_text(content)
     if isinstance(content, list):
         pieces = []
-        for part in content:
+        for at, part in enumerate(content):
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
             elif isinstance(part, str):
                 pieces.append(part)
-            elif kept_medium(part):
-                pass                               # kept as an attachment (media_of)
+            elif at in kept:
+                pass                               # kept as an attachment
             elif isinstance(part, dict):
                 pieces.append(f"[{part.get('type') or 'part'}]")
         return sound_text("\n".join(pieces))
@@ -5696,14 +5696,18 @@ def openai_messages(body):
         role = STORED_ROLES.get(m.get("role"))
         if role is None:
             continue
-        text = stored_text(m.get("content"))
+        content = m.get("content")
+        media = {at: kept_medium(part) for at, part in enumerate(content)} \
+            if role == "user" and isinstance(content, list) else {}
+        media = {at: found for at, found in media.items() if found}    # each decoded once
+        text = stored_text(content, media)
         if role == "system" and not sent:
             system.append(text)
             continue
         calls = m.get("tool_calls") if role == "assistant" else None
         call_id = m.get("tool_call_id", m.get("name")) if role == "tool" else None
         sent.append({"role": role, "content": text,
-                     "media": media_of(m.get("content")) if role == "user" else [],
+                     "media": list(media.values()),
                      "tool_calls": sound_text(json.dumps(calls, ensure_ascii=False))
                      if isinstance(calls, list) and calls else None,
                      "tool_call_id": sound_text(str(call_id)) if call_id is not None else None})

@@ -3914,7 +3914,7 @@ def listening(client):
         conn.close()
 
 
-def heard_of(heard, *wanted, seconds=3):
+def heard_of(heard, *wanted, seconds=10):
     """Wait until every wanted event (a dict of fields) is among those heard."""
     def found():
         return all(any(all(e.get(k) == v for k, v in w.items()) for e in heard) for w in wanted)
