@@ -4870,7 +4870,8 @@ def start_chat(engine, body):
     elif placement == "continue":
         if target["role"] != "assistant":
             raise validation_error("continue", "continue takes a reply (an assistant message)")
-        continued, last, question = store.message_row(target["id"]), target["id"], target["parent_id"]
+        continued = store.message_row(target["id"])      # the whole row: its timings too
+        last, question = target["id"], target["parent_id"]
         parent_id = question
     else:
         if placement == "user_message_id" and target["role"] != "user":
