@@ -444,6 +444,44 @@ def attachment_kind(data):
                            "file is none of these (SVG and HTML are refused)")
 
 
+def sound_text(text):
+    """Text as SQLite can keep it: a lone surrogate (JSON allows "\\ud800") becomes U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+ATTACHMENT_NAME = re.compile(r"[\x00-\x1f\x7f/\\\\]")
+DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.A)
+
+
+def attachment_name(raw, kind):
+    """A file name as kept: no control characters or slashes, at most 255
+    characters; none: named by its kind."""
+    name = ATTACHMENT_NAME.sub("", sound_text(raw) if isinstance(raw, str) else "")
+    return name.strip()[:255] or {"image": "image", "audio": "audio", "text": "file.txt"}[kind]
+
+
+def medium(data, name=None):
+    """Bytes another program sent or kept as a file: (bytes, kind, type,
+    name) if they are of a kind an attachment may be (attachment_kind), else
+    None. data may be base64 text, or a data: URL."""
+    if not isinstance(data, (str, bytes)) or not data:
+        return None
+    try:
+        if isinstance(data, str):
+            head = DATA_URL.match(data)
+            data = base64.b64decode(data[head.end():] if head else data, validate=True)
+        kind, kind_type = attachment_kind(data)
+    except (ValueError, ApiError):
+        return None
+    return data, kind, kind_type, attachment_name(name, kind) if name else None
+
+
 ATTACHMENT_ID = re.compile(r"[0-9a-f]{64}\Z")
 MAX_ATTACHMENTS = 20             # to one message
 
@@ -2625,6 +2663,30 @@ def interrupted_replies(c):
                     kept)
 
 
+def blob_pieces(conn, ident, size=1 << 20):
+    """An attachment's bytes, a piece at a time, never whole in memory: read
+    through SQLite's incremental blob I/O (Python 3.11+), opened for each
+    piece so that no read is held open between them; else with substr()
+    (which has SQLite read the whole value for each piece)."""
+    at = 0
+    while True:
+        if hasattr(conn, "blobopen"):
+            row = conn.execute("SELECT rowid FROM attachments WHERE id = ?", (ident,)).fetchone()
+            if row is None:
+                return
+            with conn.blobopen("attachments", "data", row[0], readonly=True) as blob:
+                blob.seek(at)
+                piece = blob.read(size)
+        else:
+            row = conn.execute("SELECT substr(data, ?, ?) FROM attachments WHERE id = ?",
+                               (at + 1, size, ident)).fetchone()
+            piece = bytes(row[0]) if row and row[0] else b""
+        if not piece:
+            return
+        yield piece
+        at += len(piece)
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -3019,26 +3081,25 @@ class Store:
 
     @classmethod
     def attach(cls, c, message_id, media):
-        """Keep these (bytes, kind, type) as the message's attachments, in
-        order, each stored once (in the caller's transaction)."""
-        cls.link(c, message_id, [cls.stored_attachment(c, data, kind, kind_type)
-                                 for data, kind, kind_type in media])
+        """Keep these (bytes, kind, type, name) as the message's attachments,
+        in order, each stored once (in the caller's transaction); a name of
+        None: the one it was first given."""
+        cls.link(c, message_id, [{**row, "name": name or row["name"]} for row, name in (
+            (cls.stored_attachment(c, data, kind, kind_type, name), name)
+            for data, kind, kind_type, name in media)])
 
     def attachment(self, ident):
         """An attachment as the API shows it ({id, name, type, bytes, kind}), or None."""
         return one(self.db.conn().execute(
             "SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?", (ident,)))
 
-    def attachment_pieces(self, ident, size=1 << 20):
+    def attachment_bytes(self, ident):
+        """An attachment's bytes, whole (for what is made whole: a Markdown export)."""
+        return b"".join(blob_pieces(self.db.conn(), ident))
+
+    def attachment_pieces(self, ident):
         """An attachment's bytes, a piece at a time (never whole in memory)."""
-        at = 1
-        while True:
-            piece = self.db.conn().execute("SELECT substr(data, ?, ?) FROM attachments "
-                                           "WHERE id = ?", (at, size, ident)).fetchone()
-            if not piece or not piece[0]:
-                return
-            yield bytes(piece[0])
-            at += size
+        return blob_pieces(self.db.conn(), ident)
 
     def attached(self, message_ids):
         """The attachments of these messages, with their bytes, in order:
@@ -3267,17 +3328,36 @@ EXPORT_MESSAGE_COLUMNS = ", ".join(columns_in(MESSAGE_TABLE, "exported"))
 EXPORT_BATCH = 200           # conversations read at a time
 
 
+# Each message's attachments as the API shows them ([] when none), and the
+# attachments of a conversation's messages, each once.
+EXPORT_MESSAGE_READ = EXPORT_MESSAGE_COLUMNS + f", {ATTACHMENTS_SQL} AS attachments"
+CONVERSATION_ATTACHMENTS = """SELECT DISTINCT a.id, a.name, a.type FROM messages m
+    JOIN message_attachments l ON l.message_id = m.id JOIN attachments a ON a.id = l.attachment_id
+    WHERE m.conversation_id = ? ORDER BY a.id"""
+BASE64_PIECE = 3 << 18       # bytes of an attachment read at a time: 1 MiB of base64
+
+
 def exported(conn, db, conversation_id):
     """One conversation and every message of every branch, as llama-chat's
-    export's JSON text: {"conversation": ..., "messages": [...]}."""
+    export's JSON text, a piece at a time: {"conversation": ..., "messages":
+    [...]}, and "attachments": {id: {name, type, data (base64)}} when its
+    messages have any (an attachment's data streamed, never whole in memory)."""
     conversation, _ = db.json_rows(EXPORT_CONVERSATION_COLUMNS,
                                    f"SELECT {EXPORT_CONVERSATION} FROM conversations "
                                    "WHERE id = ?", (conversation_id,), conn=conn)
-    messages, _ = db.json_rows(EXPORT_MESSAGE_COLUMNS,
-                               f"SELECT {EXPORT_MESSAGE_COLUMNS} FROM messages "
+    messages, _ = db.json_rows(EXPORT_MESSAGE_COLUMNS + ", attachments",
+                               f"SELECT {EXPORT_MESSAGE_READ} FROM messages m "
                                "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
                                conn=conn)
-    return f'{{"conversation": {conversation[1:-1]}, "messages": {messages}}}'
+    yield f'{{"conversation": {conversation[1:-1]}, "messages": {messages}'
+    attached = conn.execute(CONVERSATION_ATTACHMENTS, (conversation_id,)).fetchall()
+    for n, (ident, name, kind) in enumerate(attached):
+        yield (', "attachments": {' if n == 0 else ", ") + \
+            f'"{ident}": {{"name": {JSON.encode(name)}, "type": {JSON.encode(kind)}, "data": "'
+        for piece in blob_pieces(conn, ident, BASE64_PIECE):
+            yield base64.b64encode(piece).decode()
+        yield '"}'
+    yield "}}" if attached else "}"
 
 
 def export_all(db, form):
@@ -3297,9 +3377,12 @@ def export_all(db, form):
             if not ids:
                 break
             for i in ids:
-                piece = exported(conn, db, i)
-                yield (piece + "\n" if form == "jsonl" else ("" if first else ",\n") + piece
-                       ).encode()
+                if not first and form == "json":
+                    yield b",\n"
+                for piece in exported(conn, db, i):
+                    yield piece.encode()
+                if form == "jsonl":
+                    yield b"\n"
                 first = False
             last = ids[-1]
         if form == "json":
@@ -3308,14 +3391,27 @@ def export_all(db, form):
         conn.close()
 
 
+def conversation_export(db, conversation_id):
+    """One conversation as llama-chat's JSON, a piece at a time (bytes), in
+    one read transaction; nothing if there is none."""
+    conn = db.connect()
+    try:
+        conn.execute("BEGIN")
+        if not conn.execute("SELECT 1 FROM conversations WHERE id = ?",
+                            (conversation_id,)).fetchone():
+            return
+        yield f'{{"format": "llama-chat", "version": {EXPORT_VERSION}, '.encode()
+        pieces = exported(conn, db, conversation_id)
+        yield next(pieces)[1:].encode()
+        for piece in pieces:
+            yield piece.encode()
+    finally:
+        conn.close()
+
+
 def export_one(db, conversation_id):
     """One conversation as llama-chat's JSON (bytes), or None if there is none."""
-    conn = db.conn()
-    if not conn.execute("SELECT 1 FROM conversations WHERE id = ?",
-                        (conversation_id,)).fetchone():
-        return None
-    return (f'{{"format": "llama-chat", "version": {EXPORT_VERSION}, '
-            + exported(conn, db, conversation_id)[1:]).encode()
+    return b"".join(conversation_export(db, conversation_id)) or None
 
 
 # What import writes of a message (its conversation and parent aside).
@@ -3413,6 +3509,9 @@ class ImportWriter:
                     f"{', '.join(MESSAGE_IMPORT_COLUMNS)}) VALUES (?, ?, "
                     f"{', '.join('?' * len(MESSAGE_IMPORT_COLUMNS))})",
                     (cid, ids.get(m["parent"]), *values)).lastrowid
+                if m["media"]:
+                    Store.attach(self.c, ids[m["key"]], m["media"])
+                    self.counts["attachments"] += len(m["media"])
             current = ids.get(conv.current)
             self.c.execute("UPDATE conversations SET current_message_id = ? WHERE id = ?",
                            (current if current is not None else max(ids.values()), cid))
@@ -5623,40 +5722,20 @@ ASKED_NAMES = {upstream: name for name, (_, _, _, upstream) in MODEL_OPTIONS.ite
 ASKED_NAMES["max_completion_tokens"] = "num_predict"
 
 
-def sound_text(text):
-    """Text as SQLite can keep it: a lone surrogate (JSON allows "\\ud800") becomes U+FFFD."""
-    if text.isascii():
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
-DATA_URL = re.compile(r"data:[\w.+-]+/[\w.+-]+;base64,", re.A)
-
-
 def kept_medium(part):
     """An image or sound a content part gives as data (an image_url data URL,
-    input_audio data): (bytes, kind, type), kept as an attachment; else None."""
+    input_audio data): (bytes, kind, type, None), kept as an attachment;
+    else None."""
     if not isinstance(part, dict):
         return None
     raw = None
     if part.get("type") == "image_url" and isinstance(part.get("image_url"), dict):
         url = part["image_url"].get("url")
-        head = DATA_URL.match(url) if isinstance(url, str) else None
-        raw = url[head.end():] if head else None
+        raw = url if isinstance(url, str) and DATA_URL.match(url) else None
     elif part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
         raw = part["input_audio"].get("data")
-    if not isinstance(raw, str):
-        return None
-    try:
-        data = base64.b64decode(raw, validate=True)
-        kind, kind_type = attachment_kind(data)
-    except (ValueError, ApiError):
-        return None
-    return (data, kind, kind_type) if kind != "text" else None
+    found = medium(raw) if isinstance(raw, str) else None
+    return found if found and found[1] != "text" else None
 
 
 def stored_text(content, kept=()):
@@ -6053,9 +6132,10 @@ def v1_relay(engine, req):
 ###############################################################################
 
 
-def export_markdown(conversation, messages):
+def export_markdown(conversation, messages, read=None):
     """The current branch as Markdown: the title, then each message under its
-    role, model and time."""
+    role, model and time, with its attachments (read(id): their bytes):
+    images inline as data URLs, text files fenced, sounds named."""
     lines = [f"# {conversation['title']}", ""]
     if conversation.get("system_prompt"):
         lines += ["_System prompt:_ " + conversation["system_prompt"], ""]
@@ -6066,11 +6146,25 @@ def export_markdown(conversation, messages):
         if m.get("reasoning"):
             lines += ["<details><summary>Reasoning</summary>", "", m["reasoning"], "",
                       "</details>", ""]
+        for a in m.get("attachments") or ():
+            lines += [markdown_attachment(a, read(a["id"]) if read else b""), ""]
         lines += [m["content"], ""]
         for call in m.get("tool_calls") or ():
             function = call.get("function") or {} if isinstance(call, dict) else {}
             lines += [f"`{function.get('name')}({function.get('arguments')})`", ""]
     return "\n".join(lines).encode()
+
+
+def markdown_attachment(a, data):
+    """An attachment in Markdown: an image inline, a text file fenced, a sound named."""
+    name = re.sub(r"[\[\]()`*_]", "", a["name"]) or a["kind"]
+    if a["kind"] == "image" and data:
+        return f"![{name}](data:{a['type']};base64,{base64.b64encode(data).decode()})"
+    if a["kind"] == "text" and data:
+        text = data.decode("utf-8", "replace").removeprefix("\ufeff")
+        fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
+        return f"**{name}**\n\n{fence}\n{text.rstrip()}\n{fence}"
+    return f"_{a['kind'].capitalize()}: {name} ({a['bytes']:,} bytes)_"
 
 
 def download_name(title, extension):
@@ -6303,16 +6397,41 @@ def tree_messages(nodes, parent_of, message_of, current):
 
 
 def attachment_note(extra):
-    """An attachment of llama.cpp's web UI, named in its message's text with
-    the text it carries (a text file's, a PDF's): the files themselves are
-    not kept."""
-    kind = extra.get("type") if isinstance(extra.get("type"), str) else "attachment"
-    kind = {"context": "text"}.get(kind, kind).lower().removesuffix("file") or "attachment"
+    """An attachment of llama.cpp's web UI that is not kept as one (a video,
+    an MCP resource, a file of a kind llama-chat does not keep), named in its
+    message's text with the text it carries."""
+    kind = extra_kind(extra)
     name = extra.get("name") if isinstance(extra.get("name"), str) else "unnamed"
     note = f"\n\n[{kind}: {name}]"
     if isinstance(extra.get("content"), str) and kind not in ("image", "audio", "video"):
         note += "\n" + extra["content"]
     return note
+
+
+def extra_kind(extra):
+    """The kind of an attachment of llama.cpp's web UI: its type, of the
+    current names (IMAGE, AUDIO, TEXT, PDF, VIDEO) or older ones (imageFile,
+    textFile, context...), as image, audio, text, pdf, video..."""
+    kind = extra.get("type") if isinstance(extra.get("type"), str) else "attachment"
+    return {"context": "text"}.get(kind, kind).lower().removesuffix("file") or "attachment"
+
+
+def extra_medium(extra):
+    """An attachment of llama.cpp's web UI as one of llama-chat's (medium), or
+    None: an image (base64Url), a sound (base64Data), a text file or a
+    PDF's text (content)."""
+    kind, name = extra_kind(extra), extra.get("name")
+    if kind == "image":
+        data = extra.get("base64Url")
+    elif kind == "audio":
+        data = extra.get("base64Data")
+    elif kind in ("text", "pdf") and isinstance(extra.get("content"), str):
+        data = sound_text(extra["content"]).encode()
+    else:
+        return None
+    found = medium(data, name if isinstance(name, str) else None) \
+        if isinstance(data, (str, bytes)) and data else None
+    return found if found and (found[1] == "text") == (kind in ("text", "pdf")) else None
 
 
 def from_llamacpp(conv, messages):
@@ -6326,10 +6445,14 @@ def from_llamacpp(conv, messages):
         role = STORED_ROLES.get(m.get("role"))
         if role is None or m.get("type") == "root":
             return None
-        content = stored_text(m.get("content"))
+        content, media = stored_text(m.get("content")), []
         for extra in m.get("extra") if isinstance(m.get("extra"), list) else ():
             if isinstance(extra, dict):
-                content += attachment_note(extra)
+                found = extra_medium(extra)
+                if found:
+                    media.append(found)
+                else:
+                    content += attachment_note(extra)
         timings = m.get("timings") if isinstance(m.get("timings"), dict) else {}
         made, took = timings.get("predicted_n"), timings.get("predicted_ms")
         speed = round(made / took * 1000, 1) if all(
@@ -6340,7 +6463,7 @@ def from_llamacpp(conv, messages):
                 "model": m.get("model"), "timestamp": iso_time(m.get("timestamp"), 0.001),
                 "estimated_tokens": made, "prompt_tokens": timings.get("prompt_n"),
                 "tokens_per_second": speed, "tool_calls": m.get("toolCalls"),
-                "tool_call_id": m.get("toolCallId"),
+                "tool_call_id": m.get("toolCallId"), "media": media,
                 **{name: timings.get(name) for name in TIMING_COLUMNS if name != "ttft_ms"}}
     kept, system, current = tree_messages(
         nodes, lambda k: str(nodes[k].get("parent")) if nodes[k].get("parent") else None,
@@ -6387,12 +6510,19 @@ def from_open_webui(chat):
         if role is None:
             return None
         info = m.get("usage") if isinstance(m.get("usage"), dict) else {}
-        files = "".join(f"\n\n[file: {stored_text(f.get('name') or f.get('type') or 'unnamed')}]"
-                        for f in m.get("files") or () if isinstance(f, dict))
+        media, files = [], ""
+        for f in m.get("files") if isinstance(m.get("files"), list) else ():
+            found = medium(f["url"], f.get("name") if isinstance(f.get("name"), str) else None) \
+                if isinstance(f, dict) and isinstance(f.get("url"), str) and \
+                DATA_URL.match(f["url"]) else None
+            if found:
+                media.append(found)
+            elif isinstance(f, dict):
+                files += f"\n\n[file: {stored_text(f.get('name') or f.get('type') or 'unnamed')}]"
         text, reasoning = stored_text(m.get("content")), None
         if role == "assistant":
             text, reasoning = open_webui_reasoning(text)
-        return {"role": role, "content": text + files, "reasoning": reasoning,
+        return {"role": role, "content": text + files, "reasoning": reasoning, "media": media,
                 "model": m.get("model"), "timestamp": iso_time(m.get("timestamp")),
                 "estimated_tokens": info.get("completion_tokens"),
                 "prompt_tokens": info.get("prompt_tokens")}
@@ -6409,8 +6539,10 @@ def from_open_webui(chat):
                     pinned=chat.get("pinned") is True, current=current, messages=kept)
 
 
-def chatgpt_text(content):
-    """ChatGPT's content of a message as text, and its thoughts (reasoning)."""
+def chatgpt_text(content, asset=None):
+    """ChatGPT's content of a message as text, and its thoughts (reasoning).
+    asset(part): an image part's file as an attachment (medium), or None; a
+    part it gives is left out of the text."""
     if not isinstance(content, dict):
         return "", None
     kind = content.get("content_type")
@@ -6432,19 +6564,21 @@ def chatgpt_text(content):
     for part in content.get("parts") or ([content["text"]] if "text" in content else ()):
         if isinstance(part, str):
             parts.append(part)
-        elif isinstance(part, dict):
+        elif isinstance(part, dict) and not (asset and asset(part)):
             kind = part.get("content_type") or "attachment"
             parts.append(stored_text(part.get("text")) if isinstance(part.get("text"), str)
                          else f"[{kind}]")
     return sound_text("\n".join(p for p in parts if p)), None
 
 
-def from_chatgpt(conversation):
+def from_chatgpt(conversation, assets=None):
     """ChatGPT's conversations.json: {title, create_time, update_time (seconds),
     mapping: {node: {message, parent, children}}, current_node}. Thoughts go
     to the reply that follows them as its reasoning; the custom instructions
     (a hidden node) become the system prompt; memory notes are left out (they
-    are ChatGPT's, not the conversation's), and so are messages with no text."""
+    are ChatGPT's, not the conversation's), and so are messages with no text.
+    assets(pointer): the file a ZIP holds for an image's asset_pointer
+    (medium), or None."""
     mapping = conversation.get("mapping") if isinstance(conversation.get("mapping"), dict) else {}
     nodes = {str(k): v for k, v in mapping.items() if isinstance(v, dict)}
     thoughts = {}
@@ -6465,15 +6599,23 @@ def from_chatgpt(conversation):
             return {"role": "system", "content": sound_text(text)} if text else None
         author = m.get("author") if isinstance(m.get("author"), dict) else {}
         role = STORED_ROLES.get(author.get("role"))
-        text, reasoning = chatgpt_text(content)
+        media = []
+
+        def asset(part):
+            pointer = part.get("asset_pointer")
+            found = assets(pointer) if assets and isinstance(pointer, str) else None
+            if found:
+                media.append(found)
+            return found
+        text, reasoning = chatgpt_text(content, asset)
         metadata = m.get("metadata") if isinstance(m.get("metadata"), dict) else {}
         if reasoning is not None:
             thoughts[id(node)] = reasoning
-        if role is None or not text.strip() or (
+        if role is None or not (text.strip() or media) or (
                 role == "system" and metadata.get("is_visually_hidden_from_conversation")):
             return None
         return {"role": role, "content": text, "model": metadata.get("model_slug"),
-                "timestamp": iso_time(m.get("create_time"))}
+                "timestamp": iso_time(m.get("create_time")), "media": media}
     kept, system, current = tree_messages(nodes, parent_of, message_of,
                                           str(conversation.get("current_node")))
     # Thoughts: to the first reply below them.
@@ -6507,7 +6649,13 @@ def from_llama_chat(item):
             else None
         if role is None:
             return None
-        return {**{name: m.get(name) for name in MESSAGE_CHECKS}, "role": role}
+        media = [medium((files.get(a.get("id")) or {}).get("data"), a.get("name"))
+                 for a in m.get("attachments") or () if isinstance(a, dict)] \
+            if isinstance(m.get("attachments"), list) else []
+        return {**{name: m.get(name) for name in MESSAGE_CHECKS}, "role": role,
+                "media": [found for found in media if found]}
+    files = {k: v for k, v in item["attachments"].items() if isinstance(v, dict)} \
+        if isinstance(item.get("attachments"), dict) else {}
     kept, _, current = tree_messages(nodes, lambda k: nodes[k].get("parent_id"), message_of,
                                      c.get("current_message_id"))
     source = c.get("source") if c.get("source") not in (None, "api") else "llama-chat"
@@ -6522,9 +6670,10 @@ EXPECTED = ("llama-chat's JSON or JSONL export; llama.cpp's web UI export (JSONL
             "JSON); Open WebUI's chat export; ChatGPT's conversations.json or its ZIP")
 
 
-def conversations_in(items):
+def conversations_in(items, assets=None):
     """(format, Imported) for each conversation in a file's items; ValueError
-    on one that none of the formats explains. llama.cpp's web UI's JSONL is
+    on one that none of the formats explains (assets: a ZIP's images, for
+    ChatGPT's: zip_assets). llama.cpp's web UI's JSONL is
     a session line followed by its message lines (each message under
     "message"); a line of another type there is of a later version, and left."""
     session = None
@@ -6556,7 +6705,7 @@ def conversations_in(items):
             yield "llama.cpp-webui", from_llamacpp(item["conv"], messages
                                                    if isinstance(messages, list) else [])
         elif isinstance(item.get("mapping"), dict):
-            yield "chatgpt", from_chatgpt(item)
+            yield "chatgpt", from_chatgpt(item, assets)
         elif isinstance(item.get("chat"), dict) and "history" in item["chat"]:
             yield "open-webui", from_open_webui(item)
         else:
@@ -6568,6 +6717,33 @@ def conversations_in(items):
 
 
 ZIP_MAGIC = b"PK\x03\x04"
+
+
+def zip_assets(archive, members, inflated_limit):
+    """The images of a ChatGPT ZIP, by their asset pointers: assets(pointer)
+    (file-service://file-ID or sediment://file_ID) is the member whose name
+    starts with ID (ChatGPT names them "file-ID-photo.jpg"), read as an
+    attachment (medium), or None."""
+    import zipfile
+    import zlib
+    by_id = {}
+    for info in members:
+        base = info.filename.rsplit("/", 1)[-1]
+        head = re.match(r"(file[-_][A-Za-z0-9]+)[-.]?", base)
+        if head and (inflated_limit is None or info.file_size <= inflated_limit):
+            by_id.setdefault(head.group(1), (info, base[head.end():] or base))
+
+    def assets(pointer):
+        found = by_id.get(pointer.rsplit("://", 1)[-1])
+        if found is None:
+            return None
+        try:
+            with archive.open(found[0]) as member:
+                return medium(member.read(), found[1])
+        except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError,
+                RuntimeError):          # a member that cannot be read: no image
+            return None
+    return assets
 
 
 def file_conversations(f, inflated_limit, seen):
@@ -6594,6 +6770,7 @@ def file_conversations(f, inflated_limit, seen):
         [i for i in members if i.filename.lower().endswith((".json", ".jsonl"))]
     if not chosen:
         raise ValueError(f"the ZIP holds no .json or .jsonl file; expected {EXPECTED}")
+    assets = zip_assets(archive, [i for i in members if i not in chosen], inflated_limit)
     declared = sum(i.file_size for i in chosen)
     if inflated_limit is not None and declared > inflated_limit:
         raise ValueError(f"the ZIP inflates to {declared:,} bytes, more than the "
@@ -6601,7 +6778,7 @@ def file_conversations(f, inflated_limit, seen):
     for info in chosen:
         try:
             with archive.open(info) as member:
-                yield from conversations_in(json_items(member, seen))
+                yield from conversations_in(json_items(member, seen), assets)
         except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError,
                 RuntimeError) as e:
             raise ValueError(f"{info.filename} in the ZIP: {e}") from None
@@ -6717,7 +6894,8 @@ def checked_conversation(conv, where, coercions):
             checked["finish_reason"] = checked["finish_reason"] or "stop"
         else:
             checked["finish_reason"] = None
-        messages.append({"key": m["key"], "parent": m["parent"], "role": m["role"], **checked})
+        messages.append({"key": m["key"], "parent": m["parent"], "role": m["role"], **checked,
+                         "media": m.get("media") or ()})
     row.update(title=(row["title"] or "").strip() or UNTITLED, model=row["model"] or "",
                source=sound_text(conv.source)[:LIMITS["name"]],
                source_id=sound_text(conv.source_id)[:LIMITS["name"]], messages=messages)
@@ -6761,7 +6939,7 @@ def import_file(store, f, progress=None, inflated_limit=None, company="server"):
     company: who else may write meanwhile: "server" (its chats: the import
     is in one), "other processes" (a server: the import is a command's) or
     "none". The counts, the values coerced, and the format(s)."""
-    counts = {"conversations": 0, "messages": 0, "skipped": 0, "empty": 0}
+    counts = {"conversations": 0, "messages": 0, "attachments": 0, "skipped": 0, "empty": 0}
     formats, seen, coercions = [], {}, Coercions()
     writer = ImportWriter(store, counts, progress, company)
     pending, count, size, n = [], 0, 0, 0
@@ -6779,6 +6957,7 @@ def import_file(store, f, progress=None, inflated_limit=None, company="server"):
                 pending.append(checked)
                 count += len(checked.messages)
                 size += sum(len(m["content"]) + len(m["reasoning"] or "")
+                            + sum(len(found[0]) for found in m["media"])
                             for m in checked.messages)
                 if count >= IMPORT_READ[0] or size >= IMPORT_READ[1]:
                     writer.write(pending)
@@ -7172,10 +7351,12 @@ def api_export_conversation(engine, req):
     conversation = existing_conversation(engine, req)
     if export_format(req, ("json", "md")) == "md":
         messages = json.loads(engine.store.tree.branch(conversation["id"]))
-        return Answer(export_markdown(conversation, messages), attachment(
-            download_name(conversation["title"], "md"), "text/markdown; charset=utf-8"))
-    return Answer(export_one(engine.store.db, conversation["id"]), attachment(
-        download_name(conversation["title"], "json"), "application/json"))
+        return Answer(export_markdown(conversation, messages, engine.store.attachment_bytes),
+                      attachment(download_name(conversation["title"], "md"),
+                                 "text/markdown; charset=utf-8"))
+    return EventStream(conversation_export(engine.store.db, conversation["id"]), lambda: None,
+                       attachment(download_name(conversation["title"], "json"),
+                                  "application/json"), as_they_came, whole=True)
 
 
 def api_export(engine, req):
@@ -7200,9 +7381,6 @@ api_import.takes_file = True               # any type of body,
 api_import.body_up_to = "max_import_bytes"  # up to this
 
 
-ATTACHMENT_NAME = re.compile(r"[\x00-\x1f\x7f/\\\\]")
-
-
 def api_upload_attachment(engine, req):
     """A file as the body (?name= its name): stored once, told apart by its
     bytes; 201 with it as the API shows it."""
@@ -7210,8 +7388,7 @@ def api_upload_attachment(engine, req):
     if not data:
         raise validation_error("file", "The body is the file to attach, and it is empty")
     kind, kind_type = attachment_kind(data)
-    name = ATTACHMENT_NAME.sub("", sound_text(req.arg("name") or "")).strip()[:255] or {
-        "image": "image", "audio": "audio", "text": "file.txt"}[kind]
+    name = attachment_name(req.arg("name"), kind)
     return Created({"attachment": engine.store.put_attachment(data, kind, kind_type, name)})
 
 
@@ -7953,9 +8130,12 @@ def command_export(settings, args):
         conversation = store.get_conversation(args.conversation)
         if conversation is None:
             raise CommandError(f"no conversation {args.conversation}")
-        out.write(export_markdown(conversation, json.loads(store.tree.branch(
-            args.conversation))) if args.format == "md" else export_one(store.db,
-                                                                        args.conversation))
+        pieces = [export_markdown(conversation, json.loads(store.tree.branch(
+            args.conversation)), store.attachment_bytes)] if args.format == "md" else \
+            conversation_export(
+            store.db, args.conversation)
+        for piece in pieces:
+            out.write(piece)
 
 
 # The command line imports a file of any size; a ZIP may inflate to this many

@@ -23,6 +23,7 @@ import time
 import textwrap
 import types
 import urllib.parse
+import uuid
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -4982,7 +4983,8 @@ def test_an_export_imports_into_an_empty_database_equal_field_by_field(client, s
         data = zip_of({"history.jsonl": data})
     target = llama_chat.Store(str(tmp_path / "empty.db"))
     done = llama_chat.import_file(target, io.BytesIO(data))
-    assert done == {"conversations": 2, "messages": 7, "skipped": 0, "empty": 0, "coerced": 0,
+    assert done == {"conversations": 2, "messages": 7, "attachments": 0, "skipped": 0,
+                    "empty": 0, "coerced": 0,
                     "format": "llama-chat"}
     ids = [c["id"] for c in json.loads(target.list_conversations())]
     mine = {c["title"]: c["id"] for c in json.loads(target.list_conversations())}
@@ -5152,16 +5154,17 @@ def only_conversation(client, source):
     return conversation(client, found[0]["id"], everything=True)
 
 
-WEBUI_SHOWN = ["Describe this\n\n[image: cat.png]\n\n[text: notes.txt]\nWhiskers.\n\n"
-               "[audio: purr.wav]", "", "-3 C", "A sleepy cat, and it is cold in Oslo.",
-               "Name it"]
+# The image and the text file are kept as attachments; "purr.wav" is no WAV
+# (its bytes are "RIFF" alone): named in the text instead.
+WEBUI_SHOWN = ["Describe this\n\n[audio: purr.wav]", "", "-3 C",
+               "A sleepy cat, and it is cold in Oslo.", "Name it"]
 
 
 def test_llamacpp_webui_jsonl_imports_with_its_tree(client):
     status, body = imported(client, webui_jsonl(WEBUI_CONV, WEBUI_MESSAGES))
     assert status == 200, body
-    assert body == {"success": True, "conversations": 1, "messages": 6, "skipped": 0,
-                    "empty": 0, "coerced": 0, "format": "llama.cpp-webui"}
+    assert body == {"success": True, "conversations": 1, "messages": 6, "attachments": 2,
+                    "skipped": 0, "empty": 0, "coerced": 0, "format": "llama.cpp-webui"}
     found = only_conversation(client, "llama.cpp-webui")
     c, messages = found["conversation"], found["messages"]
     assert (c["title"], c["source_id"], c["system_prompt"], c["pinned"]) == (
@@ -5171,6 +5174,10 @@ def test_llamacpp_webui_jsonl_imports_with_its_tree(client):
     assert [m["role"] for m in messages] == ["user", "assistant", "assistant", "tool",
                                              "assistant", "user"]
     assert messages[0]["parent_id"] is None
+    assert [(a["name"], a["kind"], a["bytes"]) for a in messages[0]["attachments"]] == [
+        ("cat.png", "image", 8), ("notes.txt", "text", 9)]
+    assert client.get(f"/api/attachments/{messages[0]['attachments'][1]['id']}")[2] == \
+        b"Whiskers."
     assert messages[1]["parent_id"] == messages[2]["parent_id"] == messages[0]["id"]
     assert messages[1]["reasoning"] == "It looks furry." and messages[1]["model"] == "gemma"
     assert (messages[1]["prompt_tokens"], messages[1]["estimated_tokens"],
@@ -5221,14 +5228,20 @@ def test_llamacpp_webui_zip_and_older_json_import(client):
                          "extra": [{"type": "textFile", "name": "a.txt", "content": "A"},
                                    {"type": "imageFile", "name": "b.png",
                                     "base64Url": "data:image/png;base64,AA"},
-                                   {"type": "context", "name": "pasted", "content": "C"}]},
+                                   {"type": "context", "name": "pasted", "content": "C"},
+                                   {"type": "pdfFile", "name": "d.pdf", "content": "D",
+                                    "base64Data": "JVBERi0="},
+                                   {"type": "VIDEO", "name": "e.mp4", "base64Data": "AA",
+                                    "mimeType": "video/mp4"}]},
                         {"id": "b", "type": "text", "role": "assistant", "content": "Hello!",
                          "parent": "a", "children": [], "timestamp": 1700000001000,
                          "thinking": "Greet.", "toolCalls": ""}]}
     assert imported(client, json.dumps([old]).encode())[1]["conversations"] == 1
     found = only_conversation(client, "llama.cpp-webui")
-    assert branch(client, found["conversation"]["id"]) == [
-        "Hi\n\n[text: a.txt]\nA\n\n[image: b.png]\n\n[text: pasted]\nC", "Hello!"]
+    assert branch(client, found["conversation"]["id"]) == [       # "AA" is no image
+        "Hi\n\n[image: b.png]\n\n[video: e.mp4]", "Hello!"]
+    assert [(a["name"], a["kind"]) for a in found["messages"][0]["attachments"]] == [
+        ("a.txt", "text"), ("pasted", "text"), ("d.pdf", "text")]   # a PDF: its text
     assert found["conversation"]["system_prompt"] == "You are terse."
     assert found["messages"][1]["reasoning"] == "Greet."
     # downloadConversationsArchive: a .jsonl a conversation, zipped
@@ -5437,6 +5450,113 @@ def test_a_chatgpt_zip_is_read_and_writes_nothing_outside(client, tmp_path):
     assert set(os.listdir(tmp_path)) | set(os.listdir(tmp_path.parent)) <= before | {
         "chat.db-wal", "chat.db-shm"}
     assert not (tmp_path.parent / "escape.txt").exists()
+
+
+def attachments_held(client, cid):
+    """Each message's attachments of a conversation, with their bytes."""
+    raw = http.client.HTTPConnection("127.0.0.1", client.port)
+    held = []
+    for m in conversation(client, cid, everything=True)["messages"]:
+        for a in m["attachments"]:
+            raw.request("GET", f"/api/attachments/{a['id']}")
+            held.append((m["content"], a["name"], a["kind"], raw.getresponse().read()))
+    return held
+
+
+@pytest.mark.parametrize("route", ["/api/export?format=json", "/api/export?format=jsonl",
+                                   "one"])
+def test_an_export_carries_attachments_and_an_import_brings_them_back(client, stub, launch,
+                                                                      route, tmp_path):
+    notes = upload(client, "Κρήτη: 3 days\n".encode(), "plan.md")[2]["attachment"]
+    picture = upload(client, PNG, "beach.png")[2]["attachment"]
+    sound = upload(client, WAV, "waves.wav")[2]["attachment"]
+    cid = client.new_conversation("Holiday")
+    client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "Plan it",
+                              "attachments": [notes["id"], picture["id"]]})
+    client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "",
+                              "attachments": [sound["id"], picture["id"]]})
+    client.new_conversation("Nothing attached") and client.chat(
+        client.get("/api/conversations")[2]["conversations"][0]["id"], "plain")
+    want = attachments_held(client, cid)
+    assert [w[1] for w in want] == ["plan.md", "beach.png", "waves.wav", "beach.png"]
+    status, headers, raw = client.request("GET", route if route != "one" else
+                                          f"/api/conversations/{cid}/export")
+    assert status == 200
+    raw = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    item = json.loads(raw.splitlines()[0]) if "jsonl" in route else json.loads(raw)
+    item = item["conversations"][0] if "conversations" in item else item
+    assert set(item["attachments"]) == {notes["id"], picture["id"], sound["id"]}  # each once
+    assert base64.b64decode(item["attachments"][picture["id"]]["data"]) == PNG
+    assert item["messages"][0]["attachments"][1] == picture
+    there = Client(launch(stub.url, db=str(tmp_path / "elsewhere.db")))
+    status, body = imported(there, raw)
+    assert status == 200 and body["attachments"] == 4, body
+    mine = [c["id"] for c in there.get("/api/conversations")[2]["conversations"]
+            if c["title"] == "Holiday"]
+    assert attachments_held(there, mine[0]) == want
+    assert rows(there, "SELECT count(*) FROM attachments") == [(3,)]
+    assert imported(there, raw)[1]["skipped"] >= 1                 # nothing twice
+    assert rows(there, "SELECT count(*) FROM attachments") == [(3,)]
+
+
+def test_the_markdown_export_shows_images_inline_and_text_files_fenced(client, stub):
+    notes = upload(client, "a ``` fence\nline 2\n".encode(), "notes [draft].md")[2]["attachment"]
+    picture = upload(client, PNG, "cat.png")[2]["attachment"]
+    sound = upload(client, WAV, "purr.wav")[2]["attachment"]
+    cid = client.new_conversation("Cat")
+    client.post("/api/chat", {"conversation_id": cid, "model": MODEL, "message": "Whose?",
+                              "attachments": [picture["id"], notes["id"], sound["id"]]})
+    text = client.request("GET", f"/api/conversations/{cid}/export?format=md")[2].decode()
+    assert "![cat.png](data:image/png;base64," + base64.b64encode(PNG).decode() + ")" in text
+    assert "**notes draft.md**\n\n````\na ``` fence\nline 2\n````" in text
+    assert f"_Audio: purr.wav ({len(WAV)} bytes)_" in text
+    assert text.index("![cat.png]") < text.index("Whose?")
+
+
+def test_a_damaged_attachment_in_an_export_is_left_out_not_the_conversation(client):
+    item = {"conversation": {"id": 1, "title": "Damaged", "uuid": str(uuid.uuid4())},
+            "messages": [{"id": 1, "role": "user", "content": "see", "attachments": [
+                {"id": "a", "name": "x.png"}, {"id": "b", "name": "y.svg"},
+                {"id": "c", "name": "z.png"}, {"id": "d"}]}],
+            "attachments": {"a": {"data": base64.b64encode(PNG).decode()},
+                            "b": {"data": base64.b64encode(b"<svg onload=alert(1)>").decode()},
+                            "c": {"data": "not base64!"}}}
+    status, body = imported(client, json.dumps(item).encode())
+    assert status == 200 and (body["conversations"], body["attachments"]) == (1, 1), body
+    kept = only_conversation(client, "llama-chat")["messages"][0]["attachments"]
+    assert [(a["name"], a["kind"]) for a in kept] == [("x.png", "image")]
+
+
+def test_open_webui_images_and_chatgpt_zip_images_become_attachments(client):
+    data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    chat = json.loads(json.dumps(OPEN_WEBUI))
+    chat[0]["chat"]["history"]["messages"]["q"]["files"] = [
+        {"type": "image", "url": data_url}, {"type": "file", "name": "main.rs"},
+        {"type": "image", "url": "/api/v1/files/abc/content", "name": "remote.png"}]
+    status, body = imported(client, json.dumps(chat).encode())
+    assert status == 200 and body["attachments"] == 1, body
+    question = only_conversation(client, "open-webui")["messages"][0]
+    assert question["content"] == "Borrow checker?\n\n[file: main.rs]\n\n[file: remote.png]"
+    assert [(a["kind"], a["bytes"]) for a in question["attachments"]] == [("image", len(PNG))]
+    # ChatGPT: an image part points at a file the ZIP holds, named by its id
+    gpt = json.loads(json.dumps(CHATGPT[0]))
+    gpt.update(conversation_id="gpt-images", title="With a photo")
+    node = next(n for n in gpt["mapping"].values() if n.get("message") and
+                n["message"]["author"]["role"] == "user")
+    node["message"]["content"] = {"content_type": "multimodal_text", "parts": [
+        {"content_type": "image_asset_pointer", "asset_pointer": "file-service://file-Ab12",
+         "size_bytes": len(PNG)},
+        {"content_type": "image_asset_pointer", "asset_pointer": "sediment://file_00ff"},
+        {"content_type": "image_asset_pointer", "asset_pointer": "file-service://file-Gone"},
+        "What is in this photo?"]}
+    status, body = imported(client, zip_of({
+        "conversations.json": json.dumps([gpt]), "file-Ab12-IMG_0001.png": PNG,
+        "dalle-generations/file_00ff-7d2c.webp": b"RIFF\x00\x00\x00\x00WEBPVP8 " + bytes(20)}))
+    assert status == 200 and body["attachments"] == 2, body
+    asked = only_conversation(client, "chatgpt")["messages"][0]
+    assert asked["content"] == "[image_asset_pointer]\nWhat is in this photo?"   # not found
+    assert [(a["name"], a["type"]) for a in asked["attachments"]] == [
+        ("IMG_0001.png", "image/png"), ("7d2c.webp", "image/webp")]
 
 
 def exported_conversation(client, stub):
