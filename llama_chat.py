@@ -2100,6 +2100,36 @@ WHEN old.title IS NOT new.title BEGIN
     INSERT OR IGNORE INTO search_purge (due) SELECT 1 WHERE NOT old.title_pending;
 END;
 """
+# Text attachments, indexed with their message: a row each link of a text
+# attachment to a message (rowid: the message's id * ATTACHED_ROWS + its
+# position), in an index of their own, so that a history older than them
+# keeps its message index as it is. A link removed takes its row out before
+# the attachment itself can go (attachment_let_go).
+ATTACHED_ROWS = 1024       # more than the attachments a message may have (MAX_ATTACHMENTS)
+ATTACHED_SEARCH_SCHEMA = f"""
+CREATE VIEW attached_text AS
+    SELECT l.message_id * {ATTACHED_ROWS} + l.position AS id,
+           search_form(CAST(a.data AS TEXT)) AS content
+    FROM message_attachments l JOIN attachments a ON a.id = l.attachment_id
+    WHERE a.kind = 'text';
+CREATE VIRTUAL TABLE attached_fts USING fts5(
+    content, content='attached_text', content_rowid='id', prefix='2 3 4 5',
+    tokenize='unicode61 remove_diacritics 2');
+CREATE TRIGGER attached_text_added AFTER INSERT ON message_attachments
+WHEN (SELECT kind FROM attachments WHERE id = new.attachment_id) = 'text' BEGIN
+    INSERT INTO attached_fts (rowid, content)
+        SELECT new.message_id * {ATTACHED_ROWS} + new.position, search_form(CAST(data AS TEXT))
+        FROM attachments WHERE id = new.attachment_id;
+END;
+CREATE TRIGGER attached_text_removed BEFORE DELETE ON message_attachments
+WHEN (SELECT kind FROM attachments WHERE id = old.attachment_id) = 'text' BEGIN
+    INSERT INTO attached_fts (attached_fts, rowid, content)
+        SELECT 'delete', old.message_id * {ATTACHED_ROWS} + old.position,
+               search_form(CAST(data AS TEXT))
+        FROM attachments WHERE id = old.attachment_id;
+    INSERT OR IGNORE INTO search_purge (due) VALUES (1);
+END;
+"""
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 20000       # messages indexed between two reports of progress
@@ -2156,6 +2186,7 @@ class SearchIndex:
         another, or none): drop what differs, create it, and index every
         message. Without FTS5, drop the triggers so that writes still work.
         True if the index was built."""
+        self.sync_attached(c)
         have = dict(c.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'search%' "
                               "AND type IN ('table', 'view', 'trigger')"))
         triggers = [n for n, sql in have.items() if sql.startswith("CREATE TRIGGER")]
@@ -2190,6 +2221,26 @@ class SearchIndex:
             c.execute(statement)
         self._build(c, progress)
         return True
+
+    def sync_attached(self, c):
+        """The same for text attachments' index (ATTACHED_SEARCH_SCHEMA): made
+        again, and every link of a text attachment indexed, unless it is as
+        declared (without FTS5: its triggers dropped, so that writes work)."""
+        have = dict(c.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'attached%' "
+                              "AND type IN ('table', 'view', 'trigger')"))
+        wanted = split_sql(ATTACHED_SEARCH_SCHEMA)
+        if self.fts and all(same_sql(s, have.get(object_name(s))) for s in wanted):
+            return
+        for name, sql in have.items():
+            if sql.startswith("CREATE TRIGGER"):
+                c.execute(f"DROP TRIGGER {name}")
+        if not self.fts:
+            return
+        c.execute("DROP TABLE IF EXISTS attached_fts")
+        c.execute("DROP VIEW IF EXISTS attached_text")
+        for statement in wanted:
+            c.execute(statement)
+        c.execute("INSERT INTO attached_fts (attached_fts) VALUES ('rebuild')")
 
     def in_step(self, have=None):
         """Is the search schema the one SEARCH_SCHEMA says (or no FTS5 here)?"""
@@ -2244,7 +2295,7 @@ class SearchIndex:
         # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and join
         # and snip only the page of results.
         rows = dicts(self.db.conn().execute(
-            f"""SELECT {RESULT_COLUMNS}
+            f"""SELECT {RESULT_COLUMNS}, hits.score
                FROM (SELECT id, score FROM
                         (SELECT rowid AS id, rank AS score FROM search_fts
                          WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?)
@@ -2253,21 +2304,42 @@ class SearchIndex:
                JOIN conversations c ON c.id = m.conversation_id
                ORDER BY hits.score, hits.id DESC""",
             (query.match, RANK_WINDOW, limit * TITLE_ONLY_SPARE)))
+        rows = sorted(rows + self._attached_hits(query, limit), key=lambda r: r["score"])
         # A match in a conversation's title only (each message row holds the
         # title) is the conversation's: shown once, by its best-ranked message.
         pattern = ascii_pattern(query)
         found, titled = [], set()
         for r in rows:
-            spans = [list(m.span()) for m in pattern.finditer(r["content"])] \
-                if r["content"].isascii() else highlight_spans(r["content"], query)
+            text = r.pop("text", None) or r["content"]
+            spans = [list(m.span()) for m in pattern.finditer(text)] \
+                if text.isascii() else highlight_spans(text, query)
             if not spans:
                 if r["conversation_id"] in titled:
                     continue
                 titled.add(r["conversation_id"])
-            found.append(search_result(r, *snippet(r["content"], spans)))
+            del r["score"]
+            found.append(search_result(r, *snippet(text, spans)))
             if len(found) == limit:
                 break
         return found
+
+    def _attached_hits(self, query, limit):
+        """Matches in text attachments, as results of the message they are
+        attached to (`attachment`: {id, name}; `text`: the attachment's, to
+        snip), each with its score."""
+        rows = dicts(self.db.conn().execute(
+            f"""SELECT {RESULT_COLUMNS}, hits.score, l.attachment_id, l.name AS attachment_name,
+                       CAST(a.data AS TEXT) AS text
+               FROM (SELECT rowid AS id, rank AS score FROM attached_fts
+                     WHERE attached_fts MATCH ? ORDER BY rank LIMIT ?) AS hits
+               JOIN message_attachments l ON l.message_id = hits.id / {ATTACHED_ROWS}
+                                         AND l.position = hits.id % {ATTACHED_ROWS}
+               JOIN attachments a ON a.id = l.attachment_id
+               JOIN messages m ON m.id = l.message_id
+               JOIN conversations c ON c.id = m.conversation_id""", (query.match, limit)))
+        for r in rows:
+            r["attachment"] = {"id": r.pop("attachment_id"), "name": r.pop("attachment_name")}
+        return rows
 
     def _search_like(self, query, limit):
         """Without FTS5: every word as a substring of the message or its title
@@ -2307,6 +2379,7 @@ class SearchIndex:
         if self.fts:
             with self.db.write(gives_way=True) as c:
                 c.execute("INSERT INTO search_fts (search_fts) VALUES ('optimize')")
+                c.execute("INSERT INTO attached_fts (attached_fts) VALUES ('optimize')")
         while not self.db.checkpoint():
             if stopping.wait(1):
                 return False
@@ -2319,6 +2392,8 @@ class SearchIndex:
         """FTS5's own check that the index matches the tables; raises if not."""
         if self.fts:
             self.db.conn().execute("INSERT INTO search_fts (search_fts, rank) "
+                                   "VALUES ('integrity-check', 1)")
+            self.db.conn().execute("INSERT INTO attached_fts (attached_fts, rank) "
                                    "VALUES ('integrity-check', 1)")
 
 
@@ -5779,7 +5854,8 @@ def openai_messages(body):
         content = m.get("content")
         media = {at: kept_medium(part) for at, part in enumerate(content)} \
             if role == "user" and isinstance(content, list) else {}
-        media = {at: found for at, found in media.items() if found}    # each decoded once
+        media = dict([(at, found) for at, found in media.items() if found]   # decoded once
+                     [:MAX_ATTACHMENTS])           # any more: named in the text
         text = stored_text(content, media)
         if role == "system" and not sent:
             system.append(text)
@@ -6835,6 +6911,8 @@ def checked_value(check, value):
         if kind == "count" and value != int(value):
             return None, "is not a whole number"
         return (int(value) if kind == "count" else value), None
+    if kind == "attachments":
+        return None, f"are more than {MAX_ATTACHMENTS}: the first {MAX_ATTACHMENTS} kept"
     if kind == "finish":
         return (value, None) if isinstance(value, str) and value in FINISH_REASONS else \
             (None, "is not a finish reason: " + ", ".join(sorted(FINISH_REASONS)))
@@ -6894,8 +6972,12 @@ def checked_conversation(conv, where, coercions):
             checked["finish_reason"] = checked["finish_reason"] or "stop"
         else:
             checked["finish_reason"] = None
+        media = m.get("media") or ()
+        if len(media) > MAX_ATTACHMENTS:
+            coercions.checked({"attachments": ("attachments",)}, {"attachments": media},
+                              f"{where}, message {m['key']}")
         messages.append({"key": m["key"], "parent": m["parent"], "role": m["role"], **checked,
-                         "media": m.get("media") or ()})
+                         "media": media[:MAX_ATTACHMENTS]})
     row.update(title=(row["title"] or "").strip() or UNTITLED, model=row["model"] or "",
                source=sound_text(conv.source)[:LIMITS["name"]],
                source_id=sound_text(conv.source_id)[:LIMITS["name"]], messages=messages)

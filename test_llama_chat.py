@@ -4272,6 +4272,40 @@ def test_a_model_that_does_not_see_is_sent_no_image_and_it_is_said(client, stub)
         {"type": "text", "text": "What is this?"}]
 
 
+def test_a_text_attachment_is_searched_and_a_hit_names_its_message(client, stub, launch):
+    notes = upload(client, "Trip notes\nWe saw the palace of Κνωσός and a zebrafish tank.\n"
+                   .encode(), "crete.md")[2]["attachment"]
+    picture = upload(client, PNG, "zebrafish.png")[2]["attachment"]     # no text to find
+    cid = client.new_conversation("Holiday")
+    asked = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                      "message": "Summarize", "attachments": [
+                                          picture["id"], notes["id"]]})[2]
+    found = client.get("/api/search?q=zebrafish")[2]["results"]
+    assert [(r["message_id"], r["attachment"]) for r in found] == [
+        (asked["user_message_id"], {"id": notes["id"], "name": "crete.md"})]
+    assert "zebrafish tank" in found[0]["snippet"] and found[0]["content"] == "Summarize"
+    hit = found[0]["highlights"][0]
+    assert found[0]["snippet"][hit[0]:hit[1]] == "zebrafish"
+    assert [r["message_id"] for r in client.get("/api/search?q=" + urllib.parse.quote("κνωσος"))[2]["results"]] == [
+        asked["user_message_id"]]                                  # accents and case folded
+    assert client.get("/api/search?q=summarize")[2]["results"][0].get("attachment") is None
+    client.engine.store.index.check()                              # FTS5's own check
+    # A history whose text attachments were never indexed (a copy made by an
+    # older version of this one) is indexed at the next start
+    client.engine.stopping.set()
+    stop(client.server)
+    with sqlite3.connect(client.engine.settings.db) as conn:
+        conn.executescript("DROP TRIGGER attached_text_added; DROP TRIGGER attached_text_removed;"
+                           "DROP TABLE attached_fts; DROP VIEW attached_text;")
+    again = Client(launch(stub.url))
+    assert [r["message_id"] for r in again.get("/api/search?q=palace")[2]["results"]] == [
+        asked["user_message_id"]]
+    assert again.delete(f"/api/messages/{asked['user_message_id']}")[0] == 200
+    assert again.get("/api/search?q=zebrafish")[2]["results"] == []
+    assert rows(again, "SELECT count(*) FROM attachments") == [(0,)]
+    again.engine.store.index.check()
+
+
 def test_an_attachment_goes_with_the_last_message_that_held_it(client, stub):
     picture = upload(client, PNG, "cat.png")[2]["attachment"]
     cid = client.new_conversation()
