@@ -3833,6 +3833,12 @@ class Upstream:
                                        if isinstance(entry["status"], dict) else None)
                 if n_ctx:
                     self._launch_contexts[entry["id"]] = n_ctx
+            architecture = entry.get("architecture")
+            said = architecture.get("input_modalities") if isinstance(architecture, dict) \
+                else None
+            if isinstance(said, list):      # a router's: known before the model loads
+                self._takes.setdefault(entry["id"], frozenset(
+                    kind for kind in ("image", "audio") if kind in said))
         if models != self._listed:           # a model loaded, unloaded or swapped:
             self._contexts.clear()           # its context may be another now
             self._listed = models
@@ -4766,13 +4772,24 @@ def effective_settings(settings, conversation):
 MESSAGE_OVERHEAD = 8
 
 
+def counted_text(m):
+    """What of a message is counted as its tokens: its text files as they
+    are sent (message_parts), then its text. An attachment's bytes are in
+    `data` where they have been read."""
+    files = [f"--- File: {a['name']} ---\n" + bytes(a["data"]).decode("utf-8", "replace")
+             .lstrip("\ufeff") for a in m.get("attachments") or ()
+             if a["kind"] == "text" and a.get("data") is not None]
+    return "\n".join(files + [m["content"]]) if files else m["content"]
+
+
 def counted_tokens(engine, messages, model):
-    """Each message's tokens: stored, else counted by llama.cpp (/tokenize,
-    once: the count is kept in its row). False if llama.cpp cannot count."""
+    """Each message's tokens (counted_text): stored, else counted by
+    llama.cpp (/tokenize, once: the count is kept in its row). False if
+    llama.cpp cannot count."""
     counts = {}
     for m in messages:
         if m.get("token_count") is None:
-            n = engine.upstream.token_count(m["content"], model)
+            n = engine.upstream.token_count(counted_text(m), model)
             if n is None:
                 return False
             m["token_count"] = n
@@ -4856,6 +4873,9 @@ def next_prompt(engine, conversation, question=None, model=None):
     leaf = conversation.get("current_message_id")
     history = engine.store.tree.path(leaf, limit) if leaf is not None and limit else []
     total = engine.store.tree.depth(leaf) if leaf is not None else 0
+    attached = engine.store.attached([m["id"] for m in history if m["role"] == "user"])
+    for m in history:
+        m["attachments"] = attached.get(m["id"], [])
     if question is not None:
         history = history + [{"id": None, "role": "user", "content": question,
                               "token_count": None}]
@@ -4865,11 +4885,13 @@ def next_prompt(engine, conversation, question=None, model=None):
                                  options=options, own_messages=1 if question else 0,
                                  context=None)
     fit_context(engine, turn, total)
-    messages = context_messages(system_prompt, turn.history)
+    left_out = []
+    messages = context_messages(system_prompt, turn.history, engine.upstream.takes(model),
+                                left_out)
     body = {"messages": messages, **options, **({"model": model} if model else {})}
     sent = len(messages) - (1 if system_prompt else 0)
     return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
-            "messages_left_out": total - sent,
+            "messages_left_out": total - sent, "attachments_left_out": left_out,
             "prompt_tokens": engine.upstream.input_tokens(body),
             "n_ctx": engine.upstream.context_of(model),
             "prompt": engine.upstream.templated(messages, model)}
@@ -5034,7 +5056,11 @@ def start_chat(engine, body):
                              reply_options=JSON.encode(asked) if asked is not None else None,
                              attachments=attachments,
                              estimated_tokens=estimate_tokens(message),
-                             token_count=question_tokens(engine, message, model or None))
+                             token_count=question_tokens(engine, counted_text({
+                                 "content": message, "attachments": [
+                                     {**a, "data": store.attachment_bytes(a["id"])}
+                                     if a["kind"] == "text" else a for a in attachments]}),
+                                 model or None))
         if asked_at is None:
             if store.get_conversation(conversation_id) is None:
                 raise not_found("conversation", conversation_id)

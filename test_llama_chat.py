@@ -140,7 +140,9 @@ class StubHandler(BaseHTTPRequestHandler):
                  "status": {"value": stub.router_status}},
                 {"id": "qwen3-0.6b", "object": "model", "status": {
                     "value": "unloaded", "args": ["llama-server", "-m", "qwen3.gguf", "-c", "8192",
-                                                  "--port", "0"]}},
+                                                  "--port", "0"]},
+                 "architecture": {"input_modalities": ["text"],       # no projector
+                                  "output_modalities": ["text"]}},
             ]})
         elif self.path in ("/models", "/v1/models"):
             self.send_json(200, {"models": [{"name": "/srv/models/" + MODEL}], "object": "list",
@@ -4304,6 +4306,47 @@ def test_a_text_attachment_is_searched_and_a_hit_names_its_message(client, stub,
     assert again.get("/api/search?q=zebrafish")[2]["results"] == []
     assert rows(again, "SELECT count(*) FROM attachments") == [(0,)]
     again.engine.store.index.check()
+
+
+def test_a_router_model_not_loaded_is_known_to_take_no_images_before_it_loads(client, stub):
+    stub.router = True
+    picture = upload(client, PNG, "cat.png")[2]["attachment"]
+    assert client.get("/api/models")[0] == 200           # qwen3-0.6b: input_modalities text
+    cid = client.new_conversation(model="qwen3-0.6b")
+    answer = client.post("/api/chat", {"conversation_id": cid, "model": "qwen3-0.6b",
+                                       "message": "What is this?",
+                                       "attachments": [picture["id"]]})[2]
+    assert answer["context"]["attachments_left_out"] == [picture["id"]]
+    assert stub.requests[-1]["body"]["messages"][-1]["content"] == [
+        {"type": "text", "text": "What is this?"}]
+    prompt = client.get(f"/api/conversations/{cid}/prompt")[2]     # the inspector says so too
+    assert prompt["attachments_left_out"] == [picture["id"]]
+    other = client.new_conversation(model="gemma-3-270m")         # /props: it sees
+    answer = client.post("/api/chat", {"conversation_id": other, "model": "gemma-3-270m",
+                                       "message": "And this?", "attachments": [picture["id"]]})[2]
+    assert "attachments_left_out" not in answer.get("context", {})
+    assert stub.requests[-1]["body"]["messages"][-1]["content"][0]["type"] == "image_url"
+
+
+def test_a_text_attachment_counts_toward_the_context_by_its_tokens(client, stub):
+    stub.n_ctx = 500                # less a quarter for the reply: 375 tokens
+    cid = client.new_conversation()
+    client.chat(cid, "first question " * 10)
+    notes = upload(client, ("word " * 150).encode(), "notes.txt")[2]["attachment"]
+    answer = client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                                       "message": "Summarize", "attachments": [notes["id"]]})[2]
+    asked = answer["user_message_id"]
+    # a token a word in the stub: "--- File: notes.txt ---" (4), 150 words, the question
+    assert rows(client, "SELECT token_count FROM messages WHERE id = ?", asked) == [(155,)]
+    prompt = client.get(f"/api/conversations/{cid}/prompt?message=" + "more%20" * 250)[2]
+    sent = [m["content"] for m in prompt["messages"]]
+    assert prompt["messages_sent"] == 3 and sent[1].startswith("first question")
+    assert not any(isinstance(c, list) for c in sent)    # the file's exchange no longer fits
+    with sqlite3.connect(client.engine.settings.db) as conn:     # counted when read, as well
+        conn.execute("UPDATE messages SET token_count = NULL")
+    again = client.get(f"/api/conversations/{cid}/prompt?message=" + "more%20" * 250)[2]
+    assert again["messages"] == prompt["messages"]
+    assert rows(client, "SELECT token_count FROM messages WHERE id = ?", asked) == [(155,)]
 
 
 def test_an_attachment_goes_with_the_last_message_that_held_it(client, stub):
