@@ -87,6 +87,7 @@ import contextlib
 import glob
 import io
 import functools
+import itertools
 import ipaddress
 import json
 import logging
@@ -421,8 +422,11 @@ IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpe
 MARKUP = re.compile(rb"\s*(<\?xml|<!doctype|<svg|<html|<script|<!--)", re.I)
 
 
-def attachment_kind(data):
-    """(kind, type) of an attachment's bytes, or VALIDATION_ERROR."""
+def attachment_kind(data, rest=()):
+    """(kind, type) of an attachment's bytes, or VALIDATION_ERROR: told by
+    its first bytes (data), and for text by every piece of it (rest: the
+    pieces after the first, where it comes a piece at a time; left unread
+    for the other kinds)."""
     for magic, kind in IMAGE_MAGIC:
         if data.startswith(magic):
             return "image", kind
@@ -433,10 +437,16 @@ def attachment_kind(data):
     if data[:3] == b"ID3" or data[:2] in (b"\xff\xfb", b"\xff\xf3", b"\xff\xf2"):
         return "audio", "audio/mpeg"
     text = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    if b"\x00" not in text and not MARKUP.match(text):
+    if not MARKUP.match(text):
+        decoder = codecs.getincrementaldecoder("utf-8")()
         try:
-            text.decode("utf-8")
-            return "text", "text/plain; charset=utf-8"
+            for piece in itertools.chain((text,), rest):
+                if b"\x00" in piece:
+                    break
+                decoder.decode(piece)
+            else:
+                decoder.decode(b"", final=True)
+                return "text", "text/plain; charset=utf-8"
         except UnicodeDecodeError:
             pass
     raise validation_error("file", "An attachment is an image (PNG, JPEG, WebP, GIF), audio "
@@ -2762,6 +2772,46 @@ def blob_pieces(conn, ident, size=1 << 20):
         at += len(piece)
 
 
+class Upload:
+    """A file as it comes (f.read, a piece at a time): hashed, counted and
+    kept in a temporary file (in memory up to 1 MiB), its kind told by its
+    bytes as they are read (attachment_kind): never whole in memory. What
+    is refused is refused before the rest is read. close() when done."""
+    PIECE = 1 << 16
+
+    def __init__(self, f):
+        import tempfile
+        self.spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)
+        self.digest, self.size = hashlib.sha256(), 0
+        try:
+            pieces = self._read(f)
+            first = next(pieces, b"")
+            if not first:
+                raise validation_error("file", "The body is the file to attach, and it is empty")
+            self.kind, self.type = attachment_kind(first, pieces)
+            for _ in pieces:
+                pass
+        except BaseException:
+            self.close()
+            raise
+        self.ident = self.digest.hexdigest()
+
+    def _read(self, f):
+        while piece := f.read(self.PIECE):
+            self.digest.update(piece)
+            self.size += len(piece)
+            self.spool.write(piece)
+            yield piece
+
+    def pieces(self, size=1 << 20):
+        self.spool.seek(0)
+        while piece := self.spool.read(size):
+            yield piece
+
+    def close(self):
+        self.spool.close()
+
+
 class Store:
     """History in SQLite: conversations and messages, as plain dicts. Knows
     nothing of HTTP. `open()` brings the file to this version (migrations,
@@ -3128,8 +3178,8 @@ class Store:
 
     # Attachments
     def put_attachment(self, data, kind, kind_type, name):
-        """Store an attachment's bytes, once whoever sends them again: its row
-        as the API shows it (the name it was first given)."""
+        """Store an attachment's bytes (or an Upload's), once whoever sends
+        them again: its row as the API shows it (the name it was first given)."""
         with self.db.write() as c:
             return self.stored_attachment(c, data, kind, kind_type, name)
 
@@ -3137,12 +3187,24 @@ class Store:
     def stored_attachment(c, data, kind, kind_type, name=None):
         """The one INSERT of an attachment (in the caller's transaction): its
         bytes stored unless they are already, its row as the API shows it.
-        Unnamed, it is named by its kind and id ("image-1a2b3c4d.png")."""
-        ident = hashlib.sha256(data).hexdigest()
+        data: bytes, or an Upload, written a piece at a time through SQLite's
+        incremental blob I/O (Python 3.11+; before, whole). Unnamed, it is
+        named by its kind and id ("image-1a2b3c4d.png")."""
+        upload = data if isinstance(data, Upload) else None
+        ident = upload.ident if upload else hashlib.sha256(data).hexdigest()
+        size = upload.size if upload else len(data)
+        if upload and not hasattr(c, "blobopen"):
+            data, upload = b"".join(upload.pieces()), None
         name = name or f"{kind}-{ident[:8]}.{kind_type.split('/')[1].split(';')[0]}"
-        c.execute("INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, "
-                  "made_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                  (ident, kind, kind_type, name, len(data), sqlite3.Binary(data), now_iso()))
+        added = c.execute(
+            "INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, made_at) "
+            "VALUES (?, ?, ?, ?, ?, coalesce(?, zeroblob(?)), ?)",
+            (ident, kind, kind_type, name, size, None if upload else sqlite3.Binary(data),
+             size, now_iso()))
+        if upload and added.rowcount == 1:
+            with c.blobopen("attachments", "data", added.lastrowid) as blob:
+                for piece in upload.pieces():
+                    blob.write(piece)
         return one(c.execute("SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?",
                              (ident,)))
 
@@ -7490,18 +7552,19 @@ api_import.body_up_to = "max_import_bytes"  # up to this
 
 
 def api_upload_attachment(engine, req):
-    """A file as the body (?name= its name): stored once, told apart by its
-    bytes; 201 with it as the API shows it."""
-    data = req.body
-    if not data:
-        raise validation_error("file", "The body is the file to attach, and it is empty")
-    kind, kind_type = attachment_kind(data)
-    name = attachment_name(req.arg("name"), kind)
-    return Created({"attachment": engine.store.put_attachment(data, kind, kind_type, name)})
+    """A file as the body (?name= its name), read a piece at a time: stored
+    once, told apart by its bytes; 201 with it as the API shows it."""
+    upload = Upload(req.body)
+    try:
+        return Created({"attachment": engine.store.put_attachment(
+            upload, upload.kind, upload.type, attachment_name(req.arg("name"), upload.kind))})
+    finally:
+        upload.close()
 
 
 api_upload_attachment.takes_file = True                   # any type of body,
-api_upload_attachment.body_up_to = "max_attachment_bytes"  # up to this
+api_upload_attachment.body_up_to = "max_attachment_bytes"  # up to this,
+api_upload_attachment.reads_body = True                    # read by the handler as it comes
 
 
 ATTACHMENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age="
@@ -7696,6 +7759,22 @@ MAX_HEADER_BYTES = 65536
 MAX_HEADERS = 100
 HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,10})\.([0-9]{1,10})")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # an RFC 9110 token
+
+
+class BodyFile:
+    """A request's body as its handler reads it, as it comes (a route whose
+    `reads_body` is set): at most Content-Length bytes of the connection."""
+
+    def __init__(self, rfile, length):
+        self.rfile, self.left = rfile, length
+
+    def read(self, size=-1):
+        size = self.left if size < 0 else min(size, self.left)
+        data = self.rfile.read(size) if size else b""
+        if len(data) != size:
+            raise ApiError(400, "INVALID_JSON", "Request body ended early")
+        self.left -= size
+        return data
 
 
 class RequestHead:
@@ -7898,6 +7977,12 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
         if self.command == "HEAD" and api:
             return HEAD_ANSWER                    # headers only: never the GET's work
         body = self.read_body(handler)
+        if isinstance(body, BodyFile):            # read by the handler, under the deadline
+            result = handler(engine, Request(self.command, path, urllib.parse.parse_qs(
+                parts.query), self.headers, body, params, self.connection))
+            self.body_read = body.left == 0
+            self.server.unwatch(self.connection)
+            return result
         self.body_read = True
         self.server.unwatch(self.connection)      # read in full: no deadline now
         return handler(engine, Request(self.command, path, urllib.parse.parse_qs(parts.query),
@@ -7974,7 +8059,7 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
         if raw is None:
             if self.command in ("POST", "PUT") and not takes_file:
                 self.require_json_type()
-            return b""
+            return BodyFile(self.rfile, 0) if getattr(handler, "reads_body", False) else b""
         length, limit = ascii_number(raw, 30), self.body_limit(handler)
         if length is None:
             self.close_connection = True
@@ -7988,6 +8073,8 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
                               if handler is api_import else f" (raise "
                               f"{handler.body_up_to} in config.json)"
                               if hasattr(handler, "body_up_to") else ""))
+        if getattr(handler, "reads_body", False):
+            return BodyFile(self.rfile, length)
         body = self.rfile.read(length) if length else b""
         if len(body) != length:
             self.close_connection = True

@@ -4217,6 +4217,63 @@ def test_what_is_not_an_image_audio_or_text_is_refused(client, data):
     assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
 
 
+def test_a_large_upload_is_stored_byte_for_byte_a_piece_at_a_time(client, monkeypatch):
+    pieces = []
+    real = llama_chat.Upload._read
+
+    def counted(self, f):
+        for piece in real(self, f):
+            pieces.append(len(piece))
+            yield piece
+    monkeypatch.setattr(llama_chat.Upload, "_read", counted)
+    photo = b"\xff\xd8\xff\xe0" + random.Random(7).randbytes(3_000_000)     # a JPEG's size
+    status, _, body = upload(client, photo, "IMG_0042.jpg")
+    assert status == 201 and body["attachment"]["bytes"] == len(photo)
+    assert max(pieces) <= llama_chat.Upload.PIECE and sum(pieces) == len(photo)
+    raw = http.client.HTTPConnection("127.0.0.1", client.port)
+    raw.request("GET", f"/api/attachments/{body['attachment']['id']}")
+    assert raw.getresponse().read() == photo
+    assert upload(client, photo, "again.jpg")[2]["attachment"]["name"] == "IMG_0042.jpg"
+    text = ("línea " * 400_000).encode()                   # text past the spool's 1 MiB
+    made = upload(client, text, "log.txt")[2]["attachment"]
+    assert (made["kind"], made["bytes"]) == ("text", len(text))
+    assert rows(client, "SELECT length(data) FROM attachments ORDER BY bytes") == [
+        (len(text),), (len(photo),)]
+
+
+def test_a_refused_upload_is_refused_before_its_end_and_its_connection_closed(client):
+    """Random bytes are refused at their first piece: the rest is not read,
+    and never taken for the connection's next request."""
+    body = bytes(range(256)) * 8192                                   # 2 MiB
+    sock = socket.create_connection(("127.0.0.1", client.port), timeout=10)
+    sock.sendall(b"POST /api/attachments HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: "
+                 + str(len(body) * 2).encode() + b"\r\n\r\n" + body[:65536])
+    answer = sock.makefile("rb")
+    assert answer.readline().startswith(b"HTTP/1.1 400")
+    head = b"".join(iter(answer.readline, b"\r\n"))
+    assert b"Connection: close" in head
+    sock.close()
+    text = "é".encode() * 40000 + b"\xff"                      # UTF-8 until its last byte
+    status, _, found = upload(client, text, "notes.txt")
+    assert (status, found["field"]) == (400, "file")
+    assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
+
+
+def test_an_upload_cut_by_kill_9_leaves_nothing_half_stored(client, stub):
+    db = client.engine.settings.db
+    with server_process(db, stub.url) as other:
+        sock = socket.create_connection(("127.0.0.1", other.port))
+        sock.sendall(b"POST /api/attachments?name=big.png HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Length: 4000000\r\n\r\n" + PNG + bytes(2_000_000))
+        time.sleep(0.3)
+        other.proc.kill()
+        other.proc.wait(10)
+        sock.close()
+    assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
+    assert rows(client, "PRAGMA integrity_check") == [("ok",)]
+    assert upload(client, PNG, "after.png")[0] == 201
+
+
 def test_an_attachment_past_the_limit_is_413_and_unknown_ones_404(tmp_path, stub, launch):
     c = Client(launch(stub.url, max_attachment_bytes=2048))
     status, _, body = upload(c, b"x" * 3000)
