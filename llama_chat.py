@@ -574,6 +574,7 @@ DEFAULT_CONFIG = {
     "max_import_bytes": 67108864,
     "max_generations": 0,
     "max_attachment_bytes": 20971520,
+    "max_image_pixels": 2000000,
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
     "openai_api": {"record": True},
@@ -633,6 +634,7 @@ class Settings:
     max_import_bytes: int = DEFAULT_CONFIG["max_import_bytes"]
     max_generations: int = 0        # replies made at once; 0: llama-server's slots, else 4
     max_attachment_bytes: int = DEFAULT_CONFIG["max_attachment_bytes"]
+    max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"]   # the page scales larger down
     request_timeout: float = 10.0   # seconds to send a whole request
     header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
@@ -866,6 +868,9 @@ def load_settings(argv=None, environ=None):
             max_attachment_bytes=whole_number(
                 conf.get("max_attachment_bytes", DEFAULT_CONFIG["max_attachment_bytes"]),
                 "max_attachment_bytes", 1024, 2**31),
+            max_image_pixels=whole_number(
+                conf.get("max_image_pixels", DEFAULT_CONFIG["max_image_pixels"]),
+                "max_image_pixels", 0, 2**31),
             llama_server=args.llama_server or "", llama_model=args.model or "",
             llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
@@ -1081,7 +1086,8 @@ class RawJSON(str):
 
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
-JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating", "attachments"}
+JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating", "attachments",
+                "attachments_left_out"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1827,10 +1833,17 @@ def migrate_to_9(c):
         c.execute(statement)
 
 
+# Version 9 -> 10: a reply keeps which of its question's attachments its
+# model could not take (a JSON array of their ids; NULL: none), so that the
+# page says so whenever it shows the reply, not only as it comes.
+def migrate_to_10(c):
+    c.execute("ALTER TABLE messages ADD COLUMN attachments_left_out TEXT")
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
-              migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9]
+              migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9, migrate_to_10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The history's two tables as SCHEMA_VERSION leaves them, every column once,
@@ -1864,6 +1877,7 @@ MESSAGE_TABLE = {
                      "response_time_ms", "estimated_tokens", "prompt_tokens",
                      "tokens_per_second", "finish_reason", "options", "tool_calls",
                      "tool_call_id", *TIMING_COLUMNS), "shown exported"),
+    "attachments_left_out": "shown exported",    # ids the reply's model did not take
     "generating": "shown",       # shown as true or false; the process making it kept
     "digest": "",                # message_digest(), kept by DIGEST_SCHEMA's triggers
     "token_count": "",           # llama.cpp's count, forgotten when the text changes
@@ -2236,6 +2250,9 @@ class SearchIndex:
         """The same for text attachments' index (ATTACHED_SEARCH_SCHEMA): made
         again, and every link of a text attachment indexed, unless it is as
         declared (without FTS5: its triggers dropped, so that writes work)."""
+        if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'message_attachments'"
+                         ).fetchone():
+            return                          # a schema before attachments (a test makes one)
         have = dict(c.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'attached%' "
                               "AND type IN ('table', 'view', 'trigger')"))
         wanted = split_sql(ATTACHED_SEARCH_SCHEMA)
@@ -3962,20 +3979,26 @@ class Upstream:
         started with (-c, as /models lists them), where they say it."""
         try:
             status, body = self.call("GET", props_path(model), read_timeout=30)
+            if status == 200:
+                self.props_read(model, body)
             n_ctx = body["default_generation_settings"]["n_ctx"] if status == 200 else None
-            slots = body.get("total_slots")
-            if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
-                self.slots = slots
-            said = body.get("modalities")
-            if status == 200 and isinstance(said, dict):
-                self._takes[model] = frozenset(
-                    kind for kind, name in (("image", "vision"), ("audio", "audio"))
-                    if said.get(name) is True)
         except (ApiError, KeyError, TypeError, AttributeError):
             n_ctx = None
         if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
             return n_ctx
         return self._launch_contexts.get(model)
+
+    def props_read(self, model, body):
+        """What /props tells beside a model's settings, noted whoever read it:
+        its slots, and what the model takes beside text (`modalities`)."""
+        slots = body.get("total_slots") if isinstance(body, dict) else None
+        if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0:
+            self.slots = slots
+        said = body.get("modalities") if isinstance(body, dict) else None
+        if isinstance(said, dict):
+            self._takes[model] = frozenset(
+                kind for kind, name in (("image", "vision"), ("audio", "audio"))
+                if said.get(name) is True)
 
     def takes(self, model=None):
         """What a model takes beside text ("image", "audio"), as llama-server's
@@ -3989,6 +4012,7 @@ class Upstream:
         status, body = self.call("GET", props_path(model), read_timeout=30)
         if status != 200:
             raise upstream_status_error(status, body)
+        self.props_read(model, body)
         try:
             params = body["default_generation_settings"]["params"]
         except (KeyError, TypeError):
@@ -5235,6 +5259,7 @@ def store_reply(engine, turn, message_id, text, reasoning, finish_reason, metric
         before = turn.continued
         columns = continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)
         text, reasoning = before["content"] + text, (before["reasoning"] or "") + reasoning
+        columns["attachments_left_out"] = before["attachments_left_out"]
     else:
         columns = dict(response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
                        prompt_tokens=metrics["prompt_tokens"],
@@ -5242,7 +5267,9 @@ def store_reply(engine, turn, message_id, text, reasoning, finish_reason, metric
                        finish_reason=finish_reason, **timings,
                        token_count=metrics["completion_tokens"]
                        if metrics["completion_tokens"] is not None
-                       and metrics["prompt_tokens"] is not None else None)
+                       and metrics["prompt_tokens"] is not None else None,
+                       attachments_left_out=JSON.encode(turn.left_out) if turn.left_out
+                       else None)
     row = engine.store.finish_reply(message_id, text, reasoning, **columns)
     if row is None:
         if engine.store.get_conversation(turn.conversation_id) is None:
@@ -6967,6 +6994,7 @@ MESSAGE_CHECKS = {"content": ("text", LIMITS["content"]),
                   "tokens_per_second": ("amount",), "finish_reason": ("finish",),
                   "options": ("options",), "tool_calls": ("calls",),
                   "tool_call_id": ("name", LIMITS["name"]),
+                  "attachments_left_out": ("ids",),
                   **{name: ("count",) if kind == "INTEGER" else ("amount",)
                      for name, kind in TIMING_COLUMNS.items()}}
 FINISH_REASONS = {"stop", "length", "aborted", "error", "interrupted", "tool_calls",
@@ -6999,6 +7027,10 @@ def checked_value(check, value):
         if kind == "count" and value != int(value):
             return None, "is not a whole number"
         return (int(value) if kind == "count" else value), None
+    if kind == "ids":
+        return (JSON.encode(value), None) if isinstance(value, list) and value and all(
+            isinstance(i, str) and ATTACHMENT_ID.match(i) for i in value) else \
+            (None, "is not a list of attachment ids")
     if kind == "attachments":
         return None, f"are more than {MAX_ATTACHMENTS}: the first {MAX_ATTACHMENTS} kept"
     if kind == "finish":
@@ -7272,7 +7304,10 @@ def api_model_defaults(engine, req):
 
 def api_config(engine, req):
     """The public settings, and what a new conversation's replies are made with."""
-    return {**engine.settings.public_config(), "effective": effective_settings(engine.settings, {})}
+    settings = engine.settings
+    return {**settings.public_config(), "max_attachment_bytes": settings.max_attachment_bytes,
+            "max_image_pixels": settings.max_image_pixels,
+            "effective": effective_settings(settings, {})}
 
 
 def api_list_conversations(engine, req):

@@ -701,7 +701,7 @@ SCHEMA = {
         "edited_at": "TEXT", "options": "TEXT", "tool_calls": "TEXT", "tool_call_id": "TEXT",
         "digest": "INTEGER", "prompt_n": "INTEGER", "prompt_ms": "REAL", "cache_n": "INTEGER",
         "predicted_n": "INTEGER", "predicted_ms": "REAL", "ttft_ms": "REAL",
-        "token_count": "INTEGER", "generating": "TEXT"},
+        "token_count": "INTEGER", "generating": "TEXT", "attachments_left_out": "TEXT"},
     "import_pending": {"conversation_id": "INTEGER", "run": "TEXT"},
     "ledger_buckets": {"model": "TEXT", "metric": "TEXT", "bucket": "INTEGER",
                        "n": "INTEGER", "total": "REAL"},
@@ -720,6 +720,7 @@ SCHEMA = {
                     "bytes": "INTEGER", "data": "BLOB", "made_at": "TEXT"},
     "message_attachments": {"message_id": "INTEGER", "position": "INTEGER",
                             "attachment_id": "TEXT", "name": "TEXT", "shown": "TEXT"},
+    "attached_fts": {"content": ""},
 }
 
 
@@ -728,7 +729,7 @@ def schema_of(path):
     try:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-            "AND name NOT LIKE 'search_fts_%'")]
+            "AND name NOT LIKE 'search_fts_%' AND name NOT LIKE 'attached_fts_%'")]
         return {t: {r[1]: r[2] for r in conn.execute(f"PRAGMA table_info({t})")}
                 for t in tables}
     finally:
@@ -3892,6 +3893,25 @@ def test_a_schema_8_database_gains_replies_being_made_after_a_backup(tmp_path):
     store.close()
 
 
+def test_a_schema_9_database_gains_the_replies_note_of_what_was_left_out(tmp_path):
+    path = str(tmp_path / "v9.db")
+    notes = "Κνωσός palace".encode()
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+        c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model) "
+                  "VALUES (1, 1, 'assistant', 'a', 'm')")
+        llama_chat.Store.attach(c, 1, [(notes, "text", "text/plain; charset=utf-8", "n.md")])
+    store = migrated(path, fill, 9)
+    shown = json.loads(store.messages(1)[0])
+    assert [(m["content"], m["attachments_left_out"]) for m in shown] == [("q", None),
+                                                                          ("a", None)]
+    assert [a["name"] for a in shown[0]["attachments"]] == ["n.md"]
+    assert [r["message_id"] for r in store.search("palace", 5)] == [1]
+    store.close()
+
+
 @contextlib.contextmanager
 def listening(client):
     """The events /api/events tells, gathered in a list while the block runs."""
@@ -4329,6 +4349,14 @@ def test_a_model_that_does_not_see_is_sent_no_image_and_it_is_said(client, stub)
     assert answer["context"]["attachments_left_out"] == [picture["id"]]
     assert stub.requests[-1]["body"]["messages"][-1]["content"] == [
         {"type": "text", "text": "What is this?"}]
+    shown = conversation(client, cid)["messages"]               # kept with the reply
+    assert [m["attachments_left_out"] for m in shown] == [None, None, None, [picture["id"]]]
+    stub.modalities = {"vision": True, "audio": False}
+    client.get(f"/api/models/defaults?model={MODEL}")           # /props read again
+    again = client.post("/api/chat", {"conversation_id": cid, "regenerate": shown[-1]["id"],
+                                      "model": MODEL})[2]
+    assert "attachments_left_out" not in again.get("context", {})
+    assert conversation(client, cid)["messages"][-1]["attachments_left_out"] is None
 
 
 def test_a_text_attachment_is_searched_and_a_hit_names_its_message(client, stub, launch):
@@ -8124,6 +8152,52 @@ def test_page_attaches_files_by_drop_and_paste_and_shows_them(page, client, stub
     assert b.js("return window.pwned === undefined")                 # the name is only text
     shown = conversation(client, cid)["messages"][0]["attachments"]
     assert [a["name"] for a in shown] == [hostile, "notes.md"]
+
+
+# A JPEG drawn by the browser, 200 x 100, with an EXIF orientation of 6 (its
+# top is to the right: a phone held upright) spliced in after its start.
+EXIF_JPEG = """
+const canvas = document.createElement('canvas');
+canvas.width = 200; canvas.height = 100;
+const g = canvas.getContext('2d');
+g.fillStyle = '#c00'; g.fillRect(0, 0, 200, 100);
+const jpeg = new Uint8Array(await (await new Promise(r => canvas.toBlob(r, 'image/jpeg'))).arrayBuffer());
+const exif = [0xFF, 0xE1, 0x00, 0x22, 0x45, 0x78, 0x69, 0x66, 0x00, 0x00,
+              0x4D, 0x4D, 0x00, 0x2A, 0x00, 0x00, 0x00, 0x08, 0x00, 0x01,
+              0x01, 0x12, 0x00, 0x03, 0x00, 0x00, 0x00, 0x01, 0x00, 0x06, 0x00, 0x00,
+              0x00, 0x00, 0x00, 0x00];
+const file = new File([jpeg.slice(0, 2), new Uint8Array(exif), jpeg.slice(2)], 'upright.jpg',
+                      {type: 'image/jpeg'});
+const data = new DataTransfer();
+data.items.add(file);
+document.getElementById('composer').dispatchEvent(
+  new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+"""
+
+
+@needs_chromium
+def test_page_scales_a_large_photo_down_upright_and_says_what_a_model_left_out(page, client,
+                                                                              stub):
+    client.engine.settings = replace(client.engine.settings, max_image_pixels=10000)
+    stub.modalities = {"vision": False, "audio": False}
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.wait("return document.querySelector('#attach')")
+    b.js(f"(async () => {{ {EXIF_JPEG} }})()")
+    b.wait("return document.querySelectorAll('#chips li').length === 1")
+    b.type("#input", "What is this?\ue007")
+    size = b.wait("const i = document.querySelector('.msg.user .attached img');"
+                  "return i && i.naturalWidth && [i.naturalWidth, i.naturalHeight]")
+    assert size == [70, 141]              # upright (100 x 200), then to 10,000 pixels at most
+    note = b.wait("const n = document.querySelector('.msg.assistant .left-out');"
+                  "return n && n.textContent")
+    assert note.startswith("Not shown to") and "upright.jpg (it takes no images)" in note
+    stored = conversation(client, cid)["messages"][0]["attachments"][0]
+    assert stored["type"] == "image/jpeg" and stored["bytes"] < 20000
+    b.go(f"http://127.0.0.1:{client.port}/#/c/{cid}")             # and after a reload
+    b.wait("const n = document.querySelector('.msg.assistant .left-out');"
+           "return n && n.textContent.includes('upright.jpg')")
 
 
 @needs_chromium
