@@ -15,6 +15,7 @@ The sections, in order; each uses only what stands above it:
   Speed-ups           what each saves, and how to undo it
   Errors              ApiError: the contract's error body, for every failure
   Validation          what clients send, checked field by field
+  PDF text            a PDF's text, read with the standard library
   Configuration       flags > environment > config.json > defaults; the
                       command registry
   Storage             the database file (one connection a thread, locks,
@@ -105,6 +106,7 @@ import traceback
 import types
 import unicodedata
 import urllib.parse
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -450,8 +452,9 @@ def attachment_kind(data, rest=()):
         except UnicodeDecodeError:
             pass
     raise validation_error("file", "An attachment is an image (PNG, JPEG, WebP, GIF), audio "
-                           "(WAV, MP3) or UTF-8 text (code, Markdown, CSV, JSON...); this "
-                           "file is none of these (SVG and HTML are refused)")
+                           "(WAV, MP3), UTF-8 text (code, Markdown, CSV, JSON...) or a PDF "
+                           "(kept as its text); this file is none of these (SVG and HTML are "
+                           "refused)")
 
 
 def sound_text(text):
@@ -558,6 +561,501 @@ def query_int(req, name, default, low, high=None):
     if value >= 2**63:
         raise validation_error(name, f"Query parameter {name} is out of range")
     return min(value, high) if high is not None else value
+
+
+###############################################################################
+# PDF text: what a PDF holds as text, read with the standard library
+###############################################################################
+
+# A PDF attached is kept as its text (an attachment is an image, a sound or
+# text): its objects found by their "N G obj" marks (object streams opened),
+# each page's content streams (Flate-compressed or plain, forms they draw
+# included) read for their text operators, each string decoded by its font's
+# ToUnicode map, else, for a simple font, as Windows' Latin-1. What cannot be
+# read so (scanned pages, fonts without a map, encryption) is not guessed at.
+PDF_TOKEN = re.compile(rb"""
+    (?P<space>(?:\s|%[^\r\n]*)+) | (?P<dict><<|>>) | (?P<array>[\[\]]) | (?P<brace>[{}]) |
+    (?P<name>/[^\s/<>\[\]()%{}]*) | (?P<hex><[0-9A-Fa-f\s]*>) | (?P<string>\() |
+    (?P<number>[+-]?(?:\d+\.?\d*|\.\d+)) | (?P<word>[^\s/<>\[\]()%{}]+) | (?P<other>.)
+    """, re.S | re.X)
+PDF_OBJECT_MARK = re.compile(rb"(?<![\d.])(\d+)\s+(\d+)\s+obj\b")
+PDF_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",
+               ord("f"): b"\f"}
+PDF_MOST_OBJECTS = 200_000     # a file that claims more is refused, not walked
+PDF_MOST_DEPTH = 8             # forms drawn by forms, at most
+
+
+class PdfName(str):
+    """A PDF name (/Font), told apart from a string."""
+
+
+@dataclass(frozen=True)
+class PdfRef:
+    number: int
+
+
+class PdfError(ValueError):
+    """A PDF whose text cannot be read; the message says why, to the user."""
+
+
+def pdf_literal(data, at):
+    """A literal string's bytes from just after its "(": (bytes, end)."""
+    out, depth = bytearray(), 1
+    while at < len(data):
+        c = data[at]
+        at += 1
+        if c == 0x5C:                                   # backslash
+            nxt = data[at:at + 1]
+            at += 1
+            if nxt and nxt[0] in PDF_ESCAPES:
+                out += PDF_ESCAPES[nxt[0]]
+            elif nxt and nxt in b"01234567":
+                digits = re.match(rb"[0-7]{1,3}", data[at - 1:at + 2]).group()
+                out.append(int(digits, 8) & 0xFF)
+                at += len(digits) - 1
+            elif nxt in (b"\r", b"\n"):
+                at += nxt == b"\r" and data[at:at + 1] == b"\n"
+            else:
+                out += nxt
+        elif c == 0x28:
+            depth += 1
+            out.append(c)
+        elif c == 0x29:
+            depth -= 1
+            if depth == 0:
+                return bytes(out), at
+            out.append(c)
+        else:
+            out.append(c)
+    return bytes(out), at
+
+
+def pdf_tokens(data, at=0):
+    """(kind, value, end) of each token of PDF syntax from `at`."""
+    while at < len(data):
+        m = PDF_TOKEN.match(data, at)
+        kind, raw = m.lastgroup, m.group()
+        if kind == "string":
+            value, end = pdf_literal(data, m.end())
+            yield "string", value, end
+            at = end
+            continue
+        at = m.end()
+        if kind == "space":
+            continue
+        if kind == "hex":
+            digits = re.sub(rb"\s", b"", raw[1:-1])
+            yield "string", bytes.fromhex((digits + b"0" * (len(digits) % 2)).decode()), at
+        elif kind == "name":
+            yield "name", PdfName(re.sub(rb"#([0-9A-Fa-f]{2})", lambda x: bytes([int(
+                x.group(1), 16)]), raw[1:]).decode("latin-1")), at
+        elif kind == "number":
+            yield "number", float(raw) if b"." in raw else int(raw), at
+        else:
+            yield kind, raw, at
+
+
+def pdf_value(tokens, first):
+    """The PDF object that begins with token `first` (a dict, list, name,
+    number, string, PdfRef; a word as bytes), reading the rest from tokens."""
+    kind, raw, _ = first
+    if kind == "dict" and raw == b"<<":
+        items = []
+        for token in tokens:
+            if token[0] == "dict" and token[1] == b">>":
+                break
+            items.append(pdf_value(tokens, token))
+        items = pdf_refs(items)
+        return {items[k]: items[k + 1] for k in range(0, len(items) - 1, 2)
+                if isinstance(items[k], PdfName)}
+    if kind == "array" and raw == b"[":
+        found = []
+        for token in tokens:
+            if token[0] == "array" and token[1] == b"]":
+                break
+            found.append(pdf_value(tokens, token))
+        return pdf_refs(found)
+    return raw
+
+
+def pdf_refs(items):
+    """A list's "N G R" triples as PdfRefs."""
+    out = []
+    for item in items:
+        if item == b"R" and len(out) >= 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in out[-2:]):
+            out[-2:] = [PdfRef(out[-2])]
+        else:
+            out.append(item)
+    return out
+
+
+class PdfDocument:
+    """A PDF's objects by number: (dict or value, stream bytes or None)."""
+
+    def __init__(self, data):
+        if not data.startswith(b"%PDF-"):
+            raise PdfError("this is not a PDF")
+        self.data, self.objects = data, {}
+        for mark in PDF_OBJECT_MARK.finditer(data):
+            if len(self.objects) >= PDF_MOST_OBJECTS:
+                raise PdfError("this PDF has too many objects to read")
+            self.objects[int(mark.group(1))] = self.parse(data, mark.end())
+        for number, (head, stream) in list(self.objects.items()):
+            if isinstance(head, dict) and head.get("Type") == "ObjStm" and stream is not None:
+                self.unpack(head, number)
+        if any(isinstance(h, dict) and h.get("Encrypt") for h, _ in self.objects.values()) \
+                or re.search(rb"trailer\s*<<[^>]*?/Encrypt", data):
+            raise PdfError("this PDF is encrypted")
+
+    def parse(self, data, at):
+        """The object at `at` (after "N G obj"): (value, raw stream or None)."""
+        tokens = pdf_tokens(data, at)
+        try:
+            value = pdf_value(tokens, next(tokens))
+        except StopIteration:
+            return None, None
+        stream = None
+        if isinstance(value, dict):
+            after = re.compile(rb"\s*stream\r?\n").match(data, self.position(data, at, value))
+            if after:
+                start = after.end()
+                length = value.get("Length")
+                if isinstance(length, int) and data[start + length:start + length + 32] \
+                        .lstrip().startswith(b"endstream"):
+                    stream = data[start:start + length]
+                else:
+                    end = data.find(b"endstream", start)
+                    stream = data[start:end if end >= 0 else len(data)].rstrip(b"\r\n")
+        return value, stream
+
+    @staticmethod
+    def position(data, at, value):
+        """Where a dict that begins after `at` ends (its closing >>)."""
+        depth, i = 0, data.find(b"<<", at)
+        while 0 <= i < len(data):
+            if data.startswith(b"<<", i):
+                depth, i = depth + 1, i + 2
+            elif data.startswith(b">>", i):
+                depth, i = depth - 1, i + 2
+                if depth == 0:
+                    return i
+            elif data[i] == 0x28:                      # a string may hold << or >>
+                i = pdf_literal(data, i + 1)[1]
+            else:
+                i += 1
+        return len(data)
+
+    def unpack(self, head, number):
+        """An object stream's objects, each where no object of its number is."""
+        data = self.decoded(head, self.objects[number][1])
+        first, count = head.get("First"), head.get("N")
+        if data is None or not isinstance(first, int) or not isinstance(count, int):
+            return
+        numbers = [int(n) for n in re.findall(rb"\d+", data[:first])]
+        for k in range(0, min(len(numbers), 2 * count) - 1, 2):
+            if numbers[k] not in self.objects:
+                tokens = pdf_tokens(data, first + numbers[k + 1])
+                try:
+                    self.objects[numbers[k]] = (pdf_value(tokens, next(tokens)), None)
+                except StopIteration:
+                    pass
+
+    def get(self, value):
+        """A value with a reference followed (to its object's value)."""
+        for _ in range(32):
+            if not isinstance(value, PdfRef):
+                return value
+            value = (self.objects.get(value.number) or (None, None))[0]
+        return None
+
+    def stream(self, value):
+        """The decoded bytes of the stream a reference names, or None."""
+        if not isinstance(value, PdfRef) or value.number not in self.objects:
+            return None
+        head, raw = self.objects[value.number]
+        return self.decoded(head, raw) if isinstance(head, dict) and raw is not None else None
+
+    def decoded(self, head, raw):
+        filters = self.get(head.get("Filter"))
+        filters = filters if isinstance(filters, list) else [filters] if filters else []
+        for name in filters:
+            if name not in ("FlateDecode", "Fl"):
+                return None                 # an image's (DCT...) or one not read here
+            try:
+                raw = zlib.decompressobj().decompress(raw, 64 << 20)
+            except zlib.error:
+                return None
+        return raw
+
+    def pages(self):
+        """Each page's dict, in order (the page tree walked from its root)."""
+        roots = [h for h, _ in self.objects.values()
+                 if isinstance(h, dict) and h.get("Type") == "Pages" and "Parent" not in h]
+        found, seen = [], set()
+
+        def walk(node, depth):
+            node = self.get(node)
+            if not isinstance(node, dict) or id(node) in seen or depth > 64:
+                return
+            seen.add(id(node))
+            if node.get("Type") == "Page" or "Kids" not in node:
+                found.append(node)
+            for kid in self.get(node.get("Kids")) or ():
+                walk(kid, depth + 1)
+        for root in roots:
+            walk(root, 0)
+        return found or [h for n, (h, _) in sorted(self.objects.items())
+                         if isinstance(h, dict) and h.get("Type") == "Page"]
+
+    def inherited(self, page, name):
+        for _ in range(64):
+            if not isinstance(page, dict):
+                return None
+            if name in page:
+                return self.get(page[name])
+            page = self.get(page.get("Parent"))
+        return None
+
+
+def pdf_cmap(data):
+    """A ToUnicode CMap: ({code bytes: text}, the code lengths it uses)."""
+    found = {}
+    tokens = [t for t in pdf_tokens(data)]
+    i = 0
+    while i < len(tokens):
+        kind, raw, _ = tokens[i]
+        if kind == "word" and raw == b"beginbfchar":
+            i += 1
+            while i + 1 < len(tokens) and tokens[i][1] != b"endbfchar":
+                if tokens[i][0] == "string" and tokens[i + 1][0] == "string":
+                    found[tokens[i][1]] = utf16(tokens[i + 1][1])
+                i += 2
+        elif kind == "word" and raw == b"beginbfrange":
+            i += 1
+            while i + 2 < len(tokens) and tokens[i][1] != b"endbfrange":
+                low, high = tokens[i][1], tokens[i + 1][1]
+                if tokens[i + 2][0] == "array":            # [<d1> <d2> ...]
+                    targets, i = [], i + 3
+                    while i < len(tokens) and tokens[i][1] != b"]":
+                        targets.append(tokens[i][1])
+                        i += 1
+                    i += 1
+                else:
+                    targets, i = None, i + 3
+                    start = tokens[i - 1][1]
+                if not (isinstance(low, bytes) and isinstance(high, bytes)) or \
+                        len(low) != len(high) or not low:
+                    continue
+                a, b = int.from_bytes(low, "big"), int.from_bytes(high, "big")
+                for n, code in enumerate(range(a, min(b, a + 65535) + 1)):
+                    key = code.to_bytes(len(low), "big")
+                    if targets is not None:
+                        if n < len(targets) and isinstance(targets[n], bytes):
+                            found[key] = utf16(targets[n])
+                    elif isinstance(start, bytes) and start:
+                        last = int.from_bytes(start[-2:], "big") + n
+                        found[key] = utf16(start[:-2] + (last & 0xFFFF).to_bytes(2, "big"))
+        i += 1
+    return found, sorted({len(k) for k in found}) or [1]
+
+
+def utf16(data):
+    return data.decode("utf-16-be", "replace") if len(data) % 2 == 0 else \
+        data.decode("latin-1")
+
+
+def pdf_number(value):
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+class PdfFont:
+    """How a font's strings become text (its ToUnicode map, else Latin-1 for
+    a simple font; nothing for a composite font without one), and how far
+    they move the pen (its widths, in thousandths of its size)."""
+
+    def __init__(self, doc, font):
+        font = doc.get(font) if isinstance(doc.get(font), dict) else {}
+        cmap = doc.stream(font.get("ToUnicode"))
+        self.map, self.lengths = pdf_cmap(cmap) if cmap else ({}, [1])
+        self.simple = font.get("Subtype") != "Type0"
+        try:
+            self.widths, self.default, self.code = pdf_widths(doc, font)
+        except (TypeError, ValueError, AttributeError, IndexError):
+            self.widths, self.default, self.code = {}, 500, 1 if self.simple else 2
+
+    def text(self, data):
+        if not self.map:
+            return data.decode("cp1252", "replace") if self.simple else ""
+        out, i = [], 0
+        while i < len(data):
+            for size in self.lengths:
+                piece = self.map.get(data[i:i + size])
+                if piece is not None:
+                    out.append(piece)
+                    i += size
+                    break
+            else:
+                i += self.lengths[0]
+        return "".join(out)
+
+    def advance(self, data):
+        """How far a string moves the pen, in thousandths of the font's size."""
+        return sum(self.widths.get(int.from_bytes(data[i:i + self.code], "big"), self.default)
+                   for i in range(0, len(data), self.code))
+
+
+def pdf_widths(doc, font):
+    """A font's glyph widths: ({code: width}, the width of others, bytes a code)."""
+    if font.get("Subtype") == "Type0":
+        kids = doc.get(font.get("DescendantFonts"))
+        cid = doc.get(kids[0]) if isinstance(kids, list) and kids else {}
+        cid = cid if isinstance(cid, dict) else {}
+        found, spec, i = {}, doc.get(cid.get("W")) or [], 0
+        while i + 1 < len(spec):
+            first, then = spec[i], doc.get(spec[i + 1])
+            if isinstance(then, list):            # c [w1 w2 ...]
+                found.update((first + k, pdf_number(w)) for k, w in enumerate(then))
+                i += 2
+            elif i + 2 < len(spec):               # c1 c2 w
+                found.update((c, pdf_number(spec[i + 2]))
+                             for c in range(first, min(then, first + 65535) + 1))
+                i += 3
+            else:
+                break
+        return found, pdf_number(cid.get("DW", 1000)), 2
+    first, widths = font.get("FirstChar", 0), doc.get(font.get("Widths")) or []
+    described = doc.get(font.get("FontDescriptor"))
+    missing = described.get("MissingWidth") if isinstance(described, dict) else None
+    return ({first + k: pdf_number(w) for k, w in enumerate(widths)},
+            pdf_number(missing) or 500, 1)
+
+
+def pdf_text(data):
+    """The text of a PDF's pages, a blank line between pages; PdfError if it
+    holds none that can be read (scanned pages, unmapped fonts, encrypted)."""
+    doc = PdfDocument(data)
+    pages = [pdf_page_text(doc, page) for page in doc.pages()]
+    text = "\n\n".join(p for p in pages if p.strip())
+    if not any(c.isalnum() for c in text):
+        raise PdfError("this PDF has no extractable text (scanned pages, or fonts it does "
+                       "not map to letters): attach its pages as images instead")
+    return text
+
+
+def pdf_page_text(doc, page):
+    lines = PdfLines()
+    pdf_run(doc, doc.inherited(page, "Resources"), b"".join(
+        doc.stream(r) or b"" for r in (lambda c: c if isinstance(c, list) else [c])(
+            page.get("Contents"))), lines, 0)
+    return lines.text()
+
+
+class PdfLines:
+    """A page's text as its operators place it: a new line where the pen
+    moves down or up, a space where it moves right past what was shown
+    (more than a quarter of the font's size)."""
+
+    def __init__(self):
+        self.lines, self.y, self.x, self.shown = [[]], None, 0.0, 0.0
+        self.size, self.font, self.fonts = 12.0, None, {}
+        self.quiet = []           # marked content whose ActualText stands for its glyphs
+
+    def text(self):
+        return "\n".join(re.sub(r"[ \t]+", " ", "".join(line)).strip()
+                         for line in self.lines).strip()
+
+    def show(self, data):
+        if self.font is None:
+            return
+        said = [span for span in self.quiet if span[0] is not None]
+        for span in said:
+            if not span[1]:
+                self.lines[-1].append(span[0])
+                span[1] = True
+        if not said:
+            self.lines[-1].append(self.font.text(data))
+        self.shown += self.font.advance(data) * self.size / 1000
+
+    def marked(self, actual_text):
+        """Marked content begins; its ActualText (None: none) stands for the
+        glyphs it shows, said where the first of them is."""
+        self.quiet.append([actual_text, False])
+
+    def marked_end(self):
+        if self.quiet:
+            said, shown = self.quiet.pop()
+            if said is not None and not shown:
+                self.lines[-1].append(said)
+
+    def move(self, x, y):
+        """The pen to a line's start at (x, y) of text space."""
+        if self.y is not None and abs(y - self.y) > 0.01:
+            self.lines.append([])
+        elif x - (self.x + self.shown) > self.size / 4 and self.lines[-1]:
+            self.lines[-1].append(" ")
+        self.x, self.y, self.shown = x, y, 0.0
+
+    def next_line(self):
+        self.lines.append([])
+        self.shown = 0.0
+
+
+def pdf_run(doc, resources, content, lines, depth):
+    """Read a content stream's text operators into lines (PdfLines)."""
+    resources = resources if isinstance(resources, dict) else {}
+    fonts = doc.get(resources.get("Font"))
+    fonts = fonts if isinstance(fonts, dict) else {}
+    operands = []
+    tokens = pdf_tokens(content)
+    for token in tokens:
+        kind, op, end = token
+        if kind != "word":
+            operands.append(pdf_value(tokens, token))
+            continue
+        last = operands[-1] if operands else None
+        if op == b"BI":                                  # an inline image: its data skipped
+            stop = re.compile(rb"\sEI(?=\s|$)").search(content, end)
+            tokens = pdf_tokens(content, stop.end() if stop else len(content))
+        elif op == b"Tf" and len(operands) >= 2 and isinstance(operands[-2], PdfName):
+            key = (id(fonts), operands[-2])
+            if key not in lines.fonts:
+                lines.fonts[key] = PdfFont(doc, fonts.get(operands[-2]))
+            lines.font, lines.size = lines.fonts[key], abs(pdf_number(last)) or 12.0
+        elif op == b"BT":
+            lines.move(0.0, lines.y if lines.y is not None else 0.0)
+        elif op in (b"Td", b"TD") and len(operands) >= 2:
+            lines.move(lines.x + pdf_number(operands[-2]),
+                       (lines.y or 0.0) + pdf_number(operands[-1]))
+        elif op == b"Tm" and len(operands) >= 6:
+            lines.move(pdf_number(operands[-2]), pdf_number(operands[-1]))
+        elif op == b"T*":
+            lines.next_line()
+        elif op in (b"Tj", b"'", b'"') and isinstance(last, bytes):
+            if op != b"Tj":
+                lines.next_line()
+            lines.show(last)
+        elif op == b"TJ" and isinstance(last, list):
+            for item in last:
+                if isinstance(item, bytes):
+                    lines.show(item)
+                elif pdf_number(item) < -200:          # a gap as wide as a space
+                    lines.lines[-1].append(" ")
+                lines.shown -= pdf_number(item) * lines.size / 1000
+        elif op in (b"BDC", b"BMC"):
+            said = doc.get(last.get("ActualText")) if isinstance(last, dict) else None
+            lines.marked((utf16(said[2:]) if said.startswith(b"\xfe\xff") else
+                          said.decode("latin-1")) if isinstance(said, bytes) else None)
+        elif op == b"EMC":
+            lines.marked_end()
+        elif op == b"Do" and isinstance(last, PdfName) and depth < PDF_MOST_DEPTH:
+            objects = doc.get(resources.get("XObject"))
+            ref = objects.get(last) if isinstance(objects, dict) else None
+            head = doc.get(ref)
+            if isinstance(head, dict) and head.get("Subtype") == "Form":
+                pdf_run(doc, doc.get(head.get("Resources")) or resources,
+                        doc.stream(ref) or b"", lines, depth + 1)
+        operands = []
 
 
 ###############################################################################
@@ -2805,13 +3303,36 @@ class Upload:
             first = next(pieces, b"")
             if not first:
                 raise validation_error("file", "The body is the file to attach, and it is empty")
-            self.kind, self.type = attachment_kind(first, pieces)
-            for _ in pieces:
-                pass
+            if first.startswith(b"%PDF-"):
+                for _ in pieces:
+                    pass
+                self.pdf_as_text()
+            else:
+                self.kind, self.type = attachment_kind(first, pieces)
+                for _ in pieces:
+                    pass
         except BaseException:
             self.close()
             raise
         self.ident = self.digest.hexdigest()
+
+    def pdf_as_text(self):
+        """A PDF is kept as its text (pdf_text: read whole, as a PDF must be),
+        or refused with the reason it has none to read."""
+        import tempfile
+        try:
+            text = pdf_text(b"".join(self.pieces())).encode()
+        except PdfError as e:
+            raise validation_error("file", f"This PDF cannot be attached: {e}") from None
+        except (RecursionError, MemoryError, zlib.error, TypeError, ValueError, KeyError,
+                AttributeError, IndexError):       # a file damaged past what is foreseen
+            raise validation_error("file", "This PDF cannot be attached: it cannot be read "
+                                   "here") from None
+        self.spool.close()
+        self.spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)
+        self.spool.write(text)
+        self.digest, self.size = hashlib.sha256(text), len(text)
+        self.kind, self.type = "text", "text/plain; charset=utf-8"
 
     def _read(self, f):
         while piece := f.read(self.PIECE):

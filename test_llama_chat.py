@@ -484,10 +484,11 @@ def test_shipped_config_equals_builtin_defaults():
         assert json.load(f) == llama_chat.DEFAULT_CONFIG
 
 
-def test_api_config_shows_the_four_sections(client):
+def test_api_config_shows_the_four_sections_and_the_attachment_limits(client):
     status, _, body = client.get("/api/config")
     assert status == 200
-    expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in llama_chat.CONFIG_SECTIONS}
+    expected = {k: llama_chat.DEFAULT_CONFIG[k] for k in (
+        *llama_chat.CONFIG_SECTIONS, "max_attachment_bytes", "max_image_pixels")}
     expected["timeouts"] = {"llamacpp_timeout": 2, "llamacpp_connect_timeout": 2}  # the fixture's
     effective = body.pop("effective")             # what a new conversation's replies take
     assert body == {"success": True, **expected}
@@ -4292,6 +4293,111 @@ def test_an_upload_cut_by_kill_9_leaves_nothing_half_stored(client, stub):
     assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
     assert rows(client, "PRAGMA integrity_check") == [("ok",)]
     assert upload(client, PNG, "after.png")[0] == 201
+
+
+def pdf_file(objects, compress=True, in_object_stream=()):
+    """A PDF of these objects ({number: (dictionary text, stream bytes or
+    None)}): content streams Flate-compressed (compress), the objects named
+    in in_object_stream put in an object stream, as PDF 1.5 writers do."""
+    import zlib
+    out, offsets = bytearray(b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n"), {}
+    packed = {n: objects[n][0] for n in in_object_stream}
+    if packed:
+        head = b" ".join(b"%d %d" % (n, sum(len(packed[m]) + 1 for m in list(packed)[:k]))
+                         for k, n in enumerate(packed)) + b" "
+        body = head + b"".join(packed[n] + b"\n" for n in packed)
+        objects = {**{n: v for n, v in objects.items() if n not in packed},
+                   99: (b"<< /Type /ObjStm /N %d /First %d >>" % (len(packed), len(head)), body)}
+    for number, (head, stream) in objects.items():
+        offsets[number] = len(out)
+        if stream is None:
+            out += b"%d 0 obj\n%s\nendobj\n" % (number, head)
+            continue
+        data = zlib.compress(stream) if compress else stream
+        out += b"%d 0 obj\n%s\nstream\n%s\nendstream\nendobj\n" % (
+            number, head[:-2] + b" /Length %d%s >>" % (len(data), b" /Filter /FlateDecode"
+                                                     if compress else b""), data)
+    out += b"trailer\n<< /Root 1 0 R >>\n%%EOF\n"
+    return bytes(out)
+
+
+# A page in two fonts: a composite one (two-byte codes, Identity-H) mapped by
+# its ToUnicode CMap, as browsers and office suites write, and Helvetica (a
+# simple font: Latin-1); a form it draws, and a kerned TJ array.
+CMAP = (b"/CIDInit /ProcSet findresource begin\n12 dict begin\nbegincmap\n"
+        b"1 begincodespacerange <0000> <FFFF> endcodespacerange\n"
+        b"3 beginbfchar <0001> <039A> <0002> <03BD> <0003> <0020> endbfchar\n"
+        b"2 beginbfrange <0010> <0012> <03C9> <0020> <0021> [<706B> <5C71>] endbfrange\n"
+        b"endcmap\nCMapName currentdict /CMap defineresource pop\nend\nend\n")
+PDF_OBJECTS = {
+    1: (b"<< /Type /Catalog /Pages 2 0 R >>", None),
+    2: (b"<< /Type /Pages /Kids [3 0 R 9 0 R] /Count 2 >>", None),
+    3: (b"<< /Type /Page /Parent 2 0 R /Contents [4 0 R 10 0 R] /Resources << /Font "
+        b"<< /F1 5 0 R /F2 7 0 R >> /XObject << /X1 8 0 R >> >> >>", None),
+    4: (b"<< >>", b"BT /F1 24 Tf 72 700 Td <000100020003001000110012> Tj ET\n"
+                  b"BT /F1 12 Tf 72 680 Td [<0020> -80 <0021> -300 <0020>] TJ ET"),
+    10: (b"<< >>", b"BT /F2 12 Tf 72 650 Td (Cr\\350me br\\373l\\351e \\(caf\\351\\)) Tj "
+                   b"0 -14 Td (second line) Tj ET\nq /X1 Do Q"),
+    5: (b"<< /Type /Font /Subtype /Type0 /BaseFont /Noto /Encoding /Identity-H "
+        b"/DescendantFonts [11 0 R] /ToUnicode 6 0 R >>", None),
+    11: (b"<< /Type /Font /Subtype /CIDFontType2 /BaseFont /Noto /DW 1000 >>", None),
+    6: (b"<< >>", CMAP),
+    7: (b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>", None),
+    8: (b"<< /Type /XObject /Subtype /Form /BBox [0 0 500 500] /Resources << /Font "
+        b"<< /F9 7 0 R >> >> >>", b"BT /F9 10 Tf 72 600 Td (Drawn by a form) Tj ET"),
+    9: (b"<< /Type /Page /Parent 2 0 R /Contents 12 0 R /Resources << /Font << /F1 7 0 R "
+        b">> >> >>", None),
+    12: (b"<< >>", b"BT /F1 11 Tf 72 700 Td (Page two endobj stream) Tj ET"),
+}
+PDF_TEXT = ("\u039a\u03bd \u03c9\u03ca\u03cb\n\u706b\u5c71 \u706b\nCr\u00e8me br\u00fbl\u00e9e "
+            "(caf\u00e9)\nsecond line\nDrawn by a form\n\nPage two endobj stream")
+
+
+@pytest.mark.parametrize("form", ["compressed", "plain", "object stream"])
+def test_a_pdf_is_kept_as_its_text(client, form):
+    data = pdf_file(PDF_OBJECTS, compress=form != "plain",
+                    in_object_stream=(5, 7, 11) if form == "object stream" else ())
+    assert llama_chat.pdf_text(data) == PDF_TEXT
+    status, _, body = upload(client, data, "dessert.pdf")
+    assert status == 201, body
+    made = body["attachment"]
+    assert (made["name"], made["kind"], made["type"]) == ("dessert.pdf", "text",
+                                                          "text/plain; charset=utf-8")
+    assert made["id"] == hashlib.sha256(PDF_TEXT.encode()).hexdigest()
+    assert client.get(f"/api/attachments/{made['id']}")[2].decode() == PDF_TEXT
+
+
+@pytest.mark.parametrize("objects, words", [
+    ({**PDF_OBJECTS, 4: (b"<< >>", b"q 100 0 0 100 0 0 cm /Im1 Do Q"), 10: (b"<< >>", b""),
+      12: (b"<< >>", b"")}, "has no extractable text"),               # a scan: images only
+    ({**PDF_OBJECTS, 5: (PDF_OBJECTS[5][0].replace(b"/ToUnicode 6 0 R", b""), None),
+      10: (b"<< >>", b""), 12: (b"<< >>", b"")}, "has no extractable text"),   # no map
+    ({**PDF_OBJECTS, 13: (b"<< /Filter /Standard /V 2 /R 3 /O <00> /U <00> /P -4 >>", None),
+      1: (b"<< /Type /Catalog /Pages 2 0 R >>", None)}, "is encrypted"),
+])
+def test_a_pdf_without_text_to_read_is_refused_and_says_why(client, objects, words):
+    data = pdf_file(objects)
+    if words == "is encrypted":
+        data = data.replace(b"<< /Root 1 0 R >>", b"<< /Root 1 0 R /Encrypt 13 0 R >>")
+    status, _, body = upload(client, data, "scan.pdf")
+    assert (status, body["field"]) == (400, "file") and words in body["error"], body
+    assert rows(client, "SELECT count(*) FROM attachments") == [(0,)]
+
+
+def test_a_damaged_pdf_is_refused_never_a_traceback(client):
+    whole = pdf_file(PDF_OBJECTS)
+    rng = random.Random(3)
+    for cut in (20, len(whole) // 3, len(whole) // 2, len(whole) - 40):
+        damaged = bytearray(whole[:cut])
+        for _ in range(20):
+            damaged[rng.randrange(9, len(damaged))] = rng.randrange(256)
+        status, _, body = upload(client, bytes(damaged), "broken.pdf")
+        assert status in (201, 400) and (status == 201 or body["field"] == "file"), body
+    for nasty in (b"%PDF-1.4\n1 0 obj << /Type /Pages /Kids [1 0 R] >> endobj",
+                  b"%PDF-1.4\n1 0 obj " + b"[" * 5000 + b" endobj",
+                  b"%PDF-1.4\n1 0 obj << /Length 99999999 >> stream\nxx endstream endobj"):
+        status, _, body = upload(client, nasty, "nasty.pdf")
+        assert (status, body.get("field")) == (400, "file"), body
 
 
 def test_an_attachment_past_the_limit_is_413_and_unknown_ones_404(tmp_path, stub, launch):
