@@ -2333,9 +2333,13 @@ def migrate_to_9(c):
 
 # Version 9 -> 10: a reply keeps which of its question's attachments its
 # model could not take (a JSON array of their ids; NULL: none), so that the
-# page says so whenever it shows the reply, not only as it comes.
+# page says so whenever it shows the reply, not only as it comes. And the
+# attachments are indexed by age: the start's sweep of unsent uploads reads
+# that index, not every attachment's row (made_at comes after the bytes: a
+# row read to it reads them all, 500 MB of photos into the page cache).
 def migrate_to_10(c):
     c.execute("ALTER TABLE messages ADD COLUMN attachments_left_out TEXT")
+    c.execute("CREATE INDEX attachments_by_age ON attachments (made_at)")
 
 
 # Each entry turns version N into N + 1, inside one transaction with the rest
@@ -4220,6 +4224,8 @@ class ImportWriter:
             if not ids:
                 return
             self.db.give_way()
+
+
 ###############################################################################
 # llama.cpp client
 ###############################################################################
@@ -4233,6 +4239,45 @@ class TLSConnection(http.client.HTTPConnection):
         import ssl
         self.sock = ssl.create_default_context().wrap_socket(self.sock,
                                                              server_hostname=self.host)
+
+
+class Media:
+    """An attachment's bytes in a request to llama.cpp, as a base64 string
+    (after `prefix`: "data:image/png;base64," or nothing): request_json
+    writes it in as base64 bytes, never through JSON's escaping, and str()
+    is that string for whoever shows the request."""
+    __slots__ = ("prefix", "data")
+
+    def __init__(self, prefix, data):
+        self.prefix, self.data = prefix, data
+
+    def __str__(self):
+        return self.prefix + base64.b64encode(self.data).decode()
+
+
+def request_json(body):
+    """A request's body as JSON: bytes, or where it carries Media, a list of
+    bytes (the JSON around each medium, and the medium's base64: a 5 MB
+    photo is neither escaped nor copied into one string)."""
+    media, mark = [], secrets.token_hex(8)     # a mark no text of the request holds
+
+    def placeholder(value):
+        if not isinstance(value, Media):
+            raise TypeError(f"{type(value).__name__} is not JSON")
+        media.append(value)
+        return f"{mark}{len(media) - 1}"
+    text = json.dumps(body, default=placeholder)
+    if not media:
+        return text.encode()
+    pieces = re.split(f'"{mark}(\\d+)"', text)
+    out = []
+    for n, piece in enumerate(pieces):
+        if n % 2 == 0:
+            out.append(piece.encode())
+        else:
+            medium = media[int(piece)]
+            out += [b'"' + medium.prefix.encode(), base64.b64encode(medium.data), b'"']
+    return out
 
 
 def json_or_none(raw):
@@ -4321,8 +4366,10 @@ class Upstream:
         headers = dict(self.headers)
         data = None
         if body is not None:
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            data = body if isinstance(body, bytes) else request_json(body)
             headers["Content-Type"] = "application/json"
+            if isinstance(data, list):
+                headers["Content-Length"] = str(sum(map(len, data)))
         if conn is None:
             cls = TLSConnection if self.https else http.client.HTTPConnection
             conn = cls(self.host, self.port, timeout=connect_timeout or self.connect_timeout)
@@ -4574,11 +4621,13 @@ PROPS_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
 AUDIO_FORMATS = {"audio/wav": "wav", "audio/mpeg": "mp3"}
 
 
-def message_parts(m, takes=None, left_out=None):
+def message_parts(m, takes=None, left_out=None, media=str):
     """A user message with attachments as the content list llama.cpp's web UI
     sends: each text file, then each image and audio file the model takes
     (takes None: unknown, all; the others' ids go into left_out), then the
-    typed text. A message without attachments: its text."""
+    typed text; media(Media) is how an image or sound is written (str: as
+    its base64 text; as it is: for request_json). A message without
+    attachments: its text."""
     attachments = m.get("attachments") or ()
     if not attachments:
         return m["content"]
@@ -4597,10 +4646,10 @@ def message_parts(m, takes=None, left_out=None):
                               + data.decode("utf-8", "replace").lstrip("\ufeff")})
             elif kind == "image":
                 parts.append({"type": "image_url", "image_url": {
-                    "url": f"data:{a['type']};base64,{base64.b64encode(data).decode()}"}})
+                    "url": media(Media(f"data:{a['type']};base64,", data))}})
             else:
                 parts.append({"type": "input_audio", "input_audio": {
-                    "data": base64.b64encode(data).decode(),
+                    "data": media(Media("", data)),
                     "format": AUDIO_FORMATS.get(a["type"], "wav")}})
     if m["content"]:
         parts.append({"type": "text", "text": m["content"]})
@@ -4616,18 +4665,19 @@ def joined(first, second):
     return as_parts[0] + as_parts[1]
 
 
-def context_messages(system_prompt, history, takes=None, left_out=None):
+def context_messages(system_prompt, history, takes=None, left_out=None, media=str):
     """The messages llama.cpp sees: system prompt, then history with roles
     alternating and starting with the user (chat templates such as Gemma's
     refuse anything else; a failed turn leaves two user messages in a row).
     Tool calls, their results and system messages (a conversation recorded
-    from /v1 has them) go as they came."""
+    from /v1 has them) go as they came. media: as message_parts takes it."""
     turns = []
     for m in history:
         if not turns and m["role"] != "user":
             continue
         plain = m["role"] in ("user", "assistant") and not m.get("tool_calls")
-        content = message_parts(m, takes, left_out) if m["role"] == "user" else m["content"]
+        content = message_parts(m, takes, left_out, media) if m["role"] == "user" \
+            else m["content"]
         if plain and turns and turns[-1]["role"] == m["role"] and "tool_calls" not in turns[-1]:
             turns[-1]["content"] = joined(turns[-1]["content"], content)
             continue
@@ -5564,7 +5614,7 @@ class ChatTurn:
         comes, whether the client asked for a stream or not), with the
         progress of reading the prompt."""
         body = {"messages": context_messages(self.system_prompt, self.history[skip:],
-                                             self.takes, self.left_out),
+                                             self.takes, self.left_out, media=lambda m: m),
                 "stream": True, "stream_options": {"include_usage": True},
                 "return_progress": True, **self.options}
         if self.model:
