@@ -792,19 +792,16 @@ class PdfDocument:
         """Each page's dict, in order (the page tree walked from its root)."""
         roots = [h for h, _ in self.objects.values()
                  if isinstance(h, dict) and h.get("Type") == "Pages" and "Parent" not in h]
-        found, seen = [], set()
-
-        def walk(node, depth):
-            node = self.get(node)
-            if not isinstance(node, dict) or id(node) in seen or depth > 64:
-                return
+        found, seen, stack = [], set(), list(reversed(roots))
+        while stack and len(seen) < PDF_MOST_OBJECTS:
+            node = self.get(stack.pop())
+            if not isinstance(node, dict) or id(node) in seen:
+                continue
             seen.add(id(node))
             if node.get("Type") == "Page" or "Kids" not in node:
                 found.append(node)
-            for kid in self.get(node.get("Kids")) or ():
-                walk(kid, depth + 1)
-        for root in roots:
-            walk(root, 0)
+            kids = self.get(node.get("Kids"))
+            stack.extend(reversed(kids) if isinstance(kids, list) else ())
         return found or [h for n, (h, _) in sorted(self.objects.items())
                          if isinstance(h, dict) and h.get("Type") == "Page"]
 
@@ -3729,23 +3726,26 @@ class Store:
     def stored_attachment(c, data, kind, kind_type, name=None):
         """The one INSERT of an attachment (in the caller's transaction): its
         bytes stored unless they are already, its row as the API shows it.
-        data: bytes, or an Upload, written a piece at a time through SQLite's
-        incremental blob I/O (Python 3.11+; before, whole). Unnamed, it is
-        named by its kind and id ("image-1a2b3c4d.png")."""
+        data: bytes, or an Upload. The bytes are written a piece at a time
+        through SQLite's incremental blob I/O (Python 3.11+), never bound to
+        the statement: a bound value stays in the statement SQLite caches
+        until its next use, a photo's worth of memory for each pooled
+        connection. Unnamed, it is named by its kind and id
+        ("image-1a2b3c4d.png")."""
         upload = data if isinstance(data, Upload) else None
         ident = upload.ident if upload else hashlib.sha256(data).hexdigest()
         size = upload.size if upload else len(data)
-        if upload and not hasattr(c, "blobopen"):
-            data, upload = b"".join(upload.pieces()), None
+        pieces = upload.pieces() if upload else (
+            memoryview(data)[at:at + (1 << 20)] for at in range(0, size, 1 << 20))
+        whole = None if hasattr(c, "blobopen") else b"".join(pieces)
         name = name or f"{kind}-{ident[:8]}.{kind_type.split('/')[1].split(';')[0]}"
         added = c.execute(
             "INSERT OR IGNORE INTO attachments (id, kind, type, name, bytes, data, made_at) "
             "VALUES (?, ?, ?, ?, ?, coalesce(?, zeroblob(?)), ?)",
-            (ident, kind, kind_type, name, size, None if upload else sqlite3.Binary(data),
-             size, now_iso()))
-        if upload and added.rowcount == 1:
+            (ident, kind, kind_type, name, size, whole, size, now_iso()))
+        if whole is None and added.rowcount == 1:
             with c.blobopen("attachments", "data", added.lastrowid) as blob:
-                for piece in upload.pieces():
+                for piece in pieces:
                     blob.write(piece)
         return one(c.execute("SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?",
                              (ident,)))
@@ -3771,6 +3771,14 @@ class Store:
         """An attachment as the API shows it ({id, name, type, bytes, kind}), or None."""
         return one(self.db.conn().execute(
             "SELECT id, name, type, bytes, kind FROM attachments WHERE id = ?", (ident,)))
+
+    def let_go_of_pages(self):
+        """After an attachment's bytes are written or read: this thread's
+        connection drops its page cache (which would keep a photo's pages,
+        up to cache_size, for the connection's life) and the C library
+        gives the memory back."""
+        self.db.conn().execute("PRAGMA shrink_memory")
+        release_memory()
 
     def attachment_bytes(self, ident):
         """An attachment's bytes, whole (for what is made whole: a Markdown export)."""
@@ -6483,10 +6491,62 @@ ASKED_NAMES = {upstream: name for name, (_, _, _, upstream) in MODEL_OPTIONS.ite
 ASKED_NAMES["max_completion_tokens"] = "num_predict"
 
 
+# A /v1 request's media come as base64 text: a phone's photo is 20 MB of it in
+# one JSON string. Parsed as it is, that text is copied three times over
+# (decoded to a str, cut after its data: prefix, made bytes again) before it
+# is decoded: 100 MB for one photo. So each long base64 string is lifted out
+# of the body's bytes first (the body itself is relayed as it came), decoded
+# from them in place, and the JSON is parsed without it: a Lifted string
+# stands in its place, its bytes beside it.
+LIFTABLE = re.compile(rb'"((?:data:[\w.+-]+/[\w.+-]+;base64,)?)([A-Za-z0-9+/]{4096,}={0,2})"',
+                      re.A)
+
+
+class Lifted(str):
+    """Where a medium was in a /v1 request (lifted_json): its bytes in .data."""
+    data = b""
+
+
+def lifted_json(req):
+    """A /v1 request's body as JSON, its long base64 strings (data: URLs,
+    input_audio data) lifted out: Lifted strings in their places."""
+    import binascii
+    found, pieces, at, mark = {}, [], 0, secrets.token_hex(8)
+    raw = req.body
+    for n, m in enumerate(LIFTABLE.finditer(raw)):
+        try:
+            data = binascii.a2b_base64(memoryview(raw)[m.start(2):m.end(2)])
+        except binascii.Error:
+            continue                       # not base64 after all: parsed as it is
+        key = f"{m.group(1).decode()}{mark}-{n}"
+        found[key] = data
+        pieces += [raw[at:m.start()], f'"{key}"'.encode()]
+        at = m.end()
+    if not found:
+        return req.json()
+    return put_back(req.json(b"".join(pieces + [raw[at:]])), found)
+
+
+def put_back(value, found):
+    """A parsed value with each string `found` names a Lifted with its bytes.
+    (A function of the module's: one nested in lifted_json, calling itself,
+    would be a reference cycle holding the photo until the next collection.)"""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            value[k] = put_back(v, found)
+    elif isinstance(value, list):
+        value[:] = [put_back(v, found) for v in value]
+    elif isinstance(value, str) and value in found:
+        lifted = Lifted(value)
+        lifted.data = found[value]
+        return lifted
+    return value
+
+
 def kept_medium(part):
     """An image or sound a content part gives as data (an image_url data URL,
-    input_audio data): (bytes, kind, type, None), kept as an attachment;
-    else None."""
+    input_audio data, or what lifted_json lifted of them): (bytes, kind,
+    type, None), kept as an attachment; else None."""
     if not isinstance(part, dict):
         return None
     raw = None
@@ -6495,7 +6555,8 @@ def kept_medium(part):
         raw = url if isinstance(url, str) and DATA_URL.match(url) else None
     elif part.get("type") == "input_audio" and isinstance(part.get("input_audio"), dict):
         raw = part["input_audio"].get("data")
-    found = medium(raw) if isinstance(raw, str) else None
+    found = medium(raw.data if isinstance(raw, Lifted) else raw) if isinstance(raw, str) \
+        else None
     return found if found and found[1] != "text" else None
 
 
@@ -6641,6 +6702,8 @@ def record_question(engine, headers, body):
             Store.change_conversation(c, conversation_id, current_message_id=parent,
                                       updated_at=now)
         pending = Store.change_conversation(c, conversation_id)["title_pending"]
+    if any(m["media"] for m in sent):
+        store.let_go_of_pages()
     return Exchange(conversation_id, parent, bool(pending), model, asked_options(body),
                     time.monotonic())
 
@@ -6866,7 +6929,7 @@ def refuse_remote_media(engine, body):
 
 
 def v1_chat(engine, req):
-    body = req.json()
+    body = lifted_json(req)
     refuse_remote_media(engine, body)
     if not recording(engine, req):
         openai_messages(body)                  # a chat must have messages all the same
@@ -7807,9 +7870,10 @@ class Request:
     params: dict = field(default_factory=dict)
     client: object = None        # the client's socket
 
-    def json(self):
+    def json(self, raw=None):
+        """The body (or `raw`, read from it) as a JSON object, else INVALID_JSON."""
         try:
-            data = json.loads(self.body.decode("utf-8"))
+            data = json.loads((self.body if raw is None else raw).decode("utf-8"))
         except RecursionError:
             raise ApiError(400, "INVALID_JSON", "Request body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError) as e:
@@ -8166,6 +8230,7 @@ def api_upload_attachment(engine, req):
             upload, upload.kind, upload.type, attachment_name(req.arg("name"), upload.kind))})
     finally:
         upload.close()
+        engine.store.let_go_of_pages()
 
 
 api_upload_attachment.takes_file = True                   # any type of body,

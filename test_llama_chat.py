@@ -6,6 +6,7 @@ Run: python3 -m pytest -q
 
 import base64
 import contextlib
+import gc
 import hashlib
 import http.client
 import io
@@ -5018,6 +5019,37 @@ def test_content_parts_are_stored_as_their_text_and_media_as_attachments(client,
         "content"]
     assert [p["type"] for p in parts] == ["image_url", "input_audio", "text"]
     assert parts[0]["image_url"]["url"] == url
+
+
+def test_a_v1_photo_is_lifted_out_of_its_request_and_left_in_no_reference_cycle():
+    """The base64 of a photo in a /v1 request is decoded from the body's own
+    bytes, and nothing it makes outlives the request waiting for Python's
+    cycle collector (a photo's worth of memory a request, until then)."""
+    photo = jpeg_like(300_000, 5)
+    url = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(
+            WAV + bytes(8000)).decode(), "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,!!!!" + "A" * 5000}},
+    ]}]}).encode()
+    req = llama_chat.Request("POST", "/v1/chat/completions", {}, {}, raw)
+    gc.disable()                 # what is freed now is freed by its count of references
+    try:
+        body = llama_chat.lifted_json(req)
+        parts = body["messages"][0]["content"]
+        assert isinstance(parts[1]["image_url"]["url"], llama_chat.Lifted)
+        decoded = parts[1]["image_url"]["url"].data
+        assert decoded == photo and parts[2]["input_audio"]["data"].data == WAV + bytes(8000)
+        assert not isinstance(parts[3]["image_url"]["url"], llama_chat.Lifted)   # not base64
+        assert [found[1] for found in map(llama_chat.kept_medium, parts[1:3])] == [
+            "image", "audio"]
+        assert body["model"] == "m" and parts[0]["text"] == "what is this?"
+        del body, parts
+        assert sys.getrefcount(decoded) == 2     # this name's and the call's: nothing else
+    finally:
+        gc.enable()
 
 
 def test_lone_surrogates_are_stored_as_replacement_characters(client, stub, openai):
@@ -10033,6 +10065,30 @@ def test_bench_attachments(tmp_path, stub):
             "SELECT count(*) FROM attachments WHERE id = ?",
             (hashlib.sha256(PNG).hexdigest(),)).fetchone()[0]
         row("the same image sent 100 times through /v1: copies stored", f"{copies}", "1")
+        # A phone's photo through /v1, as a data URL: what memory it takes and keeps
+        before = peak = app.rss_mb()
+        for n in range(5):
+            photo = jpeg_like(14 << 20, 200 + n)
+            big = json.dumps({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                    + base64.b64encode(photo).decode()}},
+                {"type": "text", "text": "hi"}]}]})
+            watching = [True]
+
+            def watch():
+                nonlocal peak
+                while watching[0]:
+                    peak = max(peak, app.rss_mb())
+                    time.sleep(0.005)
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            conn.request("POST", "/v1/chat/completions", big, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+            watching[0] = False
+            watcher.join()
+            stub.requests.clear()
+        row("5 requests through /v1, each a 14 MB photo (a 20 MB body): RSS most / after",
+            f"{peak - before:+.1f} / {app.rss_mb() - before:+.1f} MB", "report")
     finally:
         app.stop()
     # An export of 1,000 conversations holding 500 MB of attachments
