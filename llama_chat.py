@@ -8249,7 +8249,9 @@ def api_attachment(engine, req):
     found = engine.store.attachment(raw) if ATTACHMENT_ID.match(raw) else None
     if found is None:
         raise not_found("attachment", raw)
-    headers = {"Content-Type": found["type"], **ATTACHMENT_HEADERS}
+    headers = {"Content-Type": found["type"], **ATTACHMENT_HEADERS,
+               "Content-Disposition": "inline; filename*=UTF-8''"
+               + urllib.parse.quote(found["name"], safe="")}   # its name, if saved
     return EventStream(engine.store.attachment_pieces(found["id"]), lambda: None,
                        headers=headers, encode=bytes, whole=True)
 

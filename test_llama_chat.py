@@ -4226,6 +4226,7 @@ def test_an_attachment_is_told_by_its_bytes_and_stored_once(client, data, kind, 
     assert status == 200 and headers["Content-Type"] == kind_type
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert "sandbox" in headers["Content-Security-Policy"]
+    assert headers["Content-Disposition"] == "inline; filename*=UTF-8''holiday.txt"
     raw = http.client.HTTPConnection("127.0.0.1", client.port)
     raw.request("GET", f"/api/attachments/{made['id']}")
     assert raw.getresponse().read() == data                        # byte for byte
@@ -8292,6 +8293,16 @@ def test_page_attaches_files_by_drop_and_paste_and_shows_them(page, client, stub
     assert b.js("return window.pwned === undefined")                 # the name is only text
     shown = conversation(client, cid)["messages"][0]["attachments"]
     assert [a["name"] for a in shown] == [hostile, "notes.md"]
+    b.js("""const picked = new DataTransfer();                          // the paperclip's picker
+            picked.items.add(new File([Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0))],
+                                      'purr.wav', {type: 'audio/wav'}));
+            const input = document.getElementById('attach-file');
+            input.files = picked.files;
+            input.dispatchEvent(new Event('change', {bubbles: true}));""",
+         base64.b64encode(WAV).decode())
+    b.wait("const c = [...document.querySelectorAll('#chips li .name')];"
+           "return c.length === 1 && c[0].textContent === 'purr.wav'")
+    assert "image/*" in b.js("return document.getElementById('attach-file').accept")
 
 
 # A JPEG drawn by the browser, 200 x 100, with an EXIF orientation of 6 (its
