@@ -306,7 +306,7 @@ def upstream_error(exc, url):
 
 def upstream_status_error(status, body):
     return ApiError(502, "LLAMACPP_ERROR", "llama.cpp server answered an error",
-                    details=f"HTTP {status}: {error_text(body)}")
+                    details=f"HTTP {status}: {error_text(body)}", upstream_status=status)
 
 
 ###############################################################################
@@ -1070,6 +1070,7 @@ DEFAULT_CONFIG = {
     "max_generations": 0,
     "max_attachment_bytes": 20971520,
     "max_image_pixels": 2000000,
+    "connections": [],
     "system_prompt": "You are a helpful, concise assistant.",
     "auto_title": "first-line",
     "openai_api": {"record": True},
@@ -1130,6 +1131,7 @@ class Settings:
     max_generations: int = 0        # replies made at once; 0: llama-server's slots, else 4
     max_attachment_bytes: int = DEFAULT_CONFIG["max_attachment_bytes"]
     max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"]   # the page scales larger down
+    connections: tuple = ()         # llama.cpp servers beside llamacpp_url: {name, url, api_key}
     request_timeout: float = 10.0   # seconds to send a whole request
     header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
@@ -1249,18 +1251,45 @@ def text_setting(value, name, allow_empty=False):
     return value
 
 
-def url_setting(url):
+def url_setting(url, name="llamacpp_url"):
     """llama.cpp's base URL: http(s), a host, a port that is a number in range."""
-    text_setting(url, "llamacpp_url")
+    text_setting(url, name)
     parts = urllib.parse.urlsplit(url)
     try:
         port = parts.port
     except ValueError:
         port = -1
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-        raise ConfigError("llamacpp_url must be http:// or https://, a host and an optional "
+        raise ConfigError(f"{name} must be http:// or https://, a host and an optional "
                           f"port from 1 to 65535, not {url!r}")
     return url.rstrip("/")
+
+
+CONNECTION_NAME = re.compile(r"[\w .:@-]{1,64}\Z")
+
+
+def connections_setting(found):
+    """config.json's `connections` beside llamacpp_url (which is "default"):
+    a list of {"name", "url", "api_key"?}, names unique."""
+    if not isinstance(found, list):
+        raise ConfigError('connections must be a list of {"name", "url", "api_key"}')
+    kept, names = [], {"default"}
+    for n, c in enumerate(found):
+        where = f"connections[{n}]"
+        if not isinstance(c, dict) or set(c) - {"name", "url", "api_key"} or not isinstance(
+                c.get("name"), str) or not CONNECTION_NAME.match(c["name"]):
+            raise ConfigError(f'{where} must be {{"name", "url", "api_key"?}}, its name 1 to 64 '
+                              f"letters, digits, spaces or . : @ - _, not {c!r}")
+        if c["name"] in names:
+            raise ConfigError(f"{where}: the name {c['name']!r} is taken (\"default\" is "
+                              "llamacpp_url)")
+        names.add(c["name"])
+        key = c.get("api_key", "")
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}.api_key must be text")
+        kept.append({"name": c["name"], "url": url_setting(c.get("url"), f"{where}.url"),
+                     "api_key": key})
+    return tuple(kept)
 
 
 def database_setting(db):
@@ -1366,6 +1395,7 @@ def load_settings(argv=None, environ=None):
             max_image_pixels=whole_number(
                 conf.get("max_image_pixels", DEFAULT_CONFIG["max_image_pixels"]),
                 "max_image_pixels", 0, 2**31),
+            connections=connections_setting(conf.get("connections", [])),
             llama_server=args.llama_server or "", llama_model=args.model or "",
             llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
@@ -3844,6 +3874,13 @@ class Store:
         return one(self.db.conn().execute("SELECT * FROM messages WHERE id = ?",
                                           (message_id,)))
 
+    def note_change(self, kind, action):
+        """A change that is no row of the history (a model list's), for
+        every open page: a row of the changes table, as triggers write them."""
+        with self.db.write() as c:
+            c.execute("INSERT INTO changes (kind, action, conversation_id, id) "
+                      "VALUES (?, ?, 0, 0)", (kind, action))
+
     def keep_token_counts(self, counts):
         """Store messages' token counts ({id: tokens}), counted once."""
         with self.db.write() as c:
@@ -4300,10 +4337,12 @@ CONTEXT_SECONDS = 60
 
 
 class Upstream:
-    """llama-server over HTTP: no proxy, no redirects, separate connect and read timeouts."""
+    """llama-server over HTTP: no proxy, no redirects, separate connect and
+    read timeouts. `name`: its connection's ("default": llamacpp_url)."""
 
-    def __init__(self, settings):
-        self.url = settings.llamacpp_url
+    def __init__(self, settings, name="default", url=None, api_key=None):
+        self.name = name
+        self.url = url or settings.llamacpp_url
         parts = urllib.parse.urlsplit(self.url)
         self.https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
@@ -4317,8 +4356,9 @@ class Upstream:
         self.first_token_timeout = max(settings.timeouts.get("first_token_timeout", 0),
                                        self.read_timeout)
         self.headers = {"Accept": "application/json", "User-Agent": "llama-chat/" + __version__}
-        if settings.llamacpp_api_key:
-            self.headers["Authorization"] = "Bearer " + settings.llamacpp_api_key
+        key = settings.llamacpp_api_key if api_key is None else api_key
+        if key:
+            self.headers["Authorization"] = "Bearer " + key
         self._idle = []          # connections kept open for the next request
         self._contexts = {}      # model -> (n_ctx or None, when asked)
         self._listed = None      # the model list as last seen
@@ -4478,12 +4518,17 @@ class Upstream:
             if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
                 continue
             state = entry.get("status")
+            failure = state.get("failed") and state.get("exit_code") \
+                if isinstance(state, dict) else None
             if isinstance(state, dict):
                 state = state.get("value")
-            if state is None:
-                models.append({"name": os.path.basename(entry["id"]) or entry["id"]})
+            if state is None:               # a single model: llama-server names its file
+                models.append({"name": os.path.basename(entry["id"]) if entry["id"].endswith(
+                    ".gguf") else entry["id"]})
             else:
                 models.append({"name": entry["id"], "status": str(state)})
+                if failure is not None:
+                    models[-1]["exit_code"] = failure
                 n_ctx = launch_context(entry["status"].get("args")
                                        if isinstance(entry["status"], dict) else None)
                 if n_ctx:
@@ -4576,6 +4621,11 @@ class Upstream:
                 kind for kind, name in (("image", "vision"), ("audio", "audio"))
                 if said.get(name) is True)
 
+    def known_context(self, model):
+        """A model's context as already known (a router's -c; /props read): no request."""
+        found = self._contexts.get(model)
+        return (found[0] if found else None) or self._launch_contexts.get(model)
+
     def takes(self, model=None):
         """What a model takes beside text ("image", "audio"), as llama-server's
         /props `modalities` said when last read; None when it has not said."""
@@ -4617,6 +4667,155 @@ def launch_context(args):
             n = ascii_number(value, 9)
             return n if n else None
     return None
+
+
+# Several llama.cpp servers: each one's model list kept and asked again in
+# the background, so that neither a chat's way to its model nor the page's
+# list ever waits on a server that is slow or gone.
+MODEL_LIST_SECONDS = 30      # a list older than this is asked again when it is used
+MODEL_LIST_WAIT = 2.0        # the most the first /api/models waits for lists never read
+MODEL_WATCH_SECONDS = 1.0    # how often a router is asked while a model of it loads
+MODEL_WATCH_MOST = 900       # ... for at most this long
+
+
+class Connections:
+    """Every llama.cpp server llama-chat reaches: the first ("default") is
+    llamacpp_url, the one llama-chat may start; the others config.json's
+    `connections`. A model goes to the first that lists it; a model no list
+    names (or none: the server's own) to the default. `changed` is called
+    when a list changes (a model loaded, a server gone or back)."""
+
+    def __init__(self, settings, changed=None):
+        self.all = [Upstream(settings)] + [
+            Upstream(settings, c["name"], c["url"], c.get("api_key", ""))
+            for c in settings.connections]
+        self.default = self.all[0]
+        self.changed = changed or (lambda: None)
+        self.lock = threading.Lock()
+        self.known = {u.name: {"models": None, "state": "unknown", "error": None,
+                               "failure": None, "latency_ms": None, "at": 0.0}
+                      for u in self.all}
+        self.asking = {}               # name -> the thread asking it now
+        self.watching = set()          # names of routers watched while a model loads
+
+    def named(self, name):
+        return next((u for u in self.all if u.name == name), None)
+
+    def for_model(self, model):
+        """The connection that serves `model` (the first that lists it), else
+        the default. Lists older than MODEL_LIST_SECONDS are asked again
+        meanwhile, without waiting for them."""
+        if len(self.all) == 1:
+            return self.default
+        self.refresh()
+        if model:
+            for u in self.all:
+                listed = self.known[u.name]["models"]
+                if listed and any(m["name"] == model for m in listed):
+                    return u
+        return self.default
+
+    def refresh(self, wait=0.0, force=False):
+        """Ask again each list older than MODEL_LIST_SECONDS (force: every
+        one not being asked now), each in a thread of its own; wait up to
+        `wait` seconds for those this call asked, but for a server last seen
+        down (or still not answering an earlier ask): its list stays as it
+        was until it answers."""
+        now = time.monotonic()
+        with self.lock:
+            started = []
+            for u in self.all:
+                if u.name in self.asking or (
+                        not force and now - self.known[u.name]["at"] < MODEL_LIST_SECONDS):
+                    continue
+                thread = threading.Thread(target=self.ask, args=(u,), daemon=True,
+                                          name=f"models of {u.name}")
+                self.asking[u.name] = thread
+                started.append((u, thread))
+        for _, thread in started:
+            thread.start()
+        ends = time.monotonic() + wait
+        for u, thread in started:
+            if self.known[u.name]["state"] != "down":
+                thread.join(max(0.0, ends - time.monotonic()))
+
+    def ask(self, u):
+        """Read one connection's model list (in its own thread)."""
+        started = time.monotonic()
+        try:
+            models, state, error = u.models(), "ok", None
+        except ApiError as e:              # no answer (down), or an error answered
+            models, error, failure = None, e.extra.get("details", e.message), e
+            state = "error" if "upstream_status" in e.extra else "down"
+        else:
+            failure = None
+        with self.lock:
+            before = self.known[u.name]
+            after = {"models": models if models is not None else before["models"],
+                     "state": state, "error": error, "failure": failure, "at": time.monotonic(),
+                     "latency_ms": round((time.monotonic() - started) * 1000, 1)}
+            self.known[u.name] = after
+            self.asking.pop(u.name, None)
+        if (before["models"], before["state"]) != (after["models"], after["state"]):
+            self.changed()
+
+    def models(self):
+        """Every connection's models, the first connection's of a name only:
+        {name, connection, available, status?, n_ctx?, input_modalities?}."""
+        found, seen = [], set()
+        for u in self.all:
+            known = self.known[u.name]
+            for m in known["models"] or ():
+                if m["name"] in seen:
+                    continue
+                seen.add(m["name"])
+                entry = {**m, "connection": u.name, "available": known["state"] == "ok"}
+                n_ctx = u.known_context(m["name"])
+                if n_ctx:
+                    entry["n_ctx"] = n_ctx
+                takes = u.takes(m["name"])
+                if takes is not None:
+                    entry["input_modalities"] = ["text", *sorted(takes)]
+                found.append(entry)
+        return found
+
+    def status_of(self, model):
+        """A model's status on its router as last listed ("loaded",
+        "unloaded", "loading", "sleeping"...), else None."""
+        u = self.for_model(model) if model else None
+        listed = self.known[u.name]["models"] if u else None
+        return next((m.get("status") for m in listed or () if m["name"] == model), None)
+
+    def states(self):
+        """Each connection's state as last read: {name, url, state, latency_ms, models, error?}."""
+        return [{"name": u.name, "url": u.url, "state": self.known[u.name]["state"],
+                 "latency_ms": self.known[u.name]["latency_ms"],
+                 "models": len(self.known[u.name]["models"] or ()),
+                 **({"error": self.known[u.name]["error"]} if self.known[u.name]["error"]
+                    else {})} for u in self.all]
+
+    def watch(self, u):
+        """Ask a router's list every MODEL_WATCH_SECONDS while a model of it
+        is loading (after a load or unload is asked), so every page hears
+        when it is ready or failed."""
+        with self.lock:
+            if u.name in self.watching:
+                return
+            self.watching.add(u.name)
+
+        def watching():
+            try:
+                ends = time.monotonic() + MODEL_WATCH_MOST
+                while time.monotonic() < ends:
+                    time.sleep(MODEL_WATCH_SECONDS)
+                    self.ask(u)
+                    listed = self.known[u.name]["models"] or ()
+                    if not any(m.get("status") in ("loading", "unloading") for m in listed):
+                        return
+            finally:
+                with self.lock:
+                    self.watching.discard(u.name)
+        threading.Thread(target=watching, daemon=True, name=f"watching {u.name}").start()
 
 
 # model_options names -> llama-server's /props names
@@ -5118,6 +5317,8 @@ def told(rows):
             continue
         if kind == "conversation":
             event = {"type": kind, "action": action, "id": ident}
+        elif kind == "models":                 # a model list changed: ask /api/models
+            event = {"type": kind, "action": action}
         elif kind == "message":
             event = {"type": kind, "action": action, "conversation_id": cid, "id": ident}
         else:
@@ -5198,7 +5399,8 @@ class Engine:
     def __init__(self, settings, store=None):
         self.settings = settings
         self.store = store or Store(settings.db, open_now=False)
-        self.upstream = Upstream(settings)
+        self.connections = Connections(settings, changed=self.models_changed)
+        self.upstream = self.connections.default       # llamacpp_url's: the one it may start
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
         self.startup_error = None          # why opening the store failed, if it did
@@ -5302,6 +5504,18 @@ class Engine:
                     return
                 self._purge["again"] = False
 
+    def upstream_for(self, model):
+        """The llama.cpp server that serves `model` (Connections.for_model)."""
+        return self.connections.for_model(model)
+
+    def models_changed(self):
+        """A model list changed (a model loaded, a server gone or back): every
+        open page hears of it (/api/events)."""
+        try:
+            self.store.note_change("models", "changed")
+        except sqlite3.Error as e:           # read-only: the pages ask again themselves
+            log.info("a change of the model lists is not told: %s", e)
+
     def write_title(self, conversation_id, reply, model=None):
         """Title a conversation made without one, after its first reply: by
         its first line, or (auto_title "model") by llama.cpp in the
@@ -5317,7 +5531,7 @@ class Engine:
     def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
         title = fallback
         try:
-            status, body = self.upstream.call("POST", "/v1/chat/completions", {
+            status, body = self.upstream_for(model).call("POST", "/v1/chat/completions", {
                 **({"model": model} if model else {}),
                 "messages": [{"role": "system", "content": TITLE_PROMPT},
                              {"role": "user", "content": f"{question[:2000]}\n\n---\n\n"
@@ -5454,7 +5668,7 @@ def counted_tokens(engine, messages, model):
     counts = {}
     for m in messages:
         if m.get("token_count") is None:
-            n = engine.upstream.token_count(counted_text(m), model)
+            n = engine.upstream_for(model).token_count(counted_text(m), model)
             if n is None:
                 return False
             m["token_count"] = n
@@ -5471,9 +5685,10 @@ def counted_tokens(engine, messages, model):
 def question_tokens(engine, text, model):
     """A new question's tokens, counted before it is stored (in the same
     INSERT, not a write of its own after), where its count will be used."""
-    if engine.upstream.context_of(model) is None:
+    upstream = engine.upstream_for(model)
+    if upstream.context_of(model) is None:
         return None
-    return engine.upstream.token_count(text, model)
+    return upstream.token_count(text, model)
 
 
 def exchanges(messages):
@@ -5498,13 +5713,14 @@ def fit_context(engine, turn, branch_length):
     out, and the walk goes on past them. Where llama.cpp cannot say n_ctx or count,
     the history stays as the message limit made it (and an overflow is
     still retried with fewer). turn.context says what was done."""
-    n_ctx = engine.upstream.context_of(turn.model or None)
+    upstream = engine.upstream_for(turn.model or None)
+    n_ctx = upstream.context_of(turn.model or None)
     history = turn.history
     if n_ctx is None or not counted_tokens(engine, history, turn.model or None):
         return
     system = 0
     if turn.system_prompt:
-        system = engine.upstream.token_count(turn.system_prompt, turn.model or None)
+        system = upstream.token_count(turn.system_prompt, turn.model or None)
         if system is None:
             return
         system += MESSAGE_OVERHEAD
@@ -5550,16 +5766,16 @@ def next_prompt(engine, conversation, question=None, model=None):
                                  options=options, own_messages=1 if question else 0,
                                  context=None)
     fit_context(engine, turn, total)
-    left_out = []
-    messages = context_messages(system_prompt, turn.history, engine.upstream.takes(model),
+    left_out, upstream = [], engine.upstream_for(model)
+    messages = context_messages(system_prompt, turn.history, upstream.takes(model),
                                 left_out)
     body = {"messages": messages, **options, **({"model": model} if model else {})}
     sent = len(messages) - (1 if system_prompt else 0)
     return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
             "messages_left_out": total - sent, "attachments_left_out": left_out,
-            "prompt_tokens": engine.upstream.input_tokens(body),
-            "n_ctx": engine.upstream.context_of(model),
-            "prompt": engine.upstream.templated(messages, model)}
+            "prompt_tokens": upstream.input_tokens(body),
+            "n_ctx": upstream.context_of(model), "connection": upstream.name,
+            "prompt": upstream.templated(messages, model)}
 
 
 ###############################################################################
@@ -5767,7 +5983,7 @@ def start_chat(engine, body):
                     asked, title_pending, message_id=reply_id)
     try:
         fit_context(engine, turn, store.tree.depth(last))
-        turn.takes = engine.upstream.takes(model or None)   # known once /props was read
+        turn.takes = engine.upstream_for(model or None).takes(model or None)   # once /props was read
     except BaseException:
         if reply_id is not None:                 # its row goes, with nothing made
             store.abandon_reply(reply_id)
@@ -5965,17 +6181,17 @@ def request_stream(engine, turn, generation):
     socket (one that leaves ends the request at once, and llama.cpp's work on
     it) and for a reason to stop. The relay's own thread waits: a thread of
     its own cost a millisecond of hand-offs before the first token."""
-    skip = 0
+    skip, upstream = 0, engine.upstream_for(turn.model or None)
     while True:
-        conn = engine.upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
-        resp = yield from await_answer(engine, conn, generation)
+        conn = upstream.send("POST", "/v1/chat/completions", turn.payload(skip))
+        resp = yield from await_answer(engine, upstream, conn, generation)
         if resp.status == 200:
             return resp
         skip = fewer_messages(turn, skip, conn, resp)
 
 
-def await_answer(engine, conn, generation):
-    """The response to the request sent on `conn`, once its headers are in;
+def await_answer(engine, upstream, conn, generation):
+    """The response to the request sent on `conn` (to `upstream`), once its headers are in;
     meanwhile yield None every KEEPALIVE_SECONDS, and raise ClientGone when
     the client leaves, or the reason the reply was stopped for."""
     generation.attach(conn)
@@ -5996,13 +6212,13 @@ def await_answer(engine, conn, generation):
             if stopped:
                 raise stopped
             now = time.monotonic()
-            if now - started >= engine.upstream.first_token_timeout:
-                raise upstream_error(socket.timeout(), engine.upstream.url)
+            if now - started >= upstream.first_token_timeout:
+                raise upstream_error(socket.timeout(), upstream.url)
             if now - last_sent >= KEEPALIVE_SECONDS:
                 last_sent = now
                 yield None
     try:
-        return engine.upstream.answer(conn)
+        return upstream.answer(conn)
     except ApiError as e:
         raise why_stopped(engine, generation) or e from None
 
@@ -6087,7 +6303,7 @@ def upstream_batches(engine, turn, generation):
         if stopped:
             raise stopped
         if error is not None:
-            raise upstream_error(error, engine.upstream.url)
+            raise upstream_error(error, engine.upstream_for(turn.model or None).url)
         if not data:
             break
         complete, newline, pending = (pending + data).rpartition(b"\n")
@@ -6770,20 +6986,20 @@ def answered(waiting):
 CHAT_PATH = "/v1/chat/completions"
 
 
-def relay_to_llamacpp(engine, req, exchange):
-    """Send the request to llama.cpp as it came and answer what llama.cpp
+def relay_to_llamacpp(engine, req, exchange, model=None):
+    """Send the request to the llama.cpp server that serves `model` as it came and answer what llama.cpp
     answers: its status, Content-Type and body, a stream as it arrives; a
     chat's reply recorded on the way. While llama.cpp reads the prompt (it
     answers nothing meanwhile), a client that leaves ends the request."""
     query = urllib.parse.urlencode(req.query, doseq=True)
     path = req.path + (f"?{query}" if query else "")
     generation = engine.generation_started(exchange, req.client)
-    handed_over = False
+    handed_over, upstream = False, engine.upstream_for(model)
     try:
-        conn = engine.upstream.send(req.method, path,
-                                 None if req.method in ("GET", "HEAD") else req.body)
+        conn = upstream.send(req.method, path,
+                             None if req.method in ("GET", "HEAD") else req.body)
         try:
-            resp = answered(await_answer(engine, conn, generation))
+            resp = answered(await_answer(engine, upstream, conn, generation))
         except ClientGone:
             raise ApiError(499, "CLIENT_GONE", "The client went away before llama.cpp "
                            "answered") from None
@@ -6797,15 +7013,15 @@ def relay_to_llamacpp(engine, req, exchange):
             def close():
                 generation.close()
                 engine.generation_ended(generation)
-            return EventStream(relayed_stream(engine, exchange, generation, resp), close,
-                               headers, as_they_came)
+            return EventStream(relayed_stream(engine, upstream, exchange, generation, resp),
+                               close, headers, as_they_came)
         try:
             raw = resp.read()
         except BaseException as e:
             conn.close()
             raise why_stopped(engine, generation) or \
-                upstream_error(e, engine.upstream.url) from None
-        engine.upstream.done_with(conn, resp)
+                upstream_error(e, upstream.url) from None
+        upstream.done_with(conn, resp)
         if resp.status == 200 and exchange.conversation_id is not None:
             relay = Relay(AsItCame())
             record_reply(engine, exchange, relay, take_plain(relay, raw))
@@ -6841,7 +7057,7 @@ def record_stream(engine, exchange, received, ended):
 DONE_EVENT = b"data: [DONE]"
 
 
-def relayed_stream(engine, exchange, generation, resp):
+def relayed_stream(engine, upstream, exchange, generation, resp):
     """llama.cpp's stream passed on read by read, as it came, and recorded
     when it ends, as it ended (stop or length; aborted when the client left
     or llama-chat stopped; error when llama.cpp failed or cut it short): a
@@ -6856,7 +7072,7 @@ def relayed_stream(engine, exchange, generation, resp):
             try:
                 data = read()
             except Exception as e:
-                raise why_stopped(engine, generation) or upstream_error(e, engine.upstream.url) \
+                raise why_stopped(engine, generation) or upstream_error(e, upstream.url) \
                     from None
             stopped = why_stopped(engine, generation)
             if stopped:
@@ -6931,10 +7147,11 @@ def refuse_remote_media(engine, body):
 def v1_chat(engine, req):
     body = lifted_json(req)
     refuse_remote_media(engine, body)
+    model = body.get("model") if isinstance(body.get("model"), str) else None
     if not recording(engine, req):
         openai_messages(body)                  # a chat must have messages all the same
-        return relay_to_llamacpp(engine, req, Exchange())
-    return relay_to_llamacpp(engine, req, record_question(engine, req.headers, body))
+        return relay_to_llamacpp(engine, req, Exchange(), model)
+    return relay_to_llamacpp(engine, req, record_question(engine, req.headers, body), model)
 
 
 v1_chat.body_up_to = "max_attachment_bytes"    # its media, as data URLs
@@ -6949,7 +7166,20 @@ def v1_relay(engine, req):
         except (ValueError, UnicodeDecodeError, RecursionError):
             body = None                        # llama.cpp says what is wrong with it
         refuse_remote_media(engine, body)
-    return relay_to_llamacpp(engine, req, Exchange())
+    model = body.get("model") if isinstance(body, dict) and isinstance(
+        body.get("model"), str) else None
+    return relay_to_llamacpp(engine, req, Exchange(), model)
+
+
+def v1_models(engine, req):
+    """Every connection's models, in OpenAI's list (the default's alone: its
+    own answer, relayed)."""
+    if len(engine.connections.all) == 1:
+        return relay_to_llamacpp(engine, req, Exchange())
+    engine.connections.refresh(wait=MODEL_LIST_WAIT)
+    return {"object": "list", "data": [
+        {"id": m["name"], "object": "model", "owned_by": m["connection"]}
+        for m in engine.connections.models()]}
 
 
 ###############################################################################
@@ -7911,30 +8141,65 @@ def api_health(engine, req):
     llamacpp = engine.upstream.health()
     if engine.managed:
         llamacpp["managed"] = engine.managed.as_dict()
+    connections = engine.connections
+    others = {}
+    if len(connections.all) > 1:            # each as last read, asked again if stale
+        connections.refresh()
+        others = {"connections": connections.states()}
     if not engine.ready.is_set():
         return {"status": "starting", "version": __version__,
                 "progress": engine.store.progress.as_dict(), "llamacpp": llamacpp,
-                "database": {"ok": False, "fts5": engine.store.index.fts, "error": "opening"}}
+                "database": {"ok": False, "fts5": engine.store.index.fts, "error": "opening"},
+                **others}
     database = engine.store.health()
     return {"status": "ok" if llamacpp["ok"] and database["ok"] else "degraded",
-            "version": __version__, "llamacpp": llamacpp, "database": database}
+            "version": __version__, "llamacpp": llamacpp, "database": database, **others}
 
 
 def api_models(engine, req):
-    try:
-        models = engine.upstream.models()
-    except ApiError as e:
-        e.extra.update(models=[], count=0, llamacpp_url=engine.settings.llamacpp_url)
-        raise
-    return {"models": [m["name"] for m in models], "count": len(models),
-            "details": models, "llamacpp_url": engine.settings.llamacpp_url}
+    """Every connection's models, each asked now (up to MODEL_LIST_WAIT for
+    one that answers; one seen down answers from what it last listed)."""
+    connections = engine.connections
+    connections.refresh(wait=MODEL_LIST_WAIT, force=True)
+    models = connections.models()
+    failure = connections.known["default"]["failure"]
+    if len(connections.all) == 1 and failure is not None:
+        failure.extra.update(models=[], count=0, llamacpp_url=engine.settings.llamacpp_url)
+        raise failure
+    found = {"models": [m["name"] for m in models if m["available"]], "count": len(models),
+             "details": models, "llamacpp_url": engine.settings.llamacpp_url}
+    if len(connections.all) > 1:
+        found["connections"] = connections.states()
+    if engine.managed:
+        found["managed"] = "default"        # the connection llama-chat started
+    return found
+
+
+def api_model_load(engine, req):
+    """Load (or unload) a model of a llama-server router: asked of the
+    connection that lists it; its status then told to every open page as it
+    changes (loading, loaded, failed)."""
+    body = req.json()
+    known_fields(body, {"model"})
+    model = require_str(body, "model", max_len=LIMITS["model"])
+    upstream = engine.upstream_for(model)
+    action = "unload" if req.path.endswith("/unload") else "load"
+    status, answer = upstream.call("POST", f"/models/{action}", {"model": model},
+                                   read_timeout=30)
+    if status in (404, 405, 501):
+        raise validation_error("model", f"{upstream.name}'s server does not {action} models "
+                               "(it is not a llama-server in router mode)")
+    if status != 200:
+        raise upstream_status_error(status, answer)
+    engine.connections.watch(upstream)
+    return {"model": model, "connection": upstream.name, "action": action}
 
 
 def api_model_defaults(engine, req):
     model = req.arg("model") or None
     if model is not None and len(model) > 500:
         raise validation_error("model", "Query parameter model is longer than 500 characters")
-    return {"model": model, "defaults": engine.upstream.defaults(model)}
+    return {"model": model, "defaults": engine.upstream_for(model).defaults(model)}
 
 
 def api_config(engine, req):
@@ -8073,13 +8338,25 @@ def api_chat(engine, req):
     if stream:
         start = [(0, {"type": "start", "conversation_id": turn.conversation_id,
                       "user_message_id": turn.user_message_id,
-                      "message_id": reply.message_id, "parent_id": turn.parent_id})]
+                      "message_id": reply.message_id, "parent_id": turn.parent_id,
+                      **model_loading(engine, turn.model)})]
         return EventStream(followed(reply, 0, start, follower[0]), lambda: None,
                            encode=sse_numbered)
     reply.ended.wait()
     if reply.failure is not None:
         raise reply.failure
     return {name: value for name, value in reply.last[0][1].items() if name != "type"}
+
+
+def model_loading(engine, model):
+    """{"model_status": ...} when a router lists the model as not loaded
+    (llama-server loads it for the chat: the page says so, rather than
+    seeming to hang), its list then watched until it is; else {}."""
+    status = engine.connections.status_of(model)
+    if status in (None, "loaded"):
+        return {}
+    engine.connections.watch(engine.upstream_for(model))
+    return {"model_status": status}
 
 
 def api_stop(engine, req):
@@ -8357,6 +8634,8 @@ ROUTES = [
     ("GET", r"/api/health", api_health),
     ("GET", r"/api/models", api_models),
     ("GET", r"/api/models/defaults", api_model_defaults),
+    ("POST", r"/api/models/load", api_model_load),
+    ("POST", r"/api/models/unload", api_model_load),
     ("GET", r"/api/config", api_config),
     ("GET", r"/api/conversations", api_list_conversations),
     ("POST", r"/api/conversations", api_create_conversation),
@@ -8383,6 +8662,7 @@ ROUTES = [
     ("GET", r"/api/ledger", api_ledger),
     ("GET", r"/api/conversations/(?P<id>[^/]+)/prompt", api_prompt),
     ("POST", r"/v1/chat/completions", v1_chat),
+    ("GET", r"/v1/models", v1_models),
     ("GET", V1_PATH, v1_relay),
     ("POST", V1_PATH, v1_relay),
 ]

@@ -52,6 +52,8 @@ class Stub:
         self.stall = 0.0
         self.router = False
         self.router_status = "loaded"     # of the first model, in router mode
+        self.second_status = "unloaded"   # of the second, which POST /models/load loads
+        self.load_delay = 0.3             # seconds a load takes
         self.props_asked = []             # the paths of GET /props, as asked
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
@@ -140,7 +142,7 @@ class StubHandler(BaseHTTPRequestHandler):
                 {"id": "gemma-3-270m", "object": "model",
                  "status": {"value": stub.router_status}},
                 {"id": "qwen3-0.6b", "object": "model", "status": {
-                    "value": "unloaded", "args": ["llama-server", "-m", "qwen3.gguf", "-c", "8192",
+                    "value": stub.second_status, "args": ["llama-server", "-m", "qwen3.gguf", "-c", "8192",
                                                   "--port", "0"]},
                  "architecture": {"input_modalities": ["text"],       # no projector
                                   "output_modalities": ["text"]}},
@@ -164,6 +166,8 @@ class StubHandler(BaseHTTPRequestHandler):
                                                   "message": "invalid JSON"}})
         if self.path in ("/tokenize", "/apply-template", "/v1/chat/completions/input_tokens"):
             return self.prompt_tool(body)
+        if self.path in ("/models/load", "/models/unload"):
+            return self.load(body)
         with stub.lock:
             stub.requests.append({"body": body, "headers": dict(self.headers), "raw": raw,
                                   "path": self.path})
@@ -216,6 +220,24 @@ class StubHandler(BaseHTTPRequestHandler):
             answer["usage"] = {"completion_tokens": len(tokens), "prompt_tokens": 21,
                                "total_tokens": 21 + len(tokens)}
         self.send_json(200, answer)
+
+    def load(self, body):
+        """A router's POST /models/load and /models/unload (of its second
+        model): loading, then loaded after load_delay; 404 when not a router."""
+        stub = self.stub
+        with stub.lock:
+            stub.requests.append({"body": body, "headers": dict(self.headers), "path": self.path})
+        if not stub.router:
+            return self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
+        if body.get("model") != "qwen3-0.6b":
+            return self.send_json(400, {"error": {"code": 400, "message": "model not found"}})
+        if self.path.endswith("/unload"):
+            stub.second_status = "unloaded"
+        else:
+            stub.second_status = "loading"
+            threading.Timer(stub.load_delay, lambda: setattr(stub, "second_status",
+                                                             "loaded")).start()
+        self.send_json(200, {"success": True})
 
     def prompt_tool(self, body):
         """llama-server's /tokenize (a token a word here), /apply-template and
@@ -2503,12 +2525,158 @@ def test_a_chat_with_a_model_llama_cpp_does_not_know_leaves_the_conversation_s(c
     assert client.get(f"/api/conversations/{cid}")[2]["conversation"]["model"] == "qwen3-0.6b"
 
 
+@contextlib.contextmanager
+def stub_server(port=0, **fields):
+    """A stub llama.cpp of its own (beside the `stub` fixture's), on `port`
+    (0: any): its Stub, its URL in .url. Stopped when the block ends."""
+    state = Stub()
+    for name, value in fields.items():
+        setattr(state, name, value)
+    server = StubServer(("127.0.0.1", port), type("Handler", (StubHandler,), {"stub": state}))
+    serve(server)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        stop(server)
+        for conn in state.connections:           # kept ones too: the machine is gone
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def black_hole():
+    """An address that takes connections and never answers (a machine that
+    drops packets, as far as a client can tell): its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def test_two_connections_merge_their_models_and_each_chat_goes_to_its_model_s(stub, launch):
+    stub.api_key = "key-of-default"
+    with stub_server(router=True, api_key="key-of-gpu") as gpu:
+        c = Client(launch(stub.url, llamacpp_api_key="key-of-default", auto_title="model",
+                          connections=({"name": "gpu", "url": gpu.url,
+                                        "api_key": "key-of-gpu"},)))
+        body = c.get("/api/models")[2]
+        assert [(m["name"], m["connection"], m["available"]) for m in body["details"]] == [
+            (MODEL, "default", True), ("gemma-3-270m", "gpu", True),
+            ("qwen3-0.6b", "gpu", True)]
+        assert body["models"] == [MODEL, "gemma-3-270m", "qwen3-0.6b"]
+        assert [(x["name"], x["state"]) for x in body["connections"]] == [("default", "ok"),
+                                                                           ("gpu", "ok")]
+        gpu.reply = "From the GPU."
+        cid = c.post("/api/conversations", {"model": "gemma-3-270m"})[2]["conversation_id"]
+        answer = c.chat(cid, "Which machine are you?", model="gemma-3-270m")[2]
+        assert answer["response"] == "From the GPU."
+        wait_for(lambda: any(r["body"].get("messages", [{}])[0].get("content") ==
+                             llama_chat.TITLE_PROMPT for r in gpu.requests), 5, "the title")
+        assert not [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
+        assert c.chat(cid, "And now?", model=MODEL)[2]["response"] == stub.reply   # the Pi
+        assert c.get(f"/api/conversations/{cid}/prompt?model=qwen3-0.6b")[2][
+            "connection"] == "gpu"
+        status, _, relayed = c.post("/v1/chat/completions", {
+            "model": "qwen3-0.6b", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 200 and relayed["choices"][0]["message"]["content"] == "From the GPU."
+        listed = c.get("/v1/models")[2]
+        assert [(m["id"], m["owned_by"]) for m in listed["data"]] == [
+            (MODEL, "default"), ("gemma-3-270m", "gpu"), ("qwen3-0.6b", "gpu")]
+        # each key to its own server only
+        assert {r["headers"].get("Authorization") for r in gpu.requests} == {"Bearer key-of-gpu"}
+        assert {r["headers"].get("Authorization") for r in stub.requests} == {
+            "Bearer key-of-default"}
+
+
+def test_a_connection_down_leaves_the_others_working_and_comes_back(stub, launch, monkeypatch):
+    monkeypatch.setattr(llama_chat, "MODEL_LIST_WAIT", 0.5)    # the first list waits this long
+    with black_hole() as hole, stub_server(router=True) as gpu:
+        port = int(gpu.url.rsplit(":", 1)[1])
+        c = Client(launch(stub.url, connections=(
+            {"name": "gpu", "url": gpu.url}, {"name": "far away", "url": hole})))
+        first = c.get("/api/models")[2]
+        assert [m["connection"] for m in first["details"]] == ["default", "gpu", "gpu"]
+        monkeypatch.setattr(llama_chat, "MODEL_LIST_WAIT", 30.0)   # a wait on the hole would show
+        started = time.monotonic()
+        assert c.get("/api/models")[2]["details"] == first["details"]
+        assert time.monotonic() - started < 10           # the hole is not waited for again
+        states = {x["name"]: x["state"] for x in c.get("/api/health")[2]["connections"]}
+        assert states == {"default": "ok", "gpu": "ok", "far away": "unknown"}
+        cid = c.new_conversation(model="gemma-3-270m")
+        assert c.chat(cid, "hi", model="gemma-3-270m")[0] == 200
+        stop_gpu = gpu                                     # the GPU machine goes away
+    states = {x["name"]: x["state"] for x in c.get("/api/models")[2]["connections"]}
+    assert states["gpu"] == "down" and states["default"] == "ok"
+    shown = {m["name"]: m["available"] for m in c.get("/api/models")[2]["details"]}
+    assert shown == {MODEL: True, "gemma-3-270m": False, "qwen3-0.6b": False}   # not gone
+    status, _, body = c.chat(cid, "still there?", model="gemma-3-270m")
+    assert status == 502 and body["code"] == "LLAMACPP_ERROR"
+    assert c.chat(c.new_conversation(), "and you?", model=MODEL)[0] == 200
+    with stub_server(port, router=True) as back, listening(c) as heard:   # and comes back
+        wait_for(lambda: all(m["available"] for m in c.get("/api/models")[2]["details"]), 10,
+                 "its models available again")     # asked at once, not waited for: it was down
+        assert {"type": "models", "action": "changed"} in heard       # the pages told
+        assert c.chat(cid, "back?", model="gemma-3-270m")[0] == 200 and back.requests
+    assert stop_gpu
+
+
+def test_a_router_s_model_is_loaded_and_unloaded_from_the_api_every_page_told(stub, launch):
+    with stub_server(router=True, load_delay=0.5) as gpu:
+        c = Client(launch(stub.url, connections=({"name": "gpu", "url": gpu.url},)))
+        assert c.get("/api/models")[0] == 200
+        with listening(c) as heard:
+            status, _, body = c.post("/api/models/load", {"model": "qwen3-0.6b"})
+            assert (status, body["connection"], body["action"]) == (200, "gpu", "load")
+            assert gpu.requests[-1]["path"] == "/models/load"
+            wait_for(lambda: {"type": "models", "action": "changed"} in heard, 10,
+                     "the pages told")
+            wait_for(lambda: {m["name"]: m.get("status") for m in c.get("/api/models")[2][
+                "details"]}["qwen3-0.6b"] == "loaded", 10, "loaded")
+        assert c.post("/api/models/unload", {"model": "qwen3-0.6b"})[0] == 200
+        assert {m["name"]: m.get("status") for m in c.get("/api/models")[2]["details"]}[
+            "qwen3-0.6b"] == "unloaded"
+        status, _, body = c.post("/api/models/load", {"model": MODEL})   # not a router's
+        assert (status, body["field"]) == (400, "model") and "router" in body["error"]
+        for bad in ({}, {"model": 3}, {"model": "x", "extra": 1}):
+            assert c.post("/api/models/load", bad)[0] == 400
+
+
+def test_a_chat_for_a_model_not_loaded_says_so_at_its_start(client, stub):
+    stub.router = True
+    assert client.get("/api/models")[0] == 200              # qwen3-0.6b: unloaded
+    cid = client.new_conversation(model="qwen3-0.6b")
+    start = read_events(client.stream(cid, "hi", model="qwen3-0.6b")[0])[0]
+    assert (start["type"], start["model_status"]) == ("start", "unloaded")
+    start = read_events(client.stream(cid, "hi", model="gemma-3-270m")[0])[0]
+    assert start["type"] == "start" and "model_status" not in start       # loaded
+
+
+@pytest.mark.parametrize("connections, words", [
+    ({}, "must be a list"), ([{"name": "default", "url": "http://a:1"}], "is taken"),
+    ([{"name": "x", "url": "ftp://a"}], "connections[0].url"),
+    ([{"name": "x/y", "url": "http://a:1"}], "its name"),
+    ([{"name": "x", "url": "http://a:1", "key": "k"}], "connections[0] must be"),
+    ([{"name": "x", "url": "http://a:1"}, {"name": "x", "url": "http://b:1"}], "is taken"),
+    ([{"name": "x", "url": "http://a:1", "api_key": 3}], "api_key must be text")])
+def test_connections_in_config_are_checked(tmp_path, connections, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"connections": connections}))
+    with pytest.raises(llama_chat.ConfigError, match=re.escape(words)):
+        llama_chat.load_settings(["--config", str(path)])
+
+
 def test_models_router_mode_gives_each_status(client, stub):
     stub.router = True
     body = client.get("/api/models")[2]
     assert body["models"] == ["gemma-3-270m", "qwen3-0.6b"]
-    assert body["details"] == [{"name": "gemma-3-270m", "status": "loaded"},
-                               {"name": "qwen3-0.6b", "status": "unloaded"}]
+    assert body["details"] == [
+        {"name": "gemma-3-270m", "status": "loaded", "connection": "default", "available": True},
+        {"name": "qwen3-0.6b", "status": "unloaded", "connection": "default", "available": True,
+         "n_ctx": 8192, "input_modalities": ["text"]}]      # its -c and architecture
 
 
 def test_models_fall_back_to_v1_models(client, stub):
@@ -8352,6 +8520,30 @@ def test_page_scales_a_large_photo_down_upright_and_says_what_a_model_left_out(p
 
 
 @needs_chromium
+def test_page_lists_each_connection_s_models_and_loads_a_router_s(browser, stub, launch):
+    with stub_server(router=True, load_delay=0.5) as gpu, black_hole() as hole:
+        c = Client(launch(stub.url, connections=({"name": "gpu", "url": gpu.url},
+                                                 {"name": "far", "url": hole})))
+        browser.go(f"http://127.0.0.1:{c.port}/")
+        groups = browser.wait("const g = [...document.querySelectorAll('#model optgroup')]"
+                              ".map(x => x.label); return g.length === 2 && g")
+        assert groups == ["default", "gpu"]
+        browser.js("const s = document.getElementById('model'); s.value = 'qwen3-0.6b';"
+                   "s.dispatchEvent(new Event('change'))")
+        assert browser.js("return document.getElementById('model-load').textContent") == "Load"
+        browser.click("#model-load")
+        browser.wait("return document.getElementById('model-load').textContent === 'Unload'", 15)
+        assert gpu.second_status == "loaded"
+        label = browser.js("return [...document.querySelectorAll('#model option')]"
+                           ".find(o => o.value === 'qwen3-0.6b').textContent")
+        assert label == "qwen3-0.6b"
+    # the GPU machine gone: its models stay in the list, unavailable
+    browser.go(f"http://127.0.0.1:{c.port}/")
+    browser.wait("return [...document.querySelectorAll('#model option')]"
+                 ".some(o => o.textContent === 'gemma-3-270m (unavailable)')", 15)
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
@@ -9058,12 +9250,12 @@ def build_database(path, messages, per_conversation=50, corpus=None):
 class AppProcess:
     """llama_chat.py started the way a user starts it."""
 
-    def __init__(self, db, llamacpp_url):
+    def __init__(self, db, llamacpp_url, *extra):
         self.port = free_port()
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"),
                                       "--port", str(self.port), "--db", db,
-                                      "--llamacpp-url", llamacpp_url],
+                                      "--llamacpp-url", llamacpp_url, *extra],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.listening = None
         while True:
@@ -10131,6 +10323,63 @@ def test_bench_attachments(tmp_path, stub):
             "< 20 MB")
     finally:
         app.stop()
+
+
+@bench
+def test_bench_connections(tmp_path, stub):
+    """Chats through a second llama.cpp server against the first, and beside
+    a third that never answers; the model list from its cache."""
+    bench_heading("several llama.cpp servers")
+    row = bench_row
+    with stub_server(router=True) as gpu, black_hole() as hole:
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"connections": [{"name": "gpu", "url": gpu.url}]}))
+        app = AppProcess(str(tmp_path / "c.db"), stub.url, "--config", str(config))
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+            conn.request("GET", "/api/models")
+            conn.getresponse().read()
+
+            def chat_times(model, rounds=300):
+                conn.request("POST", "/api/conversations", json.dumps({"model": model}),
+                             {"Content-Type": "application/json"})
+                cid = json.loads(conn.getresponse().read())["conversation_id"]
+                times = []
+                for i in range(rounds):
+                    started = time.perf_counter()
+                    conn.request("POST", "/api/chat", json.dumps({
+                        "conversation_id": cid, "model": model, "message": f"q{i}"}),
+                        {"Content-Type": "application/json"})
+                    conn.getresponse().read()
+                    times.append((time.perf_counter() - started) * 1000)
+                return times
+            firsts, seconds = [], []
+            for _ in range(4):                     # alternating: the machine's noise shared
+                firsts += chat_times(MODEL, 60)
+                seconds += chat_times("gemma-3-270m", 60)
+            row("chat, p50: through the first server / through a second",
+                f"{percentile(firsts, 50):.2f} / {percentile(seconds, 50):.2f} ms",
+                "within 0.2 ms")
+        finally:
+            app.stop()
+        config.write_text(json.dumps({"connections": [{"name": "gpu", "url": gpu.url},
+                                                      {"name": "hole", "url": hole}]}))
+        app = AppProcess(str(tmp_path / "c2.db"), stub.url, "--config", str(config))
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=60)
+            conn.request("GET", "/api/models")
+            conn.getresponse().read()
+            listed = [timed_get(conn, "/api/models") for _ in range(50)]
+            beside = []
+            for _ in range(4):
+                beside += chat_times("gemma-3-270m", 60)
+            row("chat through the second, p50 / p95: alone / with a third that never answers",
+                f"{percentile(seconds, 50):.2f} / {percentile(seconds, 95):.2f} ms; "
+                f"{percentile(beside, 50):.2f} / {percentile(beside, 95):.2f} ms", "p95 unchanged")
+            row("/api/models with the third not answering, p50 / p95",
+                f"{percentile(listed, 50):.1f} / {percentile(listed, 95):.1f} ms", "< 50 ms")
+        finally:
+            app.stop()
 
 
 @bench
