@@ -2619,7 +2619,8 @@ def test_a_connection_down_leaves_the_others_working_and_comes_back(stub, launch
     with stub_server(port, router=True) as back, listening(c) as heard:   # and comes back
         wait_for(lambda: all(m["available"] for m in c.get("/api/models")[2]["details"]), 10,
                  "its models available again")     # asked at once, not waited for: it was down
-        assert {"type": "models", "action": "changed"} in heard       # the pages told
+        wait_for(lambda: {"type": "models", "action": "changed"} in heard, 10,
+                 "the pages told")
         assert c.chat(cid, "back?", model="gemma-3-270m")[0] == 200 and back.requests
     assert stop_gpu
 
