@@ -2680,6 +2680,12 @@ def test_models_router_mode_gives_each_status(client, stub):
          "n_ctx": 8192, "input_modalities": ["text"]}]      # its -c and architecture
 
 
+def test_models_name_the_server_llama_chat_started(client, monkeypatch):
+    assert "managed" not in client.get("/api/models")[2]
+    monkeypatch.setattr(client.engine, "managed", types.SimpleNamespace(as_dict=dict))
+    assert client.get("/api/models")[2]["managed"] == "default"
+
+
 def test_models_fall_back_to_v1_models(client, stub):
     stub.no_models_route = True
     assert client.get("/api/models")[2]["models"] == [MODEL]
