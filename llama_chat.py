@@ -4505,9 +4505,10 @@ class Upstream:
 
     def models(self):
         """[{"name", "status"?}] from /models (router mode) or /v1/models."""
-        status, body = self.call("GET", "/models", read_timeout=30)
+        wait = min(30, self.read_timeout)
+        status, body = self.call("GET", "/models", read_timeout=wait)
         if status == 404:
-            status, body = self.call("GET", "/v1/models", read_timeout=30)
+            status, body = self.call("GET", "/v1/models", read_timeout=wait)
         if status != 200:
             raise upstream_status_error(status, body)
         entries = body.get("data") if isinstance(body, dict) else None

@@ -2559,17 +2559,17 @@ def black_hole():
 
 def test_two_connections_merge_their_models_and_each_chat_goes_to_its_model_s(stub, launch):
     stub.api_key = "key-of-default"
-    with stub_server(router=True, api_key="key-of-gpu") as gpu:
+    with stub_server(router=True, api_key="key-of-gpu") as gpu, stub_server() as twin:
         c = Client(launch(stub.url, llamacpp_api_key="key-of-default", auto_title="model",
-                          connections=({"name": "gpu", "url": gpu.url,
-                                        "api_key": "key-of-gpu"},)))
+                          connections=({"name": "gpu", "url": gpu.url, "api_key": "key-of-gpu"},
+                                       {"name": "twin", "url": twin.url})))   # MODEL again
         body = c.get("/api/models")[2]
         assert [(m["name"], m["connection"], m["available"]) for m in body["details"]] == [
             (MODEL, "default", True), ("gemma-3-270m", "gpu", True),
             ("qwen3-0.6b", "gpu", True)]
         assert body["models"] == [MODEL, "gemma-3-270m", "qwen3-0.6b"]
-        assert [(x["name"], x["state"]) for x in body["connections"]] == [("default", "ok"),
-                                                                           ("gpu", "ok")]
+        assert [(x["name"], x["state"]) for x in body["connections"]] == [
+            ("default", "ok"), ("gpu", "ok"), ("twin", "ok")]     # MODEL listed once: the first
         gpu.reply = "From the GPU."
         cid = c.post("/api/conversations", {"model": "gemma-3-270m"})[2]["conversation_id"]
         answer = c.chat(cid, "Which machine are you?", model="gemma-3-270m")[2]
@@ -2578,6 +2578,7 @@ def test_two_connections_merge_their_models_and_each_chat_goes_to_its_model_s(st
                              llama_chat.TITLE_PROMPT for r in gpu.requests), 5, "the title")
         assert not [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
         assert c.chat(cid, "And now?", model=MODEL)[2]["response"] == stub.reply   # the Pi
+        assert not [r for r in twin.requests if r["path"] == "/v1/chat/completions"]
         assert c.get(f"/api/conversations/{cid}/prompt?model=qwen3-0.6b")[2][
             "connection"] == "gpu"
         status, _, relayed = c.post("/v1/chat/completions", {
@@ -2597,15 +2598,22 @@ def test_a_connection_down_leaves_the_others_working_and_comes_back(stub, launch
     with black_hole() as hole, stub_server(router=True) as gpu:
         port = int(gpu.url.rsplit(":", 1)[1])
         c = Client(launch(stub.url, connections=(
-            {"name": "gpu", "url": gpu.url}, {"name": "far away", "url": hole})))
+            {"name": "gpu", "url": gpu.url}, {"name": "far away", "url": hole}),
+            timeouts={"llamacpp_timeout": 4, "llamacpp_connect_timeout": 2}))   # then down
         first = c.get("/api/models")[2]
         assert [m["connection"] for m in first["details"]] == ["default", "gpu", "gpu"]
         monkeypatch.setattr(llama_chat, "MODEL_LIST_WAIT", 30.0)   # a wait on the hole would show
         started = time.monotonic()
         assert c.get("/api/models")[2]["details"] == first["details"]
         assert time.monotonic() - started < 10           # the hole is not waited for again
+        wait_for(lambda: {x["name"]: x["state"] for x in c.get("/api/health")[2][
+            "connections"]}["far away"] == "down", 15, "the hole seen down")  # the read timed out
+        started = time.monotonic()
+        assert c.get("/api/models")[2]["details"] == first["details"]    # asked again, not
+        assert time.monotonic() - started < 3          # waited for (4 s): it was down
         states = {x["name"]: x["state"] for x in c.get("/api/health")[2]["connections"]}
-        assert states == {"default": "ok", "gpu": "ok", "far away": "unknown"}
+        assert states["default"] == states["gpu"] == "ok"
+        assert states["far away"] in ("unknown", "down")     # not answered (yet, or in time)
         cid = c.new_conversation(model="gemma-3-270m")
         assert c.chat(cid, "hi", model="gemma-3-270m")[0] == 200
         stop_gpu = gpu                                     # the GPU machine goes away
