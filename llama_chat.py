@@ -5692,6 +5692,46 @@ def question_tokens(engine, text, model):
     return upstream.token_count(text, model)
 
 
+# llama-server keeps the prompt it last read (cache_prompt): a turn that sends
+# the same beginning again pays only for what is new. A window that slid by a
+# message a turn would change the beginning every turn, and llama.cpp would
+# read the whole history again each time: minutes on a Pi. So what is left
+# out grows in steps (half the message limit, half the token budget), and
+# the turns between two steps send the same beginning.
+def stepped_window(earlier, limit):
+    """How many of a branch's `earlier` messages go with a chat, at most
+    `limit`: all while they fit; then the oldest left out half the limit at
+    a time (each turn adds two messages: a step of a quarter would move the
+    first kept every turn), so the first kept moves every few turns."""
+    if earlier <= limit:
+        return earlier
+    step = max(2, -(-limit // 2))
+    return max(0, earlier - -(-(earlier - limit) // step) * step)
+
+
+STEP_OF_BUDGET = 2           # a step leaves out 1/2 of the token budget
+
+
+def stepped_start(costs, budget):
+    """Where the exchanges (their token costs, oldest first) that go begin:
+    0 when all fit the budget; else the first of the places where what was
+    left out before it reaches each next multiple of a step (half the
+    budget: places fixed by the oldest exchanges alone), from which the
+    rest fits; None if from none of them. Between two steps each turn sends
+    the last one's prompt and adds to it; a step makes llama.cpp read the
+    whole prompt again: with steps of half the budget it reads on average
+    twice what each turn adds."""
+    step = max(1, budget // STEP_OF_BUDGET)
+    rest, left_out, mark = sum(costs), 0, 0
+    for i, cost in enumerate([*costs, 0]):
+        if left_out >= mark:                       # a place where a step ends
+            if rest <= budget:
+                return i
+            mark = (left_out // step + 1) * step
+        rest, left_out = rest - cost, left_out + cost
+    return None
+
+
 def exchanges(messages):
     """A branch's messages as exchanges: a question and what answered it (the
     replies, tool calls and results up to the next question); what comes
@@ -5709,11 +5749,13 @@ def fit_context(engine, turn, branch_length):
     n_ctx (llama-server's /props) less the reply's max_tokens (at most a
     quarter of n_ctx: a default of 4096 would leave no room in a small
     context) and the system prompt. The turn's own messages always go; then
-    whole exchanges, newest first, each that fits: one that does not (a
-    question too long for the context) and an unanswered question are left
-    out, and the walk goes on past them. Where llama.cpp cannot say n_ctx or count,
-    the history stays as the message limit made it (and an overflow is
-    still retried with fewer). turn.context says what was done."""
+    whole exchanges: an exchange too long for the context ever to go and an
+    unanswered question are left out; of the rest, the newest from where
+    stepped_start says (the oldest left out half the budget at a time, so
+    that llama.cpp's prompt cache serves the turns between). Where
+    llama.cpp cannot say n_ctx or count, the history stays as the message
+    limit made it (and an overflow is still retried with fewer).
+    turn.context says what was done."""
     upstream = engine.upstream_for(turn.model or None)
     n_ctx = upstream.context_of(turn.model or None)
     history = turn.history
@@ -5730,13 +5772,16 @@ def fit_context(engine, turn, branch_length):
     budget = n_ctx - reserve - system
     own = history[len(history) - turn.own_messages:] if turn.own_messages else []
     used = sum(m["token_count"] + MESSAGE_OVERHEAD for m in own)
+    sendable = []
+    for e in exchanges(history[:len(history) - len(own)]):
+        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in e)
+        if e[0]["role"] == "user" and len(e) > 1 and used + cost <= budget:
+            sendable.append((e, cost))
+    start = stepped_start([cost for _, cost in sendable], budget - used)
     kept = []
-    for exchange in reversed(exchanges(history[:len(history) - len(own)])):
-        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in exchange)
-        if exchange[0]["role"] != "user" or len(exchange) == 1 or used + cost > budget:
-            continue        # an unanswered question, or one that does not fit: the walk goes on
+    for e, cost in sendable[start:] if start is not None else ():
+        kept += e
         used += cost
-        kept[:0] = exchange
     turn.history = kept + own                 # what llama.cpp is sent begins with a question
     turn.context = {"n_ctx": n_ctx, "prompt_tokens": used + system,
                     "messages_sent": len(turn.history),
@@ -5751,10 +5796,10 @@ def next_prompt(engine, conversation, question=None, model=None):
     templated text."""
     system_prompt, asked = reply_settings(engine.settings, conversation)
     options = check_model_options(asked, "options")
-    limit = engine.settings.performance["context_history_limit"]
     leaf = conversation.get("current_message_id")
-    history = engine.store.tree.path(leaf, limit) if leaf is not None and limit else []
     total = engine.store.tree.depth(leaf) if leaf is not None else 0
+    kept = stepped_window(total, engine.settings.performance["context_history_limit"])
+    history = engine.store.tree.path(leaf, kept) if leaf is not None and kept else []
     attached = engine.store.attached([m["id"] for m in history if m["role"] == "user"])
     for m in history:
         m["attachments"] = attached.get(m["id"], [])
@@ -5841,7 +5886,7 @@ class ChatTurn:
         body = {"messages": context_messages(self.system_prompt, self.history[skip:],
                                              self.takes, self.left_out, media=lambda m: m),
                 "stream": True, "stream_options": {"include_usage": True},
-                "return_progress": True, **self.options}
+                "return_progress": True, "cache_prompt": True, **self.options}
         if self.model:
             body["model"] = self.model
         return body
@@ -5974,8 +6019,10 @@ def start_chat(engine, body):
     if title_pending and message is not None and engine.settings.auto_title != "model":
         engine.write_title(conversation_id, "")   # from the question, even if llama.cpp fails
         title_pending = False
-    limit = engine.settings.performance["context_history_limit"] + (2 if continued else 1)
-    history = store.tree.path(last, limit)
+    own = 2 if continued else 1
+    earlier = store.tree.depth(last) - own
+    history = store.tree.path(last, stepped_window(
+        earlier, engine.settings.performance["context_history_limit"]) + own)
     attached = store.attached([m["id"] for m in history if m["role"] == "user"])
     for m in history:
         m["attachments"] = attached.get(m["id"], [])
@@ -5983,7 +6030,7 @@ def start_chat(engine, body):
                     history, upstream_options, time.monotonic(),
                     asked, title_pending, message_id=reply_id)
     try:
-        fit_context(engine, turn, store.tree.depth(last))
+        fit_context(engine, turn, earlier + own)
         turn.takes = engine.upstream_for(model or None).takes(model or None)   # once /props was read
     except BaseException:
         if reply_id is not None:                 # its row goes, with nothing made

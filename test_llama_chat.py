@@ -3317,6 +3317,59 @@ def test_the_stream_s_done_carries_the_context(client, stub, stream):
                                "messages_left_out": 0}
 
 
+@pytest.mark.parametrize("earlier, limit, kept", [
+    (0, 15, 0), (15, 15, 15), (16, 15, 8), (22, 15, 14), (23, 15, 15), (24, 15, 8),
+    (5, 0, 0), (3, 1, 1), (4, 1, 0), (9, 8, 5), (12, 8, 8), (13, 8, 5)])
+def test_the_message_window_moves_in_steps_of_half_the_limit(earlier, limit, kept):
+    assert llama_chat.stepped_window(earlier, limit) == kept
+
+
+@pytest.mark.parametrize("costs, budget, start", [
+    ([], 100, 0), ([30, 30, 30], 100, 0), ([30, 30, 30], 90, 0), ([30, 30, 30, 30], 100, 2),
+    ([30, 30, 30, 30, 30], 100, 2), ([30] * 7, 100, 4), ([10, 10, 10, 10, 60], 90, 5),
+    ([20, 20, 20, 60], 90, 3), ([20, 20, 20, 20, 60], 90, 3),   # a step's place holds
+    ([100], 100, 0), ([101], 100, 1), ([50, 50, 1], 100, 1), ([5, 5], -1, None)])
+def test_what_is_left_out_grows_by_half_the_budget(costs, budget, start):
+    assert llama_chat.stepped_start(costs, budget) == start
+
+
+def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_half_out(stub, launch):
+    """What llama.cpp's prompt cache needs: each turn sends what the turn
+    before sent (and its reply) as its beginning, but at the few turns where
+    a step leaves the oldest out; a step leaves out half the budget, and no
+    prompt passes the context."""
+    stub.n_ctx = 400                             # a quarter for the reply: 300 tokens
+    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                                  "context_history_limit": 500}))
+    cid = client.new_conversation()
+    sent, drops = [], 0
+    for n in range(30):
+        stub.reply = f"Reply {n}: some nine words or so, each a token."
+        answer = client.chat(cid, f"question {n} " + "word " * 12)[2]
+        assert answer["context"]["prompt_tokens"] <= 300
+        messages = stub.requests[-1]["body"]["messages"]
+        assert stub.requests[-1]["body"]["cache_prompt"] is True
+        if sent and messages[:len(sent)] != sent:
+            drops += 1
+            left = [m for m in sent if m not in messages]
+            assert left == sent[1:1 + len(left)]                 # the oldest exchanges
+            assert sum(len(m["content"].split()) + 8 for m in left) >= 300 // 4   # a quarter+
+        sent = messages + [{"role": "assistant", "content": stub.reply}]
+    assert 0 < drops <= 8       # one every ~4 turns; a slide: every turn once full (~23)
+
+
+def test_the_message_limit_moves_in_steps_too(stub, launch):
+    stub.prompt_tools = False                     # no tokens counted: the limit alone
+    c = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                             "context_history_limit": 8}))
+    cid = c.new_conversation()
+    firsts = []
+    for n in range(12):
+        c.chat(cid, f"question {n}")
+        firsts.append(stub.requests[-1]["body"]["messages"][1]["content"])
+    assert len(set(firsts)) <= 7 and firsts[-1] != "question 0"   # stepped: not 12 beginnings
+
+
 def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
     stub.router = True
     client.get("/api/models")
@@ -3442,10 +3495,11 @@ def test_chat_sends_system_prompt_history_and_mapped_options(client, stub):
     ]
     assert sent["model"] == MODEL and sent["stream"] is True     # the server's reply, streamed
     assert sent["stream_options"] == {"include_usage": True} and sent["return_progress"] is True
+    assert sent["cache_prompt"] is True                       # the prefix read once, kept
     assert sent["temperature"] == 0.7 and sent["max_tokens"] == 64 and sent["seed"] == 3
     assert sent["top_k"] == 50 and sent["stop"] == ["\n\nHuman:", "\n\nUser:"]
     assert set(sent) <= {"messages", "stream", "stream_options", "return_progress", "model",
-                         "temperature", "top_p", "top_k", "min_p", "max_tokens",
+                         "cache_prompt", "temperature", "top_p", "top_k", "min_p", "max_tokens",
                          "repeat_penalty", "stop", "seed"}
 
 
