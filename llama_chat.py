@@ -337,7 +337,19 @@ MODEL_OPTIONS = {
     "frequency_penalty": (float, -2.0, 2.0, "frequency_penalty"),
     "seed": (int, -1, 2**63 - 1, "seed"),
     "stop": (list, 0, 16, "stop"),
+    "thinking": (bool, 0, 1000000, "thinking"),     # on, off, or a budget of tokens
 }
+
+
+def thinking_fields(value):
+    """A reasoning model's thinking as llama-server takes it: on or off (its
+    template's enable_thinking), or on within a budget of tokens (its
+    reasoning budget; 0: off)."""
+    if value is False or value == 0:
+        return {"chat_template_kwargs": {"enable_thinking": False}}
+    if value is True:
+        return {"chat_template_kwargs": {"enable_thinking": True}}
+    return {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_budget_tokens": value}
 
 
 def check_model_options(options, prefix):
@@ -352,6 +364,13 @@ def check_model_options(options, prefix):
                                    + ", ".join(sorted(MODEL_OPTIONS)))
         kind, low, high, upstream = MODEL_OPTIONS[name]
         if value is None:
+            continue
+        if kind is bool:                              # thinking: true, false or a budget
+            if not isinstance(value, bool) and not (
+                    isinstance(value, int) and low <= value <= high):
+                raise validation_error(where, f"{where} must be true, false or a number of "
+                                       f"tokens from {low} to {high}")
+            out.update(thinking_fields(value))
             continue
         if kind is list:
             if isinstance(value, str):

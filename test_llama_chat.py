@@ -3370,6 +3370,35 @@ def test_the_message_limit_moves_in_steps_too(stub, launch):
     assert len(set(firsts)) <= 7 and firsts[-1] != "question 0"   # stepped: not 12 beginnings
 
 
+@pytest.mark.parametrize("thinking, sent", [
+    (True, {"chat_template_kwargs": {"enable_thinking": True}}),
+    (False, {"chat_template_kwargs": {"enable_thinking": False}}),
+    (0, {"chat_template_kwargs": {"enable_thinking": False}}),
+    (512, {"chat_template_kwargs": {"enable_thinking": True}, "reasoning_budget_tokens": 512})])
+def test_thinking_on_off_or_a_budget_reaches_llama_cpp_as_it_takes_it(client, stub, thinking,
+                                                                     sent):
+    cid = client.new_conversation()
+    assert client.chat(cid, "think?", options={"thinking": thinking})[0] == 200
+    body = stub.requests[-1]["body"]
+    assert {k: body[k] for k in sent} == sent and "thinking" not in body
+    # a conversation's setting holds for its chats, and a chat's own wins
+    assert client.put(f"/api/conversations/{cid}", {"options": {"thinking": thinking}})[0] == 200
+    client.chat(cid, "again")
+    assert {k: stub.requests[-1]["body"][k] for k in sent} == sent
+    client.chat(cid, "quick", options={"thinking": False})
+    assert stub.requests[-1]["body"]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize("bad", ["on", -1, 1000001, 1.5, [], None])
+def test_thinking_takes_true_false_or_a_budget_only(client, bad):
+    cid = client.new_conversation()
+    status, _, body = client.chat(cid, "x", options={"thinking": bad})
+    if bad is None:
+        assert status == 200                             # null: the default
+    else:
+        assert (status, body["field"]) == (400, "options.thinking")
+
+
 def test_the_context_is_asked_again_when_the_model_list_changes(client, stub):
     stub.router = True
     client.get("/api/models")
@@ -8839,6 +8868,15 @@ def test_page_saves_only_the_settings_edited_and_keeps_stop_strings_whole(page, 
     c = client.get(f"/api/conversations/{cid}")[2]["conversation"]
     assert c["system_prompt"] == "" and c["options"] == {"stop": ["\n\nHuman:", "a\\b"],
                                                          "top_k": 5, "temperature": 0.7}
+    for typed, kept in (("off", False), ("256", 256), ("on", True)):   # thinking
+        b.wait("const t = document.getElementById('set-thinking');"
+               "return t && t.value === t.dataset.initial")      # drawn again after a save
+        b.js("document.getElementById('set-thinking').value = ''")
+        b.type("#set-thinking", typed)
+        b.click("#settings .set-actions .primary")
+        wait_for(lambda: client.get(f"/api/conversations/{cid}")[2]["conversation"][
+            "options"].get("thinking") == kept, 10, f"thinking {typed}")
+        b.wait(f"return document.getElementById('set-thinking').dataset.initial === '{typed}'")
 
 
 @needs_chromium
