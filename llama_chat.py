@@ -4694,6 +4694,7 @@ def launch_context(args):
 # list ever waits on a server that is slow or gone.
 MODEL_LIST_SECONDS = 30      # a list older than this is asked again when it is used
 MODEL_LIST_WAIT = 2.0        # the most the first /api/models waits for lists never read
+MODEL_LIST_SLOW_MS = 1000    # a server that took longer (or timed out) is not waited for
 MODEL_WATCH_SECONDS = 1.0    # how often a router is asked while a model of it loads
 MODEL_WATCH_MOST = 900       # ... for at most this long
 
@@ -4738,9 +4739,11 @@ class Connections:
     def refresh(self, wait=0.0, force=False):
         """Ask again each list older than MODEL_LIST_SECONDS (force: every
         one not being asked now), each in a thread of its own; wait up to
-        `wait` seconds for those this call asked, but for a server last seen
-        down (or still not answering an earlier ask): its list stays as it
-        was until it answers."""
+        `wait` seconds for those this call asked, but for a server slow to
+        answer the last time (MODEL_LIST_SLOW_MS: a timeout, a machine that
+        drops packets) or still not answering an earlier ask: its list stays
+        as it was until it answers. One that refused at once is waited for:
+        it may be up now."""
         now = time.monotonic()
         with self.lock:
             started = []
@@ -4756,7 +4759,8 @@ class Connections:
             thread.start()
         ends = time.monotonic() + wait
         for u, thread in started:
-            if self.known[u.name]["state"] != "down":
+            took = self.known[u.name]["latency_ms"]
+            if took is None or took < MODEL_LIST_SLOW_MS:
                 thread.join(max(0.0, ends - time.monotonic()))
 
     def ask(self, u):
@@ -6050,7 +6054,7 @@ def start_chat(engine, body):
                     asked, title_pending, message_id=reply_id)
     try:
         fit_context(engine, turn, earlier + own)
-        turn.takes = engine.upstream_for(model or None).takes(model or None)   # once /props was read
+        turn.takes = engine.upstream_for(model or None).takes(model or None)   # as /props said
     except BaseException:
         if reply_id is not None:                 # its row goes, with nothing made
             store.abandon_reply(reply_id)
@@ -7054,9 +7058,9 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 def relay_to_llamacpp(engine, req, exchange, model=None):
-    """Send the request to the llama.cpp server that serves `model` as it came and answer what llama.cpp
-    answers: its status, Content-Type and body, a stream as it arrives; a
-    chat's reply recorded on the way. While llama.cpp reads the prompt (it
+    """Send the request as it came to the llama.cpp server that serves `model`
+    and answer what it answers: its status, Content-Type and body, a stream
+    as it arrives; a chat's reply recorded on the way. While llama.cpp reads the prompt (it
     answers nothing meanwhile), a client that leaves ends the request."""
     query = urllib.parse.urlencode(req.query, doseq=True)
     path = req.path + (f"?{query}" if query else "")
