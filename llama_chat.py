@@ -4355,6 +4355,12 @@ IDLE_UPSTREAM_CONNECTIONS = 4
 CONTEXT_SECONDS = 60
 
 
+# What a chat template adds to each message at least (its role's markers:
+# some 4 to 7 tokens in ChatML's and Llama 3's templates; measured for each
+# model where llama-server can: message_overhead).
+MESSAGE_OVERHEAD = 8
+
+
 class Upstream:
     """llama-server over HTTP: no proxy, no redirects, separate connect and
     read timeouts. `name`: its connection's ("default": llamacpp_url)."""
@@ -4385,6 +4391,7 @@ class Upstream:
         self._counted = {}       # (model, text) -> tokens, for texts counted each chat
         self.slots = None        # llama-server's total_slots, as /props last said
         self._takes = {}         # model -> what it takes beside text, as /props said
+        self._overheads = {}     # model -> its template's tokens a message (message_overhead)
 
     def open(self, method, path, body=None, connect_timeout=None, read_timeout=None,
              attach=None):
@@ -4561,6 +4568,7 @@ class Upstream:
                     kind for kind in ("image", "audio") if kind in said))
         if models != self._listed:           # a model loaded, unloaded or swapped:
             self._contexts.clear()           # its context may be another now
+            self._overheads.clear()
             self._listed = models
         return models
 
@@ -4602,6 +4610,25 @@ class Upstream:
                 self._counted.clear()
             self._counted[key] = count
         return count
+
+    def message_overhead(self, model=None):
+        """What the model's chat template adds to each message, in tokens:
+        measured once (a question and a reply templated, /apply-template, less
+        their own tokens, a message's share rounded up, and one more), at
+        least MESSAGE_OVERHEAD (also where it cannot be measured). Gemma 3's
+        adds 14: counted as 8, a full context passed n_ctx, and llama.cpp
+        cut the prompt's beginning itself."""
+        if model not in self._overheads:
+            found = MESSAGE_OVERHEAD
+            pair = [{"role": "user", "content": "Hello there"},
+                    {"role": "assistant", "content": "Hi"}]
+            templated = self.templated(pair, model)
+            whole = self.token_count(templated, model) if templated else None
+            parts = [self.token_count(m["content"], model) for m in pair]
+            if whole is not None and None not in parts:
+                found = max(MESSAGE_OVERHEAD, -(-(whole - sum(parts)) // 2) + 1)
+            self._overheads[model] = found
+        return self._overheads[model]
 
     def context_of(self, model=None):
         """context_size(), asked again when the model list changes (models()
@@ -5670,11 +5697,6 @@ def effective_settings(settings, conversation):
 # Context by tokens: as much of the branch as fits the model
 ###############################################################################
 
-# What a chat template adds to each message (its role's markers: some 4 to 7
-# tokens in ChatML, Gemma's and Llama 3's templates), counted generously.
-MESSAGE_OVERHEAD = 8
-
-
 def counted_text(m):
     """What of a message is counted as its tokens: its text files as they
     are sent (message_parts), then its text. An attachment's bytes are in
@@ -5784,20 +5806,20 @@ def fit_context(engine, turn, branch_length):
     history = turn.history
     if n_ctx is None or not counted_tokens(engine, history, turn.model or None):
         return
-    system = 0
+    system, overhead = 0, upstream.message_overhead(turn.model or None)
     if turn.system_prompt:
         system = upstream.token_count(turn.system_prompt, turn.model or None)
         if system is None:
             return
-        system += MESSAGE_OVERHEAD
+        system += overhead
     wanted = turn.options.get("max_tokens")
     reserve = min(wanted if isinstance(wanted, int) and wanted > 0 else 0, n_ctx // 4)
     budget = n_ctx - reserve - system
     own = history[len(history) - turn.own_messages:] if turn.own_messages else []
-    used = sum(m["token_count"] + MESSAGE_OVERHEAD for m in own)
+    used = sum(m["token_count"] + overhead for m in own)
     sendable = []
     for e in exchanges(history[:len(history) - len(own)]):
-        cost = sum(m["token_count"] + MESSAGE_OVERHEAD for m in e)
+        cost = sum(m["token_count"] + overhead for m in e)
         if e[0]["role"] == "user" and len(e) > 1 and used + cost <= budget:
             sendable.append((e, cost))
     start = stepped_start([cost for _, cost in sendable], budget - used)

@@ -65,6 +65,7 @@ class Stub:
         self.tool_calls = None        # a list: the reply calls these tools instead
         self.prompt_tools = True      # /tokenize, /apply-template, .../input_tokens
         self.tokenized = []           # what /tokenize was asked to count
+        self.template_words = 0       # what /apply-template adds to each message, in words
         self.n_ctx = 4096             # of /props
         self.total_slots = 64         # of /props: replies llama-server makes at once
         self.modalities = {"vision": True, "audio": True}   # of /props: what the model takes
@@ -249,7 +250,8 @@ class StubHandler(BaseHTTPRequestHandler):
             with stub.lock:
                 stub.tokenized.append(body["content"])
             return self.send_json(200, {"tokens": list(range(len(body["content"].split())))})
-        turns = [f"<{m['role']}>{m['content']}" for m in body["messages"]]
+        turns = [f"<{m['role']}>{m['content']}" + " <mark>" * stub.template_words
+                 for m in body["messages"]]
         self.send_json(200, {"prompt": "\n".join(turns) + "\n<assistant>"}
                        if self.path == "/apply-template" else
                        {"input_tokens": sum(len(t.split()) + 3 for t in turns)})
@@ -3365,6 +3367,23 @@ def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_half_out(stub,
             assert sum(len(m["content"].split()) + 8 for m in left) >= 300 // 4   # a quarter+
         sent = messages + [{"role": "assistant", "content": stub.reply}]
     assert 0 < drops <= 8       # one every ~4 turns; a slide: every turn once full (~23)
+
+
+def test_what_a_template_adds_to_each_message_is_measured_and_counted(stub, launch):
+    """Gemma 3's template adds 14 tokens a message: counted as 8, a full
+    context passed n_ctx and llama.cpp cut the prompt itself."""
+    stub.n_ctx, stub.template_words = 600, 14                # 450 tokens for the prompt
+    c = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                             "context_history_limit": 500}))
+    cid = c.new_conversation()
+    for n in range(25):
+        stub.reply = f"Reply {n}: some nine words or so, each a token."
+        c.chat(cid, f"question {n} " + "word " * 12)
+        sent = stub.requests[-1]["body"]["messages"]
+        assert sum(len(m["content"].split()) + 14 for m in sent) <= 450     # as llama.cpp counts
+    assert c.engine.upstream.message_overhead(MODEL) == 16   # 14, its share of the reply's cue, 1
+    stub.template_words = 0
+    assert llama_chat.Upstream(c.engine.settings).message_overhead(MODEL) == 8   # the least
 
 
 def test_the_message_limit_moves_in_steps_too(stub, launch):
@@ -10496,6 +10515,47 @@ def test_bench_connections(tmp_path, stub):
                 f"{percentile(listed, 50):.1f} / {percentile(listed, 95):.1f} ms", "< 50 ms")
         finally:
             app.stop()
+
+
+@bench
+def test_bench_prompt_cache(tmp_path, launch, monkeypatch):
+    """A 60-turn chat that passes the context three times over, against a real
+    llama-server (LLAMA_CHAT_BENCH_LLAMA_SERVER=http://HOST:PORT, started with
+    -c 2048 -np 1): what llama.cpp reads each turn (prompt_n, the tokens its
+    cache did not hold) and the time to first token, with the context left
+    out in steps and with it sliding a message a turn (as before 1.8.0)."""
+    url = os.environ.get("LLAMA_CHAT_BENCH_LLAMA_SERVER")
+    if not url:
+        pytest.skip("needs a real llama-server: LLAMA_CHAT_BENCH_LLAMA_SERVER=http://HOST:PORT")
+    bench_heading("prompt cache (a real llama-server)")
+    topics = ["rivers", "volcanoes", "bread", "trains", "owls", "glass", "tides", "maps"]
+    figures = {}
+    for way, step in (("sliding", 10 ** 9), ("stepped", llama_chat.STEP_OF_BUDGET)):
+        monkeypatch.setattr(llama_chat, "STEP_OF_BUDGET", step)   # 10**9: a step of one token
+        c = Client(launch(url, db=str(tmp_path / f"{way}.db"), timeouts={
+            "llamacpp_timeout": 600, "llamacpp_connect_timeout": 5},
+            performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                         "context_history_limit": 1000}))
+        cid = c.new_conversation()
+        for n in range(60):
+            status, _, answer = c.post("/api/chat", {
+                "conversation_id": cid, "model": "", "stream": False,
+                "message": f"Turn {n}: one fact about {topics[n % 8]}, in two sentences.",
+                "options": {"num_predict": 60, "temperature": 0.1}})
+            assert status == 200, answer
+        replies = rows(c, "SELECT prompt_n, ttft_ms FROM messages WHERE role = 'assistant' "
+                          "ORDER BY id")
+        (added,) = rows(c, "SELECT avg(coalesce(token_count, estimated_tokens)) * 2 "
+                           "FROM messages")[0]        # a question and a reply: new each turn
+        late = replies[20:]
+        figures[way] = (sum(p for p, _ in late) / len(late),
+                        sum(t for _, t in late if t) / len(late), added)
+    for way, (read, ttft, added) in figures.items():
+        bench_row(f"turns 21-60, {way}: tokens llama.cpp read a turn (new a turn: "
+                  f"~{added:.0f}); time to first token", f"{read:.0f}; {ttft:.0f} ms",
+                  "<= 1.5x new" if way == "stepped" else "")
+    bench_row("time to first token, sliding / stepped",
+              f"x{figures['sliding'][1] / figures['stepped'][1]:.1f}", ">= x3")
 
 
 @bench
