@@ -1151,6 +1151,8 @@ class Settings:
     max_attachment_bytes: int = DEFAULT_CONFIG["max_attachment_bytes"]
     max_image_pixels: int = DEFAULT_CONFIG["max_image_pixels"]   # the page scales larger down
     connections: tuple = ()         # llama.cpp servers beside llamacpp_url: {name, url, api_key}
+    tls_cert: str = ""              # HTTPS: its certificate and key (PEM files); "": HTTP
+    tls_key: str = ""
     request_timeout: float = 10.0   # seconds to send a whole request
     header_timeout: float = 5.0     # seconds to idle, then send the request line and headers
     max_connections: int = 200      # served at once; beyond, 503
@@ -1211,6 +1213,10 @@ def build_arg_parser():
                    help="a name this app is reached by, besides localhost and IP addresses, "
                    "when listening beyond loopback; repeat for more (env "
                    "LLAMA_CHAT_ALLOWED_HOSTS, comma-separated)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate "
+                   "(PEM; with --tls-key; env LLAMA_CHAT_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM; env "
+                   "LLAMA_CHAT_TLS_KEY)")
     p.add_argument("--max-body-bytes", type=int, metavar="N",
                    help="largest request body accepted (env LLAMA_CHAT_MAX_BODY_BYTES; "
                    "default 1048576)")
@@ -1282,6 +1288,19 @@ def url_setting(url, name="llamacpp_url"):
         raise ConfigError(f"{name} must be http:// or https://, a host and an optional "
                           f"port from 1 to 65535, not {url!r}")
     return url.rstrip("/")
+
+
+def tls_settings(cert, key):
+    """HTTPS: a certificate and its key (PEM files), both or neither, each a
+    file that can be read."""
+    cert, key = cert or "", key or ""
+    if bool(cert) != bool(key):
+        raise ConfigError("tls_cert and tls_key go together: give both (or neither, for HTTP)")
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if path and not (isinstance(path, str) and os.path.isfile(path)
+                         and os.access(path, os.R_OK)):
+            raise ConfigError(f"{name} must be a file that can be read, not {path!r}")
+    return {"tls_cert": cert, "tls_key": key}
 
 
 CONNECTION_NAME = re.compile(r"[\w .:@-]{1,64}\Z")
@@ -1415,6 +1434,8 @@ def load_settings(argv=None, environ=None):
                 conf.get("max_image_pixels", DEFAULT_CONFIG["max_image_pixels"]),
                 "max_image_pixels", 0, 2**31),
             connections=connections_setting(conf.get("connections", [])),
+            **tls_settings(pick(args.tls_cert, ["LLAMA_CHAT_TLS_CERT"], "tls_cert"),
+                           pick(args.tls_key, ["LLAMA_CHAT_TLS_KEY"], "tls_key")),
             llama_server=args.llama_server or "", llama_model=args.model or "",
             llama_models_dir=args.models_dir or "", llama_args=extra,
             **sections,
@@ -8944,6 +8965,11 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
         # Headers and body go out in two writes; without this, Nagle's algorithm
         # holds the body until the client's delayed ACK (40 ms per request).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(self.connection, "do_handshake"):     # HTTPS: in this thread, in time
+            timeout = self.connection.gettimeout()
+            self.connection.settimeout(self.engine.settings.header_timeout)
+            self.connection.do_handshake()
+            self.connection.settimeout(timeout)
 
     def version_string(self):
         return self.server_version
@@ -9219,6 +9245,21 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "[::1]"}
 
 
+def tls_context(settings):
+    """HTTPS as the standard ssl module serves it (TLS 1.2 at least), from
+    the certificate and key given. Each connection's handshake is made in its
+    own thread, under the header deadline (Handler.setup), never in the
+    loop that accepts connections."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"tls_cert and tls_key cannot be used: {e}") from None
+    return context
+
+
 class Server(ThreadingHTTPServer):
     """A thread per connection, at most max_connections at once and at most
     connections_per_address of them from one client address (so that one
@@ -9242,6 +9283,9 @@ class Server(ThreadingHTTPServer):
         self._guard = threading.Lock()
         self._closed = threading.Event()     # before binding: a failed bind closes at once
         super().__init__(address, handler)
+        if engine.settings.tls_cert:
+            self.socket = tls_context(engine.settings).wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False)
         threading.Thread(target=self._watchdog, daemon=True).start()
 
     def process_request(self, request, client_address):
@@ -9610,12 +9654,12 @@ def report_llamacpp(engine):
                     state["url"], state.get("error"), state["start_hint"])
 
 
-def urls_to_open(host, port):
+def urls_to_open(host, port, scheme="http"):
     """Where the page can be opened: the address listened on, or, for all of
     this machine's (0.0.0.0, ::), its host name and each address that others
     can reach, then loopback."""
     def url(name):
-        return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+        return f"{scheme}://[{name}]:{port}/" if ":" in name else f"{scheme}://{name}:{port}/"
     if host not in ("0.0.0.0", "::", ""):
         return [url(host)]
     name = socket.gethostname()
@@ -9726,7 +9770,8 @@ def serve(argv):
                   file=sys.stderr)
             server.server_close()
             return 1
-    urls = urls_to_open(settings.host, server.server_address[1])
+    urls = urls_to_open(settings.host, server.server_address[1],
+                        "https" if settings.tls_cert else "http")
     if settings.key_generated:
         print("llama-chat listens beyond this machine, so /api/ needs a key (kept in "
               f"{os.path.abspath(settings.db)}.key for the next start; delete that file for a "

@@ -2717,6 +2717,60 @@ def test_models_come_back_at_once_when_llama_cpp_does(launch):
         assert status == 200 and body["models"] == [MODEL]
 
 
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 and localhost, made with
+    openssl: (cert, key) paths."""
+    import shutil
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def test_https_with_a_certificate_and_a_slow_handshake_holds_no_one_up(stub, launch,
+                                                                      certificate):
+    import ssl
+    cert, key = certificate
+    server = launch(stub.url, tls_cert=cert, tls_key=key)
+    port = server.server_address[1]
+    idle = socket.create_connection(("127.0.0.1", port))    # connects, never says hello
+    context = ssl.create_default_context(cafile=cert)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=10)
+    conn.request("GET", "/api/health")
+    answer = conn.getresponse()
+    assert answer.status == 200 and json.loads(answer.read())["status"] == "ok"
+    conn.request("POST", "/api/conversations", json.dumps({"title": "Over TLS", "model": ""}),
+                 {"Content-Type": "application/json"})
+    assert conn.getresponse().status == 201
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)   # plain HTTP: refused
+    with pytest.raises((http.client.HTTPException, OSError)):
+        plain.request("GET", "/api/health")
+        plain.getresponse().read()
+    idle.close()
+
+
+@pytest.mark.parametrize("given, words", [
+    ({"tls_cert": "cert.pem"}, "go together"), ({"tls_key": "key.pem"}, "go together"),
+    ({"tls_cert": "/nowhere/cert.pem", "tls_key": "/nowhere/key.pem"}, "can be read")])
+def test_tls_settings_are_checked(tmp_path, given, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(given))
+    with pytest.raises(llama_chat.ConfigError, match=words):
+        llama_chat.load_settings(["--config", str(path)])
+
+
+def test_a_certificate_that_is_no_certificate_stops_start_up(tmp_path, stub, launch):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(llama_chat.ConfigError, match="cannot be used"):
+        launch(stub.url, tls_cert=str(bad), tls_key=str(bad))
+
+
 def test_health_ok(client):
     status, _, body = client.get("/api/health")
     assert status == 200
