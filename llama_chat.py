@@ -8701,7 +8701,7 @@ def page_headers(html):
     csp = ("default-src 'none'; "
            f"script-src {script}; style-src {style}; "
            "connect-src 'self'; img-src 'self' data: blob:; media-src blob:; base-uri 'none'; "
-           "form-action 'none'; "
+           "manifest-src 'self'; worker-src 'self'; form-action 'none'; "
            "frame-ancestors 'none'; object-src 'none'")
     return {
         "Content-Type": "text/html; charset=utf-8",
@@ -8741,10 +8741,119 @@ def page_index(engine, req):
     return PAGES.answer(engine.settings.index_path)
 
 
+# The page as an app on a phone's home screen: its manifest, its icon (drawn
+# here: a speech bubble on the page's blue), and a service worker that keeps
+# the page's shell for a start without the network. The history is the
+# server's: the worker never answers /api/ or /v1/, and it asks the network
+# for the page first, so that a new version of it reaches users at the next
+# load.
+THEME = "#2563eb"
+MANIFEST = {"name": "llama-chat", "short_name": "llama-chat", "start_url": "/",
+            "scope": "/", "display": "standalone", "background_color": "#ffffff",
+            "theme_color": THEME, "description": "A private chat over your llama.cpp server",
+            "icons": [{"src": "/icon.svg", "sizes": "any", "type": "image/svg+xml"},
+                      {"src": "/icon-192.png", "sizes": "192x192", "type": "image/png"},
+                      {"src": "/icon-512.png", "sizes": "512x512", "type": "image/png",
+                       "purpose": "any maskable"}]}
+ICON_SVG = f"""<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 512 512">
+<rect width="512" height="512" rx="96" fill="{THEME}"/>
+<ellipse cx="256" cy="236" rx="160" ry="120" fill="#fff"/>
+<path d="M170 320 L140 410 L250 340 Z" fill="#fff"/></svg>""".encode()
+SHELL_PATHS = ("/", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png")
+SERVICE_WORKER = f"""// llama-chat's service worker: the page's shell, for a start without the network.
+const SHELL = "llama-chat-shell";
+const PATHS = {json.dumps(list(SHELL_PATHS))};
+self.addEventListener("install", (e) => {{
+  e.waitUntil(caches.open(SHELL).then((c) => c.addAll(PATHS)).then(() => self.skipWaiting()));
+}});
+self.addEventListener("activate", (e) => e.waitUntil(self.clients.claim()));
+self.addEventListener("fetch", (e) => {{
+  const url = new URL(e.request.url);
+  if (e.request.method !== "GET" || url.origin !== location.origin) return;
+  if (url.pathname.startsWith("/api/") || url.pathname.startsWith("/v1/")) return;  // the server's
+  const page = e.request.mode === "navigate" || url.pathname === "/index.html";
+  if (!page && !PATHS.includes(url.pathname)) return;
+  const key = page ? "/" : url.pathname;
+  e.respondWith(fetch(e.request).then((answer) => {{      // the network first: updates reach users
+    if (answer.ok) {{ const copy = answer.clone(); caches.open(SHELL).then((c) => c.put(key, copy)); }}
+    return answer;
+  }}).catch(() => caches.match(key).then((kept) => kept || Response.error())));
+}});
+""".encode()
+
+
+def in_triangle(x, y, a, b, c):
+    """Is point (x, y) inside the triangle a b c (either way round)?"""
+    def side(p, q):
+        return (x - q[0]) * (p[1] - q[1]) - (p[0] - q[0]) * (y - q[1])
+    d1, d2, d3 = side(a, b), side(b, c), side(c, a)
+    return not ((d1 < 0 or d2 < 0 or d3 < 0) and (d1 > 0 or d2 > 0 or d3 > 0))
+
+
+def icon_png(size):
+    """The icon as a PNG of size x size: the page's blue, rounded, and a
+    white speech bubble (drawn point by point, the standard library's zlib
+    for the file)."""
+    scale, (r, g, b) = size / 512, (0x25, 0x63, 0xEB)
+    rows = []
+    for y in range(size):
+        row = bytearray(b"\x00")
+        py = (y + 0.5) / scale
+        for x in range(size):
+            px = (x + 0.5) / scale
+            cx, cy = min(max(px, 96), 416), min(max(py, 96), 416)   # corners of radius 96
+            inside = (px - cx) ** 2 + (py - cy) ** 2 <= 96 ** 2
+            bubble = ((px - 256) / 160) ** 2 + ((py - 236) / 120) ** 2 <= 1 or in_triangle(
+                px, py, (170, 320), (140, 410), (250, 340))            # the bubble's tail
+            row += bytes((255, 255, 255, 255)) if inside and bubble else \
+                bytes((r, g, b, 255)) if inside else bytes(4)
+        rows.append(bytes(row))
+
+    def chunk(kind, data):
+        return (len(data).to_bytes(4, "big") + kind + data
+                + (zlib.crc32(kind + data) & 0xFFFFFFFF).to_bytes(4, "big"))
+    header = size.to_bytes(4, "big") * 2 + bytes((8, 6, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(
+        b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b"")
+
+
+ICONS = {}                   # size -> the PNG, drawn once
+
+
+def page_manifest(engine, req):
+    return Answer(JSON.encode(MANIFEST).encode(), {
+        "Content-Type": "application/manifest+json", "Cache-Control": "no-cache",
+        "X-Content-Type-Options": "nosniff"})
+
+
+def page_icon(engine, req):
+    if req.path.endswith(".svg"):
+        data, kind = ICON_SVG, "image/svg+xml"
+    else:
+        size = 192 if "192" in req.path else 512
+        if size not in ICONS:
+            ICONS[size] = icon_png(size)
+        data, kind = ICONS[size], "image/png"
+    return Answer(data, {"Content-Type": kind, "Cache-Control": "no-cache",
+                         "X-Content-Type-Options": "nosniff",
+                         "Content-Security-Policy": "default-src 'none'; sandbox"})
+
+
+def page_service_worker(engine, req):
+    return Answer(SERVICE_WORKER, {"Content-Type": "text/javascript; charset=utf-8",
+                                   "Cache-Control": "no-cache", "Service-Worker-Allowed": "/",
+                                   "X-Content-Type-Options": "nosniff"})
+
+
 V1_PATH = r"/v1(?:/[\w-][\w.-]*)+"    # no segment that starts with a dot
 ROUTES = [
     ("GET", r"/", page_index),
     ("GET", r"/index\.html", page_index),
+    ("GET", r"/manifest\.webmanifest", page_manifest),
+    ("GET", r"/sw\.js", page_service_worker),
+    ("GET", r"/icon\.svg", page_icon),
+    ("GET", r"/icon-192\.png", page_icon),
+    ("GET", r"/icon-512\.png", page_icon),
     ("GET", r"/api/health", api_health),
     ("GET", r"/api/models", api_models),
     ("GET", r"/api/models/defaults", api_model_defaults),

@@ -2771,6 +2771,28 @@ def test_a_certificate_that_is_no_certificate_stops_start_up(tmp_path, stub, lau
         launch(stub.url, tls_cert=str(bad), tls_key=str(bad))
 
 
+def test_the_page_is_installable_and_its_worker_never_keeps_the_history(client):
+    status, headers, manifest = client.get("/manifest.webmanifest")
+    assert status == 200 and headers["Content-Type"] == "application/manifest+json"
+    assert (manifest["display"], manifest["start_url"]) == ("standalone", "/")
+    for icon in manifest["icons"]:
+        status, headers, data = client.request("GET", icon["src"])
+        assert status == 200 and headers["Content-Type"] == icon["type"]
+        if icon["type"] == "image/png":                      # a PNG of its stated size
+            size = int(icon["sizes"].split("x")[0])
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+            assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) \
+                == (size, size)
+    status, headers, worker = client.request("GET", "/sw.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert b'url.pathname.startsWith("/api/") || url.pathname.startsWith("/v1/")) return' \
+        in worker
+    page = client.request("GET", "/")
+    assert "manifest-src 'self'" in page[1]["Content-Security-Policy"]
+    assert "worker-src 'self'" in page[1]["Content-Security-Policy"]
+    assert b'<link rel="manifest" href="/manifest.webmanifest">' in page[2]
+
+
 def test_health_ok(client):
     status, _, body = client.get("/api/health")
     assert status == 200
@@ -8721,6 +8743,23 @@ def test_page_lists_each_connection_s_models_and_loads_a_router_s(browser, stub,
     browser.go(f"http://127.0.0.1:{c.port}/")
     browser.wait("return [...document.querySelectorAll('#model option')]"
                  ".some(o => o.textContent === 'gemma-3-270m (unavailable)')", 15)
+
+
+@needs_chromium
+def test_page_registers_its_worker_which_keeps_the_shell_and_never_the_api(page, client):
+    cid = client.new_conversation("Kept on the server")
+    b = page(f"/#/c/{cid}")
+    b.wait("return navigator.serviceWorker && navigator.serviceWorker.controller !== undefined")
+    b.js("navigator.serviceWorker.ready.then(() => { window.swReady = true; })")
+    b.wait("return window.swReady === true", 15)
+    b.go(f"http://127.0.0.1:{client.port}/#/c/{cid}")           # now under its control
+    b.wait("return !!navigator.serviceWorker.controller", 15)
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 1")
+    b.js("caches.open('llama-chat-shell').then(c => c.keys()).then(k => "
+         "{ window.kept = k.map(r => new URL(r.url).pathname); })")
+    kept = b.wait("return window.kept")
+    assert "/" in kept and "/manifest.webmanifest" in kept
+    assert not [k for k in kept if k.startswith(("/api/", "/v1/"))]
 
 
 @needs_chromium
