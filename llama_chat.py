@@ -86,6 +86,7 @@ import base64
 import codecs
 import contextlib
 import glob
+import html
 import io
 import functools
 import itertools
@@ -7336,6 +7337,118 @@ def markdown_attachment(a, data):
     return f"_{a['kind'].capitalize()}: {name} ({a['bytes']:,} bytes)_"
 
 
+# A conversation to show someone: its shown branch as one HTML file that
+# runs nothing and fetches nothing (inline CSS, images as data URLs). Its
+# Markdown is made HTML here, every text escaped before any tag is added.
+SHARED_CSS = """body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;
+padding:0 1rem;color:#1d2127;background:#fff}h1{font-size:1.4rem}.m{border:1px solid #d9dde3;
+border-radius:10px;padding:.6rem 1rem;margin:1rem 0}.user{background:#e8f0fe;border:0}
+.who{font-size:.8rem;color:#5d6470}pre{background:#f3f4f6;padding:.6rem;overflow:auto;
+border-radius:6px}code{font-family:ui-monospace,monospace;font-size:.9em}
+img{max-width:100%;border-radius:6px}details{color:#5d6470}.kw{color:#8250df}.str{color:#0a7d32}
+.com{color:#6e7781}@media (prefers-color-scheme:dark){body{background:#16181d;color:#e6e8eb}
+.m{border-color:#343944}.user{background:#1e2a44}pre{background:#23262d}}"""
+CODE_WORDS = re.compile(
+    r"\b(def|class|return|if|elif|else|for|while|in|import|from|as|with|try|except|finally|"
+    r"raise|lambda|yield|async|await|function|const|let|var|new|this|fn|pub|struct|impl|use|"
+    r"match|int|char|void|public|private|static|true|false|True|False|None|null)\b")
+
+
+def highlighted(code):
+    """Code escaped, its strings, comments and common keywords marked."""
+    out, at = [], 0
+    for m in re.finditer(r'("(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\')|((?:#|//)[^\n]*)', code):
+        out.append(CODE_WORDS.sub(r'<span class="kw">\1</span>', html.escape(code[at:m.start()])))
+        out.append(f'<span class="{"str" if m.group(1) else "com"}">{html.escape(m.group())}</span>')
+        at = m.end()
+    out.append(CODE_WORDS.sub(r'<span class="kw">\1</span>', html.escape(code[at:])))
+    return "".join(out)
+
+
+def inline_html(text):
+    """A line's Markdown: `code`, **bold**, *emphasis*, [links](http...) (the
+    text escaped first; a link only to http(s), never a script)."""
+    pieces = re.split(r"(`[^`]+`)", text)
+    out = []
+    for n, piece in enumerate(pieces):
+        if n % 2:
+            out.append(f"<code>{html.escape(piece[1:-1])}</code>")
+            continue
+        piece = html.escape(piece)
+        piece = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", piece)
+        piece = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<em>\1</em>", piece)
+        piece = re.sub(r"\[([^\]]+)\]\((https?://[^\s)\"<>]+)\)",
+                       r'<a href="\2" rel="noreferrer">\1</a>', piece)
+        out.append(piece)
+    return "".join(out)
+
+
+LIST_MARK = re.compile(r"^\s*([-*+]|\d+[.)])\s+")
+
+
+def markdown_html(text):
+    """Markdown as HTML: fenced code (highlighted), headings, lists, quotes,
+    paragraphs, and inline_html within them."""
+    out = []
+    for n, block in enumerate(re.split(r"^```[^\n]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M)):
+        if n % 2:
+            out.append(f"<pre><code>{highlighted(block.rstrip(chr(10)))}</code></pre>")
+            continue
+        for para in re.split(r"\n\s*\n", block.strip()):
+            lines = para.split("\n")
+            if not para.strip():
+                continue
+            heading = re.match(r"(#{1,6})\s+(.*)", para)
+            if heading and len(lines) == 1:
+                level = min(len(heading.group(1)) + 1, 6)
+                out.append(f"<h{level}>{inline_html(heading.group(2))}</h{level}>")
+            elif all(re.match(r"\s*([-*+]|\d+[.)])\s", line) for line in lines):
+                tag = "ol" if re.match(r"\s*\d", lines[0]) else "ul"
+                items = "".join(f"<li>{inline_html(LIST_MARK.sub('', x))}</li>" for x in lines)
+                out.append(f"<{tag}>{items}</{tag}>")
+            elif all(line.startswith(">") for line in lines):
+                out.append("<blockquote>" + "<br>".join(
+                    inline_html(line[1:].strip()) for line in lines) + "</blockquote>")
+            else:
+                out.append("<p>" + "<br>".join(inline_html(line) for line in lines) + "</p>")
+    return "\n".join(out)
+
+
+def export_html(conversation, messages, read=None):
+    """The shown branch as one self-contained HTML file (bytes): no script,
+    nothing fetched; images inline, text files folded, reasoning collapsed."""
+    parts = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+             f'style-src \'unsafe-inline\'; img-src data:">'
+             f"<title>{html.escape(conversation['title'])}</title><style>{SHARED_CSS}</style>"
+             f"</head><body><h1>{html.escape(conversation['title'])}</h1>"]
+    for m in messages:
+        about = " · ".join(x for x in (m["role"].capitalize(), m.get("model"),
+                                       m.get("timestamp")) if x)
+        parts.append(f'<div class="m {html.escape(m["role"])}"><div class="who">'
+                     f"{html.escape(about)}</div>")
+        if m.get("reasoning"):
+            parts.append(f"<details><summary>Reasoning</summary>"
+                         f"{markdown_html(m['reasoning'])}</details>")
+        for a in m.get("attachments") or ():
+            data = read(a["id"]) if read else b""
+            name = html.escape(a["name"])
+            if a["kind"] == "image" and data:
+                parts.append(f'<img alt="{name}" src="data:{html.escape(a["type"])};base64,'
+                             f'{base64.b64encode(data).decode()}">')
+            elif a["kind"] == "text" and data:
+                parts.append(f"<details><summary>{name}</summary><pre><code>"
+                             f"{html.escape(data.decode('utf-8', 'replace'))}</code></pre></details>")
+            else:
+                parts.append(f"<p><em>{a['kind'].capitalize()}: {name}</em></p>")
+        parts.append(markdown_html(m["content"]) if m["role"] == "assistant" else
+                     "<p>" + html.escape(m["content"]).replace("\n", "<br>") + "</p>")
+        parts.append("</div>")
+    parts.append("</body></html>\n")
+    return "".join(parts).encode()
+
+
 def download_name(title, extension):
     """A file name for a download: the title's letters and digits, else the date."""
     stem = re.sub(r"[^\w-]+", "-", unicodedata.normalize("NFKD", title or "")
@@ -8580,11 +8693,18 @@ def export_format(req, allowed):
 
 def api_export_conversation(engine, req):
     conversation = existing_conversation(engine, req)
-    if export_format(req, ("json", "md")) == "md":
+    form = export_format(req, ("json", "md", "html"))
+    if form in ("md", "html"):
         messages = json.loads(engine.store.tree.branch(conversation["id"]))
-        return Answer(export_markdown(conversation, messages, engine.store.attachment_bytes),
-                      attachment(download_name(conversation["title"], "md"),
-                                 "text/markdown; charset=utf-8"))
+        made = (export_markdown if form == "md" else export_html)(
+            conversation, messages, engine.store.attachment_bytes)
+        headers = attachment(download_name(conversation["title"], form),
+                             "text/markdown; charset=utf-8" if form == "md"
+                             else "text/html; charset=utf-8")
+        if form == "html":      # opened where it came from, it runs nothing either
+            headers["Content-Security-Policy"] = "default-src 'none'; style-src 'unsafe-inline';" \
+                " img-src data:; sandbox"
+        return Answer(made, headers)
     return EventStream(conversation_export(engine.store.db, conversation["id"]), lambda: None,
                        attachment(download_name(conversation["title"], "json"),
                                   "application/json"), as_they_came, whole=True)

@@ -6186,6 +6186,42 @@ def test_the_markdown_export_shows_images_inline_and_text_files_fenced(client, s
     assert text.index("![cat.png]") < text.index("Whose?")
 
 
+def test_the_html_export_is_one_inert_page_with_its_images_inline(client, stub):
+    picture = upload(client, PNG, 'cat"><script>x()</script>.png')[2]["attachment"]
+    cid = client.new_conversation('<img src=x onerror="alert(1)"> & more')
+    stub.reasoning = "Thinking <b>hard</b>."
+    stub.reply = ("# Answer\n\nA **cat**, see [docs](https://example.org/a?b=1&c=2) and "
+                  "[bad](javascript:alert(1)).\n\n```python\ndef purr():\n    return 'mrr'  # soft\n"
+                  "```\n\n- one\n- <script>alert(2)</script>")
+    client.post("/api/chat", {"conversation_id": cid, "model": MODEL,
+                              "message": "<svg onload=alert(3)> what is this?",
+                              "attachments": [picture["id"]]})
+    status, headers, page = client.request("GET", f"/api/conversations/{cid}/export?format=html")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "sandbox" in headers["Content-Security-Policy"]
+    assert headers["Content-Disposition"].startswith("attachment;")
+    text = page.decode()
+    import html.parser
+    tags = []
+    parser = html.parser.HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: tags.append((tag, dict(attrs)))
+    parser.feed(text)
+    assert {t for t, _ in tags} <= {"html", "head", "meta", "title", "style", "body", "h1", "h2",
+                                   "div", "details", "summary", "p", "img", "pre", "code",
+                                   "span", "strong", "em", "a", "ul", "li", "br"}   # no script
+    assert not [a for _, attrs in tags for a in attrs if a.startswith("on")]          # no handler
+    assert [attrs["href"] for t, attrs in tags if "href" in attrs] == [
+        "https://example.org/a?b=1&c=2"]                         # only the http(s) link
+    assert all(attrs["src"].startswith("data:") for _, attrs in tags if "src" in attrs)
+    assert 'src="data:image/png;base64,' + base64.b64encode(PNG).decode() + '"' in text
+    assert "<details><summary>Reasoning</summary>" in text and "Thinking &lt;b&gt;hard" in text
+    assert '<span class="kw">def</span> purr' in text and '<span class="str">' in text
+    assert '<a href="https://example.org/a?b=1&amp;c=2" rel="noreferrer">docs</a>' in text
+    assert "&lt;svg onload=alert(3)&gt; what is this?" in text
+    assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt; &amp; more" in text   # the title
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';' in text
+
+
 def test_a_damaged_attachment_in_an_export_is_left_out_not_the_conversation(client):
     item = {"conversation": {"id": 1, "title": "Damaged", "uuid": str(uuid.uuid4())},
             "messages": [{"id": 1, "role": "user", "content": "see", "attachments": [
