@@ -8798,6 +8798,57 @@ def test_page_registers_its_worker_which_keeps_the_shell_and_never_the_api(page,
     assert not [k for k in kept if k.startswith(("/api/", "/v1/"))]
 
 
+def press(b, key, **mods):
+    """A key pressed on the page (its document's keydown)."""
+    b.js("document.dispatchEvent(new KeyboardEvent('keydown', Object.assign("
+         "{key: arguments[0], bubbles: true, cancelable: true}, arguments[1])))", key,
+         {"ctrlKey": mods.get("ctrl", False), "shiftKey": mods.get("shift", False)})
+
+
+@needs_chromium
+def test_page_keys_move_between_conversations_edit_regenerate_and_say_themselves(page, client,
+                                                                                stub):
+    older = client.new_conversation("Older")
+    client.chat(older, "first question")
+    newer = client.new_conversation("Newer")
+    client.chat(newer, "second question")
+    b = page(f"/#/c/{newer}")
+    b.wait("return document.querySelectorAll('.msg.assistant').length === 1")
+    press(b, "ArrowDown", ctrl=True, shift=True)                  # the next in the list
+    b.wait(f"return location.hash === '#/c/{older}'")
+    press(b, "ArrowUp", ctrl=True, shift=True)
+    b.wait(f"return location.hash === '#/c/{newer}'")
+    b.wait("return document.querySelector('.msg.assistant .tools')")
+    asked = len(stub.requests)
+    press(b, "r", ctrl=True, shift=True)                          # regenerate the last reply
+    wait_for(lambda: len(stub.requests) > asked, 10, "a regenerate")
+    b.wait("return !document.querySelector('.msg.streaming') && "
+           "document.querySelector('.msg.assistant .count')")      # 2/2 versions
+    press(b, "e", ctrl=True, shift=True)                          # edit the last question
+    b.wait("return document.querySelector('.msg.user textarea')")
+    press(b, "Escape")
+    b.js("document.activeElement.blur()")
+    press(b, "?")
+    assert "Ctrl+Shift+R" in b.wait("return document.getElementById('toast').textContent")
+    assert b.js("return !!document.querySelector('.msg.assistant [data-tool=read]')")
+
+
+@needs_chromium
+def test_page_downloads_by_navigation_never_through_its_memory(page, client):
+    client.new_conversation("Kept")
+    b = page("/")
+    b.wait("return document.querySelectorAll('#conv-list .conv').length === 1")
+    b.js("window.fetched = []; const f = window.fetch; window.fetch = (u, o) => "
+         "{ window.fetched.push(String(u)); return f(u, o); };"
+         "window.clicked = []; HTMLAnchorElement.prototype.click = function () "
+         "{ window.clicked.push(this.getAttribute('href')); };")
+    b.click("#export-all")
+    b.click("#backup")
+    assert b.wait("return window.clicked.length === 2 && window.clicked") == [
+        "/api/export?format=json", "/api/backup"]
+    assert not [u for u in b.js("return window.fetched") if "/export" in u or "/backup" in u]
+
+
 @needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
@@ -8888,15 +8939,13 @@ def test_page_imports_a_dropped_file_and_exports_a_conversation(page, client, st
     b.click("#stats-toggle")
     b.wait("return document.querySelector('#stats .exports button')")
     b.js("window.saved = []; HTMLAnchorElement.prototype.click = function () {"
-         "  window.saved.push([this.download, this.href]); };"
-         "const made = URL.createObjectURL; window.blobs = [];"
-         "URL.createObjectURL = (blob) => { window.blobs.push(blob); return made(blob); };")
+         "  window.saved.push(this.getAttribute('href')); };")
     b.js("document.querySelector('#stats .exports button').click()")
-    name = b.wait("return window.saved.length && window.saved[0][0]")
-    assert name == "Plot-a-sine.md"
-    text = b.js_async("const done = arguments[arguments.length - 1];"
-                      "window.blobs[0].text().then(done)")
-    assert text.startswith("# Plot a sine\n") and "Here is a plot." in text
+    href = b.wait("return window.saved.length && window.saved[0]")   # a navigation: streamed
+    assert re.fullmatch(r"/api/conversations/\d+/export\?format=md", href)
+    status, headers, text = client.request("GET", href)
+    assert 'filename="Plot-a-sine.md"' in headers["Content-Disposition"]
+    assert text.decode().startswith("# Plot a sine\n") and "Here is a plot." in text.decode()
     b.js("""const file = new File([arguments[0]], 'odd.json', {type: 'application/json'});
             const data = new DataTransfer(); data.items.add(file);
             document.getElementById('sidebar').dispatchEvent(
@@ -9173,6 +9222,11 @@ def test_page_takes_the_key_from_the_link_and_asks_again_after_401(browser, tmp_
     title = browser.wait("const t = document.querySelector('#conv-list .title');"
                          "return t && t.textContent")
     assert title == "Secret chat"
+    browser.js("window.saved = []; HTMLAnchorElement.prototype.click = function () {"
+               "  window.saved.push([this.download, this.getAttribute('href')]); };")
+    browser.click("#export-all")                 # the key goes in a header: fetched, saved
+    saved = browser.wait("return window.saved.length && window.saved[0]")
+    assert saved[0].startswith("llama-chat-") and saved[1].startswith("blob:")
     browser.js("localStorage.clear()")
 
 
