@@ -8850,6 +8850,27 @@ def test_page_downloads_by_navigation_never_through_its_memory(page, client):
 
 
 @needs_chromium
+def test_page_renders_math_readably_and_leaves_prices_alone(page, client, stub):
+    stub.reply = ("Euler: $e^{i\\pi} + 1 = 0$, and $$\\frac{a+b}{2} \\geq \\sqrt{ab}$$ "
+                  "with \\(x_1 \\in \\mathbb{R}\\); it costs $5 and $10. "
+                  "Beyond: \\[\\begin{pmatrix} 1 \\end{pmatrix}\\] and *still* Markdown.")
+    cid = client.new_conversation()
+    client.chat(cid, "math?")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelectorAll('.msg.assistant .math').length === 3")
+    shown = b.js("return [...document.querySelectorAll('.msg.assistant .math')]"
+                 ".map(m => m.textContent)")
+    assert shown == ["eiπ + 1 = 0", "(a+b)/2 ≥ √ab", "x1 ∈ ℝ"]
+    assert b.js("return document.querySelector('.msg.assistant .math sup').textContent") == "iπ"
+    assert b.js("return document.querySelector('.msg.assistant .math.display') !== null")
+    body = b.js("return document.querySelector('.msg.assistant .body').textContent")
+    assert "it costs $5 and $10." in body                       # prices stay prices
+    source = b.js("return document.querySelector('.msg.assistant code.math-source').textContent")
+    assert source.startswith("$$\\begin{pmatrix}")               # beyond: its source
+    assert b.js("return document.querySelector('.msg.assistant em').textContent") == "still"
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
