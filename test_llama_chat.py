@@ -8871,6 +8871,47 @@ def test_page_renders_math_readably_and_leaves_prices_alone(page, client, stub):
 
 
 @needs_chromium
+def test_page_on_a_phone_opens_panels_in_front_and_settings_as_a_sheet(page, client, stub):
+    cid = client.new_conversation("Pinned one")
+    client.chat(cid, "hi")
+    client.put(f"/api/conversations/{cid}", {"pinned": True})
+    client.new_conversation("Another")
+    b = page(f"/#/c/{cid}")
+    b.do("POST", "/window/rect", {"width": 360, "height": 740})
+    try:
+        b.wait("return document.querySelectorAll('.msg').length === 2")
+        b.click("#menu")
+        b.wait("return document.body.classList.contains('nav-open') && "
+               "document.getElementById('sidebar').getBoundingClientRect().left === 0")
+        b.click("#performance-toggle")                     # in front: the drawer closes
+        b.wait("return !document.body.classList.contains('nav-open') && "
+               "document.querySelector('#performance td')")
+        card = b.js("const td = document.querySelector('#performance td');"
+                    "return [getComputedStyle(td).display, td.dataset.label]")
+        assert card == ["block", "Model"]                  # a card, its labels beside
+        width = b.js("return document.getElementById('performance').scrollWidth")
+        assert width <= 360
+        b.js("document.getElementById('performance-toggle').click()")    # (in the drawer)
+        b.click("#settings-toggle")
+        sheet = b.wait("const s = document.getElementById('settings');"
+                       "const r = s.getBoundingClientRect();"
+                       "const save = s.querySelector('.set-actions .primary').getBoundingClientRect();"
+                       "return r.width && [r.top, r.width, save.bottom <= innerHeight]")
+        assert sheet[0] == 0 and sheet[1] >= 340 and sheet[2] is True   # Save in sight
+        b.click("#settings .close-sheet")
+        b.wait("return document.getElementById('settings').classList.contains('hidden')")
+        b.click("#menu")
+        b.wait("return document.getElementById('sidebar').getBoundingClientRect().left === 0")
+        b.click("#select-convs")                            # a pinned one shown twice: one item
+        boxes = f"#conv-list li[data-id='{cid}'] .pick-conv"
+        b.wait(f"return document.querySelectorAll(\"{boxes}\").length >= 1")
+        b.js(f"document.querySelector(\"{boxes}\").click()")
+        assert b.js(f"return [...document.querySelectorAll(\"{boxes}\")].every(x => x.checked)")
+    finally:
+        b.do("POST", "/window/rect", {"width": 1280, "height": 900})
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
