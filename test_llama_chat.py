@@ -8912,6 +8912,27 @@ def test_page_on_a_phone_opens_panels_in_front_and_settings_as_a_sheet(page, cli
 
 
 @needs_chromium
+def test_page_charts_show_the_busiest_days_and_all_time_on_asking(page, client, stub):
+    cid = client.new_conversation()
+    for _ in range(12):
+        client.chat(cid, "now")                            # this week's replies: most of them
+    with sqlite3.connect(client.engine.settings.db) as conn:  # and one imported from 2023
+        conn.execute("UPDATE messages SET timestamp = '2023-03-01T10:00:00.000Z' WHERE id = 2")
+    client.engine.rank_ledger_soon()
+    wait_for(lambda: len(client.get("/api/ledger?group=day")[2]["groups"]) == 2, 10, "2 days")
+    b = page("/")
+    b.js("document.getElementById('performance-toggle').click()")
+    ticks = ("const f = document.querySelector('#performance figure');"
+             "return f && f.textContent")
+    shown = b.wait(ticks)
+    assert "2023-03-01" not in shown                      # clamped to the busy days
+    b.click("#performance-span")
+    b.wait(ticks + " && f.textContent.includes('2023-03-01')")   # all time, on asking
+    assert b.js("return document.getElementById('performance-span').textContent") == \
+        "Show the busiest days"
+
+
+@needs_chromium
 def test_page_renames_and_deletes_in_place(page, client):
     keep = client.new_conversation("Keep me")
     gone = client.new_conversation("Old name")
