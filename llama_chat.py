@@ -5473,6 +5473,7 @@ class Engine:
         self.settings = settings
         self.store = store or Store(settings.db, open_now=False)
         self.connections = Connections(settings, changed=self.models_changed)
+        self.tickets, self.tickets_lock = {}, threading.Lock()   # downloads by ticket
         self.upstream = self.connections.default       # llamacpp_url's: the one it may start
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
@@ -8777,6 +8778,47 @@ def api_backup(engine, req):
 api_export.copies_history = api_backup.copies_history = True   # refused to other origins
 
 
+# A download the page's browser makes itself (a navigation, streamed to disk
+# however large) cannot carry the API key in a header. So the page asks for
+# a ticket (with its key), and the browser fetches the download by it: one
+# use, within a minute, for one of these routes only.
+TICKET_SECONDS = 60
+TICKETED = (r"/api/export", r"/api/backup", r"/api/conversations/[^/]+/export")
+
+
+def api_download_ticket(engine, req):
+    body = req.json()
+    known_fields(body, {"path"})
+    path = require_str(body, "path", max_len=500)
+    parts = urllib.parse.urlsplit(path)
+    if parts.scheme or parts.netloc or not any(re.fullmatch(pattern, parts.path)
+                                               for pattern in TICKETED):
+        raise validation_error("path", "path must be a download: /api/export, /api/backup "
+                               "or /api/conversations/{id}/export (with its query)")
+    ticket = secrets.token_urlsafe(24)
+    with engine.tickets_lock:
+        now = time.monotonic()
+        engine.tickets = {t: v for t, v in engine.tickets.items() if v[1] > now}
+        engine.tickets[ticket] = (path, now + TICKET_SECONDS)
+    return Created({"url": f"/api/downloads/{ticket}", "expires_in": TICKET_SECONDS})
+
+
+def api_download(engine, req):
+    """The download a ticket is for (once), answered as its own route answers."""
+    with engine.tickets_lock:
+        found = engine.tickets.pop(req.params["id"], None)
+    if found is None or found[1] < time.monotonic():
+        raise not_found("download", req.params["id"])
+    parts = urllib.parse.urlsplit(found[0])
+    handler, params = match_route("GET", parts.path)
+    return handler(engine, replace(req, path=parts.path, params=params,
+                                   query=urllib.parse.parse_qs(parts.query)))
+
+
+api_download.ticketed = True            # no key: the ticket is one
+api_download.copies_history = True      # and never for another origin
+
+
 LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
                  "day,model": ("model", "day")}
 ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z", re.ASCII)
@@ -9002,6 +9044,8 @@ ROUTES = [
     ("GET", r"/api/export", api_export),
     ("POST", r"/api/import", api_import),
     ("GET", r"/api/backup", api_backup),
+    ("POST", r"/api/downloads", api_download_ticket),
+    ("GET", r"/api/downloads/(?P<id>[^/]+)", api_download),
     ("GET", r"/api/ledger", api_ledger),
     ("GET", r"/api/conversations/(?P<id>[^/]+)/prompt", api_prompt),
     ("POST", r"/v1/chat/completions", v1_chat),
@@ -9268,9 +9312,14 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
         path = parts.path
         self.check_host()
         api = path.startswith(("/api/", "/v1/"))
-        if api:
+        try:
+            handler, params, missing = *match_route(self.command, path), None
+        except ApiError as e:                     # said after the key is checked
+            handler, params, missing = None, {}, e
+        if api and not getattr(handler, "ticketed", False):   # a ticket is its own key
             self.check_auth()
-        handler, params = match_route(self.command, path)
+        if missing is not None:
+            raise missing
         if api:
             self.check_origin(handler)
         if not engine.ready.is_set() and api and handler is not api_health:
