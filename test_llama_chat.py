@@ -7962,7 +7962,8 @@ def test_start_beyond_loopback_makes_a_key_and_requires_it(tmp_path, stub):
                              "--llamacpp-url", stub.url], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        assert "needs a key" in proc.stdout.readline()
+        line = proc.stdout.readline()
+        assert "needs a key" in line, line or proc.stderr.read()   # what stopped it, if it did
         urls = []
         while not urls or "127.0.0.1" not in urls[-1]:
             urls.append(proc.stdout.readline().strip())
