@@ -7360,7 +7360,8 @@ def highlighted(code):
     out, at = [], 0
     for m in re.finditer(r'("(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\')|((?:#|//)[^\n]*)', code):
         out.append(CODE_WORDS.sub(r'<span class="kw">\1</span>', html.escape(code[at:m.start()])))
-        out.append(f'<span class="{"str" if m.group(1) else "com"}">{html.escape(m.group())}</span>')
+        kind = "str" if m.group(1) else "com"
+        out.append(f'<span class="{kind}">{html.escape(m.group())}</span>')
         at = m.end()
     out.append(CODE_WORDS.sub(r'<span class="kw">\1</span>', html.escape(code[at:])))
     return "".join(out)
@@ -7439,8 +7440,9 @@ def export_html(conversation, messages, read=None):
                 parts.append(f'<img alt="{name}" src="data:{html.escape(a["type"])};base64,'
                              f'{base64.b64encode(data).decode()}">')
             elif a["kind"] == "text" and data:
-                parts.append(f"<details><summary>{name}</summary><pre><code>"
-                             f"{html.escape(data.decode('utf-8', 'replace'))}</code></pre></details>")
+                text = html.escape(data.decode("utf-8", "replace"))
+                parts.append(f"<details><summary>{name}</summary><pre><code>{text}</code></pre>"
+                             "</details>")
             else:
                 parts.append(f"<p><em>{a['kind'].capitalize()}: {name}</em></p>")
         parts.append(markdown_html(m["content"]) if m["role"] == "assistant" else
@@ -8922,7 +8924,7 @@ ICON_SVG = f"""<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 512 512">
 <ellipse cx="256" cy="236" rx="160" ry="120" fill="#fff"/>
 <path d="M170 320 L140 410 L250 340 Z" fill="#fff"/></svg>""".encode()
 SHELL_PATHS = ("/", "/manifest.webmanifest", "/icon.svg", "/icon-192.png", "/icon-512.png")
-SERVICE_WORKER = f"""// llama-chat's service worker: the page's shell, for a start without the network.
+SERVICE_WORKER = f"""// llama-chat's service worker: the page's shell, to start without the network.
 const SHELL = "llama-chat-shell";
 const PATHS = {json.dumps(list(SHELL_PATHS))};
 self.addEventListener("install", (e) => {{
@@ -8937,7 +8939,10 @@ self.addEventListener("fetch", (e) => {{
   if (!page && !PATHS.includes(url.pathname)) return;
   const key = page ? "/" : url.pathname;
   e.respondWith(fetch(e.request).then((answer) => {{      // the network first: updates reach users
-    if (answer.ok) {{ const copy = answer.clone(); caches.open(SHELL).then((c) => c.put(key, copy)); }}
+    if (answer.ok) {{
+      const copy = answer.clone();
+      caches.open(SHELL).then((c) => c.put(key, copy));
+    }}
     return answer;
   }}).catch(() => caches.match(key).then((kept) => kept || Response.error())));
 }});
