@@ -57,6 +57,7 @@ class Stub:
         self.props_asked = []             # the paths of GET /props, as asked
         self.context_chars = 0    # > 0: refuse prompts longer than this, as llama-server does
         self.no_models_route = False
+        self.models_error = False         # /models and /v1/models answer 500
         self.loading = False      # /health answers 503 "Loading model", as while one loads
         self.finish_reason = "stop"   # "length": as when max_tokens cut the reply
         self.titles = "ok"            # title requests: ok | fail (500) | slow (1 s)
@@ -136,6 +137,8 @@ class StubHandler(BaseHTTPRequestHandler):
                                            "type": "unavailable_error"}})
         elif self.path == "/health":
             self.send_json(200, {"status": "ok"})
+        elif self.path in ("/models", "/v1/models") and stub.models_error:
+            self.send_json(500, {"error": {"code": 500, "message": "lists nothing today"}})
         elif self.path == "/models" and stub.no_models_route:
             self.send_json(404, {"error": {"code": 404, "message": "File Not Found"}})
         elif self.path == "/models" and stub.router:
@@ -2633,6 +2636,18 @@ def test_a_connection_down_leaves_the_others_working_and_comes_back(stub, launch
                  "the pages told")
         assert c.chat(cid, "back?", model="gemma-3-270m")[0] == 200 and back.requests
     assert stop_gpu
+
+
+def test_a_server_that_answers_an_error_is_told_apart_from_one_that_is_down(stub, launch):
+    with stub_server(models_error=True) as broken:
+        c = Client(launch(stub.url, connections=({"name": "broken", "url": broken.url},
+                                                 {"name": "gone", "url": "http://127.0.0.1:9"})))
+        body = c.get("/api/models")[2]
+        states = {x["name"]: x for x in body["connections"]}
+        assert states["broken"]["state"] == "error" and "lists nothing today" in \
+            states["broken"]["error"]
+        assert states["gone"]["state"] == "down" and states["default"]["state"] == "ok"
+        assert [m["connection"] for m in body["details"]] == ["default"]
 
 
 def test_a_router_s_model_is_loaded_and_unloaded_from_the_api_every_page_told(stub, launch):
