@@ -599,6 +599,7 @@ PDF_TOKEN = re.compile(rb"""
     (?P<number>[+-]?(?:\d+\.?\d*|\.\d+)) | (?P<word>[^\s/<>\[\]()%{}]+) | (?P<other>.)
     """, re.S | re.X)
 PDF_OBJECT_MARK = re.compile(rb"(?<![\d.])(\d+)\s+(\d+)\s+obj\b")
+PDF_STREAM = re.compile(rb"\s*stream\r?\n")
 PDF_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",
                ord("f"): b"\f"}
 PDF_MOST_OBJECTS = 200_000     # a file that claims more is refused, not walked
@@ -679,23 +680,19 @@ def pdf_value(tokens, first):
     """The PDF object that begins with token `first` (a dict, list, name,
     number, string, PdfRef; a word as bytes), reading the rest from tokens."""
     kind, raw, _ = first
-    if kind == "dict" and raw == b"<<":
-        items = []
-        for token in tokens:
-            if token[0] == "dict" and token[1] == b">>":
-                break
-            items.append(pdf_value(tokens, token))
-        items = pdf_refs(items)
-        return {items[k]: items[k + 1] for k in range(0, len(items) - 1, 2)
-                if isinstance(items[k], PdfName)}
-    if kind == "array" and raw == b"[":
-        found = []
-        for token in tokens:
-            if token[0] == "array" and token[1] == b"]":
-                break
-            found.append(pdf_value(tokens, token))
-        return pdf_refs(found)
-    return raw
+    if (kind, raw) not in (("dict", b"<<"), ("array", b"[")):
+        return raw
+    closer = (kind, b">>" if kind == "dict" else b"]")
+    items = []
+    for token in tokens:
+        if token[:2] == closer:
+            break
+        items.append(pdf_value(tokens, token))
+    items = pdf_refs(items)
+    if kind == "array":
+        return items
+    return {items[k]: items[k + 1] for k in range(0, len(items) - 1, 2)
+            if isinstance(items[k], PdfName)}
 
 
 def pdf_refs(items):
@@ -716,7 +713,7 @@ class PdfDocument:
     def __init__(self, data):
         if not data.startswith(b"%PDF-"):
             raise PdfError("this is not a PDF")
-        self.data, self.objects = data, {}
+        self.objects = {}
         for mark in PDF_OBJECT_MARK.finditer(data):
             if len(self.objects) >= PDF_MOST_OBJECTS:
                 raise PdfError("this PDF has too many objects to read")
@@ -737,7 +734,7 @@ class PdfDocument:
             return None, None
         stream = None
         if isinstance(value, dict):
-            after = re.compile(rb"\s*stream\r?\n").match(data, self.position(data, at, value))
+            after = PDF_STREAM.match(data, self.dict_end(data, at))
             if after:
                 start = after.end()
                 length = value.get("Length")
@@ -750,7 +747,7 @@ class PdfDocument:
         return value, stream
 
     @staticmethod
-    def position(data, at, value):
+    def dict_end(data, at):
         """Where a dict that begins after `at` ends (its closing >>)."""
         depth, i = 0, data.find(b"<<", at)
         while 0 <= i < len(data):
@@ -4355,14 +4352,13 @@ def request_json(body):
     text = json.dumps(body, default=placeholder)
     if not media:
         return text.encode()
-    pieces = re.split(f'"{mark}(\\d+)"', text)
-    out = []
-    for n, piece in enumerate(pieces):
-        if n % 2 == 0:
-            out.append(piece.encode())
-        else:
-            medium = media[int(piece)]
-            out += [b'"' + medium.prefix.encode(), base64.b64encode(medium.data), b'"']
+    first, *rest = text.split(f'"{mark}')
+    out = [first.encode()]
+    for piece in rest:                       # "N" then the JSON after the medium
+        number, after = piece.split('"', 1)
+        medium = media[int(number)]
+        out += [b'"' + medium.prefix.encode(), base64.b64encode(medium.data),
+                b'"' + after.encode()]
     return out
 
 
