@@ -8526,7 +8526,8 @@ def test_page_stop_keeps_what_arrived(page, client, stub):
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.empty')")
     b.type("#input", "go\ue007")
-    b.wait("return document.querySelector('.msg.streaming .body').textContent.length > 20")
+    b.wait("const b = document.querySelector('.msg.streaming .body');"
+           "return b && b.textContent.length > 20")            # (not drawn yet: wait)
     b.click("#stop")
     shown = b.wait("const m = document.querySelector('.msg.assistant.aborted');"
                    "return m && m.querySelector('.body').textContent")
