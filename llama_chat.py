@@ -112,7 +112,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.8.0"
+__version__ = "1.9.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -2407,10 +2407,62 @@ def migrate_to_10(c):
     c.execute("CREATE INDEX attachments_by_age ON attachments (made_at)")
 
 
+# Version 10 -> 11: the share of each model's prompts llama.cpp served from
+# its cache, per day: of the replies whose timings say both (cache_n, the
+# tokens it found cached; prompt_n, those it read), their sums, kept by
+# SQLite beside the ledger's (a table of its own: the ledger's triggers stay
+# as version 7 made them).
+LEDGER_CACHE_VALUES = """coalesce({r}.model, '') AS model, substr({r}.timestamp, 1, 10) AS day,
+    {r}.cache_n AS cached, {r}.prompt_n AS read"""
+LEDGER_CACHE_ADD = """
+INSERT INTO ledger_cache (model, day, replies, cached, read)
+    SELECT model, day, {sign} * count(*), {sign} * sum(cached), {sign} * sum(read)
+    FROM ({rows}) WHERE true GROUP BY model, day
+    ON CONFLICT DO UPDATE SET replies = replies + excluded.replies,
+        cached = cached + excluded.cached, read = read + excluded.read;
+"""
+LEDGER_CACHE_KNOWN = ("{r}.role = 'assistant' AND typeof({r}.cache_n) = 'integer' "
+                      "AND typeof({r}.prompt_n) = 'integer'")
+
+
+def ledger_cache_change(row, sign):
+    """The statements that count one reply's row (new or old) in or out of
+    the cache's sums."""
+    rows = (f"SELECT {LEDGER_CACHE_VALUES.format(r=row)} "
+            f"WHERE {LEDGER_CACHE_KNOWN.format(r=row)}")
+    return LEDGER_CACHE_ADD.format(rows=rows, sign=sign) + (
+        "" if sign > 0 else "DELETE FROM ledger_cache WHERE replies = 0;")
+
+
+LEDGER_CACHE_SCHEMA = f"""
+CREATE TABLE ledger_cache (
+    model TEXT NOT NULL, day TEXT NOT NULL, replies INTEGER NOT NULL,
+    cached INTEGER NOT NULL, read INTEGER NOT NULL,
+    PRIMARY KEY (model, day)) WITHOUT ROWID;
+CREATE TRIGGER ledger_cache_added AFTER INSERT ON messages
+WHEN {LEDGER_CACHE_KNOWN.format(r="new")} BEGIN {ledger_cache_change("new", 1)} END;
+CREATE TRIGGER ledger_cache_removed AFTER DELETE ON messages
+WHEN {LEDGER_CACHE_KNOWN.format(r="old")} BEGIN {ledger_cache_change("old", -1)} END;
+CREATE TRIGGER ledger_cache_changed AFTER UPDATE OF role, model, timestamp, prompt_n, cache_n
+ON messages WHEN {LEDGER_CACHE_KNOWN.format(r="old")} OR {LEDGER_CACHE_KNOWN.format(r="new")}
+BEGIN {ledger_cache_change("old", -1)} {ledger_cache_change("new", 1)} END;
+"""
+
+
+def migrate_to_11(c):
+    for statement in split_sql(LEDGER_CACHE_SCHEMA):
+        c.execute(statement)
+    for statement in split_sql(LEDGER_CACHE_ADD.format(sign=1, rows=(
+            f"SELECT {LEDGER_CACHE_VALUES.format(r='messages')} FROM messages "
+            f"WHERE {LEDGER_CACHE_KNOWN.format(r='messages')}"))):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
-              migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9, migrate_to_10]
+              migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9, migrate_to_10,
+              migrate_to_11]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The history's two tables as SCHEMA_VERSION leaves them, every column once,
@@ -3967,6 +4019,8 @@ LEDGER_HISTOGRAM = f"""SELECT model, bucket >> {LEDGER_BIN_SHIFT} AS bin, sum(n)
 LEDGER_SUMS = """SELECT {names}, sum(replies), sum(prompt_tokens), sum(completion_tokens),
     sum(pps_sum) / nullif(sum(pps_n), 0), sum(tps_sum) / nullif(sum(tps_n), 0)
     FROM ledger_days WHERE day BETWEEN ? AND ? GROUP BY {names} ORDER BY {names}"""
+LEDGER_CACHE_SUMS = """SELECT {names}, sum(replies), sum(cached), sum(read) FROM ledger_cache
+    WHERE day BETWEEN ? AND ? GROUP BY {names}"""
 
 
 def ledger_ranked(conn, group, first, last):
@@ -4027,6 +4081,8 @@ def ledger(db, group, since, until):
                             (since or "", until or "~")).fetchall()
         ranks = ledger_ranks(db, conn, group, since, until,
                              [row[:len(group)] for row in sums])
+        cache = {row[:len(group)]: row[len(group):] for row in conn.execute(
+            LEDGER_CACHE_SUMS.format(names=", ".join(group)), (since or "", until or "~"))}
         for row in sums:
             key, (replies, prompt, completion, pps, tps) = row[:len(group)], row[len(group):]
             rank = ranks.get(key) or dict.fromkeys(RANK_COLUMNS)
@@ -4037,13 +4093,21 @@ def ledger(db, group, since, until):
                           "tokens_per_second": {"mean": rounded(tps),
                                                 "p50": rounded(rank["tps_p50"])},
                           "ttft_ms": {"p50": rounded(rank["ttft_p50"]),
-                                      "p95": rounded(rank["ttft_p95"])}})
+                                      "p95": rounded(rank["ttft_p95"])},
+                          "prompt_cache": prompt_cache(*cache.get(key, (0, 0, 0)))})
         if group == ("model",) and not (since or until):
             ledger_histograms(conn, found)
         return found
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+
+
+def prompt_cache(replies, cached, read):
+    """Of the replies whose timings told it: how many, the prompt tokens
+    llama.cpp found in its cache and read, and the cached share (0..1)."""
+    return {"replies": replies, "cached_tokens": cached, "read_tokens": read,
+            "share": round(cached / (cached + read), 3) if cached + read else None}
 
 
 def ledger_histograms(conn, groups):

@@ -734,6 +734,8 @@ SCHEMA = {
     "import_pending": {"conversation_id": "INTEGER", "run": "TEXT"},
     "ledger_buckets": {"model": "TEXT", "metric": "TEXT", "bucket": "INTEGER",
                        "n": "INTEGER", "total": "REAL"},
+    "ledger_cache": {"model": "TEXT", "day": "TEXT", "replies": "INTEGER",
+                     "cached": "INTEGER", "read": "INTEGER"},
     "ledger_days": {"model": "TEXT", "day": "TEXT", "replies": "INTEGER",
                     "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER",
                     "tps_n": "INTEGER", "tps_sum": "REAL", "pps_n": "INTEGER",
@@ -2254,16 +2256,18 @@ def test_each_reply_keeps_llamacpp_s_timings_and_its_first_token_time(client, st
 def test_the_ledger_aggregates_as_computed_by_hand(client):
     store = client.engine.store
     cid = client.new_conversation()
-    replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft
-        ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0),
-        ("a", "2026-11-30", 20, 60, 60, 1000, 40, 200, 300.0),
-        ("a", "2026-12-01", 30, 30, 30, 1000, None, None, 200.0),
-        ("b", "2026-12-01", 5, 8, None, None, None, None, None)]
-    for model, day, pt, ct, pn, pm, qn, qm, ttft in replies:
+    replies = [  # model, day, prompt tokens, tokens, predicted n / ms, prompt n / ms, ttft,
+        # tokens found in llama.cpp's cache
+        ("a", "2026-11-30", 10, 100, 100, 2000, 50, 100, 100.0, 150),
+        ("a", "2026-11-30", 20, 60, 60, 1000, 40, 200, 300.0, 0),
+        ("a", "2026-12-01", 30, 30, 30, 1000, None, None, 200.0, 9),  # no prompt_n: not counted
+        ("b", "2026-12-01", 5, 8, None, None, None, None, None, None)]
+    for model, day, pt, ct, pn, pm, qn, qm, ttft, cached in replies:
         q = store.add_message(cid, "user", "q")
         r = store.add_message(cid, "assistant", "r", model, parent=q, prompt_tokens=pt,
                               estimated_tokens=ct, predicted_n=pn, predicted_ms=pm,
-                              prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0)
+                              prompt_n=qn, prompt_ms=qm, ttft_ms=ttft, tokens_per_second=12.0,
+                              cache_n=cached)
         conn = sqlite3.connect(client.engine.settings.db)
         with conn:
             conn.execute("UPDATE messages SET timestamp = ? WHERE id IN (?, ?)",
@@ -2277,12 +2281,17 @@ def test_the_ledger_aggregates_as_computed_by_hand(client):
                  "prompt_tokens_per_second": {"mean": 350.0, "p50": 200.0},   # 500, 200
                  "ttft_ms": {"p50": 200.0, "p95": 300.0, "histogram": [   # bins 28% wide
                      {"under": 115.6, "replies": 1}, {"under": 244.7, "replies": 1},
-                     {"under": 314.2, "replies": 1}]}}
+                     {"under": 314.2, "replies": 1}]},
+                 "prompt_cache": {"replies": 2, "cached_tokens": 150, "read_tokens": 90,
+                                  "share": 0.625}}
+    assert b["prompt_cache"] == {"replies": 0, "cached_tokens": 0, "read_tokens": 0,
+                                 "share": None}
     assert b["tokens_per_second"] == {"mean": 12.0, "p50": 12.0}      # the stored figure
     assert b["ttft_ms"] == {"p50": None, "p95": None, "histogram": []}
     days = client.get("/api/ledger?group=model,day")[2]["groups"]
     assert [(g["model"], g["day"], g["replies"]) for g in days] == [
         ("a", "2026-11-30", 2), ("a", "2026-12-01", 1), ("b", "2026-12-01", 1)]
+    assert [g["prompt_cache"]["share"] for g in days] == [0.625, None, None]
     one_day = client.get("/api/ledger?group=day&since=2026-12-01&until=2026-12-01")[2]
     assert [(g["day"], g["replies"]) for g in one_day["groups"]] == [("2026-12-01", 2)]
     assert client.get("/api/ledger?group=week")[0] == 400
@@ -4323,6 +4332,30 @@ def test_a_schema_9_database_gains_the_replies_note_of_what_was_left_out(tmp_pat
     assert [r["message_id"] for r in store.search("palace", 5)] == [1]
     plan = rows_of(store, "EXPLAIN QUERY PLAN SELECT id FROM attachments WHERE made_at < ?", "x")
     assert "attachments_by_age" in plan[0][3]      # the sweep of unsent uploads reads no bytes
+    store.close()
+
+
+def test_a_schema_10_database_gains_the_share_of_prompts_served_from_cache(tmp_path):
+    path = str(tmp_path / "v10.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+        for prompt_n, cache_n in ((30, 70), (20, None), (None, 5), (10, 0)):
+            c.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, "
+                      "timestamp, prompt_n, cache_n) VALUES (1, 1, 'assistant', 'a', 'm', "
+                      "'2026-12-05T10:00:00Z', ?, ?)", (prompt_n, cache_n))
+    store = migrated(path, fill, 10)
+    assert llama_chat.ledger(store.db, ("model",), None, None)[0]["prompt_cache"] == {
+        "replies": 2, "cached_tokens": 70, "read_tokens": 40, "share": 0.636}
+    with store.db.write() as c:              # kept from now on: a reply changed, one gone
+        c.execute("UPDATE messages SET cache_n = 5 WHERE prompt_n = 20")
+        c.execute("DELETE FROM messages WHERE cache_n = 70")
+    assert llama_chat.ledger(store.db, ("model", "day"), None, None)[0]["prompt_cache"] == {
+        "replies": 2, "cached_tokens": 5, "read_tokens": 30, "share": 0.143}
+    with store.db.write() as c:
+        c.execute("DELETE FROM messages WHERE role = 'assistant'")
+    assert rows_of(store, "SELECT count(*) FROM ledger_cache") == [(0,)]   # no empty day left
     store.close()
 
 
@@ -8969,6 +9002,11 @@ def test_page_charts_show_the_busiest_days_and_all_time_on_asking(page, client, 
              "return f && f.textContent")
     shown = b.wait(ticks)
     assert "2023-03-01" not in shown                      # clamped to the busy days
+    assert b.js("return [...document.querySelectorAll('#performance td')].map("
+                "td => td.dataset.label + ': ' + td.textContent).pop()") == \
+        "Prompt from cache: 13% of 288"                   # the stub: 3 cached, 21 read, x12
+    assert "served from llama.cpp's cache" in b.js(
+        "return document.getElementById('performance').textContent")
     b.click("#performance-span")
     b.wait(ticks + " && f.textContent.includes('2023-03-01')")   # all time, on asking
     assert b.js("return document.getElementById('performance-span').textContent") == \
