@@ -269,6 +269,14 @@ def starting(progress):
                     {"Retry-After": "2"}, progress=progress)
 
 
+def search_starting(progress):
+    """Search asked for while its index is built (the rest answers meanwhile)."""
+    share = progress["done"] * 100 // max(1, progress["total"])
+    return ApiError(503, "STARTING", f"search is being prepared: {share}%",
+                    {"Retry-After": "2"}, progress={"step": "building the search index",
+                                                     **progress})
+
+
 def shutting_down():
     return ApiError(503, "SHUTTING_DOWN", "llama-chat is shutting down")
 
@@ -1678,6 +1686,7 @@ class Database:
         self.failure = None          # why the last write failed, if it did
         self._working = None         # the connection of a long piece of work under way
         self._giving_way = None      # the connection of a write that gives way to others
+        self._given_way = None       # it, once another write interrupted it
         self.last_write = 0.0        # time.monotonic() of the last write's end
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
@@ -1740,6 +1749,7 @@ class Database:
         conn = conn or self.conn()
         other = self._giving_way
         if other is not None and other is not conn:
+            self._given_way = other
             other.interrupt()
         try:
             self._wanting.add(threading.get_ident())
@@ -1758,12 +1768,16 @@ class Database:
             conn.execute("COMMIT")
             self.committed.set()
         except sqlite3.DatabaseError as e:
+            if gives_way and self._given_way is conn:
+                # Interrupted by another write, whatever SQLite called it
+                # (FTS5, interrupted in its table's constructor, says that failed).
+                raise sqlite3.OperationalError("interrupted") from e
             if "locked" not in str(e) and "busy" not in str(e) and "interrupt" not in str(e):
                 self.failure = str(e)        # disk full, read-only, damaged: for health
             raise
         finally:
             if gives_way:
-                self._giving_way = None
+                self._giving_way = self._given_way = None
             self.last_write = time.monotonic()
         self.failure = None
 
@@ -2701,8 +2715,19 @@ def snippet(content, spans, width=160):
 # (a word nearly typed), which few words share, are still gathered that way;
 # an index for them too made the index a tenth bigger and so the merge that
 # purges deleted text a tenth longer.
+#
+# A history opened without its index (the original app's, or one used by a
+# SQLite without FTS5) is indexed in the background while everything else
+# answers (Indexing, below): search_unbuilt holds the range of message ids not
+# indexed yet, its progress beside, and the triggers leave those messages
+# alone (the build reads each one's text as it is when it comes to it). A
+# message added meanwhile is indexed by its trigger: ids are AUTOINCREMENT's,
+# above every id there was.
 BM25 = "bm25(2.0, 1.0)"     # title words weigh double
-SEARCH_SCHEMA = """
+UNBUILT = "EXISTS (SELECT 1 FROM search_unbuilt WHERE {id} BETWEEN first AND last)"
+SEARCH_SCHEMA = f"""
+CREATE TABLE search_unbuilt (first INTEGER NOT NULL, last INTEGER NOT NULL,
+    done INTEGER NOT NULL, total INTEGER NOT NULL);
 CREATE VIEW search_source AS
     SELECT m.id AS id, search_form(c.title) AS title, search_form(m.content) AS content
     FROM messages m JOIN conversations c ON c.id = m.conversation_id;
@@ -2716,13 +2741,15 @@ WHEN NOT EXISTS (SELECT 1 FROM writing_in_bulk WHERE name = 'search_message_adde
         SELECT new.id, search_form(c.title), search_form(new.content)
         FROM conversations c WHERE c.id = new.conversation_id;
 END;
-CREATE TRIGGER search_message_removed AFTER DELETE ON messages BEGIN
+CREATE TRIGGER search_message_removed AFTER DELETE ON messages
+WHEN NOT {UNBUILT.format(id="old.id")} BEGIN
     INSERT INTO search_fts (search_fts, rowid, title, content)
         SELECT 'delete', old.id, search_form(c.title), search_form(old.content)
         FROM conversations c WHERE c.id = old.conversation_id;
     INSERT OR IGNORE INTO search_purge (due) SELECT 1 WHERE old.content != '';
 END;
-CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages BEGIN
+CREATE TRIGGER search_message_changed AFTER UPDATE OF content ON messages
+WHEN NOT {UNBUILT.format(id="old.id")} BEGIN
     INSERT INTO search_fts (search_fts, rowid, title, content)
         SELECT 'delete', old.id, search_form(c.title), search_form(old.content)
         FROM conversations c WHERE c.id = old.conversation_id;
@@ -2736,10 +2763,10 @@ CREATE TRIGGER search_title_changed AFTER UPDATE OF title ON conversations
 WHEN old.title IS NOT new.title BEGIN
     INSERT INTO search_fts (search_fts, rowid, title, content)
         SELECT 'delete', m.id, search_form(old.title), search_form(m.content)
-        FROM messages m WHERE m.conversation_id = old.id;
+        FROM messages m WHERE m.conversation_id = old.id AND NOT {UNBUILT.format(id="m.id")};
     INSERT INTO search_fts (rowid, title, content)
         SELECT m.id, search_form(new.title), search_form(m.content)
-        FROM messages m WHERE m.conversation_id = new.id;
+        FROM messages m WHERE m.conversation_id = new.id AND NOT {UNBUILT.format(id="m.id")};
     INSERT OR IGNORE INTO search_purge (due) SELECT 1 WHERE NOT old.title_pending;
 END;
 """
@@ -2775,7 +2802,7 @@ END;
 """
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
-BUILD_BATCH = 20000       # messages indexed between two reports of progress
+BUILD_BATCH = 2000        # messages indexed in one transaction of the background build
 CONVERSATION_COLUMNS = ", ".join(columns_in(CONVERSATION_TABLE, "listed"))
 CONVERSATION_SELECT = selected(columns_in(CONVERSATION_TABLE, "listed"), pinned=PINNED_JSON)
 CONVERSATION_SHOWN = selected(columns_in(CONVERSATION_TABLE, "shown"), pinned=PINNED_JSON,
@@ -2823,12 +2850,12 @@ class SearchIndex:
         self.fts = sqlite_runs("CREATE VIRTUAL TABLE t USING fts5(x)") if use_fts is None \
             else use_fts
 
-    def sync(self, c, progress):
+    def sync(self, c):
         """Make the search schema what SEARCH_SCHEMA says (a database of
         another version, or one used meanwhile by a SQLite without FTS5, has
-        another, or none): drop what differs, create it, and index every
-        message. Without FTS5, drop the triggers so that writes still work.
-        True if the index was built."""
+        another, or none): drop what differs, create it, and mark every
+        message to be indexed (build_some). Without FTS5, drop the triggers so
+        that writes still work. True if the index is to be built."""
         self.sync_attached(c)
         have = dict(c.execute("SELECT name, sql FROM sqlite_master WHERE name LIKE 'search%' "
                               "AND type IN ('table', 'view', 'trigger')"))
@@ -2862,7 +2889,9 @@ class SearchIndex:
                     c.execute(f"DROP {'TABLE' if kind != 'VIEW' else 'VIEW'} {name}")
         for statement in wanted:
             c.execute(statement)
-        self._build(c, progress)
+        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', ?)", (BM25,))
+        c.execute("INSERT INTO search_unbuilt (first, last, done, total) "
+                  "SELECT min(id), max(id), 0, count(*) FROM messages HAVING count(*)")
         return True
 
     def sync_attached(self, c):
@@ -2896,26 +2925,32 @@ class SearchIndex:
         return not self.fts or all(same_sql(s, have.get(object_name(s)))
                                    for s in split_sql(SEARCH_SCHEMA))
 
-    @staticmethod
-    def _build(c, progress):
-        """Index every message, BUILD_BATCH at a time to report progress. While
-        building, FTS5 gathers 32 MiB of tokens per segment instead of 1 MiB:
-        fewer segments to merge."""
-        total = c.execute("SELECT count(*) FROM messages").fetchone()[0]
-        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('rank', ?)", (BM25,))
-        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 33554432)")
-        last, done = 0, 0
-        while True:
-            progress.set("building the search index", done, total)
-            upto, count = c.execute("SELECT max(id), count(*) FROM (SELECT id FROM messages "
-                                    "WHERE id > ? ORDER BY id LIMIT ?)",
-                                    (last, BUILD_BATCH)).fetchone()
-            if not count:
-                break
+    def unbuilt(self):
+        """How far the index's build is ({"done", "total"} messages), or None
+        when every message is indexed."""
+        if not self.fts:
+            return None
+        found = self.db.conn().execute("SELECT done, total FROM search_unbuilt").fetchone()
+        return {"done": found[0], "total": found[1]} if found else None
+
+    def build_some(self, c):
+        """Index the next BUILD_BATCH messages not indexed yet, in transaction
+        `c` (the others' writes go on between two): True while some are left."""
+        found = c.execute("SELECT first, last FROM search_unbuilt").fetchone()
+        if found is None:
+            return False
+        first, last = found
+        upto, count = c.execute("SELECT max(id), count(*) FROM (SELECT id FROM messages WHERE "
+                                "id BETWEEN ? AND ? ORDER BY id LIMIT ?)",
+                                (first, last, BUILD_BATCH)).fetchone()
+        if count:
             c.execute("INSERT INTO search_fts (rowid, title, content) SELECT id, title, content "
-                      "FROM search_source WHERE id > ? AND id <= ?", (last, upto))
-            last, done = upto, done + count
-        c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 1048576)")
+                      "FROM search_source WHERE id BETWEEN ? AND ?", (first, upto))
+        if not count or upto >= last:
+            c.execute("DELETE FROM search_unbuilt")
+            return False
+        c.execute("UPDATE search_unbuilt SET first = ?, done = done + ?", (upto + 1, count))
+        return True
 
     @contextmanager
     def bulk(self, c):
@@ -3509,11 +3544,12 @@ class Store:
         if open_now:
             self.open()
 
-    def open(self):
-        """Migrate, build the search index where needed, all in one
-        transaction: a stop half-way (interrupt()) leaves the file as it was.
-        A database made before is backed up first. One that cannot be
-        written is read as it is, if it is of this version."""
+    def open(self, build_later=False):
+        """Migrate, all in one transaction: a stop half-way (interrupt())
+        leaves the file as it was; then build the search index where needed,
+        or, `build_later`, leave that to build_index (the server's, while the
+        rest answers). A database made before is backed up first. One that
+        cannot be written is read as it is, if it is of this version."""
         db = self.db
         if self.read_only:
             if self.version < SCHEMA_VERSION or not self.index.in_step():
@@ -3547,16 +3583,39 @@ class Store:
                 c.execute("DELETE FROM attachments WHERE made_at < ? AND NOT EXISTS (SELECT 1 "
                           "FROM message_attachments l WHERE l.attachment_id = attachments.id)",
                           (iso_ago(UNSENT_ATTACHMENT_DAYS * 86400),))
-                built = self.index.sync(c, self.progress)
+                self.index.sync(c)
         self.version = SCHEMA_VERSION
-        if built:
-            # The build went through the WAL (some 40 MB for 100,000 messages):
-            # into the file with it now, not at the first chat's commit.
-            db.checkpoint()
-            release_memory()
-            log.info("built the search index in %.2f s", time.monotonic() - started)
+        if self.index.unbuilt():
+            log.info("opened %s in %.2f s; its search index is to be built%s", db.path,
+                     time.monotonic() - started, ": in the background" if build_later else "")
+            if not build_later:
+                self.progress.set("building the search index")
+                self.build_index(threading.Event())
         self.progress.set("ready")
         self.ready = True
+
+    def build_index(self, stopping):
+        """Index the messages the search index lacks (SearchIndex.unbuilt), a
+        batch a transaction, each giving way to any other write (a chat's goes
+        first). Whether it completed: `stopping` set leaves the rest to the
+        next start."""
+        db, started = self.db, time.monotonic()
+        while True:
+            db.give_way()
+            try:
+                with db.write(gives_way=True) as c:
+                    if not self.index.build_some(c):
+                        break
+            except sqlite3.OperationalError as e:
+                if "interrupted" not in str(e):
+                    raise
+            if stopping.is_set():
+                return False
+        # The build went through the WAL (some 40 MB for 100,000 messages):
+        # into the file with it now, not at the first chat's commit.
+        db.checkpoint()
+        log.info("built the search index in %.1f s", time.monotonic() - started)
+        return True
 
     def quick_to_open(self):
         """Is open() a matter of milliseconds: a new file, or one of this
@@ -3599,7 +3658,9 @@ class Store:
             problem = f"is damaged: {self.damage}"
         elif self.db.failure:
             problem = f"cannot be written: {self.db.failure}"
+        building = None if problem else self.index.unbuilt()
         return {"ok": not problem, "fts5": self.index.fts,
+                **({"search_index": {"building": True, **building}} if building else {}),
                 **({"error": "the database " + problem} if problem else {})}
 
     def check_integrity(self, whole=False):
@@ -5563,10 +5624,13 @@ class Engine:
     def _open_store(self):
         try:
             if not self.store.ready:
-                self.store.open()
+                self.store.open(build_later=True)
             if self.store.index.purge_due() and not self.store.read_only:
                 self.purge_soon()
             self.rank_ledger_soon()
+            if self.store.index.unbuilt() and not self.store.read_only:
+                threading.Thread(target=self._build_index, daemon=True,
+                                 name="search-index").start()
             if os.path.getsize(self.store.db.path) <= self.settings.check_up_to_bytes:
                 threading.Thread(target=self._check_store, daemon=True).start()
         except (sqlite3.Error, OSError) as e:
@@ -5577,6 +5641,15 @@ class Engine:
         finally:
             self.store.release()
             self.ready.set()
+
+    def _build_index(self):
+        try:
+            self.store.build_index(self.stopping)
+        except sqlite3.Error as e:
+            log.warning("building the search index failed (the next start goes on): %s", e)
+        finally:
+            self.store.release()
+            release_memory()
 
     def _check_store(self):
         try:
@@ -6014,7 +6087,8 @@ class ChatTurn:
         body = {"messages": context_messages(self.system_prompt, self.history[skip:],
                                              self.takes, self.left_out, media=lambda m: m),
                 "stream": True, "stream_options": {"include_usage": True},
-                "return_progress": True, "cache_prompt": True, **self.options}
+                "return_progress": True, "cache_prompt": True, "reasoning_control": True,
+                **self.options}
         if self.model:
             body["model"] = self.model
         return body
@@ -6497,7 +6571,7 @@ class Relay:
 
     def __init__(self, text_filter):
         self.text, self.reasoning = [], []
-        self.usage = self.timings = self.finish = self.model = None
+        self.usage = self.timings = self.finish = self.model = self.completion = None
         self.first_at = None         # when the first token reached the client
         self.tool_calls = {}         # index -> the call, its arguments joined
         self.text_filter = text_filter
@@ -6510,6 +6584,8 @@ class Relay:
         self.usage = chunk.get("usage") or self.usage
         self.timings = chunk.get("timings") or self.timings
         self.model = chunk.get("model") or self.model
+        if isinstance(chunk.get("id"), str):
+            self.completion = chunk["id"]        # llama.cpp's id of it: for answer_now
         events = []
         progress = chunk.get("prompt_progress")      # llama-server's, asked with return_progress
         if isinstance(progress, dict) and all(
@@ -6861,6 +6937,46 @@ def stored_reply_events(engine, row, start=0):
             yield [(sent, {"type": "error", "error": "The message was deleted",
                            "code": "NOT_FOUND"})]
             return
+
+
+###############################################################################
+# Answer now: a reply's reasoning ended early, at the user's word
+###############################################################################
+
+# llama-server (since its reasoning control) ends a running completion's
+# reasoning when asked (POST /v1/chat/completions/control, action
+# reasoning_end; every chat is sent with reasoning_control armed), and the
+# model goes on to its answer. A server without it: the reply is stopped and
+# continued with thinking off, its reasoning kept and, as always, not sent.
+CONTROL_PATH = "/v1/chat/completions/control"
+
+
+def answer_now(engine, reply):
+    """End `reply`'s reasoning: "reasoning_end" (llama-server did it),
+    "continued" (stopped and continued without thinking), or None (its
+    reasoning is over: it is answering already)."""
+    relay = reply.relay
+    if relay.text or relay.calls():
+        return None
+    model = reply.turn.model or None
+    if relay.completion is not None:
+        upstream = engine.upstream_for(model)
+        status, answer = upstream.call("POST", CONTROL_PATH, {
+            "id": relay.completion, "action": "reasoning_end",
+            **({"model": model} if model else {})}, read_timeout=10)
+        if status == 200 and isinstance(answer, dict) and answer.get("success") is True:
+            return "reasoning_end"
+    reply.cancel(stopped_by_request())
+    reply.ended.wait(10)
+    body = {"conversation_id": reply.conversation_id, "continue": reply.message_id,
+            "options": {"thinking": False}, **({"model": model} if model else {})}
+    end_turn = engine.turns.take(takes_turns(body))
+    try:
+        start_reply(engine, start_chat(engine, body), end_turn)
+    except BaseException:
+        end_turn()
+        raise
+    return "continued"
 
 
 ###############################################################################
@@ -8664,6 +8780,17 @@ def api_stop(engine, req):
     return {"message_id": message_id, "stopped": True, "generating": False}
 
 
+def api_answer_now(engine, req):
+    """End a reply's reasoning so that its model answers now (answer_now)."""
+    message_id = path_id(req, "message")
+    reply = engine.generation_of(message_id)
+    if reply is None:
+        if engine.store.message_row(message_id) is None:
+            raise not_found("message", message_id)
+        raise ApiError(409, "NOT_GENERATING", "That reply is not being made (it has ended)")
+    return {"message_id": message_id, "answer_now": answer_now(engine, reply)}
+
+
 def api_follow(engine, req):
     """A reply as SSE from character ?from= (or Last-Event-ID) on: what was
     made so far, then live to its end."""
@@ -8730,6 +8857,9 @@ def api_search(engine, req):
     if len(q) > 1000:
         raise validation_error("q", "Query parameter q is longer than 1000 characters")
     limit = query_int(req, "limit", SEARCH_LIMIT_DEFAULT, 1, SEARCH_LIMIT_MAX)
+    building = engine.store.index.unbuilt()
+    if building:
+        raise search_starting(building)
     results = engine.store.search(q, limit)
     return {"results": results, "query": q, "count": len(results)}
 
@@ -9098,6 +9228,7 @@ ROUTES = [
     ("DELETE", r"/api/messages/(?P<id>[^/]+)", api_delete_message),
     ("POST", r"/api/chat", api_chat),
     ("POST", r"/api/messages/(?P<id>[^/]+)/stop", api_stop),
+    ("POST", r"/api/messages/(?P<id>[^/]+)/answer-now", api_answer_now),
     ("GET", r"/api/messages/(?P<id>[^/]+)/stream", api_follow),
     ("GET", r"/api/generations", api_generations),
     ("POST", r"/api/attachments", api_upload_attachment),
@@ -9857,6 +9988,10 @@ def checked_database(path):
         if store.read_only:
             return "SQLite's integrity check; the search index's needs a file it can write"
         if store.index.fts and store.index.in_step():
+            building = store.index.unbuilt()
+            if building:
+                return (f"SQLite's integrity check; the search index is being built "
+                        f"({building['done']} of {building['total']} messages)")
             try:
                 store.index.check()
             except sqlite3.Error as e:
