@@ -347,6 +347,7 @@ MODEL_OPTIONS = {
     "seed": (int, -1, 2**63 - 1, "seed"),
     "stop": (list, 0, 16, "stop"),
     "thinking": (bool, 0, 1000000, "thinking"),     # on, off, or a budget of tokens
+    "recall": ("switch", 0, 1, None),    # llama-chat's own: sources from the history
 }
 
 
@@ -373,6 +374,10 @@ def check_model_options(options, prefix):
                                    + ", ".join(sorted(MODEL_OPTIONS)))
         kind, low, high, upstream = MODEL_OPTIONS[name]
         if value is None:
+            continue
+        if kind == "switch":                          # llama-chat's, not sent
+            if not isinstance(value, bool):
+                raise validation_error(where, f"{where} must be true or false")
             continue
         if kind is bool:                              # thinking: true, false or a budget
             if not isinstance(value, bool) and not (
@@ -1658,7 +1663,7 @@ class RawJSON(str):
 
 # Columns that hold JSON text (an array made by group_concat): values, not strings.
 JSON_COLUMNS = {"sibling_ids", "options", "pinned", "tool_calls", "generating", "attachments",
-                "attachments_left_out"}
+                "attachments_left_out", "recall"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -2472,11 +2477,19 @@ def migrate_to_11(c):
         c.execute(statement)
 
 
+# Version 11 -> 12: a reply keeps the sources recalled for it from the rest
+# of the history ([{n, message_id, conversation_id, title, snippet}], JSON;
+# NULL: none), so that its [n] links open them whenever it is shown. Not
+# exported: the ids are this database's.
+def migrate_to_12(c):
+    c.execute("ALTER TABLE messages ADD COLUMN recall TEXT")
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
               migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9, migrate_to_10,
-              migrate_to_11]
+              migrate_to_11, migrate_to_12]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The history's two tables as SCHEMA_VERSION leaves them, every column once,
@@ -2511,6 +2524,7 @@ MESSAGE_TABLE = {
                      "tokens_per_second", "finish_reason", "options", "tool_calls",
                      "tool_call_id", *TIMING_COLUMNS), "shown exported"),
     "attachments_left_out": "shown exported",    # ids the reply's model did not take
+    "recall": "shown",           # the sources recalled for the reply (ids of this database)
     "generating": "shown",       # shown as true or false; the process making it kept
     "digest": "",                # message_digest(), kept by DIGEST_SCHEMA's triggers
     "token_count": "",           # llama.cpp's count, forgotten when the text changes
@@ -3038,6 +3052,22 @@ class SearchIndex:
             (*[p for e in escaped for p in (e, e)], limit)))
         return [search_result(r, *snippet(r["content"], like_spans(r["content"], terms)))
                 for r in rows]
+
+    def best_matches(self, match, leave_out, limit):
+        """Messages matching FTS5 query `match`, best (bm25) first, but those
+        of `leave_out` (ids), with their conversation's title: [] without
+        FTS5 or while the index is built."""
+        if not self.fts or self.unbuilt():
+            return []
+        return dicts(self.db.conn().execute(
+            f"""SELECT m.id AS message_id, m.conversation_id, m.content, m.role,
+                       m.timestamp, c.title
+                FROM (SELECT rowid AS id, rank FROM search_fts WHERE search_fts MATCH ?
+                      AND rowid NOT IN (SELECT value FROM json_each(?))
+                      ORDER BY rank LIMIT ?) AS hits
+                JOIN messages m ON m.id = hits.id
+                JOIN conversations c ON c.id = m.conversation_id
+                ORDER BY hits.rank""", (match, JSON.encode(sorted(leave_out)), limit)))
 
     def purge_due(self):
         """Was text deleted or replaced since the last purge (perhaps by a run
@@ -6026,6 +6056,107 @@ def next_prompt(engine, conversation, question=None, model=None):
 
 
 ###############################################################################
+# Recall: the rest of the history as numbered sources for a reply
+###############################################################################
+
+# With the option `recall` on (a chat's, its conversation's or config.json's),
+# the question's words (not its stop words) are looked up in the whole
+# history but the branch the reply goes on (FTS5, bm25); the best matches'
+# passages, cut at sentence or paragraph bounds around the match, go with the
+# system prompt as numbered sources, within an eighth of the context; the
+# reply keeps which (its `recall`), and the page links each [n] to its message.
+RECALL_SHARE = 8             # the sources take at most 1/RECALL_SHARE of the context
+RECALL_CONTEXT = 4096        # tokens, where llama.cpp does not say its context
+RECALL_CANDIDATES = 12       # best matches read, to choose the sources from
+RECALL_SOURCES = 5
+RECALL_PASSAGE = 700         # characters of a source, at most
+RECALL_WORDS = 24            # of the question, at most, looked up
+SOURCE_MARKS = 16            # tokens a source takes beside its passage: number, title, day
+STOP_WORDS = frozenset("""
+a about above after again all am an and any are as at be because been before being
+below between both but by can could did do does doing down during each few for from
+further had has have having he her here hers him his how i if in into is it its itself
+just me more most my no nor not now of off on once only or other our ours out over own
+same she should so some such than that the their theirs them then there these they this
+those through to too under until up very was we were what when where which while who
+whom why will with would you your yours tell know remember said say""".split())
+RECALL_INSTRUCTION = (
+    "Passages from the user's earlier conversations follow, numbered. Where one helps to "
+    "answer, use it and cite it as [1], [2] and so on; leave out those that do not help.")
+SENTENCE_END = re.compile(r"[.!?。！？]\s+|\n\s*")
+
+
+def recall_query(question):
+    """The question's words to look up: a Query whose match is any of them."""
+    words = []
+    for m in TOKEN.finditer(search_form(question) or ""):
+        word = fold(m.group())
+        if (len(word) > 1 or not word.isascii()) and word not in STOP_WORDS \
+                and word not in words:
+            words.append(word)
+    words = words[:RECALL_WORDS]
+    return Query(" OR ".join(f'"{w}"' for w in words) if words else None,
+                 [[w] for w in words], False, words)
+
+
+def passage(content, spans, size):
+    """At most `size` characters of content around its first match: from
+    the start of its sentence or paragraph (or, that far before, a word's),
+    to the end of a sentence or paragraph where one ends within, else of a
+    word; never mid-word."""
+    at = spans[0][0] if spans else 0
+    bounds = [m.end() for m in SENTENCE_END.finditer(content)]
+    start = max((b for b in bounds if b <= at), default=0)
+    if at - start > size // 2:                   # a long sentence: from a word before
+        start = content.rfind(" ", 0, at - size // 4) + 1
+    if len(content) - start <= size:
+        return ("…" if start else "") + content[start:].strip()
+    end = max((b for b in bounds if start < b <= start + size), default=0)
+    if end - start < size // 3:
+        end = content.rfind(" ", start, start + size)
+        end = end if end > at else start + size
+    return ("…" if start else "") + content[start:end].strip() + "…"
+
+
+def recalled(engine, model, question, branch, system_prompt):
+    """(sources, system prompt with them) for a reply to `question` whose
+    branch holds the ids `branch`; ([], system_prompt) when nothing matches."""
+    query = recall_query(question)
+    if query.match is None:
+        return [], system_prompt
+    n_ctx = engine.upstream_for(model or None).context_of(model or None) or RECALL_CONTEXT
+    left = n_ctx // RECALL_SHARE
+    sources = []
+    pattern = ascii_pattern(query)
+    for row in engine.store.index.best_matches(query.match, branch, RECALL_CANDIDATES):
+        content = row["content"]
+        spans = [list(m.span()) for m in pattern.finditer(content)] if content.isascii() \
+            else highlight_spans(content, query)
+        text = passage(content, spans, min(RECALL_PASSAGE, (left - SOURCE_MARKS) * 4))
+        cost = estimate_tokens(text) + SOURCE_MARKS
+        if not text.strip("…") or cost > left:
+            continue
+        left -= cost
+        n = len(sources) + 1
+        sources.append({"n": n, "message_id": row["message_id"],
+                        "conversation_id": row["conversation_id"], "title": row["title"],
+                        "snippet": text})
+        if n == RECALL_SOURCES:
+            break
+    return sources, with_sources(system_prompt, sources)
+
+
+def with_sources(system_prompt, sources):
+    """The system prompt with the sources after it (as a continue sends
+    them again: the reply's own, kept)."""
+    if not sources:
+        return system_prompt
+    block = RECALL_INSTRUCTION + "\n\n" + "\n\n".join(
+        f"[{s['n']}] “{s['title']}”: {s['snippet']}" for s in sources)
+    return (system_prompt + "\n\n" + block) if system_prompt else block
+
+
+###############################################################################
 # Chat: shared by the plain and the streaming answer
 ###############################################################################
 
@@ -6078,6 +6209,7 @@ class ChatTurn:
     message_id: int = None        # the reply's row, when it was made with the question
     takes: frozenset = None       # what the model takes beside text (None: unknown, all)
     left_out: list = field(default_factory=list)   # attachments the model does not take
+    recall: list = None           # the sources recalled for it (None: none)
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages. It is
@@ -6112,7 +6244,7 @@ class ChatTurn:
 # 1, a regenerate of that question.
 PLACEMENTS = ("parent_id", "regenerate", "continue", "user_message_id")
 CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", "attachments",
-               *PLACEMENTS}
+               "recall", *PLACEMENTS}
 
 
 def chat_placement(body):
@@ -6164,6 +6296,9 @@ def start_chat(engine, body):
         if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
+    if "recall" in body:                        # as options.recall: this chat's
+        options = {**options, "recall": body["recall"]}
+        check_model_options(options, "recall")
     store = engine.store
     conversation = store.get_conversation(conversation_id)
     if conversation is None:
@@ -6228,9 +6363,17 @@ def start_chat(engine, body):
     attached = store.attached([m["id"] for m in history if m["role"] == "user"])
     for m in history:
         m["attachments"] = attached.get(m["id"], [])
+    sources = None
+    if continued:                               # the sources it was made with, again
+        sources = json.loads(continued["recall"]) if continued["recall"] else None
+        system_prompt = with_sources(system_prompt, sources)
+    elif asked.get("recall"):
+        asking = next((m["content"] for m in history if m["id"] == question), "")
+        sources, system_prompt = recalled(engine, model, asking, {m["id"] for m in history},
+                                          system_prompt)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     history, upstream_options, time.monotonic(),
-                    asked, title_pending, message_id=reply_id)
+                    asked, title_pending, message_id=reply_id, recall=sources or None)
     try:
         fit_context(engine, turn, earlier + own)
         turn.takes = engine.upstream_for(model or None).takes(model or None)   # as /props said
@@ -6305,6 +6448,7 @@ def store_reply(engine, turn, message_id, text, reasoning, finish_reason, metric
         columns = continued_metrics(before, metrics, elapsed_ms, finish_reason, timings)
         text, reasoning = before["content"] + text, (before["reasoning"] or "") + reasoning
         columns["attachments_left_out"] = before["attachments_left_out"]
+        columns["recall"] = before["recall"]
     else:
         columns = dict(response_time_ms=elapsed_ms, estimated_tokens=metrics["completion_tokens"],
                        prompt_tokens=metrics["prompt_tokens"],
@@ -6314,7 +6458,7 @@ def store_reply(engine, turn, message_id, text, reasoning, finish_reason, metric
                        if metrics["completion_tokens"] is not None
                        and metrics["prompt_tokens"] is not None else None,
                        attachments_left_out=JSON.encode(turn.left_out) if turn.left_out
-                       else None)
+                       else None, recall=JSON.encode(turn.recall) if turn.recall else None)
     row = engine.store.finish_reply(message_id, text, reasoning, **columns)
     if row is None:
         if engine.store.get_conversation(turn.conversation_id) is None:
@@ -6358,6 +6502,8 @@ def finish_chat(engine, turn, message_id, text, reasoning, finish_reason, usage,
                              else turn.context["prompt_tokens"]}
     if turn.left_out:
         answer.setdefault("context", {})["attachments_left_out"] = list(turn.left_out)
+    if turn.recall:
+        answer["recall"] = turn.recall
     if reasoning:
         answer["reasoning"] = reasoning
     return answer

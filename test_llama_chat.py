@@ -758,7 +758,8 @@ SCHEMA = {
         "edited_at": "TEXT", "options": "TEXT", "tool_calls": "TEXT", "tool_call_id": "TEXT",
         "digest": "INTEGER", "prompt_n": "INTEGER", "prompt_ms": "REAL", "cache_n": "INTEGER",
         "predicted_n": "INTEGER", "predicted_ms": "REAL", "ttft_ms": "REAL",
-        "token_count": "INTEGER", "generating": "TEXT", "attachments_left_out": "TEXT"},
+        "token_count": "INTEGER", "generating": "TEXT", "attachments_left_out": "TEXT",
+        "recall": "TEXT"},
     "import_pending": {"conversation_id": "INTEGER", "run": "TEXT"},
     "ledger_buckets": {"model": "TEXT", "metric": "TEXT", "bucket": "INTEGER",
                        "n": "INTEGER", "total": "REAL"},
@@ -838,7 +839,7 @@ def test_the_schema_is_as_declared(tmp_path):
     exported = llama_chat.columns_in(llama_chat.MESSAGE_TABLE, "exported")
     assert llama_chat.EXPORT_MESSAGE_COLUMNS.split(", ") == list(exported)
     assert set(exported) == set(SCHEMA["messages"]) - {"conversation_id", "digest",
-                                                       "token_count", "generating"}
+                                                       "token_count", "generating", "recall"}
     # import reads back what export writes, each value checked
     assert set(llama_chat.MESSAGE_IMPORT_COLUMNS) == set(exported) - {"id", "parent_id"}
     assert set(llama_chat.MESSAGE_CHECKS) == set(llama_chat.MESSAGE_IMPORT_COLUMNS) - {"role"}
@@ -3768,6 +3769,158 @@ def test_the_prompt_with_llamacpp_down_answers_the_messages(down_client):
 
 
 ###############################################################################
+# Recall
+###############################################################################
+
+# Facts planted in old conversations among others, and questions asked about
+# them in other words: the held-out set recall is measured on.
+PLANTED = [
+    ("My sister's cat is named Pistachio and she is afraid of thunder.",
+     "What is the name of my sister's pet?"),
+    ("Our wifi password at the cabin is trout-lantern-42.",
+     "Which password do we use for the internet at the cabin?"),
+    ("The dentist appointment moved to March 14 at 9:30 with Dr. Okafor.",
+     "When am I seeing Okafor about my teeth?"),
+    ("I keep the spare house key inside the blue ceramic frog by the garage.",
+     "Where is the spare key hidden?"),
+    ("For the sourdough, feed the starter with 50 g rye flour every evening.",
+     "How should I feed my sourdough starter?"),
+    ("The router in the basement is a Mikrotik hAP ac2 on firmware 7.12.",
+     "Which firmware does the basement router run?"),
+    ("Grandma's lasagna uses nutmeg in the béchamel and three layers of spinach.",
+     "What spice goes into grandma's lasagna sauce?"),
+    ("My bike tyres should be pumped to 4.5 bar front and 5 bar rear.",
+     "What pressure do my bicycle tyres need?"),
+    ("The Kyoto hotel booking reference is HX-7781, check-in on April 2.",
+     "What was the booking reference of the hotel in Kyoto?"),
+    ("Mount Taranaki's summit is 2518 metres; the climb took us nine hours.",
+     "How high is the summit of Taranaki?"),
+]
+FILLER = ["We talked about machine learning and data pipelines for a while.",
+          "The weather this week was grey and the garden needs work.",
+          "Python lists and dictionaries are the most used containers.",
+          "A recipe for pancakes: flour, milk, eggs, a pinch of salt.",
+          "The meeting notes say the budget review moves to next quarter."]
+
+
+def planted_history(store, conversations=60):
+    """Old conversations of filler, each planted fact in one of its own:
+    {fact: (its message id, its conversation id)}."""
+    rng, found = random.Random(7), {}
+    for i in range(conversations):
+        cid = store.create_conversation(f"Old talk {i}", MODEL)
+        for _ in range(3):
+            q = store.add_message(cid, "user", rng.choice(FILLER))
+            store.add_message(cid, "assistant", rng.choice(FILLER), MODEL, parent=q)
+        if i < len(PLANTED):
+            fact = PLANTED[i][0]
+            found[fact] = (store.add_message(cid, "user", "Note this: " + fact), cid)
+    return found
+
+
+def test_recall_sends_the_planted_fact_as_a_numbered_source_and_keeps_it(client, stub):
+    planted = planted_history(client.engine.store)
+    fact, question = PLANTED[0]
+    cid = client.new_conversation("New one")
+    status, _, body = client.chat(cid, question, recall=True)
+    assert status == 200
+    sources = body["recall"]
+    assert sources[0]["n"] == 1 and (sources[0]["message_id"], sources[0]["conversation_id"]) \
+        == planted[fact] and sources[0]["title"] == "Old talk 0"
+    assert fact in sources[0]["snippet"]
+    system = stub.requests[-1]["body"]["messages"][0]
+    assert system["role"] == "system" and llama_chat.RECALL_INSTRUCTION in system["content"]
+    assert "[1] “Old talk 0”: Note this: " + fact in system["content"]
+    shown = conversation(client, cid)["messages"][-1]
+    assert shown["recall"] == sources                          # kept with the reply
+    assert conversation(client, cid)["messages"][0]["recall"] is None
+    events = read_events(client.stream(cid, question, recall=True)[0])
+    assert events[-1]["recall"][0]["message_id"] == planted[fact][0]
+    status, _, more = client.post("/api/chat", {"conversation_id": cid,   # the same sources
+                                                "continue": body["message_id"]})
+    assert status == 200 and more["recall"] == sources
+    assert stub.requests[-1]["body"]["messages"][0]["content"] == system["content"]
+
+
+def test_recall_is_a_setting_of_the_chat_the_conversation_and_config(client, stub):
+    planted_history(client.engine.store, conversations=3)
+    cid = client.new_conversation()
+    assert "recall" not in client.chat(cid, PLANTED[1][1])[2]           # off by default
+    assert client.put(f"/api/conversations/{cid}", {"options": {"recall": True}})[0] == 200
+    assert client.chat(cid, PLANTED[1][1])[2]["recall"][0]["snippet"].startswith("Note this")
+    assert "recall" not in client.chat(cid, PLANTED[1][1], recall=False)[2]   # the chat's
+    effective = client.get(f"/api/conversations/{cid}")[2]["effective"]["options"]["recall"]
+    assert effective == {"value": True, "from": "conversation"}
+    for wrong in ("yes", 1):
+        status, _, body = client.chat(cid, "q", recall=wrong)
+        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "recall.recall")
+    status, _, body = client.chat(cid, "q", options={"recall": "on"})
+    assert (status, body["field"]) == (400, "options.recall")
+    assert "recall" not in stub.requests[-1]["body"]                   # never sent on
+
+
+def test_recall_leaves_out_the_branch_it_answers_on(client, stub):
+    cid = client.new_conversation()
+    client.chat(cid, "The harbour lighthouse is painted ochre.")
+    other = client.new_conversation("Elsewhere")
+    client.chat(other, "The harbour ferry leaves at noon.")
+    body = client.chat(cid, "What about the harbour?", recall=True)[2]
+    found = {s["conversation_id"] for s in body["recall"]}
+    assert found == {other}                            # this branch's own turns: not recalled
+
+
+def test_recall_keeps_to_an_eighth_of_a_small_context(client, stub):
+    stub.n_ctx = 512                                   # sources: at most 64 tokens
+    store = client.engine.store
+    for i in range(6):
+        c = store.create_conversation(f"Glacier {i}", MODEL)
+        store.add_message(c, "user", "Glaciers carve valleys slowly. " * 10 + f"Number {i}.")
+    cid = client.new_conversation()
+    sources = client.chat(cid, "Tell me about glaciers", recall=True)[2]["recall"]
+    assert sources and sum(llama_chat.estimate_tokens(s["snippet"]) + llama_chat.SOURCE_MARKS
+                           for s in sources) <= 512 // 8
+    assert len(sources[0]["snippet"]) < 300 < len(
+        client.engine.store.message_row(sources[0]["message_id"])["content"])   # cut to fit
+
+
+def test_recall_finds_at_least_8_of_10_facts_asked_in_other_words(client, stub):
+    planted = planted_history(client.engine.store)
+    found = 0
+    for fact, question in PLANTED:
+        cid = client.new_conversation()
+        sources = client.chat(cid, question, recall=True)[2].get("recall") or []
+        found += planted[fact][0] in {s["message_id"] for s in sources}
+    print(f"recall: {found} of {len(PLANTED)} planted facts among the sources")
+    assert found >= 8
+
+
+@pytest.mark.parametrize("content, at, expected", [
+    ("One. Two has the word here. Three.", "word", "…Two has the word here. Three."),
+    ("Alpha\n\nThe key is under the mat. Then more text follows here.", "key",
+     "…The key is under the mat. Then more text follows here."),
+    ("word " * 100 + "needle " + "word " * 100, "needle", None),
+])
+def test_a_passage_is_cut_at_sentence_bounds_never_mid_word(content, at, expected):
+    spans = [[content.index(at), content.index(at) + len(at)]]
+    text = llama_chat.passage(content, spans, 120)
+    if expected is not None:
+        assert text == expected
+    assert at in text and len(text) <= 122
+    inner = text.strip("…")
+    start = content.index(inner)
+    assert start == 0 or not content[start - 1].isalnum()          # never mid-word
+    end = start + len(inner)
+    assert end == len(content) or not content[end].isalnum()
+
+
+def test_recall_words_leave_out_stop_words_and_keep_other_scripts():
+    query = llama_chat.recall_query("What is the name of my sister's cat? 火山 Κνωσός")
+    assert query.words == ["name", "sister", "cat", "火", "山", "κνωσος"]
+    assert query.match == '"name" OR "sister" OR "cat" OR "火" OR "山" OR "κνωσος"'
+    assert llama_chat.recall_query("what is it?").match is None
+
+
+###############################################################################
 # Chat
 ###############################################################################
 
@@ -3818,7 +3971,7 @@ def test_chat_sends_system_prompt_history_and_mapped_options(client, stub):
     assert sent["top_k"] == 50 and sent["stop"] == ["\n\nHuman:", "\n\nUser:"]
     assert set(sent) <= {"messages", "stream", "stream_options", "return_progress", "model",
                          "cache_prompt", "temperature", "top_p", "top_k", "min_p", "max_tokens",
-                         "repeat_penalty", "stop", "seed"}
+                         "repeat_penalty", "stop", "seed", "reasoning_control"}
 
 
 def test_chat_history_is_limited_and_alternates(tmp_path, stub, launch):
@@ -4563,6 +4716,17 @@ def test_a_schema_10_database_gains_the_share_of_prompts_served_from_cache(tmp_p
     with store.db.write() as c:
         c.execute("DELETE FROM messages WHERE role = 'assistant'")
     assert rows_of(store, "SELECT count(*) FROM ledger_cache") == [(0,)]   # no empty day left
+    store.close()
+
+
+def test_a_schema_11_database_gains_the_replies_recalled_sources(tmp_path):
+    path = str(tmp_path / "v11.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+        c.execute("INSERT INTO messages (conversation_id, role, content) VALUES (1, 'user', 'q')")
+    store = migrated(path, fill, 11)
+    assert [m["recall"] for m in json.loads(store.messages(1)[0])] == [None]
     store.close()
 
 
@@ -8820,6 +8984,29 @@ def test_page_answer_now_shows_while_the_model_reasons_and_ends_it(page, client,
     assert b.js("return document.getElementById('answer-now').classList.contains('hidden')")
     stored = rows(client, "SELECT reasoning FROM messages WHERE role = 'assistant'")[0][0]
     assert len(stored) < len(stub.reasoning)
+
+
+@needs_chromium
+def test_page_recall_toggle_sends_it_and_each_source_opens_its_message(page, client, stub):
+    planted = planted_history(client.engine.store, conversations=3)
+    fact, question = PLANTED[1]
+    stub.reply = "The password is trout-lantern-42 [1]."
+    cid = client.new_conversation()
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.click("#recall")
+    assert b.js("return document.getElementById('recall').getAttribute('aria-pressed')") == "true"
+    b.type("#input", question + "\ue007")
+    href = b.wait("const a = document.querySelector('.msg.assistant:not(.streaming) a.cite');"
+                  "return a && a.getAttribute('href')", timeout=15)
+    message_id, source_cid = planted[fact]
+    assert href == f"#/c/{source_cid}/m/{message_id}"
+    assert any(llama_chat.RECALL_INSTRUCTION + "\n\n[1] “Old talk 1”: Note this: " + fact
+               in r["body"]["messages"][0]["content"] for r in stub.requests)
+    assert "Old talk 1" in b.js("return document.querySelector('.sources').textContent")
+    b.click(".msg.assistant a.cite")
+    b.wait(f"return document.getElementById('m-{message_id}') && "
+           f"location.hash.startsWith('#/c/{source_cid}')")
 
 
 @needs_chromium
