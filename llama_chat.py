@@ -2732,11 +2732,11 @@ def snippet(content, spans, width=160):
 #
 # A history opened without its index (the original app's, or one used by a
 # SQLite without FTS5) is indexed in the background while everything else
-# answers (Indexing, below): search_unbuilt holds the range of message ids not
-# indexed yet, its progress beside, and the triggers leave those messages
-# alone (the build reads each one's text as it is when it comes to it). A
-# message added meanwhile is indexed by its trigger: ids are AUTOINCREMENT's,
-# above every id there was.
+# answers (SearchIndex.build_some, Store.build_index): search_unbuilt holds
+# the range of message ids not indexed yet, its progress beside, and the
+# triggers leave those messages alone (the build reads each one's text as
+# it is when it comes to it). A message added meanwhile is indexed by its
+# trigger: ids are AUTOINCREMENT's, above every id there was.
 BM25 = "bm25(2.0, 1.0)"     # title words weigh double
 UNBUILT = "EXISTS (SELECT 1 FROM search_unbuilt WHERE {id} BETWEEN first AND last)"
 SEARCH_SCHEMA = f"""
@@ -6071,7 +6071,7 @@ RECALL_CANDIDATES = 12       # best matches read, to choose the sources from
 RECALL_SOURCES = 5
 RECALL_PASSAGE = 700         # characters of a source, at most
 RECALL_WORDS = 24            # of the question, at most, looked up
-SOURCE_MARKS = 16            # tokens a source takes beside its passage: number, title, day
+SOURCE_MARKS = 16            # tokens a source takes beside its passage: its number, title
 STOP_WORDS = frozenset("""
 a about above after again all am an and any are as at be because been before being
 below between both but by can could did do does doing down during each few for from

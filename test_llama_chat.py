@@ -4305,6 +4305,16 @@ def test_answer_now_without_reasoning_control_stops_and_continues_without_thinki
         stub.reasoning)                                          # what it thought: kept
 
 
+def test_answer_now_that_llama_server_refuses_stops_and_continues(client, stub):
+    message_id, reader, events = started_reasoning(client, stub)
+    stub.armed.clear()           # as for a template it knows no thinking tags of: not armed
+    body = client.post(f"/api/messages/{message_id}/answer-now", {})[2]
+    assert body["answer_now"] == "continued" and len(stub.controls) == 1
+    reader.join(10)
+    wait_for(lambda: message_row(client, message_id)["content"] == stub.reply, 10,
+             "the continue's answer")
+
+
 def test_answer_now_once_the_answer_has_begun_changes_nothing(client, stub):
     stub.token_delay, stub.reply = 0.05, " ".join(["word"] * 80)
     cid = client.new_conversation()
