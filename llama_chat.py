@@ -243,6 +243,10 @@ def not_found(resource, ident):
                     resource=resource, id=ident)
 
 
+def name_taken(name):
+    return ApiError(409, "NAME_TAKEN", f"A project named {name!r} exists already", field="name")
+
+
 BUSY_MS = 10000      # how long a write waits for another, by default (SQLite's busy timeout)
 
 
@@ -564,10 +568,24 @@ def check_conversation_settings(body):
         if not isinstance(body["pinned"], bool):
             raise validation_error("pinned", "Field pinned must be true or false")
         found["pinned"] = body["pinned"]
+    if "project_id" in body:
+        found["project_id"] = None if body["project_id"] is None else \
+            require_int(body, "project_id")
     return found
 
 
-SETTINGS_FIELDS = {"system_prompt", "options", "pinned"}
+SETTINGS_FIELDS = {"system_prompt", "options", "pinned", "project_id"}
+PROJECT_FIELDS = {"name", "system_prompt", "options"}
+
+
+def check_project(body, creating):
+    """A project's fields a body gives: name (required to create), and
+    system_prompt and options as a conversation takes them."""
+    known_fields(body, PROJECT_FIELDS)
+    found = check_conversation_settings(body)
+    if creating or "name" in body:
+        found["name"] = require_str(body, "name", max_len=LIMITS["name"]).strip()
+    return found
 
 
 def query_bool(req, name):
@@ -594,6 +612,22 @@ def query_int(req, name, default, low, high=None):
     if value >= 2**63:
         raise validation_error(name, f"Query parameter {name} is out of range")
     return min(value, high) if high is not None else value
+
+
+ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z", re.ASCII)
+
+
+def query_day(req, name):
+    raw = req.arg(name)
+    try:
+        if raw and ISO_DAY.match(raw) and datetime.strptime(raw, "%Y-%m-%d"):
+            return raw
+    except ValueError:                    # 2026-02-30
+        pass
+    if raw:
+        raise validation_error(name, f"Query parameter {name} must be an ISO date, as "
+                               "2026-12-02 (days are UTC's)")
+    return None
 
 
 ###############################################################################
@@ -2485,11 +2519,48 @@ def migrate_to_12(c):
     c.execute("ALTER TABLE messages ADD COLUMN recall TEXT")
 
 
+# Version 12 -> 13: projects. A project has a name (one project a name), a
+# system prompt and options, which its conversations' replies are made with
+# where the conversation sets none; a conversation is in at most one. A
+# project deleted leaves its conversations, in none. Its changes are told as
+# a conversation's are (kind 'project'; conversation_id 0), and so is a
+# conversation moved between projects.
+PROJECT_SCHEMA = """
+CREATE TABLE projects (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, system_prompt TEXT,
+    options TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+ALTER TABLE conversations ADD COLUMN project_id INTEGER
+    REFERENCES projects (id) ON DELETE SET NULL;
+CREATE INDEX conversations_by_project ON conversations (project_id)
+    WHERE project_id IS NOT NULL;
+DROP TRIGGER change_conversation_updated;
+CREATE TRIGGER change_conversation_updated AFTER UPDATE OF title, model, system_prompt, options,
+    pinned, current_message_id, project_id ON conversations BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('conversation', 'updated', new.id, new.id);
+END;
+CREATE TRIGGER change_project_created AFTER INSERT ON projects BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'created', 0, new.id);
+END;
+CREATE TRIGGER change_project_updated AFTER UPDATE ON projects BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'updated', 0, new.id);
+END;
+CREATE TRIGGER change_project_deleted AFTER DELETE ON projects BEGIN
+    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'deleted', 0, old.id);
+END;
+"""
+
+
+def migrate_to_13(c):
+    for statement in split_sql(PROJECT_SCHEMA):
+        c.execute(statement)
+
+
 # Each entry turns version N into N + 1, inside one transaction with the rest
 # of the start-up work; a database is backed up before the first of them runs.
 MIGRATIONS = [migrate_to_1, migrate_to_2, migrate_to_3, migrate_to_4, migrate_to_5,
               migrate_to_6, migrate_to_7, migrate_to_8, migrate_to_9, migrate_to_10,
-              migrate_to_11, migrate_to_12]
+              migrate_to_11, migrate_to_12, migrate_to_13]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # The history's two tables as SCHEMA_VERSION leaves them, every column once,
@@ -2514,6 +2585,7 @@ CONVERSATION_TABLE = {
     "source_id": "shown exported",
     "client": "shown exported",
     "title_pending": "shown",
+    "project_id": "listed shown",    # exported as its project: {"name", "system_prompt", "options"}
 }
 MESSAGE_TABLE = {
     "id": "shown exported",
@@ -2815,6 +2887,9 @@ WHEN (SELECT kind FROM attachments WHERE id = old.attachment_id) = 'text' BEGIN
 END;
 """
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
+# A search narrowed to a project: its condition on a message's id (`{id}`).
+IN_PROJECT = """AND {id} IN (SELECT m.id FROM conversations c JOIN messages m
+                             ON m.conversation_id = c.id WHERE c.project_id = ?)"""
 RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
 BUILD_BATCH = 2000        # messages indexed in one transaction of the background build
 CONVERSATION_COLUMNS = ", ".join(columns_in(CONVERSATION_TABLE, "listed"))
@@ -2824,6 +2899,14 @@ CONVERSATION_SHOWN = selected(columns_in(CONVERSATION_TABLE, "shown"), pinned=PI
 TITLE_ONLY_SPARE = 4       # results read for each shown, for the title-only ones left out
 RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
+
+
+def like_where(terms):
+    """Without FTS5: every word a substring of the message m or its title
+    (conversation c): the SQL condition and its parameters."""
+    escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
+    return (" AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
+                         * len(terms)), [p for e in escaped for p in (e, e)])
 
 
 def object_name(statement):
@@ -2979,12 +3062,15 @@ class SearchIndex:
                           "content FROM search_source WHERE id > ?", (last,))
                 c.execute("INSERT INTO search_fts (search_fts, rank) VALUES ('hashsize', 1048576)")
 
-    def search(self, text, limit):
+    def search(self, text, limit, project=None):
+        """The best `limit` results for `text`; of project `project`'s
+        conversations only, if given."""
         query = search_query(text)
         if query.match is None:
             return []
+        within = ("", ()) if project is None else (IN_PROJECT, (project,))
         if not self.fts:
-            return self._search_like(query, limit)
+            return self._search_like(query, limit, within)
         # bm25 costs microseconds a row: a word found in most of a million
         # messages would take seconds to rank in full. So rank the newest
         # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and join
@@ -2993,13 +3079,14 @@ class SearchIndex:
             f"""SELECT {RESULT_COLUMNS}, hits.score
                FROM (SELECT id, score FROM
                         (SELECT rowid AS id, rank AS score FROM search_fts
-                         WHERE search_fts MATCH ? ORDER BY rowid DESC LIMIT ?)
+                         WHERE search_fts MATCH ? {within[0].format(id="rowid")}
+                         ORDER BY rowid DESC LIMIT ?)
                      ORDER BY score, id DESC LIMIT ?) AS hits
                JOIN messages m ON m.id = hits.id
                JOIN conversations c ON c.id = m.conversation_id
                ORDER BY hits.score, hits.id DESC""",
-            (query.match, RANK_WINDOW, limit * TITLE_ONLY_SPARE)))
-        rows = sorted(rows + self._attached_hits(query, limit), key=lambda r: r["score"])
+            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE)))
+        rows = sorted(rows + self._attached_hits(query, limit, within), key=lambda r: r["score"])
         # A match in a conversation's title only (each message row holds the
         # title) is the conversation's: shown once, by its best-ranked message.
         pattern = ascii_pattern(query)
@@ -3018,7 +3105,7 @@ class SearchIndex:
                 break
         return found
 
-    def _attached_hits(self, query, limit):
+    def _attached_hits(self, query, limit, within):
         """Matches in text attachments, as results of the message they are
         attached to (`attachment`: {id, name}; `text`: the attachment's, to
         snip), each with its score."""
@@ -3026,32 +3113,47 @@ class SearchIndex:
             f"""SELECT {RESULT_COLUMNS}, hits.score, l.attachment_id, l.name AS attachment_name,
                        CAST(a.data AS TEXT) AS text
                FROM (SELECT rowid AS id, rank AS score FROM attached_fts
-                     WHERE attached_fts MATCH ? ORDER BY rank LIMIT ?) AS hits
+                     WHERE attached_fts MATCH ? {within[0].format(id=f"rowid / {ATTACHED_ROWS}")}
+                     ORDER BY rank LIMIT ?) AS hits
                JOIN message_attachments l ON l.message_id = hits.id / {ATTACHED_ROWS}
                                          AND l.position = hits.id % {ATTACHED_ROWS}
                JOIN attachments a ON a.id = l.attachment_id
                JOIN messages m ON m.id = l.message_id
-               JOIN conversations c ON c.id = m.conversation_id""", (query.match, limit)))
+               JOIN conversations c ON c.id = m.conversation_id""",
+            (query.match, *within[1], limit)))
         for r in rows:
             r["attachment"] = {"id": r.pop("attachment_id"), "name": r.pop("attachment_name")}
         return rows
 
-    def _search_like(self, query, limit):
+    def _search_like(self, query, limit, within):
         """Without FTS5: every word as a substring of the message or its title
         (SQLite's LIKE ignores the case of ASCII letters only)."""
         terms = query.words
         if not terms:
             return []
-        escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
-        where = " AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
-                             * len(terms))
+        where, params = like_where(terms)
         rows = dicts(self.db.conn().execute(
             f"""SELECT {RESULT_COLUMNS}
                 FROM messages m JOIN conversations c ON c.id = m.conversation_id
-                WHERE {where} ORDER BY m.id DESC LIMIT ?""",
-            (*[p for e in escaped for p in (e, e)], limit)))
+                WHERE {where} {within[0].format(id="m.id")} ORDER BY m.id DESC LIMIT ?""",
+            (*params, *within[1], limit)))
         return [search_result(r, *snippet(r["content"], like_spans(r["content"], terms)))
                 for r in rows]
+
+    def conversations_matching(self, text, conn):
+        """The ids of the conversations a message (or title) of which matches
+        `text`, read through `conn`."""
+        query = search_query(text)
+        if query.match is None or not (self.fts or query.words):
+            return set()
+        if self.fts:
+            return {r[0] for r in conn.execute(
+                "SELECT DISTINCT m.conversation_id FROM search_fts JOIN messages m "
+                "ON m.id = search_fts.rowid WHERE search_fts MATCH ?", (query.match,))}
+        where, params = like_where(query.words)
+        return {r[0] for r in conn.execute(
+            f"SELECT DISTINCT m.conversation_id FROM messages m JOIN conversations c "
+            f"ON c.id = m.conversation_id WHERE {where}", params)}
 
     def best_matches(self, match, leave_out, limit):
         """Messages matching FTS5 query `match`, best (bm25) first, but those
@@ -3325,6 +3427,86 @@ class Tree:
 
 
 ###############################################################################
+# Storage: projects
+###############################################################################
+
+PROJECT_COLUMNS = ("id", "name", "system_prompt", "options", "created_at", "updated_at")
+PROJECT_LIST = """SELECT p.id, p.name, p.system_prompt, p.options, p.created_at, p.updated_at,
+    (SELECT count(*) FROM conversations c WHERE c.project_id = p.id) AS conversations
+    FROM projects p"""
+
+
+def project_row(row):
+    if row is not None and row["options"] is not None:
+        row["options"] = json.loads(row["options"])
+    return row
+
+
+class Projects:
+    """Projects: a name, a system prompt and options that a conversation in
+    one is made with where it sets none (reply_settings). Each change is one
+    transaction; a name is one project's (CONFLICT otherwise)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def all(self):
+        return [project_row(r) for r in dicts(self.db.conn().execute(
+            PROJECT_LIST + " ORDER BY p.name COLLATE NOCASE, p.id"))]
+
+    def get(self, project_id, c=None):
+        if project_id is None:
+            return None
+        return project_row(one((c or self.db.conn()).execute(PROJECT_LIST + " WHERE p.id = ?",
+                                                             (project_id,))))
+
+    def named(self, c, name):
+        found = c.execute("SELECT id FROM projects WHERE name = ?", (name,)).fetchone()
+        return found[0] if found else None
+
+    def put(self, c, name, system_prompt=None, options=None):
+        """A new project in transaction c: its id; CONFLICT if the name is taken."""
+        if self.named(c, name) is not None:
+            raise name_taken(name)
+        now = now_iso()
+        return c.execute("INSERT INTO projects (name, system_prompt, options, created_at, "
+                         "updated_at) VALUES (?, ?, ?, ?, ?)",
+                         (name, system_prompt, None if options is None else JSON.encode(options),
+                          now, now)).lastrowid
+
+    def create(self, name, system_prompt=None, options=None):
+        with self.db.write() as c:
+            return self.put(c, name, system_prompt, options)
+
+    def update(self, project_id, **fields):
+        """Change a project's name, system_prompt and/or options: what
+        changed; None if there is no such project."""
+        with self.db.write() as c:
+            if not c.execute("SELECT 1 FROM projects WHERE id = ?", (project_id,)).fetchone():
+                return None
+            if "name" in fields and c.execute("SELECT 1 FROM projects WHERE name = ? AND id != ?",
+                                              (fields["name"], project_id)).fetchone():
+                raise name_taken(fields["name"])
+            stored = {k: JSON.encode(v) if k == "options" and v is not None else v
+                      for k, v in fields.items()}
+            c.execute(f"UPDATE projects SET {', '.join(f'{n} = ?' for n in stored)}, "
+                      "updated_at = ? WHERE id = ?", (*stored.values(), now_iso(), project_id))
+        return fields
+
+    def delete(self, project_id):
+        """Delete a project; its conversations stay, in no project. Whether it was."""
+        with self.db.write() as c:
+            return c.execute("DELETE FROM projects WHERE id = ?", (project_id,)).rowcount == 1
+
+    @staticmethod
+    def require(c, project_id):
+        """NOT_FOUND unless project_id (not None) is a project's."""
+        if project_id is not None and not c.execute("SELECT 1 FROM projects WHERE id = ?",
+                                                    (project_id,)).fetchone():
+            raise not_found("project", project_id)
+
+
+###############################################################################
 # Storage: conversations and messages
 ###############################################################################
 
@@ -3548,6 +3730,7 @@ class Store:
                                   *MATH_FUNCTIONS], busy_ms, self.read_only)
         self.index = SearchIndex(self.db, use_fts)
         self.tree = Tree(self.db)
+        self.projects = Projects(self.db)
         self.backup_path = None
         self.damage = None           # what quick_check found wrong, if anything
         self.progress = Progress()
@@ -3733,9 +3916,11 @@ class Store:
         return found
 
     def create_conversation(self, title, model, title_pending=False, **settings):
-        """A new conversation; `settings`: system_prompt, options (a dict), pinned."""
+        """A new conversation; `settings`: system_prompt, options (a dict),
+        pinned, project_id (NOT_FOUND unless a project's)."""
         now = now_iso()
         with self.db.write() as c:
+            Projects.require(c, settings.get("project_id"))
             return put_conversation(c, title=title, model=model, created_at=now,
                                     updated_at=now, title_pending=int(title_pending),
                                     **stored_settings(settings))
@@ -3745,15 +3930,17 @@ class Store:
 
     def update_conversation(self, conversation_id, title=None, show=None, **settings):
         """Rename a conversation, show the branch through message `show`,
-        and/or change its settings (system_prompt, options, pinned), in one
-        transaction: what changed, None if there is no such conversation;
-        NOT_FOUND (and nothing done) if `show` is not one of its messages."""
+        and/or change its settings (system_prompt, options, pinned,
+        project_id), in one transaction: what changed, None if there is no
+        such conversation; NOT_FOUND (and nothing done) if `show` is not one
+        of its messages or project_id no project's."""
         changed = {}
         stored = stored_settings(settings)
         with self.db.write() as c:
             if not c.execute("SELECT 1 FROM conversations WHERE id = ?",
                              (conversation_id,)).fetchone():
                 return None
+            Projects.require(c, settings.get("project_id"))
             if show is not None:
                 if self.tree.owner(c, show) != conversation_id:
                     raise not_found("message", show)
@@ -4071,8 +4258,8 @@ class Store:
     def stats(self, conversation_id):
         return conversation_stats(self.db.conn().execute(STATS_SQL, (conversation_id,)))
 
-    def search(self, text, limit):
-        return self.index.search(text, limit)
+    def search(self, text, limit, project=None):
+        return self.index.search(text, limit, project)
 
 
 ###############################################################################
@@ -4251,6 +4438,9 @@ EXPORT_MESSAGE_READ = EXPORT_MESSAGE_COLUMNS + f", {ATTACHMENTS_SQL} AS attachme
 CONVERSATION_ATTACHMENTS = """SELECT DISTINCT a.id, a.name, a.type FROM messages m
     JOIN message_attachments l ON l.message_id = m.id JOIN attachments a ON a.id = l.attachment_id
     WHERE m.conversation_id = ? ORDER BY a.id"""
+EXPORT_PROJECT = """SELECT json_object('name', p.name, 'system_prompt', p.system_prompt,
+    'options', json(p.options)) FROM conversations c JOIN projects p ON p.id = c.project_id
+    WHERE c.id = ?"""
 BASE64_PIECE = 3 << 18       # bytes of an attachment read at a time: 1 MiB of base64
 
 
@@ -4266,6 +4456,9 @@ def exported(conn, db, conversation_id):
                                f"SELECT {EXPORT_MESSAGE_READ} FROM messages m "
                                "WHERE conversation_id = ? ORDER BY id", (conversation_id,),
                                conn=conn)
+    project = conn.execute(EXPORT_PROJECT, (conversation_id,)).fetchone()
+    if project:                 # its project, by name: an import finds it or makes it
+        conversation = f'{conversation[:-2]}, "project": {project[0]}}}]'
     yield f'{{"conversation": {conversation[1:-1]}, "messages": {messages}'
     attached = conn.execute(CONVERSATION_ATTACHMENTS, (conversation_id,)).fetchall()
     for n, (ident, name, kind) in enumerate(attached):
@@ -4359,7 +4552,7 @@ class ImportWriter:
     itself (company "none"), it writes in one transaction instead."""
 
     def __init__(self, store, counts, progress=None, company="server"):
-        self.db, self.index = store.db, store.index
+        self.db, self.index, self.projects = store.db, store.index, store.projects
         self.run = f"{os.getpid()}:{secrets.token_hex(6)}"
         self.counts, self.progress = counts, progress
         self.hold, self.pause = (IMPORT_HOLD_SHARED, IMPORT_PAUSE_SHARED) \
@@ -4409,11 +4602,14 @@ class ImportWriter:
                 self.counts["skipped"] += 1
                 continue
             created = conv.created_at or now
+            project = conv.project and (self.projects.named(self.c, conv.project["name"]) or
+                                        self.projects.put(self.c, **conv.project))
             cid = put_conversation(
                 self.c, title=conv.title, model=conv.model, created_at=created,
                 updated_at=conv.updated_at or created, system_prompt=conv.system_prompt,
                 options=conv.options, pinned=int(conv.pinned), source=conv.source,
-                source_id=conv.source_id, client=conv.client, uuid=conv.uuid)
+                source_id=conv.source_id, client=conv.client, uuid=conv.uuid,
+                project_id=project)
             self.c.execute("INSERT INTO import_pending (conversation_id, run) VALUES (?, ?)",
                            (cid, self.run))
             ids = {}
@@ -4462,6 +4658,110 @@ class ImportWriter:
             if not ids:
                 return
             self.db.give_way()
+
+
+###############################################################################
+# Storage: datasets from the trees
+###############################################################################
+
+# Regenerating a reply leaves its siblings in the tree, and the branch a user
+# kept shows which they preferred: a preference dataset (format=preference:
+# a line per reply on a shown branch that has siblings, {"prompt": messages
+# up to its question, "chosen": it, "rejected": its siblings}) and a
+# fine-tuning one (format=sft: a line per conversation's shown branch,
+# {"messages": [...]}). Messages are {"role", "content"}: text, never
+# reasoning; the system prompt the conversation (else its project) sets
+# comes first. Replies being made, and conversations with no reply, are left
+# out.
+DATASET_FORMATS = ("preference", "sft")
+DATASET_BRANCH = f"""{CURRENT_PATH_SQL}
+    SELECT m.id, m.parent_id, m.role, m.content, m.model, m.timestamp FROM path
+    JOIN messages m ON m.id = path.id WHERE m.generating IS NULL ORDER BY path.depth DESC"""
+DATASET_SIBLINGS = """SELECT content FROM messages WHERE parent_id = ? AND id != ?
+    AND role = 'assistant' AND generating IS NULL AND content != '' ORDER BY id"""
+DATASET_ROLES = ("system", "user", "assistant", "tool")
+DATASET_JSON = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
+@dataclass
+class DatasetFilter:
+    """Which of the history a dataset holds: conversations with a message
+    that matches `q` (a search), in `project`; replies of `model`, made
+    from day `since` to day `until` (ISO days, UTC; a conversation's branch
+    counts by its last reply)."""
+    q: str = None
+    model: str = None
+    since: str = None
+    until: str = None
+    project: int = None
+
+    def conversations(self, conn, index):
+        """SQL and its parameters: the ids of the conversations to read."""
+        where, params = [], []
+        if self.project is not None:
+            where.append("project_id = ?")
+            params.append(self.project)
+        if self.q is not None:
+            where.append("id IN (SELECT value FROM json_each(?))")
+            params.append(JSON.encode(sorted(index.conversations_matching(self.q, conn))))
+        return (f"SELECT id, system_prompt, project_id FROM conversations WHERE id > ? "
+                f"{''.join(' AND ' + w for w in where)} ORDER BY id LIMIT {EXPORT_BATCH}",
+                params)
+
+    def takes(self, reply):
+        day = (reply["timestamp"] or "")[:10]
+        return ((self.model is None or reply["model"] == self.model)
+                and (self.since is None or day >= self.since)
+                and (self.until is None or day <= self.until))
+
+
+def dataset_message(m):
+    return {"role": m["role"], "content": m["content"]}
+
+
+def dataset_lines(conn, form, conversation, branch, which):
+    """The lines (dicts) one conversation's shown branch gives."""
+    system = conversation["system_prompt"] or conversation["project_prompt"]
+    head = [{"role": "system", "content": system}] if system else []
+    shown = [m for m in branch if m["role"] in DATASET_ROLES]
+    replies = [m for m in shown if m["role"] == "assistant"]
+    if form == "sft":
+        if replies and which.takes(replies[-1]):
+            yield {"messages": head + [dataset_message(m) for m in shown]}
+        return
+    for at, m in enumerate(shown):
+        if m["role"] != "assistant" or not which.takes(m):
+            continue
+        rejected = [{"role": "assistant", "content": text} for (text,) in conn.execute(
+            DATASET_SIBLINGS, (m["parent_id"], m["id"]))]
+        if rejected:
+            yield {"prompt": head + [dataset_message(p) for p in shown[:at]],
+                   "chosen": dataset_message(m), "rejected": rejected}
+
+
+def dataset(db, index, form, which):
+    """A dataset as JSONL, a line at a time (bytes), in one read transaction."""
+    conn = db.connect()
+    try:
+        conn.execute("BEGIN")
+        sql, params = which.conversations(conn, index)
+        last = 0
+        while True:
+            batch = dicts(conn.execute(sql, (last, *params)))
+            if not batch:
+                break
+            prompts = dict(conn.execute(
+                "SELECT id, system_prompt FROM projects WHERE id IN (SELECT value FROM "
+                "json_each(?))", (JSON.encode([c["project_id"] for c in batch
+                                               if c["project_id"]]),)))
+            for conversation in batch:
+                conversation["project_prompt"] = prompts.get(conversation["project_id"])
+                branch = dicts(conn.execute(DATASET_BRANCH, (conversation["id"], WHOLE_PATH)))
+                for line in dataset_lines(conn, form, conversation, branch, which):
+                    yield DATASET_JSON.encode(line).encode() + b"\n"
+            last = batch[-1]["id"]
+    finally:
+        conn.close()
 
 
 ###############################################################################
@@ -5539,7 +5839,7 @@ def told(rows):
     for kind, action, cid, ident in rows:
         if cid in gone and kind != "conversation":
             continue
-        if kind == "conversation":
+        if kind in ("conversation", "project"):
             event = {"type": kind, "action": action, "id": ident}
         elif kind == "models":                 # a model list changed: ask /api/models
             event = {"type": kind, "action": action}
@@ -5859,26 +6159,41 @@ class Engine:
 # Settings of a conversation: what its next reply is made with
 ###############################################################################
 
-def reply_settings(settings, conversation, request_options=None):
-    """(system prompt, options by the names of model_options) for a reply: the
-    request's options, else the conversation's, else the config's, name by
-    name; the conversation's system prompt, else the config's."""
-    options = {**settings.model_options, **(conversation.get("options") or {}),
-               **(request_options or {})}
-    system_prompt = conversation.get("system_prompt")
-    return (settings.system_prompt if system_prompt is None else system_prompt), options
+def setting_layers(settings, conversation, project=None, request_options=None):
+    """Where a reply's settings may come from, first to last: (its name, its
+    system prompt or None, its options or None). The first that gives one
+    wins, name by name."""
+    project = project or {}
+    return [("chat", None, request_options),
+            ("conversation", conversation.get("system_prompt"), conversation.get("options")),
+            ("project", project.get("system_prompt"), project.get("options")),
+            ("config", settings.system_prompt, settings.model_options)]
 
 
-def effective_settings(settings, conversation):
+def reply_settings(settings, conversation, request_options=None, project=None):
+    """(system prompt, options by the names of model_options) for a reply:
+    the request's options, else the conversation's, else its project's,
+    else the config's, name by name; the system prompt likewise."""
+    layers = setting_layers(settings, conversation, project, request_options)
+    options = {}
+    for _, _, given in reversed(layers):
+        options.update(given or {})
+    return next(s for _, s, _ in layers if s is not None), options
+
+
+def effective_settings(settings, conversation, project=None):
     """What the next reply is made with, each part with where it comes from."""
-    own = conversation.get("options") or {}
-    system_prompt, options = reply_settings(settings, conversation)
+    layers = setting_layers(settings, conversation, project)
+    system_prompt, options = reply_settings(settings, conversation, project=project)
     return {
-        "system_prompt": {"value": system_prompt, "from": "config" if conversation.get(
-            "system_prompt") is None else "conversation"},
-        "options": {name: {"value": value, "from": "conversation" if name in own else "config"}
+        "system_prompt": {"value": system_prompt,
+                          "from": next(n for n, s, _ in layers if s is not None)},
+        "options": {name: {"value": value,
+                           "from": next(n for n, _, o in layers if o and name in o)}
                     for name, value in options.items()},
     }
+
+
 ###############################################################################
 # Context by tokens: as much of the branch as fits the model
 ###############################################################################
@@ -6025,7 +6340,9 @@ def next_prompt(engine, conversation, question=None, model=None):
     the messages and options, the model, what was left out, and, where
     llama-server can say, their tokens, the model's context and the
     templated text."""
-    system_prompt, asked = reply_settings(engine.settings, conversation)
+    system_prompt, asked = reply_settings(
+        engine.settings, conversation,
+        project=engine.store.projects.get(conversation.get("project_id")))
     options = check_model_options(asked, "options")
     leaf = conversation.get("current_message_id")
     total = engine.store.tree.depth(leaf) if leaf is not None else 0
@@ -6297,14 +6614,16 @@ def start_chat(engine, body):
     options = body.get("options") or {}
     check_model_options(options, "options")
     if "recall" in body:                        # as options.recall: this chat's
+        if not isinstance(body["recall"], bool):
+            raise validation_error("recall", "Field recall must be true or false")
         options = {**options, "recall": body["recall"]}
-        check_model_options(options, "recall")
     store = engine.store
     conversation = store.get_conversation(conversation_id)
     if conversation is None:
         raise not_found("conversation", conversation_id)
     attachments = [store.attachment(i) or not_found_raised("attachment", i) for i in attachments]
-    system_prompt, asked = reply_settings(engine.settings, conversation, options)
+    system_prompt, asked = reply_settings(engine.settings, conversation, options,
+                                          store.projects.get(conversation["project_id"]))
     upstream_options = check_model_options(asked, "options")
     target = None
     if target_id is not None:
@@ -7582,6 +7901,28 @@ def refuse_remote_media(engine, body):
                                f"(this one: {url[:200]})")
 
 
+def with_project_settings(engine, req, conversation_id):
+    """A request recorded into a conversation of a project is sent with
+    what it leaves out that the conversation, else its project, sets: the
+    system prompt (when it sends no system message) and each option. Any
+    other request goes as it came."""
+    conversation = engine.store.get_conversation(conversation_id)
+    project = conversation and engine.store.projects.get(conversation["project_id"])
+    if not project:
+        return
+    body = req.json()
+    added = {}
+    for name, value in {**(project["options"] or {}), **(conversation["options"] or {})}.items():
+        added.update(check_model_options({name: value}, "options"))
+    added = {k: v for k, v in added.items() if k not in body}
+    prompt = conversation["system_prompt"] or project["system_prompt"]
+    if prompt and not any(isinstance(m, dict) and m.get("role") in ("system", "developer")
+                          for m in body["messages"]):
+        added["messages"] = [{"role": "system", "content": prompt}, *body["messages"]]
+    if added:
+        req.body = JSON.encode({**body, **added}).encode()
+
+
 def v1_chat(engine, req):
     body = lifted_json(req)
     refuse_remote_media(engine, body)
@@ -7589,7 +7930,10 @@ def v1_chat(engine, req):
     if not recording(engine, req):
         openai_messages(body)                  # a chat must have messages all the same
         return relay_to_llamacpp(engine, req, Exchange(), model)
-    return relay_to_llamacpp(engine, req, record_question(engine, req.headers, body), model)
+    exchange = record_question(engine, req.headers, body)
+    del body                                   # its media are not kept twice meanwhile
+    with_project_settings(engine, req, exchange.conversation_id)
+    return relay_to_llamacpp(engine, req, exchange, model)
 
 
 v1_chat.body_up_to = "max_attachment_bytes"    # its media, as data URLs
@@ -7940,6 +8284,7 @@ class Imported:
     messages: list = field(default_factory=list)    # dicts: key, parent, role, content...
     client: object = None
     uuid: object = None           # its id in llama-chat, where it comes from one
+    project: object = None        # {"name", "system_prompt", "options"}: found by name, or made
 
 
 def iso_time(value, unit=1.0):
@@ -8270,7 +8615,7 @@ def from_llama_chat(item):
     return Imported(source, str(ident), c.get("title"), c.get("created_at"),
                     c.get("updated_at"), c.get("model") or "", c.get("system_prompt"),
                     c.get("options"), c.get("pinned") is True, current, kept, c.get("client"),
-                    c.get("uuid"))
+                    c.get("uuid"), c.get("project"))
 
 
 EXPECTED = ("llama-chat's JSON or JSONL export; llama.cpp's web UI export (JSONL, ZIP or "
@@ -8402,7 +8747,7 @@ CONVERSATION_CHECKS = {"title": ("text", LIMITS["title"]), "model": ("name", LIM
                        "system_prompt": ("text", LIMITS["system_prompt"]),
                        "options": ("options",), "created_at": ("time",),
                        "updated_at": ("time",), "client": ("name", LIMITS["name"]),
-                       "uuid": ("uuid",)}
+                       "uuid": ("uuid",), "project": ("project",)}
 MESSAGE_CHECKS = {"content": ("text", LIMITS["content"]),
                   "reasoning": ("text", LIMITS["content"]), "model": ("name", LIMITS["model"]),
                   "timestamp": ("time",), "edited_at": ("time",), "response_time_ms": ("count",),
@@ -8449,6 +8794,16 @@ def checked_value(check, value):
             (None, "is not a list of attachment ids")
     if kind == "attachments":
         return None, f"are more than {MAX_ATTACHMENTS}: the first {MAX_ATTACHMENTS} kept"
+    if kind == "project":
+        name = value.get("name") if isinstance(value, dict) else None
+        if not isinstance(name, str) or not sound_text(name).strip():
+            return None, "has no name: left out"
+        prompt, why = checked_value(("text", LIMITS["system_prompt"]), value.get("system_prompt"))
+        options, why = checked_value(("options",), value.get("options")) if why is None \
+            else (None, why)
+        return {"name": sound_text(name).strip()[:LIMITS["name"]], "system_prompt": prompt,
+                "options": options and json.loads(options)}, \
+            why and f"{why} (its system_prompt or options)"
     if kind == "finish":
         return (value, None) if isinstance(value, str) and value in FINISH_REASONS else \
             (None, "is not a finish reason: " + ", ".join(sorted(FINISH_REASONS)))
@@ -8805,7 +9160,9 @@ def api_get_conversation(engine, req):
     conversation.pop("title_pending")
     messages, summary = engine.store.messages(conversation["id"], branches == "all")
     return {"conversation": conversation, "messages": messages, "stats": summary,
-            "effective": effective_settings(engine.settings, conversation)}
+            "effective": effective_settings(
+                engine.settings, conversation,
+                engine.store.projects.get(conversation["project_id"]))}
 
 
 def api_update_conversation(engine, req):
@@ -8830,6 +9187,33 @@ def api_delete_conversation(engine, req):
         raise not_found("conversation", conversation_id)
     engine.cancel(not_found("conversation", conversation_id), conversation_id)
     engine.purge_soon()
+    return {}
+
+
+def api_projects(engine, req):
+    return {"projects": engine.store.projects.all()}
+
+
+def api_create_project(engine, req):
+    fields = check_project(req.json(), creating=True)
+    return Created(project_id=engine.store.projects.create(**fields))
+
+
+def api_update_project(engine, req):
+    project_id = path_id(req, "project")
+    body = req.json()
+    if not body:
+        raise validation_error("name", "Send a name, a system_prompt or options")
+    changed = engine.store.projects.update(project_id, **check_project(body, creating=False))
+    if changed is None:
+        raise not_found("project", project_id)
+    return changed
+
+
+def api_delete_project(engine, req):
+    project_id = path_id(req, "project")
+    if not engine.store.projects.delete(project_id):
+        raise not_found("project", project_id)
     return {}
 
 
@@ -9003,10 +9387,11 @@ def api_search(engine, req):
     if len(q) > 1000:
         raise validation_error("q", "Query parameter q is longer than 1000 characters")
     limit = query_int(req, "limit", SEARCH_LIMIT_DEFAULT, 1, SEARCH_LIMIT_MAX)
+    project = query_int(req, "project", None, 1)
     building = engine.store.index.unbuilt()
     if building:
         raise search_starting(building)
-    results = engine.store.search(q, limit)
+    results = engine.store.search(q, limit, project)
     return {"results": results, "query": q, "count": len(results)}
 
 
@@ -9049,8 +9434,35 @@ def api_export_conversation(engine, req):
                                   "application/json"), as_they_came, whole=True)
 
 
+DATASET_ARGS = ("q", "model", "since", "until", "project")
+
+
+def dataset_filter(engine, req):
+    """The narrowing of a dataset a request's query gives (DatasetFilter)."""
+    q, model = req.arg("q"), req.arg("model")
+    for name, value, most in (("q", q, 1000), ("model", model, LIMITS["model"])):
+        if value is not None and len(value) > most:
+            raise validation_error(name, f"Query parameter {name} is longer than {most} "
+                                   "characters")
+    if q is not None:
+        building = engine.store.index.unbuilt()
+        if building:
+            raise search_starting(building)
+    return DatasetFilter(q or None, model or None, query_day(req, "since"),
+                         query_day(req, "until"), query_int(req, "project", None, 1))
+
+
 def api_export(engine, req):
-    form = export_format(req, ("json", "jsonl"))
+    form = export_format(req, ("json", "jsonl", *DATASET_FORMATS))
+    if form in DATASET_FORMATS:
+        return EventStream(
+            dataset(engine.store.db, engine.store.index, form, dataset_filter(engine, req)),
+            lambda: None, attachment(f"llama-chat-{form}-{now_iso()[:10]}.jsonl",
+                                     "application/x-ndjson"), as_they_came, whole=True)
+    narrowed = [name for name in DATASET_ARGS if req.arg(name)]
+    if narrowed:
+        raise validation_error(narrowed[0], f"Query parameter {narrowed[0]} narrows the "
+                               f"datasets ({', '.join(DATASET_FORMATS)}), not format={form}")
     kind = "application/json" if form == "json" else "application/x-ndjson"
     return EventStream(export_all(engine.store.db, form), lambda: None,
                        attachment(f"llama-chat-{now_iso()[:10]}.{form}", kind), as_they_came,
@@ -9159,22 +9571,6 @@ api_download.copies_history = True      # and never for another origin
 
 LEDGER_GROUPS = {"model": ("model",), "day": ("day",), "model,day": ("model", "day"),
                  "day,model": ("model", "day")}
-ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d\Z", re.ASCII)
-
-
-def query_day(req, name):
-    raw = req.arg(name)
-    try:
-        if raw and ISO_DAY.match(raw) and datetime.strptime(raw, "%Y-%m-%d"):
-            return raw
-    except ValueError:                    # 2026-02-30
-        pass
-    if raw:
-        raise validation_error(name, f"Query parameter {name} must be an ISO date, as "
-                               "2026-12-02 (the ledger counts by day, in UTC)")
-    return None
-
-
 def api_ledger(engine, req):
     group = req.arg("group") or "model"
     if group not in LEDGER_GROUPS:
@@ -9370,6 +9766,10 @@ ROUTES = [
     ("DELETE", r"/api/conversations/(?P<id>[^/]+)", api_delete_conversation),
     ("POST", r"/api/conversations/delete", api_delete_conversations),
     ("POST", r"/api/conversations/(?P<id>[^/]+)/fork", api_fork),
+    ("GET", r"/api/projects", api_projects),
+    ("POST", r"/api/projects", api_create_project),
+    ("PUT", r"/api/projects/(?P<id>[^/]+)", api_update_project),
+    ("DELETE", r"/api/projects/(?P<id>[^/]+)", api_delete_project),
     ("PUT", r"/api/messages/(?P<id>[^/]+)", api_edit_message),
     ("DELETE", r"/api/messages/(?P<id>[^/]+)", api_delete_message),
     ("POST", r"/api/chat", api_chat),
@@ -10020,13 +10420,32 @@ def command_search(settings, args):
 @command("export", "export conversations",
          "Export every conversation (or one) to a file or to standard output.",
          argument("--conversation", type=int, metavar="ID", help="only this one"),
-         argument("--format", choices=("json", "jsonl", "md"), default="json",
-                  help="json (default), jsonl (everything), md (one conversation)"),
+         argument("--format", choices=("json", "jsonl", "md", *DATASET_FORMATS),
+                  default="json", help="json (default), jsonl (everything), md (one "
+                  "conversation), preference or sft (datasets from the trees, JSONL)"),
+         argument("-q", metavar="TEXT", help="a dataset: conversations that match this search"),
+         argument("--model", help="a dataset: replies of this model"),
+         argument("--since", metavar="DAY", help="a dataset: replies from this day (ISO, UTC)"),
+         argument("--until", metavar="DAY", help="a dataset: replies up to this day"),
+         argument("--project", type=int, metavar="ID",
+                  help="a dataset: conversations of this project"),
          argument("-o", "--output", metavar="FILE", help="write here (default: stdout)"))
 def command_export(settings, args):
     store = history_store(settings)
     if args.format == "md" and args.conversation is None:
         raise CommandError("--format md exports one conversation: give --conversation ID")
+    narrowing = {name: getattr(args, name) for name in DATASET_ARGS}
+    if args.format in DATASET_FORMATS:
+        for name in ("since", "until"):
+            if narrowing[name] is not None and not ISO_DAY.match(narrowing[name]):
+                raise CommandError(f"--{name} must be an ISO day, as 2026-12-02")
+        with output_to(args) as out:
+            for line in dataset(store.db, store.index, args.format, DatasetFilter(**narrowing)):
+                out.write(line)
+        return
+    if any(v is not None for v in narrowing.values()):
+        raise CommandError("-q, --model, --since, --until and --project narrow the datasets "
+                           f"(--format {' or '.join(DATASET_FORMATS)})")
     with output_to(args) as out:
         if args.conversation is None:
             for piece in export_all(store.db, args.format):

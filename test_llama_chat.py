@@ -749,7 +749,9 @@ SCHEMA = {
         "id": "INTEGER", "title": "TEXT", "model": "TEXT", "created_at": "TIMESTAMP",
         "updated_at": "TIMESTAMP", "current_message_id": "INTEGER", "system_prompt": "TEXT",
         "options": "TEXT", "pinned": "INTEGER", "title_pending": "INTEGER", "source": "TEXT",
-        "source_id": "TEXT", "client": "TEXT", "uuid": "TEXT"},
+        "source_id": "TEXT", "client": "TEXT", "uuid": "TEXT", "project_id": "INTEGER"},
+    "projects": {"id": "INTEGER", "name": "TEXT", "system_prompt": "TEXT", "options": "TEXT",
+                 "created_at": "TEXT", "updated_at": "TEXT"},
     "messages": {
         "id": "INTEGER", "conversation_id": "INTEGER", "role": "TEXT", "content": "TEXT",
         "model": "TEXT", "timestamp": "TIMESTAMP", "response_time_ms": "INTEGER",
@@ -2226,7 +2228,7 @@ def test_list_conversations_newest_activity_first(client):
     assert [x["id"] for x in body["conversations"]] == [b, a, c]
     first = body["conversations"][0]
     assert set(first) == {"id", "title", "model", "created_at", "updated_at", "system_prompt",
-                          "options", "pinned", "source"}
+                          "options", "pinned", "source", "project_id"}
     assert ISO.match(first["created_at"]) and ISO.match(first["updated_at"])
 
 
@@ -3853,7 +3855,7 @@ def test_recall_is_a_setting_of_the_chat_the_conversation_and_config(client, stu
     assert effective == {"value": True, "from": "conversation"}
     for wrong in ("yes", 1):
         status, _, body = client.chat(cid, "q", recall=wrong)
-        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "recall.recall")
+        assert (status, body["code"], body["field"]) == (400, "VALIDATION_ERROR", "recall")
     status, _, body = client.chat(cid, "q", options={"recall": "on"})
     assert (status, body["field"]) == (400, "options.recall")
     assert "recall" not in stub.requests[-1]["body"]                   # never sent on
@@ -3918,6 +3920,210 @@ def test_recall_words_leave_out_stop_words_and_keep_other_scripts():
     assert query.words == ["name", "sister", "cat", "火", "山", "κνωσος"]
     assert query.match == '"name" OR "sister" OR "cat" OR "火" OR "山" OR "κνωσος"'
     assert llama_chat.recall_query("what is it?").match is None
+
+
+###############################################################################
+# Projects
+###############################################################################
+
+def new_project(client, name="Work", **fields):
+    status, _, body = client.post("/api/projects", {"name": name, **fields})
+    assert status == 201 and body["success"] is True, body
+    return body["project_id"]
+
+
+def test_projects_are_made_listed_changed_and_deleted(client):
+    pid = new_project(client, "Work", system_prompt="Be terse.", options={"top_k": 3})
+    other = new_project(client, "Ärger 火山")
+    cid = client.post("/api/conversations", {"model": MODEL, "project_id": pid})[2][
+        "conversation_id"]
+    listed = client.get("/api/projects")[2]["projects"]
+    assert [(p["id"], p["name"], p["conversations"]) for p in listed] == [
+        (pid, "Work", 1), (other, "Ärger 火山", 0)]
+    assert listed[0]["system_prompt"] == "Be terse." and listed[0]["options"] == {"top_k": 3}
+    assert client.put(f"/api/projects/{pid}", {"name": " Jobs ", "options": None})[2] == {
+        "success": True, "name": "Jobs", "options": None}
+    assert [p["name"] for p in client.get("/api/projects")[2]["projects"]] == ["Jobs",
+                                                                                "Ärger 火山"]
+    status, _, body = client.put(f"/api/projects/{other}", {"name": "Jobs"})
+    assert (status, body["code"], body["field"]) == (409, "NAME_TAKEN", "name")
+    status, _, body = client.post("/api/projects", {"name": "Jobs"})
+    assert (status, body["code"]) == (409, "NAME_TAKEN")
+    assert client.delete(f"/api/projects/{pid}")[0] == 200
+    assert client.delete(f"/api/projects/{pid}")[2]["code"] == "NOT_FOUND"
+    assert conversation(client, cid)["conversation"]["project_id"] is None   # kept, in none
+    assert client.put("/api/projects/999", {"name": "x"})[0] == 404
+
+
+@pytest.mark.parametrize("body, field", [
+    ({}, "name"), ({"name": "  "}, "name"), ({"name": 3}, "name"), ({"name": "x" * 501}, "name"),
+    ({"name": "p", "options": {"top_k": 0.5}}, "options.top_k"),
+    ({"name": "p", "system_prompt": 1}, "system_prompt"), ({"name": "p", "pinned": True}, "pinned"),
+])
+def test_a_project_s_fields_are_checked(client, body, field):
+    status, _, answer = client.post("/api/projects", body)
+    assert (status, answer["code"], answer["field"]) == (400, "VALIDATION_ERROR", field)
+    assert client.get("/api/projects")[2]["projects"] == []
+
+
+def test_a_conversation_moves_between_projects_and_out(client):
+    a, b = new_project(client, "A"), new_project(client, "B")
+    cid = client.new_conversation()
+    assert client.put(f"/api/conversations/{cid}", {"project_id": a})[2]["project_id"] == a
+    assert conversation(client, cid)["conversation"]["project_id"] == a
+    client.put(f"/api/conversations/{cid}", {"project_id": b})
+    assert [c["project_id"] for c in client.get("/api/conversations")[2]["conversations"]] == [b]
+    client.put(f"/api/conversations/{cid}", {"project_id": None})
+    assert conversation(client, cid)["conversation"]["project_id"] is None
+    for wrong, status in ((999, 404), ("1", 400), (True, 400)):
+        assert client.put(f"/api/conversations/{cid}", {"project_id": wrong})[0] == status
+        assert client.post("/api/conversations", {"model": MODEL, "project_id": wrong})[0] \
+            == status
+    assert conversation(client, cid)["conversation"]["project_id"] is None
+    assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
+
+
+def test_settings_come_from_the_chat_the_conversation_the_project_then_config(client, stub):
+    pid = new_project(client, system_prompt="Project voice.",
+                      options={"temperature": 0.4, "top_k": 4, "top_p": 0.4})
+    cid = client.post("/api/conversations", {"model": MODEL, "project_id": pid,
+                                              "options": {"top_k": 9}})[2]["conversation_id"]
+    client.chat(cid, "hi", options={"top_p": 0.2})
+    sent_body = stub.requests[-1]["body"]
+    assert (sent_body["top_p"], sent_body["top_k"], sent_body["temperature"],
+            sent_body["min_p"]) == (0.2, 9, 0.4, client.engine.settings.model_options["min_p"])
+    assert sent_body["messages"][0] == {"role": "system", "content": "Project voice."}
+    effective = conversation(client, cid)["effective"]
+    assert effective["system_prompt"] == {"value": "Project voice.", "from": "project"}
+    assert {n: effective["options"][n]["from"] for n in ("top_k", "temperature", "min_p")} == {
+        "top_k": "conversation", "temperature": "project", "min_p": "config"}
+    prompt = client.get(f"/api/conversations/{cid}/prompt")[2]
+    assert prompt["messages"][0]["content"] == "Project voice." and prompt["options"][
+        "temperature"] == 0.4
+    client.put(f"/api/conversations/{cid}", {"system_prompt": "Own voice."})
+    client.chat(cid, "again")
+    assert stub.requests[-1]["body"]["messages"][0]["content"] == "Own voice."
+    client.put(f"/api/conversations/{cid}", {"project_id": None})      # out of it: config's
+    client.chat(cid, "more")
+    assert stub.requests[-1]["body"]["temperature"] == client.engine.settings.model_options[
+        "temperature"]
+
+
+def test_v1_into_a_project_s_conversation_takes_what_the_request_leaves_out(client, stub,
+                                                                             openai):
+    pid = new_project(client, system_prompt="Project voice.", options={"temperature": 0.4,
+                                                                       "top_k": 4})
+    cid = client.post("/api/conversations", {"model": MODEL, "project_id": pid})[2][
+        "conversation_id"]
+    openai.create([user("hi")], top_k=8, headers={"X-Conversation-Id": str(cid)})
+    sent_body = json.loads(stub.requests[-1]["raw"])
+    assert sent_body["messages"] == [{"role": "system", "content": "Project voice."}, user("hi")]
+    assert (sent_body["top_k"], sent_body["temperature"]) == (8, 0.4)        # the request's first
+    openai.create([{"role": "system", "content": "Mine."}, user("hi")],
+                  headers={"X-Conversation-Id": str(cid)})
+    assert json.loads(stub.requests[-1]["raw"])["messages"][0]["content"] == "Mine."
+    other = client.new_conversation()                                       # in no project
+    openai.create([user("plain")], headers={"X-Conversation-Id": str(other)})
+    assert json.loads(stub.requests[-1]["raw"]) == {"model": "gpt-4o-mini",
+                                                    "messages": [user("plain")]}
+
+
+def test_search_can_be_narrowed_to_a_project(client):
+    pid = new_project(client)
+    inside = client.post("/api/conversations", {"model": MODEL, "project_id": pid})[2][
+        "conversation_id"]
+    outside = client.new_conversation()
+    for cid in (inside, outside):
+        client.engine.store.add_message(cid, "user", "the quarterly harbour report")
+    everywhere = client.get("/api/search?q=harbour")[2]["results"]
+    assert sorted(r["conversation_id"] for r in everywhere) == sorted([inside, outside])
+    narrowed = client.get(f"/api/search?q=harbour&project={pid}")[2]["results"]
+    assert [r["conversation_id"] for r in narrowed] == [inside]
+    assert client.get("/api/search?q=harbour&project=999")[2]["results"] == []
+    assert client.get("/api/search?q=harbour&project=x")[2]["field"] == "project"
+
+
+def test_search_without_fts5_is_narrowed_to_a_project_too(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "like.db"), use_fts=False)
+    pid = store.projects.create("P")
+    inside = store.create_conversation("in", MODEL, project_id=pid)
+    outside = store.create_conversation("out", MODEL)
+    for cid in (inside, outside):
+        store.add_message(cid, "user", "harbour report")
+    assert [r["conversation_id"] for r in store.search("harbour", 5, pid)] == [inside]
+    assert len(store.search("harbour", 5)) == 2
+    store.close()
+
+
+def test_projects_are_exported_with_their_conversations_and_imported_by_name(client, tmp_path):
+    pid = new_project(client, "Research", system_prompt="Cite.", options={"top_k": 2})
+    cid = client.post("/api/conversations", {"title": "in it", "model": MODEL,
+                                              "project_id": pid})[2]["conversation_id"]
+    client.chat(cid, "hello")
+    loose = client.new_conversation("loose")
+    client.chat(loose, "hello")
+    exported = client.get("/api/export?format=jsonl")[2]
+    lines = [json.loads(line) for line in exported.splitlines()]
+    assert lines[0]["conversation"]["project"] == {"name": "Research", "system_prompt": "Cite.",
+                                                   "options": {"top_k": 2}}
+    assert "project" not in lines[1]["conversation"] and lines[1]["conversation"]["id"] == loose
+    store = llama_chat.Store(str(tmp_path / "other.db"))
+    kept = store.projects.create("Research", "Other words.")         # found by name, kept
+    path = tmp_path / "export.jsonl"
+    path.write_bytes(exported)
+    with open(path, "rb") as f:
+        llama_chat.import_file(store, f, company="none")
+    assert [(p["name"], p["system_prompt"], p["conversations"]) for p in store.projects.all()] \
+        == [("Research", "Other words.", 1)]
+    titled = {c["title"]: c["project_id"] for c in json.loads(store.list_conversations())}
+    assert titled == {"in it": kept, "loose": None}
+    fresh = llama_chat.Store(str(tmp_path / "fresh.db"))           # made where there is none
+    with open(path, "rb") as f:
+        llama_chat.import_file(fresh, f, company="none")
+    assert [(p["name"], p["system_prompt"], p["options"]) for p in fresh.projects.all()] == [
+        ("Research", "Cite.", {"top_k": 2})]
+    store.close()
+    fresh.close()
+
+
+def test_an_imported_project_without_a_name_is_left_out_and_said(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "p.db"))
+    item = {"conversation": {"title": "t", "project": {"system_prompt": "x"}},
+            "messages": [{"id": 1, "role": "user", "content": "q"}]}
+    path = tmp_path / "f.jsonl"
+    path.write_text(json.dumps(item) + "\n")
+    with open(path, "rb") as f:
+        counts = llama_chat.import_file(store, f, company="none")
+    assert store.projects.all() == []
+    assert json.loads(store.list_conversations())[0]["project_id"] is None
+    assert "project has no name" in json.dumps(counts)
+    store.close()
+
+
+def test_project_changes_are_told_to_every_page(client):
+    with listening(client) as heard:
+        pid = new_project(client)
+        cid = client.new_conversation()
+        client.put(f"/api/conversations/{cid}", {"project_id": pid})
+        client.put(f"/api/projects/{pid}", {"name": "Renamed"})
+        client.delete(f"/api/projects/{pid}")
+        heard_of(heard, {"type": "project", "action": "deleted", "id": pid})
+    assert {"type": "project", "action": "created", "id": pid} in heard
+    assert {"type": "project", "action": "updated", "id": pid} in heard
+    assert heard.count({"type": "conversation", "action": "updated", "id": cid}) == 2  # in, out
+
+
+def test_a_schema_12_database_gains_projects(tmp_path):
+    path = str(tmp_path / "v12.db")
+
+    def fill(c):
+        c.execute("INSERT INTO conversations (title, model) VALUES ('kept', 'm')")
+    store = migrated(path, fill, 12)
+    assert json.loads(store.list_conversations())[0]["project_id"] is None
+    pid = store.projects.create("P")
+    assert store.update_conversation(1, project_id=pid) == {"project_id": pid}
+    assert store.projects.all()[0]["conversations"] == 1
+    store.close()
 
 
 ###############################################################################
@@ -6213,6 +6419,104 @@ def test_one_conversation_exports_as_json_and_as_markdown(client, stub):
     assert "Machine learning lets" not in text           # the other branch's reply
     assert client.get(f"/api/conversations/{cid}/export?format=pdf")[0] == 400
     assert client.get("/api/conversations/999/export")[0] == 404
+
+
+def a_tree_to_learn_from(client, stub):
+    """A conversation in a project with a reply regenerated (the first one
+    shown again) and a question edited (asked again beside the first) and its
+    reply regenerated; a second one of another model. (project id, the
+    first conversation's id)"""
+    pid = new_project(client, "Tuning", system_prompt="Be brief.")
+    cid = client.post("/api/conversations", {"title": "t", "model": MODEL,
+                                              "project_id": pid})[2]["conversation_id"]
+    stub.reply = "A1"
+    first = client.chat(cid, "q1")[2]
+    stub.reply = "A1b"
+    regenerate(client, cid, first["user_message_id"])
+    client.put(f"/api/conversations/{cid}", {"current_message_id": first["message_id"]})
+    stub.reply = "B"
+    client.chat(cid, "q2")
+    stub.reply = "C"
+    edited = client.chat(cid, "q2 edited", parent_id=first["message_id"])[2]
+    stub.reply = "C2"
+    regenerate(client, cid, edited["user_message_id"])
+    other = client.new_conversation("other")
+    stub.reply = "R1"
+    asked = client.chat(other, "why", model="other.gguf")[2]
+    stub.reply = "R2"
+    regenerate(client, other, asked["user_message_id"], model="other.gguf")
+    return pid, cid
+
+
+def jsonl_get(client, path):
+    """(status, headers, the lines of JSONL) of a GET."""
+    conn = http.client.HTTPConnection("127.0.0.1", client.port, timeout=30)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    raw = resp.read()
+    conn.close()
+    return resp.status, resp.headers, [json.loads(line) for line in raw.decode().splitlines()]
+
+
+def test_preference_and_sft_datasets_come_from_the_shown_branches(client, stub):
+    a_tree_to_learn_from(client, stub)
+    status, headers, lines = jsonl_get(client, "/api/export?format=preference")
+    assert status == 200 and headers["Content-Type"] == "application/x-ndjson"
+    system, q1, a1 = ({"role": "system", "content": "Be brief."}, user("q1"), assistant("A1"))
+    assert lines == [
+        {"prompt": [system, q1], "chosen": a1, "rejected": [assistant("A1b")]},
+        {"prompt": [system, q1, a1, user("q2 edited")], "chosen": assistant("C2"),
+         "rejected": [assistant("C")]},
+        {"prompt": [user("why")], "chosen": assistant("R2"),
+         "rejected": [assistant("R1")]}]
+    assert jsonl_get(client, "/api/export?format=sft")[2] == [
+        {"messages": [system, q1, a1, user("q2 edited"), assistant("C2")]},
+        {"messages": [user("why"), assistant("R2")]}]
+
+
+def test_datasets_are_narrowed_by_search_model_days_and_project(client, stub):
+    pid, _ = a_tree_to_learn_from(client, stub)
+    today = llama_chat.now_iso()[:10]
+
+    def chosen(query, form="preference"):
+        status, _, lines = jsonl_get(client, f"/api/export?format={form}&{query}")
+        assert status == 200, lines
+        return [line["chosen"]["content"] if form == "preference" else
+                line["messages"][-1]["content"] for line in lines]
+    assert chosen(f"project={pid}") == ["A1", "C2"]
+    assert chosen("model=other.gguf") == ["R2"] and chosen("model=nothing") == []
+    assert chosen("q=edited") == ["A1", "C2"] and chosen("q=edited", "sft") == ["C2"]
+    assert chosen(f"since={today}&until={today}") == ["A1", "C2", "R2"]
+    assert chosen("since=2999-01-01") == [] and chosen("until=2000-01-01", "sft") == []
+    for query, field in (("q=x", "q"), ("project=1", "project")):
+        status, _, body = client.get(f"/api/export?format=jsonl&{query}")
+        assert (status, body["field"]) == (400, field)            # they narrow datasets only
+    for query, field in (("since=2026-02-30", "since"), ("project=0", "project"),
+                         ("format=csv", "format"), ("q=" + "x" * 1001, "q")):
+        status, _, body = client.get(f"/api/export?format=sft&{query}")
+        assert (status, body["field"]) == (400, field)
+
+
+def test_a_reply_being_made_is_no_part_of_a_dataset(client, stub):
+    cid = client.new_conversation()
+    first = client.chat(cid, "q")[2]
+    regenerate(client, cid, first["user_message_id"])
+    with client.engine.store.db.write() as c:
+        c.execute("UPDATE messages SET generating = 'x' WHERE id = ?", (first["message_id"],))
+    assert jsonl_get(client, "/api/export?format=preference")[2] == []
+
+
+def test_the_command_line_exports_datasets(client, stub):
+    pid, _ = a_tree_to_learn_from(client, stub)
+    db = client.engine.store.db.path
+    out = cli("export", "--format", "preference", "--project", str(pid), db=db, check=0).stdout
+    assert [json.loads(line)["chosen"]["content"] for line in out.splitlines()] == ["A1", "C2"]
+    out = cli("export", "--format", "sft", "-q", "why", "--since", "2000-01-01", db=db,
+              check=0).stdout
+    assert [json.loads(line)["messages"][-1]["content"] for line in out.splitlines()] == ["R2"]
+    assert "narrow the datasets" in cli("export", "--model", "m", db=db, check=1).stderr
+    assert "ISO day" in cli("export", "--format", "sft", "--until", "May", db=db,
+                            check=1).stderr
 
 
 # llama.cpp's web UI (tools/ui): conversations and messages as its IndexedDB
