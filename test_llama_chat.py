@@ -6500,10 +6500,13 @@ def test_datasets_are_narrowed_by_search_model_days_and_project(client, stub):
 def test_a_reply_being_made_is_no_part_of_a_dataset(client, stub):
     cid = client.new_conversation()
     first = client.chat(cid, "q")[2]
-    regenerate(client, cid, first["user_message_id"])
-    with client.engine.store.db.write() as c:
-        c.execute("UPDATE messages SET generating = 'x' WHERE id = ?", (first["message_id"],))
-    assert jsonl_get(client, "/api/export?format=preference")[2] == []
+    shown = regenerate(client, cid, first["user_message_id"])[2]
+    for being_made in (first["message_id"], shown["message_id"]):     # a sibling; the shown one
+        with client.engine.store.db.write() as c:
+            c.execute("UPDATE messages SET generating = NULL")
+            c.execute("UPDATE messages SET generating = 'x' WHERE id = ?", (being_made,))
+        assert jsonl_get(client, "/api/export?format=preference")[2] == []
+    assert jsonl_get(client, "/api/export?format=sft")[2] == []          # no reply left
 
 
 def test_the_command_line_exports_datasets(client, stub):
@@ -8767,6 +8770,15 @@ def test_log_lines_cannot_be_forged(client, caplog):
 # Docs and the module's layout
 ###############################################################################
 
+def test_readme_s_curl_bodies_are_sent_as_json():
+    """The API refuses a body that is not sent as application/json (415): a
+    README example that sends one without saying so would fail as written."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        lines = [line for line in f if line.startswith("curl ") and " -d " in line]
+    assert lines and all("Content-Type: application/json" in line for line in lines), [
+        line for line in lines if "Content-Type: application/json" not in line]
+
+
 def test_readme_names_every_route():
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
@@ -9111,7 +9123,7 @@ def test_page_links_keep_their_parentheses_and_headings_stay_large(page, client,
     assert found["links"] == ["https://en.wikipedia.org/wiki/Foo_(bar)",
                               "https://en.wikipedia.org/wiki/Baz_(qux)"]
     assert "here (/api/conversations)" in found["text"]
-    assert found["bigger"] and found["icons"] == [True, True, True]      # pin, rename, delete
+    assert found["bigger"] and found["icons"] == [True] * 4     # pin, move, rename, delete
 
 
 @needs_chromium
@@ -9801,6 +9813,73 @@ def test_page_pins_a_conversation_into_the_pinned_group(page, client):
                     "return l.length === 5 && l.map(e => e.classList.contains('group') ? "
                     "'[' + e.textContent + ']' : e.querySelector('.title').textContent)")
     assert listed == ["[Pinned]", "Keep at hand", "[Recent]", "Newer one", "Keep at hand"]
+
+
+@needs_chromium
+def test_page_groups_conversations_by_project_and_moves_and_starts_them(page, client, stub):
+    pid = new_project(client, "Thesis", system_prompt="Answer as a historian.")
+    inside = client.post("/api/conversations", {"title": "Archive notes", "model": MODEL,
+                                                 "project_id": pid})[2]["conversation_id"]
+    loose = client.new_conversation("Loose one")
+    b = page("/")
+    listed = ("const l = [...document.querySelectorAll('#conv-list > li')];"
+              "return l.map(e => e.classList.contains('group') ? '[' + (e.querySelector('.fold') "
+              "|| e).textContent + ']' : e.querySelector('.title').textContent).join('|')")
+    assert b.wait(listed + " || ''") == "[Thesis · 1]|Archive notes|[Recent]|Loose one"
+    b.click("#conv-list li.project button[data-paction='fold']")          # folds, and stays
+    b.wait("return !document.querySelector('#conv-list li[data-id] .title')"
+           "  || document.querySelectorAll('#conv-list li.conv').length === 1")
+    assert b.js(listed) == "[Thesis · 1]|[Recent]|Loose one"
+    b.click("#conv-list li.project button[data-paction='fold']")
+    b.hover(f"#conv-list li[data-id='{loose}']")                          # moved by its menu
+    b.click(f"#conv-list li[data-id='{loose}'] button[data-action='move']")
+    b.js("const s = document.querySelector('#conv-list select');"
+         f"s.value = '{pid}'; s.dispatchEvent(new Event('change'));")
+    b.wait("return document.querySelector('#conv-list .fold').textContent.endsWith('· 2')")
+    assert conversation(client, loose)["conversation"]["project_id"] == pid
+    b.click("#conv-list li.project button[data-paction='new']")           # a chat in it
+    b.wait("return document.querySelector('#title .in-project')")
+    b.type("#input", "Where are the 1848 letters?\ue007")
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    made = json.loads(client.engine.store.list_conversations())[0]
+    assert made["project_id"] == pid
+    assert stub.requests[-1]["body"]["messages"][0]["content"] == "Answer as a historian."
+    b.click("#settings-toggle")                     # the project's prompt, shown as inherited
+    assert b.wait("const t = document.querySelector('#set-system');"
+                  "return t && [t.placeholder, t.parentNode.querySelector('.from').textContent]"
+                  ) == ["Answer as a historian.", "project"]
+    client.engine.store.add_message(loose, "user", "the harbour ledger")
+    other = client.new_conversation("Elsewhere")
+    client.engine.store.add_message(other, "user", "the harbour ledger too")
+    b.wait("return !document.querySelector('#search-in').classList.contains('hidden')")
+    b.js(f"document.querySelector('#search-in').value = '{pid}'")      # search in the project
+    b.type("#search", "harbour")
+    found = b.wait("const r = [...document.querySelectorAll('#search-results .result')];"
+                   "return r.length && r.map(e => e.querySelector('.where').textContent)")
+    assert found == ["Loose one · user"]
+
+
+@needs_chromium
+def test_page_makes_and_edits_a_project(page, client):
+    b = page("/")
+    b.click("#new-project")
+    b.type(".project-form input", "Garden")
+    b.type(".project-form textarea", "You know plants.")
+    b.click(".project-form button.primary")
+    b.wait("return document.querySelector('#conv-list li.project')")
+    assert [(p["name"], p["system_prompt"]) for p in client.get("/api/projects")[2][
+        "projects"]] == [("Garden", "You know plants.")]
+    b.click("#conv-list li.project button[data-paction='edit']")
+    b.js("document.querySelector('.project-form input').value = ''")
+    b.type(".project-form input", "Kitchen garden")
+    b.click(".project-form button.primary")
+    b.wait("return document.querySelector('#conv-list .fold') && document.querySelector("
+           "'#conv-list .fold').textContent.startsWith('Kitchen garden')")
+    b.click("#conv-list li.project button[data-paction='edit']")
+    b.click(".project-form button.danger")
+    b.click(".project-form button.danger")                             # asked twice
+    b.wait("return !document.querySelector('#conv-list li.project')")
+    assert client.get("/api/projects")[2]["projects"] == []
 
 
 @needs_chromium
