@@ -20,13 +20,15 @@ The sections, in order; each uses only what stands above it:
                       command registry
   Storage             the database file (one connection a thread, locks,
                       backups), schema and migrations, the search index,
-                      conversation trees, Store (the one door to the
-                      history), the ledger of every reply's speed
+                      conversation trees, projects, Store (the one door to
+                      the history), the ledger of every reply's speed,
+                      export and import, datasets from the trees
   llama.cpp client    Upstream: connections, props, tokens, templates
   llama-server        found on its usual ports, or started and kept running
   Engine              the replies being made and their turns, titles, the
                       upkeep, start-up and shutdown: what every adapter shares
-  Chat                a conversation's settings, its context by tokens, the
+  Chat                a conversation's settings, its context by tokens,
+                      recall and mentions (sources), the next prompt, the
                       reply asked of llama.cpp and relayed
   Generations         replies the server owns: made whoever follows them,
                       followed by any number of clients
@@ -3898,12 +3900,23 @@ class Store:
                 "last": last}
 
     # Conversations
-    def list_conversations(self, limit=None, offset=0, pinned=None):
-        where = "" if pinned is None else f"WHERE pinned = {int(pinned)}"
+    def list_conversations(self, limit=None, offset=0, pinned=None, titled=None, project=None):
+        """Conversations, newest activity first, as JSON: pinned or not,
+        with `titled` in their title (ASCII letters of any case), in project
+        `project`, if given."""
+        where, params = ["1"], []
+        if pinned is not None:
+            where.append(f"pinned = {int(pinned)}")
+        if titled:
+            where.append("title LIKE ? ESCAPE '\\'")
+            params.append("%" + re.sub(r"([\\%_])", r"\\\1", titled) + "%")
+        if project is not None:
+            where.append("project_id = ?")
+            params.append(project)
         return self.db.json_rows(
-            CONVERSATION_COLUMNS, f"""SELECT {CONVERSATION_SELECT} FROM conversations {where}
-               ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
-            (-1 if limit is None else limit, offset))[0]
+            CONVERSATION_COLUMNS, f"""SELECT {CONVERSATION_SELECT} FROM conversations
+               WHERE {' AND '.join(where)} ORDER BY updated_at DESC, id DESC LIMIT ? OFFSET ?""",
+            (*params, -1 if limit is None else limit, offset))[0]
 
     def get_conversation(self, conversation_id):
         found = one(self.db.conn().execute(
@@ -6334,44 +6347,6 @@ def fit_context(engine, turn, branch_length):
                     "messages_left_out": branch_length - len(turn.history)}
 
 
-def next_prompt(engine, conversation, question=None, model=None):
-    """What the conversation's next chat would send llama.cpp (with
-    `question` as its new message, if given), chosen as a chat chooses it:
-    the messages and options, the model, what was left out, and, where
-    llama-server can say, their tokens, the model's context and the
-    templated text."""
-    system_prompt, asked = reply_settings(
-        engine.settings, conversation,
-        project=engine.store.projects.get(conversation.get("project_id")))
-    options = check_model_options(asked, "options")
-    leaf = conversation.get("current_message_id")
-    total = engine.store.tree.depth(leaf) if leaf is not None else 0
-    kept = stepped_window(total, engine.settings.performance["context_history_limit"])
-    history = engine.store.tree.path(leaf, kept) if leaf is not None and kept else []
-    attached = engine.store.attached([m["id"] for m in history if m["role"] == "user"])
-    for m in history:
-        m["attachments"] = attached.get(m["id"], [])
-    if question is not None:
-        history = history + [{"id": None, "role": "user", "content": question,
-                              "token_count": None}]
-        total += 1
-    model = model or conversation.get("model") or None
-    turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
-                                 options=options, own_messages=1 if question else 0,
-                                 context=None)
-    fit_context(engine, turn, total)
-    left_out, upstream = [], engine.upstream_for(model)
-    messages = context_messages(system_prompt, turn.history, upstream.takes(model),
-                                left_out)
-    body = {"messages": messages, **options, **({"model": model} if model else {})}
-    sent = len(messages) - (1 if system_prompt else 0)
-    return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
-            "messages_left_out": total - sent, "attachments_left_out": left_out,
-            "prompt_tokens": upstream.input_tokens(body),
-            "n_ctx": upstream.context_of(model), "connection": upstream.name,
-            "prompt": upstream.templated(messages, model)}
-
-
 ###############################################################################
 # Recall: the rest of the history as numbered sources for a reply
 ###############################################################################
@@ -6400,6 +6375,7 @@ whom why will with would you your yours tell know remember said say""".split())
 RECALL_INSTRUCTION = (
     "Passages from the user's earlier conversations follow, numbered. Where one helps to "
     "answer, use it and cite it as [1], [2] and so on; leave out those that do not help.")
+MENTIONED = " (a conversation the user mentions)"    # after its title, for a mention's source
 SENTENCE_END = re.compile(r"[.!?。！？]\s+|\n\s*")
 
 
@@ -6435,12 +6411,12 @@ def passage(content, spans, size):
     return ("…" if start else "") + content[start:end].strip() + "…"
 
 
-def recalled(engine, model, question, branch, system_prompt):
-    """(sources, system prompt with them) for a reply to `question` whose
-    branch holds the ids `branch`; ([], system_prompt) when nothing matches."""
+def recalled(engine, model, question, branch, after=0):
+    """The sources for a reply to `question` whose branch holds the ids
+    `branch`, numbered from after + 1; [] when nothing matches."""
     query = recall_query(question)
     if query.match is None:
-        return [], system_prompt
+        return []
     n_ctx = engine.upstream_for(model or None).context_of(model or None) or RECALL_CONTEXT
     left = n_ctx // RECALL_SHARE
     sources = []
@@ -6454,13 +6430,12 @@ def recalled(engine, model, question, branch, system_prompt):
         if not text.strip("…") or cost > left:
             continue
         left -= cost
-        n = len(sources) + 1
-        sources.append({"n": n, "message_id": row["message_id"],
+        sources.append({"n": after + len(sources) + 1, "message_id": row["message_id"],
                         "conversation_id": row["conversation_id"], "title": row["title"],
                         "snippet": text})
-        if n == RECALL_SOURCES:
+        if len(sources) == RECALL_SOURCES:
             break
-    return sources, with_sources(system_prompt, sources)
+    return sources
 
 
 def with_sources(system_prompt, sources):
@@ -6469,8 +6444,118 @@ def with_sources(system_prompt, sources):
     if not sources:
         return system_prompt
     block = RECALL_INSTRUCTION + "\n\n" + "\n\n".join(
-        f"[{s['n']}] “{s['title']}”: {s['snippet']}" for s in sources)
+        f"[{s['n']}] “{s['title']}”{MENTIONED if s.get('mention') else ''}: {s['snippet']}"
+        for s in sources)
     return (system_prompt + "\n\n" + block) if system_prompt else block
+
+
+###############################################################################
+# Mentions: conversations the user names, as sources
+###############################################################################
+
+# A chat may name other conversations (`mentions`: their ids; the page's @):
+# each one's shown branch, as much of it as fits (its newest messages), goes
+# with the system prompt as a numbered source before any recalled ones, and
+# is named in the reply's `recall` (with "mention": true).
+MENTIONS_MOST = 3
+MENTION_SHARE = 4            # the mentioned conversations take at most 1/MENTION_SHARE of the context
+SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
+
+
+def check_mentions(body, conversation_id):
+    """The conversation ids a chat mentions (VALIDATION_ERROR unless a list
+    of at most MENTIONS_MOST ids, none this conversation's)."""
+    found = body.get("mentions")
+    if found is None:
+        return []
+    if not isinstance(found, list) or len(found) > MENTIONS_MOST or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in found):
+        raise validation_error("mentions", f"Field mentions must be a list of at most "
+                               f"{MENTIONS_MOST} conversation ids")
+    if conversation_id in found:
+        raise validation_error("mentions", "A conversation cannot mention itself")
+    return list(dict.fromkeys(found))
+
+
+def transcript(messages, size):
+    """The newest of these messages that fit in `size` characters, as
+    "User: ..." lines, with "…" where older ones were left out."""
+    lines, used = [], 0
+    for m in reversed(messages):
+        line = f"{SPEAKERS.get(m['role'], m['role'])}: {m['content'].strip()}"
+        if used + len(line) > size:
+            if not lines:                      # the newest alone is longer: its end
+                lines.append("…" + line[len(line) - size + 1:])
+            break
+        lines.append(line)
+        used += len(line) + 1
+    cut = len(lines) < len(messages)
+    return ("…\n" if cut and lines and not lines[-1].startswith("…") else "") + \
+        "\n".join(reversed(lines))
+
+
+def mentioned(engine, model, conversations):
+    """The sources the mentioned conversations give: each its shown branch,
+    within its share of the context."""
+    store = engine.store
+    if not conversations:
+        return []
+    n_ctx = engine.upstream_for(model or None).context_of(model or None) or RECALL_CONTEXT
+    share = (n_ctx // MENTION_SHARE) // len(conversations) - SOURCE_MARKS
+    sources = []
+    for c in conversations:
+        branch = [m for m in json.loads(store.tree.branch(c["id"])) if m["content"].strip()]
+        if not branch:
+            continue
+        sources.append({"n": len(sources) + 1, "message_id": branch[-1]["id"],
+                        "conversation_id": c["id"], "title": c["title"],
+                        "snippet": transcript(branch, max(share, 0) * 4), "mention": True})
+    return sources
+
+
+###############################################################################
+# The next prompt: what a chat would send, for the inspector
+###############################################################################
+
+def next_prompt(engine, conversation, question=None, model=None):
+    """What the conversation's next chat would send llama.cpp (with
+    `question` as its new message, if given), chosen as a chat chooses it:
+    the messages and options, the model, what was left out, and, where
+    llama-server can say, their tokens, the model's context and the
+    templated text."""
+    system_prompt, asked = reply_settings(
+        engine.settings, conversation,
+        project=engine.store.projects.get(conversation.get("project_id")))
+    options = check_model_options(asked, "options")
+    leaf = conversation.get("current_message_id")
+    total = engine.store.tree.depth(leaf) if leaf is not None else 0
+    kept = stepped_window(total, engine.settings.performance["context_history_limit"])
+    history = engine.store.tree.path(leaf, kept) if leaf is not None and kept else []
+    attached = engine.store.attached([m["id"] for m in history if m["role"] == "user"])
+    for m in history:
+        m["attachments"] = attached.get(m["id"], [])
+    if question is not None:
+        history = history + [{"id": None, "role": "user", "content": question,
+                              "token_count": None}]
+        total += 1
+    model = model or conversation.get("model") or None
+    sources = recalled(engine, model, question, {m["id"] for m in history if m["id"]}) \
+        if question and asked.get("recall") else []
+    system_prompt = with_sources(system_prompt, sources)
+    turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
+                                 options=options, own_messages=1 if question else 0,
+                                 context=None)
+    fit_context(engine, turn, total)
+    left_out, upstream = [], engine.upstream_for(model)
+    messages = context_messages(system_prompt, turn.history, upstream.takes(model),
+                                left_out)
+    body = {"messages": messages, **options, **({"model": model} if model else {})}
+    sent = len(messages) - (1 if system_prompt else 0)
+    return {"model": model, "messages": messages, "options": options, "messages_sent": sent,
+            "messages_left_out": total - sent, "attachments_left_out": left_out,
+            "prompt_tokens": upstream.input_tokens(body),
+            "n_ctx": upstream.context_of(model), "connection": upstream.name,
+            "prompt": upstream.templated(messages, model), "recall": sources}
 
 
 ###############################################################################
@@ -6561,7 +6646,7 @@ class ChatTurn:
 # 1, a regenerate of that question.
 PLACEMENTS = ("parent_id", "regenerate", "continue", "user_message_id")
 CHAT_FIELDS = {"conversation_id", "message", "model", "stream", "options", "attachments",
-               "recall", *PLACEMENTS}
+               "recall", "mentions", *PLACEMENTS}
 
 
 def chat_placement(body):
@@ -6613,6 +6698,7 @@ def start_chat(engine, body):
         if message is not None or body.get("model") is not None else None
     options = body.get("options") or {}
     check_model_options(options, "options")
+    mentions = check_mentions(body, conversation_id)
     if "recall" in body:                        # as options.recall: this chat's
         if not isinstance(body["recall"], bool):
             raise validation_error("recall", "Field recall must be true or false")
@@ -6622,6 +6708,8 @@ def start_chat(engine, body):
     if conversation is None:
         raise not_found("conversation", conversation_id)
     attachments = [store.attachment(i) or not_found_raised("attachment", i) for i in attachments]
+    mentions = [store.get_conversation(i) or not_found_raised("conversation", i)
+                for i in mentions]
     system_prompt, asked = reply_settings(engine.settings, conversation, options,
                                           store.projects.get(conversation["project_id"]))
     upstream_options = check_model_options(asked, "options")
@@ -6686,10 +6774,12 @@ def start_chat(engine, body):
     if continued:                               # the sources it was made with, again
         sources = json.loads(continued["recall"]) if continued["recall"] else None
         system_prompt = with_sources(system_prompt, sources)
-    elif asked.get("recall"):
-        asking = next((m["content"] for m in history if m["id"] == question), "")
-        sources, system_prompt = recalled(engine, model, asking, {m["id"] for m in history},
-                                          system_prompt)
+    elif mentions or asked.get("recall"):
+        sources = mentioned(engine, model, mentions)
+        if asked.get("recall"):
+            asking = next((m["content"] for m in history if m["id"] == question), "")
+            sources += recalled(engine, model, asking, {m["id"] for m in history}, len(sources))
+        system_prompt = with_sources(system_prompt, sources)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     history, upstream_options, time.monotonic(),
                     asked, title_pending, message_id=reply_id, recall=sources or None)
@@ -9121,7 +9211,12 @@ def api_list_conversations(engine, req):
     limit = query_int(req, "limit", None, 0)
     offset = query_int(req, "offset", 0, 0)
     pinned = query_bool(req, "pinned")
-    return {"conversations": engine.store.list_conversations(limit, offset, pinned)}
+    titled = req.arg("q")
+    if titled is not None and len(titled) > LIMITS["title"]:
+        raise validation_error("q", f"Query parameter q is longer than {LIMITS['title']} "
+                               "characters")
+    return {"conversations": engine.store.list_conversations(
+        limit, offset, pinned, titled, query_int(req, "project", None, 1))}
 
 
 def api_create_conversation(engine, req):

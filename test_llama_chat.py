@@ -3922,6 +3922,80 @@ def test_recall_words_leave_out_stop_words_and_keep_other_scripts():
     assert llama_chat.recall_query("what is it?").match is None
 
 
+def test_the_prompt_inspector_shows_what_recall_would_send(client, stub):
+    planted = planted_history(client.engine.store, conversations=3)
+    fact, question = PLANTED[0]
+    cid = client.post("/api/conversations", {"model": MODEL, "options": {"recall": True}})[2][
+        "conversation_id"]
+    shown = client.get(f"/api/conversations/{cid}/prompt?message=" +
+                       urllib.parse.quote(question))[2]
+    assert (shown["recall"][0]["message_id"], shown["recall"][0]["conversation_id"]) == \
+        planted[fact]
+    assert fact in shown["messages"][0]["content"] and "[1]" in shown["messages"][0]["content"]
+    assert client.get(f"/api/conversations/{cid}/prompt")[2]["recall"] == []   # no question
+    client.put(f"/api/conversations/{cid}", {"options": None})
+    assert client.get(f"/api/conversations/{cid}/prompt?message=" +
+                      urllib.parse.quote(question))[2]["recall"] == []           # recall off
+
+
+def test_a_mentioned_conversation_goes_with_the_question_and_is_named(client, stub):
+    trip = client.new_conversation("Trip to Lisbon")
+    stub.reply = "Book the 9:40 train to Sintra."
+    client.chat(trip, "How do I get to Sintra?")
+    cid = client.new_conversation("Packing")
+    stub.reply = "Take a light jacket."
+    status, _, body = client.chat(cid, "What should I pack for it?", mentions=[trip])
+    assert status == 200, body
+    leaf = conversation(client, trip)["messages"][-1]["id"]
+    assert body["recall"] == [{"n": 1, "message_id": leaf, "conversation_id": trip,
+                               "title": "Trip to Lisbon", "mention": True,
+                               "snippet": "User: How do I get to Sintra?\n"
+                                          "Assistant: Book the 9:40 train to Sintra."}]
+    system = stub.requests[-1]["body"]["messages"][0]["content"]
+    assert "[1] “Trip to Lisbon” (a conversation the user mentions): User: How do I get to " \
+        "Sintra?\nAssistant: Book the 9:40 train to Sintra." in system
+    assert conversation(client, cid)["messages"][-1]["recall"] == body["recall"]   # kept
+    planted_history(client.engine.store, conversations=3)                # and with recall on
+    body = client.chat(cid, PLANTED[1][1], mentions=[trip], recall=True)[2]
+    assert [(s["n"], s.get("mention", False)) for s in body["recall"]][:2] == [(1, True),
+                                                                                (2, False)]
+
+
+def test_a_mention_keeps_the_newest_of_a_long_conversation_within_its_share(client, stub):
+    stub.n_ctx = 1024                    # a quarter, 256 tokens: about 1,000 characters
+    long = client.new_conversation("Long one")
+    for i in range(30):
+        client.engine.store.add_message(long, "user", f"question {i} " + "word " * 20)
+    cid = client.new_conversation()
+    source = client.chat(cid, "sum it up", mentions=[long])[2]["recall"][0]
+    assert source["snippet"].startswith("…\nUser: question ")
+    assert source["snippet"].endswith("question 29 " + "word " * 19 + "word")
+    assert len(source["snippet"]) <= (1024 // 4 - llama_chat.SOURCE_MARKS) * 4
+    twin = client.new_conversation("Long two")                 # two share the quarter
+    for i in range(30):
+        client.engine.store.add_message(twin, "user", f"line {i} " + "word " * 20)
+    both = client.chat(cid, "compare them", mentions=[long, twin])[2]["recall"]
+    assert [s["title"] for s in both] == ["Long one", "Long two"]
+    assert all(len(s["snippet"]) <= (1024 // 4 // 2 - llama_chat.SOURCE_MARKS) * 4 for s in both)
+    silent = client.new_conversation("Only an empty reply")     # nothing to send: no source
+    client.engine.store.add_message(silent, "assistant", "  ")
+    assert "recall" not in client.chat(cid, "and this?", mentions=[silent])[2]
+
+
+@pytest.mark.parametrize("mentions, status", [
+    ("1", 400), ([True], 400), ([1, 2, 3, 4], 400), ([0], 400), ("self", 400), ([999], 404)])
+def test_mentions_are_checked_before_anything_is_stored(client, mentions, status):
+    other = client.new_conversation("other")
+    cid = client.new_conversation()
+    answer = client.chat(cid, "q", mentions=[cid] if mentions == "self" else mentions)
+    assert answer[0] == status and answer[2]["field" if status == 400 else "resource"] == (
+        "mentions" if status == 400 else "conversation")
+    assert rows(client, "SELECT count(*) FROM messages") == [(0,)]
+    client.engine.store.add_message(other, "user", "something said")
+    status, _, body = client.chat(cid, "q", mentions=[other, other])
+    assert status == 200 and [s["conversation_id"] for s in body["recall"]] == [other]  # once
+
+
 ###############################################################################
 # Projects
 ###############################################################################
@@ -4026,6 +4100,21 @@ def test_v1_into_a_project_s_conversation_takes_what_the_request_leaves_out(clie
     openai.create([user("plain")], headers={"X-Conversation-Id": str(other)})
     assert json.loads(stub.requests[-1]["raw"]) == {"model": "gpt-4o-mini",
                                                     "messages": [user("plain")]}
+
+
+def test_the_conversation_list_is_narrowed_by_title_and_project(client):
+    pid = new_project(client)
+    vienna = client.post("/api/conversations", {"title": "Letters from Vienna", "model": MODEL,
+                                                 "project_id": pid})[2]["conversation_id"]
+    sale = client.new_conversation("50% off_sale")
+    other = client.new_conversation("Vienna again")
+
+    def listed(query):
+        return [c["id"] for c in client.get(f"/api/conversations?{query}")[2]["conversations"]]
+    assert listed("q=VIEN") == [other, vienna]
+    assert listed("q=%25") == [sale] and listed("q=f_s") == [sale]    # LIKE's marks are text
+    assert listed(f"project={pid}") == [vienna] and listed(f"q=again&project={pid}") == []
+    assert client.get("/api/conversations?q=" + "x" * 501)[2]["field"] == "q"
 
 
 def test_search_can_be_narrowed_to_a_project(client):
@@ -9857,6 +9946,31 @@ def test_page_groups_conversations_by_project_and_moves_and_starts_them(page, cl
     found = b.wait("const r = [...document.querySelectorAll('#search-results .result')];"
                    "return r.length && r.map(e => e.querySelector('.where').textContent)")
     assert found == ["Loose one · user"]
+
+
+@needs_chromium
+def test_page_mentions_a_conversation_with_at(page, client, stub):
+    trip = client.new_conversation("Trip to Lisbon")
+    client.engine.store.add_message(trip, "user", "The train to Sintra leaves at 9:40.")
+    client.new_conversation("Tax forms")
+    cid = client.new_conversation("Packing")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('#model option')")
+    b.type("#input", "What to pack for @lis")
+    assert b.wait("const l = [...document.querySelectorAll('#mention-list li[role=option]')];"
+                  "return l.length && l.map(e => e.textContent)") == ["Trip to Lisbon"]
+    b.type("#input", "\ue007")                        # Enter chooses; it does not send
+    assert b.wait("const c = document.querySelector('#chips li.mention');"
+                  "return c && c.textContent") == "@Trip to Lisbon×"
+    assert b.js("return document.querySelector('#input').value") == "What to pack for "
+    assert rows(client, "SELECT count(*) FROM messages WHERE conversation_id = ?", cid) == [(0,)]
+    b.type("#input", "the day trip?\ue007")
+    b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
+    sent_body = stub.requests[-1]["body"]
+    assert "“Trip to Lisbon” (a conversation the user mentions): User: The train to Sintra" \
+        in sent_body["messages"][0]["content"]
+    assert sent_body["messages"][-1] == user("What to pack for the day trip?")
+    assert b.js("return document.querySelector('#chips').classList.contains('hidden')")
 
 
 @needs_chromium
