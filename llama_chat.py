@@ -2889,6 +2889,9 @@ WHEN (SELECT kind FROM attachments WHERE id = old.attachment_id) = 'text' BEGIN
 END;
 """
 SEARCH_LIMIT_DEFAULT, SEARCH_LIMIT_MAX = 50, 200
+# How many messages a word is in, counted up to a number (?): a count that
+# stops there costs no more at a million messages than at a thousand.
+DOCUMENTS_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM search_fts WHERE search_fts MATCH ? LIMIT ?)"
 # A search narrowed to a project: its condition on a message's id (`{id}`).
 IN_PROJECT = """AND {id} IN (SELECT m.id FROM conversations c JOIN messages m
                              ON m.conversation_id = c.id WHERE c.project_id = ?)"""
@@ -3157,21 +3160,37 @@ class SearchIndex:
             f"SELECT DISTINCT m.conversation_id FROM messages m JOIN conversations c "
             f"ON c.id = m.conversation_id WHERE {where}", params)}
 
-    def best_matches(self, match, leave_out, limit):
-        """Messages matching FTS5 query `match`, best (bm25) first, but those
-        of `leave_out` (ids), with their conversation's title: [] without
-        FTS5 or while the index is built."""
-        if not self.fts or self.unbuilt():
-            return []
-        return dicts(self.db.conn().execute(
+    def best_matches(self, words, leave_out, limit, common, most):
+        """Messages that match the most telling of `words` (folded tokens),
+        best (bm25) first, but those of `leave_out` (ids), with their
+        conversation's title; and the words looked up. ([], []) without
+        FTS5 or while the index is built. A word in `common` messages or
+        more tells little and costs much to rank (bm25 reads every match):
+        the `most` rarest of the others are looked up, any of them; where
+        every word is common, the newest messages with all of them (bm25
+        would count every message each is in). So the cost is bounded
+        whatever the history's size."""
+        if not self.fts or self.unbuilt() or not words:
+            return [], []
+        conn = self.db.conn()
+        counted = sorted((conn.execute(DOCUMENTS_UP_TO, (f'"{w}"', common)).fetchone()[0], w)
+                         for w in words)
+        rare = [w for n, w in counted if 0 < n < common][:most]
+        used = rare or [w for n, w in counted if n]
+        if not used:
+            return [], []
+        order = "rank" if rare else "id DESC"
+        return dicts(conn.execute(
             f"""SELECT m.id AS message_id, m.conversation_id, m.content, m.role,
                        m.timestamp, c.title
-                FROM (SELECT rowid AS id, rank FROM search_fts WHERE search_fts MATCH ?
+                FROM (SELECT rowid AS id{', rank' if rare else ''} FROM search_fts
+                      WHERE search_fts MATCH ?
                       AND rowid NOT IN (SELECT value FROM json_each(?))
-                      ORDER BY rank LIMIT ?) AS hits
+                      ORDER BY {order} LIMIT ?) AS hits
                 JOIN messages m ON m.id = hits.id
                 JOIN conversations c ON c.id = m.conversation_id
-                ORDER BY hits.rank""", (match, JSON.encode(sorted(leave_out)), limit)))
+                ORDER BY hits.{order}""", ((" OR " if rare else " AND ").join(
+                    f'"{w}"' for w in used), JSON.encode(sorted(leave_out)), limit))), used
 
     def purge_due(self):
         """Was text deleted or replaced since the last purge (perhaps by a run
@@ -6363,6 +6382,8 @@ RECALL_CANDIDATES = 12       # best matches read, to choose the sources from
 RECALL_SOURCES = 5
 RECALL_PASSAGE = 700         # characters of a source, at most
 RECALL_WORDS = 24            # of the question, at most, looked up
+RECALL_COMMON = 1000         # a word in this many messages or more tells little: left out
+RECALL_RARE_WORDS = 8        # the rarest words of a question looked up, at most
 SOURCE_MARKS = 16            # tokens a source takes beside its passage: its number, title
 STOP_WORDS = frozenset("""
 a about above after again all am an and any are as at be because been before being
@@ -6420,8 +6441,11 @@ def recalled(engine, model, question, branch, after=0):
     n_ctx = engine.upstream_for(model or None).context_of(model or None) or RECALL_CONTEXT
     left = n_ctx // RECALL_SHARE
     sources = []
+    rows, used = engine.store.index.best_matches(query.words, branch, RECALL_CANDIDATES,
+                                                 RECALL_COMMON, RECALL_RARE_WORDS)
+    query = Query(None, [[w] for w in used], False, used)     # the passage is cut around them
     pattern = ascii_pattern(query)
-    for row in engine.store.index.best_matches(query.match, branch, RECALL_CANDIDATES):
+    for row in rows:
         content = row["content"]
         spans = [list(m.span()) for m in pattern.finditer(content)] if content.isascii() \
             else highlight_spans(content, query)

@@ -3915,6 +3915,47 @@ def test_a_passage_is_cut_at_sentence_bounds_never_mid_word(content, at, expecte
     assert end == len(content) or not content[end].isalnum()
 
 
+def test_recall_looks_up_the_rarest_words_and_ranks_common_ones_in_a_window(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "r.db"))
+    cid = store.create_conversation("t", MODEL)
+    for i in range(6):
+        store.add_message(cid, "user", f"apple banana note {i}")
+    kiwi = store.add_message(cid, "user", "apple kiwi")
+    store.add_message(cid, "user", "mango kiwi cherry")
+    plum = store.add_message(cid, "user", "plum")
+    index = store.index
+
+    def best(words, most=8, common=5, limit=12):
+        rows, used = index.best_matches(words, set(), limit, common, most)
+        return [r["message_id"] for r in rows], used
+    found, used = best(["apple", "kiwi", "absent"])
+    assert used == ["kiwi"] and set(found) == {kiwi, kiwi + 1}       # apple (7 messages) left out
+    assert best(["apple", "kiwi"], common=7)[1] == ["kiwi"]          # 7 of 7: common
+    assert best(["apple", "kiwi"], common=8)[1] == ["kiwi", "apple"]  # rarest first
+    found, used = best(["apple", "banana"])                          # all common: all of them
+    assert sorted(used) == ["apple", "banana"] and len(found) == 6 and kiwi not in found
+    assert best(["apple", "banana"], limit=2)[0] == [kiwi - 1, kiwi - 2]   # the newest
+    assert best(["plum", "kiwi", "cherry"], most=2)[1] == ["cherry", "plum"]    # the rarest two
+    assert best(["absent"]) == ([], []) and best([]) == ([], [])
+    assert index.best_matches(["plum"], {plum}, 12, 5, 8)[0] == []    # its branch left out
+    store.close()
+
+
+def test_a_recalled_passage_is_cut_around_the_word_looked_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_chat, "RECALL_COMMON", 5)
+    store = llama_chat.Store(str(tmp_path / "r.db"))
+    cid = store.create_conversation("t", MODEL)
+    for i in range(6):
+        store.add_message(cid, "user", f"apple note {i}")
+    store.add_message(cid, "user", "An apple a day. " + "Filler words here. " * 80 +
+                      "The kiwi is ripe on Tuesday.")
+    engine = types.SimpleNamespace(store=store, upstream_for=lambda m: types.SimpleNamespace(
+        context_of=lambda m: 4096))
+    sources = llama_chat.recalled(engine, MODEL, "apple kiwi?", set())
+    assert sources[0]["snippet"] == "…The kiwi is ripe on Tuesday."       # not the apple
+    store.close()
+
+
 def test_recall_words_leave_out_stop_words_and_keep_other_scripts():
     query = llama_chat.recall_query("What is the name of my sister's cat? 火山 Κνωσός")
     assert query.words == ["name", "sister", "cat", "火", "山", "κνωσος"]
@@ -11251,6 +11292,76 @@ def schema_2_database(path, messages, per_conversation=50, version=2, index=Fals
                       ((i // per_conversation + 1, ("user", "assistant")[i % 2], text)
                        for i, text in enumerate(bench_corpus(messages))))
     schema_2_db(path, fill, index=index, version=version)
+
+
+def recall_questions(count, seed=5):
+    """Questions of three kinds for recall at scale: the benchmark's own
+    sentences (every word common), a tail word of its corpus with a common
+    one (a rare word to look up), and the planted facts' questions."""
+    rng = random.Random(seed)
+    corpus = bench_corpus(2000)                # the words build_database's messages have
+    texts = [next(corpus) for _ in range(2000)]
+    tails = sorted({w for t in texts for w in re.findall(r"\b[a-z]{4}\d+x\b", t)})
+    questions = ["What did we say about " + " ".join(rng.choice(texts).split()[:rng.randrange(6, 14)])
+                 + "?" for _ in range(count)]
+    questions += [f"What did I note about {rng.choice(tails)} and the {rng.choice(TOPICS)}?"
+                  for _ in range(count)]
+    return questions + [q for _, q in PLANTED]
+
+
+def timed_recall(store, questions, n_ctx=4096):
+    """The lookup and passage cut before each chat (recalled, as a chat
+    calls it), in ms, each question asked twice, the second timed; and the
+    sources of each."""
+    engine = types.SimpleNamespace(store=store, upstream_for=lambda m: types.SimpleNamespace(
+        context_of=lambda m: n_ctx))
+    times, found = [], []
+    for q in questions:
+        llama_chat.recalled(engine, "m", q, set())
+        started = time.perf_counter()
+        found.append(llama_chat.recalled(engine, "m", q, set()))
+        times.append((time.perf_counter() - started) * 1000)
+    return times, found
+
+
+@bench
+def test_bench_recall(tmp_path, stub):
+    """Recall at LLAMA_CHAT_BENCH_RECALL messages (1,000,000) with the planted
+    facts in old conversations: the lookup and passage cut, p50 and p95, and
+    how many facts were among the sources; then the chat overhead with
+    recall on at 100,000 messages, beside the same chat without it."""
+    bench_heading("recall")
+    size = int(os.environ.get("LLAMA_CHAT_BENCH_RECALL", "1000000"))
+    for messages in sorted({size, 100_000}, reverse=True):
+        db = str(tmp_path / f"recall-{messages}.db")
+        build_database(db, messages)
+        store = llama_chat.Store(db)
+        rng = random.Random(9)
+        planted = {fact: store.add_message(rng.randrange(1, messages // 50), "user",
+                                           "Note this: " + fact) for fact, _ in PLANTED}
+        times, found = timed_recall(store, recall_questions(20))
+        store.close()
+        hits = sum(planted[fact] in [s["message_id"] for s in sources]
+                   for (fact, _), sources in zip(PLANTED, found[-len(PLANTED):]))
+        bench_row(f"recall lookup and passages at {messages:,} messages, p50 / p95",
+                  f"{percentile(times, 50):.1f} / {percentile(times, 95):.1f} ms",
+                  "< 30 / < 100 ms")
+        bench_row(f"planted facts among the sources at {messages:,} messages",
+                  f"{hits} of {len(PLANTED)}", ">= 8")
+    app = AppProcess(db, stub.url)                 # the 100,000 one
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=10)
+        conn.request("POST", "/api/conversations", json.dumps({"title": "t", "model": "m"}),
+                     {"Content-Type": "application/json"})
+        cid = json.loads(conn.getresponse().read())["conversation_id"]
+        question = PLANTED[0][1]
+        without = chat_overhead(conn, stub, cid, rounds=7, ask={"message": question})
+        with_recall = chat_overhead(conn, stub, cid, rounds=7,
+                                    ask={"message": question, "recall": True})
+        bench_row("chat overhead at 100,000 messages, p50: recall on / off",
+                  f"{with_recall:.2f} / {without:.2f} ms", "< 15 ms (on)")
+    finally:
+        app.stop()
 
 
 @bench
