@@ -114,7 +114,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
-__version__ = "1.9.0"
+__version__ = "1.10.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("llama_chat")
 
@@ -6449,6 +6449,8 @@ def recalled(engine, model, question, branch, after=0):
         content = row["content"]
         spans = [list(m.span()) for m in pattern.finditer(content)] if content.isascii() \
             else highlight_spans(content, query)
+        if not spans:              # its conversation's title matched, not what it says
+            continue
         text = passage(content, spans, min(RECALL_PASSAGE, (left - SOURCE_MARKS) * 4))
         cost = estimate_tokens(text) + SOURCE_MARKS
         if not text.strip("…") or cost > left:

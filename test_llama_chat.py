@@ -3953,6 +3953,9 @@ def test_a_recalled_passage_is_cut_around_the_word_looked_up(tmp_path, monkeypat
         context_of=lambda m: 4096))
     sources = llama_chat.recalled(engine, MODEL, "apple kiwi?", set())
     assert sources[0]["snippet"] == "…The kiwi is ripe on Tuesday."       # not the apple
+    titled = store.create_conversation("Quince jam", MODEL)               # a title's match
+    store.add_message(titled, "user", "Boil the fruit slowly.")
+    assert llama_chat.recalled(engine, MODEL, "quince?", set()) == []     # is not a source
     store.close()
 
 
