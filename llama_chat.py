@@ -191,10 +191,18 @@ def steady_malloc():
     migration's CREATE INDEX (its sort buffers) the index build's large
     buffers land in the heap, where what they leave behind cannot be trimmed
     (8 MB of RSS after a first start on 100,000 messages). A fixed threshold
-    (128 KiB, glibc's starting one) stops that. Undo: don't call it."""
+    (128 KiB, glibc's starting one) stops that.
+    5c. One heap for every thread: glibc gives threads that allocate at
+    once heaps of their own (up to 8 a core), each keeping what its threads
+    freed. A request a thread, with SQLite's page caches and FTS5's buffers,
+    left 16 MB more RSS after a minute of reads, searches and chats from 8
+    clients (60.5 MB, against 44.2 with one heap). Python holds its GIL
+    around nearly every allocation anyway. Undo: leave out M_ARENA_MAX."""
     try:
         import ctypes
-        ctypes.CDLL(None).mallopt(-3, 128 * 1024)       # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 128 * 1024)       # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 1)                # M_ARENA_MAX
     except (ImportError, OSError, AttributeError):
         pass
 
@@ -1761,12 +1769,18 @@ class Database:
             self._local.conn = conn
         return conn
 
-    def release(self):
-        """The calling thread is done with the database: its connection goes back."""
+    def release(self, heavy=False):
+        """The calling thread is done with the database: its connection goes
+        back. `heavy`: the thread read much of the file (a migration, an index
+        build, the ledger's ranking, a purge): its connection is closed
+        instead, with the page cache and statements it filled (a few MB each,
+        kept otherwise for the life of the process)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             self._local.conn = None
             try:
+                if heavy:
+                    raise queue.Full
                 self._idle.put_nowait(conn)
             except queue.Full:
                 conn.close()
@@ -3865,8 +3879,8 @@ class Store:
         self.progress.cancelled = True
         self.db.interrupt()
 
-    def release(self):
-        self.db.release()
+    def release(self, heavy=False):
+        self.db.release(heavy)
 
     def close(self):
         self.db.close()
@@ -6001,7 +6015,8 @@ class Engine:
             log.error("opening the database failed\n%s", traceback.format_exc())
             self.startup_error = f"{type(e).__name__}: {e}"
         finally:
-            self.store.release()
+            self.store.release(heavy=True)
+            release_memory()             # what a migration's sorts and caches left
             self.ready.set()
 
     def _build_index(self):
@@ -6010,7 +6025,7 @@ class Engine:
         except sqlite3.Error as e:
             log.warning("building the search index failed (the next start goes on): %s", e)
         finally:
-            self.store.release()
+            self.store.release(heavy=True)
             release_memory()
 
     def _check_store(self):
@@ -6035,7 +6050,7 @@ class Engine:
                     log.warning("ranking the ledger failed: %s", e)
                 finally:
                     self._ranking.release()
-                    self.store.db.release()
+                    self.store.db.release(heavy=True)
         threading.Thread(target=rank, daemon=True).start()
 
     def purge_if_due(self):
@@ -6066,7 +6081,7 @@ class Engine:
                         if self.stopping.wait(0.25):
                             break           # the next start purges (search_purge says so)
             finally:
-                self.store.release()
+                self.store.release(heavy=True)
             with self._lock:
                 if not self._purge["again"] or self.stopping.is_set():
                     self._purge["running"] = False

@@ -821,6 +821,32 @@ def test_messages_written_without_the_search_triggers_are_indexed_at_the_next_st
     store.close()
 
 
+def test_a_connection_that_read_much_is_closed_not_kept(tmp_path):
+    """A background job's connection (a build, a purge, the ledger's
+    ranking) holds the page cache it filled: it is closed when let go, where
+    a request's goes back to be used again."""
+    store = llama_chat.Store(str(tmp_path / "h.db"))
+    db = store.db
+
+    def used(heavy):
+        found = {}
+
+        def job():
+            found["conn"] = db.conn()
+            db.release(heavy)
+        worker = threading.Thread(target=job)
+        worker.start()
+        worker.join()
+        return found["conn"]
+    kept = used(False)
+    assert db._idle.qsize() == 1 and kept.execute("SELECT 1").fetchone() == (1,)
+    closed = used(True)                     # it took the kept one, and closed it
+    assert closed is kept and db._idle.qsize() == 0
+    with pytest.raises(sqlite3.ProgrammingError):
+        closed.execute("SELECT 1")
+    store.close()
+
+
 def test_the_schema_is_as_declared(tmp_path):
     """A new database and one migrated from the original app's have the
     tables and columns SCHEMA states; the module declares each
@@ -10875,6 +10901,36 @@ def p95_of(port, queries, rounds=5):
 TWO_LETTERS = ["th", "da", "pr", "ma", "wh", "qu", "co", "se", "in", "st", "re", "an"]
 
 
+def mixed_load(port, conversations, seconds=15, clients=8):
+    """Clients at once, each on its own connection, for `seconds`: opening
+    conversations, listing them, searching and chatting, as people do."""
+    ends = time.monotonic() + seconds
+
+    def client(n):
+        rng = random.Random(n)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < ends:
+            pick = rng.random()
+            if pick < 0.4:
+                conn.request("GET", f"/api/conversations/{rng.randrange(1, conversations)}")
+            elif pick < 0.6:
+                conn.request("GET", "/api/conversations?limit=50")
+            elif pick < 0.85:
+                conn.request("GET", "/api/search?q=" + rng.choice(["volcanoes", "legacy",
+                                                                   "message", "about"]))
+            else:
+                conn.request("POST", "/api/chat", json.dumps({
+                    "conversation_id": rng.randrange(1, conversations), "model": "m",
+                    "message": "hi there"}), {"Content-Type": "application/json"})
+            conn.getresponse().read()
+        conn.close()
+    workers = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def reads_while_a_write_waits(port, db, count=200):
     """GET /api/conversations while another connection holds the write lock
     and a POST waits for it: p95 in ms."""
@@ -11216,6 +11272,9 @@ def test_bench_history(tmp_path, stub):
             "opens, keeps every row")
         row("RSS after that first start (migration and index build)",
             f"{app.rss_mb():.1f} MB", "< 40 MB")
+        mixed_load(app.port, conversations=2000)
+        row("RSS then, after 15 s of reads, searches and chats from 8 clients",
+            f"{app.rss_mb():.1f} MB", "report")
     finally:
         app.stop()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM messages").fetchone()[0] == 100000
