@@ -9998,6 +9998,10 @@ def test_page_groups_conversations_by_project_and_moves_and_starts_them(page, cl
     assert conversation(client, loose)["conversation"]["project_id"] == pid
     b.click("#conv-list li.project button[data-paction='new']")           # a chat in it
     b.wait("return document.querySelector('#title .in-project')")
+    b.click("#settings-toggle")                    # before its first message: the project's
+    assert b.wait("const t = document.querySelector('#set-system'); return t && t.placeholder"
+                  ) == "Answer as a historian."
+    b.click("#settings-toggle")
     b.type("#input", "Where are the 1848 letters?\ue007")
     b.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)')")
     made = json.loads(client.engine.store.list_conversations())[0]
