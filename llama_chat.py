@@ -1739,6 +1739,7 @@ class Database:
         self.last_write = 0.0        # time.monotonic() of the last write's end
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
+        self._wal = None             # the journal is a WAL (known from the first write)
         self._wanting = set()        # threads waiting to begin a write
         self.committed = threading.Event()   # set at each commit of this process's
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
@@ -1796,16 +1797,21 @@ class Database:
                 return
 
     @contextmanager
-    def write(self, conn=None, gives_way=False):
+    def write(self, conn=None, gives_way=False, synced=True):
         """A write transaction, BEGIN IMMEDIATE so that the busy timeout applies.
         One that gives way (work that can be done later, as a purge) is
         interrupted by the next write that begins meanwhile: it rolls back
-        and raises sqlite3.OperationalError("interrupted")."""
+        and raises sqlite3.OperationalError("interrupted"). One not `synced`
+        (in WAL mode) commits without waiting for the disk: sync_wal() makes
+        it durable, while something else goes on meanwhile."""
         conn = conn or self.conn()
         other = self._giving_way
         if other is not None and other is not conn:
             self._given_way = other
             other.interrupt()
+        unsynced = not synced and self.in_wal(conn)
+        if unsynced:
+            conn.execute("PRAGMA synchronous = NORMAL")
         try:
             self._wanting.add(threading.get_ident())
             try:
@@ -1833,8 +1839,27 @@ class Database:
         finally:
             if gives_way:
                 self._giving_way = self._given_way = None
+            if unsynced:
+                conn.execute("PRAGMA synchronous = FULL")
             self.last_write = time.monotonic()
         self.failure = None
+
+    def in_wal(self, conn):
+        if self._wal is None:
+            self._wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        return self._wal
+
+    def sync_wal(self):
+        """Make the commits of write(synced=False) durable: the WAL synced to
+        the disk (an fsync of any descriptor of a file syncs what was written
+        to it), as SQLite's synchronous = FULL syncs it at each commit."""
+        if not self._wal:
+            return
+        fd = os.open(self.path + "-wal", os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def someone_waits(self):
         """Whether another thread waits to begin a write."""
@@ -4060,13 +4085,13 @@ class Store:
         return parent
 
     def ask(self, conversation_id, content, model=None, parent=CURRENT, reply_options=None,
-            attachments=(), **columns):
+            attachments=(), synced=True, **columns):
         """A question and the row of its reply, to be made by this process, in
-        one transaction (one synced commit before llama.cpp is asked):
-        (question id, reply id), or None if the conversation or the parent is
-        gone."""
+        one transaction (one synced commit; not `synced`: Database.sync_wal()
+        is to follow): (question id, reply id), or None if the conversation or
+        the parent is gone."""
         now = now_iso()
-        with self.db.write() as c:
+        with self.db.write(synced=synced) as c:
             parent = self.placed(c, conversation_id, parent)
             if parent is MISSING:
                 return None
@@ -6653,6 +6678,7 @@ class ChatTurn:
     takes: frozenset = None       # what the model takes beside text (None: unknown, all)
     left_out: list = field(default_factory=list)   # attachments the model does not take
     recall: list = None           # the sources recalled for it (None: none)
+    unsynced: bool = False        # its question's commit is not yet synced (Database.sync_wal)
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages. It is
@@ -6764,7 +6790,7 @@ def start_chat(engine, body):
     continued = reply_id = None
     if message is not None:
         parent = target_id if placement == "parent_id" else CURRENT
-        asked_at = store.ask(conversation_id, message, model or None, parent=parent,
+        asked_at = store.ask(conversation_id, message, model or None, parent=parent, synced=False,
                              reply_options=JSON.encode(asked) if asked is not None else None,
                              attachments=attachments,
                              estimated_tokens=estimate_tokens(message),
@@ -6823,7 +6849,8 @@ def start_chat(engine, body):
         system_prompt = with_sources(system_prompt, sources)
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     history, upstream_options, time.monotonic(),
-                    asked, title_pending, message_id=reply_id, recall=sources or None)
+                    asked, title_pending, message_id=reply_id, recall=sources or None,
+                    unsynced=message is not None)
     try:
         fit_context(engine, turn, earlier + own)
         turn.takes = engine.upstream_for(model or None).takes(model or None)   # as /props said
@@ -7446,6 +7473,24 @@ def start_reply(engine, turn, end_turn, here=False, follower=None):
             raise not_found("conversation", turn.conversation_id)
         raise not_found("message", turn.parent_id)
     return made_reply(engine, turn, message_id, end_turn, here, follower)
+
+
+# A new question's commit is synced while llama.cpp reads its prompt, not
+# before llama.cpp is asked: the first token costs the longer of the two, not
+# both. Nothing of the reply reaches the client before the question is on
+# the disk, so a reply seen is a question kept.
+def sync_question(engine, turn, reply):
+    """The question's commit made durable (ChatTurn.unsynced); `reply` ends
+    if the disk fails (one made here has ended: it stays as it was stored)."""
+    try:
+        engine.store.db.sync_wal()
+    except OSError as e:
+        error = database_error(sqlite3.OperationalError(
+            f"the database could not be synced: {e.strerror}"))
+        reply.cancel(error)
+        reply.ended.wait(10)
+        raise error.with_extra(user_message_id=turn.user_message_id) from None
+    turn.unsynced = False
 
 
 def made_reply(engine, turn, message_id, end_turn, here, follower):
@@ -9404,6 +9449,8 @@ def api_chat(engine, req):
         follower = [] if stream else None
         reply = start_reply(engine, turn, end_turn, here=not stream,     # it ends the turn
                             follower=follower)
+        if turn.unsynced:            # while llama.cpp reads the prompt (a plain chat: after)
+            sync_question(engine, turn, reply)
     except BaseException:
         end_turn()                                 # one that never began (a second end: none)
         raise

@@ -4730,6 +4730,59 @@ def stream_started(client, cid, message="go"):
             return resp, event
 
 
+def test_a_question_is_synced_while_llama_cpp_reads_and_before_anything_is_relayed(
+        client, stub, monkeypatch):
+    """The question's commit is not waited for before llama.cpp is asked:
+    its WAL is synced meanwhile, and the stream's first event comes after."""
+    synced, real_sync = [], llama_chat.Database.sync_wal
+
+    def slow_sync(db):
+        time.sleep(0.3)                          # a slow disk
+        real_sync(db)
+        synced.append((time.monotonic(), len(stub.requests)))
+    monkeypatch.setattr(llama_chat.Database, "sync_wal", slow_sync)
+    cid = client.new_conversation()
+    asked = time.monotonic()
+    resp, start = stream_started(client, cid)
+    seen = time.monotonic()
+    resp.read()
+    assert len(synced) == 1 and synced[0][0] <= seen and seen - asked >= 0.3
+    assert synced[0][1] == 1                     # llama.cpp was asked while it synced
+    assert client.chat(cid, "plain")[0] == 200 and len(synced) == 2    # a plain chat: first
+    regenerate(client, cid, start["user_message_id"])
+    assert len(synced) == 2                      # nothing new stored: nothing to sync
+
+
+def test_a_question_that_cannot_be_synced_ends_its_reply_with_a_database_error(
+        client, stub, monkeypatch):
+    stub.reply = " ".join(f"w{i}" for i in range(200))
+    stub.token_delay = 0.01
+
+    def failing_sync(db):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(llama_chat.Database, "sync_wal", failing_sync)
+    cid = client.new_conversation()
+    for stream in (True, False):
+        status, _, body = client.chat(cid, "q", stream=stream)
+        assert (status, body["code"]) == (503, "DATABASE_ERROR"), body
+        assert "could not be synced" in body["error"] and body["user_message_id"]
+    wait_for(lambda: not client.engine.generations, 10, "the replies ended")
+    assert rows(client, "SELECT count(*) FROM messages WHERE generating IS NOT NULL") == [(0,)]
+
+
+def test_the_wal_is_synced_only_in_wal_mode(tmp_path):
+    store = llama_chat.Store(str(tmp_path / "w.db"))
+    cid = store.create_conversation("t", MODEL)
+    assert store.ask(cid, "q", synced=False) and store.db._wal is True
+    store.db.sync_wal()                          # the file's WAL, synced
+    assert store.db.conn().execute("PRAGMA synchronous").fetchone() == (2,)   # FULL again
+    store.db._wal = False
+    os.rename(store.db.path + "-wal", store.db.path + "-gone")
+    store.db.sync_wal()                          # no WAL: nothing to do (no error)
+    os.rename(store.db.path + "-gone", store.db.path + "-wal")
+    store.close()
+
+
 def test_a_reply_is_stopped_from_another_client_and_keeps_what_it_made(client, stub):
     stub.reply = " ".join(f"w{i}" for i in range(300))
     stub.token_delay = 0.01
