@@ -1805,21 +1805,29 @@ class Database:
         (in WAL mode) commits without waiting for the disk: sync_wal() makes
         it durable, while something else goes on meanwhile."""
         conn = conn or self.conn()
-        other = self._giving_way
-        if other is not None and other is not conn:
-            self._given_way = other
-            other.interrupt()
-        unsynced = not synced and self.in_wal(conn)
-        if unsynced:
-            conn.execute("PRAGMA synchronous = NORMAL")
+        me, unsynced = threading.get_ident(), False
         try:
-            self._wanting.add(threading.get_ident())
+            # Wanting first, then looking for a write that gives way: of this
+            # and a giving-way write that begins meanwhile (which registers,
+            # then looks for one wanting), one always sees the other.
+            self._wanting.add(me)
             try:
+                other = self._giving_way
+                if other is not None and other is not conn:
+                    self._given_way = other
+                    other.interrupt()
+                unsynced = not synced and self.in_wal(conn)
+                if unsynced:
+                    conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
             finally:
-                self._wanting.discard(threading.get_ident())
+                self._wanting.discard(me)
             if gives_way:
                 self._giving_way = conn
+                if self._wanting:            # a write began to wait meanwhile: it goes first
+                    self._given_way = conn
+                    conn.execute("ROLLBACK")
+                    raise sqlite3.OperationalError("interrupted")
             try:
                 yield conn
             except BaseException:

@@ -821,6 +821,24 @@ def test_messages_written_without_the_search_triggers_are_indexed_at_the_next_st
     store.close()
 
 
+def test_a_write_that_gives_way_yields_to_one_that_began_waiting_as_it_began(tmp_path):
+    """A write that begins while a giving-way one is between its BEGIN and
+    saying it gives way would otherwise wait for all of it (a purge's
+    merge: seconds): the giving-way one finds it waiting, and rolls back."""
+    store = llama_chat.Store(str(tmp_path / "g.db"))
+    db = store.db
+    db._wanting.add(-1)                        # another thread, beginning its write
+    with pytest.raises(sqlite3.OperationalError, match="interrupted"):
+        with db.write(gives_way=True) as c:
+            c.execute("INSERT INTO conversations (title, model) VALUES ('x', 'm')")
+    db._wanting.discard(-1)
+    assert db._giving_way is None and not db.conn().in_transaction
+    with db.write(gives_way=True) as c:        # alone, it goes on
+        c.execute("INSERT INTO conversations (title, model) VALUES ('y', 'm')")
+    assert [r[0] for r in db.conn().execute("SELECT title FROM conversations")] == ["y"]
+    store.close()
+
+
 def test_a_connection_that_read_much_is_closed_not_kept(tmp_path):
     """A background job's connection (a build, a purge, the ledger's
     ranking) holds the page cache it filled: it is closed when let go, where
