@@ -192,17 +192,20 @@ def steady_malloc():
     buffers land in the heap, where what they leave behind cannot be trimmed
     (8 MB of RSS after a first start on 100,000 messages). A fixed threshold
     (128 KiB, glibc's starting one) stops that.
-    5c. One heap for every thread: glibc gives threads that allocate at
+    5c. Two heaps for every thread: glibc gives threads that allocate at
     once heaps of their own (up to 8 a core), each keeping what its threads
     freed. A request a thread, with SQLite's page caches and FTS5's buffers,
-    left 16 MB more RSS after a minute of reads, searches and chats from 8
-    clients (60.5 MB, against 44.2 with one heap). Python holds its GIL
-    around nearly every allocation anyway. Undo: leave out M_ARENA_MAX."""
+    left 16 MB more RSS after 15 s of reads, searches and chats from 8
+    clients (60.5 MB, against 44-45 with two heaps). One heap is as good
+    there, but the index build's buffers, among everything else's, then stay:
+    74.7 MB after a first start on a million messages, against 29.8 with two.
+    Python holds its GIL around nearly every allocation anyway. Undo: leave
+    out M_ARENA_MAX."""
     try:
         import ctypes
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 128 * 1024)       # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 1)                # M_ARENA_MAX
+        libc.mallopt(-8, 2)                # M_ARENA_MAX
     except (ImportError, OSError, AttributeError):
         pass
 
@@ -2025,11 +2028,10 @@ NEW_MESSAGE_COLUMNS = {
     "tokens_per_second": "REAL",
     "finish_reason": "TEXT",
 }
-ISO_FROM_LEGACY = """
-UPDATE {table} SET {column} = replace(substr({column}, 1, 19), ' ', 'T')
-    || CASE WHEN length({column}) > 19 THEN substr({column}, 20, 4) ELSE '' END || 'Z'
-WHERE {column} GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:*'
-"""
+ISO_OF_LEGACY = """replace(substr({column}, 1, 19), ' ', 'T')
+    || CASE WHEN length({column}) > 19 THEN substr({column}, 20, 4) ELSE '' END || 'Z'"""
+IS_LEGACY_TIME = "{column} GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:*'"
+ISO_FROM_LEGACY = f"UPDATE {{table}} SET {{column}} = {ISO_OF_LEGACY} WHERE {IS_LEGACY_TIME}"
 INDEXES = """
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
 CREATE INDEX IF NOT EXISTS conversations_by_activity ON conversations (updated_at DESC, id DESC);
@@ -4342,6 +4344,98 @@ class Store:
 
 
 ###############################################################################
+# Storage: an older history, read while it is migrated
+###############################################################################
+
+# The original app's database of a million messages takes ~18 s to migrate
+# (the messages table made anew, trees, the ledger). Meanwhile the history as
+# it was is read from the snapshot SQLite keeps for a reader while a write
+# goes on (WAL): the conversation list and a conversation's messages answer at
+# once, in the API's shapes, what the older schema lacks given its default.
+# Only versions before trees (the original app's, llama-chat 1.0's and
+# 1.1's): a conversation is then its messages in order. The rest answers 503
+# STARTING until the migration ends.
+READABLE_BEFORE = 3          # schema versions below this are read while migrated
+OLDER_TIMES = {"created_at", "updated_at", "timestamp", "edited_at"}
+OLDER_DEFAULTS = {"pinned": "0", "generating": "NULL"}
+
+
+def older_select(have, names, table):
+    """A SELECT list of `names` from an older `table` that has the columns
+    `have`: each as it is (times in ISO form), or its default."""
+    out = []
+    for name in names:
+        if name not in have:
+            out.append(f"{OLDER_DEFAULTS.get(name, 'NULL')} AS {name}")
+        elif name in OLDER_TIMES:
+            column = f"{table}.{name}"
+            out.append(f"CASE WHEN {IS_LEGACY_TIME.format(column=column)} THEN "
+                       f"{ISO_OF_LEGACY.format(column=column)} ELSE {column} END AS {name}")
+        else:
+            out.append(f"{table}.{name} AS {name}")
+    return ", ".join(out)
+
+
+class OlderHistory:
+    """What the conversation list and a conversation answer while an older
+    database is migrated, read on a connection of each call's own (a reader
+    sees the history as it was before the migration's write)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    @contextmanager
+    def reading(self):
+        conn = self.db.connect()
+        try:
+            have = {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    for table in ("conversations", "messages")}
+            yield conn, have
+        finally:
+            conn.close()
+
+    def list_conversations(self, limit=None, offset=0, pinned=None):
+        if pinned:
+            return []                        # nothing is pinned before version 4
+        with self.reading() as (conn, have):
+            listed = older_select(have["conversations"], columns_in(CONVERSATION_TABLE, "listed"),
+                                  "conversations")
+            return [self.shown_conversation(r) for r in dicts(conn.execute(
+                f"SELECT {listed} FROM conversations ORDER BY updated_at DESC, id DESC "
+                "LIMIT ? OFFSET ?", (-1 if limit is None else limit, offset)))]
+
+    def conversation(self, conversation_id):
+        """(conversation, messages, stats summary), or None if there is none."""
+        with self.reading() as (conn, have):
+            shown = older_select(have["conversations"], columns_in(CONVERSATION_TABLE, "shown"),
+                                 "conversations")
+            found = one(conn.execute(f"SELECT {shown} FROM conversations WHERE id = ?",
+                                     (conversation_id,)))
+            if found is None:
+                return None
+            names = [n for n in MESSAGE_COLUMNS.split(", ")
+                     if n not in ("sibling_ids", "attachments")]
+            messages = dicts(conn.execute(
+                f"SELECT {older_select(have['messages'], names, 'messages')} FROM messages "
+                "WHERE conversation_id = ? ORDER BY id", (conversation_id,)))
+            summary, _ = conversation_stats(conn.execute(STATS_SQL, (conversation_id,)))
+        parent = None
+        for m in messages:                   # each follows the one before it
+            m.update(parent_id=parent, sibling_ids=[m["id"]], attachments=[],
+                     generating=False, finish_reason=m["finish_reason"] or (
+                         "stop" if m["role"] == "assistant" else None))
+            parent = m["id"]
+        found = self.shown_conversation(found)
+        found.update(current_message_id=parent, title_pending=False)
+        return found, messages, summary
+
+    @staticmethod
+    def shown_conversation(row):
+        row["pinned"] = bool(row["pinned"])
+        return row
+
+
+###############################################################################
 # Storage: the ledger of every reply's speed
 ###############################################################################
 
@@ -6007,6 +6101,7 @@ class Engine:
         self.upstream = self.connections.default       # llamacpp_url's: the one it may start
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
+        self.older = None                  # OlderHistory, while an older database migrates
         self.startup_error = None          # why opening the store failed, if it did
         self.managed = None                # the llama-server started here, if one was
         self._lock = threading.Lock()
@@ -6028,6 +6123,8 @@ class Engine:
         if self.store.ready or self.store.quick_to_open():
             self._open_store()
         else:
+            if not self.store.is_new and self.store.version < READABLE_BEFORE:
+                self.older = OlderHistory(self.store.db)   # read meanwhile
             threading.Thread(target=self._open_store, daemon=True).start()
 
     def _open_store(self):
@@ -6051,6 +6148,7 @@ class Engine:
             self.store.release(heavy=True)
             release_memory()             # what a migration's sorts and caches left
             self.ready.set()
+            self.older = None
 
     def _build_index(self):
         try:
@@ -9313,6 +9411,15 @@ def api_list_conversations(engine, req):
         limit, offset, pinned, titled, query_int(req, "project", None, 1))}
 
 
+def older_list_conversations(engine, req):
+    """The conversation list while an older database is migrated (OlderHistory)."""
+    if req.arg("q") or req.arg("project"):
+        raise starting(engine.store.progress.as_dict())
+    return {"conversations": engine.older.list_conversations(
+        query_int(req, "limit", None, 0), query_int(req, "offset", 0, 0),
+        query_bool(req, "pinned")), "starting": engine.store.progress.as_dict()}
+
+
 def api_create_conversation(engine, req):
     body = req.json()
     known_fields(body, {"title", "model", *SETTINGS_FIELDS})
@@ -9352,6 +9459,24 @@ def api_get_conversation(engine, req):
             "effective": effective_settings(
                 engine.settings, conversation,
                 engine.store.projects.get(conversation["project_id"]))}
+
+
+def older_get_conversation(engine, req):
+    """A conversation while an older database is migrated (OlderHistory)."""
+    conversation_id = path_id(req, "conversation")
+    found = engine.older.conversation(conversation_id)
+    if found is None:
+        raise not_found("conversation", conversation_id)
+    conversation, messages, summary = found
+    conversation.pop("title_pending")
+    return {"conversation": conversation, "messages": messages, "stats": summary,
+            "effective": effective_settings(engine.settings, conversation),
+            "starting": engine.store.progress.as_dict()}
+
+
+# What answers while an older database is migrated, instead of 503 STARTING.
+WHILE_MIGRATING = {api_list_conversations: older_list_conversations,
+                   api_get_conversation: older_get_conversation}
 
 
 def api_update_conversation(engine, req):
@@ -10256,7 +10381,10 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
         if api:
             self.check_origin(handler)
         if not engine.ready.is_set() and api and handler is not api_health:
-            raise starting(engine.store.progress.as_dict())
+            older = engine.older and WHILE_MIGRATING.get(handler)
+            if older is None:
+                raise starting(engine.store.progress.as_dict())
+            handler = older
         if self.command == "HEAD" and api:
             return HEAD_ANSWER                    # headers only: never the GET's work
         body = self.read_body(handler)
