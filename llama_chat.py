@@ -88,6 +88,7 @@ import base64
 import codecs
 import contextlib
 import glob
+import heapq
 import html
 import io
 import functools
@@ -3128,8 +3129,10 @@ class SearchIndex:
         # bm25 costs microseconds a row: a word found in most of a million
         # messages would take seconds to rank in full. So rank the newest
         # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and join
-        # and snip only the page of results.
-        rows = dicts(self.db.conn().execute(
+        # and snip only the page of results: the rows are read as they are
+        # needed (a page needs more than `limit` only where title-only
+        # matches are left out), not all that might be.
+        cursor = self.db.conn().execute(
             f"""SELECT {RESULT_COLUMNS}, hits.score
                FROM (SELECT id, score FROM
                         (SELECT rowid AS id, rank AS score FROM search_fts
@@ -3139,10 +3142,22 @@ class SearchIndex:
                JOIN messages m ON m.id = hits.id
                JOIN conversations c ON c.id = m.conversation_id
                ORDER BY hits.score, hits.id DESC""",
-            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE)))
-        rows = sorted(rows + self._attached_hits(query, limit, within), key=lambda r: r["score"])
-        # A match in a conversation's title only (each message row holds the
-        # title) is the conversation's: shown once, by its best-ranked message.
+            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE))
+        try:
+            names = [d[0] for d in cursor.description]
+            attached = sorted(self._attached_hits(query, limit, within),
+                              key=lambda r: r["score"])
+            return self._page(query, limit, heapq.merge(
+                (dict(zip(names, row)) for row in cursor), attached,
+                key=lambda r: r["score"]))
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _page(query, limit, rows):
+        """The first `limit` results of rows (best first), snipped. A match
+        in a conversation's title only (each message row holds the title) is
+        the conversation's: shown once, by its best-ranked message."""
         pattern = ascii_pattern(query)
         found, titled = [], set()
         for r in rows:
