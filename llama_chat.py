@@ -4747,6 +4747,7 @@ class ImportWriter:
             if company == "other processes" else (IMPORT_HOLD, 0)
         self.whole = contextlib.ExitStack() if company == "none" else None
         self.c = None
+        self.projects_made = []      # by this import: gone again with it, if it is undone
 
     def write(self, conversations):
         """Store these conversations. Each transaction's commit is not synced
@@ -4790,8 +4791,10 @@ class ImportWriter:
                 self.counts["skipped"] += 1
                 continue
             created = conv.created_at or now
-            project = conv.project and (self.projects.named(self.c, conv.project["name"]) or
-                                        self.projects.put(self.c, **conv.project))
+            project = conv.project and self.projects.named(self.c, conv.project["name"])
+            if conv.project and project is None:
+                project = self.projects.put(self.c, **conv.project)
+                self.projects_made.append(project)
             cid = put_conversation(
                 self.c, title=conv.title, model=conv.model, created_at=created,
                 updated_at=conv.updated_at or created, system_prompt=conv.system_prompt,
@@ -4843,6 +4846,10 @@ class ImportWriter:
                                                "WHERE run = ? LIMIT 20", (self.run,))]
                 for i in ids:
                     c.execute("DELETE FROM conversations WHERE id = ?", (i,))
+                if not ids:
+                    c.execute("DELETE FROM projects WHERE id IN (SELECT value FROM json_each(?)) "
+                              "AND NOT EXISTS (SELECT 1 FROM conversations "
+                              "WHERE project_id = projects.id)", (JSON.encode(self.projects_made),))
             if not ids:
                 return
             self.db.give_way()

@@ -4351,6 +4351,22 @@ def test_projects_are_exported_with_their_conversations_and_imported_by_name(cli
     fresh.close()
 
 
+def test_an_import_undone_takes_the_projects_it_made_with_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(llama_chat, "IMPORT_READ", (1, 1))      # each conversation written at once
+    store = llama_chat.Store(str(tmp_path / "u.db"))
+    kept = store.projects.create("Kept")
+    items = [{"conversation": {"id": n + 1, "title": f"t{n}", "project": {"name": name}},
+              "messages": [{"id": 1, "role": "user", "content": "q"}]}
+             for n, name in enumerate(("Kept", "Made here"))]
+    path = tmp_path / "f.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items) + "{broken\n")
+    with open(path, "rb") as f, pytest.raises(llama_chat.ApiError):
+        llama_chat.import_file(store, f)
+    assert json.loads(store.list_conversations()) == []
+    assert [(p["id"], p["name"]) for p in store.projects.all()] == [(kept, "Kept")]
+    store.close()
+
+
 def test_an_imported_project_without_a_name_is_left_out_and_said(tmp_path):
     store = llama_chat.Store(str(tmp_path / "p.db"))
     item = {"conversation": {"title": "t", "project": {"system_prompt": "x"}},
