@@ -4865,12 +4865,14 @@ class ImportWriter:
 # up to its question, "chosen": it, "rejected": its siblings}) and a
 # fine-tuning one (format=sft: a line per conversation's shown branch,
 # {"messages": [...]}). Messages are {"role", "content"}: text, never
-# reasoning; the system prompt the conversation (else its project) sets
-# comes first. Replies being made, and conversations with no reply, are left
+# reasoning (a reply's tool calls and a tool result's call id too, as an
+# OpenAI client sends them); the system prompt the conversation (else its
+# project) sets comes first. Replies being made, and conversations with no reply, are left
 # out.
 DATASET_FORMATS = ("preference", "sft")
 DATASET_BRANCH = f"""{CURRENT_PATH_SQL}
-    SELECT m.id, m.parent_id, m.role, m.content, m.model, m.timestamp FROM path
+    SELECT m.id, m.parent_id, m.role, m.content, m.model, m.timestamp, m.tool_calls,
+           m.tool_call_id FROM path
     JOIN messages m ON m.id = path.id WHERE m.generating IS NULL ORDER BY path.depth DESC"""
 DATASET_SIBLINGS = """SELECT content FROM messages WHERE parent_id = ? AND id != ?
     AND role = 'assistant' AND generating IS NULL AND content != '' ORDER BY id"""
@@ -4911,7 +4913,12 @@ class DatasetFilter:
 
 
 def dataset_message(m):
-    return {"role": m["role"], "content": m["content"]}
+    message = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_calls"):
+        message["tool_calls"] = json.loads(m["tool_calls"])
+    if m.get("tool_call_id"):
+        message["tool_call_id"] = m["tool_call_id"]
+    return message
 
 
 def dataset_lines(conn, form, conversation, branch, which):

@@ -6831,6 +6831,22 @@ def test_datasets_are_narrowed_by_search_model_days_and_project(client, stub):
         assert (status, body["field"]) == (400, field)
 
 
+def test_a_dataset_keeps_tool_calls_and_their_results(client, stub, openai):
+    call = {"id": "call_7", "type": "function", "function": {"name": "lookup",
+                                                             "arguments": '{"q": "tide"}'}}
+    stub.tool_calls = [call]
+    _, headers, _, _ = openai.create([user("When is high tide?")])
+    stub.tool_calls = None
+    openai.create([user("When is high tide?"), {"role": "assistant", "content": None,
+                                                "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "call_7", "content": "06:12"}])
+    line = jsonl_get(client, "/api/export?format=sft")[2][0]
+    assert [m["role"] for m in line["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert line["messages"][1]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert line["messages"][2] == {"role": "tool", "content": "06:12", "tool_call_id": "call_7"}
+    assert "tool_calls" not in line["messages"][0] and "tool_call_id" not in line["messages"][3]
+
+
 def test_a_reply_being_made_is_no_part_of_a_dataset(client, stub):
     cid = client.new_conversation()
     first = client.chat(cid, "q")[2]
