@@ -10752,10 +10752,11 @@ def output_to(args):
 @command("search", "search the history", "Search the history as /api/search does.",
          argument("query"),
          argument("--limit", type=int, default=20, help="at most this many (default 20)"),
+         argument("--project", type=int, metavar="ID", help="in this project's conversations"),
          argument("--json", action="store_true", help="the results as JSON"))
 def command_search(settings, args):
     store = history_store(settings)
-    results = store.search(args.query, max(1, min(args.limit, SEARCH_LIMIT_MAX)))
+    results = store.search(args.query, max(1, min(args.limit, SEARCH_LIMIT_MAX)), args.project)
     if args.json:
         print(json.dumps({"query": args.query, "count": len(results), "results": results},
                          ensure_ascii=False, indent=2))

@@ -6861,9 +6861,15 @@ def test_a_reply_being_made_is_no_part_of_a_dataset(client, stub):
 
 def test_the_command_line_exports_datasets(client, stub):
     pid, _ = a_tree_to_learn_from(client, stub)
+    client.engine.store.add_message(client.new_conversation("third"), "user", "q2 elsewhere")
     db = client.engine.store.db.path
     out = cli("export", "--format", "preference", "--project", str(pid), db=db, check=0).stdout
     assert [json.loads(line)["chosen"]["content"] for line in out.splitlines()] == ["A1", "C2"]
+    assert {line.split("\t")[3] for line in cli("search", "q2", db=db, check=0).stdout
+            .splitlines()} == {"t", "third"}
+    found = cli("search", "q2", "--project", str(pid), db=db, check=0).stdout.splitlines()
+    assert found and all(line.split("\t")[3] == "t" for line in found)     # its one conversation
+    assert cli("search", "q2", "--project", str(pid + 1), db=db, check=0).stdout == ""
     out = cli("export", "--format", "sft", "-q", "why", "--since", "2000-01-01", db=db,
               check=0).stdout
     assert [json.loads(line)["messages"][-1]["content"] for line in out.splitlines()] == ["R2"]
