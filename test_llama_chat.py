@@ -4170,6 +4170,8 @@ def test_mentions_are_checked_before_anything_is_stored(client, mentions, status
     client.engine.store.add_message(other, "user", "something said")
     status, _, body = client.chat(cid, "q", mentions=[other, other])
     assert status == 200 and [s["conversation_id"] for s in body["recall"]] == [other]  # once
+    three = [other] + [client.new_conversation(t) for t in ("b", "c")]
+    assert client.chat(cid, "q", mentions=three)[0] == 200                  # three: the most
 
 
 ###############################################################################
@@ -4890,6 +4892,11 @@ def test_a_question_that_cannot_be_synced_ends_its_reply_with_a_database_error(
         assert "could not be synced" in body["error"] and body["user_message_id"]
     wait_for(lambda: not client.engine.generations, 10, "the replies ended")
     assert rows(client, "SELECT count(*) FROM messages WHERE generating IS NOT NULL") == [(0,)]
+    stub.reply = " ".join(f"w{i}" for i in range(2000))       # 20 s of it: ended, not waited for
+    assert client.chat(cid, "q", stream=True)[0] == 503
+    assert not client.engine.generations
+    assert rows(client, "SELECT finish_reason FROM messages ORDER BY id DESC LIMIT 1") != [
+        ("stop",)]
 
 
 def test_the_wal_is_synced_only_in_wal_mode(tmp_path):
