@@ -2592,13 +2592,16 @@ CREATE TRIGGER change_conversation_updated AFTER UPDATE OF title, model, system_
         VALUES ('conversation', 'updated', new.id, new.id);
 END;
 CREATE TRIGGER change_project_created AFTER INSERT ON projects BEGIN
-    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'created', 0, new.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('project', 'created', 0, new.id);
 END;
 CREATE TRIGGER change_project_updated AFTER UPDATE ON projects BEGIN
-    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'updated', 0, new.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('project', 'updated', 0, new.id);
 END;
 CREATE TRIGGER change_project_deleted AFTER DELETE ON projects BEGIN
-    INSERT INTO changes (kind, action, conversation_id, id) VALUES ('project', 'deleted', 0, old.id);
+    INSERT INTO changes (kind, action, conversation_id, id)
+        VALUES ('project', 'deleted', 0, old.id);
 END;
 """
 
@@ -2956,10 +2959,15 @@ RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
 
+def like_containing(text):
+    """A LIKE pattern (ESCAPE '\\') for text anywhere: its % and _ are text."""
+    return "%" + re.sub(r"([\\%_])", r"\\\1", text) + "%"
+
+
 def like_where(terms):
     """Without FTS5: every word a substring of the message m or its title
     (conversation c): the SQL condition and its parameters."""
-    escaped = ["%" + re.sub(r"([\\%_])", r"\\\1", t) + "%" for t in terms]
+    escaped = [like_containing(t) for t in terms]
     return (" AND ".join(["(m.content LIKE ? ESCAPE '\\' OR c.title LIKE ? ESCAPE '\\')"]
                          * len(terms)), [p for e in escaped for p in (e, e)])
 
@@ -3515,7 +3523,6 @@ class Tree:
 # Storage: projects
 ###############################################################################
 
-PROJECT_COLUMNS = ("id", "name", "system_prompt", "options", "created_at", "updated_at")
 PROJECT_LIST = """SELECT p.id, p.name, p.system_prompt, p.options, p.created_at, p.updated_at,
     (SELECT count(*) FROM conversations c WHERE c.project_id = p.id) AS conversations
     FROM projects p"""
@@ -3539,11 +3546,11 @@ class Projects:
         return [project_row(r) for r in dicts(self.db.conn().execute(
             PROJECT_LIST + " ORDER BY p.name COLLATE NOCASE, p.id"))]
 
-    def get(self, project_id, c=None):
+    def get(self, project_id):
         if project_id is None:
             return None
-        return project_row(one((c or self.db.conn()).execute(PROJECT_LIST + " WHERE p.id = ?",
-                                                             (project_id,))))
+        return project_row(one(self.db.conn().execute(PROJECT_LIST + " WHERE p.id = ?",
+                                                      (project_id,))))
 
     def named(self, c, name):
         found = c.execute("SELECT id FROM projects WHERE name = ?", (name,)).fetchone()
@@ -3992,7 +3999,7 @@ class Store:
             where.append(f"pinned = {int(pinned)}")
         if titled:
             where.append("title LIKE ? ESCAPE '\\'")
-            params.append("%" + re.sub(r"([\\%_])", r"\\\1", titled) + "%")
+            params.append(like_containing(titled))
         if project is not None:
             where.append("project_id = ?")
             params.append(project)
@@ -4867,8 +4874,8 @@ class ImportWriter:
 # {"messages": [...]}). Messages are {"role", "content"}: text, never
 # reasoning (a reply's tool calls and a tool result's call id too, as an
 # OpenAI client sends them); the system prompt the conversation (else its
-# project) sets comes first. Replies being made, and conversations with no reply, are left
-# out.
+# project) sets comes first. Replies being made, and conversations with no
+# reply, are left out.
 DATASET_FORMATS = ("preference", "sft")
 DATASET_BRANCH = f"""{CURRENT_PATH_SQL}
     SELECT m.id, m.parent_id, m.role, m.content, m.model, m.timestamp, m.tool_calls,
@@ -6659,7 +6666,7 @@ def with_sources(system_prompt, sources):
 # with the system prompt as a numbered source before any recalled ones, and
 # is named in the reply's `recall` (with "mention": true).
 MENTIONS_MOST = 3
-MENTION_SHARE = 4            # the mentioned conversations take at most 1/MENTION_SHARE of the context
+MENTION_SHARE = 4            # mentioned conversations take at most 1/MENTION_SHARE of the context
 SPEAKERS = {"user": "User", "assistant": "Assistant", "tool": "Tool", "system": "System"}
 
 
@@ -7139,7 +7146,8 @@ json_string = json.encoder.encode_basestring      # a str as a JSON string, in C
 def sse_line(event):
     """One event as its SSE line. Tokens, the bulk of a stream, skip the encoder."""
     if len(event) == 2 and "content" in event:
-        return f'data: {{"type": "{event["type"]}", "content": {json_string(event["content"])}}}\n\n'
+        content = json_string(event["content"])
+        return f'data: {{"type": "{event["type"]}", "content": {content}}}\n\n'
     return f"data: {SSE_JSON.encode(event)}\n\n"
 
 
@@ -9589,8 +9597,8 @@ def api_fork(engine, req):
     body = req.json()
     known_fields(body, {"message_id", "title"})
     message_id = require_int(body, "message_id")
-    title = require_str(body, "title", max_len=LIMITS["title"]).strip() if body.get("title") is not None \
-        else None
+    title = None if body.get("title") is None else \
+        require_str(body, "title", max_len=LIMITS["title"]).strip()
     forked = engine.store.tree.fork(conversation["id"], message_id, title)
     if forked is None:
         raise not_found("message", message_id)
