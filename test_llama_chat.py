@@ -14,6 +14,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -700,7 +701,9 @@ CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
 """
 
 
-def make_flask_db(path, conversations=3, per_conversation=4):
+def make_flask_db(path, conversations=3, per_conversation=4, texts=None):
+    """The original app's database; `texts`: what its messages say, in turn
+    (else a line naming each)."""
     conn = sqlite3.connect(path)
     conn.executescript(FLASK_SCHEMA)
     for c in range(conversations):
@@ -711,7 +714,8 @@ def make_flask_db(path, conversations=3, per_conversation=4):
             role = "user" if m % 2 == 0 else "assistant"
             conn.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp,"
                          " response_time_ms, estimated_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (c + 1, role, f"legacy message {c}-{m} about volcanoes", "old.gguf",
+                         (c + 1, role, next(texts) if texts
+                          else f"legacy message {c}-{m} about volcanoes", "old.gguf",
                           "2025-06-08 10:31:15", 900 if role == "assistant" else None, 10))
     conn.commit()
     conn.close()
@@ -1155,7 +1159,7 @@ def test_search_follows_renames_and_deletes(client, corpus):
     "\u0000", "💥", "ﬁ", "%", "_", "\\", "machine NOT learning", "learning -cook",
 ])
 def test_hostile_search_queries_never_fail(client, corpus, q):
-    status, _, body = client.get("/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
+    status, _, body = client.get("/api/search?" + urllib.parse.urlencode({"q": q}))
     assert status == 200, body
     assert body["query"] == q and isinstance(body["results"], list)
     assert rows(client, "SELECT count(*) FROM messages")[0][0] == 4
@@ -11027,16 +11031,92 @@ def test_bench_first_start(tmp_path, stub):
         app.stop()
 
 
+class OriginalProcess:
+    """The original Flask app (the file LLAMA_CHAT_BENCH_ORIGINAL names: its
+    code is public but not ours to ship), started as its README says, on
+    `db` and llama.cpp at `llamacpp_url`."""
+
+    def __init__(self, path, db, llamacpp_url):
+        self.port = free_port()
+        AppProcess.launch(self, [sys.executable, path], env=dict(
+            os.environ, DATABASE_PATH=db, LLAMACPP_API_URL=llamacpp_url, FLASK_HOST="127.0.0.1",
+            FLASK_PORT=str(self.port), MODELS_DIR=os.path.dirname(db),
+            LLAMACPP_PID_FILE=db + ".pid"))
+
+    def rss_mb(self):
+        return AppProcess.rss_mb(self)
+
+    def stop(self):
+        AppProcess.stop(self)
+
+
+def http_p50(port, paths, rounds=3):
+    """Each GET of `paths` asked `rounds` times (the first round warms the
+    page cache, untimed): the p50 in ms."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for path in paths:
+        timed_get(conn, path)
+    return percentile([timed_get(conn, path) for _ in range(rounds) for path in paths], 50)
+
+
+@bench
+def test_bench_versus_original(tmp_path, stub):
+    """Side by side with the original Flask app, on copies of one database
+    of its own of 100,000 messages and the same stub, alternating (original,
+    this, original, this): RSS after the first start and after 15 s of
+    reads, searches and chats from 8 clients; search p50 over the same
+    queries. Needs LLAMA_CHAT_BENCH_ORIGINAL (the original app.py; Flask
+    and requests installed)."""
+    original = os.environ.get("LLAMA_CHAT_BENCH_ORIGINAL")
+    if not original:
+        pytest.skip("LLAMA_CHAT_BENCH_ORIGINAL: the path of the original app's app.py")
+    row = bench_row
+    bench_heading("side by side with the original app")
+    master = str(tmp_path / "original.db")
+    make_flask_db(master, conversations=2000, per_conversation=50,
+                  texts=bench_corpus(100_000))
+    searches = ["/api/search?" + urllib.parse.urlencode({"q": q}) for q in SEARCHES]
+    figures = {"original": [], "this": []}
+    for run in range(int(os.environ.get("LLAMA_CHAT_BENCH_ROUNDS", "2"))):
+        for name in ("original", "this"):
+            db = str(tmp_path / f"{name}{run}" / "llamacpp_chat.db")
+            os.makedirs(os.path.dirname(db))
+            shutil.copy(master, db)
+            app = (OriginalProcess(original, db, stub.url) if name == "original"
+                   else AppProcess(db, stub.url))
+            try:
+                if name == "this":
+                    search_answers(app, q="python")
+                started = app.rss_mb()
+                search = http_p50(app.port, searches)
+                mixed_load(app.port, conversations=2000, searches=SEARCHES)
+                figures[name].append((started, app.rss_mb(), search))
+            finally:
+                app.stop()
+            shutil.rmtree(os.path.dirname(db))
+    for name, runs in figures.items():
+        row(f"{name}: RSS after the first start; after the load; search p50",
+            "; ".join(f"{a:.1f}/{b:.1f} MB {s:.2f} ms" for a, b, s in runs), "report")
+    pairs = list(zip(figures["original"], figures["this"]))
+    row("RSS after the load, this / original (each round's pair)",
+        ", ".join(f"x{t[1] / o[1]:.2f}" for o, t in pairs), "<= x0.6")
+    row("search p50, original / this (each round's pair)",
+        ", ".join(f"x{o[2] / t[2]:.1f}" for o, t in pairs), ">= x20")
+
+
 class AppProcess:
     """llama_chat.py started the way a user starts it."""
 
     def __init__(self, db, llamacpp_url, *extra):
         self.port = free_port()
+        self.launch([sys.executable, os.path.join(HERE, "llama_chat.py"), "--port", str(self.port),
+                     "--db", db, "--llamacpp-url", llamacpp_url, *extra])
+
+    def launch(self, argv, env=None):
+        """Started, and waited for until its conversation list answers."""
         self.started = started = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "llama_chat.py"),
-                                      "--port", str(self.port), "--db", db,
-                                      "--llamacpp-url", llamacpp_url, *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
         self.listening = None
         while True:
             try:
@@ -11120,8 +11200,8 @@ SEARCHES = ["the", "python", "answer", "how", "data index", "machine learning", 
 def search_figures(port, rounds=8):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for q in SEARCHES:                                    # warm the page cache
-        timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
-    times = [timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
+        timed_get(conn, "/api/search?" + urllib.parse.urlencode({"q": q}))
+    times = [timed_get(conn, "/api/search?" + urllib.parse.urlencode({"q": q}))
              for _ in range(rounds) for q in SEARCHES]
     return percentile(times, 50), percentile(times, 99)
 
@@ -11129,17 +11209,19 @@ def search_figures(port, rounds=8):
 def p95_of(port, queries, rounds=5):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for q in queries:
-        timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode({"q": q}))
-    return percentile([timed_get(conn, "/api/search?" + llama_chat.urllib.parse.urlencode(
+        timed_get(conn, "/api/search?" + urllib.parse.urlencode({"q": q}))
+    return percentile([timed_get(conn, "/api/search?" + urllib.parse.urlencode(
         {"q": q})) for _ in range(rounds) for q in queries], 95)
 
 
 TWO_LETTERS = ["th", "da", "pr", "ma", "wh", "qu", "co", "se", "in", "st", "re", "an"]
 
 
-def mixed_load(port, conversations, seconds=15, clients=8):
+def mixed_load(port, conversations, seconds=15, clients=8,
+               searches=("volcanoes", "legacy", "message", "about")):
     """Clients at once, each on its own connection, for `seconds`: opening
-    conversations, listing them, searching and chatting, as people do."""
+    conversations, listing them, searching (for `searches`) and chatting, as
+    people do."""
     ends = time.monotonic() + seconds
 
     def client(n):
@@ -11152,8 +11234,8 @@ def mixed_load(port, conversations, seconds=15, clients=8):
             elif pick < 0.6:
                 conn.request("GET", "/api/conversations?limit=50")
             elif pick < 0.85:
-                conn.request("GET", "/api/search?q=" + rng.choice(["volcanoes", "legacy",
-                                                                   "message", "about"]))
+                conn.request("GET", "/api/search?" + urllib.parse.urlencode(
+                    {"q": rng.choice(searches)}))
             else:
                 conn.request("POST", "/api/chat", json.dumps({
                     "conversation_id": rng.randrange(1, conversations), "model": "m",
