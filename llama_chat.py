@@ -2849,13 +2849,12 @@ def snippet(content, spans, width=160):
 # One row per message, holding its conversation's title too, so that every
 # word of a query may match in either. External content (a view over the
 # tables), kept in step by triggers inside the writing transaction. A prefix
-# index of 2 to 5 characters: a prefix is then looked up like a word. Without
+# index of 2 to 8 characters: a prefix is then looked up like a word. Without
 # one, FTS5 gathers every entry of every word that starts with it before it
 # can rank any, and then once more for bm25's word statistics: the cost of a
-# common prefix such as `pyth` grows with the whole history. Longer prefixes
-# (a word nearly typed), which few words share, are still gathered that way;
-# an index for them too made the index a tenth bigger and so the merge that
-# purges deleted text a tenth longer.
+# common prefix such as `pyth` grows with the whole history, and so does a
+# whole word as the query's last (`python` is searched as `python*`). Longer
+# prefixes, words mostly rarer, are still gathered that way.
 #
 # A history opened without its index (the original app's, or one used by a
 # SQLite without FTS5) is indexed in the background while everything else
@@ -2865,6 +2864,7 @@ def snippet(content, spans, width=160):
 # it is when it comes to it). A message added meanwhile is indexed by its
 # trigger: ids are AUTOINCREMENT's, above every id there was.
 BM25 = "bm25(2.0, 1.0)"     # title words weigh double
+SEARCH_PREFIXES = "2 3 4 5 6 7 8"
 UNBUILT = "EXISTS (SELECT 1 FROM search_unbuilt WHERE {id} BETWEEN first AND last)"
 SEARCH_SCHEMA = f"""
 CREATE TABLE search_unbuilt (first INTEGER NOT NULL, last INTEGER NOT NULL,
@@ -2873,7 +2873,7 @@ CREATE VIEW search_source AS
     SELECT m.id AS id, search_form(c.title) AS title, search_form(m.content) AS content
     FROM messages m JOIN conversations c ON c.id = m.conversation_id;
 CREATE VIRTUAL TABLE search_fts USING fts5(
-    title, content, content='search_source', content_rowid='id', prefix='2 3 4 5',
+    title, content, content='search_source', content_rowid='id', prefix='{SEARCH_PREFIXES}',
     tokenize='unicode61 remove_diacritics 2');
 CREATE TABLE search_purge (due INTEGER PRIMARY KEY);
 CREATE TRIGGER search_message_added AFTER INSERT ON messages
@@ -2924,7 +2924,7 @@ CREATE VIEW attached_text AS
     FROM message_attachments l JOIN attachments a ON a.id = l.attachment_id
     WHERE a.kind = 'text';
 CREATE VIRTUAL TABLE attached_fts USING fts5(
-    content, content='attached_text', content_rowid='id', prefix='2 3 4 5',
+    content, content='attached_text', content_rowid='id', prefix='{SEARCH_PREFIXES}',
     tokenize='unicode61 remove_diacritics 2');
 CREATE TRIGGER attached_text_added AFTER INSERT ON message_attachments
 WHEN (SELECT kind FROM attachments WHERE id = new.attachment_id) = 'text' BEGIN

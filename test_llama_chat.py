@@ -1483,6 +1483,29 @@ def test_a_1_1_database_migrates_to_one_index(tmp_path):
     assert backup.execute("SELECT count(*) FROM search_terms").fetchone()[0] > 0
 
 
+def test_an_index_of_1_10s_prefixes_is_built_again_with_longer_ones(tmp_path, monkeypatch):
+    """1.10 indexed prefixes of 2-5 characters; a whole word typed last (a
+    prefix of 6-8) is looked up in the index now: an older index is made
+    again, and finds what it found."""
+    path = str(tmp_path / "prefixes.db")
+    for name in ("SEARCH_SCHEMA", "ATTACHED_SEARCH_SCHEMA"):
+        monkeypatch.setattr(llama_chat, name, getattr(llama_chat, name).replace(
+            f"prefix='{llama_chat.SEARCH_PREFIXES}'", "prefix='2 3 4 5'"))
+    store = llama_chat.Store(path)
+    cid = store.create_conversation("Languages", MODEL)
+    for text in ("pythonic code", "a python script", "pythons are snakes", "nothing else"):
+        store.add_message(cid, "user", text)
+    store.close()
+    monkeypatch.undo()
+    again = llama_chat.Store(path)
+    assert "prefix='2 3 4 5 6 7 8'" in rows_of(
+        again, "SELECT sql FROM sqlite_master WHERE name = 'search_fts'")[0][0]
+    assert sorted(r["content"] for r in again.search("python", 10)) == [
+        "a python script", "pythonic code", "pythons are snakes"]
+    assert [r["content"] for r in again.search("pythoni", 10)] == ["pythonic code"]
+    assert_index_in_step(again)
+
+
 def test_a_start_on_an_indexed_database_builds_nothing(tmp_path, caplog):
     path = str(tmp_path / "again.db")
     store = llama_chat.Store(path)
