@@ -2196,36 +2196,52 @@ CREATE UNIQUE INDEX IF NOT EXISTS conversations_by_source ON conversations (sour
 """
 
 
-def migrate_to_5(c):
-    """The messages table made anew by SQLite's own recipe: its triggers and
-    views (which name it) saved and dropped, the old table renamed, the new
-    one filled in id order (a parent before its children), the old dropped,
-    its indexes, triggers and views made again, the id sequence kept."""
+@contextmanager
+def messages_bare(c):
+    """Every trigger and view (they name the messages table) and the messages
+    table's indexes dropped, to be made again on leaving: while the rows are
+    poured from one table into another, by SQLite's own recipe for making a
+    table anew."""
     saved = [sql for (sql,) in c.execute(
         "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL AND (type IN ('trigger', 'view') "
         "OR (type = 'index' AND tbl_name = 'messages')) ORDER BY type = 'view' DESC")]
-    for kind, name in c.execute("SELECT type, name FROM sqlite_master "
-                                "WHERE type IN ('trigger', 'view')").fetchall():
+    for kind, name in c.execute("SELECT type, name FROM sqlite_master WHERE type IN "
+                                "('trigger', 'view') OR (type = 'index' AND tbl_name = "
+                                "'messages' AND sql IS NOT NULL)").fetchall():
         c.execute(f"DROP {kind.upper()} {name}")
-    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-    c.execute("ALTER TABLE messages RENAME TO messages_before_5")
-    c.execute(MESSAGES_TABLE)
-    new = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
-    old = c.execute("PRAGMA table_info(messages_before_5)").fetchall()
-    for _, name, kind, *_ in old:
-        if name not in new:         # a column of the original app's own: kept
-            c.execute(f'ALTER TABLE messages ADD COLUMN "{name}" {kind}')
-    names = ", ".join(f'"{row[1]}"' for row in old)
-    c.execute(f"INSERT INTO messages ({names}, digest) SELECT {names}, "
-              "message_digest(role, content, NULL, NULL) FROM messages_before_5 ORDER BY id")
-    c.execute("DROP TABLE messages_before_5")
+    yield
     for sql in saved:
         c.execute(sql)
+
+
+def keep_sequence(c, sequence):
+    """The messages' id sequence at least `sequence` (a row of it, or None):
+    an id once given is not given again."""
     if sequence:
         c.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'messages'",
                   sequence)
         c.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', ? WHERE NOT "
                   "EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')", sequence)
+
+
+def migrate_to_5(c):
+    """The messages table made anew: the old table renamed, the new one
+    filled in id order (a parent before its children), the old dropped, the
+    id sequence kept."""
+    with messages_bare(c):
+        sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        c.execute("ALTER TABLE messages RENAME TO messages_before_5")
+        c.execute(MESSAGES_TABLE)
+        new = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
+        old = c.execute("PRAGMA table_info(messages_before_5)").fetchall()
+        for _, name, kind, *_ in old:
+            if name not in new:         # a column of the original app's own: kept
+                c.execute(f'ALTER TABLE messages ADD COLUMN "{name}" {kind}')
+        names = ", ".join(f'"{row[1]}"' for row in old)
+        c.execute(f"INSERT INTO messages ({names}, digest) SELECT {names}, "
+                  "message_digest(role, content, NULL, NULL) FROM messages_before_5 ORDER BY id")
+        c.execute("DROP TABLE messages_before_5")
+        keep_sequence(c, sequence)
     c.execute("ALTER TABLE conversations ADD COLUMN source TEXT")
     c.execute("ALTER TABLE conversations ADD COLUMN source_id TEXT")
     c.execute("ALTER TABLE conversations ADD COLUMN client TEXT")
@@ -2684,6 +2700,70 @@ CURRENT_SQL = """coalesce(
     (SELECT m.id FROM messages m WHERE m.id = c.current_message_id
                                    AND m.conversation_id = c.id),
     (SELECT max(m.id) FROM messages m WHERE m.conversation_id = c.id))"""
+
+
+###############################################################################
+# Storage: the original app's history migrated in one pass
+###############################################################################
+
+# Migrations 1, 3 and 5 each rewrite every message of the original app's
+# history (times made ISO, each message the child of the one before, the
+# table made anew): 18 s of the 23 a million messages took, during which no
+# chat could begin. So from schema 0 the chain runs on an empty table of the
+# same shape in the history's place (it makes every table, column, index and
+# trigger, and the conversations' changes), and the messages are then poured
+# in once as the chain would have left them. A history with triggers or
+# views of its own (not the original app's) takes the chain.
+ROWS_AS_MIGRATED = {
+    "timestamp": f"CASE WHEN {IS_LEGACY_TIME.format(column='timestamp')} "
+                 f"THEN {ISO_OF_LEGACY.format(column='timestamp')} ELSE timestamp END",
+    "finish_reason": "CASE WHEN role = 'assistant' THEN coalesce({finish_reason}, 'stop') "
+                     "ELSE {finish_reason} END",
+    "parent_id": "(SELECT max(p.id) FROM messages_original p "
+                 "WHERE p.conversation_id = o.conversation_id AND p.id < o.id)",
+    "digest": "message_digest(role, content, NULL, NULL)",
+}
+
+
+def migrate_original_to_5(c):
+    """Schema 0 -> 5, each message written once."""
+    found = c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                      ).fetchone()
+    if found is None or c.execute("SELECT 1 FROM sqlite_master WHERE type IN ('trigger', "
+                                  "'view')").fetchone():
+        for migrate in MIGRATIONS[:5]:
+            migrate(c)
+        return
+    indexes = [sql for (sql,) in c.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
+                                           "AND tbl_name = 'messages' AND sql IS NOT NULL")]
+    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    c.execute("ALTER TABLE messages RENAME TO messages_original")     # its indexes with it
+    c.execute("CREATE INDEX messages_original_parents ON messages_original (conversation_id, id)")
+    c.execute(found[0])                                 # the same table, empty
+    for migrate in MIGRATIONS[:5]:
+        migrate(c)
+    have = {row[1] for row in c.execute("PRAGMA table_info(messages_original)")}
+    names = [row[1] for row in c.execute("PRAGMA table_info(messages)")]
+    values = [ROWS_AS_MIGRATED.get(name, f'"{name}"' if name in have else "NULL").format(
+        finish_reason="finish_reason" if "finish_reason" in have else "NULL") for name in names]
+    with messages_bare(c):
+        c.execute(f"""INSERT INTO messages ({', '.join(f'"{n}"' for n in names)})
+                      SELECT {', '.join(values)} FROM messages_original o ORDER BY id""")
+        c.execute("DROP TABLE messages_original")
+        keep_sequence(c, sequence)
+    for sql in indexes:                                 # the original app's own, as 5 keeps them
+        c.execute(sql)
+    c.execute("UPDATE conversations SET current_message_id = "
+              "(SELECT max(id) FROM messages WHERE conversation_id = conversations.id)")
+
+
+def migration_steps(version):
+    """(the version it leaves, migration) from `version` to SCHEMA_VERSION."""
+    if version == 0:
+        yield 5, migrate_original_to_5
+        version = 5
+    for number, migrate in enumerate(MIGRATIONS[version:], version + 1):
+        yield number, migrate
 
 
 ###############################################################################
@@ -3877,7 +3957,7 @@ class Store:
         with db.own_connection() as conn:
             conn.execute("PRAGMA cache_size = -131072")  # 128 MiB while building: ~20% faster
             with db.write(conn) as c:
-                for number, migrate in enumerate(MIGRATIONS[self.version:], self.version + 1):
+                for number, migrate in migration_steps(self.version):
                     self.progress.set(f"migrating the database to schema {number}")
                     migrate(c)
                     c.execute(f"PRAGMA user_version = {number}")

@@ -833,6 +833,106 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+ORIGINAL_APP_SCHEMA = """
+CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
+    model TEXT NOT NULL, model_file TEXT, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
+CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL, model TEXT,
+    model_file TEXT, timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP, response_time_ms INTEGER,
+    estimated_tokens INTEGER,
+    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
+CREATE INDEX idx_messages_conversation ON messages(conversation_id);
+CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
+CREATE INDEX idx_messages_timestamp ON messages(timestamp);
+"""
+
+
+def original_app_history(path, schema=ORIGINAL_APP_SCHEMA, extra=""):
+    """The original app's database as its users have it: conversations
+    written in turn (their messages' ids interleaved), times as it wrote
+    them (some with milliseconds, some already ISO), a conversation left
+    empty, its newest message deleted (the id sequence beyond every id)."""
+    conn = sqlite3.connect(path)
+    conn.executescript(schema + extra)
+    has_file = "model_file" in schema
+    for c in range(4):
+        conn.execute("INSERT INTO conversations (title, model, created_at, updated_at) VALUES "
+                     "(?, 'old.gguf', '2025-06-08 10:30:00', ?)", (f"Chat {c}", f"2025-06-0{c + 1} "
+                                                                    "11:00:00.250"))
+    times = ["2025-06-08 10:31:15", "2025-06-08 10:31:16.5", "2025-06-08T10:31:17Z",
+             "2025-06-08 10:31:18.123456"]
+    for m in range(24):
+        c, role = m % 3 + 1, ("user", "assistant")[m // 3 % 2]
+        conn.execute("INSERT INTO messages (conversation_id, role, content, model, timestamp, "
+                     "response_time_ms, estimated_tokens) VALUES (?, ?, ?, 'old.gguf', ?, ?, ?)",
+                     (c, role, f"  message {m} of chat {c}: über 火山 {m % 5}  ", times[m % 4],
+                      900 + m if role == "assistant" else None, m))
+        if has_file and m % 2:
+            conn.execute("UPDATE messages SET model_file = 'old.gguf' WHERE id = ?", (m + 1,))
+    conn.execute("DELETE FROM messages WHERE id = 24")
+    conn.commit()
+    conn.close()
+
+
+def history_dump(path):
+    """Every table's rows and the whole schema (SQL text of each object, by
+    name), but what SQLite makes at random: conversations' UUIDs."""
+    conn = sqlite3.connect(path)
+    schema = {name: " ".join((sql or "").split()) for name, sql in conn.execute(
+        "SELECT name, sql FROM sqlite_master")}
+    rows = {}
+    for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND sql "
+                                 "NOT LIKE 'CREATE VIRTUAL%'").fetchall():   # FTS5's: its shadows
+        columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+        picked = ", ".join(f'"{c}"' for c in columns if (table, c) != ("conversations", "uuid"))
+        rows[table] = sorted(conn.execute(f'SELECT {picked} FROM "{table}"').fetchall(), key=repr)
+    conn.close()
+    return schema, rows
+
+
+@pytest.mark.parametrize("variant", ["original app", "before model_file", "a view of its own",
+                                     "no history"])
+def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
+        tmp_path, monkeypatch, variant):
+    """Schema 0 -> 5 in one pass (migrate_original_to_5) leaves every table,
+    row and schema object as migrations 1 to 5 one after another do."""
+    schema, extra = ORIGINAL_APP_SCHEMA, ""
+    if variant == "before model_file":
+        schema = schema.replace(" model_file TEXT,", "")
+    if variant == "a view of its own":
+        extra = "CREATE VIEW recent AS SELECT * FROM messages WHERE id > 10;"
+    paths = [str(tmp_path / name) for name in ("chain.db", "one_pass.db")]
+    for path in paths:
+        if variant != "no history":
+            original_app_history(path, schema, extra)
+    passes = []
+    real_steps = llama_chat.migration_steps
+
+    def chain(version):
+        passes.append("chain")
+        return enumerate(llama_chat.MIGRATIONS[version:], version + 1)
+    monkeypatch.setattr(llama_chat, "migration_steps", chain)
+    llama_chat.Store(paths[0]).close()
+    monkeypatch.setattr(llama_chat, "migration_steps", real_steps)
+    rewrites = []
+    real_5 = llama_chat.migrate_to_5
+    monkeypatch.setattr(llama_chat, "MIGRATIONS", [
+        *llama_chat.MIGRATIONS[:4], lambda c: rewrites.append(c.execute(
+            "SELECT count(*) FROM messages").fetchone()[0]) or real_5(c),
+        *llama_chat.MIGRATIONS[5:]])
+    llama_chat.Store(paths[1]).close()
+    assert passes == ["chain"]
+    # the one pass ran migration 5 on an empty table (or, with a view of its
+    # own, on the history: the chain)
+    assert rewrites == [23 if variant == "a view of its own" else 0]
+    chained, one_pass = history_dump(paths[0]), history_dump(paths[1])
+    assert one_pass[0] == chained[0]
+    assert one_pass[1] == chained[1]
+    if variant != "no history":
+        assert len(one_pass[1]["messages"]) == 23 and one_pass[1]["sqlite_sequence"]
+
+
 # The whole schema a database of this version has: every table of the
 # history (FTS5's own shadow tables aside) with its columns and their types.
 SCHEMA = {
