@@ -3485,6 +3485,13 @@ class Tree:
                 m.token_count FROM path JOIN messages m USING (id) ORDER BY m.id""",
             (message_id, limit)))
 
+    def first(self, message_id, count):
+        """The first `count` messages of the branch from the root to this one."""
+        return dicts(self.db.conn().execute(
+            f"""{PATH_SQL} SELECT m.id, m.role, m.content, m.tool_calls, m.tool_call_id,
+                m.token_count FROM path JOIN messages m USING (id) ORDER BY m.id LIMIT ?""",
+            (message_id, WHOLE_PATH, count)))
+
     def depth(self, message_id):
         """How many messages the branch from the root to this one holds."""
         return self.db.conn().execute(f"{PATH_SQL} SELECT count(*) FROM path",
@@ -6536,32 +6543,36 @@ def question_tokens(engine, text, model):
 # the same beginning again pays only for what is new. A window that slid by a
 # message a turn would change the beginning every turn, and llama.cpp would
 # read the whole history again each time: minutes on a Pi. So what is left
-# out grows in steps (half the message limit, half the token budget), and
-# the turns between two steps send the same beginning.
+# out grows in steps (half the message limit, two thirds of the token
+# budget), and the turns between two steps send the same beginning.
 def stepped_window(earlier, limit):
     """How many of a branch's `earlier` messages go with a chat, at most
     `limit`: all while they fit; then the oldest left out half the limit at
     a time (each turn adds two messages: a step of a quarter would move the
-    first kept every turn), so the first kept moves every few turns."""
+    first kept every turn), so the first kept moves every few turns. The
+    step is even (half the limit, rounded up to pairs): a window of a
+    question and reply a turn begins with a question."""
     if earlier <= limit:
         return earlier
-    step = max(2, -(-limit // 2))
+    step = max(2, -(-limit // 4) * 2)
     return max(0, earlier - -(-(earlier - limit) // step) * step)
 
 
-STEP_OF_BUDGET = 2           # a step leaves out 1/2 of the token budget
+STEP_OF_BUDGET = 2 / 3       # of the token budget, left out at a step
+FIRST_SHARE = 4              # the first exchange is kept if it takes at most 1/4 of the budget
 
 
 def stepped_start(costs, budget):
     """Where the exchanges (their token costs, oldest first) that go begin:
     0 when all fit the budget; else the first of the places where what was
-    left out before it reaches each next multiple of a step (half the
-    budget: places fixed by the oldest exchanges alone), from which the
+    left out before it reaches each next multiple of a step (two thirds of
+    the budget: places fixed by the oldest exchanges alone), from which the
     rest fits; None if from none of them. Between two steps each turn sends
-    the last one's prompt and adds to it; a step makes llama.cpp read the
-    whole prompt again: with steps of half the budget it reads on average
-    twice what each turn adds."""
-    step = max(1, budget // STEP_OF_BUDGET)
+    the last one's prompt and adds to it; a step makes llama.cpp read what
+    is kept (a third of the budget) again, once in the turns it takes to
+    fill two thirds: on average half as much again as each turn adds (with
+    steps of half the budget: twice)."""
+    step = max(1, int(budget * STEP_OF_BUDGET))
     rest, left_out, mark = sum(costs), 0, 0
     for i, cost in enumerate([*costs, 0]):
         if left_out >= mark:                       # a place where a step ends
@@ -6584,15 +6595,39 @@ def exchanges(messages):
     return found
 
 
+FIRST_EXCHANGE_MOST = 4      # messages of a branch's first exchange kept while the rest steps
+
+
+def windowed_history(tree, leaf, earlier, limit, own=0):
+    """What of the branch up to `leaf` a chat sends, and whether it begins
+    with the branch's first question: its `own` last messages and, of the
+    `earlier` ones before them, what stepped_window keeps within `limit`.
+    Where that leaves some out, the branch's first exchange (its first
+    question and what answered it) goes first, within the limit: what the
+    conversation is about stays, and with it a beginning llama.cpp's prompt
+    cache still holds after a step."""
+    kept = stepped_window(earlier, limit)
+    if kept == earlier:
+        return (tree.path(leaf, kept + own) if kept + own else []), True
+    parts = exchanges(tree.first(leaf, FIRST_EXCHANGE_MOST + 1))
+    first = parts[0] if len(parts) > 1 else []      # whole: another begins after it
+    if not first or first[0]["role"] != "user" or len(first) < 2 or len(first) * 2 > limit:
+        return tree.path(leaf, kept + own), False
+    kept = stepped_window(earlier - len(first), limit - len(first))
+    return first + tree.path(leaf, kept + own), True
+
+
 def fit_context(engine, turn, branch_length):
     """Leave out of the turn's history what would not fit the model's context:
     n_ctx (llama-server's /props) less the reply's max_tokens (at most a
     quarter of n_ctx: a default of 4096 would leave no room in a small
     context) and the system prompt. The turn's own messages always go; then
     whole exchanges: an exchange too long for the context ever to go and an
-    unanswered question are left out; of the rest, the newest from where
-    stepped_start says (the oldest left out half the budget at a time, so
-    that llama.cpp's prompt cache serves the turns between). Where
+    unanswered question are left out; of the rest, the branch's first
+    exchange, where the history begins with it and it takes at most a
+    quarter of the budget, and the newest from where stepped_start says
+    (the oldest left out two thirds of the budget at a time, so that
+    llama.cpp's prompt cache serves the turns between). Where
     llama.cpp cannot say n_ctx or count, the history stays as the message
     limit made it (and an overflow is still retried with fewer).
     turn.context says what was done."""
@@ -6617,8 +6652,13 @@ def fit_context(engine, turn, branch_length):
         cost = sum(m["token_count"] + overhead for m in e)
         if e[0]["role"] == "user" and len(e) > 1 and used + cost <= budget:
             sendable.append((e, cost))
+    pinned = []           # the branch's first exchange, kept while the rest steps
+    if turn.begins_at_root and sendable and sendable[0][0][0] is history[0] and \
+            sendable[0][1] * FIRST_SHARE <= budget - used:
+        pinned = [sendable.pop(0)]
+        used += pinned[0][1]
     start = stepped_start([cost for _, cost in sendable], budget - used)
-    kept = []
+    kept = [m for e, _ in pinned for m in e]
     for e, cost in sendable[start:] if start is not None else ():
         kept += e
         used += cost
@@ -6817,8 +6857,8 @@ def next_prompt(engine, conversation, question=None, model=None):
     options = check_model_options(asked, "options")
     leaf = conversation.get("current_message_id")
     total = engine.store.tree.depth(leaf) if leaf is not None else 0
-    kept = stepped_window(total, engine.settings.performance["context_history_limit"])
-    history = engine.store.tree.path(leaf, kept) if leaf is not None and kept else []
+    history, at_root = windowed_history(engine.store.tree, leaf, total, engine.settings.performance[
+        "context_history_limit"]) if leaf is not None else ([], True)
     attached = engine.store.attached([m["id"] for m in history if m["role"] == "user"])
     for m in history:
         m["attachments"] = attached.get(m["id"], [])
@@ -6832,7 +6872,7 @@ def next_prompt(engine, conversation, question=None, model=None):
     system_prompt = with_sources(system_prompt, sources)
     turn = types.SimpleNamespace(model=model, history=history, system_prompt=system_prompt,
                                  options=options, own_messages=1 if question else 0,
-                                 context=None)
+                                 context=None, begins_at_root=at_root)
     fit_context(engine, turn, total)
     left_out, upstream = [], engine.upstream_for(model)
     messages = context_messages(system_prompt, turn.history, upstream.takes(model),
@@ -6901,6 +6941,7 @@ class ChatTurn:
     left_out: list = field(default_factory=list)   # attachments the model does not take
     recall: list = None           # the sources recalled for it (None: none)
     unsynced: bool = False        # its question's commit is not yet synced (Database.sync_wal)
+    begins_at_root: bool = False  # history begins with the branch's first question
 
     def payload(self, skip=0):
         """llama.cpp's request, leaving out the oldest `skip` messages. It is
@@ -7054,8 +7095,8 @@ def start_chat(engine, body):
         title_pending = False
     own = 2 if continued else 1
     earlier = store.tree.depth(last) - own
-    history = store.tree.path(last, stepped_window(
-        earlier, engine.settings.performance["context_history_limit"]) + own)
+    history, at_root = windowed_history(store.tree, last, earlier,
+                                        engine.settings.performance["context_history_limit"], own)
     attached = store.attached([m["id"] for m in history if m["role"] == "user"])
     for m in history:
         m["attachments"] = attached.get(m["id"], [])
@@ -7072,7 +7113,7 @@ def start_chat(engine, body):
     turn = ChatTurn(conversation_id, model, question, parent_id, continued, system_prompt,
                     history, upstream_options, time.monotonic(),
                     asked, title_pending, message_id=reply_id, recall=sources or None,
-                    unsynced=message is not None)
+                    unsynced=message is not None, begins_at_root=at_root)
     try:
         fit_context(engine, turn, earlier + own)
         turn.takes = engine.upstream_for(model or None).takes(model or None)   # as /props said

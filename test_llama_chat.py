@@ -698,6 +698,7 @@ CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INT
     FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
 CREATE INDEX idx_messages_conversation ON messages(conversation_id);
 CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
+CREATE INDEX idx_messages_timestamp ON messages(timestamp);
 """
 
 
@@ -833,26 +834,12 @@ def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-ORIGINAL_APP_SCHEMA = """
-CREATE TABLE conversations (id INTEGER PRIMARY KEY AUTOINCREMENT, title TEXT NOT NULL,
-    model TEXT NOT NULL, model_file TEXT, created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-    updated_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP);
-CREATE TABLE messages (id INTEGER PRIMARY KEY AUTOINCREMENT, conversation_id INTEGER NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')), content TEXT NOT NULL, model TEXT,
-    model_file TEXT, timestamp TIMESTAMP DEFAULT CURRENT_TIMESTAMP, response_time_ms INTEGER,
-    estimated_tokens INTEGER,
-    FOREIGN KEY (conversation_id) REFERENCES conversations (id) ON DELETE CASCADE);
-CREATE INDEX idx_messages_conversation ON messages(conversation_id);
-CREATE INDEX idx_conversations_updated ON conversations(updated_at DESC);
-CREATE INDEX idx_messages_timestamp ON messages(timestamp);
-"""
-
-
-def original_app_history(path, schema=ORIGINAL_APP_SCHEMA, extra=""):
+def original_app_history(path, schema=None, extra=""):
     """The original app's database as its users have it: conversations
     written in turn (their messages' ids interleaved), times as it wrote
     them (some with milliseconds, some already ISO), a conversation left
     empty, its newest message deleted (the id sequence beyond every id)."""
+    schema = schema or FLASK_SCHEMA
     conn = sqlite3.connect(path)
     conn.executescript(schema + extra)
     has_file = "model_file" in schema
@@ -897,7 +884,7 @@ def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
         tmp_path, monkeypatch, variant):
     """Schema 0 -> 5 in one pass (migrate_original_to_5) leaves every table,
     row and schema object as migrations 1 to 5 one after another do."""
-    schema, extra = ORIGINAL_APP_SCHEMA, ""
+    schema, extra = FLASK_SCHEMA, ""
     if variant == "before model_file":
         schema = schema.replace(" model_file TEXT,", "")
     if variant == "a view of its own":
@@ -2048,9 +2035,13 @@ def test_the_history_limit_applies_to_the_branch(client, stub):
     client.engine.settings.performance["context_history_limit"] = 3
     regenerate(client, cid, replies[3]["user_message_id"])
     assert [text for _, text in sent(stub)] == ["Q2", stub.reply, "Q3"]   # A1 led: left out
-    client.engine.settings.performance["context_history_limit"] = 4
+    client.engine.settings.performance["context_history_limit"] = 4     # the first kept
     regenerate(client, cid, replies[3]["user_message_id"])
-    assert [text for _, text in sent(stub)] == ["Q1", stub.reply, "Q2", stub.reply, "Q3"]
+    assert [text for _, text in sent(stub)] == ["Q0", stub.reply, "Q2", stub.reply, "Q3"]
+    client.engine.settings.performance["context_history_limit"] = 6     # all: the branch's
+    regenerate(client, cid, replies[3]["user_message_id"])
+    assert [text for _, text in sent(stub)] == [
+        "Q0", stub.reply, "Q1", stub.reply, "Q2", stub.reply, "Q3"]
 
 
 @pytest.mark.parametrize("body, field", [
@@ -3769,12 +3760,13 @@ def test_a_long_chat_sends_the_newest_messages_that_fit_the_context(client, stub
     status, _, body = client.chat(cid, TEN_WORDS.format("q5"))
     assert status == 200, body
     sent = stub.requests[-1]["body"]["messages"]
-    # 18 + (16 + 18) * 3 = 120, and a reply (16) fits too but cannot go first: q2 onwards
+    # 136 - 18 (q5) = 118 for the five exchanges before, 34 each (170): what is
+    # left out grows by two thirds of 118 (78) at a time: three go, q3 onwards
     assert [m["content"] for m in sent[1:] if m["role"] == "user"] == [
-        TEN_WORDS.format(f"q{i}") for i in (2, 3, 4, 5)]
-    assert len(sent) == 1 + 7
-    assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 7,
-                               "messages_left_out": 4}      # prompt_tokens: llama.cpp's usage
+        TEN_WORDS.format(f"q{i}") for i in (3, 4, 5)]
+    assert len(sent) == 1 + 5
+    assert body["context"] == {"n_ctx": 200, "prompt_tokens": 21, "messages_sent": 5,
+                               "messages_left_out": 6}      # prompt_tokens: llama.cpp's usage
 
 
 def test_a_question_too_long_for_the_context_does_not_silence_the_history(client, stub):
@@ -3859,37 +3851,123 @@ def test_the_message_window_moves_in_steps_of_half_the_limit(earlier, limit, kep
 
 
 @pytest.mark.parametrize("costs, budget, start", [
-    ([], 100, 0), ([30, 30, 30], 100, 0), ([30, 30, 30], 90, 0), ([30, 30, 30, 30], 100, 2),
-    ([30, 30, 30, 30, 30], 100, 2), ([30] * 7, 100, 4), ([10, 10, 10, 10, 60], 90, 5),
-    ([20, 20, 20, 60], 90, 3), ([20, 20, 20, 20, 60], 90, 3),   # a step's place holds
-    ([100], 100, 0), ([101], 100, 1), ([50, 50, 1], 100, 1), ([5, 5], -1, None)])
-def test_what_is_left_out_grows_by_half_the_budget(costs, budget, start):
+    ([], 100, 0), ([30, 30, 30], 100, 0), ([30, 30, 30], 90, 0), ([30, 30, 30, 30], 100, 3),
+    ([30, 30, 30, 30, 30], 100, 3), ([30] * 7, 100, 5), ([30] * 9, 100, 7),
+    ([10, 10, 10, 10, 60], 90, 5), ([20, 20, 20, 60], 90, 3),
+    ([20, 20, 20, 20, 60], 90, 3),                              # a step's place holds
+    ([33, 33, 35], 100, 2), ([33, 32, 36], 100, 3),             # a step: 66 left out
+    ([100], 100, 0), ([101], 100, 1), ([50, 50, 1], 100, 2), ([5, 5], -1, None)])
+def test_what_is_left_out_grows_by_two_thirds_of_the_budget(costs, budget, start):
     assert llama_chat.stepped_start(costs, budget) == start
 
 
-def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_half_out(stub, launch):
+def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_two_thirds_out(stub, launch):
     """What llama.cpp's prompt cache needs: each turn sends what the turn
     before sent (and its reply) as its beginning, but at the few turns where
-    a step leaves the oldest out; a step leaves out half the budget, and no
-    prompt passes the context."""
+    a step leaves the oldest out; the first question and its reply stay
+    (the system prompt, then they, are the beginning every turn sends), a
+    step leaves out two thirds of the rest of the budget, and no prompt
+    passes the context."""
     stub.n_ctx = 400                             # a quarter for the reply: 300 tokens
     client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
                                                   "context_history_limit": 500}))
     cid = client.new_conversation()
-    sent, drops = [], 0
+    sent, drops, first = [], 0, None
     for n in range(30):
         stub.reply = f"Reply {n}: some nine words or so, each a token."
         answer = client.chat(cid, f"question {n} " + "word " * 12)[2]
         assert answer["context"]["prompt_tokens"] <= 300
         messages = stub.requests[-1]["body"]["messages"]
         assert stub.requests[-1]["body"]["cache_prompt"] is True
+        first = first or messages[:1] + [messages[1], {"role": "assistant",
+                                                       "content": "Reply 0: some nine words or "
+                                                                  "so, each a token."}]
+        assert messages[:3] == first or n == 0
         if sent and messages[:len(sent)] != sent:
             drops += 1
             left = [m for m in sent if m not in messages]
-            assert left == sent[1:1 + len(left)]                 # the oldest exchanges
+            assert left == sent[3:3 + len(left)]       # the oldest exchanges after the first
             assert sum(len(m["content"].split()) + 8 for m in left) >= 300 // 4   # a quarter+
         sent = messages + [{"role": "assistant", "content": stub.reply}]
-    assert 0 < drops <= 8       # one every ~4 turns; a slide: every turn once full (~23)
+    assert 0 < drops <= 7       # one every ~3 turns; a slide: every turn once full (~23)
+
+
+@pytest.mark.parametrize("first_roles, limit, pinned", [
+    (["user", "assistant"], 8, True),
+    (["user", "assistant", "tool", "assistant"], 8, True),           # 4: a whole exchange
+    (["user", "assistant", "tool", "assistant", "tool", "assistant"], 16, False),  # over 4
+    (["user", "assistant", "tool", "assistant"], 7, False),          # over half the limit
+    (["system", "user", "assistant"], 8, False),                     # not a question first
+    (["system", "assistant", "user", "assistant"], 8, False),        # the same, two long
+])
+def test_the_message_window_keeps_the_first_exchange_when_it_steps(tmp_path, first_roles,
+                                                                   limit, pinned):
+    store = llama_chat.Store(str(tmp_path / "first.db"))
+    cid = store.create_conversation("t", MODEL)
+    for i, role in enumerate(first_roles):
+        store.add_message(cid, role, f"first {i}", MODEL)
+    for n in range(12):
+        store.add_message(cid, "user", f"q{n}", MODEL)
+        leaf = store.add_message(cid, "assistant", f"a{n}", MODEL)
+    earlier = store.tree.depth(leaf) - 1
+    history, at_root = llama_chat.windowed_history(store.tree, leaf, earlier, limit, own=1)
+    texts = [m["content"] for m in history]
+    assert at_root is pinned and len(history) <= limit + 1 and texts[-1] == "a11"
+    if pinned:
+        assert texts[:len(first_roles)] == [f"first {i}" for i in range(len(first_roles))]
+        assert texts[len(first_roles)].startswith("q")             # the rest begins with one
+    else:
+        assert texts == [m["content"] for m in store.tree.path(      # the window alone
+            leaf, llama_chat.stepped_window(earlier, limit) + 1)]
+    # a branch that fits is sent whole, from its first question
+    whole, at_root = llama_chat.windowed_history(store.tree, leaf, earlier, 100, own=1)
+    assert at_root and len(whole) == earlier + 1
+
+
+@pytest.mark.parametrize("at_root, unanswered, kept", [
+    (True, False, ["m0", "m1", "m14", "m15", "m16", "m17", "m18", "m19"]),  # 40 kept; steps
+    # of two thirds of 359 (239): 6 exchanges go
+    (False, False, ["m14", "m15", "m16", "m17", "m18", "m19"]),   # of 399 (266): 7 go
+    (True, True, ["m15", "m16", "m17", "m18", "m19", "m20"])])    # its first never answered
+def test_the_token_budget_keeps_the_first_exchange_only_where_the_history_begins_with_it(
+        at_root, unanswered, kept):
+    """fit_context keeps the history's first exchange while the rest steps
+    only where it is the branch's first (windowed_history says so) and goes
+    at all: not the first of a window that has left older ones out, nor the
+    second where the first question was never answered."""
+    upstream = types.SimpleNamespace(context_of=lambda m: 400, message_overhead=lambda m: 0,
+                                     token_count=lambda text, m: len(text.split()))
+    engine = types.SimpleNamespace(upstream_for=lambda m: upstream)
+    roles = ["user"] * unanswered + ["user", "assistant"] * 10
+    history = [{"id": i + 1, "role": role, "content": f"m{i} " + "word " * 19,
+                "token_count": 20} for i, role in enumerate(roles)]
+    history.append({"id": None, "role": "user", "content": "now", "token_count": 1})
+    turn = types.SimpleNamespace(model="m", history=history, system_prompt="", options={},
+                                 own_messages=1, context=None, begins_at_root=at_root)
+    llama_chat.fit_context(engine, turn, len(history))      # 400 for the prompt (no reply's)
+    assert [m["content"].split()[0] for m in turn.history] == kept + ["now"]
+
+
+def test_a_first_question_too_long_for_a_quarter_of_the_budget_steps_with_the_rest(stub, launch):
+    stub.n_ctx = 400                                          # 300 tokens for the prompt
+    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                                  "context_history_limit": 500}))
+    cid = client.new_conversation()
+    client.chat(cid, "the first question " + "long " * 80)     # over a quarter: not kept
+    for n in range(1, 12):
+        stub.reply = f"Reply {n}: some nine words or so, each a token."
+        client.chat(cid, f"question {n} " + "word " * 12)
+    sent = stub.requests[-1]["body"]["messages"]
+    assert sent[1]["content"].startswith("question ") and sent[-1]["content"].startswith(
+        "question 11")
+    cid = client.new_conversation()
+    client.chat(cid, "the first question " + "short " * 10)    # under a quarter: kept
+    for n in range(1, 12):
+        client.chat(cid, f"question {n} " + "word " * 12)
+    sent = stub.requests[-1]["body"]["messages"]
+    assert sent[1]["content"].startswith("the first question") and \
+        sent[3]["content"].startswith("question ") and sent[3]["content"] != "question 1 " + \
+        "word " * 12
 
 
 def test_what_a_template_adds_to_each_message_is_measured_and_counted(stub, launch):
@@ -3917,8 +3995,13 @@ def test_the_message_limit_moves_in_steps_too(stub, launch):
     firsts = []
     for n in range(12):
         c.chat(cid, f"question {n}")
-        firsts.append(stub.requests[-1]["body"]["messages"][1]["content"])
-    assert len(set(firsts)) <= 7 and firsts[-1] != "question 0"   # stepped: not 12 beginnings
+        sent = [m["content"] for m in stub.requests[-1]["body"]["messages"][1:]]
+        assert len(sent) <= 8 + 1 and sent[-1] == f"question {n}"
+        assert sent[0] == "question 0"                       # the first question stays
+        if n:
+            assert sent[2].startswith("question")            # the rest begins with one
+            firsts.append(sent[2])
+    assert len(set(firsts)) <= 5 and firsts[-1] != "question 1"   # stepped: not 12 beginnings
 
 
 @pytest.mark.parametrize("thinking, sent", [
@@ -12481,8 +12564,8 @@ def test_bench_prompt_cache(tmp_path, launch, monkeypatch):
     bench_heading("prompt cache (a real llama-server)")
     topics = ["rivers", "volcanoes", "bread", "trains", "owls", "glass", "tides", "maps"]
     figures = {}
-    for way, step in (("sliding", 10 ** 9), ("stepped", llama_chat.STEP_OF_BUDGET)):
-        monkeypatch.setattr(llama_chat, "STEP_OF_BUDGET", step)   # 10**9: a step of one token
+    for way, step in (("sliding", 0), ("stepped", llama_chat.STEP_OF_BUDGET)):
+        monkeypatch.setattr(llama_chat, "STEP_OF_BUDGET", step)   # 0: a step of one token
         c = Client(launch(url, db=str(tmp_path / f"{way}.db"), timeouts={
             "llamacpp_timeout": 600, "llamacpp_connect_timeout": 5},
             performance={**llama_chat.DEFAULT_CONFIG["performance"],
