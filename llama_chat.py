@@ -2224,6 +2224,21 @@ def keep_sequence(c, sequence):
                   "EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'messages')", sequence)
 
 
+# The original app never turned SQLite's foreign keys on: deleting a
+# conversation left its messages behind. Those a history still holds are not
+# carried into the table made anew (it refuses them): what the user deleted
+# stays deleted (the backup made first keeps them).
+OF_A_CONVERSATION = "conversation_id IN (SELECT id FROM conversations)"
+
+
+def left_behind(c, table):
+    """Log how many messages of `table` belong to no conversation."""
+    count = c.execute(f"SELECT count(*) FROM {table} WHERE NOT {OF_A_CONVERSATION}").fetchone()[0]
+    if count:
+        log.warning("%d messages of conversations deleted before (left behind by the original "
+                    "app) are not carried over; the backup keeps them", count)
+
+
 def migrate_to_5(c):
     """The messages table made anew: the old table renamed, the new one
     filled in id order (a parent before its children), the old dropped, the
@@ -2238,8 +2253,10 @@ def migrate_to_5(c):
             if name not in new:         # a column of the original app's own: kept
                 c.execute(f'ALTER TABLE messages ADD COLUMN "{name}" {kind}')
         names = ", ".join(f'"{row[1]}"' for row in old)
+        left_behind(c, "messages_before_5")
         c.execute(f"INSERT INTO messages ({names}, digest) SELECT {names}, "
-                  "message_digest(role, content, NULL, NULL) FROM messages_before_5 ORDER BY id")
+                  "message_digest(role, content, NULL, NULL) FROM messages_before_5 "
+                  f"WHERE {OF_A_CONVERSATION} ORDER BY id")
         c.execute("DROP TABLE messages_before_5")
         keep_sequence(c, sequence)
     c.execute("ALTER TABLE conversations ADD COLUMN source TEXT")
@@ -2746,9 +2763,11 @@ def migrate_original_to_5(c):
     names = [row[1] for row in c.execute("PRAGMA table_info(messages)")]
     values = [ROWS_AS_MIGRATED.get(name, f'"{name}"' if name in have else "NULL").format(
         finish_reason="finish_reason" if "finish_reason" in have else "NULL") for name in names]
+    left_behind(c, "messages_original")
     with messages_bare(c):
         c.execute(f"""INSERT INTO messages ({', '.join(f'"{n}"' for n in names)})
-                      SELECT {', '.join(values)} FROM messages_original o ORDER BY id""")
+                      SELECT {', '.join(values)} FROM messages_original o
+                      WHERE {OF_A_CONVERSATION} ORDER BY id""")
         c.execute("DROP TABLE messages_original")
         keep_sequence(c, sequence)
     for sql in indexes:                                 # the original app's own, as 5 keeps them

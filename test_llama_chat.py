@@ -838,7 +838,9 @@ def original_app_history(path, schema=None, extra=""):
     """The original app's database as its users have it: conversations
     written in turn (their messages' ids interleaved), times as it wrote
     them (some with milliseconds, some already ISO), a conversation left
-    empty, its newest message deleted (the id sequence beyond every id)."""
+    empty, its newest message deleted (the id sequence beyond every id), a
+    conversation deleted as it deleted one (its foreign keys off: the
+    messages stay behind)."""
     schema = schema or FLASK_SCHEMA
     conn = sqlite3.connect(path)
     conn.executescript(schema + extra)
@@ -858,6 +860,7 @@ def original_app_history(path, schema=None, extra=""):
         if has_file and m % 2:
             conn.execute("UPDATE messages SET model_file = 'old.gguf' WHERE id = ?", (m + 1,))
     conn.execute("DELETE FROM messages WHERE id = 24")
+    conn.execute("DELETE FROM conversations WHERE id = 3")     # 7 of its messages stay
     conn.commit()
     conn.close()
 
@@ -917,7 +920,36 @@ def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
     assert one_pass[0] == chained[0]
     assert one_pass[1] == chained[1]
     if variant != "no history":
-        assert len(one_pass[1]["messages"]) == 23 and one_pass[1]["sqlite_sequence"]
+        assert len(one_pass[1]["messages"]) == 16 and one_pass[1]["sqlite_sequence"]
+
+
+@pytest.mark.parametrize("version", [0, 2])
+def test_messages_the_original_app_left_behind_are_not_carried_over(tmp_path, caplog, version):
+    """The original app deleted a conversation but not its messages (its
+    foreign keys off): a history holding such messages opens (from the
+    original app's schema in one pass; from 1.1's, which kept them, by the
+    chain), without them; the backup keeps them, and the log says so."""
+    path = str(tmp_path / "llamacpp_chat.db")
+    original_app_history(path)
+    if version:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN")
+        for migrate in llama_chat.MIGRATIONS[:version]:
+            migrate(conn)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+        conn.close()
+    caplog.set_level("WARNING", logger="llama_chat")
+    store = llama_chat.Store(path)
+    assert rows_of(store, "SELECT count(*), count(DISTINCT conversation_id) FROM messages") == [
+        (16, 2)]
+    assert rows_of(store, "PRAGMA foreign_key_check") == []
+    assert [c["title"] for c in json.loads(store.list_conversations())] == [
+        "Chat 3", "Chat 1", "Chat 0"]
+    assert any("7 messages of conversations deleted before" in r.getMessage()
+               for r in caplog.records)
+    assert sqlite3.connect(store.backup_path).execute(
+        "SELECT count(*) FROM messages").fetchone() == (23,)
 
 
 # The whole schema a database of this version has: every table of the
