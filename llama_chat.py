@@ -2227,13 +2227,15 @@ def keep_sequence(c, sequence):
 # The original app never turned SQLite's foreign keys on: deleting a
 # conversation left its messages behind. Those a history still holds are not
 # carried into the table made anew (it refuses them): what the user deleted
-# stays deleted (the backup made first keeps them).
-OF_A_CONVERSATION = "conversation_id IN (SELECT id FROM conversations)"
+# stays deleted (the backup made first keeps them). (Not `IN (SELECT id ...)`:
+# with it SQLite reads the messages by conversation, then sorts them all.)
+OF_A_CONVERSATION = "EXISTS (SELECT 1 FROM conversations c WHERE c.id = {m}.conversation_id)"
 
 
 def left_behind(c, table):
     """Log how many messages of `table` belong to no conversation."""
-    count = c.execute(f"SELECT count(*) FROM {table} WHERE NOT {OF_A_CONVERSATION}").fetchone()[0]
+    count = c.execute(f"SELECT count(*) FROM {table} WHERE NOT "
+                      f"{OF_A_CONVERSATION.format(m=table)}").fetchone()[0]
     if count:
         log.warning("%d messages of conversations deleted before (left behind by the original "
                     "app) are not carried over; the backup keeps them", count)
@@ -2256,7 +2258,7 @@ def migrate_to_5(c):
         left_behind(c, "messages_before_5")
         c.execute(f"INSERT INTO messages ({names}, digest) SELECT {names}, "
                   "message_digest(role, content, NULL, NULL) FROM messages_before_5 "
-                  f"WHERE {OF_A_CONVERSATION} ORDER BY id")
+                  f"WHERE {OF_A_CONVERSATION.format(m='messages_before_5')} ORDER BY id")
         c.execute("DROP TABLE messages_before_5")
         keep_sequence(c, sequence)
     c.execute("ALTER TABLE conversations ADD COLUMN source TEXT")
@@ -2767,7 +2769,7 @@ def migrate_original_to_5(c):
     with messages_bare(c):
         c.execute(f"""INSERT INTO messages ({', '.join(f'"{n}"' for n in names)})
                       SELECT {', '.join(values)} FROM messages_original o
-                      WHERE {OF_A_CONVERSATION} ORDER BY id""")
+                      WHERE {OF_A_CONVERSATION.format(m='o')} ORDER BY id""")
         c.execute("DROP TABLE messages_original")
         keep_sequence(c, sequence)
     for sql in indexes:                                 # the original app's own, as 5 keeps them
