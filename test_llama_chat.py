@@ -10515,6 +10515,33 @@ def test_page_reads_an_older_history_while_it_is_migrated(browser, tmp_path, stu
 
 
 @needs_chromium
+def test_page_sends_a_message_written_during_a_first_start_once_it_is_ready(
+        browser, tmp_path, stub, monkeypatch):
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        browser.go(f"http://127.0.0.1:{server.server_address[1]}/#/c/2")
+        browser.wait("return document.querySelector('#starting').classList.contains('reading')"
+                     " && document.querySelectorAll('#messages .msg').length === 4")
+        browser.type("#input", "Asked while it migrates")
+        browser.click("#send")
+        assert "sent once it is ready" in browser.wait(
+            "const t = document.querySelector('#toast'); return !t.classList.contains('hidden')"
+            " && t.textContent")
+        time.sleep(0.3)
+        assert not [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
+        held.set()
+        browser.wait("return document.querySelector('#starting').classList.contains('hidden')",
+                     timeout=30)
+        browser.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)"
+                     " .body, .msg.assistant[id^=\"m-\"]:not(.streaming)') && "
+                     "document.querySelectorAll('#messages .msg').length === 6", timeout=30)
+        sent = [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
+        assert len(sent) == 1 and sent[0]["body"]["messages"][-1]["content"] == \
+            "Asked while it migrates"
+        assert browser.js("return document.querySelector('#input').value") == ""
+        browser.go("about:blank")
+
+
+@needs_chromium
 def test_page_makes_and_edits_a_project(page, client):
     b = page("/")
     b.click("#new-project")
