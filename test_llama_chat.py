@@ -10531,8 +10531,8 @@ def test_page_sends_a_message_written_during_a_first_start_once_it_is_ready(
         held.set()
         browser.wait("return document.querySelector('#starting').classList.contains('hidden')",
                      timeout=30)
-        browser.wait("return document.querySelector('.msg.assistant[id^=\"m-\"]:not(.streaming)"
-                     " .body, .msg.assistant[id^=\"m-\"]:not(.streaming)') && "
+        browser.wait("return [...document.querySelectorAll('.msg.assistant:not(.streaming) .body')]"
+                     ".some(e => e.textContent.includes('Machine learning')) && "
                      "document.querySelectorAll('#messages .msg').length === 6", timeout=30)
         sent = [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
         assert len(sent) == 1 and sent[0]["body"]["messages"][-1]["content"] == \
