@@ -3980,6 +3980,22 @@ def test_the_token_budget_keeps_the_first_exchange_only_where_the_history_begins
     assert [m["content"].split()[0] for m in turn.history] == kept + ["now"]
 
 
+def test_the_prompt_inspector_shows_what_the_next_chat_sends_first_exchange_kept(stub, launch):
+    stub.n_ctx = 400                                          # 300 tokens for the prompt
+    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                                  "context_history_limit": 500}))
+    cid = client.new_conversation()
+    for n in range(14):
+        stub.reply = f"Reply {n}: some nine words or so, each a token."
+        client.chat(cid, f"question {n} " + "word " * 12)
+    shown = client.get(f"/api/conversations/{cid}/prompt?message=next%20one")[2]["messages"]
+    client.chat(cid, "next one")
+    sent = stub.requests[-1]["body"]["messages"]
+    assert [m["content"] for m in shown] == [m["content"] for m in sent]
+    assert sent[1]["content"].startswith("question 0 ") and \
+        not sent[3]["content"].startswith("question 1 ")          # the first kept, a step
+
+
 def test_a_first_question_too_long_for_a_quarter_of_the_budget_steps_with_the_rest(stub, launch):
     stub.n_ctx = 400                                          # 300 tokens for the prompt
     client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
