@@ -3237,30 +3237,35 @@ class SearchIndex:
             return self._search_like(query, limit, within)
         # bm25 costs microseconds a row: a word found in most of a million
         # messages would take seconds to rank in full. So rank the newest
-        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), and join
-        # and snip only the page of results: the rows are read as they are
-        # needed (a page needs more than `limit` only where title-only
-        # matches are left out), not all that might be.
-        cursor = self.db.conn().execute(
-            f"""SELECT {RESULT_COLUMNS}, hits.score
-               FROM (SELECT id, score FROM
-                        (SELECT rowid AS id, rank AS score FROM search_fts
-                         WHERE search_fts MATCH ? {within[0].format(id="rowid")}
-                         ORDER BY rowid DESC LIMIT ?)
-                     ORDER BY score, id DESC LIMIT ?) AS hits
-               JOIN messages m ON m.id = hits.id
-               JOIN conversations c ON c.id = m.conversation_id
-               ORDER BY hits.score, hits.id DESC""",
-            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE))
-        try:
-            names = [d[0] for d in cursor.description]
-            attached = sorted(self._attached_hits(query, limit, within),
-                              key=lambda r: r["score"])
-            return self._page(query, limit, heapq.merge(
-                (dict(zip(names, row)) for row in cursor), attached,
-                key=lambda r: r["score"]))
-        finally:
-            cursor.close()
+        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), keep
+        # the best ids, and read and snip only the page of results: their
+        # rows are read a page at a time, as they are needed (a page needs
+        # more than `limit` only where title-only matches are left out).
+        hits = self.db.conn().execute(
+            f"""SELECT id, score FROM
+                   (SELECT rowid AS id, rank AS score FROM search_fts
+                    WHERE search_fts MATCH ? {within[0].format(id="rowid")}
+                    ORDER BY rowid DESC LIMIT ?)
+                ORDER BY score, id DESC LIMIT ?""",
+            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE)).fetchall()
+        attached = sorted(self._attached_hits(query, limit, within), key=lambda r: r["score"])
+        return self._page(query, limit, heapq.merge(
+            self._rows_of(hits, limit), attached, key=lambda r: r["score"]))
+
+    def _rows_of(self, hits, step):
+        """The result rows of `hits` ([id, score], best first), in that
+        order, read `step` at a time (one whose message is gone meanwhile
+        left out)."""
+        for at in range(0, len(hits), step):
+            page = hits[at:at + step]
+            rows = dicts(self.db.conn().execute(
+                f"""SELECT {RESULT_COLUMNS} FROM messages m
+                    JOIN conversations c ON c.id = m.conversation_id
+                    WHERE m.id IN ({", ".join("?" * len(page))})""", [id for id, _ in page]))
+            by_id = {r["message_id"]: r for r in rows}
+            for id, score in page:
+                if id in by_id:
+                    yield {**by_id[id], "score": score}
 
     @staticmethod
     def _page(query, limit, rows):

@@ -1263,6 +1263,19 @@ def test_search_matches_titles(client, corpus):
     assert body["results"][0]["content"].startswith("Boil the egg")
 
 
+def test_search_reads_past_a_page_of_title_only_matches(client):
+    """A conversation whose title matches is shown once however many of its
+    messages rank first: the page is filled from the matches after them."""
+    store = client.engine.store
+    titled = store.create_conversation("zebra notes", MODEL)
+    for n in range(5):
+        store.add_message(titled, "user", f"note {n}")
+    other = store.create_conversation("animals", MODEL)
+    stripes = store.add_message(other, "user", "a zebra has stripes, the long way round")
+    body = client.get("/api/search?q=zebra&limit=2")[2]
+    assert [r["id"] for r in body["results"]] == [titled, other]
+    assert body["results"][1]["message_id"] == stripes
+
 def test_search_follows_renames_and_deletes(client, corpus):
     client.request("PUT", f"/api/conversations/{corpus['cook']}", {"title": "Kitchen"})
     assert client.get("/api/search?q=recipe")[2]["count"] == 0
