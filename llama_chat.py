@@ -1531,6 +1531,26 @@ def private_file(path, create=True):
         pass
 
 
+def file_uri(path, query=""):
+    """File path as an SQLite URI, with `query` (mode=ro, say)."""
+    return "file:" + urllib.parse.quote(os.path.abspath(path)) + (f"?{query}" if query else "")
+
+
+def synced_folder(path):
+    """The folder of file path synced, so that a file renamed into it stays
+    renamed after a power cut (nothing to do where folders cannot be opened)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.realpath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
@@ -1593,6 +1613,45 @@ def hold_presence(path):
             held = PRESENCE[key] = [presence_lock(path), 0]
         held[1] += 1
     return key
+
+
+def renew_presence(key, path):
+    """The file at path was replaced (Database.replace_file): the presence
+    lock taken on the new one, and let go of the old."""
+    with PRESENCE_LOCK:
+        held = PRESENCE[key]
+        old, held[0] = held[0], presence_lock(path)
+    if old is not None:
+        old.close()
+
+
+@contextmanager
+def made_alone(path):
+    """A new, empty file at path (the owner's only), that this process alone
+    makes: a second process making it at once gets ConfigError. Removed on
+    leaving unless it was renamed away meanwhile."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    f = open(path, "ab")
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"another llama-chat is making {path} at this moment (a "
+                                  "migration): wait for it, then start again") from None
+        os.truncate(path, 0)                  # what a start stopped by a power cut left
+        private_file(path)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if os.path.exists(path) and os.path.samestat(os.stat(path), os.fstat(f.fileno())):
+                os.remove(path)
+        with contextlib.suppress(OSError):
+            os.remove(path + "-journal")
+        f.close()
 
 
 def let_go_presence(key):
@@ -1744,15 +1803,19 @@ class Database:
         self._local = threading.local()
         self._idle = queue.Queue(maxsize=8)
         self._wal = None             # the journal is a WAL (known from the first write)
+        self.replaced = 0            # times the file was replaced (replace_file): its connections
         self._wanting = set()        # threads waiting to begin a write
         self.committed = threading.Event()   # set at each commit of this process's
         self.sql_json = sqlite_runs("SELECT json_object('a', 1)")
 
-    def connect(self):
+    def connect(self, path=None):
+        """A connection to the database, or to file `path` with the same
+        settings and functions (named as a URI: ATTACH then takes one)."""
         target, uri = self.path, False
-        if self.read_only:
-            target, uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + (
-                "?immutable=1" if self.immutable else "?mode=ro"), True
+        if path:
+            target, uri = file_uri(path), True
+        elif self.read_only:
+            target, uri = file_uri(self.path, "immutable=1" if self.immutable else "mode=ro"), True
         conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False,
                                timeout=self.busy_ms / 1000, uri=uri)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
@@ -1766,12 +1829,15 @@ class Database:
     # millisecond, which every new HTTP connection would otherwise pay.
     def conn(self):
         conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.replaced != self.replaced:
+            conn.close()                  # of the file as it was before it was replaced
+            conn = None
         if conn is None:
             try:
                 conn = self._idle.get_nowait()
             except queue.Empty:
                 conn = self.connect()
-            self._local.conn = conn
+            self._local.conn, self._local.replaced = conn, self.replaced
         return conn
 
     def release(self, heavy=False):
@@ -1784,7 +1850,7 @@ class Database:
         if conn is not None:
             self._local.conn = None
             try:
-                if heavy:
+                if heavy or self._local.replaced != self.replaced:
                     raise queue.Full
                 self._idle.put_nowait(conn)
             except queue.Full:
@@ -1899,17 +1965,29 @@ class Database:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_ms)}")
 
     @contextmanager
-    def own_connection(self):
+    def own_connection(self, path=None):
         """A connection for one long piece of work (a migration, an index build)
         that can be interrupted from another thread, and whose memory (a large
-        page cache) goes back when it closes."""
-        conn = self.connect()
+        page cache) goes back when it closes; to file `path`, if given."""
+        conn = self.connect(path)
         self._working = conn
         try:
             yield conn
         finally:
             self._working = None
             conn.close()
+
+    def replace_file(self, made):
+        """File `made`, whole, takes the database's place, durably (a rename:
+        at once, all or nothing); no connection to the file it replaces is
+        used again (it may be kept under another name: a backup)."""
+        with open(made, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(made, os.path.realpath(self.path))
+        synced_folder(self.path)
+        self.replaced += 1
+        self._wal = None
+        self.close()
 
     def interrupt(self):
         """Stop the long piece of work under way, if any: it rolls back."""
@@ -2733,44 +2811,62 @@ CURRENT_SQL = """coalesce(
 # trigger, and the conversations' changes), and the messages are then poured
 # in once as the chain would have left them. A history with triggers or
 # views of its own (not the original app's) takes the chain.
+#
+# The original app's history as it made it (its two tables, an index of
+# messages by conversation, no journal left beside it) is migrated into a new
+# file, then renamed over it: the original file itself, never written, is the
+# backup (a hard link to it, made first), and the messages are written once,
+# with no journal, instead of copied for the backup, written to the WAL with
+# the old table's pages zeroed, and written from the WAL into the file. A
+# stop half-way leaves the file as it was and the new one is removed.
+# Elsewhere (no hard links on the disk, a table of its own, Windows) it is
+# migrated in place.
 ROWS_AS_MIGRATED = {
     "timestamp": f"CASE WHEN {IS_LEGACY_TIME.format(column='timestamp')} "
                  f"THEN {ISO_OF_LEGACY.format(column='timestamp')} ELSE timestamp END",
     "finish_reason": "CASE WHEN role = 'assistant' THEN coalesce({finish_reason}, 'stop') "
                      "ELSE {finish_reason} END",
-    "parent_id": "(SELECT max(p.id) FROM messages_original p "
+    "parent_id": "(SELECT max(p.id) FROM {source} p "
                  "WHERE p.conversation_id = o.conversation_id AND p.id < o.id)",
     "digest": "message_digest(role, content, NULL, NULL)",
 }
+ORIGINAL_TABLES = {"conversations", "messages"}
+MIGRATING_SUFFIX = ".migrating"      # the new file, beside the database, while it is made
 
 
-def migrate_original_to_5(c):
-    """Schema 0 -> 5, each message written once."""
-    found = c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
-                      ).fetchone()
-    if found is None or c.execute("SELECT 1 FROM sqlite_master WHERE type IN ('trigger', "
-                                  "'view')").fetchone():
-        for migrate in MIGRATIONS[:5]:
-            migrate(c)
-        return
-    indexes = [sql for (sql,) in c.execute("SELECT sql FROM sqlite_master WHERE type = 'index' "
-                                           "AND tbl_name = 'messages' AND sql IS NOT NULL")]
-    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-    c.execute("ALTER TABLE messages RENAME TO messages_original")     # its indexes with it
-    c.execute("CREATE INDEX messages_original_parents ON messages_original (conversation_id, id)")
-    c.execute(found[0])                                 # the same table, empty
-    for migrate in MIGRATIONS[:5]:
-        migrate(c)
-    have = {row[1] for row in c.execute("PRAGMA table_info(messages_original)")}
-    names = [row[1] for row in c.execute("PRAGMA table_info(messages)")]
+def message_indexes(c, schema):
+    """The SQL of the indexes made on table messages of `schema`."""
+    return [sql for (sql,) in c.execute(f"SELECT sql FROM {schema}.sqlite_master WHERE type = "
+                                        "'index' AND tbl_name = 'messages' AND sql IS NOT NULL")]
+
+
+def takes_one_pass(c, schema="main"):
+    """Is the history in `schema` of the original app's shape: a messages
+    table and no triggers or views of its own?"""
+    return c.execute(f"SELECT 1 FROM {schema}.sqlite_master WHERE type = 'table' "
+                     "AND name = 'messages'").fetchone() is not None and not c.execute(
+        f"SELECT 1 FROM {schema}.sqlite_master WHERE type IN ('trigger', 'view')").fetchone()
+
+
+def original_poured(c, source, indexes, sequence, drop=False):
+    """The messages of table `source` (the original app's, read only) into the
+    empty messages table the chain made, each as migration 5 would have left
+    it, but those of no conversation (`drop`: the table dropped then); then
+    the original's `indexes` made, the id sequence kept at least `sequence`
+    and each conversation's current message its newest."""
+    schema, table = source.split(".")
+    have = {row[1] for row in c.execute(f"PRAGMA {schema}.table_info({table})")}
+    names = [row[1] for row in c.execute("PRAGMA main.table_info(messages)")]
     values = [ROWS_AS_MIGRATED.get(name, f'"{name}"' if name in have else "NULL").format(
-        finish_reason="finish_reason" if "finish_reason" in have else "NULL") for name in names]
-    left_behind(c, "messages_original")
+        finish_reason="finish_reason" if "finish_reason" in have else "NULL", source=source)
+        for name in names]
+    left_behind(c, source)
     with messages_bare(c):
-        c.execute(f"""INSERT INTO messages ({', '.join(f'"{n}"' for n in names)})
-                      SELECT {', '.join(values)} FROM messages_original o
+        c.execute(f"""INSERT INTO main.messages ({', '.join(f'"{n}"' for n in names)})
+                      SELECT {', '.join(values)} FROM {source} o
                       WHERE {OF_A_CONVERSATION.format(m='o')} ORDER BY id""")
-        c.execute("DROP TABLE messages_original")
+        if drop:
+            c.execute(f"DROP TABLE {source}")
         keep_sequence(c, sequence)
     for sql in indexes:                                 # the original app's own, as 5 keeps them
         c.execute(sql)
@@ -2778,10 +2874,92 @@ def migrate_original_to_5(c):
               "(SELECT max(id) FROM messages WHERE conversation_id = conversations.id)")
 
 
-def migration_steps(version):
-    """(the version it leaves, migration) from `version` to SCHEMA_VERSION."""
+def migrate_original_to_5(c):
+    """Schema 0 -> 5, each message written once, in place."""
+    if not takes_one_pass(c):
+        for migrate in MIGRATIONS[:5]:
+            migrate(c)
+        return
+    table = c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
+                      ).fetchone()[0]
+    indexes = message_indexes(c, "main")
+    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    c.execute("ALTER TABLE messages RENAME TO messages_original")     # its indexes with it
+    c.execute("CREATE INDEX messages_original_parents ON messages_original (conversation_id, id)")
+    c.execute(table)                                    # the same table, empty
+    for migrate in MIGRATIONS[:5]:
+        migrate(c)
+    original_poured(c, "main.messages_original", indexes, sequence, drop=True)
+
+
+def migrate_original_anew(c):
+    """Schema 0 -> 5 into a new file (c's main database) from the original
+    app's, attached as `original` (read only): its tables made as they are,
+    the conversations copied, and the messages poured once."""
+    tables = c.execute("SELECT name, sql FROM original.sqlite_master WHERE type = 'table' "
+                       "AND name NOT LIKE 'sqlite_%' ORDER BY name").fetchall()
+    for _, sql in tables:
+        c.execute(sql)
+    c.execute("INSERT INTO main.conversations SELECT * FROM original.conversations")
+    c.execute("DELETE FROM sqlite_sequence")
+    c.execute("INSERT INTO sqlite_sequence SELECT * FROM original.sqlite_sequence")
+    for (sql,) in c.execute("SELECT sql FROM original.sqlite_master WHERE type = 'index' "
+                            "AND tbl_name != 'messages' AND sql IS NOT NULL").fetchall():
+        c.execute(sql)
+    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    for migrate in MIGRATIONS[:5]:
+        migrate(c)
+    original_poured(c, "original.messages", message_indexes(c, "original"), sequence)
+
+
+def anew_possible(db):
+    """Can the history at db (of schema 0) be migrated into a new file: is it
+    the original app's as it made it, with no journal beside it (whatever
+    SQLite would still have to apply) and an index of messages by
+    conversation (each message's parent is looked up by it, read only)? Not
+    on Windows, where a file that is open cannot be renamed over."""
+    if os.name == "nt":
+        return False
+    if any(os.path.exists(db.path + end) and os.path.getsize(db.path + end)
+           for end in ("-wal", "-journal")):
+        return False
+    conn = db.connect()
+    try:
+        tables = {name for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")}
+        by_conversation = any(
+            conn.execute(f"PRAGMA index_info({name})").fetchone()[2] == "conversation_id"
+            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                        "AND tbl_name = 'messages'"))
+        sequenced = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
+                                 ).fetchone() is not None
+        return tables == ORIGINAL_TABLES and by_conversation and sequenced and \
+            takes_one_pass(conn)
+    finally:
+        conn.close()
+
+
+def linked_backup(db, version):
+    """migration_backup's file made as a second name of the database's own
+    (a hard link: nothing copied), for a migration into a new file that
+    leaves this one as it is; None where the disk has no hard links."""
+    path, partial = f"{db.path}.v{version}.bak", f"{db.path}.v{version}.bak.partial"
+    with contextlib.suppress(OSError):
+        os.remove(partial)
+    try:
+        os.link(os.path.realpath(db.path), partial)
+    except (OSError, AttributeError):
+        return None
+    os.replace(partial, path)
+    synced_folder(path)
+    return path
+
+
+def migration_steps(version, anew=False):
+    """(the version it leaves, migration) from `version` to SCHEMA_VERSION;
+    `anew`: from schema 0 into a new file (migrate_original_anew)."""
     if version == 0:
-        yield 5, migrate_original_to_5
+        yield 5, migrate_original_anew if anew else migrate_original_to_5
         version = 5
     for number, migrate in enumerate(MIGRATIONS[version:], version + 1):
         yield number, migrate
@@ -3964,7 +4142,8 @@ class Store:
 
     def open(self, build_later=False):
         """Migrate, all in one transaction: a stop half-way (interrupt())
-        leaves the file as it was; then build the search index where needed,
+        leaves the file as it was (the original app's history is migrated
+        into a new file that then takes its place); then build the search index where needed,
         or, `build_later`, leave that to build_index (the server's, while the
         rest answers). A database made before is backed up first. One that
         cannot be written is read as it is, if it is of this version."""
@@ -3980,17 +4159,64 @@ class Store:
             self.progress.set("ready")
             self.ready = True
             return
+        started, anew = time.monotonic(), False
+        if self.version == 0 and not self.is_new and anew_possible(db):
+            with made_alone(os.path.realpath(db.path) + MIGRATING_SUFFIX) as made:
+                self._unchanged(db.user_version()[0])      # before its backup is named
+                self.progress.set("backing up the database before migrating it")
+                self.backup_path = linked_backup(db, 0)
+                if self.backup_path:
+                    log.info("kept %s as %s (a second name of the file, not a copy) and "
+                             "migrating it into a new file", db.path, self.backup_path)
+                    self._migrate(made)
+                    db.replace_file(made)
+                    anew = True
+            if anew:                       # (made_alone's lock on it let go first)
+                renew_presence(self.presence, db.path)
         if self.version < SCHEMA_VERSION and not self.is_new:
+            self._unchanged(db.user_version()[0])          # before a backup is made of it
             self.progress.set("backing up the database before migrating it")
             self.backup_path = migration_backup(db, self.version)
             log.info("backed up %s to %s before migrating it", db.path, self.backup_path)
         db.conn().execute("PRAGMA journal_mode = WAL")
         db.release()
-        started = time.monotonic()
-        with db.own_connection() as conn:
+        if not anew:
+            self._migrate()
+        if self.index.unbuilt():
+            log.info("opened %s in %.2f s; its search index is to be built%s", db.path,
+                     time.monotonic() - started, ": in the background" if build_later else "")
+            if not build_later:
+                self.progress.set("building the search index")
+                self.build_index(threading.Event())
+        self.progress.set("ready")
+        self.ready = True
+
+    def _unchanged(self, version):
+        """Raise ConfigError unless the file is of the version this Store read
+        when it opened it (`version`: read now, on a connection of its own):
+        another llama-chat started at the same moment may have migrated it,
+        or put a new file in its place."""
+        if version != self.version:
+            raise ConfigError(f"database {self.db.path} was migrated by another llama-chat "
+                              "while this one started: start again")
+
+    def _migrate(self, made=None):
+        """The migrations this file needs and the start's tidying, in one
+        transaction; `made`: from schema 0, into that new file (whole when
+        this returns; removed by the caller otherwise), the original
+        attached read only."""
+        db = self.db
+        with db.own_connection(made) as conn:
             conn.execute("PRAGMA cache_size = -131072")  # 128 MiB while building: ~20% faster
+            if made:                      # no journal: the file is made whole or not kept
+                conn.execute("PRAGMA journal_mode = OFF")
+                conn.execute("PRAGMA synchronous = OFF")     # synced once, by replace_file
+                conn.execute("ATTACH ? AS original", (file_uri(db.path, "mode=ro"),))
             with db.write(conn) as c:
-                for number, migrate in migration_steps(self.version):
+                if not self.is_new:
+                    self._unchanged(c.execute(f"PRAGMA {'original' if made else 'main'}."
+                                              "user_version").fetchone()[0])
+                for number, migrate in migration_steps(self.version, made is not None):
                     self.progress.set(f"migrating the database to schema {number}")
                     migrate(c)
                     c.execute(f"PRAGMA user_version = {number}")
@@ -4002,15 +4228,9 @@ class Store:
                           "FROM message_attachments l WHERE l.attachment_id = attachments.id)",
                           (iso_ago(UNSENT_ATTACHMENT_DAYS * 86400),))
                 self.index.sync(c)
+            if made:
+                conn.execute("DETACH original")
         self.version = SCHEMA_VERSION
-        if self.index.unbuilt():
-            log.info("opened %s in %.2f s; its search index is to be built%s", db.path,
-                     time.monotonic() - started, ": in the background" if build_later else "")
-            if not build_later:
-                self.progress.set("building the search index")
-                self.build_index(threading.Event())
-        self.progress.set("ready")
-        self.ready = True
 
     def build_index(self, stopping):
         """Index the messages the search index lacks (SearchIndex.unbuilt), a

@@ -5,6 +5,7 @@ Run: python3 -m pytest -q
 """
 
 import base64
+import errno
 import contextlib
 import gc
 import hashlib
@@ -809,7 +810,7 @@ def test_a_database_with_trees_is_not_read_while_it_is_migrated(tmp_path, stub, 
         stop(server)
 
 
-def test_original_flask_database_migrates_in_place(tmp_path, stub, launch):
+def test_original_flask_database_migrates(tmp_path, stub, launch):
     path = str(tmp_path / "llamacpp_chat.db")
     make_flask_db(path)
     server = launch(stub.url, db=path)
@@ -881,12 +882,18 @@ def history_dump(path):
     return schema, rows
 
 
+def without_hard_links(*args, **kwargs):
+    raise OSError(errno.EPERM, "Operation not permitted")     # as on a FAT disk
+
+
+@pytest.mark.parametrize("way", ["into a new file", "in place"])
 @pytest.mark.parametrize("variant", ["original app", "before model_file", "a view of its own",
                                      "no history"])
 def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
-        tmp_path, monkeypatch, variant):
-    """Schema 0 -> 5 in one pass (migrate_original_to_5) leaves every table,
-    row and schema object as migrations 1 to 5 one after another do."""
+        tmp_path, monkeypatch, variant, way):
+    """Schema 0 -> 5 in one pass (into a new file, or in place where the disk
+    has no hard links) leaves every table, row and schema object as
+    migrations 1 to 5 one after another do."""
     schema, extra = FLASK_SCHEMA, ""
     if variant == "before model_file":
         schema = schema.replace(" model_file TEXT,", "")
@@ -899,20 +906,32 @@ def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
     passes = []
     real_steps = llama_chat.migration_steps
 
-    def chain(version):
+    def chain(version, anew=False):
         passes.append("chain")
         return enumerate(llama_chat.MIGRATIONS[version:], version + 1)
     monkeypatch.setattr(llama_chat, "migration_steps", chain)
-    llama_chat.Store(paths[0]).close()
+    with monkeypatch.context() as m:
+        m.setattr(os, "link", without_hard_links)          # the chain: in place
+        llama_chat.Store(paths[0]).close()
     monkeypatch.setattr(llama_chat, "migration_steps", real_steps)
+    if way == "in place":
+        monkeypatch.setattr(os, "link", without_hard_links)
     rewrites = []
     real_5 = llama_chat.migrate_to_5
     monkeypatch.setattr(llama_chat, "MIGRATIONS", [
         *llama_chat.MIGRATIONS[:4], lambda c: rewrites.append(c.execute(
             "SELECT count(*) FROM messages").fetchone()[0]) or real_5(c),
         *llama_chat.MIGRATIONS[5:]])
-    llama_chat.Store(paths[1]).close()
+    before = open(paths[1], "rb").read() if variant != "no history" else None
+    store = llama_chat.Store(paths[1])
+    store.close()
     assert passes == ["chain"]
+    if variant != "no history":
+        # into a new file: the original file is the backup, as it was
+        assert (open(store.backup_path, "rb").read() == before) == (
+            way == "into a new file" and variant != "a view of its own")
+        assert not os.path.samefile(store.backup_path, paths[1])
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".migrating", ".partial"))]
     # the one pass ran migration 5 on an empty table (or, with a view of its
     # own, on the history: the chain)
     assert rewrites == [23 if variant == "a view of its own" else 0]
@@ -1667,6 +1686,7 @@ def test_a_stop_during_start_up_work_leaves_the_database_as_it_was(tmp_path, mon
     path = str(tmp_path / "llamacpp_chat.db")
     make_flask_db(path, conversations=40, per_conversation=50)
     before = sqlite3.connect(path).execute("SELECT sql FROM sqlite_master").fetchall()
+    as_it_was = open(path, "rb").read()
     store = llama_chat.Store(path, open_now=False)
     reached = threading.Event()
     real_set = store.progress.set
@@ -1682,12 +1702,155 @@ def test_a_stop_during_start_up_work_leaves_the_database_as_it_was(tmp_path, mon
         store.open()
     assert reached.is_set()
     store.close()
+    assert open(path, "rb").read() == as_it_was                    # not a byte changed
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".migrating", "-journal"))]
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone() == (0,)
     assert conn.execute("SELECT sql FROM sqlite_master").fetchall() == before
     conn.close()
     again = llama_chat.Store(path)                   # the next start does it all
     assert len(again.search("volcanoes", 200)) == 200
+
+
+def test_the_original_apps_history_is_migrated_into_a_new_file(tmp_path):
+    """The original app's file is kept as it is, as the backup (a second name
+    of it, nothing copied), and a new file takes its place: private, in WAL
+    mode, this process's presence on it, and no connection to the old file
+    used again (here one a request's thread holds)."""
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    inode, as_it_was = os.stat(path).st_ino, open(path, "rb").read()
+    store = llama_chat.Store(path, open_now=False)
+    held, go_on, seen = threading.Event(), threading.Event(), []
+
+    def request_thread(ask):
+        store.db.conn().execute("SELECT 1").fetchall()    # its connection, made before
+        held.set()
+        go_on.wait(10)
+        if ask:
+            seen.append(store.db.conn().execute("PRAGMA user_version").fetchone()[0])
+        store.db.release()                            # (not to be handed on)
+
+    def next_request_thread():
+        seen.append(store.db.conn().execute("PRAGMA user_version").fetchone()[0])
+    threads = []
+    for ask in (True, False):
+        held.clear()
+        threads.append(threading.Thread(target=request_thread, args=(ask,)))
+        threads[-1].start()
+        assert held.wait(10)
+    store.open()
+    go_on.set()
+    for thread in threads:
+        thread.join(10)
+    rows_of(store, "SELECT 1")                    # takes a connection made since
+    thread = threading.Thread(target=next_request_thread)
+    thread.start()
+    thread.join(10)
+    assert seen == [llama_chat.SCHEMA_VERSION] * 2
+    assert store.backup_path == path + ".v0.bak"
+    assert os.stat(store.backup_path).st_ino == inode
+    assert open(store.backup_path, "rb").read() == as_it_was
+    assert os.stat(path).st_ino != inode and file_mode(path) == 0o600
+    assert rows_of(store, "PRAGMA journal_mode") == [("wal",)]
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(12,)]
+    with pytest.raises(BlockingIOError):                  # present on the new file
+        llama_chat.presence_lock(path, alone=True).close()
+    assert sorted(os.listdir(tmp_path)) == ["llamacpp_chat.db", "llamacpp_chat.db-shm",
+                                            "llamacpp_chat.db-wal", "llamacpp_chat.db.v0.bak"]
+    store.close()
+
+
+def test_a_new_file_left_by_a_power_cut_is_made_again(tmp_path):
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    with open(path + ".migrating", "wb") as f:
+        f.write(b"SQLite format 3\0 and then the power went")
+    store = llama_chat.Store(path)
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(12,)]
+    assert not os.path.exists(path + ".migrating")
+    store.close()
+
+
+def test_a_second_start_while_the_first_migrates_is_told_so(tmp_path):
+    """Two starts at once on the original app's file: the one that comes
+    second (the new file's lock taken; or the file already replaced) stops
+    with a message, and changes nothing."""
+    import fcntl
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    as_it_was = open(path, "rb").read()
+    with open(path + ".migrating", "ab") as first:
+        fcntl.flock(first.fileno(), fcntl.LOCK_SH)   # (the second's LOCK_EX fails all the same)
+        with pytest.raises(llama_chat.ConfigError, match="another llama-chat is making"):
+            llama_chat.Store(path)
+    assert open(path, "rb").read() == as_it_was and not os.path.exists(path + ".v0.bak")
+    second = llama_chat.Store(path, open_now=False)
+    first = llama_chat.Store(path)                        # done meanwhile
+    with pytest.raises(llama_chat.ConfigError, match="migrated by another llama-chat"):
+        second.open()
+    second.close()
+    assert open(first.backup_path, "rb").read() == as_it_was     # the backup kept
+    first.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (
+        llama_chat.SCHEMA_VERSION,)
+
+
+def test_a_file_replaced_as_its_backup_is_made_is_not_migrated(tmp_path, monkeypatch):
+    """Another start puts the migrated file in place while this one backs up
+    the file it opened: this one's migration stops (it would have migrated
+    a file no longer there)."""
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    second = llama_chat.Store(path, open_now=False)
+    real_backup = llama_chat.migration_backup
+
+    def first_done_meanwhile(db, version):
+        monkeypatch.setattr(llama_chat, "migration_backup", real_backup)
+        llama_chat.Store(path).close()
+        return real_backup(db, version)
+    monkeypatch.setattr(llama_chat, "anew_possible", lambda db: False)
+    monkeypatch.setattr(llama_chat, "migration_backup", first_done_meanwhile)
+    with pytest.raises(llama_chat.ConfigError, match="migrated by another llama-chat"):
+        second.open()
+    second.close()
+    monkeypatch.undo()
+    again = llama_chat.Store(path)
+    assert rows_of(again, "SELECT count(*) FROM messages") == [(12,)]
+    again.close()
+
+
+@pytest.mark.parametrize("shape", ["a journal beside it", "a table of its own",
+                                   "no index by conversation", "no hard links", "Windows"])
+def test_an_original_history_not_as_the_app_made_it_is_migrated_in_place(
+        tmp_path, monkeypatch, shape):
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    conn = sqlite3.connect(path)
+    if shape == "a table of its own":
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        conn.execute("INSERT INTO notes (text) VALUES ('mine')")
+    if shape == "no index by conversation":
+        conn.execute("DROP INDEX idx_messages_conversation")
+    conn.commit()
+    conn.close()
+    if shape == "a journal beside it":
+        with open(path + "-wal", "wb") as f:        # (an empty one: no WAL to apply)
+            f.write(b"")
+        with open(path + "-journal", "wb") as f:    # a journal SQLite may still apply
+            f.write(b"\0" * 512)
+    if shape == "no hard links":
+        monkeypatch.setattr(os, "link", without_hard_links)
+    inode = os.stat(path).st_ino
+    with monkeypatch.context() as m:
+        if shape == "Windows":                 # (where an open file cannot be renamed over)
+            m.setattr(os, "name", "nt")
+        store = llama_chat.Store(path)
+    assert os.stat(path).st_ino == inode and os.stat(store.backup_path).st_ino != inode
+    assert rows_of(store, "SELECT count(*) FROM messages") == [(12,)]
+    if shape == "a table of its own":
+        assert rows_of(store, "SELECT text FROM notes") == [("mine",)]
+    store.close()
 
 
 def test_writes_while_the_index_builds_leave_it_whole(tmp_path, monkeypatch):
