@@ -2951,6 +2951,8 @@ def linked_backup(db, version):
     except (OSError, AttributeError):
         return None
     os.replace(partial, path)
+    if os.path.exists(partial):     # the backup was this file already (a start stopped
+        os.remove(partial)          # half-way): a rename onto the same file does nothing
     synced_folder(path)
     return path
 

@@ -1710,6 +1710,8 @@ def test_a_stop_during_start_up_work_leaves_the_database_as_it_was(tmp_path, mon
     conn.close()
     again = llama_chat.Store(path)                   # the next start does it all
     assert len(again.search("volcanoes", 200)) == 200
+    assert sorted(n for n in os.listdir(tmp_path) if "bak" in n) == ["llamacpp_chat.db.v0.bak"]
+    assert open(again.backup_path, "rb").read() == as_it_was
 
 
 def test_the_original_apps_history_is_migrated_into_a_new_file(tmp_path):
