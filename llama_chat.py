@@ -8625,6 +8625,7 @@ def v1_chat(engine, req):
 
 
 v1_chat.body_up_to = "max_attachment_bytes"    # its media, as data URLs
+v1_chat.waits_for_start = True                  # (api_chat says why)
 
 
 def v1_relay(engine, req):
@@ -9974,6 +9975,12 @@ def api_fork(engine, req):
     return Created(conversation_id=forked)
 
 
+# A chat sent while the history is migrated (a first start on an older
+# database) waits for it, up to START_WAIT_S, rather than answer 503: the
+# question is kept, and the answer comes, once the migration commits.
+START_WAIT_S = 120
+
+
 def api_chat(engine, req):
     body = req.json()
     stream = body.get("stream", False)
@@ -10004,6 +10011,9 @@ def api_chat(engine, req):
     if reply.failure is not None:
         raise reply.failure
     return {name: value for name, value in reply.last[0][1].items() if name != "type"}
+
+
+api_chat.waits_for_start = True
 
 
 def model_loading(engine, model):
@@ -10786,14 +10796,18 @@ class Handler(RequestHead, BaseHTTPRequestHandler):
             raise missing
         if api:
             self.check_origin(handler)
+        waiting = False
         if not engine.ready.is_set() and api and handler is not api_health:
             older = engine.older and WHILE_MIGRATING.get(handler)
-            if older is None:
+            waiting = older is None and getattr(handler, "waits_for_start", False)
+            if older is None and not waiting:
                 raise starting(engine.store.progress.as_dict())
-            handler = older
+            handler = older or handler
         if self.command == "HEAD" and api:
             return HEAD_ANSWER                    # headers only: never the GET's work
         body = self.read_body(handler)
+        if waiting and not engine.ready.wait(START_WAIT_S):   # (its body read: no deadline)
+            raise starting(engine.store.progress.as_dict())
         if isinstance(body, BodyFile):            # read by the handler, under the deadline
             result = handler(engine, Request(self.command, path, urllib.parse.parse_qs(
                 parts.query), self.headers, body, params, self.connection))

@@ -778,11 +778,42 @@ def test_an_original_database_is_read_while_it_is_migrated(tmp_path, stub, monke
         for path_, code in (("/api/search?q=volcanoes", "STARTING"),
                             ("/api/conversations?q=old", "STARTING")):
             assert c.get(path_)[2]["code"] == code
-        assert c.chat(1, "hi")[0] == 503                             # no writes meanwhile
+        assert c.put("/api/conversations/1", {"title": "x"})[0] == 503   # no writes meanwhile
+        asked = []                                       # but a chat waits, then is answered
+        chat = threading.Thread(target=lambda: asked.append(c.chat(1, "hi 火山")))
+        chat.start()
+        time.sleep(0.3)
+        assert asked == [] and not server.engine.ready.is_set()
         held.set()
+        chat.join(30)
+        assert asked[0][0] == 200 and asked[0][2]["response"]
         assert server.engine.ready.wait(30) and server.engine.older is None
+        assert [m["content"] for m in c.get("/api/conversations/1")[2]["messages"][-2:]] == [
+            "hi 火山", asked[0][2]["response"]]
         assert c.get("/api/conversations/1")[2]["conversation"]["title"] == "Old chat 0"
         assert "starting" not in c.get("/api/conversations")[2]
+
+
+def test_a_chat_waits_for_the_migration_only_so_long_and_v1_s_waits_too(tmp_path, stub,
+                                                                          monkeypatch):
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        monkeypatch.setattr(llama_chat, "START_WAIT_S", 0.2)
+        status, _, body = c.chat(1, "too soon")
+        assert (status, body["code"]) == (503, "STARTING")
+        monkeypatch.setattr(llama_chat, "START_WAIT_S", 30)
+        asked = []
+        relayed = threading.Thread(target=lambda: asked.append(c.post(
+            "/v1/chat/completions", {"model": MODEL, "messages": [
+                {"role": "user", "content": "asked through /v1 meanwhile"}]})))
+        relayed.start()
+        time.sleep(0.3)
+        assert asked == []
+        held.set()
+        relayed.join(30)
+        assert asked[0][0] == 200 and asked[0][2]["choices"][0]["message"]["content"]
+        assert rows(c, "SELECT content FROM messages WHERE content LIKE '%soon%' OR content "
+                       "LIKE '%meanwhile%'") == [("asked through /v1 meanwhile",)]  # not "too soon"
 
 
 def test_a_database_with_trees_is_not_read_while_it_is_migrated(tmp_path, stub, monkeypatch):
