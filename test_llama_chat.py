@@ -970,7 +970,9 @@ def test_the_original_apps_history_migrates_in_one_pass_to_what_the_chain_makes(
     assert one_pass[0] == chained[0]
     assert one_pass[1] == chained[1]
     if variant != "no history":
-        assert len(one_pass[1]["messages"]) == 16 and one_pass[1]["sqlite_sequence"]
+        assert len(one_pass[1]["messages"]) == 16
+        # the newest message (24) was deleted: its id is not given again
+        assert dict(one_pass[1]["sqlite_sequence"])["messages"] == 24
 
 
 @pytest.mark.parametrize("version", [0, 2])
@@ -1851,6 +1853,19 @@ def test_a_file_replaced_as_its_backup_is_made_is_not_migrated(tmp_path, monkeyp
     again = llama_chat.Store(path)
     assert rows_of(again, "SELECT count(*) FROM messages") == [(12,)]
     again.close()
+
+
+def test_an_empty_journal_beside_the_original_file_is_no_obstacle(tmp_path):
+    """A journal SQLite left empty (journal_mode TRUNCATE, or a WAL with
+    nothing in it) has nothing to apply: the file is migrated into a new one."""
+    path = str(tmp_path / "llamacpp_chat.db")
+    make_flask_db(path)
+    for end in ("-journal", "-wal"):
+        open(path + end, "wb").close()
+    inode = os.stat(path).st_ino
+    store = llama_chat.Store(path)
+    assert os.stat(store.backup_path).st_ino == inode and os.stat(path).st_ino != inode
+    store.close()
 
 
 @pytest.mark.parametrize("shape", ["a journal beside it", "a table of its own",
