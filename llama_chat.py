@@ -1649,8 +1649,6 @@ def made_alone(path):
         with contextlib.suppress(OSError):
             if os.path.exists(path) and os.path.samestat(os.stat(path), os.fstat(f.fileno())):
                 os.remove(path)
-        with contextlib.suppress(OSError):
-            os.remove(path + "-journal")
         f.close()
 
 
@@ -4145,9 +4143,9 @@ class Store:
     def open(self, build_later=False):
         """Migrate, all in one transaction: a stop half-way (interrupt())
         leaves the file as it was (the original app's history is migrated
-        into a new file that then takes its place); then build the search index where needed,
-        or, `build_later`, leave that to build_index (the server's, while the
-        rest answers). A database made before is backed up first. One that
+        into a new file that then takes its place); then build the search
+        index where needed, or, `build_later`, leave that to build_index (the
+        server's, while the rest answers). A database made before is backed up first. One that
         cannot be written is read as it is, if it is of this version."""
         db = self.db
         if self.read_only:

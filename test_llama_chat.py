@@ -4117,6 +4117,22 @@ def test_what_is_left_out_grows_by_two_thirds_of_the_budget(costs, budget, start
     assert llama_chat.stepped_start(costs, budget) == start
 
 
+def small_context_client(stub, launch, n_ctx):
+    """A client of an app whose llama.cpp has an n_ctx-token context (a
+    quarter of it kept for the reply) and which would send up to 500
+    messages: the context, not the message limit, decides what is left out."""
+    stub.n_ctx = n_ctx
+    return Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
+                                                "context_history_limit": 500}))
+
+
+def chat_turns(stub, client, cid, numbers):
+    """A question of 14 words and a reply of 9 for each number."""
+    for n in numbers:
+        stub.reply = f"Reply {n}: some nine words or so, each a token."
+        client.chat(cid, f"question {n} " + "word " * 12)
+
+
 def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_two_thirds_out(stub, launch):
     """What llama.cpp's prompt cache needs: each turn sends what the turn
     before sent (and its reply) as its beginning, but at the few turns where
@@ -4124,9 +4140,7 @@ def test_a_long_chat_sends_the_same_beginning_until_a_step_leaves_two_thirds_out
     (the system prompt, then they, are the beginning every turn sends), a
     step leaves out two thirds of the rest of the budget, and no prompt
     passes the context."""
-    stub.n_ctx = 400                             # a quarter for the reply: 300 tokens
-    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
-                                                  "context_history_limit": 500}))
+    client = small_context_client(stub, launch, 400)  # a quarter for the reply: 300 tokens
     cid = client.new_conversation()
     sent, drops, first = [], 0, None
     for n in range(30):
@@ -4205,13 +4219,9 @@ def test_the_token_budget_keeps_the_first_exchange_only_where_the_history_begins
 
 
 def test_the_prompt_inspector_shows_what_the_next_chat_sends_first_exchange_kept(stub, launch):
-    stub.n_ctx = 400                                          # 300 tokens for the prompt
-    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
-                                                  "context_history_limit": 500}))
+    client = small_context_client(stub, launch, 400)  # 300 tokens for the prompt
     cid = client.new_conversation()
-    for n in range(14):
-        stub.reply = f"Reply {n}: some nine words or so, each a token."
-        client.chat(cid, f"question {n} " + "word " * 12)
+    chat_turns(stub, client, cid, range(14))
     shown = client.get(f"/api/conversations/{cid}/prompt?message=next%20one")[2]["messages"]
     client.chat(cid, "next one")
     sent = stub.requests[-1]["body"]["messages"]
@@ -4221,14 +4231,10 @@ def test_the_prompt_inspector_shows_what_the_next_chat_sends_first_exchange_kept
 
 
 def test_a_first_question_too_long_for_a_quarter_of_the_budget_steps_with_the_rest(stub, launch):
-    stub.n_ctx = 400                                          # 300 tokens for the prompt
-    client = Client(launch(stub.url, performance={**llama_chat.DEFAULT_CONFIG["performance"],
-                                                  "context_history_limit": 500}))
+    client = small_context_client(stub, launch, 400)  # 300 tokens for the prompt
     cid = client.new_conversation()
     client.chat(cid, "the first question " + "long " * 80)     # over a quarter: not kept
-    for n in range(1, 12):
-        stub.reply = f"Reply {n}: some nine words or so, each a token."
-        client.chat(cid, f"question {n} " + "word " * 12)
+    chat_turns(stub, client, cid, range(1, 12))
     sent = stub.requests[-1]["body"]["messages"]
     assert sent[1]["content"].startswith("question ") and sent[-1]["content"].startswith(
         "question 11")
