@@ -7860,6 +7860,9 @@ class OwnedReply(Generation):
             self.followers = {f for f in self.followers if f.put(batch)}
 
     def end(self, event):
+        """Tell every follower how it ended; from then on it is not being
+        made (answer-now, stop and follow see the stored reply)."""
+        self.engine.generation_ended(self)
         with self._follow:
             self.last = [(self.sent, event)]
             for follower in self.followers:

@@ -5263,6 +5263,23 @@ def test_answer_now_ends_the_reasoning_through_llama_server_s_control(client, st
     assert client.post("/api/messages/99999/answer-now", {})[0] == 404
 
 
+def test_a_reply_that_said_done_is_no_longer_being_made(client, stub, monkeypatch):
+    """A client that read "done" and at once asks for answer-now, a stop or
+    the reply's stream meets the stored reply, even while the reply's thread
+    is still letting go of llama.cpp's connection (slowed here)."""
+    closing = llama_chat.OwnedReply.close
+    monkeypatch.setattr(llama_chat.OwnedReply, "close",
+                        lambda self: (time.sleep(0.5), closing(self)))
+    message_id, reader, events = started_reasoning(client, stub)
+    reader.join(10)
+    assert events[-1]["type"] == "done"
+    again = client.post(f"/api/messages/{message_id}/answer-now", {})
+    assert (again[0], again[2]["code"]) == (409, "NOT_GENERATING")
+    status, _, body = client.post(f"/api/messages/{message_id}/stop", {})
+    assert (status, body["stopped"], body["generating"]) == (200, False, False)
+    assert client.engine.generation_of(message_id) is None
+
+
 def test_answer_now_without_reasoning_control_stops_and_continues_without_thinking(
         client, stub):
     stub.reasoning_control = False                             # an older llama-server
