@@ -6407,22 +6407,28 @@ class Changes:
         self._reading = False
 
     def listen(self):
+        """A Follower told every change committed from now on."""
         follower = Follower()
         with self._lock:
-            self.listeners.add(follower)
             if not self._reading:
+                conn = self.db.connect()      # where the telling begins: now, not when
+                try:                          # the thread first runs on a busy machine
+                    last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
+                except BaseException:
+                    conn.close()
+                    raise
+                threading.Thread(target=self._read, args=(conn, last), daemon=True,
+                                 name="changes").start()
                 self._reading = True
-                threading.Thread(target=self._read, daemon=True, name="changes").start()
+            self.listeners.add(follower)
         return follower
 
     def leave(self, follower):
         with self._lock:
             self.listeners.discard(follower)
 
-    def _read(self):
-        conn = self.db.connect()
+    def _read(self, conn, last):
         try:
-            last = conn.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()[0]
             version = None
             while not self.stopping.is_set():
                 self.db.committed.wait(CHANGES_POLL_SECONDS)

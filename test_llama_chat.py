@@ -5620,6 +5620,20 @@ def test_a_reply_is_told_once_begun_and_once_ended_not_at_each_write(client, stu
                                     ("message", "updated"), ("generation", "finished")])
 
 
+def test_a_listener_is_told_what_is_committed_once_it_listens(client, monkeypatch):
+    """The telling begins where the listener's comment was sent, even when
+    the thread that reads the changes first runs late (slowed here)."""
+    reading = llama_chat.Changes._read
+    monkeypatch.setattr(llama_chat.Changes, "_read",
+                        lambda self, *a: (time.sleep(0.5), reading(self, *a)))
+    before = client.new_conversation("before")
+    with listening(client) as heard:
+        made = client.new_conversation("after")
+        heard_of(heard, {"type": "conversation", "action": "created", "id": made})
+        assert [e["id"] for e in heard if e["type"] == "conversation"] == [made]
+    assert before != made
+
+
 def test_the_changes_table_keeps_only_the_newest(client, monkeypatch):
     monkeypatch.setattr(llama_chat, "CHANGES_KEPT", 20)
     with listening(client) as heard:
