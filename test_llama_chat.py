@@ -10837,7 +10837,8 @@ def test_page_makes_and_edits_a_project(page, client):
     b.click("#conv-list li.project button[data-paction='edit']")
     b.click(".project-form button.danger")
     b.click(".project-form button.danger")                             # asked twice
-    b.wait("return !document.querySelector('#conv-list li.project')")
+    b.wait("return !document.querySelector('#conv-list li.project') "  # its form replaced it
+           "&& !document.querySelector('.project-form')")
     assert client.get("/api/projects")[2]["projects"] == []
 
 
