@@ -1779,6 +1779,7 @@ def json_fields(columns):
 
 
 CHECKPOINT_WAIT_MS = 250
+GIVE_WAY_STEPS = 1000      # SQLite steps between looks whether a write that gives way is asked to
 
 
 class Database:
@@ -1892,16 +1893,22 @@ class Database:
                 self._wanting.discard(me)
             if gives_way:
                 self._giving_way = conn
+                # An interrupt() between its statements is lost (SQLite clears
+                # it when the next begins): this stops any of them once asked.
+                conn.set_progress_handler(lambda: self._given_way is conn, GIVE_WAY_STEPS)
                 if self._wanting:            # a write began to wait meanwhile: it goes first
                     self._given_way = conn
+                    conn.set_progress_handler(None, 0)
                     conn.execute("ROLLBACK")
                     raise sqlite3.OperationalError("interrupted")
             try:
                 yield conn
             except BaseException:
+                conn.set_progress_handler(None, 0)
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            conn.set_progress_handler(None, 0)
             conn.execute("COMMIT")
             self.committed.set()
         except sqlite3.DatabaseError as e:

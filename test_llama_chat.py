@@ -1591,6 +1591,32 @@ def test_a_write_interrupts_a_purge_which_runs_again_once_writes_pause(client, m
             assert b"quokkarian" not in open(name, "rb").read()
 
 
+def test_a_write_that_gives_way_gives_way_when_asked_between_its_statements(client):
+    """Asked while none of its statements runs (SQLite then drops an
+    interrupt), a write that gives way still stops at its next statement."""
+    db, began, ended = client.engine.store.db, threading.Event(), {}
+
+    def giving_way():
+        try:
+            with db.write(gives_way=True) as c:
+                began.set()
+                time.sleep(0.5)                       # between statements when asked
+                c.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n "
+                          "LIMIT 30000000) SELECT count(*) FROM n").fetchone()
+                ended["outcome"] = "ran to its end"
+        except sqlite3.OperationalError as e:
+            ended["outcome"] = str(e)
+        finally:
+            db.release()
+    work = threading.Thread(target=giving_way)
+    work.start()
+    began.wait(5)
+    written = client.new_conversation("written meanwhile")
+    work.join(30)
+    assert ended == {"outcome": "interrupted"}
+    assert client.get(f"/api/conversations/{written}")[0] == 200
+
+
 # Version 1.1's search schema beside its index: a word list, a forget list and
 # a second, recent index, with their triggers (one of the recent ones here).
 SEARCH_SCHEMA_1_1 = """
