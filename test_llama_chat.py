@@ -1449,6 +1449,21 @@ def test_highlights_mark_what_the_index_matched(content, query, marked):
         assert [list(m.span()) for m in llama_chat.ascii_pattern(q).finditer(content)] == spans
 
 
+def test_the_ascii_expression_agrees_with_the_index_on_random_text():
+    """Words glued to letters, digits, underscores and punctuation on either
+    side, in any case: the expression marks what highlight_spans marks."""
+    rng = random.Random(28)
+    pieces = ["learn", "Learning", "machine", "MACHINE", "ma", "x", "9", "_", "-", " ", ".",
+              "relearn", "learn2", "é", "machines"]
+    for query in ("learn", "machine learn", '"machine learning"', "ma x", "learn 9"):
+        q = llama_chat.search_query(query)
+        for _ in range(300):
+            content = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+            if content.isascii():
+                assert [list(m.span()) for m in llama_chat.ascii_pattern(q).finditer(
+                    content)] == llama_chat.highlight_spans(content, q), (query, content)
+
+
 def test_search_form_origins_map_back_to_the_text():
     text = "Ὁ κόσμος e\u0301 我喜欢 🎉 plain"
     origins = []
