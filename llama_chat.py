@@ -3237,7 +3237,7 @@ DOCUMENTS_UP_TO = "SELECT count(*) FROM (SELECT 1 FROM search_fts WHERE search_f
 # A search narrowed to a project: its condition on a message's id (`{id}`).
 IN_PROJECT = """AND {id} IN (SELECT m.id FROM conversations c JOIN messages m
                              ON m.conversation_id = c.id WHERE c.project_id = ?)"""
-RANK_WINDOW = 1000        # a query ranks at most this many of its newest matches
+RANK_WINDOW = 300         # a query ranks this many of its newest matches (more for a long page)
 BUILD_BATCH = 2000        # messages indexed in one transaction of the background build
 CONVERSATION_COLUMNS = ", ".join(columns_in(CONVERSATION_TABLE, "listed"))
 CONVERSATION_SELECT = selected(columns_in(CONVERSATION_TABLE, "listed"), pinned=PINNED_JSON)
@@ -3425,17 +3425,19 @@ class SearchIndex:
             return self._search_like(query, limit, within)
         # bm25 costs microseconds a row: a word found in most of a million
         # messages would take seconds to rank in full. So rank the newest
-        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), keep
-        # the best ids, and read and snip only the page of results: their
-        # rows are read a page at a time, as they are needed (a page needs
-        # more than `limit` only where title-only matches are left out).
+        # RANK_WINDOW matches (FTS5 walks them newest first, cheaply), or as
+        # many as the page may need, keep the best ids, and read and snip
+        # only the page of results: their rows are read a page at a time, as
+        # they are needed (a page needs more than `limit` only where
+        # title-only matches are left out).
+        wanted = limit * TITLE_ONLY_SPARE
         hits = self.db.conn().execute(
             f"""SELECT id, score FROM
                    (SELECT rowid AS id, rank AS score FROM search_fts
                     WHERE search_fts MATCH ? {within[0].format(id="rowid")}
                     ORDER BY rowid DESC LIMIT ?)
                 ORDER BY score, id DESC LIMIT ?""",
-            (query.match, *within[1], RANK_WINDOW, limit * TITLE_ONLY_SPARE)).fetchall()
+            (query.match, *within[1], max(RANK_WINDOW, wanted), wanted)).fetchall()
         attached = sorted(self._attached_hits(query, limit, within), key=lambda r: r["score"])
         return self._page(query, limit, heapq.merge(
             self._rows_of(hits, limit), attached, key=lambda r: r["score"]))

@@ -1328,6 +1328,24 @@ def test_search_reads_past_a_page_of_title_only_matches(client):
     assert [r["id"] for r in body["results"]] == [titled, other]
     assert body["results"][1]["message_id"] == stripes
 
+def test_search_ranks_the_newest_matches_or_as_many_as_its_page_needs(client, monkeypatch):
+    """bm25 orders the newest RANK_WINDOW matches, or limit * TITLE_ONLY_SPARE
+    where a page may need more: an older, better match outside them waits."""
+    monkeypatch.setattr(llama_chat, "RANK_WINDOW", 6)
+    store = client.engine.store
+    cid = store.create_conversation("fruit", MODEL)
+    best = store.add_message(cid, "user", "kiwi kiwi kiwi kiwi")
+    for n in range(5):
+        store.add_message(cid, "user", f"a kiwi and {n} other things said at some length")
+
+    def first(limit):
+        return client.get(f"/api/search?q=kiwi&limit={limit}")[2]["results"][0]["message_id"]
+    assert first(1) == best                                  # the 6th newest: ranked
+    store.add_message(cid, "user", "a kiwi and more things said at some length")
+    assert first(1) != best                                  # the 7th: left out
+    assert first(2) == best                                  # a page of 2 ranks 8
+
+
 def test_search_follows_renames_and_deletes(client, corpus):
     client.request("PUT", f"/api/conversations/{corpus['cook']}", {"title": "Kitchen"})
     assert client.get("/api/search?q=recipe")[2]["count"] == 0
