@@ -10355,6 +10355,29 @@ def test_page_failures_leave_no_litter(page, client, stub):
 
 
 @needs_chromium
+def test_page_a_message_sent_while_the_page_starts_goes_into_the_open_conversation(
+        page, client, stub, monkeypatch):
+    """Typed at once on a link to a conversation, before the page has opened
+    it (its start held here by a slow /api/config): it goes into that
+    conversation, not into a new one."""
+    def slowly(handler):
+        return lambda engine, req: (time.sleep(1.5), handler(engine, req))[1]
+    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
+        (m, p, slowly(h) if h is llama_chat.api_config else h)
+        for m, p, h in llama_chat.COMPILED_ROUTES])
+    cid = client.new_conversation("Opened by a link")
+    b = page(f"/#/c/{cid}")
+    b.wait("return document.querySelector('.empty')")
+    b.type("#input", "sent at once\ue007")
+    b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
+           "return n && n.textContent.includes('Machine learning')", timeout=15)
+    assert b.js("return document.getElementById('title').textContent") == "Opened by a link"
+    assert rows(client, "SELECT conversation_id, role FROM messages ORDER BY id") == [
+        (cid, "user"), (cid, "assistant")]
+    assert len(client.get("/api/conversations")[2]["conversations"]) == 1
+
+
+@needs_chromium
 def test_page_streams_belong_to_their_conversation(page, client, stub):
     a, b_id = client.new_conversation("Alpha"), client.new_conversation("Beta")
     stub.reply = " ".join(f"tok{i}" for i in range(40))
