@@ -51,6 +51,9 @@ class Stub:
         self.reasoning = ""
         self.mode = "ok"          # ok | stall | error500 | garbage | cut | error_chunk | no_usage
         self.token_delay = 0.0
+        self.hold_at = None       # a token's index: the reply waits there until `go` is set
+                                  # (sending keep-alive comments)
+        self.go = threading.Event()
         self.stall = 0.0
         self.router = False
         self.router_status = "loaded"     # of the first model, in router mode
@@ -342,6 +345,10 @@ class StubHandler(BaseHTTPRequestHandler):
                     return
                 if stub.mode == "stall_mid" and i == 3:
                     time.sleep(3)
+                if i == stub.hold_at:             # kept alive: the app's read timeout
+                    deadline = time.monotonic() + 30  # would end a silent reply
+                    while not stub.go.wait(0.3) and time.monotonic() < deadline:
+                        self.chunk(b": keep-alive\n\n")
                 self.event({"choices": [{"index": 0, "delta": {"content": token},
                                          "finish_reason": None}]})
                 if stub.token_delay:
@@ -2534,7 +2541,7 @@ def test_a_chat_that_says_where_it_goes_does_not_wait_its_turn(client, stub):
     cid = client.new_conversation()
     first = client.chat(cid, "first")[2]
     stub.reply = " ".join(f"w{i}" for i in range(20))
-    stub.token_delay = 0.05                                   # a second's reply
+    stub.hold_at = 3                                          # each reply held part-way
     waiting = threading.Thread(target=lambda: read_events(client.stream(cid, "a slow one")[0]))
     waiting.start()
     wait_for(lambda: stub.open_streams == 1, 5, "the queued chat's reply begun")
@@ -2544,6 +2551,7 @@ def test_a_chat_that_says_where_it_goes_does_not_wait_its_turn(client, stub):
         "parent_id": first["message_id"]})))
     beside.start()
     wait_for(lambda: stub.open_streams == 2, 5, "the branched chat's reply made beside it")
+    stub.go.set()
     beside.join(10)
     waiting.join(10)
     assert answered[0][0] == 200
@@ -10381,7 +10389,7 @@ def test_page_a_message_sent_while_the_page_starts_goes_into_the_open_conversati
 def test_page_streams_belong_to_their_conversation(page, client, stub):
     a, b_id = client.new_conversation("Alpha"), client.new_conversation("Beta")
     stub.reply = " ".join(f"tok{i}" for i in range(40))
-    stub.token_delay = 0.04
+    stub.token_delay, stub.hold_at = 0.04, 3         # streaming until the test lets it go on
     b = page(f"/#/c/{a}")
     b.wait("return document.querySelector('.empty')")
     b.type("#input", "long answer please\ue007")
@@ -10397,6 +10405,7 @@ def test_page_streams_belong_to_their_conversation(page, client, stub):
                    "return document.getElementById('title').textContent === 'Alpha' && n && "
                    "!document.getElementById('stop').classList.contains('hidden') && "
                    "n.textContent.length")
+    stub.go.set()
     grown = b.wait("const n = document.querySelector('.msg.assistant.streaming');"
                    "return n && n.textContent.length > arguments[0] && n.textContent.length",
                    first)
@@ -10414,7 +10423,7 @@ def test_page_reloaded_mid_reply_follows_the_reply_to_its_end(page, client, stub
     comes, and the reply is stored whole."""
     cid = client.new_conversation("reload")
     stub.reply = " ".join(f"tok{i}" for i in range(40))
-    stub.token_delay = 0.05                     # two seconds of reply
+    stub.token_delay, stub.hold_at = 0.05, 3    # held after tok2 until the page is back
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.empty')")
     b.type("#input", "tell me a long story\ue007")
@@ -10422,7 +10431,10 @@ def test_page_reloaded_mid_reply_follows_the_reply_to_its_end(page, client, stub
            "return n && n.textContent.includes('tok1')")
     b.js("location.reload()")                                    # mid-reply
     b.wait("const n = document.querySelector('.msg.assistant.streaming');"
-           "return n && n.textContent.includes('tok1')")        # followed again, live
+           "return n && n.textContent.includes('tok1')")        # followed again
+    stub.go.set()
+    b.wait("const n = document.querySelector('.msg.assistant.streaming');"
+           "return n && n.textContent.includes('tok5')")        # live
     text = b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
                   "return n && n.textContent.includes('tok39') && n.textContent", timeout=15)
     assert "tok0 tok1" in text
@@ -10440,7 +10452,7 @@ def test_page_shows_what_another_device_does_as_it_happens(page, client, stub):
     b.wait("return document.querySelector('.empty')")
     time.sleep(0.3)                                  # the page listens for changes
     stub.reply = " ".join(f"tok{i}" for i in range(40))
-    stub.token_delay = 0.05
+    stub.token_delay, stub.hold_at = 0.05, 5        # held after tok4 while the page looks
     phone = threading.Thread(target=lambda: client.chat(cid, "sent from my phone"))
     phone.start()
     b.wait("return document.querySelector('#conv-list li.generating .spinner')")
@@ -10448,6 +10460,7 @@ def test_page_shows_what_another_device_does_as_it_happens(page, client, stub):
            "return q && q.textContent.includes('sent from my phone')")
     b.wait("const n = document.querySelector('.msg.assistant.streaming');"
            "return n && n.textContent.includes('tok3')")        # followed as it is made
+    stub.go.set()
     phone.join(15)
     b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
            "return n && n.textContent.includes('tok39') && "
