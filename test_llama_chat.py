@@ -10386,6 +10386,39 @@ def test_page_a_message_sent_while_the_page_starts_goes_into_the_open_conversati
 
 
 @needs_chromium
+def test_page_shows_the_conversation_last_chosen_when_an_earlier_one_answers_late(
+        page, client, stub, monkeypatch):
+    """Chosen one after the other, A answering slowly (a Pi over Wi-Fi) and B
+    at once: B stays shown, and a message goes into B."""
+    slow, quick = client.new_conversation("Slow A"), client.new_conversation("Quick B")
+
+    def slow_for_a(handler):
+        return lambda engine, req: (time.sleep(1.5) if req.params["id"] == str(slow) else None,
+                                    handler(engine, req))[1]
+    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
+        (m, p, slow_for_a(h) if h is llama_chat.api_get_conversation else h)
+        for m, p, h in llama_chat.COMPILED_ROUTES])
+    b = page("/")
+    b.wait("return document.querySelector('#conv-list li')")
+    b.js(f"location.hash = '#/c/{slow}'")
+    time.sleep(0.2)
+    b.js(f"location.hash = '#/c/{quick}'")
+    b.wait("return document.getElementById('title').textContent === 'Quick B'")
+    time.sleep(2)                                         # A's answer has come meanwhile
+    assert b.js("return document.getElementById('title').textContent") == "Quick B"
+    b.type("#input", "for B\ue007")
+    b.wait("const n = document.querySelector('.msg.assistant:not(.streaming)');"
+           "return n && n.textContent.includes('Machine learning')", timeout=15)
+    assert rows(client, "SELECT DISTINCT conversation_id FROM messages") == [(quick,)]
+    b.js(f"location.hash = '#/c/{slow}'")                # and a new chat begun meanwhile
+    time.sleep(0.2)
+    b.click("#new-chat")
+    time.sleep(2)
+    assert b.js("return [document.getElementById('title').textContent, location.hash, "
+                "document.querySelectorAll('.msg').length]") == ["New chat", "", 0]
+
+
+@needs_chromium
 def test_page_streams_belong_to_their_conversation(page, client, stub):
     a, b_id = client.new_conversation("Alpha"), client.new_conversation("Beta")
     stub.reply = " ".join(f"tok{i}" for i in range(40))
