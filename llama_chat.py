@@ -7797,6 +7797,12 @@ class Relay:
 ###############################################################################
 
 FLUSH_SECONDS = 1.0          # a reply's text so far reaches the database this often
+# A burst from llama.cpp (a fast model, a stub) would have the reply's thread
+# parse all of it, holding a core and Python, while the thread that writes
+# to the client waits to run, the first token with it. So after the first
+# text is handed out, the reply's thread waits until a follower has written
+# it, this long at most.
+FIRST_HANDOFF_S = 0.005
 
 
 def stopped_by_request():
@@ -7822,6 +7828,7 @@ class OwnedReply(Generation):
         self.last = None             # the batch it ended with (done, or error)
         self.failure = None          # the ApiError it ended with, if it failed
         self.ended = threading.Event()
+        self.first_written = threading.Event()   # a follower has written what it had
         self._follow = threading.Lock()
         self._flushed = time.monotonic()
 
@@ -7903,7 +7910,12 @@ class OwnedReply(Generation):
                             failure = e
                             break
                     if events:
+                        first = not self.sent
+                        if first:
+                            self.first_written.clear()   # a progress batch's, before
                         self.publish(events)
+                        if first and self.sent and self.followers:
+                            self.first_written.wait(FIRST_HANDOFF_S)
                     if failure:
                         raise failure
                     self.flush()
@@ -8052,6 +8064,7 @@ def followed(reply, start=0, first=None, follower=None):
                 pass
             if batch:
                 yield batch
+                reply.first_written.set()
                 if batch[-1][1]["type"] in ("done", "error"):
                     return
             if follower.let_go and follower.batches.empty():

@@ -5293,6 +5293,56 @@ def message_row(client, message_id):
     return client.engine.store.message_row(message_id)
 
 
+def slow_first_write(monkeypatch, seconds):
+    """The client's thread waits `seconds` after each batch it writes before
+    the reply's first text (as on a busy machine); the batches it writes, as
+    lists of the text of their deltas, are returned."""
+    follow, written = llama_chat.followed, []
+
+    def followed(*args, **kwargs):
+        for batch in follow(*args, **kwargs):
+            texts = [e["content"] for _, e in batch or () if e["type"] == "delta"]
+            if texts:
+                written.append(texts)
+            yield batch
+            if batch and not written:
+                time.sleep(seconds)
+    monkeypatch.setattr(llama_chat, "followed", followed)
+    return written
+
+
+def test_a_burst_s_first_token_is_written_before_the_rest_is_read(client, stub, monkeypatch):
+    """llama.cpp sends 400 tokens at once: the reply's thread hands its first
+    text to the client's thread and waits until it is written, instead of
+    reading on through the burst (the first write then held all of it)."""
+    monkeypatch.setattr(llama_chat, "FIRST_HANDOFF_S", 5)
+    stub.reply = " ".join(f"t{i}" for i in range(400))
+    stub.progress_steps, stub.progress_delay = 2, 0.4   # written before the first text
+    published, publish = [], llama_chat.OwnedReply.publish
+    monkeypatch.setattr(llama_chat.OwnedReply, "publish", lambda self, events: (
+        published.append([e["content"] for e in events if e["type"] == "delta"]),
+        publish(self, events))[1])
+    written = slow_first_write(monkeypatch, 0.3)
+    events = read_events(client.stream(client.new_conversation(), "go")[0])
+    first = next(texts for texts in published if texts)
+    assert written[0] == first and len(first) < 400                 # alone, first
+    assert "".join(sum(written, [])) == stub.reply == events[-1]["response"]
+
+
+def test_a_reply_waits_for_its_first_write_only_so_long(client, stub, monkeypatch):
+    """A client that does not take the first text in FIRST_HANDOFF_S holds
+    nothing up: the reply goes on and is stored whole meanwhile."""
+    monkeypatch.setattr(llama_chat, "FIRST_HANDOFF_S", 0.05)
+    stub.reply = " ".join(f"t{i}" for i in range(400))
+    written = slow_first_write(monkeypatch, 1.5)
+    cid = client.new_conversation()
+    resp = client.stream(cid, "go")[0]
+    wait_for(lambda: rows(client, "SELECT count(*) FROM messages WHERE role = 'assistant' "
+                                  "AND generating IS NULL")[0][0] == 1, 1.2, "the reply stored")
+    assert not written                                   # before the client wrote anything
+    assert read_events(resp)[-1]["response"] == stub.reply
+
+
 def started_reasoning(client, stub):
     """A streamed reply under way in its reasoning (20 words, 50 ms each):
     (its message id, the thread reading its events, the events so far)."""
