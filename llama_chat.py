@@ -127,20 +127,27 @@ def quick_logging():
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
+FIRST_READ = 2048
+
+
 def body_reader(resp):
     """3. A function that returns the next bytes of a response body, all that have
     arrived (b"" at its end). http.client's read1() stops at every chunk of a
     chunked body, and llama-server sends one token per chunk: decoding the
-    chunks here lets one read take a whole burst of tokens. Undo: use
-    `resp.read1` for every body."""
+    chunks here lets one read take a whole burst of tokens. The first read
+    takes at most FIRST_READ bytes, so that the first token is passed on
+    before a burst behind it is decoded. Undo: use `resp.read1` for every
+    body."""
     if not resp.chunked:
         return lambda: resp.read1(65536)
-    state = {"buffer": b"", "left": 0, "ended": False}   # left: bytes of chunk, -1: CRLF
+    state = {"buffer": b"", "left": 0, "ended": False,   # left: bytes of chunk, -1: CRLF
+             "size": FIRST_READ}
 
     def read():
         out = []
         while not out and not state["ended"]:
-            data = resp.fp.read1(65536)
+            data = resp.fp.read1(state["size"])
+            state["size"] = 65536
             if not data:
                 break
             buffer, left, at = state["buffer"] + data, state["left"], 0

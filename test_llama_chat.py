@@ -5268,6 +5268,29 @@ def test_chunked_bodies_decode_across_any_read_boundaries(split):
     assert body == events
 
 
+def test_a_chunked_burst_s_first_read_is_short():
+    """A burst already arrived whole: the first read passes on its first
+    tokens (FIRST_READ bytes at most), the next takes the rest at once."""
+    events = b"".join(b"data: {\"n\": %d}\n\n" % i for i in range(1000))
+    wire = b"".join(b"%x\r\n%s\r\n" % (len(events[i:i + 16]), events[i:i + 16])
+                    for i in range(0, len(events), 16)) + b"0\r\n\r\n"
+
+    class Response:
+        chunked = True
+
+        class fp:
+            left = wire
+
+            @classmethod
+            def read1(cls, n):
+                taken, cls.left = cls.left[:n], cls.left[n:]
+                return taken
+
+    read = llama_chat.body_reader(Response)
+    first, rest = read(), read()
+    assert 0 < len(first) < llama_chat.FIRST_READ < len(rest) and first + rest == events
+
+
 def test_stream_from_an_unchunked_upstream(client, stub):
     stub.mode = "unchunked"
     events = read_events(client.stream(client.new_conversation())[0])
