@@ -3111,7 +3111,7 @@ def ascii_pattern(query):
     """highlight_spans for ASCII text, as one regular expression. Each phrase
     begins with its first word, then looks behind it for a letter or digit:
     begun with the look-behind, it would be tried at every character (the
-    literal first lets the search skip to where the word is, x2.5)."""
+    literal first lets the search skip to where the word is)."""
     phrases = []
     for n, phrase in enumerate(query.phrases):
         first = re.escape(phrase[0])
