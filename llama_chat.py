@@ -127,7 +127,7 @@ def quick_logging():
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 
-FIRST_READ = 2048
+FIRST_READ, READ = 2048, 65536      # bytes a stream's first read takes at most; the others
 
 
 def body_reader(resp):
@@ -139,7 +139,7 @@ def body_reader(resp):
     before a burst behind it is decoded. Undo: use `resp.read1` for every
     body."""
     if not resp.chunked:
-        return lambda: resp.read1(65536)
+        return lambda: resp.read1(READ)
     state = {"buffer": b"", "left": 0, "ended": False,   # left: bytes of chunk, -1: CRLF
              "size": FIRST_READ}
 
@@ -147,7 +147,7 @@ def body_reader(resp):
         out = []
         while not out and not state["ended"]:
             data = resp.fp.read1(state["size"])
-            state["size"] = 65536
+            state["size"] = READ
             if not data:
                 break
             buffer, left, at = state["buffer"] + data, state["left"], 0
@@ -4163,9 +4163,10 @@ class Store:
         """Migrate, all in one transaction: a stop half-way (interrupt())
         leaves the file as it was (the original app's history is migrated
         into a new file that then takes its place); then build the search
-        index where needed, or, `build_later`, leave that to build_index (the
-        server's, while the rest answers). A database made before is backed up first. One that
-        cannot be written is read as it is, if it is of this version."""
+        index where needed, or, `build_later`, leave that to build_index
+        (the server's, while the rest answers). A database made before is
+        backed up first. One that cannot be written is read as it is, if it
+        is of this version."""
         db = self.db
         if self.read_only:
             if self.version < SCHEMA_VERSION or not self.index.in_step():
