@@ -2304,6 +2304,14 @@ def messages_bare(c):
         c.execute(sql)
 
 
+def id_sequence(c):
+    """The messages' row of the id sequence, or None (none yet, or a history
+    whose ids were never AUTOINCREMENT's: the file has no sqlite_sequence)."""
+    if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+        return None
+    return c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+
+
 def keep_sequence(c, sequence):
     """The messages' id sequence at least `sequence` (a row of it, or None):
     an id once given is not given again."""
@@ -2336,7 +2344,7 @@ def migrate_to_5(c):
     filled in id order (a parent before its children), the old dropped, the
     id sequence kept."""
     with messages_bare(c):
-        sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        sequence = id_sequence(c)
         c.execute("ALTER TABLE messages RENAME TO messages_before_5")
         c.execute(MESSAGES_TABLE)
         new = {row[1] for row in c.execute("PRAGMA table_info(messages)")}
@@ -2895,7 +2903,7 @@ def migrate_original_to_5(c):
     table = c.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'"
                       ).fetchone()[0]
     indexes = message_indexes(c, "main")
-    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    sequence = id_sequence(c)
     c.execute("ALTER TABLE messages RENAME TO messages_original")     # its indexes with it
     c.execute("CREATE INDEX messages_original_parents ON messages_original (conversation_id, id)")
     c.execute(table)                                    # the same table, empty
@@ -2918,7 +2926,7 @@ def migrate_original_anew(c):
     for (sql,) in c.execute("SELECT sql FROM original.sqlite_master WHERE type = 'index' "
                             "AND tbl_name != 'messages' AND sql IS NOT NULL").fetchall():
         c.execute(sql)
-    sequence = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    sequence = id_sequence(c)
     for migrate in MIGRATIONS[:5]:
         migrate(c)
     original_poured(c, "original.messages", message_indexes(c, "original"), sequence)

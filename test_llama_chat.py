@@ -1935,10 +1935,13 @@ def test_an_empty_journal_beside_the_original_file_is_no_obstacle(tmp_path):
 
 
 @pytest.mark.parametrize("shape", ["a journal beside it", "a table of its own",
-                                   "no index by conversation", "no hard links", "Windows"])
+                                   "no index by conversation", "no id sequence",
+                                   "no hard links", "Windows"])
 def test_an_original_history_not_as_the_app_made_it_is_migrated_in_place(
         tmp_path, monkeypatch, shape):
     path = str(tmp_path / "llamacpp_chat.db")
+    if shape == "no id sequence":                  # its ids not AUTOINCREMENT's
+        monkeypatch.setitem(globals(), "FLASK_SCHEMA", FLASK_SCHEMA.replace(" AUTOINCREMENT", ""))
     make_flask_db(path)
     conn = sqlite3.connect(path)
     if shape == "a table of its own":
