@@ -1353,6 +1353,16 @@ def test_search_ranks_the_newest_matches_or_as_many_as_its_page_needs(client, mo
     assert first(2) == best                                  # a page of 2 ranks 8
 
 
+def test_search_leaves_out_a_match_whose_message_went_after_ranking(client):
+    """The ranking and the rows are read apart: a message deleted between
+    them is left out, the others kept in their order."""
+    store = client.engine.store
+    cid = store.create_conversation("fruit", MODEL)
+    kept = [store.add_message(cid, "user", f"kiwi number {n}") for n in range(2)]
+    rows = list(store.index._rows_of([(kept[1], -2.0), (kept[1] + 99, -1.5), (kept[0], -1.0)], 2))
+    assert [(r["message_id"], r["score"]) for r in rows] == [(kept[1], -2.0), (kept[0], -1.0)]
+
+
 def test_search_follows_renames_and_deletes(client, corpus):
     client.request("PUT", f"/api/conversations/{corpus['cook']}", {"title": "Kitchen"})
     assert client.get("/api/search?q=recipe")[2]["count"] == 0
@@ -10492,6 +10502,35 @@ def test_page_shows_the_conversation_last_chosen_when_an_earlier_one_answers_lat
     time.sleep(2)
     assert b.js("return [document.getElementById('title').textContent, location.hash, "
                 "document.querySelectorAll('.msg').length]") == ["New chat", "", 0]
+
+
+@needs_chromium
+def test_page_stays_on_the_conversation_chosen_when_an_earlier_one_fails_late(
+        page, client, stub, monkeypatch):
+    """A chosen, then B: A's late "not found" (deleted meanwhile) neither
+    leaves B nor says anything about A."""
+    gone, quick = client.new_conversation("Gone A"), client.new_conversation("Quick B")
+
+    def late_not_found(handler):
+        def answer(engine, req):
+            if req.params["id"] != str(gone):
+                return handler(engine, req)
+            time.sleep(1.5)
+            raise llama_chat.not_found("conversation", gone)
+        return answer
+    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
+        (m, p, late_not_found(h) if h is llama_chat.api_get_conversation else h)
+        for m, p, h in llama_chat.COMPILED_ROUTES])
+    b = page("/")
+    b.wait("return document.querySelector('#conv-list li')")
+    b.js(f"location.hash = '#/c/{gone}'")
+    time.sleep(0.2)
+    b.js(f"location.hash = '#/c/{quick}'")
+    b.wait("return document.getElementById('title').textContent === 'Quick B'")
+    time.sleep(2)                                         # A's failure has come meanwhile
+    assert b.js("return [document.getElementById('title').textContent, location.hash, "
+                "!!document.querySelector('#toast:not(.hidden)')]") == [
+        "Quick B", f"#/c/{quick}", False]
 
 
 @needs_chromium
