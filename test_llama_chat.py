@@ -10448,17 +10448,32 @@ def test_page_failures_leave_no_litter(page, client, stub):
     assert rows(client, "SELECT count(*) FROM conversations") == [(1,)]
 
 
+def route_wrapped(monkeypatch, handler, wrap):
+    """The app's route to `handler` answered by wrap(handler) instead."""
+    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
+        (m, p, wrap(h) if h is handler else h) for m, p, h in llama_chat.COMPILED_ROUTES])
+
+
+def chosen_one_then_another(page, first, second):
+    """The page opened, conversation `first` chosen, then (0.2 s on)
+    `second`, titled "Quick B", shown: the browser."""
+    b = page("/")
+    b.wait("return document.querySelector('#conv-list li')")
+    b.js(f"location.hash = '#/c/{first}'")
+    time.sleep(0.2)
+    b.js(f"location.hash = '#/c/{second}'")
+    b.wait("return document.getElementById('title').textContent === 'Quick B'")
+    return b
+
+
 @needs_chromium
 def test_page_a_message_sent_while_the_page_starts_goes_into_the_open_conversation(
         page, client, stub, monkeypatch):
     """Typed at once on a link to a conversation, before the page has opened
     it (its start held here by a slow /api/config): it goes into that
     conversation, not into a new one."""
-    def slowly(handler):
-        return lambda engine, req: (time.sleep(1.5), handler(engine, req))[1]
-    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
-        (m, p, slowly(h) if h is llama_chat.api_config else h)
-        for m, p, h in llama_chat.COMPILED_ROUTES])
+    route_wrapped(monkeypatch, llama_chat.api_config, lambda handler: lambda engine, req: (
+        time.sleep(1.5), handler(engine, req))[1])
     cid = client.new_conversation("Opened by a link")
     b = page(f"/#/c/{cid}")
     b.wait("return document.querySelector('.empty')")
@@ -10478,18 +10493,10 @@ def test_page_shows_the_conversation_last_chosen_when_an_earlier_one_answers_lat
     at once: B stays shown, and a message goes into B."""
     slow, quick = client.new_conversation("Slow A"), client.new_conversation("Quick B")
 
-    def slow_for_a(handler):
-        return lambda engine, req: (time.sleep(1.5) if req.params["id"] == str(slow) else None,
-                                    handler(engine, req))[1]
-    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
-        (m, p, slow_for_a(h) if h is llama_chat.api_get_conversation else h)
-        for m, p, h in llama_chat.COMPILED_ROUTES])
-    b = page("/")
-    b.wait("return document.querySelector('#conv-list li')")
-    b.js(f"location.hash = '#/c/{slow}'")
-    time.sleep(0.2)
-    b.js(f"location.hash = '#/c/{quick}'")
-    b.wait("return document.getElementById('title').textContent === 'Quick B'")
+    route_wrapped(monkeypatch, llama_chat.api_get_conversation, lambda handler: (
+        lambda engine, req: (time.sleep(1.5) if req.params["id"] == str(slow) else None,
+                             handler(engine, req))[1]))
+    b = chosen_one_then_another(page, slow, quick)
     time.sleep(2)                                         # A's answer has come meanwhile
     assert b.js("return document.getElementById('title').textContent") == "Quick B"
     b.type("#input", "for B\ue007")
@@ -10518,15 +10525,8 @@ def test_page_stays_on_the_conversation_chosen_when_an_earlier_one_fails_late(
             time.sleep(1.5)
             raise llama_chat.not_found("conversation", gone)
         return answer
-    monkeypatch.setattr(llama_chat, "COMPILED_ROUTES", [
-        (m, p, late_not_found(h) if h is llama_chat.api_get_conversation else h)
-        for m, p, h in llama_chat.COMPILED_ROUTES])
-    b = page("/")
-    b.wait("return document.querySelector('#conv-list li')")
-    b.js(f"location.hash = '#/c/{gone}'")
-    time.sleep(0.2)
-    b.js(f"location.hash = '#/c/{quick}'")
-    b.wait("return document.getElementById('title').textContent === 'Quick B'")
+    route_wrapped(monkeypatch, llama_chat.api_get_conversation, late_not_found)
+    b = chosen_one_then_another(page, gone, quick)
     time.sleep(2)                                         # A's failure has come meanwhile
     assert b.js("return [document.getElementById('title').textContent, location.hash, "
                 "!!document.querySelector('#toast:not(.hidden)')]") == [
