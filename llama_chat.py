@@ -2304,12 +2304,12 @@ def messages_bare(c):
         c.execute(sql)
 
 
-def id_sequence(c):
-    """The messages' row of the id sequence, or None (none yet, or a history
+def id_sequence(c, table="messages"):
+    """The table's row of the id sequence, or None (none yet, or a history
     whose ids were never AUTOINCREMENT's: the file has no sqlite_sequence)."""
     if not c.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
         return None
-    return c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    return c.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
 
 
 def keep_sequence(c, sequence):
@@ -4819,6 +4819,133 @@ class OlderHistory:
 
 
 ###############################################################################
+# Storage: chats while an older history is migrated
+###############################################################################
+
+# A chat sent while an older history is migrated (those OlderHistory reads)
+# is answered at once: it goes into a history of its own beside the database
+# (MEANWHILE_SUFFIX), made new, whose ids follow the older history's. A
+# conversation of the older history is copied into it before its first chat
+# there (as OlderHistory reads it, its ids kept). Once the migration has
+# committed and the replies made there have ended, what is new there is
+# written into the database in one transaction, and the file removed; one
+# left by a stop is written in at the next start.
+MEANWHILE_SUFFIX = ".meanwhile"
+# What a chat changes of a conversation that was copied: merged back.
+MEANWHILE_CHANGED = ("updated_at", "model", "current_message_id", "title", "title_pending")
+
+
+def meanwhile_path(db):
+    return os.path.realpath(db.path) + MEANWHILE_SUFFIX
+
+
+def table_columns(c, schema, table):
+    return [row[1] for row in c.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
+def meanwhile_store(db):
+    """The history beside database `db` for chats while it is migrated,
+    made if there is none: its ids begin after the older history's."""
+    conn = db.connect()
+    try:
+        last = {}
+        for table in ("conversations", "messages"):
+            last[table] = max(conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}")
+                              .fetchone()[0], (id_sequence(conn, table) or (0,))[0])
+    finally:
+        conn.close()
+    store = Store(meanwhile_path(db))
+    with store.db.write() as c:
+        for table, seq in last.items():
+            c.execute("INSERT OR IGNORE INTO sqlite_sequence (name, seq) SELECT ?, 0 WHERE NOT "
+                      "EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = ?)", (table, table))
+            c.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (seq, table))
+    return store
+
+
+def put_row(c, table, row):
+    """Insert what of dict `row` table has columns for (in c's transaction)."""
+    names = [n for n in table_columns(c, "main", table) if n in row]
+    c.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+              [row[n] for n in names])
+
+
+def borrowed(store, older, conversation_id):
+    """Conversation `conversation_id` of the older history, copied into the
+    meanwhile `store` unless it is there already: False if neither has it."""
+    if store.get_conversation(conversation_id) is not None:
+        return True
+    found = older.conversation(conversation_id)
+    if found is None:
+        return False
+    conversation, messages, _ = found
+    with store.db.write() as c:
+        if c.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone():
+            return True                          # copied by another chat meanwhile
+        put_row(c, "conversations", {**conversation, "current_message_id": None})
+        for m in messages:
+            put_row(c, "messages", {**m, "generating": None})
+        c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? WHERE id = ?",
+                  (conversation["current_message_id"], conversation["updated_at"],
+                   conversation_id))
+    return True
+
+
+def merge_meanwhile(store):
+    """What chats wrote beside the database while it was migrated, written
+    into it in one transaction (a reply a stop left being made kept as
+    interrupted), then that file removed: how many messages."""
+    path = meanwhile_path(store.db)
+    if not os.path.exists(path):
+        return 0
+    conn = store.db.connect()
+    merged = 0
+    try:
+        conn.execute("ATTACH ? AS meanwhile", (file_uri(path),))
+        if not conn.execute("SELECT 1 FROM meanwhile.sqlite_master WHERE name = 'messages'"
+                            ).fetchone():
+            conn.execute("DETACH meanwhile")        # made empty (a stop as it was made)
+        else:
+            merged = merged_in(conn, store.db)
+    except sqlite3.Error as e:
+        raise sqlite3.Error(f"the chats made while it was migrated ({path}) could not be "
+                            f"written into it: {e}") from None
+    finally:
+        conn.close()
+    for end in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path + end)
+    log.info("%d messages written while the database was migrated merged into it", merged)
+    return merged
+
+
+def merged_in(conn, db):
+    """The merge of the history attached to conn as `meanwhile` into db, in
+    one transaction: how many messages."""
+    with db.write(conn) as c:
+        names = {table: ", ".join(n for n in table_columns(c, "main", table)
+                                  if n in table_columns(c, "meanwhile", table))
+                 for table in ("conversations", "messages")}
+        c.execute(f"INSERT INTO main.conversations ({names['conversations']}) SELECT "
+                  + names["conversations"].replace("current_message_id", "NULL") +
+                  " FROM meanwhile.conversations WHERE id NOT IN "
+                  "(SELECT id FROM main.conversations)")      # its messages next
+        merged = c.execute(f"INSERT INTO main.messages ({names['messages']}) SELECT "
+                           f"{names['messages']} FROM meanwhile.messages WHERE id NOT IN "
+                           "(SELECT id FROM main.messages) ORDER BY id").rowcount
+        changed = ", ".join(MEANWHILE_CHANGED)
+        c.execute(f"""UPDATE main.conversations SET ({changed}) = (
+            SELECT {changed} FROM meanwhile.conversations s WHERE s.id = conversations.id)
+            WHERE id IN (SELECT s.id FROM meanwhile.conversations s
+                         JOIN main.conversations m USING (id)
+                         WHERE s.updated_at IS NOT m.updated_at
+                            OR s.current_message_id IS NOT m.current_message_id)""")
+        interrupted_replies(c)
+    conn.execute("DETACH meanwhile")
+    return merged
+
+
+###############################################################################
 # Storage: the ledger of every reply's speed
 ###############################################################################
 
@@ -6496,19 +6623,22 @@ class Engine:
     deleted text) from start-up to shutdown. The adapters below use it;
     it knows nothing of them."""
 
-    def __init__(self, settings, store=None):
+    def __init__(self, settings, store=None, connections=None):
         self.settings = settings
         self.store = store or Store(settings.db, open_now=False)
-        self.connections = Connections(settings, changed=self.models_changed)
+        self.connections = connections or Connections(settings, changed=self.models_changed)
         self.tickets, self.tickets_lock = {}, threading.Lock()   # downloads by ticket
         self.upstream = self.connections.default       # llamacpp_url's: the one it may start
         self.stopping = threading.Event()
         self.ready = threading.Event()     # the store is open: every route answers
         self.older = None                  # OlderHistory, while an older database migrates
+        self.meanwhile = None              # the Engine of chats meanwhile (chats_meanwhile)
+        self._meanwhile = {"open": True, "using": 0}
         self.startup_error = None          # why opening the store failed, if it did
         self.managed = None                # the llama-server started here, if one was
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
+        self.titling = 0               # titles being asked of llama.cpp (auto_title "model")
         self.turns = Turns(self.store.presence)   # of chats under what a conversation shows
         self.changes = Changes(self.store.db, self.stopping)   # told to every open page
         self._purge = {"running": False, "again": False}
@@ -6534,6 +6664,8 @@ class Engine:
         try:
             if not self.store.ready:
                 self.store.open(build_later=True)
+            if not self.store.read_only:
+                self._merge_meanwhile()
             if self.store.index.purge_due() and not self.store.read_only:
                 self.purge_soon()
             self.rank_ledger_soon()
@@ -6551,7 +6683,50 @@ class Engine:
             self.store.release(heavy=True)
             release_memory()             # what a migration's sorts and caches left
             self.ready.set()
-            self.older = None
+            self.older = self.meanwhile = None
+
+    @contextmanager
+    def chats_meanwhile(self, making=False):
+        """For one request while an older history is migrated: the Engine
+        that serves chats meanwhile (its own store: meanwhile_store), made
+        by the first request `making` something; None where there is none,
+        or, `making`, once the migration has committed (a chat then waits
+        for the start's end). The merge waits for every request holding it."""
+        with self._lock:
+            state = self._meanwhile
+            if self.meanwhile is None and making and state["open"] and self.older is not None:
+                self.meanwhile = Engine(self.settings, meanwhile_store(self.store.db),
+                                        self.connections)
+                self.meanwhile.upstream, self.meanwhile.stopping = self.upstream, self.stopping
+                self.meanwhile.managed = self.managed
+                self.meanwhile.ready.set()
+            side = self.meanwhile if state["open"] or not making else None
+            if side is not None:
+                state["using"] += 1
+        try:
+            yield side
+        finally:
+            if side is not None:
+                side.store.release()
+                with self._lock:
+                    state["using"] -= 1
+
+    def _merge_meanwhile(self):
+        """Once the migration has committed: chats wait for the start's end
+        from now; once the replies made meanwhile have ended, what they wrote
+        (or a stopped process left) is merged into the store."""
+        with self._lock:
+            self._meanwhile["open"] = False
+        while self.meanwhile is not None:
+            with self._lock:
+                side = self.meanwhile
+                if not (self._meanwhile["using"] or side.active_streams or side.titling):
+                    self.meanwhile.store.close()
+                    self.meanwhile = None
+                    break
+            if self.stopping.wait(0.02):
+                return                   # merged at the next start
+        merge_meanwhile(self.store)
 
     def _build_index(self):
         try:
@@ -6643,10 +6818,19 @@ class Engine:
         if self.settings.auto_title != "model":
             self._give_title(conversation_id, fallback)
             return
+        with self._lock:
+            self.titling += 1
         threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
                                                            fallback, model), daemon=True).start()
 
     def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
+        try:
+            self._asked_for_title(conversation_id, question, reply, fallback, model)
+        finally:
+            with self._lock:
+                self.titling -= 1
+
+    def _asked_for_title(self, conversation_id, question, reply, fallback, model):
         title = fallback
         try:
             status, body = self.upstream_for(model).call("POST", "/v1/chat/completions", {
@@ -6713,7 +6897,8 @@ class Engine:
 
     @property
     def active_streams(self):
-        return len(self.generations)
+        side = self.meanwhile
+        return len(self.generations) + (side.active_streams if side is not None else 0)
 
     def cancel(self, reason, conversation_id=None, messages=()):
         """Cut short the replies being made (those of one conversation, or
@@ -6731,6 +6916,9 @@ class Engine:
         reading it), then wait for them to store what they have."""
         self.stopping.set()
         self.cancel(shutting_down())
+        side = self.meanwhile
+        if side is not None:
+            side.cancel(shutting_down())
         deadline = time.monotonic() + wait
         while self.active_streams and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -9929,11 +10117,6 @@ def older_get_conversation(engine, req):
             "starting": engine.store.progress.as_dict()}
 
 
-# What answers while an older database is migrated, instead of 503 STARTING.
-WHILE_MIGRATING = {api_list_conversations: older_list_conversations,
-                   api_get_conversation: older_get_conversation}
-
-
 def api_update_conversation(engine, req):
     conversation_id = path_id(req, "conversation")
     body = req.json()
@@ -10592,6 +10775,87 @@ def match_route(method, path):
         raise ApiError(405, "METHOD_NOT_ALLOWED", f"{method} is not allowed on {path}",
                        headers={"Allow": allow})
     raise ApiError(404, "NOT_FOUND", f"No such path: {path}", resource="path", id=path)
+
+
+###############################################################################
+# HTTP API: while an older history is migrated
+###############################################################################
+
+# During the migration of an older history the list and a conversation are
+# read from it as it was (OlderHistory); a chat is answered at once by the
+# Engine of chats meanwhile (Engine.chats_meanwhile), and so is what follows
+# from one: a conversation made for it, read, listed with the others, its
+# reply stopped, hurried or followed. Once the migration has committed, a new
+# chat waits for the start's end (START_WAIT_S) instead. Settings and models
+# need no history. The rest answers 503 STARTING.
+
+def making_meanwhile(handler):
+    """`handler` (a chat, a new conversation) by the Engine of chats meanwhile;
+    a chat into a conversation of the older history copies it there first."""
+    def answer(engine, req):
+        with engine.chats_meanwhile(making=True) as side:
+            if side is not None:
+                if handler is api_chat:
+                    body = req.json()
+                    mentions = body.get("mentions")
+                    for ident in [body.get("conversation_id"),
+                                  *(mentions if isinstance(mentions, list) else ())]:
+                        if type(ident) is int and 0 < ident < 2**63:
+                            borrowed(side.store, engine.older, ident)
+                return handler(side, req)
+        if not engine.ready.wait(START_WAIT_S):
+            raise starting(engine.store.progress.as_dict())
+        return handler(engine, req)
+    return answer
+
+
+def of_meanwhile(handler):
+    """`handler` (a reply stopped, hurried, followed; those being made) by the
+    Engine of chats meanwhile, if a chat made one."""
+    def answer(engine, req):
+        with engine.chats_meanwhile() as side:
+            if side is None:
+                raise starting(engine.store.progress.as_dict())
+            return handler(side, req)
+    return answer
+
+
+def meanwhile_conversation(engine, req):
+    """A conversation while an older history is migrated: as the chats
+    meanwhile left it, else as it was."""
+    with engine.chats_meanwhile() as side:
+        if side is not None and side.store.get_conversation(path_id(req, "conversation")):
+            return {**api_get_conversation(side, req),
+                    "starting": engine.store.progress.as_dict()}
+    return older_get_conversation(engine, req)
+
+
+def meanwhile_conversations(engine, req):
+    """The conversation list while an older history is migrated: those the
+    chats meanwhile made or continued, as they left them, among the rest."""
+    found = older_list_conversations(engine, req)
+    with engine.chats_meanwhile() as side:
+        if side is None or query_bool(req, "pinned"):
+            return found                      # (nothing is pinned meanwhile)
+        made = json.loads(side.store.list_conversations())
+    limit, offset = query_int(req, "limit", None, 0), query_int(req, "offset", 0, 0)
+    ids = {c["id"] for c in made}
+    older = engine.older.list_conversations(None if limit is None else limit + offset)
+    listed = sorted([c for c in older if c["id"] not in ids] + made,
+                    key=lambda c: (c["updated_at"], c["id"]), reverse=True)[offset:]
+    found["conversations"] = listed if limit is None else listed[:limit]
+    return found
+
+
+WHILE_MIGRATING = {
+    api_list_conversations: meanwhile_conversations,
+    api_get_conversation: meanwhile_conversation,
+    api_chat: making_meanwhile(api_chat),
+    api_create_conversation: making_meanwhile(api_create_conversation),
+    **{handler: of_meanwhile(handler)
+       for handler in (api_stop, api_answer_now, api_follow, api_generations)},
+    **{handler: handler for handler in (api_models, api_model_defaults, api_config)},
+}
 
 
 ###############################################################################

@@ -731,17 +731,22 @@ def make_flask_db(path, conversations=3, per_conversation=4, texts=None):
 
 
 @contextlib.contextmanager
-def migrating(tmp_path, stub, monkeypatch):
-    """The app started on the original app's database, its migration held at
-    migration 3 until the `held` event it yields with is set."""
+def migrating(tmp_path, stub, monkeypatch, changed=None):
+    """The app started on the original app's database (`changed` by that
+    function of a connection to it first), its migration held at migration
+    3 until the `held` event it yields with is set."""
     path = str(tmp_path / "llamacpp_chat.db")
     make_flask_db(path)
+    if changed:
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            changed(conn)
     held, reached = threading.Event(), threading.Event()
     to_3 = llama_chat.migrate_to_3
 
     def held_migration(c):
-        reached.set()
-        held.wait(20)
+        if not reached.is_set():             # the database's (not the chats' meanwhile)
+            reached.set()
+            held.wait(20)
         to_3(c)
     monkeypatch.setattr(llama_chat, "MIGRATIONS", [*llama_chat.MIGRATIONS[:2], held_migration,
                                                    *llama_chat.MIGRATIONS[3:]])
@@ -786,28 +791,167 @@ def test_an_original_database_is_read_while_it_is_migrated(tmp_path, stub, monke
                             ("/api/conversations?q=old", "STARTING")):
             assert c.get(path_)[2]["code"] == code
         assert c.put("/api/conversations/1", {"title": "x"})[0] == 503   # no writes meanwhile
-        asked = []                                       # but a chat waits, then is answered
-        chat = threading.Thread(target=lambda: asked.append(c.chat(1, "hi 火山")))
-        chat.start()
-        time.sleep(0.3)
-        assert asked == [] and not server.engine.ready.is_set()
+        assert c.get("/api/models")[0] == 200 and c.get("/api/config")[0] == 200   # no history
+        status, _, asked = c.chat(1, "hi 火山")          # but a chat is answered at once
+        assert status == 200 and asked["response"] and not server.engine.ready.is_set()
+        assert (asked["user_message_id"], asked["message_id"]) == (13, 14)   # after the 12
+        shown = c.get("/api/conversations/1")[2]
+        assert [m["content"] for m in shown["messages"]][-3:] == [
+            "legacy message 0-3 about volcanoes", "hi 火山", asked["response"]]
+        assert shown["messages"][-2]["parent_id"] == 4 and shown["starting"]["step"]
+        assert shown["conversation"]["current_message_id"] == 14
+        assert [x["title"] for x in c.get("/api/conversations")[2]["conversations"]] == [
+            "Old chat 0", "Old chat 2", "Old chat 1"]            # moved to the top
+        assert [x["id"] for x in c.get("/api/conversations?limit=1&offset=1")[2][
+            "conversations"]] == [3]
+        assert c.get("/api/conversations?pinned=true")[2]["conversations"] == []
         held.set()
-        chat.join(30)
-        assert asked[0][0] == 200 and asked[0][2]["response"]
         assert server.engine.ready.wait(30) and server.engine.older is None
-        assert [m["content"] for m in c.get("/api/conversations/1")[2]["messages"][-2:]] == [
-            "hi 火山", asked[0][2]["response"]]
-        assert c.get("/api/conversations/1")[2]["conversation"]["title"] == "Old chat 0"
+        merged = c.get("/api/conversations/1")[2]
+        assert [(m["id"], m["parent_id"], m["content"]) for m in merged["messages"][-2:]] == [
+            (13, 4, "hi 火山"), (14, 13, asked["response"])]
+        assert merged["conversation"]["title"] == "Old chat 0"
+        assert merged["conversation"]["current_message_id"] == 14
+        assert merged["conversation"]["updated_at"] == shown["conversation"]["updated_at"]
+        assert merged["messages"][-1]["predicted_n"] == 8            # its timings kept
         assert "starting" not in c.get("/api/conversations")[2]
+        assert [x["id"] for x in c.get("/api/conversations")[2]["conversations"]] == [1, 3, 2]
+        assert not os.path.exists(server.engine.store.db.path + ".meanwhile")
+        assert c.chat(1, "and again")[2]["user_message_id"] == 15      # the ids go on
 
 
-def test_a_chat_waits_for_the_migration_only_so_long_and_v1_s_waits_too(tmp_path, stub,
-                                                                          monkeypatch):
+def test_a_conversation_made_during_a_migration_takes_ids_after_the_older_history_s(
+        tmp_path, stub, monkeypatch):
+    """Made and chatted in while the original app's history is migrated:
+    its ids follow the older history's sequences (not only its largest ids:
+    the last conversation was deleted), the list shows it first, and once
+    the migration is done it is in the database as it was, found by search."""
+    def last_deleted(conn):
+        conn.execute("DELETE FROM messages WHERE conversation_id = 3")
+        conn.execute("DELETE FROM conversations WHERE id = 3")
+    with migrating(tmp_path, stub, monkeypatch, last_deleted) as (server, held):
+        c = Client(server)
+        status, _, made = c.post("/api/conversations", {"model": MODEL})
+        assert status == 201 and made["conversation_id"] == 4
+        resp, _ = c.stream(4, "Tell me about 火山 meanwhile")
+        events = read_events(resp)
+        assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+        assert (events[0]["user_message_id"], events[0]["message_id"]) == (13, 14)
+        listed = c.get("/api/conversations")[2]["conversations"]
+        assert [(x["id"], x["title"]) for x in listed] == [
+            (4, "Tell me about 火山 meanwhile"), (2, "Old chat 1"), (1, "Old chat 0")]
+        assert c.get("/api/conversations?limit=1&offset=2")[2]["conversations"][0]["id"] == 1
+        assert c.get("/api/generations")[2]["generations"] == []
+        assert c.get("/api/search?q=volcanoes")[2]["code"] == "STARTING"
+        assert c.post("/api/chat", {"conversation_id": 4, "regenerate": 14, "model": MODEL})[
+            2]["message_id"] == 15
+        assert c.post("/api/chat", {"conversation_id": 4, "continue": 14, "model": MODEL})[
+            2]["message_id"] == 14            # the first reply shown again: not the newest
+        held.set()
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
+        shown = c.get("/api/conversations/4")[2]
+        assert [(m["id"], m["parent_id"], m["sibling_ids"]) for m in shown["messages"]] == [
+            (13, None, [13]), (14, 13, [14, 15])]
+        assert shown["conversation"]["current_message_id"] == 14
+        assert shown["messages"][0]["content"] == "Tell me about 火山 meanwhile"
+        assert shown["conversation"]["title"] == "Tell me about 火山 meanwhile"
+        q = urllib.parse.quote("火山")
+        wait_for(lambda: c.get(f"/api/search?q={q}")[0] == 200, 15, "the index built")
+        assert c.get(f"/api/search?q={q}")[2]["results"][0]["message_id"] == 13
+        assert c.post("/api/conversations", {"model": MODEL})[2]["conversation_id"] == 5
+
+
+def test_a_migration_s_end_waits_for_a_reply_made_meanwhile(tmp_path, stub, monkeypatch):
+    """The migration committed while a reply made meanwhile is still coming:
+    that reply goes on (it can be stopped), a new chat waits, and the start
+    ends once it has ended, with all of it in the database."""
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        stub.reply = " ".join(f"w{i}" for i in range(12))
+        stub.hold_at = 3
+        resp, _ = c.stream(1, "a slow one")
+        start = json.loads(next(line for line in resp if line.startswith(b"data: "))[6:])
+        wait_for(lambda: stub.open_streams == 1, 5, "the reply begun")
+        held.set()
+        wait_for(lambda: not server.engine._meanwhile["open"], 15, "the migration committed")
+        time.sleep(0.2)
+        assert not server.engine.ready.is_set()            # the reply is still coming
+        assert c.get("/api/generations")[2]["generations"][0]["message_id"] == \
+            start["message_id"]
+        asked = []
+        later = threading.Thread(target=lambda: asked.append(c.chat(2, "after the commit")))
+        later.start()
+        time.sleep(0.3)
+        assert asked == [] and stub.open_streams == 1       # it waits for the start's end
+        stopped = c.post(f"/api/messages/{start['message_id']}/stop", {})
+        assert stopped[0] == 200 and stopped[2]["stopped"] is True
+        stub.go.set()
+        later.join(30)
+        assert asked[0][0] == 200 and server.engine.ready.is_set()
+        assert asked[0][2]["user_message_id"] == start["message_id"] + 1
+        kept = c.get("/api/conversations/1")[2]["messages"][-1]
+        assert kept["id"] == start["message_id"] and kept["finish_reason"] == "aborted"
+        assert kept["content"].strip() == "w0 w1 w2" and kept["generating"] is False
+
+
+def test_a_migration_s_end_waits_for_a_title_asked_meanwhile(tmp_path, stub, monkeypatch):
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        server.engine.settings = replace(server.engine.settings, auto_title="model")
+        stub.titles = "slow"                                   # a second
+        c = Client(server)
+        made = c.post("/api/conversations", {"model": MODEL})[2]["conversation_id"]
+        assert c.chat(made, "Why is the sky blue?")[0] == 200
+        held.set()
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
+        assert c.get(f"/api/conversations/{made}")[2]["conversation"]["title"] == stub.reply
+
+
+def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
+        tmp_path, stub, monkeypatch):
+    """A stop (as SIGTERM's) during the migration rolls it back; what was
+    chatted meanwhile stays beside the database, and the next start writes
+    it in: a reply a crash left being made kept as interrupted."""
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        asked = c.chat(3, "asked before a stop")[2]
+        made = c.post("/api/conversations", {"title": "Made meanwhile", "model": MODEL})[2]
+        half = c.chat(made["conversation_id"], "cut short")[2]
+        path = server.engine.store.db.path
+        server.engine.stopping.set()
+        server.engine.store.interrupt()
+        held.set()
+        assert server.engine.ready.wait(30) and "interrupted" in server.engine.startup_error
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 0   # as it was
+    beside = llama_chat.Store(path + ".meanwhile")          # (its triggers need its functions)
+    with beside.db.write() as c:                             # as if the process had died
+        c.execute("UPDATE messages SET generating = '999999:gone', content = 'half' "
+                  "WHERE id = ?", (half["message_id"],))
+    beside.close()
+    server = llama_chat.make_server(llama_chat.Settings(
+        host="127.0.0.1", port=0, llamacpp_url=stub.url, db=path))
+    serve(server)
+    try:
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
+        c = Client(server)
+        assert [m["content"] for m in c.get("/api/conversations/3")[2]["messages"]][-2:] == [
+            "asked before a stop", asked["response"]]
+        cut = c.get(f"/api/conversations/{made['conversation_id']}")[2]
+        assert cut["conversation"]["title"] == "Made meanwhile"
+        assert [(m["content"], m["finish_reason"]) for m in cut["messages"]] == [
+            ("cut short", None), ("half", "interrupted")]
+        assert not os.path.exists(path + ".meanwhile")
+    finally:
+        stop(server)
+
+
+def test_a_v1_chat_waits_for_the_migration_only_so_long(tmp_path, stub, monkeypatch):
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         c = Client(server)
         monkeypatch.setattr(llama_chat, "START_WAIT_S", 0.2)
-        status, _, body = c.chat(1, "too soon")
-        assert (status, body["code"]) == (503, "STARTING")
+        status, _, body = c.post("/v1/chat/completions", {"model": MODEL, "messages": [
+            {"role": "user", "content": "too soon"}]})
+        assert (status, body["error"]["code"]) == (503, "STARTING")
         monkeypatch.setattr(llama_chat, "START_WAIT_S", 30)
         asked = []
         relayed = threading.Thread(target=lambda: asked.append(c.post(
@@ -2118,7 +2262,7 @@ def test_the_api_answers_starting_while_the_store_opens(tmp_path, stub, monkeypa
         status, headers, body = c.get("/api/stats/1")
         assert (status, body["code"], headers["Retry-After"]) == (503, "STARTING", "2")
         assert body["progress"]["step"].startswith("migrating")
-        assert c.post("/api/conversations", {"title": "t", "model": "m"})[0] == 503
+        assert c.put("/api/conversations/1", {"title": "t"})[0] == 503
         assert len(c.get("/api/conversations")[2]["conversations"]) == 3   # read as it was
         assert c.get("/")[0] == 200
         go_on.set()
@@ -9238,7 +9382,7 @@ def test_a_request_whose_body_was_read_keeps_its_connection(client):
 def test_a_refusal_while_starting_closes_the_connection(tmp_path, stub, monkeypatch):
     server, go_on = app_held_at_start(tmp_path, stub, monkeypatch, "migrating", 0, 1)
     try:
-        got = smuggling(server.server_address[1], b"POST /api/conversations HTTP/1.1\r\n"
+        got = smuggling(server.server_address[1], b"PUT /api/conversations/1 HTTP/1.1\r\n"
                         b"Host: localhost\r\nContent-Type: application/json",
                         b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert got.startswith(b"HTTP/1.1 503 ") and got.count(b"HTTP/1.1 ") == 1
@@ -11035,29 +11179,42 @@ def test_page_reads_an_older_history_while_it_is_migrated(browser, tmp_path, stu
 
 
 @needs_chromium
-def test_page_sends_a_message_written_during_a_first_start_once_it_is_ready(
-        browser, tmp_path, stub, monkeypatch):
+def test_page_chats_during_a_first_start(browser, tmp_path, stub, monkeypatch):
+    """A conversation of the older history continued, and a new one begun,
+    while it is migrated: answered at once, and kept once it is done."""
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         browser.go(f"http://127.0.0.1:{server.server_address[1]}/#/c/2")
         browser.wait("return document.querySelector('#starting').classList.contains('reading')"
                      " && document.querySelectorAll('#messages .msg').length === 4")
+        assert "continued meanwhile" in browser.js(
+            "return document.querySelector('#starting').textContent")
+        browser.wait("return document.querySelectorAll('#model option').length > 0")
         browser.type("#input", "Asked while it migrates")
         browser.click("#send")
-        assert "sent once it is ready" in browser.wait(
-            "const t = document.querySelector('#toast'); return !t.classList.contains('hidden')"
-            " && t.textContent")
-        time.sleep(0.3)
-        assert not [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
+        browser.wait("return [...document.querySelectorAll('.msg.assistant:not(.streaming) .body')]"
+                     ".some(e => e.textContent.includes('Machine learning')) && "
+                     "document.querySelectorAll('#messages .msg').length === 6")
+        assert not server.engine.ready.is_set()
+        sent = [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
+        assert sent[-1]["body"]["messages"][-1]["content"] == "Asked while it migrates"
+        assert "legacy message 1-3" in sent[-1]["body"]["messages"][-2]["content"]
+        assert browser.js("return document.querySelector('#input').value") == ""
+        browser.click("#new-chat")
+        browser.type("#input", "A new one meanwhile")
+        browser.click("#send")
+        browser.wait("return document.querySelector('#conv-list .conv .title').textContent"
+                     " === 'A new one meanwhile'")
+        assert not server.engine.ready.is_set()
         held.set()
         browser.wait("return document.querySelector('#starting').classList.contains('hidden')",
                      timeout=30)
-        browser.wait("return [...document.querySelectorAll('.msg.assistant:not(.streaming) .body')]"
-                     ".some(e => e.textContent.includes('Machine learning')) && "
-                     "document.querySelectorAll('#messages .msg').length === 6", timeout=30)
-        sent = [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
-        assert len(sent) == 1 and sent[0]["body"]["messages"][-1]["content"] == \
-            "Asked while it migrates"
-        assert browser.js("return document.querySelector('#input').value") == ""
+        c = Client(server)
+        listed = c.get("/api/conversations")[2]["conversations"]
+        assert [x["title"] for x in listed][:2] == ["A new one meanwhile", "Old chat 1"]
+        assert [m["content"] for m in c.get(f"/api/conversations/{listed[0]['id']}")[2][
+            "messages"]] == ["A new one meanwhile", stub.reply]
+        assert [m["content"] for m in c.get("/api/conversations/2")[2]["messages"]][-2:] == [
+            "Asked while it migrates", stub.reply]
         browser.go("about:blank")
 
 
