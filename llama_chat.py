@@ -6658,6 +6658,8 @@ class Engine:
         else:
             if not self.store.is_new and self.store.version < READABLE_BEFORE:
                 self.older = OlderHistory(self.store.db)   # read meanwhile
+                if os.path.exists(meanwhile_path(self.store.db)):   # chats a stop left
+                    self._chats_meanwhile()
             threading.Thread(target=self._open_store, daemon=True).start()
 
     def _open_store(self):
@@ -6695,11 +6697,7 @@ class Engine:
         with self._lock:
             state = self._meanwhile
             if self.meanwhile is None and making and state["open"] and self.older is not None:
-                self.meanwhile = Engine(self.settings, meanwhile_store(self.store.db),
-                                        self.connections)
-                self.meanwhile.upstream, self.meanwhile.stopping = self.upstream, self.stopping
-                self.meanwhile.managed = self.managed
-                self.meanwhile.ready.set()
+                self._chats_meanwhile()
             side = self.meanwhile if state["open"] or not making else None
             if side is not None:
                 state["using"] += 1
@@ -6711,12 +6709,20 @@ class Engine:
                 with self._lock:
                     state["using"] -= 1
 
+    def _chats_meanwhile(self):
+        self.meanwhile = Engine(self.settings, meanwhile_store(self.store.db), self.connections)
+        self.meanwhile.upstream, self.meanwhile.stopping = self.upstream, self.stopping
+        self.meanwhile.managed = self.managed
+        self.meanwhile.ready.set()
+
     def _merge_meanwhile(self):
         """Once the migration has committed: chats wait for the start's end
         from now; once the replies made meanwhile have ended, what they wrote
         (or a stopped process left) is merged into the store."""
         with self._lock:
             self._meanwhile["open"] = False
+        if self.meanwhile is not None:
+            self.store.progress.set("keeping the chats made meanwhile, once their replies end")
         while self.meanwhile is not None:
             with self._lock:
                 side = self.meanwhile

@@ -876,6 +876,7 @@ def test_a_migration_s_end_waits_for_a_reply_made_meanwhile(tmp_path, stub, monk
         wait_for(lambda: not server.engine._meanwhile["open"], 15, "the migration committed")
         time.sleep(0.2)
         assert not server.engine.ready.is_set()            # the reply is still coming
+        assert c.get("/api/health")[2]["progress"]["step"].startswith("keeping the chats made")
         assert c.get("/api/generations")[2]["generations"][0]["message_id"] == \
             start["message_id"]
         asked = []
@@ -928,12 +929,19 @@ def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
         c.execute("UPDATE messages SET generating = '999999:gone', content = 'half' "
                   "WHERE id = ?", (half["message_id"],))
     beside.close()
+    go_on, to_5 = threading.Event(), llama_chat.migrate_original_anew
+    monkeypatch.setattr(llama_chat, "migrate_original_anew",
+                        lambda c: (go_on.wait(20), to_5(c)))
     server = llama_chat.make_server(llama_chat.Settings(
         host="127.0.0.1", port=0, llamacpp_url=stub.url, db=path))
     serve(server)
     try:
-        assert server.engine.ready.wait(30) and not server.engine.startup_error
         c = Client(server)
+        assert [x["id"] for x in c.get("/api/conversations")[2]["conversations"]][:2] == [
+            made["conversation_id"], 3]                      # shown while it migrates again
+        assert c.get("/api/conversations/3")[2]["messages"][-1]["content"] == asked["response"]
+        go_on.set()
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
         assert [m["content"] for m in c.get("/api/conversations/3")[2]["messages"]][-2:] == [
             "asked before a stop", asked["response"]]
         cut = c.get(f"/api/conversations/{made['conversation_id']}")[2]
