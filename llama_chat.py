@@ -3259,7 +3259,8 @@ CONVERSATION_SELECT = selected(columns_in(CONVERSATION_TABLE, "listed"), pinned=
 CONVERSATION_SHOWN = selected(columns_in(CONVERSATION_TABLE, "shown"), pinned=PINNED_JSON,
                               current_message_id=CURRENT_SQL)
 TITLE_ONLY_SPARE = 4       # results read for each shown, for the title-only ones left out
-RESULT_COLUMNS = """m.id AS message_id, m.conversation_id, m.role, m.content, m.timestamp,
+RESULT_COLUMNS = """m.conversation_id AS id, m.id AS message_id, m.conversation_id, m.role,
+    m.content, m.timestamp,
     m.response_time_ms, m.estimated_tokens, c.title, c.model, c.updated_at"""
 
 
@@ -3285,7 +3286,9 @@ def same_sql(a, b):
 
 
 def search_result(row, text, highlights):
-    return {"id": row["conversation_id"], **row, "snippet": text, "highlights": highlights}
+    """A row of RESULT_COLUMNS made a result (in place)."""
+    row["snippet"], row["highlights"] = text, highlights
+    return row
 
 
 class Progress:
@@ -3469,8 +3472,10 @@ class SearchIndex:
                     WHERE m.id IN ({", ".join("?" * len(page))})""", [id for id, _ in page]))
             by_id = {r["message_id"]: r for r in rows}
             for id, score in page:
-                if id in by_id:
-                    yield {**by_id[id], "score": score}
+                row = by_id.get(id)
+                if row is not None:
+                    row["score"] = score
+                    yield row
 
     @staticmethod
     def _page(query, limit, rows):
