@@ -10217,9 +10217,10 @@ def api_fork(engine, req):
     return Created(conversation_id=forked)
 
 
-# A chat sent while the history is migrated (a first start on an older
-# database) waits for it, up to START_WAIT_S, rather than answer 503: the
-# question is kept, and the answer comes, once the migration commits.
+# A chat sent while the history is migrated (a first start on a database of
+# another version) waits for it, up to START_WAIT_S, rather than answer 503:
+# the question is kept, and the answer comes, once the migration commits. (An
+# older history's is answered at once meanwhile: WHILE_MIGRATING.)
 START_WAIT_S = 120
 
 

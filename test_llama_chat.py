@@ -731,12 +731,13 @@ def make_flask_db(path, conversations=3, per_conversation=4, texts=None):
 
 
 @contextlib.contextmanager
-def migrating(tmp_path, stub, monkeypatch, changed=None):
-    """The app started on the original app's database (`changed` by that
-    function of a connection to it first), its migration held at migration
-    3 until the `held` event it yields with is set."""
+def migrating(tmp_path, stub, monkeypatch, changed=None, made=make_flask_db):
+    """The app started on the original app's database (or one `made` by that
+    function of a path; `changed` by that function of a connection to it
+    first), its migration held at migration 3 until the `held` event it
+    yields with is set."""
     path = str(tmp_path / "llamacpp_chat.db")
-    make_flask_db(path)
+    made(path)
     if changed:
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             changed(conn)
@@ -951,6 +952,21 @@ def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
         assert not os.path.exists(path + ".meanwhile")
     finally:
         stop(server)
+
+
+def test_a_chat_during_the_migration_of_llama_chat_1_1_s_history(tmp_path, stub, monkeypatch):
+    """Schema 2 is migrated in place (not into a new file): a chat meanwhile
+    reads the history as it was, from under the migration's write."""
+    with migrating(tmp_path, stub, monkeypatch, made=make_schema_2_db) as (server, held):
+        c = Client(server)
+        asked = c.chat(2, "and now?")[2]
+        assert (asked["user_message_id"], asked["message_id"]) == (8, 9)
+        assert [m["content"] for m in stub.requests[-1]["body"]["messages"][-3:]] == [
+            "hi 火山", "熔岩", "and now?"]
+        held.set()
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
+        assert [(m["id"], m["parent_id"]) for m in c.get("/api/conversations/2")[2][
+            "messages"]] == [(2, None), (5, 2), (8, 5), (9, 8)]
 
 
 def test_a_v1_chat_waits_for_the_migration_only_so_long(tmp_path, stub, monkeypatch):
