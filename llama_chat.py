@@ -4832,9 +4832,10 @@ class OlderHistory:
 # (MEANWHILE_SUFFIX), made new, whose ids follow the older history's. A
 # conversation of the older history is copied into it before its first chat
 # there (as OlderHistory reads it, its ids kept). Once the migration has
-# committed and the replies made there have ended, what is new there is
-# written into the database in one transaction, and the file removed; one
-# left by a stop is written in at the next start.
+# committed, what is new there is written into the database in one
+# transaction and the file removed, and a reply still being made goes on into
+# the database (Handover); a file left by a stop is written in at the next
+# start.
 MEANWHILE_SUFFIX = ".meanwhile"
 # What a chat changes of a conversation that was copied: merged back.
 MEANWHILE_CHANGED = ("updated_at", "model", "current_message_id", "title", "title_pending")
@@ -4948,6 +4949,33 @@ def merged_in(conn, db):
         interrupted_replies(c)
     conn.execute("DETACH meanwhile")
     return merged
+
+
+class Handover:
+    """The store of the chats made while an older history is migrated: the
+    meanwhile store, then (hand_to), once the migration has committed, the
+    database's own, what was written meanwhile merged into it. Each call of
+    a Store method is whole on one of them: a reply being made goes on into
+    the database."""
+
+    def __init__(self, store):
+        self._store, self._lock = store, threading.RLock()
+
+    def __getattr__(self, name):
+        found = getattr(self._store, name)
+        if not callable(found):
+            return found                  # db, tree, index: the store's of this moment
+
+        def held(*args, **kwargs):
+            with self._lock:
+                return getattr(self._store, name)(*args, **kwargs)
+        return held
+
+    def hand_to(self, store):
+        with self._lock:
+            self._store.close()           # (its WAL written into the file)
+            merge_meanwhile(store)
+            self._store = store
 
 
 ###############################################################################
@@ -6638,12 +6666,11 @@ class Engine:
         self.ready = threading.Event()     # the store is open: every route answers
         self.older = None                  # OlderHistory, while an older database migrates
         self.meanwhile = None              # the Engine of chats meanwhile (chats_meanwhile)
-        self._meanwhile = {"open": True, "using": 0}
+        self.meanwhile_open = True         # chats go to it (until the migration commits)
         self.startup_error = None          # why opening the store failed, if it did
         self.managed = None                # the llama-server started here, if one was
         self._lock = threading.Lock()
         self.generations = set()       # every reply llama.cpp is making for us
-        self.titling = 0               # titles being asked of llama.cpp (auto_title "model")
         self.turns = Turns(self.store.presence)   # of chats under what a conversation shows
         self.changes = Changes(self.store.db, self.stopping)   # told to every open page
         self._purge = {"running": False, "again": False}
@@ -6695,49 +6722,44 @@ class Engine:
     @contextmanager
     def chats_meanwhile(self, making=False):
         """For one request while an older history is migrated: the Engine
-        that serves chats meanwhile (its own store: meanwhile_store), made
-        by the first request `making` something; None where there is none,
-        or, `making`, once the migration has committed (a chat then waits
-        for the start's end). The merge waits for every request holding it."""
+        that serves chats meanwhile (its store a Handover of meanwhile_store),
+        made by the first request `making` something; None where there is
+        none, or, `making`, once the migration has committed (a chat then
+        waits for the start's end)."""
         with self._lock:
-            state = self._meanwhile
-            if self.meanwhile is None and making and state["open"] and self.older is not None:
+            if self.meanwhile is None and making and self.meanwhile_open and \
+                    self.older is not None:
                 self._chats_meanwhile()
-            side = self.meanwhile if state["open"] or not making else None
-            if side is not None:
-                state["using"] += 1
+            side = self.meanwhile if self.meanwhile_open or not making else None
         try:
             yield side
         finally:
             if side is not None:
                 side.store.release()
-                with self._lock:
-                    state["using"] -= 1
 
     def _chats_meanwhile(self):
-        self.meanwhile = Engine(self.settings, meanwhile_store(self.store.db), self.connections)
-        self.meanwhile.upstream, self.meanwhile.stopping = self.upstream, self.stopping
-        self.meanwhile.managed = self.managed
-        self.meanwhile.ready.set()
+        side = self.meanwhile = Engine(self.settings, Handover(meanwhile_store(self.store.db)),
+                                       self.connections)
+        side.upstream, side.stopping, side.managed = self.upstream, self.stopping, self.managed
+        side.turns = self.turns              # a conversation's chats take turns before and after
+        side.ready.set()
 
     def _merge_meanwhile(self):
-        """Once the migration has committed: chats wait for the start's end
-        from now; once the replies made meanwhile have ended, what they wrote
-        (or a stopped process left) is merged into the store."""
+        """Once the migration has committed: what the chats made meanwhile
+        wrote (or a stopped process left) merged into the store, the replies
+        still being made going on into it, among this engine's; a chat waits
+        for the start's end from now."""
         with self._lock:
-            self._meanwhile["open"] = False
-        if self.meanwhile is not None:
-            self.store.progress.set("keeping the chats made meanwhile, once their replies end")
-        while self.meanwhile is not None:
-            with self._lock:
-                side = self.meanwhile
-                if not (self._meanwhile["using"] or side.active_streams or side.titling):
-                    self.meanwhile.store.close()
-                    self.meanwhile = None
-                    break
-            if self.stopping.wait(0.02):
-                return                   # merged at the next start
-        merge_meanwhile(self.store)
+            self.meanwhile_open = False
+            side = self.meanwhile
+        if side is None:
+            merge_meanwhile(self.store)
+            return
+        side.store.hand_to(self.store)
+        with side._lock, self._lock:
+            self.generations |= side.generations
+            side.generations = self.generations
+            self.meanwhile = None
 
     def _build_index(self):
         try:
@@ -6829,19 +6851,10 @@ class Engine:
         if self.settings.auto_title != "model":
             self._give_title(conversation_id, fallback)
             return
-        with self._lock:
-            self.titling += 1
         threading.Thread(target=self._title_by_model, args=(conversation_id, question, reply,
                                                            fallback, model), daemon=True).start()
 
     def _title_by_model(self, conversation_id, question, reply, fallback, model=None):
-        try:
-            self._asked_for_title(conversation_id, question, reply, fallback, model)
-        finally:
-            with self._lock:
-                self.titling -= 1
-
-    def _asked_for_title(self, conversation_id, question, reply, fallback, model):
         title = fallback
         try:
             status, body = self.upstream_for(model).call("POST", "/v1/chat/completions", {
@@ -10798,8 +10811,8 @@ def match_route(method, path):
 # Engine of chats meanwhile (Engine.chats_meanwhile), and so is what follows
 # from one: a conversation made for it, read, listed with the others, its
 # reply stopped, hurried or followed. Once the migration has committed, a new
-# chat waits for the start's end (START_WAIT_S) instead. Settings and models
-# need no history. The rest answers 503 STARTING.
+# chat waits for the start's end (a moment) instead. Settings and models need
+# no history. The rest answers 503 STARTING.
 
 def making_meanwhile(handler):
     """`handler` (a chat, a new conversation) by the Engine of chats meanwhile;

@@ -862,10 +862,10 @@ def test_a_conversation_made_during_a_migration_takes_ids_after_the_older_histor
         assert c.post("/api/conversations", {"model": MODEL})[2]["conversation_id"] == 5
 
 
-def test_a_migration_s_end_waits_for_a_reply_made_meanwhile(tmp_path, stub, monkeypatch):
+def test_a_reply_made_during_a_migration_goes_on_into_the_database(tmp_path, stub, monkeypatch):
     """The migration committed while a reply made meanwhile is still coming:
-    that reply goes on (it can be stopped), a new chat waits, and the start
-    ends once it has ended, with all of it in the database."""
+    the start ends at once, and that reply goes on into the database (shown
+    as being made, stopped like any other), with the chats after it."""
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         c = Client(server)
         stub.reply = " ".join(f"w{i}" for i in range(12))
@@ -874,29 +874,54 @@ def test_a_migration_s_end_waits_for_a_reply_made_meanwhile(tmp_path, stub, monk
         start = json.loads(next(line for line in resp if line.startswith(b"data: "))[6:])
         wait_for(lambda: stub.open_streams == 1, 5, "the reply begun")
         held.set()
-        wait_for(lambda: not server.engine._meanwhile["open"], 15, "the migration committed")
-        time.sleep(0.2)
-        assert not server.engine.ready.is_set()            # the reply is still coming
-        assert c.get("/api/health")[2]["progress"]["step"].startswith("keeping the chats made")
-        assert c.get("/api/generations")[2]["generations"][0]["message_id"] == \
-            start["message_id"]
-        asked = []
-        later = threading.Thread(target=lambda: asked.append(c.chat(2, "after the commit")))
-        later.start()
+        assert server.engine.ready.wait(15) and not server.engine.startup_error
+        assert not os.path.exists(server.engine.store.db.path + ".meanwhile")
+        being_made = c.get("/api/generations")[2]["generations"]
+        assert [g["message_id"] for g in being_made] == [start["message_id"]]
+        shown = c.get("/api/conversations/1")[2]["messages"][-1]
+        assert shown["id"] == start["message_id"] and shown["generating"] is True
+        stub.hold_at = None
+        later = c.chat(2, "after the commit")               # not held: answered meanwhile
+        assert later[0] == 200 and later[2]["user_message_id"] == start["message_id"] + 1
+        assert stub.open_streams == 1
+        queued = []                                          # its own conversation: its turn
+        behind = threading.Thread(target=lambda: queued.append(c.chat(1, "queued behind it")))
+        behind.start()
         time.sleep(0.3)
-        assert asked == [] and stub.open_streams == 1       # it waits for the start's end
+        assert queued == []
         stopped = c.post(f"/api/messages/{start['message_id']}/stop", {})
         assert stopped[0] == 200 and stopped[2]["stopped"] is True
         stub.go.set()
-        later.join(30)
-        assert asked[0][0] == 200 and server.engine.ready.is_set()
-        assert asked[0][2]["user_message_id"] == start["message_id"] + 1
-        kept = c.get("/api/conversations/1")[2]["messages"][-1]
+        behind.join(15)
+        assert queued[0][2]["parent_id"] == queued[0][2]["user_message_id"]
+        messages = c.get("/api/conversations/1")[2]["messages"]
+        kept = messages[-3]
         assert kept["id"] == start["message_id"] and kept["finish_reason"] == "aborted"
         assert kept["content"].strip() == "w0 w1 w2" and kept["generating"] is False
+        assert messages[-2]["content"] == "queued behind it" and messages[-2]["parent_id"] == \
+            start["message_id"]
+        assert read_events(resp)[-1]["type"] == "done"
 
 
-def test_a_migration_s_end_waits_for_a_title_asked_meanwhile(tmp_path, stub, monkeypatch):
+def test_a_reply_made_during_a_migration_ends_in_the_database(tmp_path, stub, monkeypatch):
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        stub.hold_at = 3
+        resp, _ = c.stream(1, "a slow one")
+        wait_for(lambda: stub.open_streams == 1, 5, "the reply begun")
+        held.set()
+        assert server.engine.ready.wait(15) and server.engine.active_streams == 1
+        stub.go.set()
+        done = read_events(resp)[-1]
+        assert done["type"] == "done" and done["finish_reason"] == "stop"
+        wait_for(lambda: server.engine.active_streams == 0, 5, "the reply ended")
+        kept = c.get("/api/conversations/1")[2]
+        assert kept["messages"][-1]["content"] == stub.reply
+        assert kept["conversation"]["current_message_id"] == kept["messages"][-1]["id"]
+        assert rows(c, "SELECT count(*) FROM messages WHERE generating IS NOT NULL") == [(0,)]
+
+
+def test_a_title_asked_during_a_migration_is_given_in_the_database(tmp_path, stub, monkeypatch):
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         server.engine.settings = replace(server.engine.settings, auto_title="model")
         stub.titles = "slow"                                   # a second
@@ -905,7 +930,8 @@ def test_a_migration_s_end_waits_for_a_title_asked_meanwhile(tmp_path, stub, mon
         assert c.chat(made, "Why is the sky blue?")[0] == 200
         held.set()
         assert server.engine.ready.wait(30) and not server.engine.startup_error
-        assert c.get(f"/api/conversations/{made}")[2]["conversation"]["title"] == stub.reply
+        wait_for(lambda: c.get(f"/api/conversations/{made}")[2]["conversation"]["title"] ==
+                 stub.reply, 10, "the title given, in the database")
 
 
 def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
