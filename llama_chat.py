@@ -4929,13 +4929,15 @@ def merged_in(conn, db):
     """The merge of the history attached to conn as `meanwhile` into db, in
     one transaction: how many messages."""
     with db.write(conn) as c:
-        names = {table: ", ".join(n for n in table_columns(c, "main", table)
-                                  if n in table_columns(c, "meanwhile", table))
-                 for table in ("conversations", "messages")}
-        c.execute(f"INSERT INTO main.conversations ({names['conversations']}) SELECT "
-                  + names["conversations"].replace("current_message_id", "NULL") +
-                  " FROM meanwhile.conversations WHERE id NOT IN "
-                  "(SELECT id FROM main.conversations)")      # its messages next
+        shared = {table: [n for n in table_columns(c, "main", table)
+                          if n in table_columns(c, "meanwhile", table)]
+                  for table in ("conversations", "messages")}
+        names = {table: ", ".join(found) for table, found in shared.items()}
+        current_later = ", ".join("NULL" if n == "current_message_id" else n   # (its messages
+                                  for n in shared["conversations"])           # are not in yet)
+        c.execute(f"""INSERT INTO main.conversations ({names['conversations']})
+            SELECT {current_later} FROM meanwhile.conversations
+            WHERE id NOT IN (SELECT id FROM main.conversations)""")
         merged = c.execute(f"INSERT INTO main.messages ({names['messages']}) SELECT "
                            f"{names['messages']} FROM meanwhile.messages WHERE id NOT IN "
                            "(SELECT id FROM main.messages) ORDER BY id").rowcount
