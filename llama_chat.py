@@ -4869,11 +4869,13 @@ def meanwhile_store(db):
     return store
 
 
-def put_row(c, table, row):
-    """Insert what of dict `row` table has columns for (in c's transaction)."""
-    names = [n for n in table_columns(c, "main", table) if n in row]
-    c.execute(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-              [row[n] for n in names])
+def put_rows(c, table, rows):
+    """Insert what of each dict of `rows` table has columns for (in c's
+    transaction; the rows alike)."""
+    if rows:
+        names = [n for n in table_columns(c, "main", table) if n in rows[0]]
+        c.executemany(f"INSERT INTO {table} ({', '.join(names)}) VALUES "
+                      f"({', '.join('?' * len(names))})", ([r[n] for n in names] for r in rows))
 
 
 def borrowed(store, older, conversation_id):
@@ -4888,9 +4890,9 @@ def borrowed(store, older, conversation_id):
     with store.db.write() as c:
         if c.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone():
             return True                          # copied by another chat meanwhile
-        put_row(c, "conversations", {**conversation, "current_message_id": None})
-        for m in messages:
-            put_row(c, "messages", {**m, "generating": None})
+        put_rows(c, "conversations", [{**conversation, "current_message_id": None}])
+        with store.index.bulk(c):
+            put_rows(c, "messages", [{**m, "generating": None} for m in messages])
         c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? WHERE id = ?",
                   (conversation["current_message_id"], conversation["updated_at"],
                    conversation_id))
