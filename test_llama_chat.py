@@ -806,19 +806,23 @@ def test_an_original_database_is_read_while_it_is_migrated(tmp_path, stub, monke
         assert [x["id"] for x in c.get("/api/conversations?limit=1&offset=1")[2][
             "conversations"]] == [3]
         assert c.get("/api/conversations?pinned=true")[2]["conversations"] == []
+        status, _, mentioning = c.chat(1, "as we said there?", mentions=[3])  # read as it was
+        assert status == 200 and mentioning["recall"][0]["conversation_id"] == 3
+        assert "legacy message 2-3" in stub.requests[-1]["body"]["messages"][0]["content"]
         held.set()
         assert server.engine.ready.wait(30) and server.engine.older is None
         merged = c.get("/api/conversations/1")[2]
-        assert [(m["id"], m["parent_id"], m["content"]) for m in merged["messages"][-2:]] == [
-            (13, 4, "hi 火山"), (14, 13, asked["response"])]
+        assert [(m["id"], m["parent_id"], m["content"]) for m in merged["messages"][-4:]] == [
+            (13, 4, "hi 火山"), (14, 13, asked["response"]), (15, 14, "as we said there?"),
+            (16, 15, mentioning["response"])]
         assert merged["conversation"]["title"] == "Old chat 0"
-        assert merged["conversation"]["current_message_id"] == 14
-        assert merged["conversation"]["updated_at"] == shown["conversation"]["updated_at"]
+        assert merged["conversation"]["current_message_id"] == 16
+        assert len(c.get("/api/conversations/3")[2]["messages"]) == 4      # only read
         assert merged["messages"][-1]["predicted_n"] == 8            # its timings kept
         assert "starting" not in c.get("/api/conversations")[2]
         assert [x["id"] for x in c.get("/api/conversations")[2]["conversations"]] == [1, 3, 2]
         assert not os.path.exists(server.engine.store.db.path + ".meanwhile")
-        assert c.chat(1, "and again")[2]["user_message_id"] == 15      # the ids go on
+        assert c.chat(1, "and again")[2]["user_message_id"] == 17      # the ids go on
 
 
 def test_a_conversation_made_during_a_migration_takes_ids_after_the_older_history_s(
@@ -11245,6 +11249,9 @@ def test_page_chats_during_a_first_start(browser, tmp_path, stub, monkeypatch):
                      ".some(e => e.textContent.includes('Machine learning')) && "
                      "document.querySelectorAll('#messages .msg').length === 6")
         assert not server.engine.ready.is_set()
+        time.sleep(0.5)                         # what the page asks after a reply: no refusal
+        assert browser.js("const t = document.querySelector('#toast');"
+                          "return t.classList.contains('hidden') ? '' : t.textContent") == ""
         sent = [r for r in stub.requests if r["path"] == "/v1/chat/completions"]
         assert sent[-1]["body"]["messages"][-1]["content"] == "Asked while it migrates"
         assert "legacy message 1-3" in sent[-1]["body"]["messages"][-2]["content"]
