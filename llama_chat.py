@@ -4920,9 +4920,12 @@ def merge_meanwhile(store):
                             f"written into it: {e}") from None
     finally:
         conn.close()
-    for end in ("-wal", "-shm", ""):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path + end)
+    try:
+        for end in ("-wal", "-shm", ""):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + end)
+    except OSError as e:                 # (Windows, while a connection to it is open)
+        log.warning("%s is left (empty; removed at the next start): %s", path, e)
     log.info("%d messages written while the database was migrated merged into it", merged)
     return merged
 
@@ -4951,6 +4954,8 @@ def merged_in(conn, db):
                          WHERE s.updated_at IS NOT m.updated_at
                             OR s.current_message_id IS NOT m.current_message_id)""")
         interrupted_replies(c)
+        for table in ("messages", "conversations"):      # merged: never again, whatever
+            c.execute(f"DELETE FROM meanwhile.{table}")  # becomes of the file
     conn.execute("DETACH meanwhile")
     return merged
 

@@ -999,6 +999,33 @@ def test_a_chat_during_the_migration_of_llama_chat_1_1_s_history(tmp_path, stub,
             "messages"]] == [(2, None), (5, 2), (8, 5), (9, 8)]
 
 
+def test_chats_merged_after_a_migration_are_never_merged_again(tmp_path, stub, monkeypatch):
+    """Where the file of the chats made meanwhile cannot be removed (Windows,
+    while a connection to it is open), the start goes on, and what it holds
+    is not written in again over what changed since."""
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        assert c.chat(1, "meanwhile")[0] == 200
+        beside = server.engine.store.db.path + ".meanwhile"
+        real_remove = os.remove
+
+        def refused(path):
+            if path.startswith(beside):
+                raise PermissionError(13, "in use", path)
+            real_remove(path)
+        monkeypatch.setattr(os, "remove", refused)
+        held.set()
+        assert server.engine.ready.wait(30) and not server.engine.startup_error
+        assert os.path.exists(beside)
+        assert c.put("/api/conversations/1", {"title": "Renamed since"})[0] == 200
+        monkeypatch.setattr(os, "remove", real_remove)
+        assert llama_chat.merge_meanwhile(server.engine.store) == 0
+        assert not os.path.exists(beside)
+        shown = c.get("/api/conversations/1")[2]
+        assert shown["conversation"]["title"] == "Renamed since"
+        assert [m["content"] for m in shown["messages"]].count("meanwhile") == 1
+
+
 def test_a_v1_chat_waits_for_the_migration_only_so_long(tmp_path, stub, monkeypatch):
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         c = Client(server)
