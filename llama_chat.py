@@ -4891,8 +4891,7 @@ def borrowed(store, older, conversation_id):
         if c.execute("SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)).fetchone():
             return True                          # copied by another chat meanwhile
         put_rows(c, "conversations", [{**conversation, "current_message_id": None}])
-        with store.index.bulk(c):
-            put_rows(c, "messages", [{**m, "generating": None} for m in messages])
+        put_rows(c, "messages", [{**m, "generating": None} for m in messages])
         c.execute("UPDATE conversations SET current_message_id = ?, updated_at = ? WHERE id = ?",
                   (conversation["current_message_id"], conversation["updated_at"],
                    conversation_id))
@@ -4917,7 +4916,8 @@ def merge_meanwhile(store):
             merged = merged_in(conn, store.db)
     except sqlite3.Error as e:
         raise sqlite3.Error(f"the chats made while it was migrated ({path}) could not be "
-                            f"written into it: {e}") from None
+                            f"written into it: {e}; move that file away to start without "
+                            "them") from None
     finally:
         conn.close()
     try:
