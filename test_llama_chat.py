@@ -793,6 +793,7 @@ def test_an_original_database_is_read_while_it_is_migrated(tmp_path, stub, monke
             assert c.get(path_)[2]["code"] == code
         assert c.put("/api/conversations/1", {"title": "x"})[0] == 503   # no writes meanwhile
         assert c.get("/api/models")[0] == 200 and c.get("/api/config")[0] == 200   # no history
+        assert c.get("/api/generations")[2]["code"] == "STARTING"    # none made meanwhile yet
         status, _, asked = c.chat(1, "hi 火山")          # but a chat is answered at once
         assert status == 200 and asked["response"] and not server.engine.ready.is_set()
         assert (asked["user_message_id"], asked["message_id"]) == (13, 14)   # after the 12
@@ -1033,6 +1034,9 @@ def test_a_v1_chat_waits_for_the_migration_only_so_long(tmp_path, stub, monkeypa
         status, _, body = c.post("/v1/chat/completions", {"model": MODEL, "messages": [
             {"role": "user", "content": "too soon"}]})
         assert (status, body["error"]["code"]) == (503, "STARTING")
+        server.engine.meanwhile_open = False         # as in the moment the migration commits
+        assert c.chat(1, "too soon")[2]["code"] == "STARTING"      # (not served meanwhile)
+        assert c.post("/api/conversations", {"model": MODEL})[2]["code"] == "STARTING"
         monkeypatch.setattr(llama_chat, "START_WAIT_S", 30)
         asked = []
         relayed = threading.Thread(target=lambda: asked.append(c.post(
