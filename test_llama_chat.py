@@ -926,6 +926,31 @@ def test_a_reply_made_during_a_migration_ends_in_the_database(tmp_path, stub, mo
         assert rows(c, "SELECT count(*) FROM messages WHERE generating IS NOT NULL") == [(0,)]
 
 
+def test_a_reply_that_ends_while_its_store_is_handed_over_ends_in_the_database(
+        tmp_path, stub, monkeypatch):
+    with migrating(tmp_path, stub, monkeypatch) as (server, held):
+        c = Client(server)
+        stub.hold_at = 3
+        resp, _ = c.stream(1, "ends while merged")
+        wait_for(lambda: stub.open_streams == 1, 5, "the reply begun")
+        merged, real_merge = threading.Event(), llama_chat.merge_meanwhile
+
+        def slow_handover(store):
+            count = real_merge(store)
+            merged.set()
+            time.sleep(0.5)                  # merged, not yet handed over
+            return count
+        monkeypatch.setattr(llama_chat, "merge_meanwhile", slow_handover)
+        held.set()
+        assert merged.wait(15)
+        stub.go.set()                        # its end is stored meanwhile: after the handover
+        assert read_events(resp)[-1]["type"] == "done"
+        assert server.engine.ready.wait(15)
+        wait_for(lambda: server.engine.active_streams == 0, 5, "the reply ended")
+        kept = c.get("/api/conversations/1")[2]["messages"][-1]
+        assert kept["content"] == stub.reply and kept["generating"] is False
+
+
 def test_a_title_asked_during_a_migration_is_given_in_the_database(tmp_path, stub, monkeypatch):
     with migrating(tmp_path, stub, monkeypatch) as (server, held):
         server.engine.settings = replace(server.engine.settings, auto_title="model")
