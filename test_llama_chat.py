@@ -997,6 +997,8 @@ def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
         assert [x["id"] for x in c.get("/api/conversations")[2]["conversations"]][:2] == [
             made["conversation_id"], 3]                      # shown while it migrates again
         assert c.get("/api/conversations/3")[2]["messages"][-1]["content"] == asked["response"]
+        again = c.chat(2, "asked at the second start")[2]          # its ids after the first's
+        assert again["user_message_id"] == half["message_id"] + 1
         go_on.set()
         assert server.engine.ready.wait(30) and not server.engine.startup_error
         assert [m["content"] for m in c.get("/api/conversations/3")[2]["messages"]][-2:] == [
@@ -1005,6 +1007,8 @@ def test_chats_made_during_a_stopped_migration_are_kept_for_the_next_start(
         assert cut["conversation"]["title"] == "Made meanwhile"
         assert [(m["content"], m["finish_reason"]) for m in cut["messages"]] == [
             ("cut short", None), ("half", "interrupted")]
+        assert [m["content"] for m in c.get("/api/conversations/2")[2]["messages"]][-2:] == [
+            "asked at the second start", again["response"]]
         assert not os.path.exists(path + ".meanwhile")
     finally:
         stop(server)
