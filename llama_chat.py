@@ -2304,6 +2304,11 @@ def messages_bare(c):
         c.execute(sql)
 
 
+def table_columns(c, schema, table):
+    """The names of table's columns in `schema` ("main", an attached one), in order."""
+    return [row[1] for row in c.execute(f"PRAGMA {schema}.table_info({table})")]
+
+
 def id_sequence(c, table="messages"):
     """The table's row of the id sequence, or None (none yet, or a history
     whose ids were never AUTOINCREMENT's: the file has no sqlite_sequence)."""
@@ -2875,8 +2880,8 @@ def original_poured(c, source, indexes, sequence, drop=False):
     the original's `indexes` made, the id sequence kept at least `sequence`
     and each conversation's current message its newest."""
     schema, table = source.split(".")
-    have = {row[1] for row in c.execute(f"PRAGMA {schema}.table_info({table})")}
-    names = [row[1] for row in c.execute("PRAGMA main.table_info(messages)")]
+    have = set(table_columns(c, schema, table))
+    names = table_columns(c, "main", "messages")
     values = [ROWS_AS_MIGRATED.get(name, f'"{name}"' if name in have else "NULL").format(
         finish_reason="finish_reason" if "finish_reason" in have else "NULL", source=source)
         for name in names]
@@ -4776,7 +4781,7 @@ class OlderHistory:
     def reading(self):
         conn = self.db.connect()
         try:
-            have = {table: {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+            have = {table: set(table_columns(conn, "main", table))
                     for table in ("conversations", "messages")}
             yield conn, have
         finally:
@@ -4843,10 +4848,6 @@ MEANWHILE_CHANGED = ("updated_at", "model", "current_message_id", "title", "titl
 
 def meanwhile_path(db):
     return os.path.realpath(db.path) + MEANWHILE_SUFFIX
-
-
-def table_columns(c, schema, table):
-    return [row[1] for row in c.execute(f"PRAGMA {schema}.table_info({table})")]
 
 
 def meanwhile_store(db):
@@ -6736,8 +6737,7 @@ class Engine:
         none, or, `making`, once the migration has committed (a chat then
         waits for the start's end)."""
         with self._lock:
-            if self.meanwhile is None and making and self.meanwhile_open and \
-                    self.older is not None:
+            if self.meanwhile is None and making and self.meanwhile_open:
                 self._chats_meanwhile()
             side = self.meanwhile if self.meanwhile_open or not making else None
         try:
@@ -10087,13 +10087,15 @@ def api_list_conversations(engine, req):
         limit, offset, pinned, titled, query_int(req, "project", None, 1))}
 
 
-def older_list_conversations(engine, req):
-    """The conversation list while an older database is migrated (OlderHistory)."""
+def older_list_conversations(engine, req, page=None):
+    """The conversation list while an older database is migrated (OlderHistory):
+    the request's page, or `page` (limit, offset)."""
     if req.arg("q") or req.arg("project"):
         raise starting(engine.store.progress.as_dict())
-    return {"conversations": engine.older.list_conversations(
-        query_int(req, "limit", None, 0), query_int(req, "offset", 0, 0),
-        query_bool(req, "pinned")), "starting": engine.store.progress.as_dict()}
+    limit, offset = page or (query_int(req, "limit", None, 0), query_int(req, "offset", 0, 0))
+    return {"conversations": engine.older.list_conversations(limit, offset,
+                                                            query_bool(req, "pinned")),
+            "starting": engine.store.progress.as_dict()}
 
 
 def api_create_conversation(engine, req):
@@ -10867,15 +10869,14 @@ def meanwhile_conversation(engine, req):
 def meanwhile_conversations(engine, req):
     """The conversation list while an older history is migrated: those the
     chats meanwhile made or continued, as they left them, among the rest."""
-    found = older_list_conversations(engine, req)
     with engine.chats_meanwhile() as side:
         if side is None or query_bool(req, "pinned"):
-            return found                      # (nothing is pinned meanwhile)
+            return older_list_conversations(engine, req)    # (nothing is pinned meanwhile)
         made = json.loads(side.store.list_conversations())
     limit, offset = query_int(req, "limit", None, 0), query_int(req, "offset", 0, 0)
     ids = {c["id"] for c in made}
-    older = engine.older.list_conversations(None if limit is None else limit + offset)
-    listed = sorted([c for c in older if c["id"] not in ids] + made,
+    found = older_list_conversations(engine, req, (None if limit is None else limit + offset, 0))
+    listed = sorted([c for c in found["conversations"] if c["id"] not in ids] + made,
                     key=lambda c: (c["updated_at"], c["id"]), reverse=True)[offset:]
     found["conversations"] = listed if limit is None else listed[:limit]
     return found
